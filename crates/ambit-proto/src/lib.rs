@@ -1,0 +1,19 @@
+//! Protobuf messages and gRPC services Ambit speaks, generated at build time from the
+//! `.proto` files in this crate's `proto/` folder.
+//!
+//! Every message here is wire-compatible with Istio ambient: package names, message names,
+//! field numbers and types match what Istio's components send, so an Istio node proxy can
+//! talk to Ambit's control plane and the reverse. Only the fields Ambit uses are declared;
+//! protobuf skips the others on decode.
+
+#![allow(missing_docs, clippy::all)]
+
+/// `istio.v1.auth`: the certificate-signing service (Istio's CSR API).
+pub mod ca {
+    tonic::include_proto!("istio.v1.auth");
+
+    /// The metadata key a node proxy uses to ask for a workload's identity.
+    pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+}
+
+pub use prost_types;

@@ -1,0 +1,175 @@
+//! The gRPC client of Istio's CSR API (`istio.v1.auth.IstioCertificateService`), the
+//! [`CertificateProvider`] a node proxy's certificate manager uses.
+//!
+//! It connects over TLS 1.3 to the control plane, trusting only the mesh root, and
+//! authenticates every call with `authorization: Bearer <token>`. A node proxy asks for a
+//! workload's identity by putting it in the request metadata as `ImpersonatedIdentity`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::SpiffeId;
+use ambit_proto::ca::{
+    IMPERSONATED_IDENTITY, IstioCertificateRequest,
+    istio_certificate_service_client::IstioCertificateServiceClient,
+};
+use ambit_proto::prost_types::{Struct, Value, value::Kind};
+use async_trait::async_trait;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::config::client_config_with_roots;
+use crate::manager::{CertificateProvider, FetchError};
+
+/// Where the bearer token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// A fixed token.
+    Static(String),
+    /// A file read on every request, so a rotated token is picked up without restart.
+    File(PathBuf),
+}
+
+impl TokenSource {
+    fn token(&self) -> Result<String, FetchError> {
+        match self {
+            TokenSource::Static(t) => Ok(t.clone()),
+            TokenSource::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_owned())
+                .map_err(|e| {
+                    FetchError::Local(format!("cannot read token file {}: {e}", path.display()))
+                }),
+        }
+    }
+}
+
+/// Why the client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid CA address {0:?}: use host:port")]
+    Address(String),
+    #[error(transparent)]
+    Tls(#[from] crate::config::ConfigError),
+}
+
+/// A client of the control plane's certificate service.
+#[derive(Clone)]
+pub struct CaClient {
+    client: IstioCertificateServiceClient<Channel>,
+    token: TokenSource,
+}
+
+impl std::fmt::Debug for CaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaClient").finish_non_exhaustive()
+    }
+}
+
+impl CaClient {
+    /// A client for the CA at `address` (`host:port`), trusting `roots`, checking the
+    /// server certificate against `server_name` (default: the host part of `address`).
+    /// Connects lazily: the first request opens the connection, so the control plane may
+    /// start later than the caller.
+    pub fn new(
+        address: &str,
+        roots: &[CertificateDer<'static>],
+        server_name: Option<&str>,
+        token: TokenSource,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let uri: Uri = format!("http://{address}")
+            .parse()
+            .map_err(|_| ClientError::Address(address.to_owned()))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| ClientError::Address(address.to_owned()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        if uri.port_u16().is_none() {
+            return Err(ClientError::Address(address.to_owned()));
+        }
+        let name = ServerName::try_from(server_name.unwrap_or(&host).to_owned())
+            .map_err(|_| ClientError::Address(address.to_owned()))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config_with_roots(roots)?));
+        let endpoint = Endpoint::from(uri)
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true);
+        let connector = tower::service_fn(move |uri: Uri| {
+            let tls = tls.clone();
+            let name = name.clone();
+            async move {
+                let host = uri
+                    .host()
+                    .unwrap_or_default()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let port = uri.port_u16().unwrap_or(15012);
+                let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tls.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        let channel = endpoint.connect_with_connector_lazy(connector);
+        Ok(Self {
+            client: IstioCertificateServiceClient::new(channel),
+            token,
+        })
+    }
+
+    /// Sends one CSR; `impersonate` asks for that identity (node proxies always set it).
+    pub async fn create_certificate_raw(
+        &self,
+        csr_pem: &str,
+        ttl: Duration,
+        impersonate: Option<&SpiffeId>,
+    ) -> Result<Vec<String>, tonic::Status> {
+        let mut metadata = Struct::default();
+        if let Some(id) = impersonate {
+            metadata.fields.insert(
+                IMPERSONATED_IDENTITY.to_owned(),
+                Value {
+                    kind: Some(Kind::StringValue(id.to_string())),
+                },
+            );
+        }
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr: csr_pem.to_owned(),
+            validity_duration: ttl.as_secs().min(i64::MAX as u64) as i64,
+            metadata: Some(metadata),
+        });
+        let token = self
+            .token
+            .token()
+            .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            tonic::Status::unauthenticated("the token holds characters not allowed in a header")
+        })?;
+        request.metadata_mut().insert("authorization", value);
+        let response = self.client.clone().create_certificate(request).await?;
+        Ok(response.into_inner().cert_chain)
+    }
+}
+
+#[async_trait]
+impl CertificateProvider for CaClient {
+    async fn create_certificate(
+        &self,
+        identity: &SpiffeId,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<Vec<String>, FetchError> {
+        self.create_certificate_raw(csr_pem, ttl, Some(identity))
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {
+                    FetchError::Unavailable(format!("{}: {}", status.code(), status.message()))
+                }
+                code => FetchError::Refused(format!("{code}: {}", status.message())),
+            })
+    }
+}

@@ -1,0 +1,117 @@
+//! The crypto provider and the rustls configurations built from it.
+//!
+//! Ambit uses exactly one provider (ring), passed explicitly to every configuration
+//! rather than installed process-wide, so no code path depends on global state. Every
+//! connection Ambit makes or accepts is TLS 1.3 with the two AES-GCM suites, in the order
+//! Istio uses (AES-256 first).
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::crypto::ring as provider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
+
+/// ALPN of gRPC and HBONE: HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Why a rustls configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("no usable trust anchor: {0}")]
+    Roots(String),
+}
+
+/// The crypto provider: ring, TLS 1.3 AES-256-GCM and AES-128-GCM only.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        ..provider::default_provider()
+    })
+}
+
+/// Wraps a chain and its private key for rustls.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, ConfigError> {
+    let key = crypto_provider().key_provider.load_private_key(key)?;
+    Ok(Arc::new(CertifiedKey::new(chain, key)))
+}
+
+/// A server configuration that needs no client certificate (the control plane's gRPC
+/// port: callers authenticate with bearer tokens), TLS 1.3, ALPN h2.
+pub fn server_config_without_client_auth(
+    resolver: Arc<dyn ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, ConfigError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// A client configuration that trusts only `roots` and checks the server's DNS name or IP
+/// (the CA client talking to the control plane), TLS 1.3, ALPN h2.
+pub fn client_config_with_roots(
+    roots: &[CertificateDer<'static>],
+) -> Result<rustls::ClientConfig, ConfigError> {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store
+            .add(root.clone())
+            .map_err(|e| ConfigError::Roots(e.to_string()))?;
+    }
+    if store.is_empty() {
+        return Err(ConfigError::Roots("the trust bundle is empty".into()));
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(config)
+}
+
+/// A server certificate that can be replaced while the server runs: handshakes read the
+/// current one without blocking each other (an `ArcSwap`-like read of one pointer).
+#[derive(Debug)]
+pub struct ReloadableCert {
+    current: std::sync::RwLock<Arc<CertifiedKey>>,
+}
+
+impl ReloadableCert {
+    pub fn new(initial: Arc<CertifiedKey>) -> Self {
+        Self {
+            current: std::sync::RwLock::new(initial),
+        }
+    }
+
+    /// Replaces the certificate used by new handshakes.
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        match self.current.write() {
+            Ok(mut guard) => *guard = key,
+            Err(poisoned) => *poisoned.into_inner() = key,
+        }
+    }
+
+    pub fn get(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+}
+
+impl ResolvesServerCert for ReloadableCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.get())
+    }
+}

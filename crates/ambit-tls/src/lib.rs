@@ -1,0 +1,20 @@
+//! Identity for the mesh: the certificate authority, the workload certificate manager, and
+//! the rustls configurations Ambit's components use.
+//!
+//! - [`ca`]: the signing side, run by the control plane.
+//! - [`csr`]: certificate signing requests, both sides.
+//! - [`manager`]: the node proxy side: keys generated locally, certificates requested per
+//!   identity, cached and renewed before they expire.
+//! - [`client`]: the gRPC client of Istio's CSR API that the manager uses.
+//! - [`config`]: the one crypto provider and the rustls configurations built from it.
+
+pub mod ca;
+pub mod client;
+pub mod config;
+pub mod csr;
+pub mod manager;
+pub mod x509;
+
+pub use ca::{CaError, CaOptions, CertificateAuthority, IssuedCertificate, SignError};
+pub use csr::CsrError;
+pub use manager::{CertManager, CertificateProvider, WorkloadCertificate};
