@@ -1,1 +1,2 @@
-
+//! Ambit's control plane.
+pub mod model;

@@ -1,0 +1,440 @@
+//! Parsing manifest files: YAML text, one or more documents separated by `---`, each a
+//! Kubernetes-style object.
+//!
+//! A file is accepted or refused as a whole: every document must parse and validate, and
+//! each error names the line, column and field path where it was found. Documents of
+//! kinds Ambit does not model (a Deployment, a ConfigMap) are skipped and listed, so a
+//! folder written for a cluster can be used unchanged.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_saphyr::MessageFormatter;
+
+use super::fields::NamespaceName;
+use super::resources::*;
+use super::{Kind, Object};
+
+/// One problem in a manifest file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ManifestError {
+    /// 1-based line in the file.
+    pub line: u64,
+    /// 1-based column, when known.
+    pub column: u64,
+    /// Dotted path of the field at fault (`spec.ports[1].port`), when known.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, column {}", self.line, self.column)?;
+        if let Some(field) = &self.field {
+            write!(f, ", field {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The outcome of parsing one file.
+#[derive(Debug, Default)]
+pub struct ParsedFile {
+    pub objects: Vec<Object>,
+    /// Documents skipped because Ambit does not model their kind: `apiVersion kind (line N)`.
+    pub ignored: Vec<String>,
+}
+
+/// Parses a whole file. Any error refuses the whole file; all errors are reported.
+pub fn parse_file(text: &str) -> Result<ParsedFile, Vec<ManifestError>> {
+    let mut parsed = ParsedFile::default();
+    let mut errors = Vec::new();
+    for doc in split_documents(text) {
+        match parse_document(doc) {
+            Ok(Parsed::Object(object)) => parsed.objects.push(object),
+            Ok(Parsed::Ignored(what)) => parsed.ignored.push(what),
+            Ok(Parsed::Empty) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(parsed)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Parses a file and returns its objects (tests and tools).
+pub fn parse_manifest(text: &str) -> Result<Vec<Object>, Vec<ManifestError>> {
+    parse_file(text).map(|p| p.objects)
+}
+
+/// A document of a multi-document file, with the line it starts on.
+#[derive(Debug, Clone, Copy)]
+struct Document<'a> {
+    text: &'a str,
+    /// Lines before this document in the file.
+    line_offset: u64,
+}
+
+/// Splits a YAML stream at document-start markers (`---` at the beginning of a line).
+/// YAML forbids a line starting with `---` inside a document's content, so this is exact
+/// for documents that parse; the chunk keeps its marker line, so locations stay right.
+fn split_documents(text: &str) -> Vec<Document<'_>> {
+    let mut docs = Vec::new();
+    let mut start = 0usize;
+    let mut start_line = 0u64;
+    let mut line_no = 0u64;
+    let mut pos = 0usize;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
+        if is_marker && pos > start {
+            docs.push(Document {
+                text: &text[start..pos],
+                line_offset: start_line,
+            });
+            start = pos;
+            start_line = line_no;
+        }
+        pos += line.len();
+        line_no += 1;
+    }
+    if start < text.len() {
+        docs.push(Document {
+            text: &text[start..],
+            line_offset: start_line,
+        });
+    }
+    docs
+}
+
+enum Parsed {
+    Object(Object),
+    Ignored(String),
+    Empty,
+}
+
+fn options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        with_snippet: false,
+        strict_booleans: true,
+    }
+}
+
+/// Only `apiVersion` and `kind`, read first to pick the type for the whole document.
+#[derive(Deserialize)]
+struct Header {
+    #[serde(rename = "apiVersion")]
+    api_version: Option<String>,
+    kind: Option<String>,
+}
+
+fn is_blank(text: &str) -> bool {
+    text.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#') || t == "---" || t == "..."
+    })
+}
+
+/// The first line of the document that holds content, for errors about the document as
+/// a whole.
+fn first_content_line(doc: Document<'_>) -> u64 {
+    for (i, l) in doc.text.lines().enumerate() {
+        let t = l.trim();
+        if !(t.is_empty() || t.starts_with('#') || t == "---") {
+            return doc.line_offset + i as u64 + 1;
+        }
+    }
+    doc.line_offset + 1
+}
+
+fn parse_document(doc: Document<'_>) -> Result<Parsed, ManifestError> {
+    if is_blank(doc.text) {
+        return Ok(Parsed::Empty);
+    }
+    let header: Header = serde_saphyr::from_str_with_options(doc.text, options())
+        .map_err(|e| yaml_error(doc, &e, None))?;
+    let whole = |field: &str, message: String| ManifestError {
+        line: first_content_line(doc),
+        column: 1,
+        field: Some(field.to_owned()),
+        message,
+    };
+    let Some(api_version) = header.api_version else {
+        return Err(whole(
+            "apiVersion",
+            "missing: every object needs an apiVersion".into(),
+        ));
+    };
+    let Some(kind) = header.kind else {
+        return Err(whole("kind", "missing: every object needs a kind".into()));
+    };
+    let (group, version) = match api_version.split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", api_version.as_str()),
+    };
+    let (model_kind, versions): (Option<Kind>, &[&str]) = match (group, kind.as_str()) {
+        ("", "Namespace") => (Some(Kind::Namespace), &["v1"]),
+        ("", "ServiceAccount") => (Some(Kind::ServiceAccount), &["v1"]),
+        ("", "Pod") => (Some(Kind::Pod), &["v1"]),
+        ("", "Service") => (Some(Kind::Service), &["v1"]),
+        ("security.istio.io", "AuthorizationPolicy") => {
+            (Some(Kind::AuthorizationPolicy), &["v1", "v1beta1"])
+        }
+        ("security.istio.io", "PeerAuthentication") => {
+            (Some(Kind::PeerAuthentication), &["v1", "v1beta1"])
+        }
+        ("networking.istio.io", "ServiceEntry") => {
+            (Some(Kind::ServiceEntry), &["v1", "v1beta1", "v1alpha3"])
+        }
+        ("networking.istio.io", "WorkloadEntry") => {
+            (Some(Kind::WorkloadEntry), &["v1", "v1beta1", "v1alpha3"])
+        }
+        ("gateway.networking.k8s.io", "Gateway") => (Some(Kind::Gateway), &["v1", "v1beta1"]),
+        ("gateway.networking.k8s.io", "HTTPRoute") => (Some(Kind::HTTPRoute), &["v1", "v1beta1"]),
+        _ => (None, &[]),
+    };
+    let Some(model_kind) = model_kind else {
+        return Ok(Parsed::Ignored(format!(
+            "{api_version} {kind} (line {})",
+            first_content_line(doc)
+        )));
+    };
+    if !versions.contains(&version) {
+        let supported: Vec<String> = versions
+            .iter()
+            .map(|v| {
+                if group.is_empty() {
+                    (*v).to_owned()
+                } else {
+                    format!("{group}/{v}")
+                }
+            })
+            .collect();
+        return Err(whole(
+            "apiVersion",
+            format!(
+                "{kind} is not supported in {api_version}; use {}",
+                supported.join(" or ")
+            ),
+        ));
+    }
+    let object = match model_kind {
+        Kind::Namespace => {
+            let mut ns: Namespace = typed(doc)?;
+            ns.metadata.namespace = None;
+            Object::Namespace(Arc::new(ns))
+        }
+        Kind::ServiceAccount => {
+            let mut o: ServiceAccount = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::ServiceAccount(Arc::new(o))
+        }
+        Kind::Pod => {
+            let mut o: Pod = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::Pod(Arc::new(o))
+        }
+        Kind::Service => {
+            let mut o: Service = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            check_service(&o).map_err(|(f, m)| whole(f, m))?;
+            Object::Service(Arc::new(o))
+        }
+        Kind::AuthorizationPolicy => {
+            let mut o: AuthorizationPolicy = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            check_authorization_policy(&o.spec).map_err(|(f, m)| whole(&f, m))?;
+            Object::AuthorizationPolicy(Arc::new(o))
+        }
+        Kind::PeerAuthentication => {
+            let mut o: PeerAuthentication = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            if !o.spec.port_level_mtls.is_empty() && o.spec.selector.is_none() {
+                return Err(whole(
+                    "spec.portLevelMtls",
+                    "portLevelMtls needs spec.selector: port-level settings apply to selected workloads only".into(),
+                ));
+            }
+            Object::PeerAuthentication(Arc::new(o))
+        }
+        Kind::ServiceEntry => {
+            let mut o: ServiceEntry = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            if o.spec.hosts.is_empty() {
+                return Err(whole("spec.hosts", "at least one host is required".into()));
+            }
+            Object::ServiceEntry(Arc::new(o))
+        }
+        Kind::WorkloadEntry => {
+            let mut o: WorkloadEntry = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::WorkloadEntry(Arc::new(o))
+        }
+        Kind::Gateway => {
+            let mut o: Gateway = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            if o.spec.listeners.is_empty() {
+                return Err(whole(
+                    "spec.listeners",
+                    "at least one listener is required".into(),
+                ));
+            }
+            Object::Gateway(Arc::new(o))
+        }
+        Kind::HTTPRoute => {
+            let mut o: HttpRoute = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::HttpRoute(Arc::new(o))
+        }
+    };
+    Ok(Parsed::Object(object))
+}
+
+fn default_namespace(meta: &mut ObjectMeta) {
+    if meta.namespace.is_none() {
+        meta.namespace = Some(NamespaceName::default_namespace());
+    }
+}
+
+/// Deserializes a document into `T`, recording the field path of the first error.
+fn typed<T: DeserializeOwned>(doc: Document<'_>) -> Result<T, ManifestError> {
+    let mut path = None;
+    serde_saphyr::with_deserializer_from_str_with_options(doc.text, options(), |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let p = e.path().to_string();
+            if p != "." {
+                path = Some(p);
+            }
+            e.into_inner()
+        })
+    })
+    .map_err(|e| yaml_error(doc, &e, path))
+}
+
+fn yaml_error(
+    doc: Document<'_>,
+    err: &serde_saphyr::Error,
+    field: Option<String>,
+) -> ManifestError {
+    let (line, column) = match err.location() {
+        Some(loc) if loc.line() > 0 => (doc.line_offset + loc.line(), loc.column().max(1)),
+        _ => (first_content_line(doc), 1),
+    };
+    let message = serde_saphyr::DefaultMessageFormatter.format_message(err.without_snippet());
+    ManifestError {
+        line,
+        column,
+        field,
+        // The text may quote the input: keep it on one line and free of control characters.
+        message: message.escape_debug().to_string(),
+    }
+}
+
+type FieldError = (&'static str, String);
+
+fn check_service(svc: &Service) -> Result<(), FieldError> {
+    if svc.spec.kind == Some(ServiceType::ExternalName) && svc.spec.external_name.is_none() {
+        return Err((
+            "spec.externalName",
+            "required for a service of type ExternalName".into(),
+        ));
+    }
+    let ports = &svc.spec.ports;
+    if ports.len() > 1 {
+        for (i, p) in ports.iter().enumerate() {
+            if p.name.as_deref().unwrap_or("").is_empty() {
+                return Err((
+                    "spec.ports",
+                    format!(
+                        "port #{i} needs a name: every port of a multi-port service must be named"
+                    ),
+                ));
+            }
+        }
+    }
+    for (i, a) in ports.iter().enumerate() {
+        for b in &ports[i + 1..] {
+            if a.name.is_some() && a.name == b.name {
+                return Err((
+                    "spec.ports",
+                    format!(
+                        "port name {:?} is used twice",
+                        a.name.as_deref().unwrap_or("")
+                    ),
+                ));
+            }
+            if a.port == b.port
+                && a.protocol.unwrap_or(Protocol::Tcp) == b.protocol.unwrap_or(Protocol::Tcp)
+            {
+                return Err((
+                    "spec.ports",
+                    format!("port {} is listed twice for the same protocol", a.port.0),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Rules Istio's own validation applies to an AuthorizationPolicy.
+fn check_authorization_policy(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> {
+    let err = |f: &str, m: &str| Err((f.to_owned(), m.to_owned()));
+    if spec.target_ref.is_some() && !spec.target_refs.is_empty() {
+        return err(
+            "spec.targetRef",
+            "use either targetRef or targetRefs, not both",
+        );
+    }
+    if spec.selector.is_some() && (spec.target_ref.is_some() || !spec.target_refs.is_empty()) {
+        return err(
+            "spec.selector",
+            "use either selector or targetRef(s), not both",
+        );
+    }
+    match (spec.action, &spec.provider) {
+        (Some(AuthorizationAction::Custom), None) => {
+            return err("spec.provider", "action CUSTOM needs a provider");
+        }
+        (action, Some(_)) if action != Some(AuthorizationAction::Custom) => {
+            return err(
+                "spec.provider",
+                "a provider is only allowed with action CUSTOM",
+            );
+        }
+        _ => {}
+    }
+    for (r, rule) in spec.rules.iter().enumerate() {
+        for (i, from) in rule.from.iter().enumerate() {
+            if from.source == Source::default() {
+                return Err((
+                    format!("spec.rules[{r}].from[{i}].source"),
+                    "must not be empty: name at least one source field".into(),
+                ));
+            }
+        }
+        for (i, to) in rule.to.iter().enumerate() {
+            if to.operation == Operation::default() {
+                return Err((
+                    format!("spec.rules[{r}].to[{i}].operation"),
+                    "must not be empty: name at least one operation field".into(),
+                ));
+            }
+        }
+        for (i, cond) in rule.when.iter().enumerate() {
+            if cond.values.is_empty() && cond.not_values.is_empty() {
+                return Err((
+                    format!("spec.rules[{r}].when[{i}]"),
+                    "needs values or notValues".into(),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

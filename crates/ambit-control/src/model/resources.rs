@@ -1,0 +1,738 @@
+//! The Kubernetes-style resources the control plane reads, as typed Rust values.
+//!
+//! Field names and shapes are those of the Kubernetes core API, Istio's
+//! `security.istio.io` and `networking.istio.io` groups, and the Gateway API, so the same
+//! manifests work here and in a cluster. Only the fields Ambit uses are modelled; other
+//! fields of Kubernetes objects (containers, volumes, ...) are ignored. Istio security
+//! resources are strict: an unknown field there is an error, because silently ignoring a
+//! misspelt policy field could grant access the author meant to deny.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::fields::{
+    Annotations, IntOrString, IpBlock, Labels, Name, NamespaceName, NodeName, NonEmpty, Port,
+};
+
+/// `metadata` of every object.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: Name,
+    /// Absent for cluster-scoped objects; namespaced objects without one are placed in
+    /// `default`, as `kubectl apply` does.
+    #[serde(default)]
+    pub namespace: Option<NamespaceName>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub annotations: Annotations,
+    #[serde(default)]
+    pub uid: Option<String>,
+}
+
+impl ObjectMeta {
+    /// The namespace, for namespaced objects (set by the parser).
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_ref().map_or("default", |n| n.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes core (v1)
+
+/// `v1/Namespace`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Namespace {
+    pub metadata: ObjectMeta,
+}
+
+/// `v1/ServiceAccount`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ServiceAccount {
+    pub metadata: ObjectMeta,
+}
+
+/// `v1/Pod`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Pod {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PodSpec,
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    /// Defaults to `default`, as in Kubernetes.
+    #[serde(default)]
+    pub service_account_name: Option<Name>,
+    /// The node the pod runs on. A pod without one is not scheduled.
+    #[serde(default)]
+    pub node_name: Option<NodeName>,
+    #[serde(default)]
+    pub host_network: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    /// Defaults to `Running` when the pod has an IP, `Pending` otherwise (local manifests
+    /// describe pods as they run and rarely spell this out).
+    #[serde(default)]
+    pub phase: Option<PodPhase>,
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<IpAddr>,
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+    #[serde(default)]
+    pub conditions: Vec<PodCondition>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum PodPhase {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct PodIp {
+    pub ip: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct PodCondition {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub status: ConditionStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ConditionStatus {
+    True,
+    False,
+    Unknown,
+}
+
+impl Pod {
+    pub fn service_account(&self) -> &str {
+        self.spec
+            .service_account_name
+            .as_ref()
+            .map_or("default", |n| n.as_str())
+    }
+
+    pub fn node(&self) -> Option<&str> {
+        self.spec.node_name.as_ref().map(|n| n.as_str())
+    }
+
+    /// The pod's IPs, `podIP` first, without duplicates.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self.status.pod_ip.into_iter().collect();
+        for p in &self.status.pod_ips {
+            if !ips.contains(&p.ip) {
+                ips.push(p.ip);
+            }
+        }
+        ips
+    }
+
+    pub fn phase(&self) -> PodPhase {
+        self.status.phase.unwrap_or(if self.ips().is_empty() {
+            PodPhase::Pending
+        } else {
+            PodPhase::Running
+        })
+    }
+
+    /// Whether the pod has ended (Succeeded or Failed) and will not run again.
+    pub fn is_terminated(&self) -> bool {
+        matches!(self.phase(), PodPhase::Succeeded | PodPhase::Failed)
+    }
+
+    /// Ready: the `Ready` condition if the manifest gives one, else Running.
+    pub fn is_ready(&self) -> bool {
+        match self.status.conditions.iter().find(|c| c.kind == "Ready") {
+            Some(c) => c.status == ConditionStatus::True,
+            None => self.phase() == PodPhase::Running,
+        }
+    }
+}
+
+/// `v1/Service`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Service {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ServiceSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// Pods whose labels include all of these back the service. Absent: endpoints are
+    /// managed elsewhere (none in local mode).
+    #[serde(default)]
+    pub selector: Option<Labels>,
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// `None` (the string) for a headless service.
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<ClusterIp>,
+    #[serde(default, rename = "clusterIPs")]
+    pub cluster_ips: Vec<ClusterIp>,
+    #[serde(default, rename = "type")]
+    pub kind: Option<ServiceType>,
+    #[serde(default)]
+    pub external_name: Option<String>,
+    /// `PreferClose` asks for same-zone/same-node endpoints first.
+    #[serde(default)]
+    pub traffic_distribution: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalName,
+}
+
+/// A `clusterIP` value: an address, or `None` for headless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ClusterIp {
+    Ip(IpAddr),
+    None,
+}
+
+impl<'de> Deserialize<'de> for ClusterIp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "None" {
+            return Ok(ClusterIp::None);
+        }
+        s.parse().map(ClusterIp::Ip).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not an IP address (or \"None\" for a headless service)"
+            ))
+        })
+    }
+}
+
+impl Service {
+    /// The virtual IPs of the service (empty for headless).
+    pub fn vips(&self) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for ip in self.spec.cluster_ip.iter().chain(&self.spec.cluster_ips) {
+            if let ClusterIp::Ip(ip) = ip
+                && !out.contains(ip)
+            {
+                out.push(*ip);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub port: Port,
+    /// Defaults to `port`.
+    #[serde(default)]
+    pub target_port: Option<IntOrString>,
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+// ---------------------------------------------------------------------------------------
+// security.istio.io (v1, v1beta1)
+
+/// `security.istio.io/v1` AuthorizationPolicy.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct AuthorizationPolicy {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: AuthorizationPolicySpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub target_ref: Option<PolicyTargetReference>,
+    #[serde(default)]
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// Defaults to ALLOW.
+    #[serde(default)]
+    pub action: Option<AuthorizationAction>,
+    #[serde(default)]
+    pub provider: Option<ExtensionProvider>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AuthorizationAction {
+    Allow,
+    Deny,
+    Audit,
+    Custom,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionProvider {
+    pub name: NonEmpty,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub match_labels: Labels,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyTargetReference {
+    #[serde(default)]
+    pub group: String,
+    pub kind: NonEmpty,
+    pub name: Name,
+    #[serde(default)]
+    pub namespace: Option<NamespaceName>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    #[serde(default)]
+    pub from: Vec<RuleFrom>,
+    #[serde(default)]
+    pub to: Vec<RuleTo>,
+    #[serde(default)]
+    pub when: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFrom {
+    #[serde(default)]
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleTo {
+    #[serde(default)]
+    pub operation: Operation,
+}
+
+/// `rules[].from[].source`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Source {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<IpBlock>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<IpBlock>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<IpBlock>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<IpBlock>,
+}
+
+/// `rules[].to[].operation`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Operation {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    #[serde(default)]
+    pub not_ports: Vec<Port>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+/// `rules[].when[]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Condition {
+    pub key: ConditionKey,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+/// A `when` key Istio understands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct ConditionKey(String);
+
+impl ConditionKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+const CONDITION_KEYS: &[&str] = &[
+    "source.ip",
+    "remote.ip",
+    "source.namespace",
+    "source.principal",
+    "source.serviceAccount",
+    "destination.ip",
+    "destination.port",
+    "connection.sni",
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
+];
+const CONDITION_KEY_PREFIXES: &[&str] = &[
+    "request.headers[",
+    "request.auth.claims[",
+    "experimental.envoy.filters.",
+];
+
+impl<'de> Deserialize<'de> for ConditionKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let known = CONDITION_KEYS.contains(&s.as_str())
+            || CONDITION_KEY_PREFIXES
+                .iter()
+                .any(|p| s.starts_with(p) && (!p.ends_with('[') || s.ends_with(']')));
+        if known {
+            Ok(Self(s))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "unknown condition key {s:?}; supported: {}, request.headers[<name>], request.auth.claims[<name>]",
+                CONDITION_KEYS.join(", ")
+            )))
+        }
+    }
+}
+
+/// `security.istio.io/v1` PeerAuthentication.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct PeerAuthentication {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PeerAuthenticationSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub mtls: Option<MutualTls>,
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<Port, MutualTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutualTls {
+    #[serde(default)]
+    pub mode: Option<MtlsMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    Unset,
+    Disable,
+    Permissive,
+    Strict,
+}
+
+// ---------------------------------------------------------------------------------------
+// networking.istio.io (v1, v1beta1, v1alpha3)
+
+/// `networking.istio.io/v1` ServiceEntry.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ServiceEntry {
+    pub metadata: ObjectMeta,
+    pub spec: ServiceEntrySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    pub hosts: Vec<NonEmpty>,
+    #[serde(default)]
+    pub addresses: Vec<IpBlock>,
+    #[serde(default)]
+    pub ports: Vec<ServiceEntryPort>,
+    #[serde(default)]
+    pub location: Option<ServiceEntryLocation>,
+    #[serde(default)]
+    pub resolution: Option<ServiceEntryResolution>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntrySpec>,
+    #[serde(default)]
+    pub workload_selector: Option<ServiceEntryWorkloadSelector>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryPort {
+    pub number: Port,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub target_port: Option<Port>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ServiceEntryLocation {
+    MeshExternal,
+    MeshInternal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ServiceEntryResolution {
+    None,
+    Static,
+    Dns,
+    DnsRoundRobin,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct ServiceEntryWorkloadSelector {
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// `networking.istio.io/v1` WorkloadEntry.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct WorkloadEntry {
+    pub metadata: ObjectMeta,
+    pub spec: WorkloadEntrySpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntrySpec {
+    /// An IP address, a hostname, or a unix socket path.
+    #[serde(default)]
+    pub address: Option<String>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, Port>,
+    #[serde(default)]
+    pub labels: Labels,
+    #[serde(default)]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub locality: Option<String>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    #[serde(default)]
+    pub service_account: Option<Name>,
+}
+
+// ---------------------------------------------------------------------------------------
+// gateway.networking.k8s.io (v1, v1beta1)
+
+/// Gateway API `Gateway` (a waypoint when `gatewayClassName: istio-waypoint`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Gateway {
+    pub metadata: ObjectMeta,
+    pub spec: GatewaySpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    pub gateway_class_name: Name,
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub addresses: Vec<GatewayAddress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    pub name: NonEmpty,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    pub port: Port,
+    pub protocol: NonEmpty,
+    /// Kept as written; interpreted by the waypoint.
+    #[serde(default)]
+    pub allowed_routes: Option<serde_json::Value>,
+    /// Kept as written; interpreted by the waypoint.
+    #[serde(default)]
+    pub tls: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct GatewayAddress {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    pub value: NonEmpty,
+}
+
+/// Gateway API `HTTPRoute`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct HttpRoute {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: HttpRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentReference>,
+    #[serde(default)]
+    pub hostnames: Vec<NonEmpty>,
+    #[serde(default)]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParentReference {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<NamespaceName>,
+    pub name: Name,
+    #[serde(default)]
+    pub section_name: Option<String>,
+    #[serde(default)]
+    pub port: Option<Port>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<HttpRouteMatch>,
+    /// Kept as written; interpreted by the waypoint.
+    #[serde(default)]
+    pub filters: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub backend_refs: Vec<HttpBackendRef>,
+    /// Kept as written; interpreted by the waypoint.
+    #[serde(default)]
+    pub timeouts: Option<serde_json::Value>,
+    /// Kept as written; interpreted by the waypoint.
+    #[serde(default)]
+    pub retry: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteMatch {
+    #[serde(default)]
+    pub path: Option<HttpPathMatch>,
+    #[serde(default)]
+    pub headers: Vec<HttpHeaderMatch>,
+    #[serde(default)]
+    pub query_params: Vec<HttpHeaderMatch>,
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct HttpPathMatch {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct HttpHeaderMatch {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    pub name: NonEmpty,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpBackendRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+    pub name: Name,
+    #[serde(default)]
+    pub namespace: Option<NamespaceName>,
+    #[serde(default)]
+    pub port: Option<Port>,
+    #[serde(default)]
+    pub weight: Option<u32>,
+    /// Kept as written; interpreted by the waypoint.
+    #[serde(default)]
+    pub filters: Vec<serde_json::Value>,
+}
