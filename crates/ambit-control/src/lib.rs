@@ -1,2 +1,3 @@
 //! Ambit's control plane.
 pub mod model;
+pub mod source;
