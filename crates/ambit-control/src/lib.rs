@@ -1,3 +1,372 @@
-//! Ambit's control plane.
+//! Ambit's control plane (`ambit control`, Istio's istiod role).
+//!
+//! - [`model`]: the mesh as Kubernetes-style objects, and the manifest parser.
+//! - [`source`]: the watched folder of manifests that feeds the model.
+//! - [`auth`]: who is calling (node tokens) and which identities they may obtain.
+//! - [`ca_service`]: Istio's CSR API on the gRPC port.
+//! - [`server`], [`monitoring`], [`metrics`]: the ports and what they serve.
+//!
+//! [`ControlPlane::start`] wires these together; the `ambit` binary only parses flags.
+
+pub mod auth;
+pub mod ca_service;
+pub mod metrics;
 pub mod model;
+pub mod monitoring;
+pub mod server;
 pub mod source;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::SpiffeId;
+use ambit_proto::ca::istio_certificate_service_server::IstioCertificateServiceServer;
+use ambit_tls::config::{ReloadableCert, server_config_without_client_auth};
+use ambit_tls::{CaError, CaOptions, CertificateAuthority};
+use http::StatusCode;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::{Authenticator, TokenSigner};
+use crate::ca_service::CaService;
+use crate::metrics::Metrics;
+use crate::model::Model;
+use crate::monitoring::{Page, Ready};
+use crate::source::{FileSource, FileSourceOptions, SourceStatus};
+
+/// Sub-folder of the state folder holding the self-signed root.
+pub const CA_SUBDIR: &str = "ca";
+
+/// Everything `ambit control` is configured with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The folder of YAML manifests (watched).
+    pub manifests: PathBuf,
+    /// Where the control plane keeps its keys (created with mode 0700).
+    pub state_dir: PathBuf,
+    /// An operator-supplied intermediate CA in Istio's `cacerts` layout, instead of the
+    /// self-signed root.
+    pub plugin_ca_dir: Option<PathBuf>,
+    /// The gRPC port (CSR API; discovery later).
+    pub grpc_addr: SocketAddr,
+    /// `/metrics`, `/ready`, `/debug/*`.
+    pub monitoring_addr: SocketAddr,
+    pub trust_domain: String,
+    /// Where mesh-wide resources live, and the namespace of the control plane's identity.
+    pub root_namespace: String,
+    /// Lifetime of a workload certificate when the request names none.
+    pub default_cert_ttl: Duration,
+    /// Longest workload certificate lifetime issued.
+    pub max_cert_ttl: Duration,
+    /// Extra DNS names for the serving certificate.
+    pub server_names: Vec<String>,
+}
+
+impl Config {
+    pub fn new(manifests: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            manifests: manifests.into(),
+            state_dir: state_dir.into(),
+            plugin_ca_dir: None,
+            grpc_addr: SocketAddr::from(([0, 0, 0, 0], 15012)),
+            monitoring_addr: SocketAddr::from(([127, 0, 0, 1], 15014)),
+            trust_domain: ambit_core::DEFAULT_TRUST_DOMAIN.to_owned(),
+            root_namespace: "istio-system".to_owned(),
+            default_cert_ttl: Duration::from_secs(24 * 3600),
+            max_cert_ttl: Duration::from_secs(24 * 3600),
+            server_names: Vec::new(),
+        }
+    }
+
+    /// The control plane's own SPIFFE identity.
+    pub fn identity(&self) -> Result<SpiffeId, ambit_core::IdentityError> {
+        SpiffeId::new(
+            self.trust_domain.clone(),
+            self.root_namespace.clone(),
+            "ambit-control",
+        )
+    }
+
+    /// DNS names put into the serving certificate.
+    pub fn serving_dns_names(&self) -> Vec<String> {
+        let mut names = vec![
+            "localhost".to_owned(),
+            "ambit-control".to_owned(),
+            format!("ambit-control.{}.svc", self.root_namespace),
+            // The name Istio's node proxy uses for its CA by default.
+            "istiod.istio-system.svc".to_owned(),
+        ];
+        for n in &self.server_names {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names
+    }
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("certificate authority: {0}")]
+    Ca(#[from] CaError),
+    #[error("node token key: {0}")]
+    TokenKey(#[from] auth::KeyError),
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("{0}")]
+    Listen(std::io::Error),
+    #[error("serving certificate: {0}")]
+    ServingCert(String),
+}
+
+/// A running control plane. Dropping it does not stop it; call [`ControlPlane::shutdown`].
+pub struct ControlPlane {
+    grpc_addr: SocketAddr,
+    monitoring_addr: SocketAddr,
+    ca: Arc<CertificateAuthority>,
+    source: FileSource,
+    metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("monitoring_addr", &self.monitoring_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlane {
+    /// Loads (or creates) the CA and the token key, reads the manifests, binds the ports
+    /// and starts serving. Every problem with key material, flags or ports is an error
+    /// here, before anything is served.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let identity = config
+            .identity()
+            .map_err(|e| StartError::Config(e.to_string()))?;
+        let ca_options = CaOptions {
+            trust_domain: config.trust_domain.clone(),
+            default_ttl: config.default_cert_ttl.min(config.max_cert_ttl),
+            max_ttl: config.max_cert_ttl,
+        };
+        let ca = Arc::new(match &config.plugin_ca_dir {
+            Some(dir) => CertificateAuthority::load_plugin(dir, ca_options)?,
+            None => {
+                CertificateAuthority::load_or_create(&config.state_dir.join(CA_SUBDIR), ca_options)?
+            }
+        });
+        let signer = TokenSigner::load_or_create(&config.state_dir)?;
+        let authenticator: Arc<dyn Authenticator> = Arc::new(signer.verifier());
+
+        let source = FileSource::start(FileSourceOptions::new(&config.manifests)).await?;
+        let metrics = Arc::new(Metrics::default());
+
+        let grpc_listener = monitoring::bind(config.grpc_addr, "gRPC port (CSR API)")
+            .await
+            .map_err(StartError::Listen)?;
+        let monitoring_listener = monitoring::bind(config.monitoring_addr, "monitoring port")
+            .await
+            .map_err(StartError::Listen)?;
+        let grpc_addr = grpc_listener.local_addr().map_err(StartError::Listen)?;
+        let monitoring_addr = monitoring_listener
+            .local_addr()
+            .map_err(StartError::Listen)?;
+
+        let dns = config.serving_dns_names();
+        let ips = server::serving_ips(grpc_addr);
+        let serving = server::issue_serving_cert(&ca, &identity, &dns, &ips)
+            .map_err(|e| StartError::ServingCert(e.to_string()))?;
+        let serving = Arc::new(ReloadableCert::new(serving));
+        let tls = server_config_without_client_auth(serving.clone())
+            .map_err(|e| StartError::ServingCert(e.to_string()))?;
+
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(server::renew_serving_cert(
+            ca.clone(),
+            identity.clone(),
+            dns,
+            ips,
+            serving,
+            stop_rx.clone(),
+        )));
+
+        let service = CaService::new(ca.clone(), authenticator, source.model(), metrics.clone());
+        let incoming = server::tls_incoming(
+            grpc_listener,
+            TlsAcceptor::from(Arc::new(tls)),
+            stop_rx.clone(),
+        );
+        let mut grpc_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .timeout(Duration::from_secs(30))
+                .add_service(IstioCertificateServiceServer::new(service))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = grpc_stop.changed().await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "the gRPC server stopped");
+            }
+        }));
+
+        // Keep the configuration gauges in step with the model.
+        let ready = Arc::new(Ready::default());
+        {
+            let metrics = metrics.clone();
+            let mut model = source.model();
+            let mut status = source.status();
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    metrics.observe_config(&model.borrow_and_update(), &status.borrow_and_update());
+                    tokio::select! {
+                        r = model.changed() => if r.is_err() { return },
+                        r = status.changed() => if r.is_err() { return },
+                        _ = stop.changed() => return,
+                    }
+                }
+            }));
+        }
+
+        let handler = debug_pages(
+            metrics.clone(),
+            ready.clone(),
+            source.model(),
+            source.status(),
+            ca.clone(),
+        );
+        tasks.push(tokio::spawn(monitoring::serve(
+            monitoring_listener,
+            handler,
+            stop_rx,
+        )));
+        ready.set(true);
+        tracing::info!(
+            grpc = %grpc_addr,
+            monitoring = %monitoring_addr,
+            trust_domain = %config.trust_domain,
+            ca = ?ca.kind(),
+            manifests = %config.manifests.display(),
+            objects = source.model().borrow().len(),
+            "control plane ready"
+        );
+        Ok(Self {
+            grpc_addr,
+            monitoring_addr,
+            ca,
+            source,
+            metrics,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn monitoring_addr(&self) -> SocketAddr {
+        self.monitoring_addr
+    }
+
+    /// The trust anchors clients of this control plane (and of its certificates) use.
+    pub fn roots_pem(&self) -> String {
+        self.ca.roots_pem()
+    }
+
+    pub fn model(&self) -> watch::Receiver<Arc<Model>> {
+        self.source.model()
+    }
+
+    pub fn source_status(&self) -> watch::Receiver<Arc<SourceStatus>> {
+        self.source.status()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Stops serving and waits for the servers to finish.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+fn debug_pages(
+    metrics: Arc<Metrics>,
+    ready: Arc<Ready>,
+    model: watch::Receiver<Arc<Model>>,
+    status: watch::Receiver<Arc<SourceStatus>>,
+    ca: Arc<CertificateAuthority>,
+) -> monitoring::Handler {
+    Arc::new(move |path: &str| {
+        Some(match path {
+            "/metrics" => Page {
+                status: StatusCode::OK,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: metrics.encode(),
+            },
+            "/ready" => {
+                if ready.get() {
+                    Page::text(StatusCode::OK, "ready\n")
+                } else {
+                    Page::text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+                }
+            }
+            "/debug/config" => {
+                let model = model.borrow().clone();
+                let status = status.borrow().clone();
+                Page::json(&serde_json::json!({
+                    "generation": model.generation,
+                    "objects": model.counts().into_iter().map(|(k, n)| (k.as_str(), n)).collect::<std::collections::BTreeMap<_, _>>(),
+                    "source": &*status,
+                }))
+            }
+            "/debug/model" => {
+                let model = model.borrow().clone();
+                Page::json(&model.objects().collect::<Vec<_>>())
+            }
+            "/debug/ca" => {
+                let roots: Vec<serde_json::Value> = ca
+                    .roots()
+                    .iter()
+                    .filter_map(|r| ambit_tls::x509::inspect(r).ok())
+                    .map(|info| {
+                        serde_json::json!({
+                            "serial": info.serial,
+                            "not_before": ambit_tls::ca::humantime_rfc3339(info.not_before),
+                            "not_after": ambit_tls::ca::humantime_rfc3339(info.not_after),
+                        })
+                    })
+                    .collect();
+                Page::json(&serde_json::json!({
+                    "kind": format!("{:?}", ca.kind()),
+                    "trust_domain": ca.options().trust_domain,
+                    "default_ttl_secs": ca.options().default_ttl.as_secs(),
+                    "max_ttl_secs": ca.options().max_ttl.as_secs(),
+                    "roots": roots,
+                }))
+            }
+            "/" => Page::text(
+                StatusCode::OK,
+                "ambit control: /metrics /ready /debug/config /debug/model /debug/ca\n",
+            ),
+            _ => return None,
+        })
+    })
+}

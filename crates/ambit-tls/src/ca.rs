@@ -175,6 +175,8 @@ pub enum SignError {
     },
     #[error("signing failed: {0}")]
     Sign(#[from] rcgen::Error),
+    #[error("key handling failed: {0}")]
+    Key(String),
 }
 
 impl CertificateAuthority {

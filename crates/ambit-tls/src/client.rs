@@ -30,14 +30,17 @@ pub enum TokenSource {
     Static(String),
     /// A file read on every request, so a rotated token is picked up without restart.
     File(PathBuf),
+    /// No `authorization` metadata at all (to check that a server refuses such calls).
+    None,
 }
 
 impl TokenSource {
-    fn token(&self) -> Result<String, FetchError> {
+    fn token(&self) -> Result<Option<String>, FetchError> {
         match self {
-            TokenSource::Static(t) => Ok(t.clone()),
+            TokenSource::None => Ok(None),
+            TokenSource::Static(t) => Ok(Some(t.clone())),
             TokenSource::File(path) => std::fs::read_to_string(path)
-                .map(|t| t.trim().to_owned())
+                .map(|t| Some(t.trim().to_owned()))
                 .map_err(|e| {
                     FetchError::Local(format!("cannot read token file {}: {e}", path.display()))
                 }),
@@ -146,10 +149,12 @@ impl CaClient {
             .token
             .token()
             .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
-        let value = format!("Bearer {token}").parse().map_err(|_| {
-            tonic::Status::unauthenticated("the token holds characters not allowed in a header")
-        })?;
-        request.metadata_mut().insert("authorization", value);
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                tonic::Status::unauthenticated("the token holds characters not allowed in a header")
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let response = self.client.clone().create_certificate(request).await?;
         Ok(response.into_inner().cert_chain)
     }

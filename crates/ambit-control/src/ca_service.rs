@@ -1,0 +1,193 @@
+//! Istio's CSR API (`istio.v1.auth.IstioCertificateService/CreateCertificate`) served by
+//! the control plane.
+//!
+//! Each request goes through, in order: authentication of the bearer token
+//! (UNAUTHENTICATED), the identity rule of [`crate::auth::authorize_identity`]
+//! (PERMISSION_DENIED, or INVALID_ARGUMENT for a malformed identity), then the CSR checks
+//! (INVALID_ARGUMENT). Every issuance and refusal is logged without secrets and counted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_proto::ca::istio_certificate_service_server::IstioCertificateService;
+use ambit_proto::ca::{IMPERSONATED_IDENTITY, IstioCertificateRequest, IstioCertificateResponse};
+use ambit_proto::prost_types::value::Kind as ValueKind;
+use ambit_tls::{CertificateAuthority, SignError};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{AuthError, Authenticator, Refusal, authorize_identity};
+use crate::metrics::Metrics;
+use crate::model::Model;
+
+/// The certificate service.
+pub struct CaService {
+    ca: Arc<CertificateAuthority>,
+    authenticator: Arc<dyn Authenticator>,
+    model: watch::Receiver<Arc<Model>>,
+    metrics: Arc<Metrics>,
+}
+
+impl CaService {
+    pub fn new(
+        ca: Arc<CertificateAuthority>,
+        authenticator: Arc<dyn Authenticator>,
+        model: watch::Receiver<Arc<Model>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            ca,
+            authenticator,
+            model,
+            metrics,
+        }
+    }
+
+    fn refuse(
+        &self,
+        result: &'static str,
+        status: Status,
+        peer: &str,
+        node: Option<&str>,
+    ) -> Status {
+        self.metrics.ca_request(result);
+        tracing::warn!(
+            peer,
+            node = node.unwrap_or(""),
+            code = ?status.code(),
+            reason = status.message(),
+            "certificate request refused"
+        );
+        status
+    }
+}
+
+/// The bearer token of a request, if one is well formed.
+fn bearer_token<T>(request: &Request<T>) -> Result<&str, AuthError> {
+    let value = request
+        .metadata()
+        .get("authorization")
+        .ok_or(AuthError::Missing)?
+        .to_str()
+        .map_err(|_| AuthError::Malformed("the authorization header is not ASCII".into()))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or_else(|| AuthError::Malformed("expected `Bearer <token>`".into()))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::Malformed("expected `Bearer <token>`".into()));
+    }
+    Ok(token.trim())
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+
+        let caller = match bearer_token(&request) {
+            Ok(token) => self.authenticator.authenticate(token).await,
+            Err(e) => Err(e),
+        };
+        let caller = caller.map_err(|e| {
+            self.refuse(
+                "unauthenticated",
+                Status::unauthenticated(e.to_string()),
+                &peer,
+                None,
+            )
+        })?;
+        let node = caller.node.as_deref();
+
+        let body = request.into_inner();
+        let impersonate = match body
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
+        {
+            None => None,
+            Some(value) => match &value.kind {
+                Some(ValueKind::StringValue(s)) => Some(s.as_str()),
+                _ => {
+                    return Err(self.refuse(
+                        "invalid_argument",
+                        Status::invalid_argument("ImpersonatedIdentity must be a string"),
+                        &peer,
+                        node,
+                    ));
+                }
+            },
+        };
+        let identity = {
+            let model = self.model.borrow();
+            authorize_identity(
+                &caller,
+                impersonate,
+                &model,
+                &self.ca.options().trust_domain,
+            )
+        };
+        let identity = identity.map_err(|refusal| match refusal {
+            Refusal::Denied(m) => self.refuse(
+                "permission_denied",
+                Status::permission_denied(m),
+                &peer,
+                node,
+            ),
+            Refusal::Invalid(m) => {
+                self.refuse("invalid_argument", Status::invalid_argument(m), &peer, node)
+            }
+        })?;
+
+        let requested = match body.validity_duration {
+            d if d < 0 => {
+                return Err(self.refuse(
+                    "invalid_argument",
+                    Status::invalid_argument("validity_duration must not be negative"),
+                    &peer,
+                    node,
+                ));
+            }
+            0 => None,
+            d => Some(Duration::from_secs(d as u64)),
+        };
+        let issued = self
+            .ca
+            .sign_csr(body.csr.as_bytes(), &identity, requested)
+            .map_err(|e| match e {
+                SignError::Csr(e) => self.refuse(
+                    "invalid_argument",
+                    Status::invalid_argument(e.to_string()),
+                    &peer,
+                    node,
+                ),
+                SignError::TrustDomain { .. } => self.refuse(
+                    "permission_denied",
+                    Status::permission_denied(e.to_string()),
+                    &peer,
+                    node,
+                ),
+                SignError::Sign(_) | SignError::Key(_) => {
+                    self.refuse("internal", Status::internal(e.to_string()), &peer, node)
+                }
+            })?;
+        self.metrics.ca_request("issued");
+        tracing::info!(
+            peer,
+            node = node.unwrap_or(""),
+            method = caller.method,
+            identity = %identity,
+            serial = %issued.serial,
+            not_after = %humantime::format_rfc3339_seconds(issued.not_after),
+            "certificate issued"
+        );
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: issued.chain_pem,
+        }))
+    }
+}

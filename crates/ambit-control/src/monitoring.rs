@@ -1,0 +1,118 @@
+//! The monitoring port: `/metrics` (Prometheus), `/ready`, and JSON debug pages.
+//!
+//! Plain HTTP/1.1, meant for localhost or a cluster-internal scrape. It exposes no
+//! secrets: certificates are described by serial and expiry only.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// A page handler: path in, response out.
+pub type Handler = Arc<dyn Fn(&str) -> Option<Page> + Send + Sync>;
+
+/// A response body with its content type.
+pub struct Page {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Page {
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    pub fn json(value: &impl serde::Serialize) -> Self {
+        match serde_json::to_string_pretty(value) {
+            Ok(body) => Self {
+                status: StatusCode::OK,
+                content_type: "application/json",
+                body,
+            },
+            Err(e) => Self::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+/// Readiness: false until the component says it is ready.
+#[derive(Debug, Default)]
+pub struct Ready(AtomicBool);
+
+impl Ready {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Serves `handler` on `listener` until `stop` fires.
+pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "monitoring accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(respond(&handler, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "monitoring connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond(handler: &Handler, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let page = if req.method() != Method::GET {
+        Page::text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n")
+    } else {
+        handler(req.uri().path())
+            .unwrap_or_else(|| Page::text(StatusCode::NOT_FOUND, "no such page\n"))
+    };
+    let mut response = Response::new(Full::new(Bytes::from(page.body)));
+    *response.status_mut() = page.status;
+    if let Ok(v) = header::HeaderValue::from_str(page.content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    response
+}
+
+/// Binds the monitoring port with a message that says what to do when it is taken.
+pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} for the {what}: {e}; is another instance running? choose another address with the flag"),
+        )
+    })
+}

@@ -1,0 +1,145 @@
+//! The control plane's gRPC port: TLS 1.3 with the control plane's own certificate,
+//! HTTP/2, the certificate service (and, with discovery, the xDS service).
+//!
+//! TLS handshakes run in their own tasks with a deadline, so a slow or silent client
+//! cannot hold up others; the number of connections being handshaken is capped.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::SpiffeId;
+use ambit_tls::ca::ServerNames;
+use ambit_tls::config::{ReloadableCert, certified_key};
+use ambit_tls::{CertificateAuthority, SignError};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Lifetime of the control plane's serving certificate; renewed at half of it.
+pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// A client must finish its TLS handshake within this time.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At most this many handshakes in progress at once.
+pub const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// Issues the control plane's serving certificate: its SPIFFE identity plus DNS names and
+/// IPs clients may use to reach it.
+pub fn issue_serving_cert(
+    ca: &CertificateAuthority,
+    identity: &SpiffeId,
+    dns: &[String],
+    ips: &[IpAddr],
+) -> Result<Arc<rustls::sign::CertifiedKey>, SignError> {
+    let key = ambit_tls::csr::generate_key().map_err(SignError::Sign)?;
+    let issued = ca.issue(
+        &key,
+        &ServerNames {
+            identity: Some(identity.clone()),
+            dns: dns.to_vec(),
+            ips: ips.to_vec(),
+        },
+        SERVING_CERT_TTL,
+    )?;
+    let mut chain = vec![issued.leaf.clone()];
+    chain.extend(ca.intermediates());
+    let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    certified_key(chain, der).map_err(|e| SignError::Key(e.to_string()))
+}
+
+/// Renews the serving certificate at half its life until `stop` fires.
+pub async fn renew_serving_cert(
+    ca: Arc<CertificateAuthority>,
+    identity: SpiffeId,
+    dns: Vec<String>,
+    ips: Vec<IpAddr>,
+    cert: Arc<ReloadableCert>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(SERVING_CERT_TTL / 2) => {}
+            _ = stop.changed() => return,
+        }
+        match issue_serving_cert(&ca, &identity, &dns, &ips) {
+            Ok(key) => {
+                cert.set(key);
+                tracing::info!("control plane serving certificate renewed");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot renew the serving certificate; the current one stays")
+            }
+        }
+    }
+}
+
+/// Accepts TCP connections, runs TLS handshakes concurrently with a deadline, and yields
+/// the established streams to the gRPC server.
+pub fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    mut stop: watch::Receiver<bool>,
+) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
+{
+    let (tx, rx) = mpsc::channel(64);
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                p = pending.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = stop.changed() => return,
+            };
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = stop.changed() => return,
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match result {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// The addresses to put into the serving certificate for a listen address.
+pub fn serving_ips(listen: SocketAddr) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = vec![
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+    ];
+    if !listen.ip().is_unspecified() && !ips.contains(&listen.ip()) {
+        ips.push(listen.ip());
+    }
+    ips
+}
+
+/// Parses a PEM bundle of trust anchors (for clients of the control plane).
+pub fn parse_roots(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect()
+}
