@@ -209,12 +209,9 @@ async fn run(
                     tokio::time::sleep(resync).await;
                 } else {
                     // Debounce: wait until the folder has been quiet for a moment.
-                    loop {
-                        match tokio::time::timeout(options.debounce, events.recv()).await {
-                            Ok(Some(())) => continue,
-                            _ => break,
-                        }
-                    }
+                    while let Ok(Some(())) =
+                        tokio::time::timeout(options.debounce, events.recv()).await
+                    {}
                 }
             }
             _ = tokio::time::sleep(resync) => {}
@@ -245,9 +242,11 @@ struct State {
     rescans: u64,
 }
 
+/// Cheap change detection: size, modification time (seconds, nanoseconds), inode.
+type Stamp = (u64, i64, i64, u64);
+
 struct FileState {
-    /// Cheap change detection: size, modification time, inode.
-    stamp: (u64, i64, i64, u64),
+    stamp: Stamp,
     /// The objects of the last version that parsed; in force even while the file is bad.
     objects: Vec<Object>,
     ignored: Vec<String>,
@@ -438,7 +437,7 @@ fn read_and_parse(path: &Path) -> Result<crate::model::parse::ParsedFile, Vec<Fi
 }
 
 /// Every manifest file under `dir` with its change stamp, sorted by path.
-fn list_manifest_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, (u64, i64, i64, u64))>> {
+fn list_manifest_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Stamp)>> {
     let mut out = Vec::new();
     let mut pending = vec![dir.to_owned()];
     while let Some(current) = pending.pop() {

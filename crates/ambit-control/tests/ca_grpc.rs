@@ -1,6 +1,8 @@
 //! The certificate service over real TLS and gRPC, against a control plane running in
 //! this process on loopback.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failure should stop the test
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 

@@ -1,1 +1,65 @@
-fn main() {}
+//! `ambit`: one binary, a subcommand per role.
+
+mod control;
+mod logging;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Ambit, a sidecarless service mesh.
+#[derive(Debug, Parser)]
+#[command(name = "ambit", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    log: logging::LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane (the CA and, later, discovery), or its operator tools.
+    Control(Box<control::ControlArgs>),
+    /// Run the node proxy (one per node). Not available yet.
+    Node,
+    /// Run the node agent that enrolls pods. Not available yet.
+    Cni,
+    /// Run a waypoint (L7 proxy). Not available yet.
+    Waypoint,
+    /// Build and walk through a local demo mesh. Not available yet.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match &cli.command {
+        Command::Control(args) if args.is_tool() => "error",
+        _ => "info",
+    };
+    if let Err(e) = logging::init(&cli.log, default_level) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Control(args) => control::run(*args),
+        Command::Node => not_yet("the node proxy", "issue 5"),
+        Command::Cni => not_yet("the node agent", "issue 6"),
+        Command::Waypoint => not_yet("the waypoint", "a later issue"),
+        Command::Demo => not_yet("the demo mesh", "issue 6"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn not_yet(what: &str, when: &str) -> anyhow::Result<ExitCode> {
+    eprintln!(
+        "error: {what} is not part of this build yet (it arrives with {when}); see README.md for what works today"
+    );
+    Ok(ExitCode::from(2))
+}

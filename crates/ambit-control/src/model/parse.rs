@@ -86,9 +86,8 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
     let mut docs = Vec::new();
     let mut start = 0usize;
     let mut start_line = 0u64;
-    let mut line_no = 0u64;
     let mut pos = 0usize;
-    for line in text.split_inclusive('\n') {
+    for (line_no, line) in (0u64..).zip(text.split_inclusive('\n')) {
         let bare = line.trim_end_matches(['\n', '\r']);
         let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
         if is_marker && pos > start {
@@ -100,7 +99,6 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
             start_line = line_no;
         }
         pos += line.len();
-        line_no += 1;
     }
     if start < text.len() {
         docs.push(Document {

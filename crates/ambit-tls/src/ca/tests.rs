@@ -256,7 +256,7 @@ fn plugin_intermediate_chains_verify_to_the_supplied_root() {
         let files = plugin_files(chain_includes_root);
         let ca = CertificateAuthority::load_plugin(files.dir.path(), CaOptions::default()).unwrap();
         assert_eq!(ca.kind(), CaKind::Plugin);
-        assert_eq!(ca.roots(), [files.root_der.clone()]);
+        assert_eq!(ca.roots(), std::slice::from_ref(&files.root_der));
         let issued = ca.sign_csr(csr().as_bytes(), &id("sleep"), None).unwrap();
         // leaf, intermediate, root: no duplicates whatever cert-chain.pem held.
         assert_eq!(
@@ -273,7 +273,7 @@ fn plugin_intermediate_chains_verify_to_the_supplied_root() {
         x509::verify_leaf(
             &certs[0],
             &certs[1..2],
-            &[files.root_der.clone()],
+            std::slice::from_ref(&files.root_der),
             SystemTime::now(),
         )
         .unwrap();

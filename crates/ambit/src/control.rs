@@ -1,0 +1,238 @@
+//! `ambit control`: run the control plane, mint node tokens, validate manifests.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use ambit_control::auth::TokenSigner;
+use ambit_control::{Config, ControlPlane};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ControlArgs {
+    #[command(subcommand)]
+    command: Option<ControlCommand>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum ControlCommand {
+    /// Mint a node token: a node proxy presents it to obtain its pods' certificates.
+    Token(TokenArgs),
+    /// Check a manifest folder and report every error with file, line and field.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Folder of Kubernetes-style YAML manifests (watched for changes).
+    #[arg(long, env = "AMBIT_MANIFESTS", required = true)]
+    manifests: Option<PathBuf>,
+    /// Folder for the control plane's keys (created with mode 0700).
+    #[arg(
+        long,
+        env = "AMBIT_STATE_DIR",
+        default_value = "/var/lib/ambit/control"
+    )]
+    state_dir: PathBuf,
+    /// Use an operator-supplied intermediate CA from this folder (Istio's cacerts layout:
+    /// ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem) instead of the self-signed root.
+    #[arg(long, env = "AMBIT_PLUGIN_CA_DIR")]
+    plugin_ca: Option<PathBuf>,
+    /// Address of the gRPC port (certificate service).
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    grpc_addr: SocketAddr,
+    /// Address of the monitoring port (/metrics, /ready, /debug/*).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    monitoring_addr: SocketAddr,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, default_value = ambit_core::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Namespace of mesh-wide resources and of the control plane's own identity.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Workload certificate lifetime when a request names none.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    cert_ttl: Duration,
+    /// Longest workload certificate lifetime issued; longer requests are capped.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    max_cert_ttl: Duration,
+    /// Extra DNS name for the control plane's serving certificate (repeatable).
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// The node the token speaks for.
+    #[arg(long)]
+    node: String,
+    /// How long the token is valid (at most 366 days).
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    ttl: Duration,
+    /// The control plane's state folder (where the signing key lives).
+    #[arg(
+        long,
+        env = "AMBIT_STATE_DIR",
+        default_value = "/var/lib/ambit/control"
+    )]
+    state_dir: PathBuf,
+    /// Write the token to this file (mode 0600) instead of standard output.
+    #[arg(long)]
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ValidateArgs {
+    /// Folder of manifests to check.
+    #[arg(long)]
+    manifests: PathBuf,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 30m, 24h, 7d)"))
+}
+
+impl ControlArgs {
+    /// Whether this is a one-shot tool rather than the long-running server.
+    pub fn is_tool(&self) -> bool {
+        self.command.is_some()
+    }
+}
+
+pub fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        Some(ControlCommand::Token(t)) => token(t),
+        Some(ControlCommand::Validate(v)) => validate(v),
+        None => serve(args.run),
+    }
+}
+
+fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let manifests = args
+        .manifests
+        .context("--manifests is required: the folder of YAML manifests to serve")?;
+    let config = Config {
+        manifests,
+        state_dir: args.state_dir,
+        plugin_ca_dir: args.plugin_ca,
+        grpc_addr: args.grpc_addr,
+        monitoring_addr: args.monitoring_addr,
+        trust_domain: args.trust_domain,
+        root_namespace: args.root_namespace,
+        default_cert_ttl: args.cert_ttl,
+        max_cert_ttl: args.max_cert_ttl,
+        server_names: args.server_names,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ambit-control")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let cp = ControlPlane::start(config).await?;
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        cp.shutdown().await;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    let signer = TokenSigner::load_or_create(&args.state_dir).with_context(|| {
+        format!(
+            "cannot use the token signing key in {}",
+            args.state_dir.display()
+        )
+    })?;
+    let token = signer
+        .mint(&args.node, args.ttl)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    match args.output {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            writeln!(file, "{token}")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!(
+                "wrote a token for node {} valid for {} to {}",
+                args.node,
+                humantime::format_duration(args.ttl),
+                path.display()
+            );
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{token}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let (model, status) = ambit_control::source::validate_dir(&args.manifests)?;
+    let mut out = std::io::stdout().lock();
+    for file in &status.file_errors {
+        for e in &file.errors {
+            writeln!(out, "{}/{}: {e}", args.manifests.display(), file.file)?;
+        }
+    }
+    for c in &status.conflicts {
+        writeln!(out, "conflict: {c}")?;
+    }
+    for i in &status.ignored {
+        writeln!(out, "skipped (kind not modelled): {i}")?;
+    }
+    let counts: Vec<String> = model
+        .counts()
+        .into_iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect();
+    writeln!(
+        out,
+        "{} files, {} objects ({}), {} files refused, {} conflicts",
+        status.files,
+        model.len(),
+        if counts.is_empty() {
+            "none".to_owned()
+        } else {
+            counts.join(", ")
+        },
+        status.file_errors.len(),
+        status.conflicts.len()
+    )?;
+    Ok(
+        if status.file_errors.is_empty() && status.conflicts.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}

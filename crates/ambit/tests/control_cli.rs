@@ -1,0 +1,288 @@
+//! The `ambit control` binary end to end: started as a process, called over TLS gRPC.
+
+#![allow(clippy::unwrap_used)] // test helpers: a failure should stop the test
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
+
+use ambit_core::SpiffeId;
+use ambit_tls::client::{CaClient, TokenSource};
+use ambit_tls::csr::{build_csr, generate_key};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ambit");
+
+const PODS: &str = "
+apiVersion: v1
+kind: Pod
+metadata: {name: sleep, namespace: demo}
+spec: {nodeName: node-a, serviceAccountName: sleep}
+status: {podIP: 198.18.0.5}
+";
+
+/// A running `ambit control`, killed on drop.
+struct Control {
+    child: Child,
+    grpc: SocketAddr,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    std::fs::write(manifests.join("pods.yaml"), PODS).unwrap();
+    let state = dir.path().join("state");
+    (dir, manifests, state)
+}
+
+fn start(manifests: &Path, state: &Path) -> Control {
+    let mut child = Command::new(BIN)
+        .args([
+            "--log-format",
+            "json",
+            "control",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--monitoring-addr", "127.0.0.1:0", "--manifests"])
+        .arg(manifests)
+        .arg("--state-dir")
+        .arg(state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Owned by the guard from here on, so a failure below still kills the process.
+    let mut control = Control {
+        child,
+        grpc: SocketAddr::from(([0, 0, 0, 0], 0)),
+        lines,
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = control
+            .lines
+            .recv_timeout(left)
+            .expect("ambit control did not report ready within 20 s");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        if v["message"] == "control plane ready" {
+            control.grpc = v["grpc"].as_str().unwrap().parse().unwrap();
+            return control;
+        }
+    }
+}
+
+fn token(state: &Path, node: &str) -> String {
+    let out = Command::new(BIN)
+        .args([
+            "control",
+            "token",
+            "--node",
+            node,
+            "--ttl",
+            "10m",
+            "--state-dir",
+        ])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn root(state: &Path) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_file_iter(state.join("ca/root-cert.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+async fn request(
+    control: &Control,
+    state: &Path,
+    node: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    let client = CaClient::new(
+        &control.grpc.to_string(),
+        &root(state),
+        Some("localhost"),
+        TokenSource::Static(token(state, node)),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let id: SpiffeId = "spiffe://cluster.local/ns/demo/sa/sleep".parse().unwrap();
+    let csr = build_csr(&generate_key().unwrap(), &id).unwrap();
+    client
+        .create_certificate_raw(&csr, Duration::from_secs(3600), Some(&id))
+        .await
+}
+
+fn verify(chain: &[String], roots: &[CertificateDer<'static>]) {
+    let leaf = CertificateDer::from_pem_slice(chain[0].as_bytes()).unwrap();
+    ambit_tls::x509::verify_leaf(&leaf, &[], roots, SystemTime::now()).unwrap();
+}
+
+#[tokio::test]
+async fn a_node_obtains_a_certificate_from_the_running_binary() {
+    let (_dir, manifests, state) = dirs();
+    let control = start(&manifests, &state);
+    let chain = request(&control, &state, "node-a").await.unwrap();
+    verify(&chain, &root(&state));
+    let refused = request(&control, &state, "node-b").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    // The issuance and the refusal were logged, without the token or any key.
+    let mut logged = Vec::new();
+    while let Ok(line) = control.lines.recv_timeout(Duration::from_millis(500)) {
+        logged.push(line);
+    }
+    let all = logged.join("\n");
+    assert!(all.contains("certificate issued"), "{all}");
+    assert!(all.contains("certificate request refused"), "{all}");
+    assert!(
+        !all.contains("PRIVATE KEY") && !all.contains("eyJ"),
+        "secrets in logs:\n{all}"
+    );
+}
+
+#[tokio::test]
+async fn the_root_survives_a_restart() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, manifests, state) = dirs();
+    let first = start(&manifests, &state);
+    let root_before = root(&state);
+    let chain_before = request(&first, &state, "node-a").await.unwrap();
+    drop(first);
+    let mode = std::fs::metadata(state.join("ca/root-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let second = start(&manifests, &state);
+    assert_eq!(root(&state), root_before, "same root after restart");
+    let chain_after = request(&second, &state, "node-a").await.unwrap();
+    verify(&chain_after, &root_before);
+    verify(&chain_before, &root(&state));
+    // A token minted before the restart still works: the signing key persisted too.
+    assert_eq!(chain_after.last(), chain_before.last());
+}
+
+#[test]
+fn corrupt_key_material_stops_the_start_with_a_clear_error() {
+    let (_dir, manifests, state) = dirs();
+    drop(start(&manifests, &state));
+    std::fs::write(
+        state.join("ca/root-key.pem"),
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "control",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+            "--manifests",
+        ])
+        .arg(&manifests)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("root-key.pem"), "{err}");
+    assert!(err.starts_with("error: certificate authority"), "{err}");
+}
+
+#[test]
+fn validate_reports_file_line_and_field() {
+    let (dir, manifests, _state) = dirs();
+    std::fs::write(
+        manifests.join("bad.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports:\n  - port: 0\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["control", "validate", "--manifests"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "bad.yaml: line 6, column 11, field spec.ports[0].port: port 0 is out of range"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("1 files refused"), "{text}");
+    drop(dir);
+}
+
+#[test]
+fn token_to_a_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, _manifests, state) = dirs();
+    let file = dir.path().join("node.token");
+    let out = Command::new(BIN)
+        .args(["control", "token", "--node", "node-a", "--state-dir"])
+        .arg(&state)
+        .arg("--output")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap().split('.').count(),
+        3
+    );
+    let bad = Command::new(BIN)
+        .args(["control", "token", "--node", "Not_A_Node", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a valid node name"));
+}
+
+#[test]
+fn roles_not_built_yet_say_so() {
+    let out = Command::new(BIN).arg("node").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not part of this build yet"));
+}
