@@ -87,7 +87,7 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
     let mut start = 0usize;
     let mut start_line = 0u64;
     let mut pos = 0usize;
-    for (line_no, line) in (0u64..).zip(text.split_inclusive('\n')) {
+    for (line_no, line) in (0u64..).zip(yaml_lines(text)) {
         let bare = line.trim_end_matches(['\n', '\r']);
         let is_marker = bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t");
         if is_marker && pos > start {
@@ -107,6 +107,37 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
         });
     }
     docs
+}
+
+/// Lines as YAML counts them: each ends at `\r\n`, `\n` or a lone `\r` (kept in the line),
+/// so line numbers agree with the parser's and with editors'.
+pub fn yaml_lines(text: &str) -> impl Iterator<Item = &str> {
+    let bytes = text.as_bytes();
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if pos >= bytes.len() {
+            return None;
+        }
+        let start = pos;
+        while pos < bytes.len() {
+            match bytes[pos] {
+                b'\n' => {
+                    pos += 1;
+                    break;
+                }
+                b'\r' => {
+                    pos += 1;
+                    if bytes.get(pos) == Some(&b'\n') {
+                        pos += 1;
+                    }
+                    break;
+                }
+                _ => pos += 1,
+            }
+        }
+        // Line breaks are ASCII, so `start..pos` is on character boundaries.
+        Some(&text[start..pos])
+    })
 }
 
 enum Parsed {
@@ -131,7 +162,7 @@ struct Header {
 }
 
 fn is_blank(text: &str) -> bool {
-    text.lines().all(|l| {
+    yaml_lines(text).all(|l| {
         let t = l.trim();
         t.is_empty() || t.starts_with('#') || t == "---" || t == "..."
     })
@@ -140,7 +171,7 @@ fn is_blank(text: &str) -> bool {
 /// The first line of the document that holds content, for errors about the document as
 /// a whole.
 fn first_content_line(doc: Document<'_>) -> u64 {
-    for (i, l) in doc.text.lines().enumerate() {
+    for (i, l) in yaml_lines(doc.text).enumerate() {
         let t = l.trim();
         if !(t.is_empty() || t.starts_with('#') || t == "---") {
             return doc.line_offset + i as u64 + 1;

@@ -424,3 +424,15 @@ fn document_splitting() {
         [0, 1, 3]
     );
 }
+
+#[test]
+fn lone_carriage_returns_count_as_line_breaks() {
+    // Found by the fuzzer: YAML (and editors) treat a lone CR as a line break.
+    let text = "apiVersion: v1\rkind: Pod\rmetadata: {name: a}\r---\rapiVersion: v1\rkind: Pod\rmetadata: {name: B}\r";
+    let e = errors(text);
+    assert_eq!(e[0].line, 7, "{e:?}");
+    let crlf = text.replace('\r', "\r\n");
+    assert_eq!(errors(&crlf)[0].line, 7);
+    let lines: Vec<&str> = yaml_lines("a\r\nb\rc\nd").collect();
+    assert_eq!(lines, ["a\r\n", "b\r", "c\n", "d"]);
+}
