@@ -36,6 +36,9 @@ use crate::model::Model;
 use crate::monitoring::{Page, Ready};
 use crate::source::{FileSource, FileSourceOptions, SourceStatus};
 
+/// Largest gRPC request message accepted.
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
 /// Sub-folder of the state folder holding the self-signed root.
 pub const CA_SUBDIR: &str = "ca";
 
@@ -211,7 +214,12 @@ impl ControlPlane {
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .timeout(Duration::from_secs(30))
-                .add_service(IstioCertificateServiceServer::new(service))
+                .concurrency_limit_per_connection(64)
+                .add_service(
+                    // A CSR is under 1 KiB; nothing legitimate comes near this bound.
+                    IstioCertificateServiceServer::new(service)
+                        .max_decoding_message_size(MAX_REQUEST_BYTES),
+                )
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = grpc_stop.changed().await;
                 })

@@ -12,7 +12,7 @@ use ambit_core::SpiffeId;
 use ambit_tls::ca::ServerNames;
 use ambit_tls::config::{ReloadableCert, certified_key};
 use ambit_tls::{CertificateAuthority, SignError};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::pki_types::PrivateKeyDer;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -135,11 +135,4 @@ pub fn serving_ips(listen: SocketAddr) -> Vec<IpAddr> {
         ips.push(listen.ip());
     }
     ips
-}
-
-/// Parses a PEM bundle of trust anchors (for clients of the control plane).
-pub fn parse_roots(pem: &str) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .filter_map(Result::ok)
-        .collect()
 }

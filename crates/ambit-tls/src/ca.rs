@@ -209,6 +209,7 @@ impl CertificateAuthority {
         let chain_path = dir.join(PLUGIN_CERT_CHAIN);
         let root_path = dir.join(PLUGIN_ROOT_CERT);
 
+        warn_if_key_readable_by_others(&key_path);
         let ca_cert = read_one_cert(&cert_path)?;
         let key = read_key(&key_path)?;
         let chain = read_certs(&chain_path, true)?;
