@@ -313,7 +313,13 @@ impl CertificateAuthority {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, options.trust_domain.clone());
-        dn.push(DnType::CommonName, "Ambit Root CA");
+        // A per-root suffix keeps two meshes' roots apart by name, so a certificate from
+        // the other one reads as "unknown issuer" rather than "bad signature".
+        let tag = random_serial().to_bytes();
+        dn.push(
+            DnType::CommonName,
+            format!("Ambit Root CA {}", hex(&tag[..4])),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![

@@ -7,12 +7,16 @@
 //!   identity, cached and renewed before they expire.
 //! - [`client`]: the gRPC client of Istio's CSR API that the manager uses.
 //! - [`config`]: the one crypto provider and the rustls configurations built from it.
+//! - [`spiffe`]: workload mutual TLS (HBONE): SPIFFE verification both ways.
 
 pub mod ca;
 pub mod client;
 pub mod config;
 pub mod csr;
 pub mod manager;
+pub mod spiffe;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod x509;
 
 pub use ca::{CaError, CaOptions, CertificateAuthority, IssuedCertificate, SignError};
