@@ -140,11 +140,14 @@ struct PoolInner {
     epoch: Instant,
 }
 
+/// The result of opening a connection, once known.
+type Outcome = Option<Result<Arc<Conn>, ConnectError>>;
+
 #[derive(Default)]
 struct Slot {
     ready: Vec<Arc<Conn>>,
     /// A connection being opened; waiters watch for its outcome.
-    connecting: Option<watch::Receiver<Option<Result<Arc<Conn>, ConnectError>>>>,
+    connecting: Option<watch::Receiver<Outcome>>,
 }
 
 struct Conn {
@@ -306,7 +309,7 @@ impl Pool {
         self,
         key: Key,
         req: ConnectRequest,
-        tx: watch::Sender<Option<Result<Arc<Conn>, ConnectError>>>,
+        tx: watch::Sender<Outcome>,
     ) {
         let timeout = self.inner.config.connect_timeout;
         let result = match tokio::time::timeout(timeout, self.handshake(&req)).await {

@@ -70,7 +70,8 @@ fn refused(frames: &[(u8, u8, u32, Vec<u8>)]) -> Option<&'static str> {
 #[tokio::test]
 async fn malformed_requests_are_refused_before_the_handler() {
     let env = Env::start().await;
-    let cases: Vec<(&str, Vec<(&[u8], &[u8])>, &str)> = vec![
+    type Fields = Vec<(&'static [u8], &'static [u8])>;
+    let cases: Vec<(&str, Fields, &str)> = vec![
         (
             "not CONNECT",
             vec![
