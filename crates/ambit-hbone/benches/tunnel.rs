@@ -248,8 +248,10 @@ async fn send_bulk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut 
     s.read_exact(&mut ack).await.unwrap();
 }
 
+/// mimalloc, as in the `ambit` binary, wrapped to count allocations per iteration.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: divan::AllocProfiler<mimalloc::MiMalloc> =
+    divan::AllocProfiler::new(mimalloc::MiMalloc);
 
 fn main() {
     divan::main();

@@ -305,12 +305,7 @@ impl Pool {
     }
 
     /// Opens one connection for `key` and publishes the outcome to everyone waiting.
-    async fn establish(
-        self,
-        key: Key,
-        req: ConnectRequest,
-        tx: watch::Sender<Outcome>,
-    ) {
+    async fn establish(self, key: Key, req: ConnectRequest, tx: watch::Sender<Outcome>) {
         let timeout = self.inner.config.connect_timeout;
         let result = match tokio::time::timeout(timeout, self.handshake(&req)).await {
             Ok(r) => r,

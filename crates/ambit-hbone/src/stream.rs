@@ -7,8 +7,10 @@
 //!
 //! [`copy_bidirectional`] moves bytes both ways between a socket and a stream without
 //! copying them through an intermediate buffer: reads from the socket land in a buffer
-//! that becomes the DATA frame. That buffer starts small and doubles while reads fill it,
-//! up to a bound, so idle connections stay cheap and busy ones move large frames.
+//! that becomes the DATA frame. Reads start small and double while they fill the buffer,
+//! up to a bound, so idle connections stay cheap and busy ones move large frames; the
+//! buffers are reused once HTTP/2 has written their data, so the steady state allocates
+//! nothing per chunk.
 
 use std::future::poll_fn;
 use std::io;
@@ -25,6 +27,44 @@ use crate::client::StreamGuard;
 pub const INITIAL_COPY_BUFFER: usize = 16 * 1024;
 /// The copy buffer never grows past this (bounds memory per connection).
 pub const MAX_COPY_BUFFER: usize = 256 * 1024;
+/// Buffers a stream cycles through when sending. A chunk handed to HTTP/2 is held until
+/// the connection writes it out; with this many buffers one is free again by the time it
+/// is needed (the stream's send buffer holds at most 1 MiB), so sending does not
+/// allocate once the buffers have grown to size.
+const SEND_BUFFERS: usize = 8;
+
+/// Reusable send buffers: each chunk is carved from a buffer whose earlier chunks have
+/// all been released, so steady-state sending allocates nothing.
+#[derive(Default)]
+struct BufRing {
+    bufs: Vec<BytesMut>,
+    next: usize,
+}
+
+impl BufRing {
+    /// A buffer with room for `n` more bytes, reusing memory whenever possible.
+    fn get(&mut self, n: usize) -> &mut BytesMut {
+        let count = self.bufs.len();
+        for i in 0..count {
+            let idx = (self.next + i) % count;
+            if self.bufs[idx].try_reclaim(n) {
+                self.next = (idx + 1) % count;
+                return &mut self.bufs[idx];
+            }
+        }
+        // None is free and big enough: add a buffer, or replace the next one in turn
+        // (its earlier chunks keep their own memory until released).
+        let idx = if count < SEND_BUFFERS {
+            self.bufs.push(BytesMut::new());
+            count
+        } else {
+            self.next
+        };
+        self.bufs[idx] = BytesMut::with_capacity(n.max(INITIAL_COPY_BUFFER));
+        self.next = (idx + 1) % self.bufs.len();
+        &mut self.bufs[idx]
+    }
+}
 
 /// One CONNECT stream as a byte stream.
 pub struct H2Stream {
@@ -33,8 +73,8 @@ pub struct H2Stream {
     /// Data received and not yet read.
     read_buf: Bytes,
     recv_done: bool,
-    /// Staging for `poll_write`; reused between writes.
-    write_buf: BytesMut,
+    /// Where `poll_write` copies data before handing it to HTTP/2.
+    write_bufs: BufRing,
     send_done: bool,
     /// Client streams count against their pooled connection until dropped.
     _guard: Option<StreamGuard>,
@@ -59,7 +99,7 @@ impl H2Stream {
             recv,
             read_buf: Bytes::new(),
             recv_done: false,
-            write_buf: BytesMut::new(),
+            write_bufs: BufRing::default(),
             send_done: false,
             _guard: guard,
         }
@@ -157,9 +197,9 @@ impl AsyncWrite for H2Stream {
             cx
         ))?;
         let n = cap.min(buf.len());
-        this.write_buf.reserve(n);
-        this.write_buf.extend_from_slice(&buf[..n]);
-        let chunk = this.write_buf.split().freeze();
+        let staging = this.write_bufs.get(n);
+        staging.extend_from_slice(&buf[..n]);
+        let chunk = staging.split().freeze();
         this.send.send_data(chunk, false).map_err(h2_to_io)?;
         Poll::Ready(Ok(n))
     }
@@ -235,12 +275,12 @@ where
     let received = &mut stats.received;
 
     let upstream = async {
-        let mut buf = BytesMut::new();
+        let mut ring = BufRing::default();
         let mut target = INITIAL_COPY_BUFFER;
         loop {
-            buf.reserve(target);
+            let buf = ring.get(target);
             let n = reader
-                .read_buf(&mut (&mut buf).limit(target))
+                .read_buf(&mut buf.limit(target))
                 .await
                 .map_err(CopyError::LocalRead)?;
             if n == 0 {
