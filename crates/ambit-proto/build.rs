@@ -4,7 +4,12 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
-    let files = ["istio/ca.proto"];
+    let files = [
+        "istio/ca.proto",
+        "istio/workload.proto",
+        "istio/authorization.proto",
+        "envoy/discovery.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

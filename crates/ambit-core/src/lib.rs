@@ -1,10 +1,16 @@
 //! Ambit's mesh model, free of I/O.
 //!
-//! This crate holds the types every component shares: the SPIFFE identity of a workload
-//! today; the discovery model (workloads, services, policies) and its indexed state as the
-//! node proxy arrives. Nothing here opens a socket or a file, so everything is testable in
-//! isolation and cheap to depend on.
+//! - [`identity`]: the SPIFFE identity of a workload.
+//! - [`discovery`]: workloads and services as the node proxy receives them.
+//! - [`policy`]: L4 authorization policies as the node proxy receives them.
+//! - [`state`]: the indexed view the node proxy's data path reads without locks.
+//!
+//! Nothing here opens a socket or a file, so everything is testable in isolation and
+//! cheap to depend on.
 
+pub mod discovery;
 pub mod identity;
+pub mod policy;
+pub mod state;
 
 pub use identity::{DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId};

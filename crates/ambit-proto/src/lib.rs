@@ -16,4 +16,26 @@ pub mod ca {
     pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 }
 
+/// `istio.workload`: the discovery types (workloads and services).
+pub mod workload {
+    tonic::include_proto!("istio.workload");
+
+    /// Type URL of [`Address`] resources.
+    pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
+}
+
+/// `istio.security`: L4 authorization policies.
+pub mod security {
+    tonic::include_proto!("istio.security");
+
+    /// Type URL of [`Authorization`] resources.
+    pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+}
+
+/// `envoy.service.discovery.v3`: delta aggregated discovery.
+pub mod discovery {
+    tonic::include_proto!("envoy.service.discovery.v3");
+}
+
+pub use prost;
 pub use prost_types;

@@ -1,0 +1,434 @@
+//! The node proxy's indexed view of the mesh, read by the data path without locks.
+//!
+//! [`State`] is built from persistent (structurally shared) maps, so a copy costs O(1) and
+//! an update O(log n). The discovery client applies each batch of changes to a copy and
+//! publishes it through [`Store`] with one atomic pointer swap; a connection reads
+//! whatever version is current with one atomic load and never waits for a writer.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use imbl::{HashMap, OrdSet};
+
+use crate::discovery::{NetworkMode, Service, Str, Workload};
+use crate::policy::{Authorization, PolicyScope};
+
+/// Who owns an IP address on a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct AddressOwner {
+    network: Str,
+    key: Str,
+}
+
+/// One consistent version of everything the node proxy knows.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    workloads: HashMap<Str, Arc<Workload>>,
+    workload_ips: HashMap<IpAddr, Vec<AddressOwner>>,
+    services: HashMap<Str, Arc<Service>>,
+    service_vips: HashMap<IpAddr, Vec<AddressOwner>>,
+    services_by_hostname: HashMap<Str, OrdSet<Str>>,
+    /// Service key -> uids of the workloads that back it.
+    endpoints: HashMap<Str, OrdSet<Str>>,
+    policies: HashMap<Str, Arc<Authorization>>,
+    namespace_policies: HashMap<Str, OrdSet<Str>>,
+    global_policies: OrdSet<Str>,
+}
+
+impl State {
+    /// Adds or replaces a workload (resource name = its uid).
+    pub fn upsert_workload(&mut self, workload: Workload) {
+        let uid = workload.uid.clone();
+        self.remove_workload(&uid);
+        if workload.network_mode == NetworkMode::Standard {
+            for ip in &workload.addresses {
+                let owners = self.workload_ips.entry(*ip).or_default();
+                owners.push(AddressOwner {
+                    network: workload.network.clone(),
+                    key: uid.clone(),
+                });
+            }
+        }
+        for (service, _) in &workload.services {
+            self.endpoints
+                .entry(service.clone())
+                .or_default()
+                .insert(uid.clone());
+        }
+        self.workloads.insert(uid, Arc::new(workload));
+    }
+
+    /// Adds or replaces a service (resource name = `<namespace>/<hostname>`).
+    pub fn upsert_service(&mut self, service: Service) {
+        let key: Str = service.key().into();
+        self.remove_service(&key);
+        for vip in &service.vips {
+            self.service_vips
+                .entry(vip.address)
+                .or_default()
+                .push(AddressOwner {
+                    network: vip.network.clone(),
+                    key: key.clone(),
+                });
+        }
+        self.services_by_hostname
+            .entry(service.hostname.clone())
+            .or_default()
+            .insert(key.clone());
+        self.services.insert(key, Arc::new(service));
+    }
+
+    /// Removes whatever `name` is: a workload uid or a service key. Returns whether it
+    /// existed.
+    pub fn remove_address(&mut self, name: &str) -> bool {
+        self.remove_workload(name) || self.remove_service(name)
+    }
+
+    fn remove_workload(&mut self, uid: &str) -> bool {
+        let Some(old) = self.workloads.remove(uid) else {
+            return false;
+        };
+        for ip in &old.addresses {
+            remove_owner(&mut self.workload_ips, *ip, uid);
+        }
+        for (service, _) in &old.services {
+            if let Some(set) = self.endpoints.get_mut(service) {
+                set.remove(uid);
+                if set.is_empty() {
+                    self.endpoints.remove(service);
+                }
+            }
+        }
+        true
+    }
+
+    fn remove_service(&mut self, key: &str) -> bool {
+        let Some(old) = self.services.remove(key) else {
+            return false;
+        };
+        for vip in &old.vips {
+            remove_owner(&mut self.service_vips, vip.address, key);
+        }
+        if let Some(set) = self.services_by_hostname.get_mut(&old.hostname) {
+            set.remove(key);
+            if set.is_empty() {
+                self.services_by_hostname.remove(&old.hostname);
+            }
+        }
+        true
+    }
+
+    /// Adds or replaces a policy (resource name = `<namespace>/<name>`).
+    pub fn upsert_policy(&mut self, policy: Authorization) {
+        let key: Str = policy.key().into();
+        self.remove_policy(&key);
+        match policy.scope {
+            PolicyScope::Global => {
+                self.global_policies.insert(key.clone());
+            }
+            PolicyScope::Namespace => {
+                self.namespace_policies
+                    .entry(policy.namespace.clone())
+                    .or_default()
+                    .insert(key.clone());
+            }
+            // Found through the workloads that name them.
+            PolicyScope::WorkloadSelector => {}
+        }
+        self.policies.insert(key, Arc::new(policy));
+    }
+
+    pub fn remove_policy(&mut self, key: &str) -> bool {
+        let Some(old) = self.policies.remove(key) else {
+            return false;
+        };
+        match old.scope {
+            PolicyScope::Global => {
+                self.global_policies.remove(key);
+            }
+            PolicyScope::Namespace => {
+                if let Some(set) = self.namespace_policies.get_mut(&old.namespace) {
+                    set.remove(key);
+                    if set.is_empty() {
+                        self.namespace_policies.remove(&old.namespace);
+                    }
+                }
+            }
+            PolicyScope::WorkloadSelector => {}
+        }
+        true
+    }
+
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    /// The workload that owns `ip` on `network`.
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        let owner = self
+            .workload_ips
+            .get(&ip)?
+            .iter()
+            .find(|o| o.network.as_ref() == network)?;
+        self.workloads.get(&owner.key)
+    }
+
+    pub fn service(&self, key: &str) -> Option<&Arc<Service>> {
+        self.services.get(key)
+    }
+
+    /// The service whose virtual IP is `ip` on `network`.
+    pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Service>> {
+        let owner = self
+            .service_vips
+            .get(&ip)?
+            .iter()
+            .find(|o| o.network.as_ref() == network)?;
+        self.services.get(&owner.key)
+    }
+
+    /// Services with this hostname (one per namespace that defines it).
+    pub fn services_by_hostname(&self, hostname: &str) -> impl Iterator<Item = &Arc<Service>> {
+        self.services_by_hostname
+            .get(hostname)
+            .into_iter()
+            .flat_map(|keys| keys.iter())
+            .filter_map(|k| self.services.get(k))
+    }
+
+    /// The workloads that back a service.
+    pub fn endpoints(&self, service_key: &str) -> impl Iterator<Item = &Arc<Workload>> {
+        self.endpoints
+            .get(service_key)
+            .into_iter()
+            .flat_map(|uids| uids.iter())
+            .filter_map(|uid| self.workloads.get(uid))
+    }
+
+    pub fn policy(&self, key: &str) -> Option<&Arc<Authorization>> {
+        self.policies.get(key)
+    }
+
+    /// Every policy that applies to `workload`: mesh-wide, its namespace's, and those
+    /// selecting it. Cost depends on these, not on how many policies the mesh has.
+    pub fn policies_for<'a>(
+        &'a self,
+        workload: &'a Workload,
+    ) -> impl Iterator<Item = &'a Arc<Authorization>> + 'a {
+        let global = self.global_policies.iter();
+        let namespace = self
+            .namespace_policies
+            .get(&workload.namespace)
+            .into_iter()
+            .flat_map(|s| s.iter());
+        let selected = workload.authorization_policies.iter();
+        global
+            .chain(namespace)
+            .chain(selected)
+            .filter_map(|k| self.policies.get(k))
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
+        self.policies.values()
+    }
+
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (
+            self.workloads.len(),
+            self.services.len(),
+            self.policies.len(),
+        )
+    }
+}
+
+fn remove_owner(index: &mut HashMap<IpAddr, Vec<AddressOwner>>, ip: IpAddr, key: &str) {
+    if let Some(owners) = index.get_mut(&ip) {
+        owners.retain(|o| o.key.as_ref() != key);
+        if owners.is_empty() {
+            index.remove(&ip);
+        }
+    }
+}
+
+/// The current [`State`], shared between one writer and any number of readers.
+#[derive(Debug, Default)]
+pub struct Store {
+    current: ArcSwap<State>,
+    /// Serializes writers (only the discovery client writes); readers never take it.
+    write: Mutex<()>,
+}
+
+impl Store {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current version. Lock-free; the caller keeps it as long as it likes.
+    pub fn load(&self) -> Arc<State> {
+        self.current.load_full()
+    }
+
+    /// Applies `f` to a copy of the current version and publishes the result.
+    pub fn update<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let _writer = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = State::clone(&self.current.load());
+        let out = f(&mut next);
+        self.current.store(Arc::new(next));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::*;
+    use crate::policy::*;
+
+    fn s(v: &str) -> Str {
+        v.into()
+    }
+
+    pub(crate) fn workload(uid: &str, ns: &str, ip: &str, services: &[&str]) -> Workload {
+        Workload {
+            uid: s(uid),
+            name: s(uid),
+            namespace: s(ns),
+            addresses: vec![ip.parse().unwrap()],
+            network: s(""),
+            tunnel: TunnelProtocol::Hbone,
+            trust_domain: s("cluster.local"),
+            service_account: s("default"),
+            node: s("node-1"),
+            canonical_name: s(uid),
+            canonical_revision: s("latest"),
+            workload_name: s(uid),
+            workload_type: WorkloadType::Pod,
+            cluster_id: s("Kubernetes"),
+            status: Health::Healthy,
+            locality: None,
+            network_mode: NetworkMode::Standard,
+            services: services
+                .iter()
+                .map(|k| {
+                    (
+                        s(k),
+                        vec![PortMapping {
+                            service_port: 80,
+                            target_port: 8080,
+                        }],
+                    )
+                })
+                .collect(),
+            authorization_policies: vec![],
+            waypoint: None,
+            native_tunnel: false,
+        }
+    }
+
+    fn service(ns: &str, name: &str, vip: &str) -> Service {
+        Service {
+            name: s(name),
+            namespace: s(ns),
+            hostname: format!("{name}.{ns}.svc.cluster.local").into(),
+            vips: vec![NetworkAddress {
+                network: s(""),
+                address: vip.parse().unwrap(),
+            }],
+            ports: vec![PortMapping {
+                service_port: 80,
+                target_port: 8080,
+            }],
+            subject_alt_names: vec![],
+            waypoint: None,
+            load_balancing: None,
+        }
+    }
+
+    fn policy(ns: &str, name: &str, scope: PolicyScope) -> Authorization {
+        Authorization {
+            name: s(name),
+            namespace: s(ns),
+            scope,
+            action: PolicyAction::Deny,
+            rules: vec![],
+        }
+    }
+
+    #[test]
+    fn indexes_follow_updates() {
+        let mut st = State::default();
+        let svc_key = "demo/echo.demo.svc.cluster.local";
+        st.upsert_service(service("demo", "echo", "198.19.0.10"));
+        st.upsert_workload(workload("w1", "demo", "198.18.0.1", &[svc_key]));
+        st.upsert_workload(workload("w2", "demo", "198.18.0.2", &[svc_key]));
+
+        let ip = |v: &str| v.parse::<IpAddr>().unwrap();
+        assert_eq!(st.workload_by_ip("", ip("198.18.0.1")).unwrap().uid.as_ref(), "w1");
+        assert!(st.workload_by_ip("other-net", ip("198.18.0.1")).is_none());
+        assert_eq!(st.service_by_vip("", ip("198.19.0.10")).unwrap().key(), svc_key);
+        assert_eq!(st.endpoints(svc_key).count(), 2);
+        assert_eq!(st.services_by_hostname("echo.demo.svc.cluster.local").count(), 1);
+
+        // w1 moves to a new IP and leaves the service.
+        st.upsert_workload(workload("w1", "demo", "198.18.0.9", &[]));
+        assert!(st.workload_by_ip("", ip("198.18.0.1")).is_none());
+        assert!(st.workload_by_ip("", ip("198.18.0.9")).is_some());
+        assert_eq!(st.endpoints(svc_key).count(), 1);
+
+        assert!(st.remove_address("w2"));
+        assert_eq!(st.endpoints(svc_key).count(), 0);
+        assert!(st.remove_address(svc_key));
+        assert!(st.service_by_vip("", ip("198.19.0.10")).is_none());
+        assert!(!st.remove_address("nope"));
+        assert_eq!(st.counts(), (1, 0, 0));
+    }
+
+    #[test]
+    fn policies_for_a_workload_come_from_three_scopes() {
+        let mut st = State::default();
+        st.upsert_policy(policy("istio-system", "mesh", PolicyScope::Global));
+        st.upsert_policy(policy("demo", "ns-wide", PolicyScope::Namespace));
+        st.upsert_policy(policy("other", "ns-wide", PolicyScope::Namespace));
+        st.upsert_policy(policy("demo", "selected", PolicyScope::WorkloadSelector));
+        st.upsert_policy(policy("demo", "unselected", PolicyScope::WorkloadSelector));
+        let mut w = workload("w1", "demo", "198.18.0.1", &[]);
+        w.authorization_policies = vec![s("demo/selected")];
+        let mut got: Vec<String> = st.policies_for(&w).map(|p| p.key()).collect();
+        got.sort();
+        assert_eq!(got, ["demo/ns-wide", "demo/selected", "istio-system/mesh"]);
+
+        assert!(st.remove_policy("demo/ns-wide"));
+        assert_eq!(st.policies_for(&w).count(), 2);
+    }
+
+    #[test]
+    fn host_network_workloads_are_not_indexed_by_ip() {
+        let mut st = State::default();
+        let mut w = workload("w1", "demo", "198.18.0.1", &[]);
+        w.network_mode = NetworkMode::HostNetwork;
+        st.upsert_workload(w);
+        assert!(st.workload_by_ip("", "198.18.0.1".parse().unwrap()).is_none());
+        assert!(st.workload("w1").is_some());
+    }
+
+    #[test]
+    fn readers_keep_their_version_while_the_writer_moves_on() {
+        let store = Store::new();
+        store.update(|st| st.upsert_workload(workload("w1", "demo", "198.18.0.1", &[])));
+        let before = store.load();
+        store.update(|st| {
+            st.remove_address("w1");
+        });
+        assert!(before.workload("w1").is_some(), "an old version is unchanged");
+        assert!(store.load().workload("w1").is_none());
+    }
+}
