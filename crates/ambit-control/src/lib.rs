@@ -4,7 +4,8 @@
 //! - [`source`]: the watched folder of manifests that feeds the model.
 //! - [`auth`]: who is calling (node tokens) and which identities they may obtain.
 //! - [`ca_service`]: Istio's CSR API on the gRPC port.
-//! - [`server`], [`monitoring`], [`metrics`]: the ports and what they serve.
+//! - [`server`], [`metrics`]: the gRPC port and the metrics; the monitoring port is served
+//!   by `ambit-admin`.
 //!
 //! [`ControlPlane::start`] wires these together; the `ambit` binary only parses flags.
 
@@ -12,9 +13,9 @@ pub mod auth;
 pub mod ca_service;
 pub mod metrics;
 pub mod model;
-pub mod monitoring;
 pub mod server;
 pub mod source;
+pub mod xds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ use crate::auth::{Authenticator, TokenSigner};
 use crate::ca_service::CaService;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::monitoring::{Page, Ready};
+use ambit_admin::{Page, Ready};
 use crate::source::{FileSource, FileSourceOptions, SourceStatus};
 
 /// Largest gRPC request message accepted.
@@ -172,10 +173,10 @@ impl ControlPlane {
         let source = FileSource::start(FileSourceOptions::new(&config.manifests)).await?;
         let metrics = Arc::new(Metrics::default());
 
-        let grpc_listener = monitoring::bind(config.grpc_addr, "gRPC port (CSR API)")
+        let grpc_listener = ambit_admin::bind(config.grpc_addr, "gRPC port (CSR API)")
             .await
             .map_err(StartError::Listen)?;
-        let monitoring_listener = monitoring::bind(config.monitoring_addr, "monitoring port")
+        let monitoring_listener = ambit_admin::bind(config.monitoring_addr, "monitoring port")
             .await
             .map_err(StartError::Listen)?;
         let grpc_addr = grpc_listener.local_addr().map_err(StartError::Listen)?;
@@ -255,7 +256,7 @@ impl ControlPlane {
             source.status(),
             ca.clone(),
         );
-        tasks.push(tokio::spawn(monitoring::serve(
+        tasks.push(tokio::spawn(ambit_admin::serve(
             monitoring_listener,
             handler,
             stop_rx,
@@ -321,7 +322,7 @@ fn debug_pages(
     model: watch::Receiver<Arc<Model>>,
     status: watch::Receiver<Arc<SourceStatus>>,
     ca: Arc<CertificateAuthority>,
-) -> monitoring::Handler {
+) -> ambit_admin::Handler {
     Arc::new(move |path: &str| {
         Some(match path {
             "/metrics" => Page {

@@ -22,6 +22,7 @@ pub use resources::*;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub enum Kind {
     Namespace,
+    Node,
     ServiceAccount,
     Pod,
     Service,
@@ -34,8 +35,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
+        Kind::Node,
         Kind::ServiceAccount,
         Kind::Pod,
         Kind::Service,
@@ -50,6 +52,7 @@ impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
             Kind::ServiceAccount => "ServiceAccount",
             Kind::Pod => "Pod",
             Kind::Service => "Service",
@@ -64,7 +67,7 @@ impl Kind {
 
     /// Whether objects of this kind live in a namespace.
     pub fn is_namespaced(self) -> bool {
-        self != Kind::Namespace
+        !matches!(self, Kind::Namespace | Kind::Node)
     }
 }
 
@@ -97,6 +100,7 @@ impl fmt::Display for ObjectRef {
 #[serde(untagged)]
 pub enum Object {
     Namespace(Arc<Namespace>),
+    Node(Arc<Node>),
     ServiceAccount(Arc<ServiceAccount>),
     Pod(Arc<Pod>),
     Service(Arc<Service>),
@@ -112,6 +116,7 @@ impl Object {
     pub fn kind(&self) -> Kind {
         match self {
             Object::Namespace(_) => Kind::Namespace,
+            Object::Node(_) => Kind::Node,
             Object::ServiceAccount(_) => Kind::ServiceAccount,
             Object::Pod(_) => Kind::Pod,
             Object::Service(_) => Kind::Service,
@@ -127,6 +132,7 @@ impl Object {
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
             Object::Namespace(o) => &o.metadata,
+            Object::Node(o) => &o.metadata,
             Object::ServiceAccount(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::Service(o) => &o.metadata,
@@ -225,6 +231,28 @@ impl Model {
             .map(|(_, o)| o)
     }
 
+    /// Objects of one kind in one namespace, in name order.
+    pub fn in_namespace<'a>(&'a self, kind: Kind, namespace: &'a str) -> impl Iterator<Item = &'a Object> + 'a {
+        let start = ObjectRef {
+            kind,
+            namespace: namespace.to_owned(),
+            name: String::new(),
+        };
+        self.objects
+            .range(start..)
+            .take_while(move |(k, _)| k.kind == kind && k.namespace == namespace)
+            .map(|(_, o)| o)
+    }
+
+    /// A cluster-scoped or namespaced object by kind, namespace and name.
+    pub fn lookup(&self, kind: Kind, namespace: &str, name: &str) -> Option<&Object> {
+        self.objects.get(&ObjectRef {
+            kind,
+            namespace: if kind.is_namespaced() { namespace.to_owned() } else { String::new() },
+            name: name.to_owned(),
+        })
+    }
+
     /// How many objects of each kind.
     pub fn counts(&self) -> BTreeMap<Kind, usize> {
         let mut out = BTreeMap::new();
@@ -242,13 +270,15 @@ impl Model {
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
-        let key = ObjectRef {
-            kind: Kind::Namespace,
-            namespace: String::new(),
-            name: name.to_owned(),
-        };
-        match self.objects.get(&key) {
+        match self.lookup(Kind::Namespace, "", name) {
             Some(Object::Namespace(n)) => Some(n),
+            _ => None,
+        }
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Arc<Node>> {
+        match self.lookup(Kind::Node, "", name) {
+            Some(Object::Node(n)) => Some(n),
             _ => None,
         }
     }

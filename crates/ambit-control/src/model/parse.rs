@@ -207,6 +207,7 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, ManifestError> {
     };
     let (model_kind, versions): (Option<Kind>, &[&str]) = match (group, kind.as_str()) {
         ("", "Namespace") => (Some(Kind::Namespace), &["v1"]),
+        ("", "Node") => (Some(Kind::Node), &["v1"]),
         ("", "ServiceAccount") => (Some(Kind::ServiceAccount), &["v1"]),
         ("", "Pod") => (Some(Kind::Pod), &["v1"]),
         ("", "Service") => (Some(Kind::Service), &["v1"]),
@@ -256,6 +257,11 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, ManifestError> {
             let mut ns: Namespace = typed(doc)?;
             ns.metadata.namespace = None;
             Object::Namespace(Arc::new(ns))
+        }
+        Kind::Node => {
+            let mut node: Node = typed(doc)?;
+            node.metadata.namespace = None;
+            Object::Node(Arc::new(node))
         }
         Kind::ServiceAccount => {
             let mut o: ServiceAccount = typed(doc)?;

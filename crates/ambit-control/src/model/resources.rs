@@ -49,6 +49,14 @@ pub struct Namespace {
     pub metadata: ObjectMeta,
 }
 
+/// `v1/Node`: its labels give the locality of the pods on it
+/// (`topology.kubernetes.io/region`, `topology.kubernetes.io/zone`,
+/// `topology.istio.io/subzone`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct Node {
+    pub metadata: ObjectMeta,
+}
+
 /// `v1/ServiceAccount`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct ServiceAccount {
@@ -76,6 +84,25 @@ pub struct PodSpec {
     pub node_name: Option<NodeName>,
     #[serde(default)]
     pub host_network: bool,
+    /// Only the ports are read (named `targetPort`s resolve through them).
+    #[serde(default)]
+    pub containers: Vec<Container>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+pub struct Container {
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub container_port: Port,
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -155,6 +182,19 @@ impl Pod {
     /// Whether the pod has ended (Succeeded or Failed) and will not run again.
     pub fn is_terminated(&self) -> bool {
         matches!(self.phase(), PodPhase::Succeeded | PodPhase::Failed)
+    }
+
+    /// The container port named `name` (TCP), for a Service's named `targetPort`.
+    pub fn named_port(&self, name: &str) -> Option<u16> {
+        self.spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .find(|p| {
+                p.name.as_deref() == Some(name)
+                    && p.protocol.unwrap_or(Protocol::Tcp) == Protocol::Tcp
+            })
+            .map(|p| p.container_port.0)
     }
 
     /// Ready: the `Ready` condition if the manifest gives one, else Running.

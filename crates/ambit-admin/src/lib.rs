@@ -1,7 +1,8 @@
-//! The monitoring port: `/metrics` (Prometheus), `/ready`, and JSON debug pages.
+//! The small HTTP/1.1 server behind every component's admin, metrics and readiness ports,
+//! and the client the CLI reads them with.
 //!
-//! Plain HTTP/1.1, meant for localhost or a cluster-internal scrape. It exposes no
-//! secrets: certificates are described by serial and expiry only.
+//! Pages are produced by a handler (path in, [`Page`] out); only GET is served. Meant for
+//! localhost or a cluster-internal scrape; handlers must expose no secrets.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -115,4 +116,31 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
             format!("cannot listen on {addr} for the {what}: {e}; is another instance running? choose another address with the flag"),
         )
     })
+}
+
+/// Fetches `path` from an admin port with a plain HTTP/1.1 GET; returns status and body.
+pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(StatusCode, String)> {
+    use http_body_util::BodyExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot reach {addr}: {e}; is the component running?"))
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = Request::get(path)
+        .header(header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(std::io::Error::other)?;
+    let response = sender.send_request(request).await.map_err(std::io::Error::other)?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

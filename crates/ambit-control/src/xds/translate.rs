@@ -1,0 +1,780 @@
+//! From the model (Kubernetes-style objects) to discovery resources (Istio's
+//! `istio.workload.Address` and `istio.security.Authorization`), encoded once.
+//!
+//! - Every running pod with an IP becomes a `Workload` named `<cluster>//Pod/<ns>/<name>`:
+//!   tunnel protocol HBONE when the pod or its namespace carries
+//!   `istio.io/dataplane-mode=ambient` (a pod label `none` opts out; host-network pods are
+//!   never enrolled), NONE otherwise, so traffic to it stays plain.
+//! - Every Service becomes a `Service` named `<ns>/<hostname>`.
+//! - Every AuthorizationPolicy a node proxy enforces (selector, namespace-wide or
+//!   mesh-wide; ALLOW or DENY; not dry-run) becomes an `Authorization` named `<ns>/<name>`.
+//!   Fields that need L7 (methods, paths, hosts, request principals, headers) cannot be
+//!   checked at L4: as in Istio, an ALLOW rule using them matches nothing, a DENY rule
+//!   keeps its other conditions (so it denies at least as much as written), and a warning
+//!   says so.
+//!
+//! [`Translator`] keeps the last result and, given the model's changes, re-translates only
+//! the resources those changes can affect.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ambit_proto::prost::Message;
+use ambit_proto::security as pb_sec;
+use ambit_proto::workload as pb;
+
+use crate::model::{
+    AuthorizationAction, AuthorizationPolicy, Change, Kind, Model, Object, ObjectRef, Pod,
+    PodPhase, Service, ServiceType,
+};
+use crate::model::fields::{IntOrString, Labels};
+use crate::model::resources::{Condition, Operation, Protocol, Rule as ApRule, Source};
+
+/// The label that enrolls a namespace or pod.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// The annotation that makes a policy log-only.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// Settings that shape the translation.
+#[derive(Debug, Clone)]
+pub struct TranslateOptions {
+    pub trust_domain: String,
+    /// Istio's cluster ID; part of every workload uid.
+    pub cluster_id: String,
+    /// Service hostnames are `<name>.<namespace>.svc.<domain_suffix>`.
+    pub domain_suffix: String,
+    /// Policies here without a selector apply mesh-wide.
+    pub root_namespace: String,
+}
+
+impl Default for TranslateOptions {
+    fn default() -> Self {
+        Self {
+            trust_domain: ambit_core::DEFAULT_TRUST_DOMAIN.to_owned(),
+            cluster_id: "Kubernetes".to_owned(),
+            domain_suffix: "cluster.local".to_owned(),
+            root_namespace: "istio-system".to_owned(),
+        }
+    }
+}
+
+/// Which discovery type a resource belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceType {
+    Address,
+    Authorization,
+}
+
+impl ResourceType {
+    pub const ALL: [ResourceType; 2] = [ResourceType::Address, ResourceType::Authorization];
+
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceType::Address => pb::ADDRESS_TYPE_URL,
+            ResourceType::Authorization => pb_sec::AUTHORIZATION_TYPE_URL,
+        }
+    }
+
+    pub fn from_type_url(url: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.type_url() == url)
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One encoded resource. The version is a digest of the bytes, so it is the same for the
+/// same content across restarts of the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub version: String,
+    pub body: Arc<[u8]>,
+}
+
+impl Encoded {
+    fn of(message: &impl Message) -> Self {
+        let body = message.encode_to_vec();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &body);
+        let version = digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Self {
+            version,
+            body: body.into(),
+        }
+    }
+}
+
+/// What a translation changed, per type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    pub changed: [BTreeSet<String>; 2],
+    pub removed: [BTreeSet<String>; 2],
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.changed.iter().all(BTreeSet::is_empty) && self.removed.iter().all(BTreeSet::is_empty)
+    }
+}
+
+/// The unit of (re)translation: the object a resource comes from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Unit {
+    Pod(String, String),
+    Service(String, String),
+    Policy(String, String),
+}
+
+/// Incremental translator.
+#[derive(Debug)]
+pub struct Translator {
+    options: TranslateOptions,
+    /// Resource name -> its encoding, per type.
+    resources: [BTreeMap<String, Encoded>; 2],
+    /// Which resource each unit produced (so its removal or rename can be undone).
+    produced: BTreeMap<Unit, (ResourceType, String)>,
+    /// Warnings from the last translation of each policy.
+    warnings: BTreeMap<String, Vec<String>>,
+}
+
+impl Translator {
+    pub fn new(options: TranslateOptions) -> Self {
+        Self {
+            options,
+            resources: Default::default(),
+            produced: BTreeMap::new(),
+            warnings: BTreeMap::new(),
+        }
+    }
+
+    pub fn resources(&self, t: ResourceType) -> &BTreeMap<String, Encoded> {
+        &self.resources[t.index()]
+    }
+
+    /// Policy translation warnings, by `<ns>/<name>`.
+    pub fn warnings(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.warnings
+    }
+
+    /// Translates everything (the first model).
+    pub fn full(&mut self, model: &Model) -> Delta {
+        let mut units = BTreeSet::new();
+        for object in model.objects() {
+            units.extend(units_of(object));
+        }
+        // Units that produced something before but may no longer exist.
+        units.extend(self.produced.keys().cloned());
+        self.retranslate(model, units)
+    }
+
+    /// Re-translates what `changes` can affect.
+    pub fn apply(&mut self, model: &Model, old: &Model, changes: &[Change]) -> Delta {
+        let mut units = BTreeSet::new();
+        for change in changes {
+            let key = match change {
+                Change::Added(k) | Change::Updated(k) | Change::Removed(k) => k,
+            };
+            self.affected(model, old, key, &mut units);
+        }
+        self.retranslate(model, units)
+    }
+
+    /// Units whose translation may depend on object `key` (in either model version).
+    fn affected(&self, model: &Model, old: &Model, key: &ObjectRef, out: &mut BTreeSet<Unit>) {
+        let ns = key.namespace.clone();
+        let name = key.name.clone();
+        let pods_in = |m: &Model, ns: &str, out: &mut BTreeSet<Unit>| {
+            for o in m.in_namespace(Kind::Pod, ns) {
+                let k = o.key();
+                out.insert(Unit::Pod(k.namespace, k.name));
+            }
+        };
+        match key.kind {
+            Kind::Pod => {
+                out.insert(Unit::Pod(ns, name));
+            }
+            // A service's selection and ports appear in its pods' workloads.
+            Kind::Service => {
+                out.insert(Unit::Service(ns.clone(), name));
+                pods_in(model, &ns, out);
+                pods_in(old, &ns, out);
+            }
+            // Enrollment comes from the namespace's labels.
+            Kind::Namespace => {
+                pods_in(model, &name, out);
+                pods_in(old, &name, out);
+            }
+            // Locality comes from the node's labels.
+            Kind::Node => {
+                for m in [model, old] {
+                    for pod in m.pods_on_node(&name) {
+                        out.insert(Unit::Pod(
+                            pod.metadata.namespace().to_owned(),
+                            pod.metadata.name.as_str().to_owned(),
+                        ));
+                    }
+                }
+            }
+            // Selector-based policies are listed on the workloads they select.
+            Kind::AuthorizationPolicy => {
+                out.insert(Unit::Policy(ns.clone(), name));
+                pods_in(model, &ns, out);
+                pods_in(old, &ns, out);
+            }
+            Kind::ServiceAccount
+            | Kind::PeerAuthentication
+            | Kind::ServiceEntry
+            | Kind::WorkloadEntry
+            | Kind::Gateway
+            | Kind::HTTPRoute => {}
+        }
+    }
+
+    fn retranslate(&mut self, model: &Model, units: BTreeSet<Unit>) -> Delta {
+        let mut delta = Delta::default();
+        for unit in units {
+            let produced = self.translate_unit(model, &unit);
+            let previous = self.produced.remove(&unit);
+            match (previous, produced) {
+                (Some((t, old_name)), Some((nt, new_name, enc))) => {
+                    if (t, &old_name) != (nt, &new_name) {
+                        self.resources[t.index()].remove(&old_name);
+                        delta.removed[t.index()].insert(old_name);
+                    }
+                    self.put(nt, new_name.clone(), enc, &mut delta);
+                    self.produced.insert(unit, (nt, new_name));
+                }
+                (None, Some((nt, new_name, enc))) => {
+                    self.put(nt, new_name.clone(), enc, &mut delta);
+                    self.produced.insert(unit, (nt, new_name));
+                }
+                (Some((t, old_name)), None) => {
+                    self.resources[t.index()].remove(&old_name);
+                    delta.removed[t.index()].insert(old_name);
+                }
+                (None, None) => {}
+            }
+        }
+        // A name both removed and re-added within one batch is a change, not a removal.
+        for t in ResourceType::ALL {
+            let i = t.index();
+            let readded: Vec<String> = delta.removed[i]
+                .iter()
+                .filter(|n| self.resources[i].contains_key(*n))
+                .cloned()
+                .collect();
+            for n in readded {
+                delta.removed[i].remove(&n);
+                delta.changed[i].insert(n);
+            }
+        }
+        delta
+    }
+
+    fn put(&mut self, t: ResourceType, name: String, enc: Encoded, delta: &mut Delta) {
+        let map = &mut self.resources[t.index()];
+        if map.get(&name) != Some(&enc) {
+            map.insert(name.clone(), enc);
+            delta.changed[t.index()].insert(name);
+        }
+    }
+
+    fn translate_unit(&mut self, model: &Model, unit: &Unit) -> Option<(ResourceType, String, Encoded)> {
+        match unit {
+            Unit::Pod(ns, name) => {
+                let Some(Object::Pod(pod)) = model.lookup(Kind::Pod, ns, name) else {
+                    return None;
+                };
+                let w = translate_pod(model, pod, &self.options)?;
+                let name = w.uid.clone();
+                let address = pb::Address {
+                    r#type: Some(pb::address::Type::Workload(w)),
+                };
+                Some((ResourceType::Address, name, Encoded::of(&address)))
+            }
+            Unit::Service(ns, name) => {
+                let Some(Object::Service(svc)) = model.lookup(Kind::Service, ns, name) else {
+                    return None;
+                };
+                let s = translate_service(svc, &self.options);
+                let name = format!("{}/{}", s.namespace, s.hostname);
+                let address = pb::Address {
+                    r#type: Some(pb::address::Type::Service(s)),
+                };
+                Some((ResourceType::Address, name, Encoded::of(&address)))
+            }
+            Unit::Policy(ns, name) => {
+                let key = format!("{ns}/{name}");
+                let Some(Object::AuthorizationPolicy(p)) =
+                    model.lookup(Kind::AuthorizationPolicy, ns, name)
+                else {
+                    self.warnings.remove(&key);
+                    return None;
+                };
+                let (auth, warnings) = translate_policy(p, &self.options);
+                if warnings.is_empty() {
+                    self.warnings.remove(&key);
+                } else {
+                    for w in &warnings {
+                        tracing::warn!(policy = %key, warning = %w, "AuthorizationPolicy is enforced differently at L4");
+                    }
+                    self.warnings.insert(key.clone(), warnings);
+                }
+                let auth = auth?;
+                Some((ResourceType::Authorization, key, Encoded::of(&auth)))
+            }
+        }
+    }
+}
+
+fn units_of(object: &Object) -> Option<Unit> {
+    let k = object.key();
+    match k.kind {
+        Kind::Pod => Some(Unit::Pod(k.namespace, k.name)),
+        Kind::Service => Some(Unit::Service(k.namespace, k.name)),
+        Kind::AuthorizationPolicy => Some(Unit::Policy(k.namespace, k.name)),
+        _ => None,
+    }
+}
+
+/// Whether a pod is in the mesh: its own label, else its namespace's.
+pub fn is_enrolled(model: &Model, pod: &Pod) -> bool {
+    if pod.spec.host_network {
+        return false;
+    }
+    match pod.metadata.labels.get(DATAPLANE_MODE_LABEL) {
+        Some("ambient") => true,
+        Some(_) => false,
+        None => model
+            .namespace(pod.metadata.namespace())
+            .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL))
+            == Some("ambient"),
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn first_label(labels: &Labels, keys: &[&str]) -> Option<String> {
+    keys.iter()
+        .find_map(|k| labels.get(k).filter(|v| !v.is_empty()))
+        .map(str::to_owned)
+}
+
+fn service_hostname(svc: &Service, o: &TranslateOptions) -> String {
+    format!(
+        "{}.{}.svc.{}",
+        svc.metadata.name,
+        svc.metadata.namespace(),
+        o.domain_suffix
+    )
+}
+
+/// A running pod with an IP as a workload; `None` for any other pod.
+pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<pb::Workload> {
+    let ips = pod.ips();
+    if pod.phase() != PodPhase::Running || ips.is_empty() {
+        return None;
+    }
+    let ns = pod.metadata.namespace();
+    let name = pod.metadata.name.as_str();
+    let labels = &pod.metadata.labels;
+
+    // The services selecting this pod, with this pod's port mapping for each.
+    let mut services = std::collections::HashMap::new();
+    for object in model.in_namespace(Kind::Service, ns) {
+        let Object::Service(svc) = object else { continue };
+        let Some(selector) = &svc.spec.selector else { continue };
+        if selector.is_empty() || !labels.matches(selector) {
+            continue;
+        }
+        let mut ports = Vec::new();
+        for p in &svc.spec.ports {
+            if p.protocol.unwrap_or(Protocol::Tcp) != Protocol::Tcp {
+                continue;
+            }
+            let target = match &p.target_port {
+                None => Some(p.port.0),
+                Some(IntOrString::Int(t)) => Some(t.0),
+                Some(IntOrString::String(n)) => pod.named_port(n),
+            };
+            if let Some(target) = target {
+                ports.push(pb::Port {
+                    service_port: u32::from(p.port.0),
+                    target_port: u32::from(target),
+                });
+            }
+        }
+        services.insert(
+            format!("{ns}/{}", service_hostname(svc, o)),
+            pb::PortList { ports },
+        );
+    }
+
+    // Selector-based policies in this namespace that select this pod.
+    let mut policies = Vec::new();
+    for object in model.in_namespace(Kind::AuthorizationPolicy, ns) {
+        let Object::AuthorizationPolicy(p) = object else { continue };
+        if let Some(sel) = &p.spec.selector
+            && enforced_by_node_proxy(p)
+            && labels.matches(&sel.match_labels)
+        {
+            policies.push(format!("{ns}/{}", p.metadata.name));
+        }
+    }
+
+    let locality = pod.node().and_then(|n| model.node(n)).and_then(|node| {
+        let l = &node.metadata.labels;
+        let region = l.get("topology.kubernetes.io/region").unwrap_or_default();
+        let zone = l.get("topology.kubernetes.io/zone").unwrap_or_default();
+        let subzone = l.get("topology.istio.io/subzone").unwrap_or_default();
+        (!region.is_empty() || !zone.is_empty() || !subzone.is_empty()).then(|| pb::Locality {
+            region: region.to_owned(),
+            zone: zone.to_owned(),
+            subzone: subzone.to_owned(),
+        })
+    });
+
+    Some(pb::Workload {
+        uid: format!("{}//Pod/{ns}/{name}", o.cluster_id),
+        name: name.to_owned(),
+        namespace: ns.to_owned(),
+        addresses: ips.into_iter().map(ip_bytes).collect(),
+        tunnel_protocol: if is_enrolled(model, pod) {
+            pb::TunnelProtocol::Hbone as i32
+        } else {
+            pb::TunnelProtocol::None as i32
+        },
+        trust_domain: o.trust_domain.clone(),
+        service_account: pod.service_account().to_owned(),
+        node: pod.node().unwrap_or_default().to_owned(),
+        canonical_name: first_label(
+            labels,
+            &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
+        )
+        .unwrap_or_else(|| name.to_owned()),
+        canonical_revision: first_label(
+            labels,
+            &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"],
+        )
+        .unwrap_or_else(|| "latest".to_owned()),
+        workload_type: pb::WorkloadType::Pod as i32,
+        workload_name: name.to_owned(),
+        services,
+        authorization_policies: policies,
+        status: if pod.is_ready() {
+            pb::WorkloadStatus::Healthy as i32
+        } else {
+            pb::WorkloadStatus::Unhealthy as i32
+        },
+        cluster_id: o.cluster_id.clone(),
+        locality,
+        network_mode: if pod.spec.host_network {
+            pb::NetworkMode::HostNetwork as i32
+        } else {
+            pb::NetworkMode::Standard as i32
+        },
+        ..Default::default()
+    })
+}
+
+/// A Service as a discovery service.
+pub fn translate_service(svc: &Service, o: &TranslateOptions) -> pb::Service {
+    let ports = svc
+        .spec
+        .ports
+        .iter()
+        .filter(|p| p.protocol.unwrap_or(Protocol::Tcp) == Protocol::Tcp)
+        .map(|p| pb::Port {
+            service_port: u32::from(p.port.0),
+            target_port: match &p.target_port {
+                None => u32::from(p.port.0),
+                Some(IntOrString::Int(t)) => u32::from(t.0),
+                // Named: each workload carries its own number.
+                Some(IntOrString::String(_)) => 0,
+            },
+        })
+        .collect();
+    let distribution = svc
+        .metadata
+        .annotations
+        .get("networking.istio.io/traffic-distribution")
+        .or(svc.spec.traffic_distribution.as_deref());
+    let load_balancing = distribution.and_then(|d| {
+        use pb::load_balancing::Scope as S;
+        let mut scopes = vec![S::Network, S::Region, S::Zone, S::Subzone];
+        match d {
+            "PreferClose" | "PreferSameZone" => {}
+            "PreferSameNode" => scopes.push(S::Node),
+            _ => return None,
+        }
+        Some(pb::LoadBalancing {
+            routing_preference: scopes.into_iter().map(|s| s as i32).collect(),
+            mode: pb::load_balancing::Mode::Failover as i32,
+            health_policy: pb::load_balancing::HealthPolicy::OnlyHealthy as i32,
+        })
+    });
+    let addresses = if svc.spec.kind == Some(ServiceType::ExternalName) {
+        Vec::new()
+    } else {
+        svc.vips()
+            .into_iter()
+            .map(|ip| pb::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(ip),
+            })
+            .collect()
+    };
+    pb::Service {
+        name: svc.metadata.name.as_str().to_owned(),
+        namespace: svc.metadata.namespace().to_owned(),
+        hostname: service_hostname(svc, o),
+        addresses,
+        ports,
+        load_balancing,
+        ..Default::default()
+    }
+}
+
+/// Whether the node proxy enforces this policy (waypoint-bound, CUSTOM and dry-run
+/// policies are not sent to it).
+pub fn enforced_by_node_proxy(p: &AuthorizationPolicy) -> bool {
+    let targeted = p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty();
+    let dry_run = p.metadata.annotations.get(DRY_RUN_ANNOTATION) == Some("true");
+    let action_ok = matches!(
+        p.spec.action,
+        None | Some(AuthorizationAction::Allow) | Some(AuthorizationAction::Deny)
+    );
+    !targeted && !dry_run && action_ok
+}
+
+/// An AuthorizationPolicy as an L4 policy, with warnings for what L4 cannot check.
+/// `None` when the node proxy does not enforce it.
+pub fn translate_policy(
+    p: &AuthorizationPolicy,
+    o: &TranslateOptions,
+) -> (Option<pb_sec::Authorization>, Vec<String>) {
+    let mut warnings = Vec::new();
+    if !enforced_by_node_proxy(p) {
+        return (None, warnings);
+    }
+    let ns = p.metadata.namespace();
+    let deny = p.spec.action == Some(AuthorizationAction::Deny);
+    let scope = if p.spec.selector.is_some() {
+        pb_sec::Scope::WorkloadSelector
+    } else if ns == o.root_namespace {
+        pb_sec::Scope::Global
+    } else {
+        pb_sec::Scope::Namespace
+    };
+    let mut rules = Vec::new();
+    for (i, rule) in p.spec.rules.iter().enumerate() {
+        let (translated, unsupported) = translate_rule(rule);
+        if unsupported.is_empty() {
+            rules.push(translated);
+        } else if deny {
+            warnings.push(format!(
+                "rule {i} uses {} which the node proxy cannot check; it denies on the rule's other conditions alone",
+                unsupported.join(", ")
+            ));
+            rules.push(translated);
+        } else {
+            warnings.push(format!(
+                "rule {i} uses {} which the node proxy cannot check; the rule matches nothing",
+                unsupported.join(", ")
+            ));
+        }
+    }
+    let auth = pb_sec::Authorization {
+        name: p.metadata.name.as_str().to_owned(),
+        namespace: ns.to_owned(),
+        scope: scope as i32,
+        action: if deny {
+            pb_sec::Action::Deny as i32
+        } else {
+            pb_sec::Action::Allow as i32
+        },
+        rules,
+    };
+    (Some(auth), warnings)
+}
+
+fn string_matches(values: &[String]) -> Vec<pb_sec::StringMatch> {
+    values
+        .iter()
+        .map(|v| {
+            use pb_sec::string_match::MatchType;
+            let m = if v == "*" {
+                MatchType::Presence(())
+            } else if let Some(p) = v.strip_suffix('*') {
+                MatchType::Prefix(p.to_owned())
+            } else if let Some(s) = v.strip_prefix('*') {
+                MatchType::Suffix(s.to_owned())
+            } else {
+                MatchType::Exact(v.clone())
+            };
+            pb_sec::StringMatch { match_type: Some(m) }
+        })
+        .collect()
+}
+
+/// `ns/sa` service accounts as principal matches on any trust domain.
+fn service_account_matches(values: &[String]) -> Vec<pb_sec::StringMatch> {
+    values
+        .iter()
+        .filter_map(|v| v.split_once('/'))
+        .map(|(ns, sa)| pb_sec::StringMatch {
+            match_type: Some(pb_sec::string_match::MatchType::Suffix(format!("/ns/{ns}/sa/{sa}"))),
+        })
+        .collect()
+}
+
+fn addresses(blocks: &[crate::model::fields::IpBlock]) -> Vec<pb_sec::Address> {
+    blocks
+        .iter()
+        .map(|b| pb_sec::Address {
+            address: ip_bytes(b.addr),
+            length: u32::from(b.prefix),
+        })
+        .collect()
+}
+
+fn ip_values(values: &[String], unsupported: &mut Vec<String>, key: &str) -> Vec<pb_sec::Address> {
+    let mut out = Vec::new();
+    for v in values {
+        match v.parse::<crate::model::fields::IpBlock>() {
+            Ok(b) => out.push(pb_sec::Address {
+                address: ip_bytes(b.addr),
+                length: u32::from(b.prefix),
+            }),
+            Err(_) => unsupported.push(format!("when {key} value {v:?} (not an IP or CIDR)")),
+        }
+    }
+    out
+}
+
+fn port_values(values: &[String], unsupported: &mut Vec<String>) -> Vec<u32> {
+    let mut out = Vec::new();
+    for v in values {
+        match v.parse::<u16>() {
+            Ok(p) if p > 0 => out.push(u32::from(p)),
+            _ => unsupported.push(format!("when destination.port value {v:?} (not a port)")),
+        }
+    }
+    out
+}
+
+/// One AuthorizationPolicy rule as one L4 rule: a clause for the `from` list, one for
+/// the `to` list, one per `when` condition. Returns the names of L7-only fields used.
+fn translate_rule(rule: &ApRule) -> (pb_sec::Rule, Vec<String>) {
+    let mut unsupported = Vec::new();
+    let mut clauses = Vec::new();
+
+    if !rule.from.is_empty() {
+        let matches = rule
+            .from
+            .iter()
+            .map(|f| source_match(&f.source, &mut unsupported))
+            .collect();
+        clauses.push(pb_sec::Clause { matches });
+    }
+    if !rule.to.is_empty() {
+        let matches = rule
+            .to
+            .iter()
+            .map(|t| operation_match(&t.operation, &mut unsupported))
+            .collect();
+        clauses.push(pb_sec::Clause { matches });
+    }
+    for c in &rule.when {
+        if let Some(m) = condition_match(c, &mut unsupported) {
+            clauses.push(pb_sec::Clause { matches: vec![m] });
+        }
+    }
+    // An empty match list inside a clause would match nothing; drop such clauses (their
+    // fields were all unsupported and are already reported).
+    clauses.retain(|c: &pb_sec::Clause| c.matches.iter().any(|m| m != &pb_sec::Match::default()));
+    (pb_sec::Rule { clauses }, unsupported)
+}
+
+fn source_match(s: &Source, unsupported: &mut Vec<String>) -> pb_sec::Match {
+    if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
+        unsupported.push("source.requestPrincipals".into());
+    }
+    if !s.remote_ip_blocks.is_empty() || !s.not_remote_ip_blocks.is_empty() {
+        unsupported.push("source.remoteIpBlocks".into());
+    }
+    let mut principals = string_matches(&s.principals);
+    principals.extend(service_account_matches(&s.service_accounts));
+    let mut not_principals = string_matches(&s.not_principals);
+    not_principals.extend(service_account_matches(&s.not_service_accounts));
+    pb_sec::Match {
+        namespaces: string_matches(&s.namespaces),
+        not_namespaces: string_matches(&s.not_namespaces),
+        principals,
+        not_principals,
+        source_ips: addresses(&s.ip_blocks),
+        not_source_ips: addresses(&s.not_ip_blocks),
+        ..Default::default()
+    }
+}
+
+fn operation_match(op: &Operation, unsupported: &mut Vec<String>) -> pb_sec::Match {
+    for (used, name) in [
+        (!op.hosts.is_empty() || !op.not_hosts.is_empty(), "operation.hosts"),
+        (!op.methods.is_empty() || !op.not_methods.is_empty(), "operation.methods"),
+        (!op.paths.is_empty() || !op.not_paths.is_empty(), "operation.paths"),
+    ] {
+        if used {
+            unsupported.push(name.into());
+        }
+    }
+    pb_sec::Match {
+        destination_ports: op.ports.iter().map(|p| u32::from(p.0)).collect(),
+        not_destination_ports: op.not_ports.iter().map(|p| u32::from(p.0)).collect(),
+        ..Default::default()
+    }
+}
+
+fn condition_match(c: &Condition, unsupported: &mut Vec<String>) -> Option<pb_sec::Match> {
+    let key = c.key.as_str();
+    let mut m = pb_sec::Match::default();
+    match key {
+        "source.ip" => {
+            m.source_ips = ip_values(&c.values, unsupported, key);
+            m.not_source_ips = ip_values(&c.not_values, unsupported, key);
+        }
+        "source.namespace" => {
+            m.namespaces = string_matches(&c.values);
+            m.not_namespaces = string_matches(&c.not_values);
+        }
+        "source.principal" => {
+            m.principals = string_matches(&c.values);
+            m.not_principals = string_matches(&c.not_values);
+        }
+        "destination.ip" => {
+            m.destination_ips = ip_values(&c.values, unsupported, key);
+            m.not_destination_ips = ip_values(&c.not_values, unsupported, key);
+        }
+        "destination.port" => {
+            m.destination_ports = port_values(&c.values, unsupported);
+            m.not_destination_ports = port_values(&c.not_values, unsupported);
+        }
+        other => {
+            unsupported.push(format!("when {other}"));
+            return None;
+        }
+    }
+    Some(m)
+}
+
+#[cfg(test)]
+mod tests;

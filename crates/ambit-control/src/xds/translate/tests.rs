@@ -1,0 +1,285 @@
+use super::*;
+use crate::model::parse::parse_manifest;
+
+const BASE: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/region: eu, topology.kubernetes.io/zone: eu-1}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-1, namespace: demo, labels: {app: echo, version: v2}}
+spec:
+  serviceAccountName: echo
+  nodeName: node-a
+  containers: [{ports: [{name: http-alt, containerPort: 9090}]}]
+status: {podIP: 198.18.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted-out, namespace: demo, labels: {istio.io/dataplane-mode: none}}
+spec: {nodeName: node-a}
+status: {podIP: 198.18.0.11}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: demo}
+spec: {nodeName: node-a}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: outside, namespace: plain}
+spec: {nodeName: node-b}
+status: {podIP: 198.18.0.12}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: demo}
+spec:
+  selector: {app: echo}
+  clusterIP: 198.19.0.10
+  trafficDistribution: PreferClose
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: alt, port: 90, targetPort: http-alt}
+";
+
+fn model(generation: u64, text: &str) -> Model {
+    Model::from_objects(generation, parse_manifest(text).unwrap())
+}
+
+fn decode_address(t: &Translator, name: &str) -> pb::Address {
+    let enc = t.resources(ResourceType::Address).get(name).unwrap_or_else(|| panic!("no {name}"));
+    pb::Address::decode(&*enc.body).unwrap()
+}
+
+fn workload(t: &Translator, name: &str) -> pb::Workload {
+    match decode_address(t, name).r#type {
+        Some(pb::address::Type::Workload(w)) => w,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn pods_become_workloads() {
+    let m = model(1, BASE);
+    let mut t = Translator::new(TranslateOptions::default());
+    let delta = t.full(&m);
+    let names: Vec<&String> = delta.changed[0].iter().collect();
+    assert_eq!(
+        names,
+        [
+            "Kubernetes//Pod/demo/echo-1",
+            "Kubernetes//Pod/demo/opted-out",
+            "Kubernetes//Pod/plain/outside",
+            "demo/echo.demo.svc.cluster.local"
+        ],
+        "the pending pod is not published"
+    );
+
+    let w = workload(&t, "Kubernetes//Pod/demo/echo-1");
+    assert_eq!(w.tunnel_protocol, pb::TunnelProtocol::Hbone as i32);
+    assert_eq!(w.addresses, vec![vec![198, 18, 0, 10]]);
+    assert_eq!(w.service_account, "echo");
+    assert_eq!(w.trust_domain, "cluster.local");
+    assert_eq!((w.canonical_name.as_str(), w.canonical_revision.as_str()), ("echo", "v2"));
+    assert_eq!(w.node, "node-a");
+    assert_eq!(w.status, pb::WorkloadStatus::Healthy as i32);
+    let loc = w.locality.unwrap();
+    assert_eq!((loc.region.as_str(), loc.zone.as_str()), ("eu", "eu-1"));
+    let ports = &w.services["demo/echo.demo.svc.cluster.local"].ports;
+    let pairs: Vec<(u32, u32)> = ports.iter().map(|p| (p.service_port, p.target_port)).collect();
+    assert_eq!(pairs, [(80, 8080), (90, 9090)], "named targetPort resolved on the pod");
+
+    assert_eq!(
+        workload(&t, "Kubernetes//Pod/demo/opted-out").tunnel_protocol,
+        pb::TunnelProtocol::None as i32
+    );
+    assert_eq!(
+        workload(&t, "Kubernetes//Pod/plain/outside").tunnel_protocol,
+        pb::TunnelProtocol::None as i32
+    );
+}
+
+#[test]
+fn services_become_services() {
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&model(1, BASE));
+    let Some(pb::address::Type::Service(s)) =
+        decode_address(&t, "demo/echo.demo.svc.cluster.local").r#type
+    else {
+        panic!()
+    };
+    assert_eq!(s.hostname, "echo.demo.svc.cluster.local");
+    assert_eq!(s.addresses[0].address, vec![198, 19, 0, 10]);
+    let pairs: Vec<(u32, u32)> = s.ports.iter().map(|p| (p.service_port, p.target_port)).collect();
+    assert_eq!(pairs, [(80, 8080), (90, 0)], "a named target port is per workload");
+    let lb = s.load_balancing.unwrap();
+    assert_eq!(lb.mode, pb::load_balancing::Mode::Failover as i32);
+    assert_eq!(lb.routing_preference.len(), 4);
+}
+
+#[test]
+fn versions_are_content_digests() {
+    let mut a = Translator::new(TranslateOptions::default());
+    let mut b = Translator::new(TranslateOptions::default());
+    a.full(&model(1, BASE));
+    b.full(&model(7, BASE));
+    assert_eq!(a.resources(ResourceType::Address), b.resources(ResourceType::Address));
+}
+
+#[test]
+fn only_what_a_change_touches_is_retranslated() {
+    let old = model(1, BASE);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&old);
+
+    // Un-enrolling the namespace changes its pods, nothing else.
+    let new = model(2, &BASE.replace("labels: {istio.io/dataplane-mode: ambient}}", "}"));
+    let delta = t.apply(&new, &old, &new.diff(&old));
+    let changed: Vec<&String> = delta.changed[0].iter().collect();
+    assert_eq!(changed, ["Kubernetes//Pod/demo/echo-1"], "opted-out was already NONE");
+    assert_eq!(
+        workload(&t, "Kubernetes//Pod/demo/echo-1").tunnel_protocol,
+        pb::TunnelProtocol::None as i32
+    );
+
+    // Removing the service removes it and updates the pod it selected.
+    let newer = model(3, BASE.split("---\napiVersion: v1\nkind: Service").next().unwrap());
+    let delta = t.apply(&newer, &new, &newer.diff(&new));
+    assert!(delta.removed[0].contains("demo/echo.demo.svc.cluster.local"));
+    assert!(delta.changed[0].contains("Kubernetes//Pod/demo/echo-1"));
+    assert!(workload(&t, "Kubernetes//Pod/demo/echo-1").services.is_empty());
+
+    // A pod that stops running (no IP any more) is removed.
+    let gone = model(4, &BASE.replace("spec: {nodeName: node-b}\nstatus: {podIP: 198.18.0.12}", "spec: {nodeName: node-b}"));
+    let delta = t.apply(&gone, &newer, &gone.diff(&newer));
+    assert!(delta.removed[0].contains("Kubernetes//Pod/plain/outside"), "{delta:?}");
+}
+
+const POLICIES: &str = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-sleep, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/demo/sa/sleep], notNamespaces: [evil*]}}, {source: {serviceAccounts: [demo/curl]}}]
+    to: [{operation: {ports: ['8080'], notPorts: ['9999']}}]
+    when: [{key: source.ip, values: [198.18.0.0/16]}, {key: destination.port, notValues: ['22']}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7-allow, namespace: demo}
+spec:
+  rules:
+  - to: [{operation: {methods: [GET]}}]
+  - from: [{source: {namespaces: [demo]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7-deny, namespace: demo}
+spec:
+  action: DENY
+  rules:
+  - from: [{source: {namespaces: [other]}}]
+    to: [{operation: {paths: [/admin]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh-wide, namespace: istio-system}
+spec: {action: DENY, rules: [{from: [{source: {ipBlocks: [203.0.113.0/24]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: dry, namespace: demo, annotations: {istio.io/dry-run: 'true'}}
+spec: {action: DENY}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit, namespace: demo}
+spec: {action: AUDIT}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint-bound, namespace: demo}
+spec: {targetRefs: [{kind: Service, group: '', name: echo}]}
+";
+
+fn policy(t: &Translator, name: &str) -> pb_sec::Authorization {
+    let enc = t
+        .resources(ResourceType::Authorization)
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name}"));
+    pb_sec::Authorization::decode(&*enc.body).unwrap()
+}
+
+#[test]
+fn policies_become_l4_authorizations() {
+    let m = model(1, &format!("{BASE}---\n{POLICIES}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let names: Vec<&String> = t.resources(ResourceType::Authorization).keys().collect();
+    assert_eq!(
+        names,
+        ["demo/allow-sleep", "demo/l7-allow", "demo/l7-deny", "istio-system/mesh-wide"],
+        "dry-run, AUDIT and waypoint-bound policies are not for the node proxy"
+    );
+
+    let p = policy(&t, "demo/allow-sleep");
+    assert_eq!(p.scope, pb_sec::Scope::WorkloadSelector as i32);
+    assert_eq!(p.action, pb_sec::Action::Allow as i32);
+    let clauses = &p.rules[0].clauses;
+    assert_eq!(clauses.len(), 4, "from, to, and two when conditions");
+    assert_eq!(clauses[0].matches.len(), 2, "two sources, OR-ed");
+    assert_eq!(clauses[0].matches[0].principals.len(), 1);
+    assert_eq!(clauses[0].matches[0].not_namespaces.len(), 1);
+    assert!(matches!(
+        clauses[0].matches[1].principals[0].match_type,
+        Some(pb_sec::string_match::MatchType::Suffix(ref s)) if s == "/ns/demo/sa/curl"
+    ));
+    assert_eq!(clauses[1].matches[0].destination_ports, [8080]);
+    assert_eq!(clauses[1].matches[0].not_destination_ports, [9999]);
+    assert_eq!(clauses[2].matches[0].source_ips[0].length, 16);
+    assert_eq!(clauses[3].matches[0].not_destination_ports, [22]);
+
+    // The echo pod lists the selector policy.
+    assert_eq!(
+        workload(&t, "Kubernetes//Pod/demo/echo-1").authorization_policies,
+        ["demo/allow-sleep"]
+    );
+
+    // ALLOW with an L7 field: that rule matches nothing; the other stays.
+    let p = policy(&t, "demo/l7-allow");
+    assert_eq!(p.scope, pb_sec::Scope::Namespace as i32);
+    assert_eq!(p.rules.len(), 1);
+    assert_eq!(p.rules[0].clauses[0].matches[0].namespaces.len(), 1);
+    // DENY with an L7 field: the rule denies on its L4 conditions alone.
+    let p = policy(&t, "demo/l7-deny");
+    assert_eq!(p.rules.len(), 1);
+    assert_eq!(p.rules[0].clauses.len(), 1, "the `to` clause with only paths is gone");
+    assert!(t.warnings().contains_key("demo/l7-allow") && t.warnings().contains_key("demo/l7-deny"));
+    assert!(t.warnings()["demo/l7-deny"][0].contains("operation.paths"));
+
+    assert_eq!(policy(&t, "istio-system/mesh-wide").scope, pb_sec::Scope::Global as i32);
+}
+
+#[test]
+fn policy_changes_update_the_selected_workloads() {
+    let old = model(1, BASE);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&old);
+    let new = model(2, &format!("{BASE}---\n{POLICIES}"));
+    let delta = t.apply(&new, &old, &new.diff(&old));
+    assert!(delta.changed[1].contains("demo/allow-sleep"));
+    assert!(delta.changed[0].contains("Kubernetes//Pod/demo/echo-1"));
+    assert!(!delta.changed[0].contains("Kubernetes//Pod/plain/outside"));
+}
