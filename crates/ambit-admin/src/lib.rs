@@ -122,7 +122,10 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
 pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(StatusCode, String)> {
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot reach {addr}: {e}; is the component running?"))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot reach {addr}: {e}; is the component running?"),
+        )
     })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -134,7 +137,10 @@ pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(StatusCode, S
         .header(header::HOST, addr.to_string())
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(std::io::Error::other)?;
-    let response = sender.send_request(request).await.map_err(std::io::Error::other)?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(std::io::Error::other)?;
     let status = response.status();
     let body = response
         .into_body()

@@ -87,6 +87,23 @@ pub enum Refusal {
     Invalid(String),
 }
 
+/// The bearer token of a request, if one is well formed.
+pub fn bearer_token<T>(request: &tonic::Request<T>) -> Result<&str, AuthError> {
+    let value = request
+        .metadata()
+        .get("authorization")
+        .ok_or(AuthError::Missing)?
+        .to_str()
+        .map_err(|_| AuthError::Malformed("the authorization header is not ASCII".into()))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or_else(|| AuthError::Malformed("expected `Bearer <token>`".into()))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(AuthError::Malformed("expected `Bearer <token>`".into()));
+    }
+    Ok(token.trim())
+}
+
 /// Decides the identity a certificate is issued for.
 ///
 /// - With `impersonate` (Istio's `ImpersonatedIdentity`): the caller must speak for a

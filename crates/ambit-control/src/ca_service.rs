@@ -16,7 +16,7 @@ use ambit_tls::{CertificateAuthority, SignError};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{AuthError, Authenticator, Refusal, authorize_identity};
+use crate::auth::{Authenticator, Refusal, authorize_identity, bearer_token};
 use crate::metrics::Metrics;
 use crate::model::Model;
 
@@ -60,23 +60,6 @@ impl CaService {
         );
         status
     }
-}
-
-/// The bearer token of a request, if one is well formed.
-fn bearer_token<T>(request: &Request<T>) -> Result<&str, AuthError> {
-    let value = request
-        .metadata()
-        .get("authorization")
-        .ok_or(AuthError::Missing)?
-        .to_str()
-        .map_err(|_| AuthError::Malformed("the authorization header is not ASCII".into()))?;
-    let (scheme, token) = value
-        .split_once(' ')
-        .ok_or_else(|| AuthError::Malformed("expected `Bearer <token>`".into()))?;
-    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-        return Err(AuthError::Malformed("expected `Bearer <token>`".into()));
-    }
-    Ok(token.trim())
 }
 
 #[tonic::async_trait]

@@ -34,8 +34,12 @@ use crate::auth::{Authenticator, TokenSigner};
 use crate::ca_service::CaService;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use ambit_admin::{Page, Ready};
 use crate::source::{FileSource, FileSourceOptions, SourceStatus};
+use crate::xds::server::{AdsService, Registry};
+use crate::xds::snapshot::Snapshot;
+use crate::xds::translate::TranslateOptions;
+use ambit_admin::{Page, Ready};
+use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 
 /// Largest gRPC request message accepted.
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
@@ -66,6 +70,12 @@ pub struct Config {
     pub max_cert_ttl: Duration,
     /// Extra DNS names for the serving certificate.
     pub server_names: Vec<String>,
+    /// Istio's cluster ID, part of every workload's discovery name.
+    pub cluster_id: String,
+    /// Service hostnames are `<name>.<namespace>.svc.<domain_suffix>`.
+    pub domain_suffix: String,
+    /// Model changes closer together than this are pushed as one.
+    pub push_debounce: Duration,
 }
 
 impl Config {
@@ -81,6 +91,18 @@ impl Config {
             default_cert_ttl: Duration::from_secs(24 * 3600),
             max_cert_ttl: Duration::from_secs(24 * 3600),
             server_names: Vec::new(),
+            cluster_id: "Kubernetes".to_owned(),
+            domain_suffix: "cluster.local".to_owned(),
+            push_debounce: Duration::from_millis(100),
+        }
+    }
+
+    fn translate_options(&self) -> TranslateOptions {
+        TranslateOptions {
+            trust_domain: self.trust_domain.clone(),
+            cluster_id: self.cluster_id.clone(),
+            domain_suffix: self.domain_suffix.clone(),
+            root_namespace: self.root_namespace.clone(),
         }
     }
 
@@ -135,6 +157,8 @@ pub struct ControlPlane {
     ca: Arc<CertificateAuthority>,
     source: FileSource,
     metrics: Arc<Metrics>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    registry: Arc<Registry>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -203,7 +227,37 @@ impl ControlPlane {
             stop_rx.clone(),
         )));
 
-        let service = CaService::new(ca.clone(), authenticator, source.model(), metrics.clone());
+        let service = CaService::new(
+            ca.clone(),
+            authenticator.clone(),
+            source.model(),
+            metrics.clone(),
+        );
+
+        // Discovery: snapshots of the translated model, served over delta ADS.
+        let (snapshot_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        tasks.push(tokio::spawn(xds::snapshot::publish(
+            source.model(),
+            config.translate_options(),
+            config.push_debounce,
+            snapshot_tx,
+            stop_rx.clone(),
+        )));
+        // Serve discovery only once the model has been translated, so the first push a
+        // node proxy gets is the whole mesh, not an empty placeholder.
+        let mut first = snapshots.clone();
+        if first.wait_for(|s| s.generation > 0).await.is_err() {
+            return Err(StartError::Config(
+                "the discovery translation stopped before its first result".into(),
+            ));
+        }
+        let registry = Arc::new(Registry::default());
+        let ads = AdsService::new(
+            snapshots.clone(),
+            authenticator,
+            registry.clone(),
+            metrics.clone(),
+        );
         let incoming = server::tls_incoming(
             grpc_listener,
             TlsAcceptor::from(Arc::new(tls)),
@@ -221,6 +275,10 @@ impl ControlPlane {
                     IstioCertificateServiceServer::new(service)
                         .max_decoding_message_size(MAX_REQUEST_BYTES),
                 )
+                .add_service(
+                    AggregatedDiscoveryServiceServer::new(ads)
+                        .max_decoding_message_size(xds::server::MAX_REQUEST_BYTES),
+                )
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = grpc_stop.changed().await;
                 })
@@ -230,32 +288,37 @@ impl ControlPlane {
             }
         }));
 
-        // Keep the configuration gauges in step with the model.
+        // Keep the configuration and discovery gauges in step.
         let ready = Arc::new(Ready::default());
         {
             let metrics = metrics.clone();
             let mut model = source.model();
             let mut status = source.status();
+            let mut snaps = snapshots.clone();
             let mut stop = stop_rx.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     metrics.observe_config(&model.borrow_and_update(), &status.borrow_and_update());
+                    metrics.observe_snapshot(&snaps.borrow_and_update());
                     tokio::select! {
                         r = model.changed() => if r.is_err() { return },
                         r = status.changed() => if r.is_err() { return },
+                        r = snaps.changed() => if r.is_err() { return },
                         _ = stop.changed() => return,
                     }
                 }
             }));
         }
 
-        let handler = debug_pages(
-            metrics.clone(),
-            ready.clone(),
-            source.model(),
-            source.status(),
-            ca.clone(),
-        );
+        let handler = debug_pages(DebugSources {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+            model: source.model(),
+            status: source.status(),
+            ca: ca.clone(),
+            snapshots: snapshots.clone(),
+            registry: registry.clone(),
+        });
         tasks.push(tokio::spawn(ambit_admin::serve(
             monitoring_listener,
             handler,
@@ -277,6 +340,8 @@ impl ControlPlane {
             ca,
             source,
             metrics,
+            snapshots,
+            registry,
             stop,
             tasks,
         })
@@ -307,6 +372,16 @@ impl ControlPlane {
         &self.metrics
     }
 
+    /// The current discovery snapshot; `changed()` wakes on each new one.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
+    }
+
+    /// Who is subscribed to discovery.
+    pub fn subscribers(&self) -> &Registry {
+        &self.registry
+    }
+
     /// Stops serving and waits for the servers to finish.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -316,13 +391,26 @@ impl ControlPlane {
     }
 }
 
-fn debug_pages(
+struct DebugSources {
     metrics: Arc<Metrics>,
     ready: Arc<Ready>,
     model: watch::Receiver<Arc<Model>>,
     status: watch::Receiver<Arc<SourceStatus>>,
     ca: Arc<CertificateAuthority>,
-) -> ambit_admin::Handler {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    registry: Arc<Registry>,
+}
+
+fn debug_pages(d: DebugSources) -> ambit_admin::Handler {
+    let DebugSources {
+        metrics,
+        ready,
+        model,
+        status,
+        ca,
+        snapshots,
+        registry,
+    } = d;
     Arc::new(move |path: &str| {
         Some(match path {
             "/metrics" => Page {
@@ -371,9 +459,21 @@ fn debug_pages(
                     "roots": roots,
                 }))
             }
+            "/debug/xds" => {
+                let snap = snapshots.borrow().clone();
+                Page::json(&serde_json::json!({
+                    "generation": snap.generation,
+                    "resources": {
+                        "Address": snap.resources(xds::translate::ResourceType::Address).len(),
+                        "Authorization": snap.resources(xds::translate::ResourceType::Authorization).len(),
+                    },
+                    "policy_warnings": &*snap.warnings,
+                    "subscribers": registry.list(),
+                }))
+            }
             "/" => Page::text(
                 StatusCode::OK,
-                "ambit control: /metrics /ready /debug/config /debug/model /debug/ca\n",
+                "ambit control: /metrics /ready /debug/config /debug/model /debug/ca /debug/xds\n",
             ),
             _ => return None,
         })

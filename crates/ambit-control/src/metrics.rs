@@ -31,6 +31,17 @@ pub struct Metrics {
     pub config_files_refused: Gauge,
     pub config_conflicts: Gauge,
     pub config_generation: Gauge,
+    pub xds_subscribers: Gauge,
+    pub xds_pushes: Family<TypeLabel, Counter>,
+    pub xds_resources_sent: Family<TypeLabel, Counter>,
+    pub xds_nacks: Family<TypeLabel, Counter>,
+    pub xds_generation: Gauge,
+    pub xds_resources: Family<TypeLabel, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    pub r#type: &'static str,
 }
 
 impl Default for Metrics {
@@ -68,6 +79,42 @@ impl Default for Metrics {
             "Version number of the current mesh model",
             config_generation.clone(),
         );
+        let xds_subscribers = Gauge::default();
+        registry.register(
+            "xds_subscribers",
+            "Node proxies connected to discovery",
+            xds_subscribers.clone(),
+        );
+        let xds_pushes = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "xds_pushes",
+            "Discovery pushes sent, by resource type",
+            xds_pushes.clone(),
+        );
+        let xds_resources_sent = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "xds_resources_sent",
+            "Discovery resources sent, by type",
+            xds_resources_sent.clone(),
+        );
+        let xds_nacks = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "xds_nacks",
+            "Discovery responses a node proxy rejected, by type",
+            xds_nacks.clone(),
+        );
+        let xds_generation = Gauge::default();
+        registry.register(
+            "xds_generation",
+            "Generation of the current discovery snapshot",
+            xds_generation.clone(),
+        );
+        let xds_resources = Family::<TypeLabel, Gauge>::default();
+        registry.register(
+            "xds_resources",
+            "Discovery resources in the current snapshot, by type",
+            xds_resources.clone(),
+        );
         // Every result label exists from the start so rate() works before the first event.
         for result in CA_RESULTS {
             let _ = ca_requests.get_or_create(&ResultLabel { result });
@@ -80,6 +127,12 @@ impl Default for Metrics {
             config_files_refused,
             config_conflicts,
             config_generation,
+            xds_subscribers,
+            xds_pushes,
+            xds_resources_sent,
+            xds_nacks,
+            xds_generation,
+            xds_resources,
         }
     }
 }
@@ -98,6 +151,35 @@ impl Metrics {
         self.ca_requests
             .get_or_create(&ResultLabel { result })
             .inc();
+    }
+
+    pub fn xds_push(&self, kind: &'static str, resources: u64) {
+        self.xds_pushes
+            .get_or_create(&TypeLabel { r#type: kind })
+            .inc();
+        self.xds_resources_sent
+            .get_or_create(&TypeLabel { r#type: kind })
+            .inc_by(resources);
+    }
+
+    pub fn xds_nack(&self, kind: &'static str) {
+        self.xds_nacks
+            .get_or_create(&TypeLabel { r#type: kind })
+            .inc();
+    }
+
+    /// Refreshes the discovery gauges from a snapshot.
+    pub fn observe_snapshot(&self, snapshot: &crate::xds::snapshot::Snapshot) {
+        use crate::xds::translate::ResourceType;
+        self.xds_generation.set(snapshot.generation as i64);
+        for (t, kind) in [
+            (ResourceType::Address, "Address"),
+            (ResourceType::Authorization, "Authorization"),
+        ] {
+            self.xds_resources
+                .get_or_create(&TypeLabel { r#type: kind })
+                .set(snapshot.resources(t).len() as i64);
+        }
     }
 
     /// Refreshes the configuration gauges from the latest model and source status.

@@ -126,7 +126,10 @@ pub struct GatewayAddress {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum GatewayDestination {
     /// A service, `<namespace>/<hostname>`.
-    Hostname { namespace: Str, hostname: Str },
+    Hostname {
+        namespace: Str,
+        hostname: Str,
+    },
     Address(NetworkAddress),
 }
 

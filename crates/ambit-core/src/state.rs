@@ -372,11 +372,24 @@ mod tests {
         st.upsert_workload(workload("w2", "demo", "198.18.0.2", &[svc_key]));
 
         let ip = |v: &str| v.parse::<IpAddr>().unwrap();
-        assert_eq!(st.workload_by_ip("", ip("198.18.0.1")).unwrap().uid.as_ref(), "w1");
+        assert_eq!(
+            st.workload_by_ip("", ip("198.18.0.1"))
+                .unwrap()
+                .uid
+                .as_ref(),
+            "w1"
+        );
         assert!(st.workload_by_ip("other-net", ip("198.18.0.1")).is_none());
-        assert_eq!(st.service_by_vip("", ip("198.19.0.10")).unwrap().key(), svc_key);
+        assert_eq!(
+            st.service_by_vip("", ip("198.19.0.10")).unwrap().key(),
+            svc_key
+        );
         assert_eq!(st.endpoints(svc_key).count(), 2);
-        assert_eq!(st.services_by_hostname("echo.demo.svc.cluster.local").count(), 1);
+        assert_eq!(
+            st.services_by_hostname("echo.demo.svc.cluster.local")
+                .count(),
+            1
+        );
 
         // w1 moves to a new IP and leaves the service.
         st.upsert_workload(workload("w1", "demo", "198.18.0.9", &[]));
@@ -416,7 +429,10 @@ mod tests {
         let mut w = workload("w1", "demo", "198.18.0.1", &[]);
         w.network_mode = NetworkMode::HostNetwork;
         st.upsert_workload(w);
-        assert!(st.workload_by_ip("", "198.18.0.1".parse().unwrap()).is_none());
+        assert!(
+            st.workload_by_ip("", "198.18.0.1".parse().unwrap())
+                .is_none()
+        );
         assert!(st.workload("w1").is_some());
     }
 
@@ -428,7 +444,10 @@ mod tests {
         store.update(|st| {
             st.remove_address("w1");
         });
-        assert!(before.workload("w1").is_some(), "an old version is unchanged");
+        assert!(
+            before.workload("w1").is_some(),
+            "an old version is unchanged"
+        );
         assert!(store.load().workload("w1").is_none());
     }
 }

@@ -35,7 +35,8 @@ pub enum TokenSource {
 }
 
 impl TokenSource {
-    fn token(&self) -> Result<Option<String>, FetchError> {
+    /// The current token (`None`: send no `authorization` metadata).
+    pub fn token(&self) -> Result<Option<String>, FetchError> {
         match self {
             TokenSource::None => Ok(None),
             TokenSource::Static(t) => Ok(Some(t.clone())),
@@ -45,6 +46,22 @@ impl TokenSource {
                     FetchError::Local(format!("cannot read token file {}: {e}", path.display()))
                 }),
         }
+    }
+}
+
+impl TokenSource {
+    /// Puts `authorization: Bearer <token>` on a request.
+    pub fn authorize<T>(&self, request: &mut tonic::Request<T>) -> Result<(), tonic::Status> {
+        let token = self
+            .token()
+            .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
+        if let Some(token) = token {
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                tonic::Status::unauthenticated("the token holds characters not allowed in a header")
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(())
     }
 }
 
@@ -62,6 +79,7 @@ pub enum ClientError {
 pub struct CaClient {
     client: IstioCertificateServiceClient<Channel>,
     token: TokenSource,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for CaClient {
@@ -70,11 +88,61 @@ impl std::fmt::Debug for CaClient {
     }
 }
 
+/// A gRPC channel to the control plane at `address` (`host:port`), over TLS 1.3 trusting
+/// only `roots`, checking the server certificate against `server_name` (default: the host
+/// part of `address`). Connects lazily and reconnects on demand; HTTP/2 keep-alive PINGs
+/// detect a dead connection under a long-lived stream.
+pub fn control_plane_channel(
+    address: &str,
+    roots: &[CertificateDer<'static>],
+    server_name: Option<&str>,
+    connect_timeout: Duration,
+) -> Result<Channel, ClientError> {
+    let uri: Uri = format!("http://{address}")
+        .parse()
+        .map_err(|_| ClientError::Address(address.to_owned()))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| ClientError::Address(address.to_owned()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    if uri.port_u16().is_none() {
+        return Err(ClientError::Address(address.to_owned()));
+    }
+    let name = ServerName::try_from(server_name.unwrap_or(&host).to_owned())
+        .map_err(|_| ClientError::Address(address.to_owned()))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config_with_roots(roots)?));
+    let endpoint = Endpoint::from(uri)
+        .connect_timeout(connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    let connector = tower::service_fn(move |uri: Uri| {
+        let tls = tls.clone();
+        let name = name.clone();
+        async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let port = uri.port_u16().unwrap_or(15012);
+            let tcp = tokio::net::TcpStream::connect((host, port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tls.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
 impl CaClient {
     /// A client for the CA at `address` (`host:port`), trusting `roots`, checking the
     /// server certificate against `server_name` (default: the host part of `address`).
     /// Connects lazily: the first request opens the connection, so the control plane may
-    /// start later than the caller.
+    /// start later than the caller. Each request must finish within `timeout`.
     pub fn new(
         address: &str,
         roots: &[CertificateDer<'static>],
@@ -82,45 +150,11 @@ impl CaClient {
         token: TokenSource,
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let uri: Uri = format!("http://{address}")
-            .parse()
-            .map_err(|_| ClientError::Address(address.to_owned()))?;
-        let host = uri
-            .host()
-            .ok_or_else(|| ClientError::Address(address.to_owned()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        if uri.port_u16().is_none() {
-            return Err(ClientError::Address(address.to_owned()));
-        }
-        let name = ServerName::try_from(server_name.unwrap_or(&host).to_owned())
-            .map_err(|_| ClientError::Address(address.to_owned()))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config_with_roots(roots)?));
-        let endpoint = Endpoint::from(uri)
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .tcp_nodelay(true);
-        let connector = tower::service_fn(move |uri: Uri| {
-            let tls = tls.clone();
-            let name = name.clone();
-            async move {
-                let host = uri
-                    .host()
-                    .unwrap_or_default()
-                    .trim_start_matches('[')
-                    .trim_end_matches(']');
-                let port = uri.port_u16().unwrap_or(15012);
-                let tcp = tokio::net::TcpStream::connect((host, port)).await?;
-                tcp.set_nodelay(true)?;
-                let stream = tls.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        });
-        let channel = endpoint.connect_with_connector_lazy(connector);
+        let channel = control_plane_channel(address, roots, server_name, timeout)?;
         Ok(Self {
             client: IstioCertificateServiceClient::new(channel),
             token,
+            timeout,
         })
     }
 
@@ -145,16 +179,8 @@ impl CaClient {
             validity_duration: ttl.as_secs().min(i64::MAX as u64) as i64,
             metadata: Some(metadata),
         });
-        let token = self
-            .token
-            .token()
-            .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
-        if let Some(token) = token {
-            let value = format!("Bearer {token}").parse().map_err(|_| {
-                tonic::Status::unauthenticated("the token holds characters not allowed in a header")
-            })?;
-            request.metadata_mut().insert("authorization", value);
-        }
+        request.set_timeout(self.timeout);
+        self.token.authorize(&mut request)?;
         let response = self.client.clone().create_certificate(request).await?;
         Ok(response.into_inner().cert_chain)
     }

@@ -128,6 +128,7 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         default_cert_ttl: args.cert_ttl,
         max_cert_ttl: args.max_cert_ttl,
         server_names: args.server_names,
+        ..Config::new(PathBuf::new(), PathBuf::new())
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -232,7 +232,11 @@ impl Model {
     }
 
     /// Objects of one kind in one namespace, in name order.
-    pub fn in_namespace<'a>(&'a self, kind: Kind, namespace: &'a str) -> impl Iterator<Item = &'a Object> + 'a {
+    pub fn in_namespace<'a>(
+        &'a self,
+        kind: Kind,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a Object> + 'a {
         let start = ObjectRef {
             kind,
             namespace: namespace.to_owned(),
@@ -248,7 +252,11 @@ impl Model {
     pub fn lookup(&self, kind: Kind, namespace: &str, name: &str) -> Option<&Object> {
         self.objects.get(&ObjectRef {
             kind,
-            namespace: if kind.is_namespaced() { namespace.to_owned() } else { String::new() },
+            namespace: if kind.is_namespaced() {
+                namespace.to_owned()
+            } else {
+                String::new()
+            },
             name: name.to_owned(),
         })
     }

@@ -20,16 +20,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use ambit_core::discovery::Str;
 use ambit_proto::prost::Message;
 use ambit_proto::security as pb_sec;
 use ambit_proto::workload as pb;
+use imbl::OrdMap;
 
+use crate::model::fields::{IntOrString, Labels};
+use crate::model::resources::{Condition, Operation, Protocol, Rule as ApRule, Source};
 use crate::model::{
     AuthorizationAction, AuthorizationPolicy, Change, Kind, Model, Object, ObjectRef, Pod,
     PodPhase, Service, ServiceType,
 };
-use crate::model::fields::{IntOrString, Labels};
-use crate::model::resources::{Condition, Operation, Protocol, Rule as ApRule, Source};
 
 /// The label that enrolls a namespace or pod.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -133,8 +135,9 @@ enum Unit {
 #[derive(Debug)]
 pub struct Translator {
     options: TranslateOptions,
-    /// Resource name -> its encoding, per type.
-    resources: [BTreeMap<String, Encoded>; 2],
+    /// Resource name -> its encoding, per type. Persistent maps: a snapshot of them is a
+    /// cheap clone.
+    resources: [OrdMap<Str, Arc<Encoded>>; 2],
     /// Which resource each unit produced (so its removal or rename can be undone).
     produced: BTreeMap<Unit, (ResourceType, String)>,
     /// Warnings from the last translation of each policy.
@@ -151,7 +154,7 @@ impl Translator {
         }
     }
 
-    pub fn resources(&self, t: ResourceType) -> &BTreeMap<String, Encoded> {
+    pub fn resources(&self, t: ResourceType) -> &OrdMap<Str, Arc<Encoded>> {
         &self.resources[t.index()]
     }
 
@@ -242,7 +245,7 @@ impl Translator {
             match (previous, produced) {
                 (Some((t, old_name)), Some((nt, new_name, enc))) => {
                     if (t, &old_name) != (nt, &new_name) {
-                        self.resources[t.index()].remove(&old_name);
+                        self.resources[t.index()].remove(old_name.as_str());
                         delta.removed[t.index()].insert(old_name);
                     }
                     self.put(nt, new_name.clone(), enc, &mut delta);
@@ -253,7 +256,7 @@ impl Translator {
                     self.produced.insert(unit, (nt, new_name));
                 }
                 (Some((t, old_name)), None) => {
-                    self.resources[t.index()].remove(&old_name);
+                    self.resources[t.index()].remove(old_name.as_str());
                     delta.removed[t.index()].insert(old_name);
                 }
                 (None, None) => {}
@@ -264,7 +267,7 @@ impl Translator {
             let i = t.index();
             let readded: Vec<String> = delta.removed[i]
                 .iter()
-                .filter(|n| self.resources[i].contains_key(*n))
+                .filter(|n| self.resources[i].contains_key(n.as_str()))
                 .cloned()
                 .collect();
             for n in readded {
@@ -277,13 +280,17 @@ impl Translator {
 
     fn put(&mut self, t: ResourceType, name: String, enc: Encoded, delta: &mut Delta) {
         let map = &mut self.resources[t.index()];
-        if map.get(&name) != Some(&enc) {
-            map.insert(name.clone(), enc);
+        if map.get(name.as_str()).map(|e| e.as_ref()) != Some(&enc) {
+            map.insert(Str::from(name.as_str()), Arc::new(enc));
             delta.changed[t.index()].insert(name);
         }
     }
 
-    fn translate_unit(&mut self, model: &Model, unit: &Unit) -> Option<(ResourceType, String, Encoded)> {
+    fn translate_unit(
+        &mut self,
+        model: &Model,
+        unit: &Unit,
+    ) -> Option<(ResourceType, String, Encoded)> {
         match unit {
             Unit::Pod(ns, name) => {
                 let Some(Object::Pod(pod)) = model.lookup(Kind::Pod, ns, name) else {
@@ -349,10 +356,12 @@ pub fn is_enrolled(model: &Model, pod: &Pod) -> bool {
     match pod.metadata.labels.get(DATAPLANE_MODE_LABEL) {
         Some("ambient") => true,
         Some(_) => false,
-        None => model
-            .namespace(pod.metadata.namespace())
-            .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL))
-            == Some("ambient"),
+        None => {
+            model
+                .namespace(pod.metadata.namespace())
+                .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL))
+                == Some("ambient")
+        }
     }
 }
 
@@ -391,8 +400,12 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
     // The services selecting this pod, with this pod's port mapping for each.
     let mut services = std::collections::HashMap::new();
     for object in model.in_namespace(Kind::Service, ns) {
-        let Object::Service(svc) = object else { continue };
-        let Some(selector) = &svc.spec.selector else { continue };
+        let Object::Service(svc) = object else {
+            continue;
+        };
+        let Some(selector) = &svc.spec.selector else {
+            continue;
+        };
         if selector.is_empty() || !labels.matches(selector) {
             continue;
         }
@@ -422,7 +435,9 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
     // Selector-based policies in this namespace that select this pod.
     let mut policies = Vec::new();
     for object in model.in_namespace(Kind::AuthorizationPolicy, ns) {
-        let Object::AuthorizationPolicy(p) = object else { continue };
+        let Object::AuthorizationPolicy(p) = object else {
+            continue;
+        };
         if let Some(sel) = &p.spec.selector
             && enforced_by_node_proxy(p)
             && labels.matches(&sel.match_labels)
@@ -458,12 +473,20 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
         node: pod.node().unwrap_or_default().to_owned(),
         canonical_name: first_label(
             labels,
-            &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
+            &[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ],
         )
         .unwrap_or_else(|| name.to_owned()),
         canonical_revision: first_label(
             labels,
-            &["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"],
+            &[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ],
         )
         .unwrap_or_else(|| "latest".to_owned()),
         workload_type: pb::WorkloadType::Pod as i32,
@@ -621,7 +644,9 @@ fn string_matches(values: &[String]) -> Vec<pb_sec::StringMatch> {
             } else {
                 MatchType::Exact(v.clone())
             };
-            pb_sec::StringMatch { match_type: Some(m) }
+            pb_sec::StringMatch {
+                match_type: Some(m),
+            }
         })
         .collect()
 }
@@ -632,7 +657,9 @@ fn service_account_matches(values: &[String]) -> Vec<pb_sec::StringMatch> {
         .iter()
         .filter_map(|v| v.split_once('/'))
         .map(|(ns, sa)| pb_sec::StringMatch {
-            match_type: Some(pb_sec::string_match::MatchType::Suffix(format!("/ns/{ns}/sa/{sa}"))),
+            match_type: Some(pb_sec::string_match::MatchType::Suffix(format!(
+                "/ns/{ns}/sa/{sa}"
+            ))),
         })
         .collect()
 }
@@ -729,9 +756,18 @@ fn source_match(s: &Source, unsupported: &mut Vec<String>) -> pb_sec::Match {
 
 fn operation_match(op: &Operation, unsupported: &mut Vec<String>) -> pb_sec::Match {
     for (used, name) in [
-        (!op.hosts.is_empty() || !op.not_hosts.is_empty(), "operation.hosts"),
-        (!op.methods.is_empty() || !op.not_methods.is_empty(), "operation.methods"),
-        (!op.paths.is_empty() || !op.not_paths.is_empty(), "operation.paths"),
+        (
+            !op.hosts.is_empty() || !op.not_hosts.is_empty(),
+            "operation.hosts",
+        ),
+        (
+            !op.methods.is_empty() || !op.not_methods.is_empty(),
+            "operation.methods",
+        ),
+        (
+            !op.paths.is_empty() || !op.not_paths.is_empty(),
+            "operation.paths",
+        ),
     ] {
         if used {
             unsupported.push(name.into());

@@ -57,7 +57,10 @@ fn model(generation: u64, text: &str) -> Model {
 }
 
 fn decode_address(t: &Translator, name: &str) -> pb::Address {
-    let enc = t.resources(ResourceType::Address).get(name).unwrap_or_else(|| panic!("no {name}"));
+    let enc = t
+        .resources(ResourceType::Address)
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name}"));
     pb::Address::decode(&*enc.body).unwrap()
 }
 
@@ -90,14 +93,24 @@ fn pods_become_workloads() {
     assert_eq!(w.addresses, vec![vec![198, 18, 0, 10]]);
     assert_eq!(w.service_account, "echo");
     assert_eq!(w.trust_domain, "cluster.local");
-    assert_eq!((w.canonical_name.as_str(), w.canonical_revision.as_str()), ("echo", "v2"));
+    assert_eq!(
+        (w.canonical_name.as_str(), w.canonical_revision.as_str()),
+        ("echo", "v2")
+    );
     assert_eq!(w.node, "node-a");
     assert_eq!(w.status, pb::WorkloadStatus::Healthy as i32);
     let loc = w.locality.unwrap();
     assert_eq!((loc.region.as_str(), loc.zone.as_str()), ("eu", "eu-1"));
     let ports = &w.services["demo/echo.demo.svc.cluster.local"].ports;
-    let pairs: Vec<(u32, u32)> = ports.iter().map(|p| (p.service_port, p.target_port)).collect();
-    assert_eq!(pairs, [(80, 8080), (90, 9090)], "named targetPort resolved on the pod");
+    let pairs: Vec<(u32, u32)> = ports
+        .iter()
+        .map(|p| (p.service_port, p.target_port))
+        .collect();
+    assert_eq!(
+        pairs,
+        [(80, 8080), (90, 9090)],
+        "named targetPort resolved on the pod"
+    );
 
     assert_eq!(
         workload(&t, "Kubernetes//Pod/demo/opted-out").tunnel_protocol,
@@ -120,8 +133,16 @@ fn services_become_services() {
     };
     assert_eq!(s.hostname, "echo.demo.svc.cluster.local");
     assert_eq!(s.addresses[0].address, vec![198, 19, 0, 10]);
-    let pairs: Vec<(u32, u32)> = s.ports.iter().map(|p| (p.service_port, p.target_port)).collect();
-    assert_eq!(pairs, [(80, 8080), (90, 0)], "a named target port is per workload");
+    let pairs: Vec<(u32, u32)> = s
+        .ports
+        .iter()
+        .map(|p| (p.service_port, p.target_port))
+        .collect();
+    assert_eq!(
+        pairs,
+        [(80, 8080), (90, 0)],
+        "a named target port is per workload"
+    );
     let lb = s.load_balancing.unwrap();
     assert_eq!(lb.mode, pb::load_balancing::Mode::Failover as i32);
     assert_eq!(lb.routing_preference.len(), 4);
@@ -133,7 +154,10 @@ fn versions_are_content_digests() {
     let mut b = Translator::new(TranslateOptions::default());
     a.full(&model(1, BASE));
     b.full(&model(7, BASE));
-    assert_eq!(a.resources(ResourceType::Address), b.resources(ResourceType::Address));
+    assert_eq!(
+        a.resources(ResourceType::Address),
+        b.resources(ResourceType::Address)
+    );
 }
 
 #[test]
@@ -143,26 +167,51 @@ fn only_what_a_change_touches_is_retranslated() {
     t.full(&old);
 
     // Un-enrolling the namespace changes its pods, nothing else.
-    let new = model(2, &BASE.replace("labels: {istio.io/dataplane-mode: ambient}}", "}"));
+    let new = model(
+        2,
+        &BASE.replace("labels: {istio.io/dataplane-mode: ambient}}", "}"),
+    );
     let delta = t.apply(&new, &old, &new.diff(&old));
     let changed: Vec<&String> = delta.changed[0].iter().collect();
-    assert_eq!(changed, ["Kubernetes//Pod/demo/echo-1"], "opted-out was already NONE");
+    assert_eq!(
+        changed,
+        ["Kubernetes//Pod/demo/echo-1"],
+        "opted-out was already NONE"
+    );
     assert_eq!(
         workload(&t, "Kubernetes//Pod/demo/echo-1").tunnel_protocol,
         pb::TunnelProtocol::None as i32
     );
 
     // Removing the service removes it and updates the pod it selected.
-    let newer = model(3, BASE.split("---\napiVersion: v1\nkind: Service").next().unwrap());
+    let newer = model(
+        3,
+        BASE.split("---\napiVersion: v1\nkind: Service")
+            .next()
+            .unwrap(),
+    );
     let delta = t.apply(&newer, &new, &newer.diff(&new));
     assert!(delta.removed[0].contains("demo/echo.demo.svc.cluster.local"));
     assert!(delta.changed[0].contains("Kubernetes//Pod/demo/echo-1"));
-    assert!(workload(&t, "Kubernetes//Pod/demo/echo-1").services.is_empty());
+    assert!(
+        workload(&t, "Kubernetes//Pod/demo/echo-1")
+            .services
+            .is_empty()
+    );
 
     // A pod that stops running (no IP any more) is removed.
-    let gone = model(4, &BASE.replace("spec: {nodeName: node-b}\nstatus: {podIP: 198.18.0.12}", "spec: {nodeName: node-b}"));
+    let gone = model(
+        4,
+        &BASE.replace(
+            "spec: {nodeName: node-b}\nstatus: {podIP: 198.18.0.12}",
+            "spec: {nodeName: node-b}",
+        ),
+    );
     let delta = t.apply(&gone, &newer, &gone.diff(&newer));
-    assert!(delta.removed[0].contains("Kubernetes//Pod/plain/outside"), "{delta:?}");
+    assert!(
+        delta.removed[0].contains("Kubernetes//Pod/plain/outside"),
+        "{delta:?}"
+    );
 }
 
 const POLICIES: &str = "
@@ -227,10 +276,19 @@ fn policies_become_l4_authorizations() {
     let m = model(1, &format!("{BASE}---\n{POLICIES}"));
     let mut t = Translator::new(TranslateOptions::default());
     t.full(&m);
-    let names: Vec<&String> = t.resources(ResourceType::Authorization).keys().collect();
+    let names: Vec<&str> = t
+        .resources(ResourceType::Authorization)
+        .keys()
+        .map(|k| k.as_ref())
+        .collect();
     assert_eq!(
         names,
-        ["demo/allow-sleep", "demo/l7-allow", "demo/l7-deny", "istio-system/mesh-wide"],
+        [
+            "demo/allow-sleep",
+            "demo/l7-allow",
+            "demo/l7-deny",
+            "istio-system/mesh-wide"
+        ],
         "dry-run, AUDIT and waypoint-bound policies are not for the node proxy"
     );
 
@@ -265,11 +323,20 @@ fn policies_become_l4_authorizations() {
     // DENY with an L7 field: the rule denies on its L4 conditions alone.
     let p = policy(&t, "demo/l7-deny");
     assert_eq!(p.rules.len(), 1);
-    assert_eq!(p.rules[0].clauses.len(), 1, "the `to` clause with only paths is gone");
-    assert!(t.warnings().contains_key("demo/l7-allow") && t.warnings().contains_key("demo/l7-deny"));
+    assert_eq!(
+        p.rules[0].clauses.len(),
+        1,
+        "the `to` clause with only paths is gone"
+    );
+    assert!(
+        t.warnings().contains_key("demo/l7-allow") && t.warnings().contains_key("demo/l7-deny")
+    );
     assert!(t.warnings()["demo/l7-deny"][0].contains("operation.paths"));
 
-    assert_eq!(policy(&t, "istio-system/mesh-wide").scope, pb_sec::Scope::Global as i32);
+    assert_eq!(
+        policy(&t, "istio-system/mesh-wide").scope,
+        pb_sec::Scope::Global as i32
+    );
 }
 
 #[test]

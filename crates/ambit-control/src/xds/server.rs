@@ -1,0 +1,435 @@
+//! The delta ADS server (`envoy.service.discovery.v3.AggregatedDiscoveryService/
+//! DeltaAggregatedResources`) node proxies subscribe to.
+//!
+//! Per stream and per type, a subscriber is in one of three states: not subscribed;
+//! waiting for the acknowledgement of what was last sent (at most one push in flight, so
+//! a slow subscriber gets changes coalesced rather than queued); or up to date with some
+//! snapshot generation. On subscribing, a reconnecting client lists the versions it holds
+//! (`initial_resource_versions`) and is sent only what differs and what was removed.
+//! Later pushes send what changed since the generation the subscriber acknowledged.
+//! A NACK is logged with the subscriber and its reason and counted; the stream goes on.
+//! Large pushes are split into responses of about 1 MiB.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use ambit_core::discovery::Str;
+use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use ambit_proto::prost_types::Any;
+use ambit_proto::prost_types::value::Kind as ValueKind;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::snapshot::Snapshot;
+use super::translate::ResourceType;
+use crate::auth::{Authenticator, bearer_token};
+use crate::metrics::Metrics;
+
+/// Resource bytes per response before a push is split.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// Largest request accepted (a reconnect lists every resource it holds).
+pub const MAX_REQUEST_BYTES: usize = 64 << 20;
+
+/// The discovery service.
+pub struct AdsService {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    authenticator: Arc<dyn Authenticator>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+}
+
+impl AdsService {
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        authenticator: Arc<dyn Authenticator>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            snapshots,
+            authenticator,
+            registry,
+            metrics,
+        }
+    }
+}
+
+/// Who is subscribed, for the debug endpoint.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next_id: AtomicU64,
+    subscribers: Mutex<BTreeMap<u64, SubscriberInfo>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriberInfo {
+    pub id: u64,
+    pub node: String,
+    pub peer: String,
+    pub connected_at: String,
+    pub types: BTreeMap<&'static str, TypeInfo>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TypeInfo {
+    /// The snapshot generation the subscriber acknowledged last.
+    pub acked_generation: Option<u64>,
+    /// Responses sent and not yet acknowledged.
+    pub in_flight: usize,
+    pub responses_sent: u64,
+    pub resources_sent: u64,
+    pub acks: u64,
+    pub nacks: u64,
+    pub last_nack: Option<String>,
+}
+
+impl Registry {
+    pub fn list(&self) -> Vec<SubscriberInfo> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SubscriberInfo>> {
+        // Entries are replaced whole; a panicking holder cannot leave one half-written.
+        self.subscribers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, id: u64, t: ResourceType, f: impl FnOnce(&mut TypeInfo)) {
+        if let Some(s) = self.lock().get_mut(&id) {
+            f(s.types.entry(type_name(t)).or_default());
+        }
+    }
+}
+
+fn type_name(t: ResourceType) -> &'static str {
+    match t {
+        ResourceType::Address => "Address",
+        ResourceType::Authorization => "Authorization",
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let token = bearer_token(&request).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let caller = self
+            .authenticator
+            .authenticate(token)
+            .await
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let Some(node) = caller.node else {
+            return Err(Status::permission_denied(
+                "discovery is for node proxies: present a node credential",
+            ));
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.registry.lock().insert(
+            id,
+            SubscriberInfo {
+                id,
+                node: node.clone(),
+                peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+                connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                types: BTreeMap::new(),
+            },
+        );
+        self.metrics.xds_subscribers.inc();
+        tracing::info!(subscriber = id, %node, peer = ?peer, "discovery subscriber connected");
+        let stream = Subscriber {
+            id,
+            node,
+            peer,
+            requests: request.into_inner(),
+            out: tx,
+            snapshots: self.snapshots.clone(),
+            registry: self.registry.clone(),
+            metrics: self.metrics.clone(),
+            types: Default::default(),
+            nonce: 0,
+        };
+        tokio::spawn(stream.run());
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Per-type state of one subscriber.
+#[derive(Default)]
+struct TypeState {
+    subscribed: bool,
+    /// Versions the client said it holds on subscribing; used once, for the first push.
+    initial: Option<HashMap<String, String>>,
+    /// Names the client asked for explicitly; sent even if unchanged.
+    forced: BTreeSet<String>,
+    /// Generation the client is known to hold (after acknowledgement).
+    acked: Option<u64>,
+    /// Nonces of the push in flight, and the generation it brings the client to.
+    in_flight: BTreeSet<String>,
+    in_flight_generation: u64,
+}
+
+struct Subscriber {
+    id: u64,
+    node: String,
+    peer: Option<SocketAddr>,
+    requests: Streaming<DeltaDiscoveryRequest>,
+    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    types: [TypeState; 2],
+    nonce: u64,
+}
+
+impl Subscriber {
+    async fn run(mut self) {
+        let reason = loop {
+            if let Err(status) = self.push_ready().await {
+                let _ = self.out.send(Err(status.clone())).await;
+                break status.message().to_owned();
+            }
+            tokio::select! {
+                message = self.requests.message() => match message {
+                    Ok(Some(req)) => {
+                        if let Err(status) = self.handle(req) {
+                            let _ = self.out.send(Err(status.clone())).await;
+                            break status.message().to_owned();
+                        }
+                    }
+                    Ok(None) => break "the client closed the stream".to_owned(),
+                    Err(status) => break format!("stream error: {}", status.message()),
+                },
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() {
+                        let _ = self.out.send(Err(Status::unavailable("the control plane is shutting down"))).await;
+                        break "shutting down".to_owned();
+                    }
+                }
+                _ = self.out.closed() => break "the client went away".to_owned(),
+            }
+        };
+        self.registry.lock().remove(&self.id);
+        self.metrics.xds_subscribers.dec();
+        tracing::info!(subscriber = self.id, node = %self.node, peer = ?self.peer, reason, "discovery subscriber disconnected");
+    }
+
+    fn handle(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        let Some(t) = ResourceType::from_type_url(&req.type_url) else {
+            tracing::debug!(subscriber = self.id, type_url = %req.type_url, "ignoring a subscription to an unknown type");
+            return Ok(());
+        };
+        if let Some(name) = node_name(&req)
+            && name != self.node
+        {
+            return Err(Status::permission_denied(format!(
+                "the node metadata says NODE_NAME={name} but the credential is for node {}",
+                self.node
+            )));
+        }
+        let state = &mut self.types[t.index()];
+        if !req.response_nonce.is_empty() {
+            if !state.in_flight.remove(&req.response_nonce) {
+                // A stale acknowledgement (for a response before a resubscribe): ignore.
+                return Ok(());
+            }
+            match &req.error_detail {
+                Some(err) => {
+                    self.metrics.xds_nack(type_name(t));
+                    tracing::warn!(
+                        subscriber = self.id,
+                        node = %self.node,
+                        type_url = %req.type_url,
+                        nonce = %req.response_nonce,
+                        reason = %err.message,
+                        "a node proxy rejected (NACKed) discovery resources"
+                    );
+                    let message = err.message.clone();
+                    self.registry.update(self.id, t, |i| {
+                        i.nacks += 1;
+                        i.last_nack = Some(message);
+                    });
+                }
+                None => self.registry.update(self.id, t, |i| i.acks += 1),
+            }
+            if state.in_flight.is_empty() {
+                // The client processed the whole push (rejected parts stay rejected until
+                // they change again).
+                state.acked = Some(state.in_flight_generation);
+                let g = state.acked;
+                self.registry.update(self.id, t, |i| {
+                    i.acked_generation = g;
+                    i.in_flight = 0;
+                });
+            }
+            return Ok(());
+        }
+        // A subscription (first, or a change of names).
+        if !state.subscribed {
+            state.subscribed = true;
+            state.initial = Some(req.initial_resource_versions);
+            state.acked = None;
+        }
+        state.forced.extend(
+            req.resource_names_subscribe
+                .into_iter()
+                .filter(|n| n != "*" && !n.is_empty()),
+        );
+        Ok(())
+    }
+
+    /// Sends a push for every subscribed type with nothing in flight and something new.
+    async fn push_ready(&mut self) -> Result<(), Status> {
+        let snapshot = self.snapshots.borrow_and_update().clone();
+        if snapshot.generation == 0 {
+            // Nothing translated yet: wait for the first snapshot.
+            return Ok(());
+        }
+        for t in ResourceType::ALL {
+            let state = &mut self.types[t.index()];
+            if !state.subscribed || !state.in_flight.is_empty() {
+                continue;
+            }
+            let resources = snapshot.resources(t);
+            let (mut send, removed): (BTreeSet<Str>, BTreeSet<Str>) =
+                match (&state.initial, state.acked) {
+                    (Some(initial), _) => {
+                        let send = resources
+                            .iter()
+                            .filter(|(name, enc)| initial.get(name.as_ref()) != Some(&enc.version))
+                            .map(|(name, _)| name.clone())
+                            .collect();
+                        let removed = initial
+                            .keys()
+                            .filter(|n| !resources.contains_key(n.as_str()))
+                            .map(|n| Str::from(n.as_str()))
+                            .collect();
+                        (send, removed)
+                    }
+                    (None, Some(acked))
+                        if acked == snapshot.generation && state.forced.is_empty() =>
+                    {
+                        continue;
+                    }
+                    (None, Some(acked)) => match snapshot.catch_up(t, acked) {
+                        Some(c) => (c.changed, c.removed),
+                        None => {
+                            return Err(Status::aborted(
+                                "this subscriber fell too far behind; reconnect to resync",
+                            ));
+                        }
+                    },
+                    (None, None) => (resources.keys().cloned().collect(), BTreeSet::new()),
+                };
+            for name in std::mem::take(&mut state.forced) {
+                if resources.contains_key(name.as_str()) {
+                    send.insert(Str::from(name.as_str()));
+                }
+            }
+            state.initial = None;
+            state.in_flight_generation = snapshot.generation;
+            // Send even an empty push once on subscribing: the client learns it is in sync.
+            let first_push = state.acked.is_none();
+            if send.is_empty() && removed.is_empty() && !first_push {
+                state.acked = Some(snapshot.generation);
+                continue;
+            }
+            let responses = build_responses(&snapshot, t, &send, &removed, &mut self.nonce);
+            let count = send.len() as u64;
+            let n = responses.len();
+            for r in &responses {
+                self.types[t.index()].in_flight.insert(r.nonce.clone());
+            }
+            self.registry.update(self.id, t, |i| {
+                i.in_flight = n;
+                i.responses_sent += n as u64;
+                i.resources_sent += count;
+            });
+            self.metrics.xds_push(type_name(t), count);
+            for r in responses {
+                if self.out.send(Ok(r)).await.is_err() {
+                    return Err(Status::cancelled("the client went away"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `node.metadata.NODE_NAME`, if sent.
+fn node_name(req: &DeltaDiscoveryRequest) -> Option<&str> {
+    let value = req
+        .node
+        .as_ref()?
+        .metadata
+        .as_ref()?
+        .fields
+        .get("NODE_NAME")?;
+    match &value.kind {
+        Some(ValueKind::StringValue(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// One push as responses of about [`MAX_RESPONSE_BYTES`] each; removals go in the last.
+fn build_responses(
+    snapshot: &Snapshot,
+    t: ResourceType,
+    send: &BTreeSet<Str>,
+    removed: &BTreeSet<Str>,
+    nonce: &mut u64,
+) -> Vec<DeltaDiscoveryResponse> {
+    let resources = snapshot.resources(t);
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 0usize;
+    let mut flush = |current: &mut Vec<Resource>, removed: Vec<String>, nonce: &mut u64| {
+        *nonce += 1;
+        out.push(DeltaDiscoveryResponse {
+            system_version_info: snapshot.generation.to_string(),
+            resources: std::mem::take(current),
+            type_url: t.type_url().to_owned(),
+            nonce: format!("{}-{}", snapshot.generation, nonce),
+            removed_resources: removed,
+        });
+    };
+    for name in send {
+        let Some(enc) = resources.get(name) else {
+            continue;
+        };
+        bytes += enc.body.len() + name.len() + 32;
+        current.push(Resource {
+            version: enc.version.clone(),
+            resource: Some(Any {
+                type_url: t.type_url().to_owned(),
+                value: enc.body.to_vec(),
+            }),
+            name: name.to_string(),
+            aliases: Vec::new(),
+        });
+        if bytes >= MAX_RESPONSE_BYTES {
+            flush(&mut current, Vec::new(), nonce);
+            bytes = 0;
+        }
+    }
+    flush(
+        &mut current,
+        removed.iter().map(|n| n.to_string()).collect(),
+        nonce,
+    );
+    out
+}

@@ -1,0 +1,242 @@
+//! Versions of the translated resources, published to every subscriber.
+//!
+//! The publisher watches the model; after a change it waits until the model has been
+//! quiet for the debounce period (at most one second in all), so a burst of changes
+//! becomes one new [`Snapshot`]. Each snapshot keeps a log of what changed in the last
+//! generations, so a subscriber that is up to date at generation `g` is sent exactly the
+//! resources changed since `g`, without comparing every resource.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::discovery::Str;
+use imbl::OrdMap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::translate::{Delta, Encoded, ResourceType, TranslateOptions, Translator};
+use crate::model::Model;
+
+/// Generations of change kept in a snapshot's log. A subscriber further behind than this
+/// is asked to reconnect (and then resyncs by comparing versions).
+pub const LOG_GENERATIONS: usize = 256;
+/// A burst of model changes is folded into one snapshot for at most this long.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// One version of every resource.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub generation: u64,
+    resources: [OrdMap<Str, Arc<Encoded>>; 2],
+    log: VecDeque<Arc<LogEntry>>,
+    /// Policy translation warnings, `<ns>/<name>` -> messages.
+    pub warnings: Arc<std::collections::BTreeMap<String, Vec<String>>>,
+}
+
+#[derive(Debug)]
+struct LogEntry {
+    generation: u64,
+    changed: [Vec<Str>; 2],
+    removed: [Vec<Str>; 2],
+}
+
+/// What a subscriber at some generation needs to become current.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Catchup {
+    pub changed: BTreeSet<Str>,
+    pub removed: BTreeSet<Str>,
+}
+
+impl Snapshot {
+    pub fn resources(&self, t: ResourceType) -> &OrdMap<Str, Arc<Encoded>> {
+        &self.resources[t.index()]
+    }
+
+    /// Names to send or remove to bring a subscriber from generation `from` to this one;
+    /// `None` if the log no longer reaches back that far.
+    pub fn catch_up(&self, t: ResourceType, from: u64) -> Option<Catchup> {
+        if from == self.generation {
+            return Some(Catchup::default());
+        }
+        let oldest = self.log.front().map_or(self.generation, |e| e.generation);
+        if from + 1 < oldest || from > self.generation {
+            return None;
+        }
+        let mut touched = BTreeSet::new();
+        for entry in self.log.iter().filter(|e| e.generation > from) {
+            touched.extend(entry.changed[t.index()].iter().cloned());
+            touched.extend(entry.removed[t.index()].iter().cloned());
+        }
+        let mut out = Catchup::default();
+        for name in touched {
+            if self.resources[t.index()].contains_key(&name) {
+                out.changed.insert(name);
+            } else {
+                out.removed.insert(name);
+            }
+        }
+        Some(out)
+    }
+
+    fn next(&self, translator: &Translator, delta: Delta) -> Snapshot {
+        let mut log = self.log.clone();
+        let to_names = |set: &BTreeSet<String>| set.iter().map(|n| Str::from(n.as_str())).collect();
+        log.push_back(Arc::new(LogEntry {
+            generation: self.generation + 1,
+            changed: [to_names(&delta.changed[0]), to_names(&delta.changed[1])],
+            removed: [to_names(&delta.removed[0]), to_names(&delta.removed[1])],
+        }));
+        while log.len() > LOG_GENERATIONS {
+            log.pop_front();
+        }
+        Snapshot {
+            generation: self.generation + 1,
+            resources: [
+                translator.resources(ResourceType::Address).clone(),
+                translator.resources(ResourceType::Authorization).clone(),
+            ],
+            log,
+            warnings: Arc::new(translator.warnings().clone()),
+        }
+    }
+}
+
+/// Translates the current model into the first snapshot, then keeps publishing new ones
+/// as the model changes, until `stop` fires.
+pub async fn publish(
+    mut models: watch::Receiver<Arc<Model>>,
+    options: TranslateOptions,
+    debounce: Duration,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut translator = Translator::new(options);
+    let mut translated = models.borrow_and_update().clone();
+    let first = {
+        let model = translated.clone();
+        let (t, delta) = blocking(move || {
+            let d = translator.full(&model);
+            (translator, d)
+        })
+        .await;
+        translator = t;
+        Snapshot::default().next(&translator, delta)
+    };
+    tracing::info!(
+        generation = first.generation,
+        addresses = first.resources[0].len(),
+        authorizations = first.resources[1].len(),
+        "discovery resources translated"
+    );
+    snapshots.send_replace(Arc::new(first));
+
+    loop {
+        tokio::select! {
+            changed = models.changed() => if changed.is_err() { return },
+            _ = stop.changed() => return,
+        }
+        // Debounce: fold further changes arriving within `debounce` of each other, for
+        // at most MAX_DEBOUNCE.
+        let deadline = Instant::now() + MAX_DEBOUNCE;
+        loop {
+            let quiet = tokio::time::sleep(debounce);
+            tokio::select! {
+                _ = quiet => break,
+                changed = models.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let model = models.borrow_and_update().clone();
+        let old = translated.clone();
+        let changes = model.diff(&old);
+        if changes.is_empty() {
+            continue;
+        }
+        let m = model.clone();
+        let (t, delta) = blocking(move || {
+            let d = translator.apply(&m, &old, &changes);
+            (translator, d)
+        })
+        .await;
+        translator = t;
+        translated = model;
+        if delta.is_empty() {
+            continue;
+        }
+        let current = snapshots.borrow().clone();
+        let next = current.next(&translator, delta);
+        tracing::debug!(generation = next.generation, "discovery resources updated");
+        snapshots.send_replace(Arc::new(next));
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse::parse_manifest;
+
+    fn model(g: u64, pods: &[(&str, &str)]) -> Arc<Model> {
+        let text: String = pods
+            .iter()
+            .map(|(name, ip)| {
+                format!("---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: demo}}\nspec: {{nodeName: n}}\nstatus: {{podIP: {ip}}}\n")
+            })
+            .collect();
+        Arc::new(Model::from_objects(g, parse_manifest(&text).unwrap()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_becomes_one_snapshot() {
+        let (model_tx, model_rx) = watch::channel(model(1, &[("a", "198.18.0.1")]));
+        let (snap_tx, mut snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(publish(
+            model_rx,
+            TranslateOptions::default(),
+            Duration::from_millis(100),
+            snap_tx,
+            stop_rx,
+        ));
+        snap_rx.changed().await.unwrap();
+        let first = snap_rx.borrow_and_update().clone();
+        assert_eq!(first.generation, 1);
+        assert_eq!(first.resources(ResourceType::Address).len(), 1);
+
+        // 1,000 changes in quick succession.
+        for i in 0..1000u32 {
+            let pods: Vec<(String, String)> = (0..=i)
+                .map(|j| {
+                    (
+                        format!("p{j}"),
+                        format!("198.18.{}.{}", j / 250, j % 250 + 1),
+                    )
+                })
+                .collect();
+            let refs: Vec<(&str, &str)> =
+                pods.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            model_tx.send_replace(model(2 + u64::from(i), &refs));
+            if i % 100 == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        snap_rx.changed().await.unwrap();
+        let snap = snap_rx.borrow_and_update().clone();
+        assert_eq!(snap.generation, 2, "one snapshot for the whole burst");
+        assert_eq!(snap.resources(ResourceType::Address).len(), 1000);
+        let c = snap.catch_up(ResourceType::Address, 1).unwrap();
+        assert_eq!((c.changed.len(), c.removed.len()), (1000, 1));
+        assert_eq!(
+            snap.catch_up(ResourceType::Address, 2).unwrap(),
+            Catchup::default()
+        );
+        assert!(snap.catch_up(ResourceType::Address, 99).is_none());
+    }
+}

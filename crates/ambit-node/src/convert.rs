@@ -1,0 +1,403 @@
+//! Discovery resources (protobuf) into the node proxy's model, validated: a resource that
+//! cannot be used is rejected with a reason, never half-applied.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use ambit_core::discovery::*;
+use ambit_core::identity::is_trust_domain;
+use ambit_core::policy::*;
+use ambit_proto::security as pb_sec;
+use ambit_proto::workload as pb;
+
+/// Shares repeated strings (namespaces, nodes, service accounts, ...) between objects.
+#[derive(Debug, Default)]
+pub struct Interner {
+    set: HashSet<Str>,
+    pruned_at: usize,
+}
+
+impl Interner {
+    pub fn get(&mut self, s: &str) -> Str {
+        if let Some(v) = self.set.get(s) {
+            return v.clone();
+        }
+        let v: Str = Arc::from(s);
+        self.set.insert(v.clone());
+        v
+    }
+
+    /// Drops strings nothing else holds any more (called after each batch).
+    pub fn prune(&mut self) {
+        if self.set.len() > 2 * self.pruned_at.max(1024) {
+            self.set.retain(|s| Arc::strong_count(s) > 1);
+            self.pruned_at = self.set.len();
+        }
+    }
+}
+
+fn ip(bytes: &[u8]) -> Result<IpAddr, String> {
+    match bytes.len() {
+        4 => Ok(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        16 => {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(bytes);
+            Ok(IpAddr::V6(Ipv6Addr::from(a)))
+        }
+        n => Err(format!("an address of {n} bytes (expected 4 or 16)")),
+    }
+}
+
+fn port(p: u32, what: &str) -> Result<u16, String> {
+    u16::try_from(p).map_err(|_| format!("{what} {p} is not a port"))
+}
+
+fn ports(list: &[pb::Port]) -> Result<Vec<PortMapping>, String> {
+    list.iter()
+        .map(|p| {
+            Ok(PortMapping {
+                service_port: port(p.service_port, "service port")?,
+                target_port: port(p.target_port, "target port")?,
+            })
+        })
+        .collect()
+}
+
+fn network_address(a: &pb::NetworkAddress, i: &mut Interner) -> Result<NetworkAddress, String> {
+    Ok(NetworkAddress {
+        network: i.get(&a.network),
+        address: ip(&a.address)?,
+    })
+}
+
+fn gateway(g: &pb::GatewayAddress, i: &mut Interner) -> Result<GatewayAddress, String> {
+    let destination = match &g.destination {
+        Some(pb::gateway_address::Destination::Hostname(h)) => GatewayDestination::Hostname {
+            namespace: i.get(&h.namespace),
+            hostname: i.get(&h.hostname),
+        },
+        Some(pb::gateway_address::Destination::Address(a)) => {
+            GatewayDestination::Address(network_address(a, i)?)
+        }
+        None => return Err("a gateway without a destination".into()),
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_port: port(g.hbone_mtls_port, "gateway port")?,
+    })
+}
+
+/// A `Workload` resource named `name`.
+pub fn workload(name: &str, w: pb::Workload, i: &mut Interner) -> Result<Workload, String> {
+    if !w.uid.is_empty() && w.uid != name {
+        return Err(format!(
+            "the workload's uid {:?} is not its resource name",
+            w.uid
+        ));
+    }
+    if w.addresses.is_empty() && w.hostname.is_empty() {
+        return Err("a workload needs an address or a hostname".into());
+    }
+    let addresses = w
+        .addresses
+        .iter()
+        .map(|a| ip(a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let trust_domain = if w.trust_domain.is_empty() {
+        ambit_core::DEFAULT_TRUST_DOMAIN
+    } else {
+        &w.trust_domain
+    };
+    if !is_trust_domain(trust_domain) {
+        return Err(format!("invalid trust domain {trust_domain:?}"));
+    }
+    let service_account = if w.service_account.is_empty() {
+        "default"
+    } else {
+        &w.service_account
+    };
+    let tunnel = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(pb::TunnelProtocol::None) => TunnelProtocol::None,
+        Ok(pb::TunnelProtocol::Hbone) => TunnelProtocol::Hbone,
+        Err(_) => return Err(format!("unknown tunnel protocol {}", w.tunnel_protocol)),
+    };
+    let workload_type = match pb::WorkloadType::try_from(w.workload_type) {
+        Ok(pb::WorkloadType::Deployment) => WorkloadType::Deployment,
+        Ok(pb::WorkloadType::Cronjob) => WorkloadType::CronJob,
+        Ok(pb::WorkloadType::Pod) => WorkloadType::Pod,
+        Ok(pb::WorkloadType::Job) => WorkloadType::Job,
+        Err(_) => return Err(format!("unknown workload type {}", w.workload_type)),
+    };
+    let mut services = Vec::with_capacity(w.services.len());
+    for (key, list) in &w.services {
+        if !key.contains('/') {
+            return Err(format!("service key {key:?} is not <namespace>/<hostname>"));
+        }
+        services.push((i.get(key), ports(&list.ports)?));
+    }
+    services.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(Workload {
+        uid: name.into(),
+        name: w.name.as_str().into(),
+        namespace: i.get(&w.namespace),
+        addresses,
+        network: i.get(&w.network),
+        tunnel,
+        trust_domain: i.get(trust_domain),
+        service_account: i.get(service_account),
+        node: i.get(&w.node),
+        canonical_name: i.get(&w.canonical_name),
+        canonical_revision: i.get(&w.canonical_revision),
+        workload_name: i.get(&w.workload_name),
+        workload_type,
+        cluster_id: i.get(&w.cluster_id),
+        status: if w.status == pb::WorkloadStatus::Unhealthy as i32 {
+            Health::Unhealthy
+        } else {
+            Health::Healthy
+        },
+        locality: w.locality.map(|l| Locality {
+            region: i.get(&l.region),
+            zone: i.get(&l.zone),
+            subzone: i.get(&l.subzone),
+        }),
+        network_mode: if w.network_mode == pb::NetworkMode::HostNetwork as i32 {
+            NetworkMode::HostNetwork
+        } else {
+            NetworkMode::Standard
+        },
+        services,
+        authorization_policies: w.authorization_policies.iter().map(|p| i.get(p)).collect(),
+        waypoint: w.waypoint.as_ref().map(|g| gateway(g, i)).transpose()?,
+        native_tunnel: w.native_tunnel,
+    })
+}
+
+/// A `Service` resource named `name` (`<namespace>/<hostname>`).
+pub fn service(name: &str, s: pb::Service, i: &mut Interner) -> Result<Service, String> {
+    if s.hostname.is_empty() || s.namespace.is_empty() {
+        return Err("a service needs a namespace and a hostname".into());
+    }
+    let key = format!("{}/{}", s.namespace, s.hostname);
+    if key != name {
+        return Err(format!(
+            "the service's key {key:?} is not its resource name"
+        ));
+    }
+    let load_balancing = s.load_balancing.map(|lb| {
+        use pb::load_balancing::{HealthPolicy, Mode, Scope};
+        let routing_preference = lb
+            .routing_preference
+            .iter()
+            .filter_map(|s| match Scope::try_from(*s) {
+                Ok(Scope::Region) => Some(LocalityScope::Region),
+                Ok(Scope::Zone) => Some(LocalityScope::Zone),
+                Ok(Scope::Subzone) => Some(LocalityScope::Subzone),
+                Ok(Scope::Node) => Some(LocalityScope::Node),
+                Ok(Scope::Cluster) => Some(LocalityScope::Cluster),
+                Ok(Scope::Network) => Some(LocalityScope::Network),
+                _ => None,
+            })
+            .collect();
+        LoadBalancing {
+            routing_preference,
+            mode: match Mode::try_from(lb.mode) {
+                Ok(Mode::Strict) => LoadBalancingMode::Strict,
+                Ok(Mode::Failover) => LoadBalancingMode::Failover,
+                Ok(Mode::Passthrough) => LoadBalancingMode::Passthrough,
+                _ => LoadBalancingMode::Unspecified,
+            },
+            include_unhealthy: lb.health_policy == HealthPolicy::AllowAll as i32,
+        }
+    });
+    Ok(Service {
+        name: i.get(&s.name),
+        namespace: i.get(&s.namespace),
+        hostname: i.get(&s.hostname),
+        vips: s
+            .addresses
+            .iter()
+            .map(|a| network_address(a, i))
+            .collect::<Result<_, _>>()?,
+        ports: ports(&s.ports)?,
+        subject_alt_names: s.subject_alt_names.iter().map(|n| i.get(n)).collect(),
+        waypoint: s.waypoint.as_ref().map(|g| gateway(g, i)).transpose()?,
+        load_balancing,
+    })
+}
+
+fn strings(list: &[pb_sec::StringMatch]) -> Result<Vec<StringMatch>, String> {
+    use pb_sec::string_match::MatchType;
+    list.iter()
+        .map(|m| match &m.match_type {
+            Some(MatchType::Exact(s)) => Ok(StringMatch::Exact(s.as_str().into())),
+            Some(MatchType::Prefix(s)) => Ok(StringMatch::Prefix(s.as_str().into())),
+            Some(MatchType::Suffix(s)) => Ok(StringMatch::Suffix(s.as_str().into())),
+            Some(MatchType::Presence(())) => Ok(StringMatch::Presence),
+            None => Err("a string match without a type".to_owned()),
+        })
+        .collect()
+}
+
+fn nets(list: &[pb_sec::Address]) -> Result<Vec<IpNet>, String> {
+    list.iter()
+        .map(|a| {
+            let addr = ip(&a.address)?;
+            let prefix = u8::try_from(a.length).ok();
+            prefix
+                .and_then(|p| IpNet::new(addr, p))
+                .ok_or_else(|| format!("prefix length {} does not fit {addr}", a.length))
+        })
+        .collect()
+}
+
+fn port_list(list: &[u32]) -> Result<Vec<u16>, String> {
+    list.iter().map(|p| port(*p, "port")).collect()
+}
+
+/// An `Authorization` resource named `name` (`<namespace>/<name>`).
+pub fn authorization(
+    name: &str,
+    a: pb_sec::Authorization,
+    i: &mut Interner,
+) -> Result<Authorization, String> {
+    let key = format!("{}/{}", a.namespace, a.name);
+    if key != name {
+        return Err(format!("the policy's key {key:?} is not its resource name"));
+    }
+    let scope = match pb_sec::Scope::try_from(a.scope) {
+        Ok(pb_sec::Scope::Global) => PolicyScope::Global,
+        Ok(pb_sec::Scope::Namespace) => PolicyScope::Namespace,
+        Ok(pb_sec::Scope::WorkloadSelector) => PolicyScope::WorkloadSelector,
+        Err(_) => return Err(format!("unknown scope {}", a.scope)),
+    };
+    let action = match pb_sec::Action::try_from(a.action) {
+        Ok(pb_sec::Action::Allow) => PolicyAction::Allow,
+        Ok(pb_sec::Action::Deny) => PolicyAction::Deny,
+        // An action this proxy does not know must not be guessed at (fail closed).
+        Err(_) => return Err(format!("unknown action {}", a.action)),
+    };
+    let mut rules = Vec::with_capacity(a.rules.len());
+    for r in &a.rules {
+        let mut clauses = Vec::with_capacity(r.clauses.len());
+        for c in &r.clauses {
+            let mut matches = Vec::with_capacity(c.matches.len());
+            for m in &c.matches {
+                matches.push(Match {
+                    namespaces: strings(&m.namespaces)?,
+                    not_namespaces: strings(&m.not_namespaces)?,
+                    principals: strings(&m.principals)?,
+                    not_principals: strings(&m.not_principals)?,
+                    source_ips: nets(&m.source_ips)?,
+                    not_source_ips: nets(&m.not_source_ips)?,
+                    destination_ips: nets(&m.destination_ips)?,
+                    not_destination_ips: nets(&m.not_destination_ips)?,
+                    destination_ports: port_list(&m.destination_ports)?,
+                    not_destination_ports: port_list(&m.not_destination_ports)?,
+                });
+            }
+            clauses.push(Clause { matches });
+        }
+        rules.push(Rule { clauses });
+    }
+    Ok(Authorization {
+        name: a.name.as_str().into(),
+        namespace: i.get(&a.namespace),
+        scope,
+        action,
+        rules,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w() -> pb::Workload {
+        pb::Workload {
+            uid: "c//Pod/ns/p".into(),
+            name: "p".into(),
+            namespace: "ns".into(),
+            addresses: vec![vec![198, 18, 0, 1]],
+            tunnel_protocol: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn workloads_are_validated() {
+        let mut i = Interner::default();
+        let ok = workload("c//Pod/ns/p", w(), &mut i).unwrap();
+        assert_eq!(
+            ok.trust_domain.as_ref(),
+            "cluster.local",
+            "elided trust domain"
+        );
+        assert_eq!(
+            ok.service_account.as_ref(),
+            "default",
+            "elided service account"
+        );
+        assert_eq!(ok.tunnel, TunnelProtocol::Hbone);
+
+        let mut bad = w();
+        bad.addresses = vec![vec![1, 2, 3]];
+        assert!(
+            workload("c//Pod/ns/p", bad, &mut i)
+                .unwrap_err()
+                .contains("3 bytes")
+        );
+        assert!(
+            workload("other", w(), &mut i)
+                .unwrap_err()
+                .contains("resource name")
+        );
+        let mut bad = w();
+        bad.tunnel_protocol = 7;
+        assert!(workload("c//Pod/ns/p", bad, &mut i).is_err());
+        let mut bad = w();
+        bad.services.insert(
+            "ns/h".into(),
+            pb::PortList {
+                ports: vec![pb::Port {
+                    service_port: 70000,
+                    target_port: 1,
+                }],
+            },
+        );
+        assert!(
+            workload("c//Pod/ns/p", bad, &mut i)
+                .unwrap_err()
+                .contains("70000")
+        );
+    }
+
+    #[test]
+    fn strings_are_shared() {
+        let mut i = Interner::default();
+        let a = workload("c//Pod/ns/p", w(), &mut i).unwrap();
+        let mut w2 = w();
+        w2.uid = "c//Pod/ns/q".into();
+        let b = workload("c//Pod/ns/q", w2, &mut i).unwrap();
+        assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
+    }
+
+    #[test]
+    fn unknown_policy_actions_are_refused() {
+        let mut i = Interner::default();
+        let a = pb_sec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            action: 9,
+            ..Default::default()
+        };
+        assert!(
+            authorization("ns/p", a, &mut i)
+                .unwrap_err()
+                .contains("action")
+        );
+    }
+}

@@ -1,0 +1,418 @@
+//! The node proxy's discovery client: one delta ADS stream to the control plane,
+//! subscribed to workloads/services (`istio.workload.Address`) and L4 policies
+//! (`istio.security.Authorization`).
+//!
+//! Each response is decoded and validated resource by resource; the valid ones are
+//! applied to the [`Store`] in one swap and acknowledged; if any was invalid, the response
+//! is NACKed with their names and reasons (the valid ones still apply). When the stream
+//! breaks, the client reconnects with backoff and lists the versions it holds, so only
+//! what changed meanwhile is sent again; the data path keeps using the last state the
+//! whole time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ambit_core::state::Store;
+use ambit_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use ambit_proto::discovery::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status as XdsStatus,
+};
+use ambit_proto::prost::Message;
+use ambit_proto::prost_types::{Struct, Value, value::Kind};
+use ambit_proto::security as pb_sec;
+use ambit_proto::workload as pb;
+use ambit_tls::client::{TokenSource, control_plane_channel};
+use rustls_pki_types::CertificateDer;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::convert::{self, Interner};
+
+/// The two discovery types, in subscription order.
+const TYPES: [&str; 2] = [pb::ADDRESS_TYPE_URL, pb_sec::AUTHORIZATION_TYPE_URL];
+
+/// Where and how to reach the control plane.
+#[derive(Debug, Clone)]
+pub struct XdsConfig {
+    /// `host:port` of the control plane's gRPC port.
+    pub address: String,
+    /// The mesh root(s) the control plane's certificate chains to.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// Name to check the control plane's certificate against (default: the host).
+    pub server_name: Option<String>,
+    pub token: TokenSource,
+    /// This node's name: sent as `NODE_NAME`, must match the token.
+    pub node_name: String,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+/// What the client is doing, for the admin endpoint and readiness.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct XdsState {
+    pub control_plane: String,
+    pub connected: bool,
+    /// Whether a first full response for every type has been applied (since start).
+    pub synced: bool,
+    pub connects: u64,
+    pub responses: u64,
+    pub nacks_sent: u64,
+    pub last_nack: Option<String>,
+    pub last_error: Option<String>,
+    pub last_update: Option<String>,
+}
+
+/// The discovery client.
+pub struct XdsClient {
+    config: XdsConfig,
+    store: Arc<Store>,
+    /// Resource name -> version, per type, as held (for reconnects).
+    versions: [HashMap<String, String>; 2],
+    synced: [bool; 2],
+    interner: Interner,
+    state: watch::Sender<XdsState>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Grpc(#[from] tonic::Status),
+    #[error("the control plane closed the stream")]
+    Closed,
+}
+
+impl XdsClient {
+    pub fn new(config: XdsConfig, store: Arc<Store>) -> (Self, watch::Receiver<XdsState>) {
+        let (state, rx) = watch::channel(XdsState {
+            control_plane: config.address.clone(),
+            ..XdsState::default()
+        });
+        (
+            Self {
+                config,
+                store,
+                versions: Default::default(),
+                synced: [false; 2],
+                interner: Interner::default(),
+                state,
+            },
+            rx,
+        )
+    }
+
+    /// Keeps a stream open until `stop` fires, reconnecting with backoff.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = self.config.initial_backoff;
+        loop {
+            let started = tokio::time::Instant::now();
+            let result = tokio::select! {
+                r = self.session() => r,
+                _ = stop.changed() => return,
+            };
+            let reason = match result {
+                Ok(()) => "ended".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            self.state.send_modify(|s| {
+                s.connected = false;
+                s.last_error = Some(reason.clone());
+            });
+            // A session that lasted a while resets the backoff.
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = self.config.initial_backoff;
+            }
+            let delay = backoff.mul_f64(0.8 + 0.4 * fastrand::f64());
+            tracing::warn!(
+                control_plane = %self.config.address,
+                error = %reason,
+                retry_in_ms = delay.as_millis() as u64,
+                "discovery stream lost; serving the last known state until it is back"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = (backoff * 2).min(self.config.max_backoff);
+        }
+    }
+
+    fn node(&self) -> Node {
+        let mut metadata = Struct::default();
+        metadata.fields.insert(
+            "NODE_NAME".into(),
+            Value {
+                kind: Some(Kind::StringValue(self.config.node_name.clone())),
+            },
+        );
+        Node {
+            id: format!("ambit~{}", self.config.node_name),
+            cluster: String::new(),
+            metadata: Some(metadata),
+        }
+    }
+
+    async fn session(&mut self) -> Result<(), SessionError> {
+        let channel = control_plane_channel(
+            &self.config.address,
+            &self.config.roots,
+            self.config.server_name.as_deref(),
+            Duration::from_secs(10),
+        )
+        .map_err(|e| SessionError::Setup(e.to_string()))?;
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
+        for (i, type_url) in TYPES.iter().enumerate() {
+            let request = DeltaDiscoveryRequest {
+                node: Some(self.node()),
+                type_url: (*type_url).to_owned(),
+                initial_resource_versions: self.versions[i].clone(),
+                ..Default::default()
+            };
+            // The channel has room for both subscriptions.
+            let _ = tx.try_send(request);
+        }
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        self.config.token.authorize(&mut request)?;
+        let mut responses = client
+            .delta_aggregated_resources(request)
+            .await?
+            .into_inner();
+        self.state.send_modify(|s| {
+            s.connected = true;
+            s.connects += 1;
+            s.last_error = None;
+        });
+        tracing::info!(control_plane = %self.config.address, "discovery stream open");
+        loop {
+            let Some(response) = responses.message().await? else {
+                return Err(SessionError::Closed);
+            };
+            let ack = self.handle(response);
+            if tx.send(ack).await.is_err() {
+                return Err(SessionError::Closed);
+            }
+        }
+    }
+
+    /// Applies one response; returns its ACK (or NACK).
+    fn handle(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let Some(index) = TYPES.iter().position(|t| *t == response.type_url) else {
+            return self.reply(
+                &response,
+                vec![format!("unknown type {}", response.type_url)],
+            );
+        };
+        let mut errors = Vec::new();
+        let mut accepted = Vec::new();
+        for resource in &response.resources {
+            let body = resource
+                .resource
+                .as_ref()
+                .map(|a| a.value.as_slice())
+                .unwrap_or_default();
+            let parsed = if index == 0 {
+                decode_address(&resource.name, body, &mut self.interner).map(Update::Address)
+            } else {
+                decode_authorization(&resource.name, body, &mut self.interner).map(Update::Policy)
+            };
+            match parsed {
+                Ok(update) => {
+                    accepted.push((resource.name.clone(), resource.version.clone(), update))
+                }
+                Err(reason) => errors.push(format!("{}: {reason}", resource.name)),
+            }
+        }
+        let removed = response.removed_resources.clone();
+        let changes = accepted.len() + removed.len();
+        self.store.update(|st| {
+            for (_, _, update) in &accepted {
+                match update {
+                    Update::Address(Address::Workload(w)) => st.upsert_workload(w.clone()),
+                    Update::Address(Address::Service(s)) => st.upsert_service(s.clone()),
+                    Update::Policy(p) => st.upsert_policy(p.clone()),
+                }
+            }
+            for name in &removed {
+                if index == 0 {
+                    st.remove_address(name);
+                } else {
+                    st.remove_policy(name);
+                }
+            }
+        });
+        for (name, version, _) in accepted {
+            self.versions[index].insert(name, version);
+        }
+        for name in &removed {
+            self.versions[index].remove(name);
+        }
+        self.interner.prune();
+        self.synced[index] = true;
+        let synced = self.synced.iter().all(|s| *s);
+        let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+        self.state.send_modify(|s| {
+            s.responses += 1;
+            s.synced = synced;
+            s.last_update = Some(now);
+        });
+        tracing::debug!(type_url = %response.type_url, changes, rejected = errors.len(), "discovery update applied");
+        self.reply(&response, errors)
+    }
+
+    fn reply(
+        &mut self,
+        response: &DeltaDiscoveryResponse,
+        errors: Vec<String>,
+    ) -> DeltaDiscoveryRequest {
+        let error_detail = if errors.is_empty() {
+            None
+        } else {
+            let message = errors.join("; ");
+            tracing::warn!(type_url = %response.type_url, reason = %message, "rejecting discovery resources (NACK)");
+            self.state.send_modify(|s| {
+                s.nacks_sent += 1;
+                s.last_nack = Some(message.clone());
+            });
+            Some(XdsStatus {
+                // google.rpc.Code INVALID_ARGUMENT
+                code: 3,
+                message,
+            })
+        };
+        DeltaDiscoveryRequest {
+            type_url: response.type_url.clone(),
+            response_nonce: response.nonce.clone(),
+            error_detail,
+            ..Default::default()
+        }
+    }
+}
+
+enum Address {
+    Workload(ambit_core::discovery::Workload),
+    Service(ambit_core::discovery::Service),
+}
+
+enum Update {
+    Address(Address),
+    Policy(ambit_core::policy::Authorization),
+}
+
+fn decode_address(name: &str, body: &[u8], i: &mut Interner) -> Result<Address, String> {
+    let address = pb::Address::decode(body).map_err(|e| format!("undecodable Address: {e}"))?;
+    match address.r#type {
+        Some(pb::address::Type::Workload(w)) => {
+            convert::workload(name, w, i).map(Address::Workload)
+        }
+        Some(pb::address::Type::Service(s)) => convert::service(name, s, i).map(Address::Service),
+        None => Err("an Address that is neither a workload nor a service".into()),
+    }
+}
+
+fn decode_authorization(
+    name: &str,
+    body: &[u8],
+    i: &mut Interner,
+) -> Result<ambit_core::policy::Authorization, String> {
+    let a = pb_sec::Authorization::decode(body)
+        .map_err(|e| format!("undecodable Authorization: {e}"))?;
+    convert::authorization(name, a, i)
+}
+
+#[cfg(test)]
+mod tests {
+    use ambit_proto::discovery::Resource;
+    use ambit_proto::prost_types::Any;
+
+    use super::*;
+
+    fn client() -> XdsClient {
+        XdsClient::new(
+            XdsConfig {
+                address: "127.0.0.1:1".into(),
+                roots: vec![],
+                server_name: None,
+                token: TokenSource::None,
+                node_name: "n".into(),
+                initial_backoff: Duration::from_secs(1),
+                max_backoff: Duration::from_secs(1),
+            },
+            Arc::new(Store::new()),
+        )
+        .0
+    }
+
+    fn workload_resource(name: &str, address: Vec<u8>) -> Resource {
+        let body = pb::Address {
+            r#type: Some(pb::address::Type::Workload(pb::Workload {
+                uid: name.into(),
+                name: "p".into(),
+                namespace: "ns".into(),
+                addresses: vec![address],
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        Resource {
+            version: "v1".into(),
+            resource: Some(Any {
+                type_url: pb::ADDRESS_TYPE_URL.into(),
+                value: body,
+            }),
+            name: name.into(),
+            aliases: vec![],
+        }
+    }
+
+    #[test]
+    fn a_bad_resource_is_nacked_and_the_good_ones_apply() {
+        let mut c = client();
+        let reply = c.handle(DeltaDiscoveryResponse {
+            resources: vec![
+                workload_resource("good", vec![198, 18, 0, 1]),
+                workload_resource("bad", vec![1, 2, 3]),
+            ],
+            type_url: pb::ADDRESS_TYPE_URL.into(),
+            nonce: "n1".into(),
+            ..Default::default()
+        });
+        assert_eq!(reply.response_nonce, "n1");
+        let err = reply.error_detail.expect("a NACK");
+        assert!(err.message.starts_with("bad: "), "{}", err.message);
+        assert!(c.store.load().workload("good").is_some());
+        assert!(c.store.load().workload("bad").is_none());
+        // Only the accepted resource's version is remembered for a reconnect.
+        assert_eq!(c.versions[0].len(), 1);
+        assert_eq!(c.state.borrow().nacks_sent, 1);
+
+        // A clean response is ACKed; removals apply.
+        let reply = c.handle(DeltaDiscoveryResponse {
+            type_url: pb::ADDRESS_TYPE_URL.into(),
+            nonce: "n2".into(),
+            removed_resources: vec!["good".into()],
+            ..Default::default()
+        });
+        assert!(reply.error_detail.is_none());
+        assert!(c.store.load().workload("good").is_none());
+        assert!(c.versions[0].is_empty());
+    }
+
+    #[test]
+    fn garbage_bytes_are_rejected_not_fatal() {
+        let mut c = client();
+        let mut r = workload_resource("x", vec![198, 18, 0, 1]);
+        r.resource.as_mut().unwrap().value = vec![0xff, 0xff, 0xff];
+        let reply = c.handle(DeltaDiscoveryResponse {
+            resources: vec![r],
+            type_url: pb::ADDRESS_TYPE_URL.into(),
+            nonce: "n".into(),
+            ..Default::default()
+        });
+        assert!(reply.error_detail.unwrap().message.contains("undecodable"));
+    }
+}
