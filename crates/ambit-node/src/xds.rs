@@ -209,6 +209,7 @@ impl XdsClient {
         };
         let mut errors = Vec::new();
         let mut accepted = Vec::new();
+        let mut updates = Vec::new();
         for resource in &response.resources {
             let body = resource
                 .resource
@@ -216,13 +217,14 @@ impl XdsClient {
                 .map(|a| a.value.as_slice())
                 .unwrap_or_default();
             let parsed = if index == 0 {
-                decode_address(&resource.name, body, &mut self.interner).map(Update::Address)
+                decode_address(&resource.name, body, &mut self.interner)
             } else {
                 decode_authorization(&resource.name, body, &mut self.interner).map(Update::Policy)
             };
             match parsed {
                 Ok(update) => {
-                    accepted.push((resource.name.clone(), resource.version.clone(), update))
+                    accepted.push((resource.name.clone(), resource.version.clone()));
+                    updates.push(update);
                 }
                 Err(reason) => errors.push(format!("{}: {reason}", resource.name)),
             }
@@ -230,11 +232,11 @@ impl XdsClient {
         let removed = response.removed_resources.clone();
         let changes = accepted.len() + removed.len();
         self.store.update(|st| {
-            for (_, _, update) in &accepted {
+            for update in updates {
                 match update {
-                    Update::Address(Address::Workload(w)) => st.upsert_workload(w.clone()),
-                    Update::Address(Address::Service(s)) => st.upsert_service(s.clone()),
-                    Update::Policy(p) => st.upsert_policy(p.clone()),
+                    Update::Workload(w) => st.upsert_workload(*w),
+                    Update::Service(s) => st.upsert_service(*s),
+                    Update::Policy(p) => st.upsert_policy(*p),
                 }
             }
             for name in &removed {
@@ -245,7 +247,7 @@ impl XdsClient {
                 }
             }
         });
-        for (name, version, _) in accepted {
+        for (name, version) in accepted {
             self.versions[index].insert(name, version);
         }
         for name in &removed {
@@ -293,23 +295,22 @@ impl XdsClient {
     }
 }
 
-enum Address {
-    Workload(ambit_core::discovery::Workload),
-    Service(ambit_core::discovery::Service),
-}
-
+/// One decoded resource, ready to apply.
 enum Update {
-    Address(Address),
-    Policy(ambit_core::policy::Authorization),
+    Workload(Box<ambit_core::discovery::Workload>),
+    Service(Box<ambit_core::discovery::Service>),
+    Policy(Box<ambit_core::policy::Authorization>),
 }
 
-fn decode_address(name: &str, body: &[u8], i: &mut Interner) -> Result<Address, String> {
+fn decode_address(name: &str, body: &[u8], i: &mut Interner) -> Result<Update, String> {
     let address = pb::Address::decode(body).map_err(|e| format!("undecodable Address: {e}"))?;
     match address.r#type {
         Some(pb::address::Type::Workload(w)) => {
-            convert::workload(name, w, i).map(Address::Workload)
+            convert::workload(name, w, i).map(|w| Update::Workload(Box::new(w)))
         }
-        Some(pb::address::Type::Service(s)) => convert::service(name, s, i).map(Address::Service),
+        Some(pb::address::Type::Service(s)) => {
+            convert::service(name, s, i).map(|s| Update::Service(Box::new(s)))
+        }
         None => Err("an Address that is neither a workload nor a service".into()),
     }
 }
@@ -318,10 +319,10 @@ fn decode_authorization(
     name: &str,
     body: &[u8],
     i: &mut Interner,
-) -> Result<ambit_core::policy::Authorization, String> {
+) -> Result<Box<ambit_core::policy::Authorization>, String> {
     let a = pb_sec::Authorization::decode(body)
         .map_err(|e| format!("undecodable Authorization: {e}"))?;
-    convert::authorization(name, a, i)
+    convert::authorization(name, a, i).map(Box::new)
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! `ambit`: one binary, a subcommand per role.
 
+mod config_cmd;
 mod control;
 mod logging;
+mod node;
+mod signal;
 
 use std::process::ExitCode;
 
@@ -28,8 +31,11 @@ struct Cli {
 enum Command {
     /// Run the control plane (the CA and, later, discovery), or its operator tools.
     Control(Box<control::ControlArgs>),
-    /// Run the node proxy (one per node). Not available yet.
-    Node,
+    /// Run the node proxy (one per node): discovery and the admin port today; the data
+    /// path arrives with the next issue.
+    Node(Box<node::NodeArgs>),
+    /// Show what a node proxy knows: workloads, services, policies, certificates.
+    Config(config_cmd::ConfigArgs),
     /// Run the node agent that enrolls pods. Not available yet.
     Cni,
     /// Run a waypoint (L7 proxy). Not available yet.
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match &cli.command {
         Command::Control(args) if args.is_tool() => "error",
+        Command::Config(_) => "error",
         _ => "info",
     };
     if let Err(e) = logging::init(&cli.log, default_level) {
@@ -50,7 +57,8 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Control(args) => control::run(*args),
-        Command::Node => not_yet("the node proxy", "issue 5"),
+        Command::Node(args) => node::run(*args),
+        Command::Config(args) => config_cmd::run(args),
         Command::Cni => not_yet("the node agent", "issue 6"),
         Command::Waypoint => not_yet("the waypoint", "a later issue"),
         Command::Demo => not_yet("the demo mesh", "issue 6"),

@@ -282,7 +282,7 @@ fn token_to_a_file_is_private() {
 
 #[test]
 fn roles_not_built_yet_say_so() {
-    let out = Command::new(BIN).arg("node").output().unwrap();
+    let out = Command::new(BIN).arg("cni").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not part of this build yet"));
 }

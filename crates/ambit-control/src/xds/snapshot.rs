@@ -210,19 +210,20 @@ mod tests {
         assert_eq!(first.generation, 1);
         assert_eq!(first.resources(ResourceType::Address).len(), 1);
 
-        // 1,000 changes in quick succession.
-        for i in 0..1000u32 {
-            let pods: Vec<(String, String)> = (0..=i)
-                .map(|j| {
-                    (
-                        format!("p{j}"),
-                        format!("198.18.{}.{}", j / 250, j % 250 + 1),
-                    )
-                })
-                .collect();
-            let refs: Vec<(&str, &str)> =
-                pods.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-            model_tx.send_replace(model(2 + u64::from(i), &refs));
+        // 1,000 changes in quick succession: one more pod each time.
+        let pods: Vec<(String, String)> = (0..1000u32)
+            .map(|j| {
+                (
+                    format!("p{j}"),
+                    format!("198.18.{}.{}", j / 250, j % 250 + 1),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, &str)> = pods.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let all: Vec<_> = model(0, &refs).objects().cloned().collect();
+        for i in 0..1000usize {
+            let m = Model::from_objects(2 + i as u64, all[..=i].iter().cloned());
+            model_tx.send_replace(Arc::new(m));
             if i % 100 == 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
