@@ -17,45 +17,66 @@ use crate::identity::SpiffeId;
 pub type Str = Arc<str>;
 
 /// A workload: one pod (or VM) with its addresses and identity.
+///
+/// What replicas of one deployment have in common (namespace, service account, services,
+/// policies, ...) lives in a [`WorkloadProfile`] they share, so a workload itself is a
+/// few pointers: about 130 bytes plus its name and addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Workload {
     /// The discovery resource name, e.g. `Kubernetes//Pod/demo/echo-1`.
     pub uid: Str,
     pub name: Str,
-    pub namespace: Str,
-    pub addresses: Vec<IpAddr>,
-    pub network: Str,
-    pub tunnel: TunnelProtocol,
-    pub trust_domain: Str,
-    pub service_account: Str,
-    pub node: Str,
-    pub canonical_name: Str,
-    pub canonical_revision: Str,
+    /// The owning workload's name (the pod name when it has no owner).
     pub workload_name: Str,
-    pub workload_type: WorkloadType,
-    pub cluster_id: Str,
+    pub node: Str,
+    pub addresses: Box<[IpAddr]>,
+    pub tunnel: TunnelProtocol,
     pub status: Health,
-    pub locality: Option<Locality>,
-    pub network_mode: NetworkMode,
-    /// Services this workload backs, by service key (`<namespace>/<hostname>`), with
-    /// the workload's own port mapping for each.
-    pub services: Vec<(Str, Vec<PortMapping>)>,
-    /// Selector-based policies that apply to this workload (`<namespace>/<name>`).
-    pub authorization_policies: Vec<Str>,
-    pub waypoint: Option<GatewayAddress>,
     /// The workload receives HBONE itself (a waypoint, for instance).
     pub native_tunnel: bool,
+    pub locality: Option<Arc<Locality>>,
+    pub waypoint: Option<Arc<GatewayAddress>>,
+    #[serde(flatten)]
+    pub profile: Arc<WorkloadProfile>,
+}
+
+/// The part of a workload that its replicas share.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct WorkloadProfile {
+    pub namespace: Str,
+    pub network: Str,
+    pub trust_domain: Str,
+    pub service_account: Str,
+    pub canonical_name: Str,
+    pub canonical_revision: Str,
+    pub cluster_id: Str,
+    pub workload_type: WorkloadType,
+    pub network_mode: NetworkMode,
+    /// Services these workloads back, by service key (`<namespace>/<hostname>`), with
+    /// their port mapping for each.
+    pub services: Box<[(Str, Box<[PortMapping]>)]>,
+    /// Selector-based policies that apply (`<namespace>/<name>`).
+    pub authorization_policies: Box<[Str]>,
 }
 
 impl Workload {
     /// The workload's SPIFFE ID, if its parts are valid.
     pub fn identity(&self) -> Option<SpiffeId> {
+        let p = &self.profile;
         SpiffeId::new(
-            self.trust_domain.as_ref(),
-            self.namespace.as_ref(),
-            self.service_account.as_ref(),
+            p.trust_domain.as_ref(),
+            p.namespace.as_ref(),
+            p.service_account.as_ref(),
         )
         .ok()
+    }
+
+    pub fn namespace(&self) -> &Str {
+        &self.profile.namespace
+    }
+
+    pub fn network(&self) -> &Str {
+        &self.profile.network
     }
 }
 
@@ -67,13 +88,13 @@ pub enum TunnelProtocol {
     Hbone,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum Health {
     Healthy,
     Unhealthy,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum WorkloadType {
     Deployment,
     CronJob,
@@ -81,14 +102,14 @@ pub enum WorkloadType {
     Job,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum NetworkMode {
     Standard,
     /// The address is the node's, shared by many workloads: never look it up by IP.
     HostNetwork,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Locality {
     pub region: Str,
     pub zone: Str,
@@ -117,13 +138,13 @@ impl fmt::Display for NetworkAddress {
 }
 
 /// Where a waypoint or network gateway is reached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct GatewayAddress {
     pub destination: GatewayDestination,
     pub hbone_port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub enum GatewayDestination {
     /// A service, `<namespace>/<hostname>`.
     Hostname {

@@ -11,28 +11,53 @@ use ambit_core::policy::*;
 use ambit_proto::security as pb_sec;
 use ambit_proto::workload as pb;
 
-/// Shares repeated strings (namespaces, nodes, service accounts, ...) between objects.
+/// Shares what repeats between objects: strings (namespaces, nodes, service accounts,
+/// ...), workload profiles (identical for a deployment's replicas) and localities.
 #[derive(Debug, Default)]
 pub struct Interner {
-    set: HashSet<Str>,
+    strings: HashSet<Str>,
+    profiles: HashSet<Arc<WorkloadProfile>>,
+    localities: HashSet<Arc<Locality>>,
     pruned_at: usize,
 }
 
 impl Interner {
     pub fn get(&mut self, s: &str) -> Str {
-        if let Some(v) = self.set.get(s) {
+        if let Some(v) = self.strings.get(s) {
             return v.clone();
         }
         let v: Str = Arc::from(s);
-        self.set.insert(v.clone());
+        self.strings.insert(v.clone());
         v
     }
 
-    /// Drops strings nothing else holds any more (called after each batch).
+    fn profile(&mut self, p: WorkloadProfile) -> Arc<WorkloadProfile> {
+        if let Some(v) = self.profiles.get(&p) {
+            return v.clone();
+        }
+        let v = Arc::new(p);
+        self.profiles.insert(v.clone());
+        v
+    }
+
+    fn locality(&mut self, l: Locality) -> Arc<Locality> {
+        if let Some(v) = self.localities.get(&l) {
+            return v.clone();
+        }
+        let v = Arc::new(l);
+        self.localities.insert(v.clone());
+        v
+    }
+
+    /// Drops entries nothing else holds any more (called after each batch).
     pub fn prune(&mut self) {
-        if self.set.len() > 2 * self.pruned_at.max(1024) {
-            self.set.retain(|s| Arc::strong_count(s) > 1);
-            self.pruned_at = self.set.len();
+        let size = self.strings.len() + self.profiles.len() + self.localities.len();
+        if size > 2 * self.pruned_at.max(1024) {
+            // Profiles and localities first: they hold strings.
+            self.profiles.retain(|p| Arc::strong_count(p) > 1);
+            self.localities.retain(|l| Arc::strong_count(l) > 1);
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.pruned_at = self.strings.len() + self.profiles.len() + self.localities.len();
         }
     }
 }
@@ -91,8 +116,8 @@ fn gateway(g: &pb::GatewayAddress, i: &mut Interner) -> Result<GatewayAddress, S
 }
 
 /// A `Workload` resource named `name`.
-pub fn workload(name: &str, w: pb::Workload, i: &mut Interner) -> Result<Workload, String> {
-    if !w.uid.is_empty() && w.uid != name {
+pub fn workload(name: &Str, w: pb::Workload, i: &mut Interner) -> Result<Workload, String> {
+    if !w.uid.is_empty() && w.uid != name.as_ref() {
         return Err(format!(
             "the workload's uid {:?} is not its resource name",
             w.uid
@@ -136,43 +161,61 @@ pub fn workload(name: &str, w: pb::Workload, i: &mut Interner) -> Result<Workloa
         if !key.contains('/') {
             return Err(format!("service key {key:?} is not <namespace>/<hostname>"));
         }
-        services.push((i.get(key), ports(&list.ports)?));
+        services.push((i.get(key), ports(&list.ports)?.into_boxed_slice()));
     }
     services.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(Workload {
-        uid: name.into(),
-        name: w.name.as_str().into(),
+    let profile = WorkloadProfile {
         namespace: i.get(&w.namespace),
-        addresses,
         network: i.get(&w.network),
-        tunnel,
         trust_domain: i.get(trust_domain),
         service_account: i.get(service_account),
-        node: i.get(&w.node),
         canonical_name: i.get(&w.canonical_name),
         canonical_revision: i.get(&w.canonical_revision),
-        workload_name: i.get(&w.workload_name),
-        workload_type,
         cluster_id: i.get(&w.cluster_id),
-        status: if w.status == pb::WorkloadStatus::Unhealthy as i32 {
-            Health::Unhealthy
-        } else {
-            Health::Healthy
-        },
-        locality: w.locality.map(|l| Locality {
-            region: i.get(&l.region),
-            zone: i.get(&l.zone),
-            subzone: i.get(&l.subzone),
-        }),
+        workload_type,
         network_mode: if w.network_mode == pb::NetworkMode::HostNetwork as i32 {
             NetworkMode::HostNetwork
         } else {
             NetworkMode::Standard
         },
-        services,
+        services: services.into_boxed_slice(),
         authorization_policies: w.authorization_policies.iter().map(|p| i.get(p)).collect(),
-        waypoint: w.waypoint.as_ref().map(|g| gateway(g, i)).transpose()?,
+    };
+    let uid: Str = name.clone();
+    let pod_name: Str = w.name.as_str().into();
+    // Usually the same as the pod name: share it.
+    let workload_name = if w.workload_name == w.name || w.workload_name.is_empty() {
+        pod_name.clone()
+    } else {
+        w.workload_name.as_str().into()
+    };
+    Ok(Workload {
+        uid,
+        name: pod_name,
+        workload_name,
+        node: i.get(&w.node),
+        addresses: addresses.into_boxed_slice(),
+        tunnel,
+        status: if w.status == pb::WorkloadStatus::Unhealthy as i32 {
+            Health::Unhealthy
+        } else {
+            Health::Healthy
+        },
         native_tunnel: w.native_tunnel,
+        locality: w.locality.map(|l| {
+            let l = Locality {
+                region: i.get(&l.region),
+                zone: i.get(&l.zone),
+                subzone: i.get(&l.subzone),
+            };
+            i.locality(l)
+        }),
+        waypoint: w
+            .waypoint
+            .as_ref()
+            .map(|g| gateway(g, i).map(Arc::new))
+            .transpose()?,
+        profile: i.profile(profile),
     })
 }
 
@@ -330,14 +373,14 @@ mod tests {
     #[test]
     fn workloads_are_validated() {
         let mut i = Interner::default();
-        let ok = workload("c//Pod/ns/p", w(), &mut i).unwrap();
+        let ok = workload(&"c//Pod/ns/p".into(), w(), &mut i).unwrap();
         assert_eq!(
-            ok.trust_domain.as_ref(),
+            ok.profile.trust_domain.as_ref(),
             "cluster.local",
             "elided trust domain"
         );
         assert_eq!(
-            ok.service_account.as_ref(),
+            ok.profile.service_account.as_ref(),
             "default",
             "elided service account"
         );
@@ -346,18 +389,18 @@ mod tests {
         let mut bad = w();
         bad.addresses = vec![vec![1, 2, 3]];
         assert!(
-            workload("c//Pod/ns/p", bad, &mut i)
+            workload(&"c//Pod/ns/p".into(), bad, &mut i)
                 .unwrap_err()
                 .contains("3 bytes")
         );
         assert!(
-            workload("other", w(), &mut i)
+            workload(&"other".into(), w(), &mut i)
                 .unwrap_err()
                 .contains("resource name")
         );
         let mut bad = w();
         bad.tunnel_protocol = 7;
-        assert!(workload("c//Pod/ns/p", bad, &mut i).is_err());
+        assert!(workload(&"c//Pod/ns/p".into(), bad, &mut i).is_err());
         let mut bad = w();
         bad.services.insert(
             "ns/h".into(),
@@ -369,20 +412,28 @@ mod tests {
             },
         );
         assert!(
-            workload("c//Pod/ns/p", bad, &mut i)
+            workload(&"c//Pod/ns/p".into(), bad, &mut i)
                 .unwrap_err()
                 .contains("70000")
         );
     }
 
     #[test]
-    fn strings_are_shared() {
+    fn replicas_share_their_profile() {
         let mut i = Interner::default();
-        let a = workload("c//Pod/ns/p", w(), &mut i).unwrap();
+        let a = workload(&"c//Pod/ns/p".into(), w(), &mut i).unwrap();
         let mut w2 = w();
         w2.uid = "c//Pod/ns/q".into();
-        let b = workload("c//Pod/ns/q", w2, &mut i).unwrap();
-        assert!(Arc::ptr_eq(&a.namespace, &b.namespace));
+        w2.addresses = vec![vec![198, 18, 0, 2]];
+        let b = workload(&"c//Pod/ns/q".into(), w2, &mut i).unwrap();
+        assert!(Arc::ptr_eq(&a.profile, &b.profile));
+        // A different service account is a different profile, sharing its strings.
+        let mut w3 = w();
+        w3.uid = "c//Pod/ns/r".into();
+        w3.service_account = "other".into();
+        let c = workload(&"c//Pod/ns/r".into(), w3, &mut i).unwrap();
+        assert!(!Arc::ptr_eq(&a.profile, &c.profile));
+        assert!(Arc::ptr_eq(&a.profile.namespace, &c.profile.namespace));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use ambit_core::discovery::Str;
 use ambit_core::state::Store;
 use ambit_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use ambit_proto::discovery::{
@@ -68,8 +69,9 @@ pub struct XdsState {
 pub struct XdsClient {
     config: XdsConfig,
     store: Arc<Store>,
-    /// Resource name -> version, per type, as held (for reconnects).
-    versions: [HashMap<String, String>; 2],
+    /// Resource name -> version, per type, as held (for reconnects). Workload names are
+    /// the same allocation as the workload's uid.
+    versions: [HashMap<Str, Version>; 2],
     synced: [bool; 2],
     interner: Interner,
     state: watch::Sender<XdsState>,
@@ -170,7 +172,10 @@ impl XdsClient {
             let request = DeltaDiscoveryRequest {
                 node: Some(self.node()),
                 type_url: (*type_url).to_owned(),
-                initial_resource_versions: self.versions[i].clone(),
+                initial_resource_versions: self.versions[i]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
                 ..Default::default()
             };
             // The channel has room for both subscriptions.
@@ -216,14 +221,15 @@ impl XdsClient {
                 .as_ref()
                 .map(|a| a.value.as_slice())
                 .unwrap_or_default();
+            let name = Str::from(resource.name.as_str());
             let parsed = if index == 0 {
-                decode_address(&resource.name, body, &mut self.interner)
+                decode_address(&name, body, &mut self.interner)
             } else {
                 decode_authorization(&resource.name, body, &mut self.interner).map(Update::Policy)
             };
             match parsed {
                 Ok(update) => {
-                    accepted.push((resource.name.clone(), resource.version.clone()));
+                    accepted.push((name, Version::parse(&resource.version)));
                     updates.push(update);
                 }
                 Err(reason) => errors.push(format!("{}: {reason}", resource.name)),
@@ -251,7 +257,7 @@ impl XdsClient {
             self.versions[index].insert(name, version);
         }
         for name in &removed {
-            self.versions[index].remove(name);
+            self.versions[index].remove(name.as_str());
         }
         self.interner.prune();
         self.synced[index] = true;
@@ -295,6 +301,33 @@ impl XdsClient {
     }
 }
 
+/// A resource version as held: the control plane's digests (16 hex digits) in 8 bytes,
+/// anything else as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Version {
+    Digest(u64),
+    Text(Box<str>),
+}
+
+impl Version {
+    fn parse(v: &str) -> Self {
+        let canonical = v.len() == 16 && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match u64::from_str_radix(v, 16) {
+            Ok(d) if canonical => Version::Digest(d),
+            _ => Version::Text(v.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Version::Digest(d) => write!(f, "{d:016x}"),
+            Version::Text(t) => f.write_str(t),
+        }
+    }
+}
+
 /// One decoded resource, ready to apply.
 enum Update {
     Workload(Box<ambit_core::discovery::Workload>),
@@ -302,14 +335,14 @@ enum Update {
     Policy(Box<ambit_core::policy::Authorization>),
 }
 
-fn decode_address(name: &str, body: &[u8], i: &mut Interner) -> Result<Update, String> {
+fn decode_address(name: &Str, body: &[u8], i: &mut Interner) -> Result<Update, String> {
     let address = pb::Address::decode(body).map_err(|e| format!("undecodable Address: {e}"))?;
     match address.r#type {
         Some(pb::address::Type::Workload(w)) => {
             convert::workload(name, w, i).map(|w| Update::Workload(Box::new(w)))
         }
         Some(pb::address::Type::Service(s)) => {
-            convert::service(name, s, i).map(|s| Update::Service(Box::new(s)))
+            convert::service(name.as_ref(), s, i).map(|s| Update::Service(Box::new(s)))
         }
         None => Err("an Address that is neither a workload nor a service".into()),
     }
@@ -389,6 +422,7 @@ mod tests {
         assert!(c.store.load().workload("bad").is_none());
         // Only the accepted resource's version is remembered for a reconnect.
         assert_eq!(c.versions[0].len(), 1);
+        assert_eq!(c.versions[0]["good"].to_string(), "v1");
         assert_eq!(c.state.borrow().nacks_sent, 1);
 
         // A clean response is ACKed; removals apply.
@@ -401,6 +435,17 @@ mod tests {
         assert!(reply.error_detail.is_none());
         assert!(c.store.load().workload("good").is_none());
         assert!(c.versions[0].is_empty());
+    }
+
+    #[test]
+    fn versions_round_trip_compactly() {
+        for v in ["0123456789abcdef", "v1", "0123456789ABCDEF", "12", ""] {
+            assert_eq!(Version::parse(v).to_string(), v);
+        }
+        assert!(matches!(
+            Version::parse("00000000000000ff"),
+            Version::Digest(255)
+        ));
     }
 
     #[test]

@@ -164,7 +164,7 @@ async fn the_node_converges_on_the_model() {
         "spiffe://cluster.local/ns/demo/sa/echo"
     );
     assert_eq!(echo.node.as_ref(), "node-a");
-    assert_eq!(echo.authorization_policies.len(), 1);
+    assert_eq!(echo.profile.authorization_policies.len(), 1);
 
     let svc = st.service_by_vip("", ip("198.19.0.10")).unwrap();
     assert_eq!(svc.hostname.as_ref(), "echo.demo.svc.cluster.local");
@@ -259,6 +259,7 @@ async fn changes_arrive_as_deltas() {
     assert!(
         st.workload_by_ip("", ip("198.18.1.10"))
             .unwrap()
+            .profile
             .authorization_policies
             .is_empty()
     );

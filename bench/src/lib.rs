@@ -1,0 +1,3 @@
+//! Shared pieces of Ambit's benchmarks.
+
+pub mod alloc;
