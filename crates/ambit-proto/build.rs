@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "istio/ca.proto",
         "istio/workload.proto",
         "istio/authorization.proto",
+        "istio/zds.proto",
         "envoy/discovery.proto",
     ];
     for file in files {

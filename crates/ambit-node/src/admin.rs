@@ -9,6 +9,8 @@ use http::StatusCode;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::metrics::Metrics;
+use crate::pods::{PodStatus, Pods};
 use crate::xds::XdsState;
 
 /// What `/config_dump` returns.
@@ -16,6 +18,8 @@ use crate::xds::XdsState;
 pub struct ConfigDump {
     pub node: String,
     pub xds: XdsState,
+    /// Pods this node proxy serves.
+    pub pods: Vec<PodStatus>,
     pub workloads: Vec<Arc<ambit_core::discovery::Workload>>,
     pub services: Vec<ServiceDump>,
     pub policies: Vec<Arc<ambit_core::policy::Authorization>>,
@@ -36,6 +40,7 @@ pub fn config_dump(
     store: &Store,
     xds: &XdsState,
     certificates: Option<&CertManager>,
+    pods: Option<&Pods>,
 ) -> ConfigDump {
     let state = store.load();
     let mut workloads: Vec<_> = state.workloads().cloned().collect();
@@ -60,6 +65,7 @@ pub fn config_dump(
     ConfigDump {
         node: node.to_owned(),
         xds: xds.clone(),
+        pods: pods.map(Pods::status).unwrap_or_default(),
         workloads,
         services,
         policies,
@@ -67,25 +73,75 @@ pub fn config_dump(
     }
 }
 
+/// What the admin pages read.
+pub struct Sources {
+    pub node: String,
+    pub store: Arc<Store>,
+    pub xds: watch::Receiver<XdsState>,
+    pub certificates: Option<CertManager>,
+    pub pods: Arc<Pods>,
+}
+
 /// The admin pages.
-pub fn handler(
-    node: String,
-    store: Arc<Store>,
-    xds: watch::Receiver<XdsState>,
-    certificates: Option<CertManager>,
-) -> Handler {
+pub fn handler(s: Sources) -> Handler {
     Arc::new(move |path: &str| {
         Some(match path {
             "/config_dump" => {
-                let xds = xds.borrow().clone();
-                Page::json(&config_dump(&node, &store, &xds, certificates.as_ref()))
+                let xds = s.xds.borrow().clone();
+                Page::json(&config_dump(
+                    &s.node,
+                    &s.store,
+                    &xds,
+                    s.certificates.as_ref(),
+                    Some(&s.pods),
+                ))
             }
-            "/debug/xds" => Page::json(&*xds.borrow()),
+            "/debug/xds" => Page::json(&*s.xds.borrow()),
+            "/debug/pods" => Page::json(&s.pods.status()),
             "/" => Page::text(
                 StatusCode::OK,
-                "ambit node proxy admin: /config_dump /debug/xds\n",
+                "ambit node proxy admin: /config_dump /debug/xds /debug/pods\n",
             ),
             _ => return None,
+        })
+    })
+}
+
+/// The metrics port.
+pub fn metrics_handler(metrics: Arc<Metrics>) -> Handler {
+    Arc::new(move |path: &str| match path {
+        "/metrics" | "/stats/prometheus" => Some(Page {
+            status: StatusCode::OK,
+            content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            body: metrics.encode(),
+        }),
+        _ => None,
+    })
+}
+
+/// The readiness port: ready once discovery has synced and every served pod has its
+/// certificate.
+pub fn readiness_handler(xds: watch::Receiver<XdsState>, pods: Arc<Pods>) -> Handler {
+    Arc::new(move |path: &str| {
+        if path != "/healthz/ready" {
+            return None;
+        }
+        let synced = xds.borrow().synced;
+        let certified = pods.all_certified();
+        Some(if synced && certified {
+            Page::text(StatusCode::OK, "ready\n")
+        } else {
+            let mut why = Vec::new();
+            if !synced {
+                why.push("discovery has not synced");
+            }
+            if !certified {
+                why.push("a pod is waiting for its certificate");
+            }
+            Page::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", why.join("; ")),
+            )
         })
     })
 }

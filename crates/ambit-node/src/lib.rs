@@ -1,13 +1,24 @@
 //! Ambit's node proxy (`ambit node`, Istio's ztunnel role).
 //!
-//! Today: the discovery client ([`xds`]) keeping the node's view of the mesh
-//! ([`ambit_core::state::Store`]) current, and the admin port ([`admin`]). The data path
-//! (per-pod listeners, HBONE in and out) arrives with the next issue and reads the same
-//! store.
+//! - [`xds`]: the discovery client keeping the node's view of the mesh
+//!   ([`ambit_core::state::Store`]) current.
+//! - [`dataplane`]: per-pod listeners inside each pod's network namespace, outbound
+//!   ([`route`]) and inbound handling, HBONE both ways.
+//! - [`pods`]: the pods served; [`zds`]: the node agent tells which.
+//! - [`metrics`], [`admin`]: Istio's TCP metrics, the admin port, readiness.
+//!
+//! Two runtimes: the data path runs on its own multi-threaded runtime; discovery, the
+//! node agent session and the admin, metrics and readiness ports run on a separate one,
+//! so a slow scrape or a burst of discovery updates never delays a connection.
 
 pub mod admin;
 pub mod convert;
+pub mod dataplane;
+pub mod metrics;
+pub mod pods;
+pub mod route;
 pub mod xds;
+pub mod zds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,19 +26,60 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_core::state::Store;
+use ambit_hbone::socket::Netns;
+use ambit_tls::CertManager;
+use ambit_tls::client::CaClient;
+use ambit_tls::manager::ManagerOptions;
+use ambit_tls::spiffe::TrustBundle;
 use serde::Serialize;
 use tokio::sync::watch;
 
+pub use dataplane::{AllowAll, Authorizer, DataPlaneConfig, Decision, InboundConn, PodInfo};
 pub use xds::{XdsClient, XdsConfig, XdsState};
+
+use crate::dataplane::DataPlane;
+use crate::metrics::Metrics;
+use crate::pods::Pods;
 
 /// Everything `ambit node` is configured with.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub xds: XdsConfig,
+    /// Where to ask for certificates (`host:port`); default: the discovery address.
+    pub ca_address: Option<String>,
     /// The admin port (`/config_dump`), localhost only by default.
     pub admin_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`).
+    pub metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    pub readiness_addr: SocketAddr,
     /// Where the node proxy announces its admin address for `ambit config --node`.
     pub run_dir: Option<PathBuf>,
+    pub dataplane: DataPlaneConfig,
+    /// The node agent socket; `None` serves only `local_pods`.
+    pub zds_socket: Option<PathBuf>,
+    /// Pods to serve without a node agent: their description and network namespace path.
+    pub local_pods: Vec<(PodInfo, PathBuf)>,
+    /// Threads of the data-path runtime.
+    pub worker_threads: usize,
+}
+
+impl NodeConfig {
+    /// Istio's ports and defaults around a discovery configuration.
+    pub fn new(xds: XdsConfig) -> Self {
+        Self {
+            xds,
+            ca_address: None,
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 15020)),
+            readiness_addr: SocketAddr::from(([0, 0, 0, 0], 15021)),
+            run_dir: None,
+            dataplane: DataPlaneConfig::default(),
+            zds_socket: None,
+            local_pods: Vec::new(),
+            worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
 }
 
 /// Why the node proxy could not start.
@@ -40,6 +92,16 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("trust bundle: {0}")]
+    Bundle(String),
+    #[error("certificate authority client: {0}")]
+    Ca(String),
+    #[error(transparent)]
+    Zds(#[from] zds::ZdsError),
+    #[error("pod {pod}: {reason}")]
+    Pod { pod: String, reason: String },
+    #[error("cannot start a runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// What `<run_dir>/nodes/<node>.json` holds.
@@ -54,10 +116,15 @@ pub struct Announcement {
 pub struct NodeProxy {
     store: Arc<Store>,
     xds: watch::Receiver<XdsState>,
+    pods: Arc<Pods>,
+    metrics: Arc<Metrics>,
     admin_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    readiness_addr: SocketAddr,
     announcement: Option<PathBuf>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    runtimes: Option<(tokio::runtime::Runtime, tokio::runtime::Runtime)>,
 }
 
 impl std::fmt::Debug for NodeProxy {
@@ -68,33 +135,141 @@ impl std::fmt::Debug for NodeProxy {
     }
 }
 
+async fn bind(
+    addr: SocketAddr,
+    what: &str,
+    rt: &tokio::runtime::Handle,
+) -> Result<tokio::net::TcpListener, StartError> {
+    let what = what.to_owned();
+    rt.spawn(async move { ambit_admin::bind(addr, &what).await })
+        .await
+        .map_err(|e| StartError::Listen(std::io::Error::other(e)))?
+        .map_err(StartError::Listen)
+}
+
 impl NodeProxy {
     pub async fn start(config: NodeConfig) -> Result<Self, StartError> {
+        let data = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.worker_threads.max(1))
+            .thread_name("ambit-data")
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let control = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ambit-control")
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let (dh, ch) = (data.handle().clone(), control.handle().clone());
+
         let store = Arc::new(Store::new());
+        let metrics = Arc::new(Metrics::default());
         let (stop, stop_rx) = watch::channel(false);
         let node = config.xds.node_name.clone();
-        let (client, xds) = XdsClient::new(config.xds, store.clone());
-        let mut tasks = vec![tokio::spawn(client.run(stop_rx.clone()))];
+        let bundle =
+            TrustBundle::new(&config.xds.roots).map_err(|e| StartError::Bundle(e.to_string()))?;
 
-        let listener = ambit_admin::bind(config.admin_addr, "admin port")
-            .await
-            .map_err(StartError::Listen)?;
-        let admin_addr = listener.local_addr().map_err(StartError::Listen)?;
-        let handler = admin::handler(node.clone(), store.clone(), xds.clone(), None);
-        tasks.push(tokio::spawn(ambit_admin::serve(listener, handler, stop_rx)));
+        let ca = {
+            let _g = ch.enter();
+            CaClient::new(
+                config.ca_address.as_deref().unwrap_or(&config.xds.address),
+                &config.xds.roots,
+                config.xds.server_name.as_deref(),
+                config.xds.token.clone(),
+                Duration::from_secs(10),
+            )
+            .map_err(|e| StartError::Ca(e.to_string()))?
+        };
+        let certs = CertManager::new(
+            Arc::new(ca),
+            ManagerOptions {
+                trust_bundle: config.xds.roots.clone(),
+                ..ManagerOptions::default()
+            },
+        );
+        let dp = Arc::new(DataPlane::new(
+            config.dataplane.clone(),
+            store.clone(),
+            certs.clone(),
+            bundle,
+            metrics.clone(),
+            Arc::new(AllowAll),
+        ));
+        let pods = Arc::new(Pods::new(dp, dh.clone()));
+
+        let (client, xds) = XdsClient::new(config.xds.clone(), store.clone());
+        let mut tasks = vec![ch.spawn(client.run(stop_rx.clone()))];
+
+        let admin = bind(config.admin_addr, "admin port", &ch).await?;
+        let admin_addr = admin.local_addr().map_err(StartError::Listen)?;
+        let handler = admin::handler(admin::Sources {
+            node: node.clone(),
+            store: store.clone(),
+            xds: xds.clone(),
+            certificates: Some(certs),
+            pods: pods.clone(),
+        });
+        tasks.push(ch.spawn(ambit_admin::serve(admin, handler, stop_rx.clone())));
+
+        let metrics_listener = bind(config.metrics_addr, "metrics port", &ch).await?;
+        let metrics_addr = metrics_listener.local_addr().map_err(StartError::Listen)?;
+        tasks.push(ch.spawn(ambit_admin::serve(
+            metrics_listener,
+            admin::metrics_handler(metrics.clone()),
+            stop_rx.clone(),
+        )));
+        let ready_listener = bind(config.readiness_addr, "readiness port", &ch).await?;
+        let readiness_addr = ready_listener.local_addr().map_err(StartError::Listen)?;
+        tasks.push(ch.spawn(ambit_admin::serve(
+            ready_listener,
+            admin::readiness_handler(xds.clone(), pods.clone()),
+            stop_rx.clone(),
+        )));
+
+        if let Some(path) = &config.zds_socket {
+            let listener = {
+                let _g = ch.enter();
+                zds::bind(path)?
+            };
+            tasks.push(ch.spawn(zds::serve(listener, pods.clone(), stop_rx.clone())));
+            tracing::info!(socket = %path.display(), "waiting for the node agent");
+        }
+        for (info, path) in &config.local_pods {
+            let pod = format!("{}/{}", info.namespace, info.name);
+            let netns = Netns::open(path).map_err(|e| StartError::Pod {
+                pod: pod.clone(),
+                reason: e.to_string(),
+            })?;
+            pods.add(info.clone(), netns)
+                .await
+                .map_err(|reason| StartError::Pod { pod, reason })?;
+        }
 
         let announcement = match &config.run_dir {
             Some(dir) => Some(announce(dir, &node, admin_addr)?),
             None => None,
         };
-        tracing::info!(%node, admin = %admin_addr, "node proxy started (discovery and admin)");
+        tracing::info!(
+            %node,
+            admin = %admin_addr,
+            metrics = %metrics_addr,
+            readiness = %readiness_addr,
+            pods = config.local_pods.len(),
+            "node proxy started"
+        );
         Ok(Self {
             store,
             xds,
+            pods,
+            metrics,
             admin_addr,
+            metrics_addr,
+            readiness_addr,
             announcement,
             stop,
             tasks,
+            runtimes: Some((data, control)),
         })
     }
 
@@ -106,17 +281,46 @@ impl NodeProxy {
         self.xds.clone()
     }
 
+    pub fn pods(&self) -> &Arc<Pods> {
+        &self.pods
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
     }
 
-    pub async fn shutdown(self) {
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    pub fn readiness_addr(&self) -> SocketAddr {
+        self.readiness_addr
+    }
+
+    /// Stops serving pods (draining their connections), then everything else.
+    pub async fn shutdown(mut self) {
+        self.pods.clear().await;
         let _ = self.stop.send(true);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
-        if let Some(path) = self.announcement {
+        if let Some(path) = self.announcement.take() {
             let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for NodeProxy {
+    fn drop(&mut self) {
+        if let Some((data, control)) = self.runtimes.take() {
+            // Dropping a runtime waits for its tasks; from inside another runtime that is
+            // not allowed, so let them wind down in the background.
+            data.shutdown_background();
+            control.shutdown_background();
         }
     }
 }

@@ -89,21 +89,20 @@ impl Env {
     }
 
     async fn node(&self, node: &str) -> NodeProxy {
-        NodeProxy::start(NodeConfig {
-            xds: XdsConfig {
-                address: self.grpc.to_string(),
-                roots: self.roots(),
-                server_name: Some("localhost".into()),
-                token: self.token(node),
-                node_name: node.into(),
-                initial_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_millis(400),
-            },
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-            run_dir: None,
-        })
-        .await
-        .unwrap()
+        let mut config = NodeConfig::new(XdsConfig {
+            address: self.grpc.to_string(),
+            roots: self.roots(),
+            server_name: Some("localhost".into()),
+            token: self.token(node),
+            node_name: node.into(),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(400),
+        });
+        config.admin_addr = "127.0.0.1:0".parse().unwrap();
+        config.metrics_addr = "127.0.0.1:0".parse().unwrap();
+        config.readiness_addr = "127.0.0.1:0".parse().unwrap();
+        config.worker_threads = 1;
+        NodeProxy::start(config).await.unwrap()
     }
 
     fn cp(&self) -> &ControlPlane {

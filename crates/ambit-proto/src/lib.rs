@@ -32,6 +32,11 @@ pub mod security {
     pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
 }
 
+/// `istio.workload.zds`: node agent <-> node proxy.
+pub mod zds {
+    tonic::include_proto!("istio.workload.zds");
+}
+
 /// `envoy.service.discovery.v3`: delta aggregated discovery.
 pub mod discovery {
     tonic::include_proto!("envoy.service.discovery.v3");

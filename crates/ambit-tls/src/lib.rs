@@ -21,4 +21,4 @@ pub mod x509;
 
 pub use ca::{CaError, CaOptions, CertificateAuthority, IssuedCertificate, SignError};
 pub use csr::CsrError;
-pub use manager::{CertManager, CertificateProvider, WorkloadCertificate};
+pub use manager::{CertHandle, CertManager, CertificateProvider, WorkloadCertificate};

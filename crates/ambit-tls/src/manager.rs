@@ -148,6 +148,72 @@ pub struct CertStatus {
     pub renewals: u64,
 }
 
+/// One identity's certificate, as the manager keeps it. Reading it takes no lock the
+/// manager holds; it stays current as the manager renews.
+#[derive(Clone)]
+pub struct CertHandle {
+    identity: SpiffeId,
+    rx: watch::Receiver<Slot>,
+}
+
+impl std::fmt::Debug for CertHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertHandle")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertHandle {
+    pub fn identity(&self) -> &SpiffeId {
+        &self.identity
+    }
+
+    /// The certificate now, if one is held and valid.
+    pub fn current(&self) -> Option<Arc<WorkloadCertificate>> {
+        self.rx
+            .borrow()
+            .current
+            .as_ref()
+            .filter(|c| c.is_valid_at(SystemTime::now()))
+            .cloned()
+    }
+
+    /// The certificate, waiting for the first attempt if none has finished yet.
+    pub async fn get(&self) -> Result<Arc<WorkloadCertificate>, CertError> {
+        let mut rx = self.rx.clone();
+        let identity = &self.identity;
+        loop {
+            {
+                let slot = rx.borrow_and_update();
+                if let Some(cert) = &slot.current {
+                    if cert.is_valid_at(SystemTime::now()) {
+                        return Ok(cert.clone());
+                    }
+                    if slot.attempted {
+                        return Err(CertError::Expired {
+                            identity: identity.clone(),
+                            error: slot
+                                .last_error
+                                .as_ref()
+                                .map(|e| e.to_string())
+                                .unwrap_or_else(|| "renewal pending".into()),
+                        });
+                    }
+                } else if let Some(error) = &slot.last_error {
+                    return Err(CertError::Failed {
+                        identity: identity.clone(),
+                        error: error.clone(),
+                    });
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(CertError::Stopped(identity.clone()));
+            }
+        }
+    }
+}
+
 /// The manager. Cheap to clone; clones share state. Dropping the last clone stops every
 /// background task.
 #[derive(Clone)]
@@ -196,34 +262,15 @@ impl CertManager {
     /// The certificate for `identity`, requesting it first if the manager does not hold it
     /// yet. Waits for the first attempt; afterwards answers at once.
     pub async fn fetch(&self, identity: &SpiffeId) -> Result<Arc<WorkloadCertificate>, CertError> {
-        let mut rx = self.watch(identity);
-        loop {
-            {
-                let slot = rx.borrow_and_update();
-                if let Some(cert) = &slot.current {
-                    if cert.is_valid_at(SystemTime::now()) {
-                        return Ok(cert.clone());
-                    }
-                    if slot.attempted {
-                        return Err(CertError::Expired {
-                            identity: identity.clone(),
-                            error: slot
-                                .last_error
-                                .as_ref()
-                                .map(|e| e.to_string())
-                                .unwrap_or_else(|| "renewal pending".into()),
-                        });
-                    }
-                } else if let Some(error) = &slot.last_error {
-                    return Err(CertError::Failed {
-                        identity: identity.clone(),
-                        error: error.clone(),
-                    });
-                }
-            }
-            if rx.changed().await.is_err() {
-                return Err(CertError::Stopped(identity.clone()));
-            }
+        self.handle(identity).get().await
+    }
+
+    /// A handle on `identity`'s certificate (tracking it from now on), for callers that
+    /// need the current certificate without waiting, such as a TLS handshake.
+    pub fn handle(&self, identity: &SpiffeId) -> CertHandle {
+        CertHandle {
+            identity: identity.clone(),
+            rx: self.watch(identity),
         }
     }
 

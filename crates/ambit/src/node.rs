@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ambit_node::{NodeConfig, NodeProxy, XdsConfig};
+use ambit_node::{NodeConfig, NodeProxy, PodInfo, XdsConfig};
 use ambit_tls::client::TokenSource;
 use anyhow::Context;
 use clap::Args;
@@ -17,11 +17,11 @@ pub struct NodeArgs {
     /// This node's name (the control plane hands out identities of pods on it).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// The control plane's gRPC address (host:port).
+    /// The control plane's gRPC address (host:port): discovery and certificates.
     #[arg(long, env = "AMBIT_CONTROL_PLANE", default_value = "127.0.0.1:15012")]
     control_plane: String,
-    /// PEM file with the mesh root(s) the control plane's certificate chains to
-    /// (`<state-dir>/ca/root-cert.pem` of a self-signed control plane).
+    /// PEM file with the mesh root(s): the control plane's certificate and every peer's
+    /// chain to them (`<state-dir>/ca/root-cert.pem` of a self-signed control plane).
     #[arg(long, env = "AMBIT_CA_ROOT")]
     ca_root: PathBuf,
     /// Name to check the control plane's certificate against [default: the host of
@@ -32,12 +32,69 @@ pub struct NodeArgs {
     /// re-read on every request, so a rotated token is picked up.
     #[arg(long, env = "AMBIT_TOKEN_FILE")]
     token_file: PathBuf,
+    /// The node agent's socket (ZDS); without it only --pod pods are served.
+    #[arg(long, env = "AMBIT_ZDS_SOCKET")]
+    zds_socket: Option<PathBuf>,
+    /// Serve a pod without a node agent: `<namespace>/<name>[/<service-account>]=<netns path>`
+    /// (repeatable), e.g. `demo/sleep/sleep=/run/netns/demo-sleep`.
+    #[arg(long = "pod", value_parser = parse_pod)]
+    pods: Vec<(PodInfo, PathBuf)>,
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, default_value = ambit_core::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Istio's cluster ID (part of every workload's discovery name).
+    #[arg(long, default_value = "Kubernetes")]
+    cluster_id: String,
     /// Address of the admin port (/config_dump).
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
+    /// Address of the Prometheus metrics port (/metrics).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Address of the readiness port (/healthz/ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// Threads of the data path [default: one per CPU].
+    #[arg(long)]
+    worker_threads: Option<usize>,
+    /// How long a removed pod's connections may finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
     /// Where to announce the admin address for `ambit config --node`.
     #[arg(long, env = "AMBIT_RUN_DIR", default_value = "/run/ambit")]
     run_dir: PathBuf,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 5s, 1m)"))
+}
+
+fn parse_pod(s: &str) -> Result<(PodInfo, PathBuf), String> {
+    let (pod, path) = s
+        .split_once('=')
+        .ok_or("expected <namespace>/<name>[/<service-account>]=<netns path>")?;
+    let parts: Vec<&str> = pod.split('/').collect();
+    let (namespace, name, sa) = match parts.as_slice() {
+        [ns, name] => (*ns, *name, "default"),
+        [ns, name, sa] => (*ns, *name, *sa),
+        _ => {
+            return Err(format!(
+                "{pod:?}: expected <namespace>/<name>[/<service-account>]"
+            ));
+        }
+    };
+    if namespace.is_empty() || name.is_empty() || sa.is_empty() || path.is_empty() {
+        return Err(format!("{s:?}: empty part"));
+    }
+    Ok((
+        PodInfo {
+            uid: format!("{namespace}/{name}"),
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: sa.to_owned(),
+        },
+        PathBuf::from(path),
+    ))
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
@@ -61,29 +118,60 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
             args.token_file.display()
         );
     }
-    let config = NodeConfig {
-        xds: XdsConfig {
-            address: args.control_plane,
-            roots,
-            server_name: args.server_name,
-            token: TokenSource::File(args.token_file),
-            node_name: args.node_name,
-            initial_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(15),
-        },
-        admin_addr: args.admin_addr,
-        run_dir: Some(args.run_dir),
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut config = NodeConfig::new(XdsConfig {
+        address: args.control_plane,
+        roots,
+        server_name: args.server_name,
+        token: TokenSource::File(args.token_file),
+        node_name: args.node_name,
+        initial_backoff: Duration::from_millis(500),
+        max_backoff: Duration::from_secs(15),
+    });
+    config.admin_addr = args.admin_addr;
+    config.metrics_addr = args.metrics_addr;
+    config.readiness_addr = args.readiness_addr;
+    config.run_dir = Some(args.run_dir);
+    config.zds_socket = args.zds_socket;
+    config.local_pods = args.pods;
+    config.dataplane.trust_domain = args.trust_domain;
+    config.dataplane.cluster_id = args.cluster_id;
+    config.dataplane.drain_timeout = args.drain_timeout;
+    if let Some(n) = args.worker_threads {
+        config.worker_threads = n;
+    }
+    // The proxy runs its own runtimes; this one only waits for the signal.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .thread_name("ambit-node")
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let node = NodeProxy::start(config).await?;
         crate::signal::wait().await;
-        tracing::info!("shutting down");
+        tracing::info!("shutting down: draining pods");
         node.shutdown().await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_flags() {
+        let (info, path) = parse_pod("demo/sleep/sleep=/run/netns/x").unwrap();
+        assert_eq!(
+            (
+                info.namespace.as_str(),
+                info.name.as_str(),
+                info.service_account.as_str()
+            ),
+            ("demo", "sleep", "sleep")
+        );
+        assert_eq!(path, PathBuf::from("/run/netns/x"));
+        assert_eq!(parse_pod("demo/a=/p").unwrap().0.service_account, "default");
+        assert!(parse_pod("demo=/p").is_err());
+        assert!(parse_pod("demo/a").is_err());
+        assert!(parse_pod("demo/a/b/c=/p").is_err());
+    }
 }

@@ -1,0 +1,888 @@
+//! The data path: per-pod listeners inside each pod's network namespace, and what each
+//! connection does.
+//!
+//! For each pod the node proxy serves it opens, inside the pod's namespace:
+//! - `127.0.0.1:15001` (outbound): connections the pod makes, redirected here. The
+//!   original destination decides ([`crate::route`]): HBONE to the destination's node
+//!   proxy with this pod's certificate, from inside this pod's namespace (so the tunnel's
+//!   source address is the pod's), or plain TCP for destinations outside the mesh.
+//! - `0.0.0.0:15008` (inbound HBONE): mutual TLS with this pod's certificate; the
+//!   CONNECT authority must be one of this pod's addresses; the peer's SPIFFE ID is the
+//!   source principal; the authorization hook decides; the proxy then connects to the
+//!   application from inside the namespace with the client's address as the source.
+//! - `0.0.0.0:15006` (inbound plaintext): connections from outside the mesh, redirected
+//!   here; forwarded to the application the same way, if the hook allows plaintext.
+//!
+//! The proxy's own sockets carry the mark 0x539, which the redirection rules skip.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ambit_core::SpiffeId;
+use ambit_core::discovery::{Service, Workload};
+use ambit_core::state::{State, Store};
+use ambit_hbone::server::{ServerConfig, ServerHandle};
+use ambit_hbone::socket::{Netns, PROXY_MARK, SocketOptions};
+use ambit_hbone::stream::{CopyError, copy_bidirectional};
+use ambit_hbone::{
+    ConnectHandler, ConnectHeaders, ConnectRequest, IncomingConnect, Pool, PoolConfig, Server,
+};
+use ambit_tls::spiffe::{TrustBundle, hbone_server_config};
+use ambit_tls::{CertHandle, CertManager};
+use http::StatusCode;
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::{ConnFacts, ConnLabels, ConnMetrics, Metrics, Reporter, describe};
+use crate::route::{Route, route};
+
+/// Ports inside each pod.
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = 15008;
+
+/// A pod the node proxy serves, as the node agent (or local configuration) describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodInfo {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// Settings of the data path.
+#[derive(Debug, Clone)]
+pub struct DataPlaneConfig {
+    pub trust_domain: String,
+    /// Istio's cluster ID: a pod's workload is `<cluster_id>//Pod/<ns>/<name>`.
+    pub cluster_id: String,
+    /// The network this node is on (empty: the default one).
+    pub network: String,
+    /// An upstream connection (direct, HBONE, or to the application) must be established
+    /// within this time.
+    pub connect_timeout: Duration,
+    /// When a pod is removed, its connections may finish for this long.
+    pub drain_timeout: Duration,
+    pub hbone_server: ServerConfig,
+    pub pool: PoolConfig,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self {
+            trust_domain: ambit_core::DEFAULT_TRUST_DOMAIN.to_owned(),
+            cluster_id: "Kubernetes".to_owned(),
+            network: String::new(),
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
+            hbone_server: ServerConfig::default(),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+/// An inbound connection, as the authorization hook sees it.
+#[derive(Debug)]
+pub struct InboundConn<'a> {
+    pub state: &'a State,
+    /// The workload being connected to (this pod), if discovery knows it.
+    pub destination: Option<&'a Workload>,
+    pub destination_addr: SocketAddr,
+    pub source_addr: SocketAddr,
+    /// The client's SPIFFE ID, for mTLS (HBONE) connections.
+    pub source_principal: Option<&'a SpiffeId>,
+}
+
+/// The hook's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    /// Refused; `reason` names what decided (a policy, "mTLS required", ...).
+    Deny {
+        reason: String,
+    },
+}
+
+/// Decides inbound connections (L4 authorization and PeerAuthentication plug in here).
+pub trait Authorizer: Send + Sync + 'static {
+    fn check(&self, conn: &InboundConn<'_>) -> Decision;
+}
+
+/// Allows everything: the default until policies are enforced.
+#[derive(Debug, Default)]
+pub struct AllowAll;
+
+impl Authorizer for AllowAll {
+    fn check(&self, _: &InboundConn<'_>) -> Decision {
+        Decision::Allow
+    }
+}
+
+/// What every pod's connections share.
+pub struct DataPlane {
+    pub config: DataPlaneConfig,
+    pub store: Arc<Store>,
+    pub pool: Pool,
+    pub certs: CertManager,
+    pub bundle: TrustBundle,
+    pub metrics: Arc<Metrics>,
+    pub authorizer: Arc<dyn Authorizer>,
+    /// How many pods hold each identity (certificates are released with the last one).
+    cert_refs: Mutex<HashMap<SpiffeId, usize>>,
+}
+
+impl std::fmt::Debug for DataPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataPlane").finish_non_exhaustive()
+    }
+}
+
+impl DataPlane {
+    pub fn new(
+        config: DataPlaneConfig,
+        store: Arc<Store>,
+        certs: CertManager,
+        bundle: TrustBundle,
+        metrics: Arc<Metrics>,
+        authorizer: Arc<dyn Authorizer>,
+    ) -> Self {
+        Self {
+            pool: Pool::new(config.pool.clone(), bundle.clone()),
+            config,
+            store,
+            certs,
+            bundle,
+            metrics,
+            authorizer,
+            cert_refs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn acquire(&self, id: &SpiffeId) -> CertHandle {
+        let mut refs = self.cert_refs.lock().unwrap_or_else(|p| p.into_inner());
+        *refs.entry(id.clone()).or_insert(0) += 1;
+        self.certs.handle(id)
+    }
+
+    fn release(&self, id: &SpiffeId) {
+        let mut refs = self.cert_refs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = refs.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                refs.remove(id);
+                self.certs.forget(id);
+                tracing::info!(identity = %id, "last pod with this identity left; certificate released");
+            }
+        }
+    }
+}
+
+/// One pod's context, shared by its connections.
+pub struct PodCtx {
+    pub info: PodInfo,
+    pub identity: SpiffeId,
+    pub netns: Netns,
+    pub cert: CertHandle,
+    dp: Arc<DataPlane>,
+    /// The pod's workload name in discovery.
+    uid: String,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl PodCtx {
+    fn workload(&self, state: &State) -> Option<Arc<Workload>> {
+        state.workload(&self.uid).cloned()
+    }
+
+    fn inside(&self) -> SocketOptions {
+        SocketOptions {
+            netns: Some(self.netns.clone()),
+            mark: Some(PROXY_MARK),
+            ..SocketOptions::default()
+        }
+    }
+
+    /// Connects to the application in the pod with `client` as the source address.
+    async fn connect_app(&self, app: SocketAddr, client: IpAddr) -> io::Result<TcpStream> {
+        let opts = SocketOptions {
+            bind: Some(client),
+            transparent: true,
+            ..self.inside()
+        };
+        tokio::time::timeout(
+            self.dp.config.connect_timeout,
+            ambit_hbone::socket::connect(app, &opts),
+        )
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connecting to the application timed out",
+            )
+        })?
+    }
+}
+
+/// A pod being served.
+pub struct RunningPod {
+    pub ctx: Arc<PodCtx>,
+    accept_tasks: Vec<tokio::task::JoinHandle<()>>,
+    hbone: ServerHandle,
+}
+
+impl RunningPod {
+    /// Opens the pod's listeners inside its namespace and starts serving them on `rt`.
+    pub fn start(
+        dp: Arc<DataPlane>,
+        info: PodInfo,
+        netns: Netns,
+        rt: &Handle,
+    ) -> Result<Self, String> {
+        let identity = SpiffeId::new(
+            dp.config.trust_domain.clone(),
+            info.namespace.clone(),
+            info.service_account.clone(),
+        )
+        .map_err(|e| format!("pod {}/{}: {e}", info.namespace, info.name))?;
+        let _guard = rt.enter();
+        let opts = SocketOptions {
+            netns: Some(netns.clone()),
+            ..SocketOptions::default()
+        };
+        let listen = |addr: SocketAddr| {
+            ambit_hbone::socket::listen(addr, &opts, 1024)
+                .map_err(|e| format!("cannot listen on {addr} in {}: {e}", netns.name()))
+        };
+        let outbound = listen(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            OUTBOUND_PORT,
+        ))?;
+        let plaintext = listen(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            INBOUND_PLAINTEXT_PORT,
+        ))?;
+        let hbone = listen(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            HBONE_PORT,
+        ))?;
+
+        let cert = dp.acquire(&identity);
+        let ctx = Arc::new(PodCtx {
+            uid: format!(
+                "{}//Pod/{}/{}",
+                dp.config.cluster_id, info.namespace, info.name
+            ),
+            info,
+            identity,
+            netns,
+            cert: cert.clone(),
+            dp: dp.clone(),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        // Ask for the certificate now, so the first connection does not wait for it.
+        {
+            let cert = cert.clone();
+            rt.spawn(async move {
+                if let Err(e) = cert.get().await {
+                    tracing::warn!(error = %e, "no certificate yet for a new pod; will retry");
+                }
+            });
+        }
+        let tls =
+            hbone_server_config(Arc::new(PodCert(cert)), &dp.bundle).map_err(|e| e.to_string())?;
+        let hbone = Server::new(tls, dp.config.hbone_server.clone())
+            .serve(hbone, Arc::new(Inbound(ctx.clone())));
+        let accept_tasks = vec![
+            rt.spawn(accept(outbound, ctx.clone(), Direction::Outbound)),
+            rt.spawn(accept(plaintext, ctx.clone(), Direction::InboundPlaintext)),
+        ];
+        dp.metrics.pods.inc();
+        tracing::info!(
+            pod = %format!("{}/{}", ctx.info.namespace, ctx.info.name),
+            uid = %ctx.info.uid,
+            identity = %ctx.identity,
+            netns = %ctx.netns.name(),
+            "serving pod"
+        );
+        Ok(Self {
+            ctx,
+            accept_tasks,
+            hbone,
+        })
+    }
+
+    /// Closes the listeners at once; lets open connections finish for the drain timeout,
+    /// then closes them.
+    pub async fn stop(self) {
+        for t in &self.accept_tasks {
+            t.abort();
+        }
+        let ctx = self.ctx;
+        let drain = ctx.dp.config.drain_timeout;
+        ctx.tracker.close();
+        let (_, drained) = tokio::join!(
+            self.hbone.shutdown(drain),
+            tokio::time::timeout(drain, ctx.tracker.wait())
+        );
+        if drained.is_err() {
+            ctx.cancel.cancel();
+            ctx.tracker.wait().await;
+        }
+        ctx.dp.release(&ctx.identity);
+        ctx.dp.metrics.pods.dec();
+        tracing::info!(pod = %format!("{}/{}", ctx.info.namespace, ctx.info.name), uid = %ctx.info.uid, "stopped serving pod");
+    }
+}
+
+/// Serves a pod's current certificate to HBONE handshakes.
+#[derive(Debug)]
+struct PodCert(CertHandle);
+
+impl rustls::server::ResolvesServerCert for PodCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        // No certificate yet: the handshake fails and the client retries; nothing is
+        // served without the pod's own identity.
+        self.0.current().map(|c| c.certified_key.clone())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Outbound,
+    InboundPlaintext,
+}
+
+async fn accept(listener: TcpListener, ctx: Arc<PodCtx>, direction: Direction) {
+    loop {
+        let (conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = conn.set_nodelay(true);
+        let c = ctx.clone();
+        ctx.tracker.spawn(async move {
+            let cancel = c.cancel.clone();
+            tokio::select! {
+                _ = async {
+                    match direction {
+                        Direction::Outbound => outbound(&c, conn, peer).await,
+                        Direction::InboundPlaintext => inbound_plaintext(&c, conn, peer).await,
+                    }
+                } => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// The destination a redirected connection was addressed to.
+fn original_dst(conn: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(conn);
+    let addr = if conn.local_addr()?.is_ipv4() {
+        sock.original_dst_v4()?
+    } else {
+        sock.original_dst_v6()?
+    };
+    addr.as_socket()
+        .ok_or_else(|| io::Error::other("the original destination is not an IP address"))
+}
+
+/// Closes a client connection with a reset, so the application sees a failure rather
+/// than a clean end.
+fn reset(conn: &TcpStream) {
+    let _ = socket2::SockRef::from(conn).set_linger(Some(Duration::ZERO));
+}
+
+fn is_proxy_port(port: u16) -> bool {
+    matches!(port, OUTBOUND_PORT | INBOUND_PLAINTEXT_PORT | HBONE_PORT)
+}
+
+/// Baggage Istio's node proxy sends with a CONNECT.
+fn baggage(source: Option<&Workload>) -> Vec<(String, String)> {
+    let Some(w) = source else { return Vec::new() };
+    vec![
+        ("k8s.namespace.name".into(), w.profile.namespace.to_string()),
+        ("k8s.pod.name".into(), w.name.to_string()),
+        ("service.name".into(), w.profile.canonical_name.to_string()),
+        (
+            "service.version".into(),
+            w.profile.canonical_revision.to_string(),
+        ),
+        ("k8s.cluster.name".into(), w.profile.cluster_id.to_string()),
+    ]
+}
+
+/// Everything the access log says about a connection.
+struct Access<'a> {
+    direction: &'static str,
+    src: SocketAddr,
+    src_workload: Option<&'a Workload>,
+    src_identity: Option<String>,
+    dst: SocketAddr,
+    hbone: Option<SocketAddr>,
+    dst_workload: Option<&'a Workload>,
+    dst_service: Option<&'a Service>,
+    mtls: bool,
+    started: Instant,
+}
+
+impl Access<'_> {
+    fn log(&self, from_source: u64, to_source: u64, error: Option<&str>) {
+        let dst_identity = if self.mtls {
+            self.dst_workload
+                .and_then(Workload::identity)
+                .map(|i| i.to_string())
+        } else {
+            None
+        };
+        tracing::info!(
+            target: "ambit::access",
+            direction = self.direction,
+            src.addr = %self.src,
+            src.workload = %describe(self.src_workload),
+            src.identity = self.src_identity.as_deref().unwrap_or(""),
+            dst.addr = %self.dst,
+            dst.hbone_addr = %self.hbone.map(|h| h.to_string()).unwrap_or_default(),
+            dst.workload = %describe(self.dst_workload),
+            dst.identity = dst_identity.as_deref().unwrap_or(""),
+            dst.service = self.dst_service.map(|s| s.hostname.as_ref()).unwrap_or(""),
+            mtls = self.mtls,
+            bytes_sent = from_source,
+            bytes_received = to_source,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            error = error.unwrap_or(""),
+            "connection complete"
+        );
+    }
+}
+
+async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let original = match original_dst(&conn) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "outbound connection without an original destination; closing");
+            return;
+        }
+    };
+    if original.ip().is_loopback() && is_proxy_port(original.port()) {
+        tracing::warn!(%original, "a connection addressed to the proxy itself; closing");
+        return;
+    }
+    let dp = &ctx.dp;
+    let state = dp.store.load();
+    let source = ctx.workload(&state);
+    match route(
+        &state,
+        &dp.config.network,
+        source.as_deref(),
+        original,
+        HBONE_PORT,
+    ) {
+        Route::Hbone {
+            workload,
+            service,
+            target,
+            hbone,
+        } => {
+            let access = Access {
+                direction: "outbound",
+                src: peer,
+                src_workload: source.as_deref(),
+                src_identity: Some(ctx.identity.to_string()),
+                dst: target,
+                hbone: Some(hbone),
+                dst_workload: Some(&workload),
+                dst_service: service.as_deref(),
+                mtls: true,
+                started,
+            };
+            let facts = ConnFacts {
+                reporter: Reporter::Source,
+                source: source.as_deref(),
+                source_principal: Some(ctx.identity.to_string()),
+                destination: Some(&workload),
+                destination_service: service.as_deref(),
+                mutual_tls: true,
+            };
+            let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+            let Some(expected) = workload.identity() else {
+                fail(
+                    &conn,
+                    metrics,
+                    &access,
+                    dp,
+                    "the destination has no valid identity",
+                );
+                return;
+            };
+            let cert = match ctx.cert.get().await {
+                Ok(c) => c,
+                Err(e) => {
+                    fail(
+                        &conn,
+                        metrics,
+                        &access,
+                        dp,
+                        &format!("no certificate for this pod: {e}"),
+                    );
+                    return;
+                }
+            };
+            let request = ConnectRequest {
+                source: ctx.identity.clone(),
+                source_cert: cert.certified_key.clone(),
+                destination: hbone,
+                expected: vec![expected],
+                authority: target,
+                headers: ConnectHeaders {
+                    forwarded_for: Some(peer.into()),
+                    forwarded_host: service.as_ref().map(|s| s.hostname.to_string()),
+                    baggage: baggage(source.as_deref()),
+                    traceparent: None,
+                },
+                socket: ctx.inside(),
+            };
+            let stream =
+                match tokio::time::timeout(dp.config.connect_timeout, dp.pool.connect(request))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        let flag = if e.status() == Some(StatusCode::UNAUTHORIZED) {
+                            "DENY"
+                        } else {
+                            "CONNECT"
+                        };
+                        fail_with(&conn, metrics, &access, dp, &e.to_string(), flag);
+                        return;
+                    }
+                    Err(_) => {
+                        fail(&conn, metrics, &access, dp, "HBONE connect timed out");
+                        return;
+                    }
+                };
+            let (r, w) = conn.split();
+            let (stats, result) = copy_bidirectional(r, w, stream).await;
+            let error = result.err().map(|e| {
+                if e.is_peer_reset() || matches!(e, CopyError::Tunnel(_)) {
+                    reset(&conn);
+                }
+                e.to_string()
+            });
+            metrics.close(stats.sent, stats.received, None);
+            access.log(stats.sent, stats.received, error.as_deref());
+        }
+        Route::Direct {
+            workload,
+            service,
+            target,
+        } => {
+            let access = Access {
+                direction: "outbound",
+                src: peer,
+                src_workload: source.as_deref(),
+                src_identity: None,
+                dst: target,
+                hbone: None,
+                dst_workload: workload.as_deref(),
+                dst_service: service.as_deref(),
+                mtls: false,
+                started,
+            };
+            let facts = ConnFacts {
+                reporter: Reporter::Source,
+                source: source.as_deref(),
+                source_principal: None,
+                destination: workload.as_deref(),
+                destination_service: service.as_deref(),
+                mutual_tls: false,
+            };
+            let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+            let upstream = tokio::time::timeout(
+                dp.config.connect_timeout,
+                ambit_hbone::socket::connect(target, &ctx.inside()),
+            )
+            .await;
+            let mut upstream = match upstream {
+                Ok(Ok(u)) => u,
+                Ok(Err(e)) => {
+                    fail(
+                        &conn,
+                        metrics,
+                        &access,
+                        dp,
+                        &format!("cannot connect to {target}: {e}"),
+                    );
+                    return;
+                }
+                Err(_) => {
+                    fail(
+                        &conn,
+                        metrics,
+                        &access,
+                        dp,
+                        &format!("connecting to {target} timed out"),
+                    );
+                    return;
+                }
+            };
+            let (from_source, to_source, error) = copy_plain(&mut conn, &mut upstream).await;
+            metrics.close(from_source, to_source, None);
+            access.log(from_source, to_source, error.as_deref());
+        }
+        Route::NoEndpoint { service } => {
+            let access = Access {
+                direction: "outbound",
+                src: peer,
+                src_workload: source.as_deref(),
+                src_identity: None,
+                dst: original,
+                hbone: None,
+                dst_workload: None,
+                dst_service: Some(&service),
+                mtls: false,
+                started,
+            };
+            let facts = ConnFacts {
+                reporter: Reporter::Source,
+                source: source.as_deref(),
+                source_principal: None,
+                destination: None,
+                destination_service: Some(&service),
+                mutual_tls: false,
+            };
+            let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+            fail_with(
+                &conn,
+                metrics,
+                &access,
+                dp,
+                "the service has no ready endpoint for this port",
+                "NR",
+            );
+        }
+    }
+}
+
+fn fail(conn: &TcpStream, metrics: ConnMetrics, access: &Access<'_>, dp: &DataPlane, error: &str) {
+    fail_with(conn, metrics, access, dp, error, "CONNECT");
+}
+
+fn fail_with(
+    conn: &TcpStream,
+    metrics: ConnMetrics,
+    access: &Access<'_>,
+    dp: &DataPlane,
+    error: &str,
+    flag: &'static str,
+) {
+    reset(conn);
+    dp.metrics.connect_failures.inc();
+    metrics.close(0, 0, Some(flag));
+    access.log(0, 0, Some(error));
+}
+
+/// Copies both ways between two plain sockets; returns bytes (a -> b, b -> a).
+async fn copy_plain(a: &mut TcpStream, b: &mut TcpStream) -> (u64, u64, Option<String>) {
+    match tokio::io::copy_bidirectional(a, b).await {
+        Ok((ab, ba)) => (ab, ba, None),
+        Err(e) => {
+            if e.kind() == io::ErrorKind::ConnectionReset {
+                reset(a);
+                reset(b);
+            }
+            (0, 0, Some(e.to_string()))
+        }
+    }
+}
+
+async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
+    let started = Instant::now();
+    let original = match original_dst(&conn) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "inbound connection without an original destination; closing");
+            return;
+        }
+    };
+    if is_proxy_port(original.port()) {
+        return;
+    }
+    let dp = &ctx.dp;
+    let state = dp.store.load();
+    let destination = ctx.workload(&state);
+    let source = state.workload_by_ip(&dp.config.network, peer.ip()).cloned();
+    let access = Access {
+        direction: "inbound",
+        src: peer,
+        src_workload: source.as_deref(),
+        src_identity: None,
+        dst: original,
+        hbone: None,
+        dst_workload: destination.as_deref(),
+        dst_service: None,
+        mtls: false,
+        started,
+    };
+    let facts = ConnFacts {
+        reporter: Reporter::Destination,
+        source: source.as_deref(),
+        source_principal: None,
+        destination: destination.as_deref(),
+        destination_service: None,
+        mutual_tls: false,
+    };
+    let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+    let decision = dp.authorizer.check(&InboundConn {
+        state: &state,
+        destination: destination.as_deref(),
+        destination_addr: original,
+        source_addr: peer,
+        source_principal: None,
+    });
+    if let Decision::Deny { reason } = decision {
+        reset(&conn);
+        metrics.close(0, 0, Some("DENY"));
+        access.log(0, 0, Some(&format!("denied: {reason}")));
+        return;
+    }
+    let mut app = match ctx.connect_app(original, peer.ip()).await {
+        Ok(a) => a,
+        Err(e) => {
+            fail(
+                &conn,
+                metrics,
+                &access,
+                dp,
+                &format!("cannot connect to the application at {original}: {e}"),
+            );
+            return;
+        }
+    };
+    let (from_source, to_source, error) = copy_plain(&mut conn, &mut app).await;
+    metrics.close(from_source, to_source, None);
+    access.log(from_source, to_source, error.as_deref());
+}
+
+/// The pod's inbound HBONE handler.
+struct Inbound(Arc<PodCtx>);
+
+impl ConnectHandler for Inbound {
+    async fn handle(&self, c: IncomingConnect) {
+        let ctx = &self.0;
+        // The HBONE server's drain waits for these streams; the token ends them if the
+        // drain deadline passes.
+        tokio::select! {
+            _ = inbound_hbone(ctx, c) => {}
+            _ = ctx.cancel.cancelled() => {}
+        }
+    }
+}
+
+async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
+    let started = Instant::now();
+    let dp = &ctx.dp;
+    let state = dp.store.load();
+    let destination = ctx.workload(&state);
+    let source = state
+        .workload_by_ip(&dp.config.network, c.peer.addr.ip())
+        .cloned();
+    let authority = c.authority;
+    let own = authority.ip() == c.peer.local.ip()
+        || destination
+            .as_ref()
+            .is_some_and(|w| w.addresses.contains(&authority.ip()));
+    let principal = c.peer.identity.to_string();
+    let access = Access {
+        direction: "inbound",
+        src: c.peer.addr,
+        src_workload: source.as_deref(),
+        src_identity: Some(principal.clone()),
+        dst: authority,
+        hbone: Some(c.peer.local),
+        dst_workload: destination.as_deref(),
+        dst_service: None,
+        mtls: true,
+        started,
+    };
+    if !own || is_proxy_port(authority.port()) {
+        tracing::warn!(%authority, peer = %c.peer.identity, "refusing a tunnel to an address that is not this pod's");
+        access.log(0, 0, Some("the authority is not an address of this pod"));
+        c.refuse(StatusCode::BAD_REQUEST);
+        return;
+    }
+    let facts = ConnFacts {
+        reporter: Reporter::Destination,
+        source: source.as_deref(),
+        source_principal: Some(principal),
+        destination: destination.as_deref(),
+        destination_service: None,
+        mutual_tls: true,
+    };
+    let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+    let decision = dp.authorizer.check(&InboundConn {
+        state: &state,
+        destination: destination.as_deref(),
+        destination_addr: authority,
+        source_addr: c.peer.addr,
+        source_principal: Some(&c.peer.identity),
+    });
+    if let Decision::Deny { reason } = decision {
+        metrics.close(0, 0, Some("DENY"));
+        access.log(0, 0, Some(&format!("denied: {reason}")));
+        c.refuse(StatusCode::UNAUTHORIZED);
+        return;
+    }
+    let app = match ctx.connect_app(authority, c.peer.addr.ip()).await {
+        Ok(a) => a,
+        Err(e) => {
+            dp.metrics.connect_failures.inc();
+            metrics.close(0, 0, Some("CONNECT"));
+            access.log(
+                0,
+                0,
+                Some(&format!(
+                    "cannot connect to the application at {authority}: {e}"
+                )),
+            );
+            c.refuse(StatusCode::SERVICE_UNAVAILABLE);
+            return;
+        }
+    };
+    let stream = match c.accept() {
+        Ok(s) => s,
+        Err(e) => {
+            metrics.close(0, 0, Some("CONNECT"));
+            access.log(0, 0, Some(&e.to_string()));
+            return;
+        }
+    };
+    let mut app = app;
+    let (r, w) = app.split();
+    let (stats, result) = copy_bidirectional(r, w, stream).await;
+    let error = result.err().map(|e| {
+        if matches!(e, CopyError::Tunnel(_)) {
+            reset(&app);
+        }
+        e.to_string()
+    });
+    // Here the application is the destination: what it sent went to the source.
+    metrics.close(stats.received, stats.sent, None);
+    access.log(stats.received, stats.sent, error.as_deref());
+}

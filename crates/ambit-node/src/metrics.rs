@@ -1,0 +1,254 @@
+//! The node proxy's metrics: Istio's TCP metrics with Istio's label set (so dashboards and
+//! alerts written for Istio work unchanged), plus a few of the proxy's own.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use ambit_core::discovery::{Service, Str, Workload};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// A label value that is a shared string (no allocation per connection).
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct Value(pub Str);
+
+impl EncodeLabelValue for Value {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        encoder.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Value {
+    fn from(s: &str) -> Self {
+        Value(s.into())
+    }
+}
+
+/// Istio's label set for `istio_tcp_*`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub reporter: &'static str,
+    pub source_workload: Value,
+    pub source_canonical_service: Value,
+    pub source_canonical_revision: Value,
+    pub source_workload_namespace: Value,
+    pub source_principal: Value,
+    pub source_app: Value,
+    pub source_version: Value,
+    pub source_cluster: Value,
+    pub destination_service: Value,
+    pub destination_service_namespace: Value,
+    pub destination_service_name: Value,
+    pub destination_workload: Value,
+    pub destination_canonical_service: Value,
+    pub destination_canonical_revision: Value,
+    pub destination_workload_namespace: Value,
+    pub destination_principal: Value,
+    pub destination_app: Value,
+    pub destination_version: Value,
+    pub destination_cluster: Value,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+/// Who reports a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// The facts about one connection that its labels are made of.
+#[derive(Debug, Clone)]
+pub struct ConnFacts<'a> {
+    pub reporter: Reporter,
+    pub source: Option<&'a Workload>,
+    /// The source's SPIFFE ID, when known (mTLS).
+    pub source_principal: Option<String>,
+    pub destination: Option<&'a Workload>,
+    pub destination_service: Option<&'a Service>,
+    pub mutual_tls: bool,
+}
+
+impl ConnLabels {
+    pub fn new(f: &ConnFacts<'_>, response_flags: &'static str) -> Self {
+        let unknown = || Value("unknown".into());
+        let w = |w: Option<&Workload>, pick: fn(&Workload) -> Str| {
+            w.map_or_else(unknown, |w| Value(pick(w)))
+        };
+        let principal = |w: Option<&Workload>| {
+            w.and_then(Workload::identity)
+                .map_or_else(unknown, |id| Value(id.to_string().into()))
+        };
+        let svc = |pick: fn(&Service) -> Str| {
+            f.destination_service
+                .map_or_else(unknown, |s| Value(pick(s)))
+        };
+        ConnLabels {
+            reporter: match f.reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            },
+            source_workload: w(f.source, |w| w.workload_name.clone()),
+            source_canonical_service: w(f.source, |w| w.profile.canonical_name.clone()),
+            source_canonical_revision: w(f.source, |w| w.profile.canonical_revision.clone()),
+            source_workload_namespace: w(f.source, |w| w.profile.namespace.clone()),
+            source_principal: match &f.source_principal {
+                Some(p) => Value(p.as_str().into()),
+                None if f.mutual_tls => principal(f.source),
+                None => unknown(),
+            },
+            source_app: w(f.source, |w| w.profile.canonical_name.clone()),
+            source_version: w(f.source, |w| w.profile.canonical_revision.clone()),
+            source_cluster: w(f.source, |w| w.profile.cluster_id.clone()),
+            destination_service: svc(|s| s.hostname.clone()),
+            destination_service_namespace: svc(|s| s.namespace.clone()),
+            destination_service_name: svc(|s| s.name.clone()),
+            destination_workload: w(f.destination, |w| w.workload_name.clone()),
+            destination_canonical_service: w(f.destination, |w| w.profile.canonical_name.clone()),
+            destination_canonical_revision: w(f.destination, |w| {
+                w.profile.canonical_revision.clone()
+            }),
+            destination_workload_namespace: w(f.destination, |w| w.profile.namespace.clone()),
+            destination_principal: if f.mutual_tls {
+                principal(f.destination)
+            } else {
+                unknown()
+            },
+            destination_app: w(f.destination, |w| w.profile.canonical_name.clone()),
+            destination_version: w(f.destination, |w| w.profile.canonical_revision.clone()),
+            destination_cluster: w(f.destination, |w| w.profile.cluster_id.clone()),
+            request_protocol: "tcp",
+            response_flags,
+            connection_security_policy: if f.mutual_tls { "mutual_tls" } else { "none" },
+        }
+    }
+}
+
+/// Every metric the node proxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub opened: Family<ConnLabels, Counter>,
+    pub closed: Family<ConnLabels, Counter>,
+    pub sent: Family<ConnLabels, Counter>,
+    pub received: Family<ConnLabels, Counter>,
+    pub pods: Gauge,
+    pub connect_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let opened = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            opened.clone(),
+        );
+        let closed = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            closed.clone(),
+        );
+        let sent = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent from the destination back to the source",
+            sent.clone(),
+        );
+        let received = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the source by the destination",
+            received.clone(),
+        );
+        let own = registry.sub_registry_with_prefix("ambit_node");
+        let pods = Gauge::default();
+        own.register("pods", "Pods the node proxy serves", pods.clone());
+        let connect_failures = Counter::default();
+        own.register(
+            "connect_failures",
+            "Connections closed because their destination could not be reached",
+            connect_failures.clone(),
+        );
+        Self {
+            registry,
+            opened,
+            closed,
+            sent,
+            received,
+            pods,
+            connect_failures,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One connection's metrics: opened now, closed (with its bytes) when dropped or closed.
+pub struct ConnMetrics {
+    metrics: Arc<Metrics>,
+    labels: ConnLabels,
+    closed: bool,
+}
+
+impl ConnMetrics {
+    pub fn open(metrics: Arc<Metrics>, labels: ConnLabels) -> Self {
+        metrics.opened.get_or_create(&labels).inc();
+        Self {
+            metrics,
+            labels,
+            closed: false,
+        }
+    }
+
+    /// Records the close: `from_source` bytes went source -> destination, `to_source`
+    /// came back.
+    pub fn close(mut self, from_source: u64, to_source: u64, flags: Option<&'static str>) {
+        if let Some(f) = flags {
+            self.labels.response_flags = f;
+        }
+        self.record(from_source, to_source);
+    }
+
+    fn record(&mut self, from_source: u64, to_source: u64) {
+        self.closed = true;
+        let m = &self.metrics;
+        m.closed.get_or_create(&self.labels).inc();
+        m.received.get_or_create(&self.labels).inc_by(from_source);
+        m.sent.get_or_create(&self.labels).inc_by(to_source);
+    }
+}
+
+impl Drop for ConnMetrics {
+    fn drop(&mut self) {
+        if !self.closed {
+            self.record(0, 0);
+        }
+    }
+}
+
+/// A short human form of a workload for logs.
+pub fn describe(w: Option<&Workload>) -> String {
+    match w {
+        Some(w) => {
+            let mut s = String::new();
+            let _ = write!(s, "{}/{}", w.profile.namespace, w.name);
+            s
+        }
+        None => "unknown".to_owned(),
+    }
+}

@@ -1,0 +1,124 @@
+//! The pods the node proxy serves: added and removed by the node agent (ZDS) or by local
+//! configuration, each with its listeners and connections.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use ambit_hbone::socket::Netns;
+use serde::Serialize;
+use tokio::runtime::Handle;
+
+use crate::dataplane::{DataPlane, PodInfo, RunningPod};
+
+/// The set of served pods.
+pub struct Pods {
+    dp: Arc<DataPlane>,
+    rt: Handle,
+    running: Mutex<BTreeMap<String, RunningPod>>,
+}
+
+impl std::fmt::Debug for Pods {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pods").finish_non_exhaustive()
+    }
+}
+
+/// One served pod, for the admin endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct PodStatus {
+    #[serde(flatten)]
+    pub info: PodInfo,
+    pub identity: String,
+    pub netns: String,
+    pub certificate_ready: bool,
+}
+
+impl Pods {
+    /// Pods are served on `rt` (the data-path runtime).
+    pub fn new(dp: Arc<DataPlane>, rt: Handle) -> Self {
+        Self {
+            dp,
+            rt,
+            running: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningPod>> {
+        // Entries are inserted and removed whole.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts serving a pod. Adding a pod already served in the same namespace does
+    /// nothing; in another namespace (the pod was recreated), the old one is replaced.
+    pub async fn add(&self, info: PodInfo, netns: Netns) -> Result<(), String> {
+        let replaced = {
+            let mut running = self.lock();
+            match running.get(&info.uid) {
+                Some(p) if p.ctx.netns == netns && p.ctx.info == info => return Ok(()),
+                Some(_) => running.remove(&info.uid),
+                None => None,
+            }
+        };
+        if let Some(old) = replaced {
+            old.stop().await;
+        }
+        let pod = RunningPod::start(self.dp.clone(), info.clone(), netns, &self.rt)?;
+        self.lock().insert(info.uid, pod);
+        Ok(())
+    }
+
+    /// Stops serving a pod: listeners close now, connections drain. Returns whether it
+    /// was served.
+    pub async fn remove(&self, uid: &str) -> bool {
+        let pod = self.lock().remove(uid);
+        match pod {
+            Some(p) => {
+                p.stop().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops serving every pod not in `keep`.
+    pub async fn retain(&self, keep: &HashSet<String>) {
+        let gone: Vec<RunningPod> = {
+            let mut running = self.lock();
+            let uids: Vec<String> = running
+                .keys()
+                .filter(|u| !keep.contains(*u))
+                .cloned()
+                .collect();
+            uids.iter().filter_map(|u| running.remove(u)).collect()
+        };
+        for pod in gone {
+            pod.stop().await;
+        }
+    }
+
+    pub fn uids(&self) -> HashSet<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    pub fn status(&self) -> Vec<PodStatus> {
+        self.lock()
+            .values()
+            .map(|p| PodStatus {
+                info: p.ctx.info.clone(),
+                identity: p.ctx.identity.to_string(),
+                netns: p.ctx.netns.name().to_owned(),
+                certificate_ready: p.ctx.cert.current().is_some(),
+            })
+            .collect()
+    }
+
+    /// Whether every pod has its certificate.
+    pub fn all_certified(&self) -> bool {
+        self.lock().values().all(|p| p.ctx.cert.current().is_some())
+    }
+
+    /// Stops everything.
+    pub async fn clear(&self) {
+        self.retain(&HashSet::new()).await;
+    }
+}
