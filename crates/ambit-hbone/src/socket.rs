@@ -83,7 +83,16 @@ impl Netns {
     }
 
     /// Takes ownership of an open namespace file descriptor (as the node agent sends).
+    /// Anything but a namespace file (the `nsfs` file system) is refused here, rather
+    /// than failing later when something tries to enter it.
     pub fn from_file(file: File, name: impl Into<String>) -> io::Result<Self> {
+        let fs = nix::sys::statfs::fstatfs(&file).map_err(io::Error::from)?;
+        if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the descriptor is not a namespace file (expected /proc/<pid>/ns/net or /run/netns/<name>)",
+            ));
+        }
         let meta = file.metadata()?;
         Ok(Self {
             inner: Arc::new(NetnsInner {

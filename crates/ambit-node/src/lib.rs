@@ -147,8 +147,30 @@ async fn bind(
         .map_err(StartError::Listen)
 }
 
+/// Raises the open-file limit to the hard limit: every proxied connection holds two or
+/// three descriptors, and the usual soft limit (1024) would cap a node at a few hundred
+/// connections. Returns the new limit.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(std::io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(std::io::Error::from)?;
+    }
+    Ok(hard)
+}
+
 impl NodeProxy {
     pub async fn start(config: NodeConfig) -> Result<Self, StartError> {
+        match raise_fd_limit() {
+            Ok(limit) if limit < 65_536 => {
+                tracing::warn!(
+                    limit,
+                    "open-file limit is low; connections beyond it will fail (raise `ulimit -Hn`)"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
         let data = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.worker_threads.max(1))
             .thread_name("ambit-data")

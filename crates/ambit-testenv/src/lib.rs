@@ -77,6 +77,15 @@ impl Pod {
 
     /// `ss -tnH` inside the pod: established TCP connections as (local, peer).
     pub fn tcp_connections(&self) -> Result<Vec<(SocketAddr, SocketAddr)>, TestenvError> {
+        self.ss("established")
+    }
+
+    /// `ss -tlnH` inside the pod: the addresses TCP listeners are bound to.
+    pub fn tcp_listeners(&self) -> Result<Vec<SocketAddr>, TestenvError> {
+        Ok(self.ss("listening")?.into_iter().map(|(l, _)| l).collect())
+    }
+
+    fn ss(&self, state: &str) -> Result<Vec<(SocketAddr, SocketAddr)>, TestenvError> {
         let out = run_output(&[
             "ip",
             "netns",
@@ -85,7 +94,7 @@ impl Pod {
             "ss",
             "-tnH",
             "state",
-            "established",
+            state,
         ])?;
         Ok(out
             .lines()
@@ -95,7 +104,9 @@ impl Pod {
                 if n < 2 {
                     return None;
                 }
-                Some((cols[n - 2].parse().ok()?, cols[n - 1].parse().ok()?))
+                // Listeners show their peer as `0.0.0.0:*` or `[::]:*`.
+                let peer = cols[n - 1].replace('*', "0");
+                Some((cols[n - 2].parse().ok()?, peer.parse().ok()?))
             })
             .collect())
     }
@@ -228,6 +239,13 @@ impl Topology {
         &self.fabric
     }
 
+    /// Starts capturing every TCP packet on the fabric's links, that is every packet
+    /// between pods. (A capture on the bridge device itself would only see what is
+    /// addressed to the bridge, not what it forwards between pods.)
+    pub fn capture(&self) -> Result<capture::Capture, TestenvError> {
+        capture::Capture::start(&self.fabric, "any")
+    }
+
     pub fn pods(&self) -> &[Pod] {
         &self.pods
     }
@@ -279,6 +297,8 @@ fn run_output(args: &[&str]) -> Result<String, TestenvError> {
         })
     }
 }
+
+pub mod capture;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,545 @@
+//! The node proxy's data path end to end, across network namespaces: real pods (network
+//! namespaces on a bridge) with the redirection rules installed, two node proxies, the
+//! control plane and its CA, real TLS and HTTP/2 on the wire.
+//!
+//! Needs root, iproute2, nftables and tcpdump (CI installs them); without them each test
+//! fails saying what is missing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use ambit_cni::zds::{PodRef, ZdsClient};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SLEEP_ID: &str = "spiffe://cluster.local/ns/demo/sa/sleep";
+const ECHO_ID: &str = "spiffe://cluster.local/ns/demo/sa/echo";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_ip_and_service_vip_across_nodes_carry_the_client_identity() {
+    let mesh = Mesh::start(cast()).await;
+    let peers = mesh.echo_app("echo-1", APP_PORT);
+    let sleep = mesh.pod("sleep");
+
+    // By pod IP.
+    let payload = pattern(1, 100_000);
+    let back = exchange(sleep, mesh.addr("echo-1", APP_PORT), &payload)
+        .await
+        .unwrap();
+    assert!(back == payload, "echo by pod IP returned other bytes");
+    // By service VIP (80 -> 8080).
+    let payload = pattern(2, 5_000);
+    let back = exchange(sleep, ECHO_VIP, &payload).await.unwrap();
+    assert!(back == payload, "echo by VIP returned other bytes");
+
+    // The application saw the client pod's own address both times.
+    assert_eq!(peers.ips(), vec![IpAddr::V4(mesh.spec("sleep").ip); 2]);
+
+    // The destination's access log names the client's SPIFFE ID, the source's the
+    // service and both identities.
+    let inbound = logs::wait_access("inbound from sleep", |v| {
+        v["direction"] == "inbound" && v["src.identity"] == SLEEP_ID
+    })
+    .await;
+    assert_eq!(inbound["mtls"], true);
+    assert_eq!(inbound["dst.workload"], "demo/echo-1");
+    assert_eq!(inbound["error"], "");
+    let outbound = logs::wait_access("outbound to the VIP", |v| {
+        v["direction"] == "outbound" && v["dst.service"] == "echo.demo.svc.cluster.local"
+    })
+    .await;
+    assert_eq!(outbound["src.identity"], SLEEP_ID);
+    assert_eq!(outbound["dst.identity"], ECHO_ID);
+    assert_eq!(
+        outbound["dst.hbone_addr"],
+        format!("{}:15008", mesh.spec("echo-1").ip)
+    );
+    assert_eq!(outbound["bytes_sent"], 5_000);
+    assert_eq!(outbound["bytes_received"], 5_000);
+
+    // Metrics on both sides, with Istio's labels.
+    let dst = mesh.metrics("node-b").await;
+    let labels = [
+        ("reporter", "destination"),
+        ("source_principal", SLEEP_ID),
+        ("destination_principal", ECHO_ID),
+        ("source_workload", "sleep"),
+        ("destination_workload", "echo-1"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        sum(&dst, "istio_tcp_connections_opened_total", &labels),
+        2.0,
+        "{dst}"
+    );
+    assert_eq!(
+        sum(&dst, "istio_tcp_connections_closed_total", &labels),
+        2.0
+    );
+    assert_eq!(
+        sum(&dst, "istio_tcp_received_bytes_total", &labels),
+        105_000.0
+    );
+    assert_eq!(sum(&dst, "istio_tcp_sent_bytes_total", &labels), 105_000.0);
+    let src = mesh.metrics("node-a").await;
+    let vip = [
+        ("reporter", "source"),
+        ("destination_service", "echo.demo.svc.cluster.local"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(
+        sum(&src, "istio_tcp_connections_opened_total", &vip),
+        1.0,
+        "{src}"
+    );
+
+    // While a connection is open, the server pod holds it on 15008 from the client's
+    // address, and the application's socket has the client's address too.
+    let mut open = sleep.connect(mesh.addr("echo-1", APP_PORT)).await.unwrap();
+    open.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    open.read_exact(&mut buf).await.unwrap();
+    let conns = mesh.pod("echo-1").tcp_connections().unwrap();
+    let client_ip = IpAddr::V4(mesh.spec("sleep").ip);
+    assert!(
+        conns
+            .iter()
+            .any(|(local, peer)| local.port() == 15008 && peer.ip() == client_ip),
+        "no HBONE connection from the client in the server pod: {conns:?}"
+    );
+    assert!(
+        conns
+            .iter()
+            .any(|(local, peer)| local.port() == APP_PORT && peer.ip() == client_ip),
+        "the application's connection does not carry the client address: {conns:?}"
+    );
+
+    // The admin port lists the pods served and their certificates.
+    let (_, dump) = ambit_admin::get(mesh.node("node-b").admin_addr(), "/config_dump")
+        .await
+        .unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["pods"][0]["name"], "echo-1");
+    assert_eq!(dump["pods"][0]["certificate_ready"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_between_nodes_are_tls_on_15008_never_plaintext() {
+    let mesh = Mesh::start(cast()).await;
+    mesh.echo_app("echo-1", APP_PORT);
+    let marker = b"AMBIT-PLAINTEXT-MARKER-7f3a9c".repeat(200);
+
+    let capture = mesh.topo.capture().unwrap();
+    let back = exchange(mesh.pod("sleep"), mesh.addr("echo-1", APP_PORT), &marker)
+        .await
+        .unwrap();
+    assert!(back == marker);
+    let back = exchange(mesh.pod("sleep"), ECHO_VIP, &marker)
+        .await
+        .unwrap();
+    assert!(back == marker);
+    // The control: an un-enrolled client sends the same bytes in the clear, and the
+    // capture must see them (so a capture that saw nothing proves nothing).
+    let back = exchange(mesh.pod("legacy"), mesh.addr("echo-1", APP_PORT), &marker)
+        .await
+        .unwrap();
+    assert!(back == marker);
+    let segments = capture.stop().unwrap();
+
+    let sleep = SocketAddr::new(IpAddr::V4(mesh.spec("sleep").ip), 0).ip();
+    let legacy = IpAddr::V4(mesh.spec("legacy").ip);
+    let finder = memchr_like(b"AMBIT-PLAINTEXT-MARKER");
+    let mesh_segments: Vec<_> = segments
+        .iter()
+        .filter(|s| s.src.ip() == sleep || s.dst.ip() == sleep)
+        .collect();
+    assert!(
+        mesh_segments.len() > 4,
+        "the capture saw too little of the mesh traffic: {} of {} segments",
+        mesh_segments.len(),
+        segments.len()
+    );
+    for s in &mesh_segments {
+        assert!(
+            s.has_port(15008),
+            "a segment between the client and the server not on 15008: {} -> {}",
+            s.src,
+            s.dst
+        );
+        assert!(
+            !finder(&s.payload),
+            "plaintext crossed the wire: {} -> {}",
+            s.src,
+            s.dst
+        );
+    }
+    // Each tunnel starts with a TLS handshake record from the client (0x16 0x03).
+    let first_from_client = mesh_segments
+        .iter()
+        .find(|s| s.src.ip() == sleep && !s.payload.is_empty())
+        .expect("no payload from the client");
+    assert_eq!(
+        &first_from_client.payload[..2],
+        &[0x16, 0x03],
+        "the first bytes on 15008 are not a TLS handshake"
+    );
+    // The control: the un-enrolled client's bytes were visible.
+    assert!(
+        segments
+            .iter()
+            .any(|s| s.src.ip() == legacy && finder(&s.payload)),
+        "the capture did not see the plaintext control traffic"
+    );
+}
+
+/// A substring search for the marker (payloads are split across segments, but the
+/// marker repeats, so each segment longer than it holds a whole copy if plaintext).
+fn memchr_like(needle: &'static [u8]) -> impl Fn(&[u8]) -> bool {
+    move |hay: &[u8]| hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinations_outside_the_mesh_pass_through_as_plain_tcp() {
+    let mesh = Mesh::start(cast()).await;
+    let peers = mesh.echo_app("outside", APP_PORT);
+    let payload = pattern(3, 50_000);
+    let back = exchange(mesh.pod("sleep"), mesh.addr("outside", APP_PORT), &payload)
+        .await
+        .unwrap();
+    assert!(back == payload);
+    // Plain TCP straight from the pod: the host outside the mesh sees the pod's address.
+    assert_eq!(peers.ips(), vec![IpAddr::V4(mesh.spec("sleep").ip)]);
+    let line = logs::wait_access("passthrough", |v| {
+        v["direction"] == "outbound" && v["dst.addr"] == mesh.addr("outside", APP_PORT).to_string()
+    })
+    .await;
+    assert_eq!(line["mtls"], false);
+    assert_eq!(line["dst.hbone_addr"], "");
+    assert_eq!(line["bytes_sent"], 50_000);
+    let src = mesh.metrics("node-a").await;
+    let labels = [
+        ("reporter", "source"),
+        ("source_principal", "unknown"),
+        ("connection_security_policy", "none"),
+        ("destination_workload", "unknown"),
+    ];
+    assert_eq!(
+        sum(&src, "istio_tcp_sent_bytes_total", &labels),
+        50_000.0,
+        "{src}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unenrolled_client_arrives_on_the_plaintext_port() {
+    let mesh = Mesh::start(cast()).await;
+    let peers = mesh.echo_app("echo-1", APP_PORT);
+    let legacy = mesh.pod("legacy");
+    let mut conn = legacy.connect(mesh.addr("echo-1", APP_PORT)).await.unwrap();
+    conn.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    conn.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    // Inside the server pod, the client's connection ends on 15006 (where the rules
+    // sent it), and the application sees the client's address.
+    let legacy_ip = IpAddr::V4(mesh.spec("legacy").ip);
+    let conns = mesh.pod("echo-1").tcp_connections().unwrap();
+    assert!(
+        conns
+            .iter()
+            .any(|(local, peer)| local.port() == 15006 && peer.ip() == legacy_ip),
+        "{conns:?}"
+    );
+    assert_eq!(peers.ips(), vec![legacy_ip]);
+    drop(conn);
+    let line = logs::wait_access("plaintext inbound", |v| {
+        v["direction"] == "inbound"
+            && v["src.addr"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("198.18.1.20:")
+    })
+    .await;
+    assert_eq!(line["mtls"], false);
+    assert_eq!(line["src.identity"], "");
+    assert_eq!(line["src.workload"], "legacy/legacy");
+    let dst = mesh.metrics("node-b").await;
+    let labels = [
+        ("reporter", "destination"),
+        ("source_workload", "legacy"),
+        ("connection_security_policy", "none"),
+        ("source_principal", "unknown"),
+    ];
+    assert_eq!(
+        sum(&dst, "istio_tcp_connections_opened_total", &labels),
+        1.0,
+        "{dst}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_pod_loses_its_listeners_and_its_connections_drain() {
+    let mesh = Mesh::start(cast()).await;
+    mesh.echo_app("echo-1", APP_PORT);
+    let echo = mesh.pod("echo-1");
+    let ports = |pod: &ambit_testenv::Pod| -> Vec<u16> {
+        let mut p: Vec<u16> = pod
+            .tcp_listeners()
+            .unwrap()
+            .iter()
+            .map(SocketAddr::port)
+            .filter(|p| [15001, 15006, 15008].contains(p))
+            .collect();
+        p.sort();
+        p
+    };
+    assert_eq!(ports(echo), [15001, 15006, 15008]);
+
+    // A connection open when the pod goes: it may finish within the drain time.
+    let mut open = mesh
+        .pod("sleep")
+        .connect(mesh.addr("echo-1", APP_PORT))
+        .await
+        .unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+
+    let node = mesh.node("node-b");
+    let pods = node.pods().clone();
+    let uid = mesh.spec("echo-1").uid();
+    let removal = tokio::spawn(async move { pods.remove(&uid).await });
+    // Listeners go at once.
+    let started = Instant::now();
+    while !ports(echo).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "listeners still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The open connection still works during the drain...
+    open.write_all(b"during").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"during");
+    // ...and is closed when the drain time (2 s here) is over.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), open.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the connection outlived the drain");
+    assert!(removal.await.unwrap(), "the pod was not being served");
+    assert!(node.pods().status().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_connections_keep_every_byte() {
+    let mesh = Mesh::start(cast()).await;
+    mesh.echo_app("echo-1", APP_PORT);
+    let sleep = mesh.pod("sleep").clone();
+    const CONNS: usize = 1000;
+    const BYTES: usize = 32 * 1024;
+
+    // All connections open first, then all transfer at once.
+    let mut conns = Vec::with_capacity(CONNS);
+    for i in 0..CONNS {
+        let to = if i % 2 == 0 {
+            mesh.addr("echo-1", APP_PORT)
+        } else {
+            ECHO_VIP
+        };
+        conns.push(sleep.connect(to).await.unwrap());
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(CONNS));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, mut conn) in conns.into_iter().enumerate() {
+        let barrier = barrier.clone();
+        tasks.spawn(async move {
+            barrier.wait().await;
+            let payload = pattern(1000 + i as u64, BYTES);
+            let back = round_trip(&mut conn, &payload).await?;
+            Ok::<bool, std::io::Error>(back == payload)
+        });
+    }
+    let mut good = 0;
+    while let Some(r) = tasks.join_next().await {
+        let same = r.unwrap().expect("a connection failed");
+        assert!(same, "a connection got back other bytes than it sent");
+        good += 1;
+    }
+    assert_eq!(good, CONNS);
+    let dst = mesh.metrics("node-b").await;
+    let labels = [("reporter", "destination"), ("source_principal", SLEEP_ID)];
+    // Connections are counted closed once both proxies have seen them end.
+    let mut closed = 0.0;
+    for _ in 0..100 {
+        closed = sum(
+            &mesh.metrics("node-b").await,
+            "istio_tcp_connections_closed_total",
+            &labels,
+        );
+        if closed == CONNS as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(closed, CONNS as f64, "{dst}");
+    let received = sum(
+        &mesh.metrics("node-b").await,
+        "istio_tcp_received_bytes_total",
+        &labels,
+    );
+    assert_eq!(received, (CONNS * BYTES) as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_destinations_fail_fast_and_are_counted() {
+    let mesh = Mesh::start(cast()).await;
+    // A mesh workload with nothing listening on the port: the far proxy cannot connect
+    // to the application and refuses the tunnel.
+    let sleep = mesh.pod("sleep");
+    let started = Instant::now();
+    let result = exchange(sleep, mesh.addr("echo-1", 9999), b"anyone?").await;
+    match result {
+        Ok(back) => assert!(back.is_empty(), "got bytes from nowhere"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionRefused
+            ) || e.to_string().contains("reset"),
+            "{e}"
+        ),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    // A plain destination where nobody answers (no such host on the bridge).
+    let started = Instant::now();
+    let result = exchange(sleep, "198.18.9.9:80".parse().unwrap(), b"anyone?").await;
+    assert!(
+        result.map(|b| b.is_empty()).unwrap_or(true),
+        "got bytes from nowhere"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let src = mesh.metrics("node-a").await;
+    let failures: f64 = src
+        .lines()
+        .find(|l| l.starts_with("ambit_node_connect_failures_total "))
+        .and_then(|l| l.rsplit_once(' ')?.1.parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(failures, 2.0, "{src}");
+    assert_eq!(
+        sum(
+            &src,
+            "istio_tcp_connections_closed_total",
+            &[("reporter", "source"), ("response_flags", "CONNECT")]
+        ),
+        2.0,
+        "{src}"
+    );
+    let dst = mesh.metrics("node-b").await;
+    assert_eq!(
+        sum(
+            &dst,
+            "istio_tcp_connections_closed_total",
+            &[("response_flags", "CONNECT")]
+        ),
+        1.0,
+        "{dst}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_agent_adds_and_removes_pods_over_zds() {
+    // node-b has no local pods: it learns about echo-1 from an agent over ZDS.
+    let mut specs = cast();
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket = socket_dir.path().join("zds.sock");
+    let path = socket.clone();
+    let mesh = Mesh::start_with(specs.clone(), |c| {
+        if c.xds.node_name == "node-b" {
+            c.local_pods.clear();
+            c.zds_socket = Some(path.clone());
+        }
+    })
+    .await;
+    specs.retain(|s| s.name == "echo-1");
+    let echo = mesh.pod("echo-1");
+    let spec = mesh.spec("echo-1");
+    let peers = mesh.echo_app("echo-1", APP_PORT);
+    let pod = PodRef {
+        uid: spec.uid(),
+        name: spec.name.into(),
+        namespace: spec.namespace.into(),
+        service_account: spec.service_account.into(),
+    };
+    let listening = |pod: &ambit_testenv::Pod| {
+        pod.tcp_listeners()
+            .unwrap()
+            .iter()
+            .any(|a| a.port() == 15008)
+    };
+    assert!(!listening(echo));
+
+    let agent = ZdsClient::connect(&socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    // Bad requests get an error, not a crash: an add without a namespace descriptor.
+    let netns = std::fs::File::open(echo.netns_path()).unwrap();
+    let not_a_netns = std::fs::File::open("/dev/null").unwrap();
+    let err = agent.add(&pod, not_a_netns.as_fd()).await.unwrap_err();
+    assert!(err.to_string().contains("not a network namespace"), "{err}");
+    agent.add(&pod, netns.as_fd()).await.unwrap();
+    agent.snapshot_sent().await.unwrap();
+    assert!(listening(echo));
+    wait_ready(mesh.node("node-b")).await;
+    let back = exchange(mesh.pod("sleep"), ECHO_VIP, b"over zds")
+        .await
+        .unwrap();
+    assert_eq!(back, b"over zds");
+    assert_eq!(peers.ips(), vec![IpAddr::V4(mesh.spec("sleep").ip)]);
+
+    // Losing the agent changes nothing.
+    drop(agent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(listening(echo));
+    let back = exchange(mesh.pod("sleep"), ECHO_VIP, b"still")
+        .await
+        .unwrap();
+    assert_eq!(back, b"still");
+
+    // A new agent session whose snapshot keeps the pod: nothing changes either.
+    let agent = ZdsClient::connect(&socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    agent.keep(&pod.uid).await.unwrap();
+    agent.snapshot_sent().await.unwrap();
+    assert!(listening(echo));
+    // A snapshot sent twice on one session is refused.
+    assert!(agent.snapshot_sent().await.is_err());
+    drop(agent);
+
+    // A snapshot without the pod: its listeners close.
+    let agent = ZdsClient::connect(&socket, Duration::from_secs(5))
+        .await
+        .unwrap();
+    agent.snapshot_sent().await.unwrap();
+    assert!(!listening(echo));
+    assert!(mesh.node("node-b").pods().status().is_empty());
+
+    // Added again, then deleted.
+    agent.add(&pod, netns.as_fd()).await.unwrap();
+    assert!(listening(echo));
+    agent.del(&pod.uid).await.unwrap();
+    assert!(!listening(echo));
+}
