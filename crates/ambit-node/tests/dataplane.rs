@@ -543,3 +543,69 @@ async fn the_node_agent_adds_and_removes_pods_over_zds() {
     agent.del(&pod.uid).await.unwrap();
     assert!(!listening(echo));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_placed_on_another_node_gets_no_identity_and_is_not_ready() {
+    let mesh = Mesh::start(cast()).await;
+    // node-c claims to serve echo-1 (which the model places on node-b), in the
+    // namespace of the host outside the mesh.
+    let mut config = mesh.node_config("node-c");
+    let mut claimed = mesh.spec("echo-1").info();
+    claimed.uid = "uid-impostor".into();
+    config.local_pods = vec![(claimed, mesh.pod("outside").netns_path())];
+    let impostor = ambit_node::NodeProxy::start(config).await.unwrap();
+
+    // The control plane refuses the certificate, so the node never becomes ready and
+    // says why.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = ambit_admin::get(impostor.readiness_addr(), "/healthz/ready")
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("waiting for its certificate"), "{body}");
+    let (_, dump) = ambit_admin::get(impostor.admin_addr(), "/config_dump")
+        .await
+        .unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["pods"][0]["certificate_ready"], false);
+
+    // Its HBONE port presents nothing: a TLS ClientHello gets an alert where a real
+    // pod (the control) answers with its ServerHello.
+    let legacy = mesh.pod("legacy");
+    assert_eq!(
+        first_tls_record(legacy, mesh.addr("echo-1", 15008), &mesh.roots()).await,
+        0x16,
+        "the real pod should answer with a handshake record"
+    );
+    assert_eq!(
+        first_tls_record(legacy, mesh.addr("outside", 15008), &mesh.roots()).await,
+        0x15,
+        "the impostor answered a TLS handshake"
+    );
+    impostor.shutdown().await;
+}
+
+/// Sends a real TLS 1.3 ClientHello from `from` to `to`; returns the content type of
+/// the first record that comes back (0x16 handshake, 0x15 alert).
+async fn first_tls_record(
+    from: &ambit_testenv::Pod,
+    to: SocketAddr,
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+) -> u8 {
+    let config = ambit_tls::config::client_config_with_roots(roots).unwrap();
+    let mut tls = rustls::ClientConnection::new(
+        std::sync::Arc::new(config),
+        rustls::pki_types::ServerName::try_from("pod").unwrap(),
+    )
+    .unwrap();
+    let mut hello = Vec::new();
+    tls.write_tls(&mut hello).unwrap();
+    let mut conn = from.connect(to).await.unwrap();
+    conn.write_all(&hello).await.unwrap();
+    let mut first = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut first))
+        .await
+        .expect("no answer to a ClientHello")
+        .expect("the connection closed without a TLS record");
+    first[0]
+}
