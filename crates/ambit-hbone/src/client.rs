@@ -356,6 +356,7 @@ impl Pool {
         let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config));
         // No SNI is sent; the name only satisfies the API.
         let name = ServerName::IpAddress(destination.ip().into());
+        let tcp = tokio::io::BufReader::with_capacity(crate::TLS_READ_BUFFER, tcp);
         let tls = connector
             .connect(name, tcp)
             .await
@@ -460,7 +461,12 @@ impl Pool {
 
 struct Driver {
     connection: std::pin::Pin<
-        Box<h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, Bytes>>,
+        Box<
+            h2::client::Connection<
+                tokio_rustls::client::TlsStream<tokio::io::BufReader<tokio::net::TcpStream>>,
+                Bytes,
+            >,
+        >,
     >,
     ping: Option<h2::PingPong>,
 }

@@ -244,6 +244,7 @@ async fn tls_connection<H: ConnectHandler>(
     drain: watch::Receiver<Option<Instant>>,
 ) -> io::Result<()> {
     let deadline = Instant::now() + config.handshake_timeout;
+    let tcp = tokio::io::BufReader::with_capacity(crate::TLS_READ_BUFFER, tcp);
     let stream = tokio::time::timeout_at(deadline, tls.accept(tcp))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
