@@ -131,19 +131,15 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
             .await?;
             continue;
         }
-        let request = match WorkloadRequest::decode(&buf[..n]) {
+        let request = match decode(&buf[..n]) {
             Ok(r) => r,
             Err(e) => {
-                send(conn, ack(format!("undecodable WorkloadRequest: {e}"))).await?;
+                send(conn, ack(e)).await?;
                 continue;
             }
         };
-        let reply = match request.payload {
-            Some(workload_request::Payload::Add(add)) => {
-                let Some(w) = add.workload_info else {
-                    send(conn, ack("add without workload_info")).await?;
-                    continue;
-                };
+        let reply = match request {
+            Request::Add(info) => {
                 let mut fds = fds.into_iter();
                 let (Some(fd), None) = (fds.next(), fds.next()) else {
                     send(
@@ -153,23 +149,14 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
                     .await?;
                     continue;
                 };
-                let name = format!("{}/{} (uid {})", w.namespace, w.name, add.uid);
+                let name = format!("{}/{} (uid {})", info.namespace, info.name, info.uid);
                 match Netns::from_file(File::from(fd), name) {
                     Ok(netns) => {
-                        let info = PodInfo {
-                            uid: add.uid.clone(),
-                            name: w.name,
-                            namespace: w.namespace,
-                            service_account: if w.service_account.is_empty() {
-                                "default".into()
-                            } else {
-                                w.service_account
-                            },
-                        };
+                        let uid = info.uid.clone();
                         match pods.add(info, netns).await {
                             Ok(()) => {
                                 if let Some(s) = snapshot.as_mut() {
-                                    s.insert(add.uid);
+                                    s.insert(uid);
                                 }
                                 ack("")
                             }
@@ -179,21 +166,21 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
                     Err(e) => ack(format!("not a network namespace: {e}")),
                 }
             }
-            Some(workload_request::Payload::Keep(keep)) => match snapshot.as_mut() {
+            Request::Keep(uid) => match snapshot.as_mut() {
                 Some(s) => {
-                    s.insert(keep.uid);
+                    s.insert(uid);
                     ack("")
                 }
                 None => ack("keep is only valid before snapshot_sent"),
             },
-            Some(workload_request::Payload::Del(del)) => {
-                pods.remove(&del.uid).await;
+            Request::Del(uid) => {
+                pods.remove(&uid).await;
                 if let Some(s) = snapshot.as_mut() {
-                    s.remove(&del.uid);
+                    s.remove(&uid);
                 }
                 ack("")
             }
-            Some(workload_request::Payload::SnapshotSent(_)) => match snapshot.take() {
+            Request::SnapshotSent => match snapshot.take() {
                 Some(keep) => {
                     let before = pods.uids().len();
                     pods.retain(&keep).await;
@@ -206,8 +193,133 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
                 }
                 None => ack("snapshot already sent on this connection"),
             },
-            None => ack("empty WorkloadRequest"),
         };
         send(conn, reply).await?;
+    }
+}
+
+/// A request from the node agent, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Add(PodInfo),
+    Keep(String),
+    Del(String),
+    SnapshotSent,
+}
+
+/// Longest uid, name, namespace or service account accepted (Kubernetes names are at
+/// most 253 characters).
+const MAX_FIELD: usize = 253;
+
+fn field(what: &str, value: String, required: bool) -> Result<String, String> {
+    if required && value.is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if value.len() > MAX_FIELD {
+        return Err(format!("{what} is longer than {MAX_FIELD} bytes"));
+    }
+    if value.chars().any(|c| c.is_control() || c == '/') {
+        return Err(format!("{what} {value:?} holds a control character or '/'"));
+    }
+    Ok(value)
+}
+
+/// Decodes and checks one message from the node agent.
+pub fn decode(bytes: &[u8]) -> Result<Request, String> {
+    let request =
+        WorkloadRequest::decode(bytes).map_err(|e| format!("undecodable WorkloadRequest: {e}"))?;
+    match request.payload {
+        Some(workload_request::Payload::Add(add)) => {
+            let w = add
+                .workload_info
+                .ok_or_else(|| "add without workload_info".to_owned())?;
+            Ok(Request::Add(PodInfo {
+                uid: field("uid", add.uid, true)?,
+                name: field("pod name", w.name, true)?,
+                namespace: field("namespace", w.namespace, true)?,
+                service_account: match field("service account", w.service_account, false)? {
+                    sa if sa.is_empty() => "default".to_owned(),
+                    sa => sa,
+                },
+            }))
+        }
+        Some(workload_request::Payload::Keep(keep)) => {
+            Ok(Request::Keep(field("uid", keep.uid, true)?))
+        }
+        Some(workload_request::Payload::Del(del)) => Ok(Request::Del(field("uid", del.uid, true)?)),
+        Some(workload_request::Payload::SnapshotSent(_)) => Ok(Request::SnapshotSent),
+        None => Err("empty WorkloadRequest".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ambit_proto::zds::{AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo};
+
+    fn encode(payload: workload_request::Payload) -> Vec<u8> {
+        WorkloadRequest {
+            payload: Some(payload),
+        }
+        .encode_to_vec()
+    }
+
+    fn add(uid: &str, name: &str, ns: &str, sa: &str) -> Vec<u8> {
+        encode(workload_request::Payload::Add(AddWorkload {
+            uid: uid.into(),
+            workload_info: Some(WorkloadInfo {
+                name: name.into(),
+                namespace: ns.into(),
+                service_account: sa.into(),
+            }),
+        }))
+    }
+
+    #[test]
+    fn decodes_each_request() {
+        assert_eq!(
+            decode(&add("u1", "echo", "demo", "")).unwrap(),
+            Request::Add(PodInfo {
+                uid: "u1".into(),
+                name: "echo".into(),
+                namespace: "demo".into(),
+                service_account: "default".into(),
+            })
+        );
+        let keep = encode(workload_request::Payload::Keep(KeepWorkload {
+            uid: "u2".into(),
+        }));
+        assert_eq!(decode(&keep).unwrap(), Request::Keep("u2".into()));
+        let del = encode(workload_request::Payload::Del(DelWorkload {
+            uid: "u3".into(),
+        }));
+        assert_eq!(decode(&del).unwrap(), Request::Del("u3".into()));
+        let done = encode(workload_request::Payload::SnapshotSent(SnapshotSent {}));
+        assert_eq!(decode(&done).unwrap(), Request::SnapshotSent);
+    }
+
+    #[test]
+    fn refuses_bad_requests_with_a_reason() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![0xff, 0xff, 0xff], "undecodable"),
+            (WorkloadRequest { payload: None }.encode_to_vec(), "empty"),
+            (add("", "echo", "demo", "sa"), "uid is empty"),
+            (add("u", "", "demo", "sa"), "pod name is empty"),
+            (add("u", "echo", "", "sa"), "namespace is empty"),
+            (add("u", "echo", "de/mo", "sa"), "'/'"),
+            (add("u", "echo\n", "demo", "sa"), "control character"),
+            (add(&"u".repeat(300), "echo", "demo", "sa"), "longer than"),
+            (
+                encode(workload_request::Payload::Add(AddWorkload {
+                    uid: "u".into(),
+                    workload_info: None,
+                })),
+                "without workload_info",
+            ),
+        ];
+        for (bytes, want) in cases {
+            let err = decode(&bytes).unwrap_err();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
     }
 }

@@ -29,10 +29,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane (the CA and, later, discovery), or its operator tools.
+    /// Run the control plane (mesh model, certificate authority, discovery), or its
+    /// operator tools.
     Control(Box<control::ControlArgs>),
-    /// Run the node proxy (one per node): discovery and the admin port today; the data
-    /// path arrives with the next issue.
+    /// Run the node proxy (one per node): captures each served pod's traffic inside its
+    /// network namespace and carries it between nodes in mutual TLS (HBONE).
     Node(Box<node::NodeArgs>),
     /// Show what a node proxy knows: workloads, services, policies, certificates.
     Config(config_cmd::ConfigArgs),
