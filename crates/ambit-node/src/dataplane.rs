@@ -780,6 +780,26 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
     access.log(from_source, to_source, error.as_deref());
 }
 
+/// The service the client addressed, as its CONNECT's `forwarded: host=` names it, if
+/// this pod really backs that service (a client cannot pin metrics on a service the pod
+/// is not part of).
+fn addressed_service<'s>(
+    state: &'s State,
+    headers: &ConnectHeaders,
+    destination: Option<&Workload>,
+) -> Option<&'s Arc<Service>> {
+    let host = headers.forwarded_host.as_deref()?;
+    let destination = destination?;
+    state.services_by_hostname(host).find(|s| {
+        let key = s.key();
+        destination
+            .profile
+            .services
+            .iter()
+            .any(|(k, _)| k.as_ref() == key)
+    })
+}
+
 /// The pod's inbound HBONE handler.
 struct Inbound(Arc<PodCtx>);
 
@@ -809,6 +829,7 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
             .as_ref()
             .is_some_and(|w| w.addresses.contains(&authority.ip()));
     let principal = c.peer.identity.to_string();
+    let service = addressed_service(&state, &c.headers, destination.as_deref());
     let access = Access {
         direction: "inbound",
         src: c.peer.addr,
@@ -817,7 +838,7 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
         dst: authority,
         hbone: Some(c.peer.local),
         dst_workload: destination.as_deref(),
-        dst_service: None,
+        dst_service: service.map(|s| &**s),
         mtls: true,
         started,
     };
@@ -832,7 +853,7 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
         source: source.as_deref(),
         source_principal: Some(principal),
         destination: destination.as_deref(),
-        destination_service: None,
+        destination_service: service.map(|s| &**s),
         mutual_tls: true,
     };
     let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));

@@ -97,6 +97,18 @@ async fn pod_ip_and_service_vip_across_nodes_carry_the_client_identity() {
         1.0,
         "{src}"
     );
+    // The destination knows the service from the CONNECT's `forwarded: host=`.
+    let vip = [
+        ("reporter", "destination"),
+        ("destination_service", "echo.demo.svc.cluster.local"),
+        ("destination_service_name", "echo"),
+        ("destination_service_namespace", "demo"),
+    ];
+    assert_eq!(
+        sum(&dst, "istio_tcp_connections_opened_total", &vip),
+        1.0,
+        "{dst}"
+    );
 
     // While a connection is open, the server pod holds it on 15008 from the client's
     // address, and the application's socket has the client's address too.
@@ -608,4 +620,49 @@ async fn first_tls_record(
         .expect("no answer to a ClientHello")
         .expect("the connection closed without a TLS record");
     first[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_must_name_an_address_of_the_pod() {
+    use ambit_hbone::socket::SocketOptions;
+    use ambit_hbone::{ConnectHeaders, ConnectRequest, Pool, PoolConfig};
+    use ambit_tls::testing::TestPki;
+
+    let mesh = Mesh::start(cast()).await;
+    mesh.echo_app("echo-1", APP_PORT);
+    // A genuine mesh client: a certificate from the mesh CA for sleep's identity, the
+    // tunnel opened from a pod without redirection so it reaches 15008 as is.
+    let pki = TestPki::load(&mesh.dir.path().join("state/ca"));
+    let sleep_id = TestPki::id("demo", "sleep");
+    let cert = pki.issue(&sleep_id, Duration::from_secs(600));
+    let pool = Pool::new(PoolConfig::default(), pki.bundle());
+    let request = |authority: SocketAddr| ConnectRequest {
+        source: sleep_id.clone(),
+        source_cert: cert.clone(),
+        destination: mesh.addr("echo-1", 15008),
+        expected: vec![TestPki::id("demo", "echo")],
+        authority,
+        headers: ConnectHeaders::default(),
+        socket: SocketOptions {
+            netns: Some(mesh.pod("legacy").netns.clone()),
+            ..SocketOptions::default()
+        },
+    };
+    // The control: the pod's own address works.
+    let stream = pool.connect(request(mesh.addr("echo-1", APP_PORT))).await;
+    assert!(stream.is_ok(), "{:?}", stream.err());
+    // Another pod's address, or the proxy's own ports: 400, nothing reaches anyone.
+    for authority in [
+        mesh.addr("outside", APP_PORT),
+        mesh.addr("sleep", APP_PORT),
+        mesh.addr("echo-1", 15008),
+        mesh.addr("echo-1", 15006),
+    ] {
+        let err = pool.connect(request(authority)).await.unwrap_err();
+        assert_eq!(
+            err.status().map(|s| s.as_u16()),
+            Some(400),
+            "{authority}: {err}"
+        );
+    }
 }

@@ -14,7 +14,7 @@ use crate::spiffe::TrustBundle;
 /// A self-signed mesh CA in a temporary folder.
 pub struct TestPki {
     pub ca: CertificateAuthority,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl TestPki {
@@ -28,7 +28,18 @@ impl TestPki {
             },
         )
         .expect("test CA");
-        Self { ca, _dir: dir }
+        Self {
+            ca,
+            _dir: Some(dir),
+        }
+    }
+
+    /// The CA whose files are in `dir` (a running control plane's `<state>/ca`), to
+    /// issue certificates a test client presents to the mesh.
+    pub fn load(dir: &std::path::Path) -> Self {
+        let ca = CertificateAuthority::load_or_create(dir, CaOptions::default())
+            .expect("the CA in the given folder");
+        Self { ca, _dir: None }
     }
 
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {
