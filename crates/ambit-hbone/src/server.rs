@@ -180,7 +180,12 @@ impl ServerHandle {
     /// Stops accepting, sends GOAWAY on every connection, lets open streams finish for
     /// up to `deadline`, then closes what remains. Returns when everything is closed.
     pub async fn shutdown(self, deadline: Duration) {
-        let _ = self.drain.send(Some(Instant::now() + deadline));
+        // A deadline too far to represent (Duration::MAX: "no deadline") is 100 years.
+        let now = Instant::now();
+        let at = now
+            .checked_add(deadline)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
+        let _ = self.drain.send(Some(at));
         let _ = self.task.await;
     }
 }

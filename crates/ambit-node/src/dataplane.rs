@@ -319,26 +319,68 @@ impl RunningPod {
         })
     }
 
-    /// Closes the listeners at once; lets open connections finish for the drain timeout,
-    /// then closes them.
-    pub async fn stop(self) {
+    /// Closes the listeners at once and returns what is left: the pod's open
+    /// connections, which keep running until they end (see [`Draining::finish`]).
+    pub fn stop(self) -> Draining {
         for t in &self.accept_tasks {
             t.abort();
         }
-        let ctx = self.ctx;
-        let drain = ctx.dp.config.drain_timeout;
-        ctx.tracker.close();
-        let (_, drained) = tokio::join!(
-            self.hbone.shutdown(drain),
-            tokio::time::timeout(drain, ctx.tracker.wait())
+        self.ctx.tracker.close();
+        self.ctx.dp.metrics.pods.dec();
+        tracing::info!(
+            pod = %format!("{}/{}", self.ctx.info.namespace, self.ctx.info.name),
+            uid = %self.ctx.info.uid,
+            connections = self.ctx.tracker.len(),
+            "stopped serving pod; its open connections may finish"
         );
-        if drained.is_err() {
+        Draining {
+            ctx: self.ctx,
+            hbone: self.hbone,
+        }
+    }
+}
+
+/// A pod no longer served whose open connections may still be running.
+pub struct Draining {
+    ctx: Arc<PodCtx>,
+    hbone: ServerHandle,
+}
+
+impl Draining {
+    /// Open connections left.
+    pub fn connections(&self) -> usize {
+        self.ctx.tracker.len()
+    }
+
+    /// Lets the connections run until they end. Once `stop` fires (the node proxy is
+    /// shutting down) they get `drain` more, then the rest are closed. Then the pod's
+    /// certificate is released.
+    pub async fn finish(self, stop: CancellationToken, drain: Duration) {
+        let ctx = self.ctx;
+        // No deadline on the HBONE server itself: it stops accepting and sends GOAWAY
+        // now; its streams end with the connection tasks below.
+        let hbone = tokio::spawn(self.hbone.shutdown(Duration::MAX));
+        let drained = tokio::select! {
+            _ = ctx.tracker.wait() => true,
+            _ = stop.cancelled() => tokio::time::timeout(drain, ctx.tracker.wait()).await.is_ok(),
+        };
+        if !drained {
             ctx.cancel.cancel();
             ctx.tracker.wait().await;
         }
+        if tokio::time::timeout(Duration::from_secs(5), hbone)
+            .await
+            .is_err()
+        {
+            tracing::warn!(uid = %ctx.info.uid, "HBONE server of a removed pod did not close within 5 s");
+        }
         ctx.dp.release(&ctx.identity);
-        ctx.dp.metrics.pods.dec();
-        tracing::info!(pod = %format!("{}/{}", ctx.info.namespace, ctx.info.name), uid = %ctx.info.uid, "stopped serving pod");
+        tracing::info!(
+            pod = %format!("{}/{}", ctx.info.namespace, ctx.info.name),
+            uid = %ctx.info.uid,
+            forced = !drained,
+            "removed pod's connections have ended"
+        );
     }
 }
 

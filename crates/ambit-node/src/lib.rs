@@ -264,7 +264,6 @@ impl NodeProxy {
                 reason: e.to_string(),
             })?;
             pods.add(info.clone(), netns)
-                .await
                 .map_err(|reason| StartError::Pod { pod, reason })?;
         }
 

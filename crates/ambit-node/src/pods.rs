@@ -3,18 +3,30 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ambit_hbone::socket::Netns;
 use serde::Serialize;
 use tokio::runtime::Handle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::dataplane::{DataPlane, PodInfo, RunningPod};
 
 /// The set of served pods.
+///
+/// A pod removed (the node agent's `del`, or missing from its snapshot) stops being
+/// served at once: its listeners close. Its open connections are not cut: they run until
+/// they end, so un-enrolling a running pod breaks nothing. Only when the node proxy
+/// shuts down do they get a deadline (`drain`).
 pub struct Pods {
     dp: Arc<DataPlane>,
     rt: Handle,
     running: Mutex<BTreeMap<String, RunningPod>>,
+    /// Removed pods whose connections are still open.
+    draining: TaskTracker,
+    shutdown: CancellationToken,
+    drain: Duration,
 }
 
 impl std::fmt::Debug for Pods {
@@ -36,11 +48,21 @@ pub struct PodStatus {
 impl Pods {
     /// Pods are served on `rt` (the data-path runtime).
     pub fn new(dp: Arc<DataPlane>, rt: Handle) -> Self {
+        let drain = dp.config.drain_timeout;
         Self {
             dp,
             rt,
             running: Mutex::new(BTreeMap::new()),
+            draining: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            drain,
         }
+    }
+
+    fn retire(&self, pod: RunningPod) {
+        let draining = pod.stop();
+        self.draining
+            .spawn_on(draining.finish(self.shutdown.clone(), self.drain), &self.rt);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningPod>> {
@@ -50,7 +72,7 @@ impl Pods {
 
     /// Starts serving a pod. Adding a pod already served in the same namespace does
     /// nothing; in another namespace (the pod was recreated), the old one is replaced.
-    pub async fn add(&self, info: PodInfo, netns: Netns) -> Result<(), String> {
+    pub fn add(&self, info: PodInfo, netns: Netns) -> Result<(), String> {
         let replaced = {
             let mut running = self.lock();
             match running.get(&info.uid) {
@@ -60,20 +82,20 @@ impl Pods {
             }
         };
         if let Some(old) = replaced {
-            old.stop().await;
+            self.retire(old);
         }
         let pod = RunningPod::start(self.dp.clone(), info.clone(), netns, &self.rt)?;
         self.lock().insert(info.uid, pod);
         Ok(())
     }
 
-    /// Stops serving a pod: listeners close now, connections drain. Returns whether it
-    /// was served.
-    pub async fn remove(&self, uid: &str) -> bool {
+    /// Stops serving a pod: listeners close now; its connections run until they end.
+    /// Returns whether it was served.
+    pub fn remove(&self, uid: &str) -> bool {
         let pod = self.lock().remove(uid);
         match pod {
             Some(p) => {
-                p.stop().await;
+                self.retire(p);
                 true
             }
             None => false,
@@ -81,7 +103,7 @@ impl Pods {
     }
 
     /// Stops serving every pod not in `keep`.
-    pub async fn retain(&self, keep: &HashSet<String>) {
+    pub fn retain(&self, keep: &HashSet<String>) {
         let gone: Vec<RunningPod> = {
             let mut running = self.lock();
             let uids: Vec<String> = running
@@ -92,8 +114,13 @@ impl Pods {
             uids.iter().filter_map(|u| running.remove(u)).collect()
         };
         for pod in gone {
-            pod.stop().await;
+            self.retire(pod);
         }
+    }
+
+    /// Removed pods whose connections have not all ended.
+    pub fn draining(&self) -> usize {
+        self.draining.len()
     }
 
     pub fn uids(&self) -> HashSet<String> {
@@ -117,8 +144,12 @@ impl Pods {
         self.lock().values().all(|p| p.ctx.cert.current().is_some())
     }
 
-    /// Stops everything.
+    /// Stops everything: every pod stops being served, open connections get the drain
+    /// timeout to end, then are closed.
     pub async fn clear(&self) {
-        self.retain(&HashSet::new()).await;
+        self.retain(&HashSet::new());
+        self.shutdown.cancel();
+        self.draining.close();
+        self.draining.wait().await;
     }
 }

@@ -153,7 +153,7 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
                 match Netns::from_file(File::from(fd), name) {
                     Ok(netns) => {
                         let uid = info.uid.clone();
-                        match pods.add(info, netns).await {
+                        match pods.add(info, netns) {
                             Ok(()) => {
                                 if let Some(s) = snapshot.as_mut() {
                                     s.insert(uid);
@@ -174,7 +174,7 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
                 None => ack("keep is only valid before snapshot_sent"),
             },
             Request::Del(uid) => {
-                pods.remove(&uid).await;
+                pods.remove(&uid);
                 if let Some(s) = snapshot.as_mut() {
                     s.remove(&uid);
                 }
@@ -183,7 +183,7 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
             Request::SnapshotSent => match snapshot.take() {
                 Some(keep) => {
                     let before = pods.uids().len();
-                    pods.retain(&keep).await;
+                    pods.retain(&keep);
                     tracing::info!(
                         pods = keep.len(),
                         removed = before.saturating_sub(pods.uids().len()),
