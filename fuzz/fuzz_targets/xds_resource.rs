@@ -3,7 +3,7 @@
 //! never a panic; what converts must be consistent.
 #![no_main]
 
-use ambit_node::convert::{self, Interner};
+use ambit_xds::convert::{self, Interner};
 use ambit_proto::prost::Message;
 use ambit_proto::{security, workload};
 use libfuzzer_sys::fuzz_target;

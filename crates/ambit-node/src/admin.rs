@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::pods::{PodStatus, Pods};
-use crate::xds::XdsState;
+use ambit_xds::XdsState;
 
 /// What `/config_dump` returns.
 #[derive(Debug, Serialize)]

@@ -1,6 +1,6 @@
 //! Ambit's node proxy (`ambit node`, Istio's ztunnel role).
 //!
-//! - [`xds`]: the discovery client keeping the node's view of the mesh
+//! - discovery ([`ambit_xds`]) keeps the node's view of the mesh
 //!   ([`ambit_core::state::Store`]) current.
 //! - [`dataplane`]: per-pod listeners inside each pod's network namespace, outbound
 //!   ([`route`]) and inbound handling, HBONE both ways.
@@ -12,12 +12,10 @@
 //! so a slow scrape or a burst of discovery updates never delays a connection.
 
 pub mod admin;
-pub mod convert;
 pub mod dataplane;
 pub mod metrics;
 pub mod pods;
 pub mod route;
-pub mod xds;
 pub mod zds;
 
 use std::net::SocketAddr;
@@ -35,7 +33,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use dataplane::{AllowAll, Authorizer, DataPlaneConfig, Decision, InboundConn, PodInfo};
-pub use xds::{XdsClient, XdsConfig, XdsState};
+pub use ambit_xds::{XdsClient, XdsConfig, XdsState};
 
 use crate::dataplane::DataPlane;
 use crate::metrics::Metrics;

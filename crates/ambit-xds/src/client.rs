@@ -1,4 +1,4 @@
-//! The node proxy's discovery client: one delta ADS stream to the control plane,
+//! The discovery client (node proxy and node agent): one delta ADS stream to the control plane,
 //! subscribed to workloads/services (`istio.workload.Address`) and L4 policies
 //! (`istio.security.Authorization`).
 //!

@@ -1,4 +1,4 @@
-//! Discovery resources (protobuf) into the node proxy's model, validated: a resource that
+//! Discovery resources (protobuf) into the core model, validated: a resource that
 //! cannot be used is rejected with a reason, never half-applied.
 
 use std::collections::HashSet;
