@@ -119,6 +119,19 @@ impl ZdsClient {
         self.request("snapshot_sent", request, None).await
     }
 
+    /// Resolves when the node proxy closes the session (it sends nothing unasked, so a
+    /// readable socket means the end). Cancel-safe: dropping it loses nothing.
+    pub async fn closed(&self) {
+        let mut buf = [0u8; 64];
+        loop {
+            match self.conn.recv(&mut buf).await {
+                Ok(info) if info.bytes_read() == 0 => return,
+                Ok(_) => tracing::warn!("unexpected message from the node proxy; ignored"),
+                Err(_) => return,
+            }
+        }
+    }
+
     async fn request(
         &self,
         name: &'static str,

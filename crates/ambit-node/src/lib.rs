@@ -32,8 +32,8 @@ use ambit_tls::spiffe::TrustBundle;
 use serde::Serialize;
 use tokio::sync::watch;
 
-pub use dataplane::{AllowAll, Authorizer, DataPlaneConfig, Decision, InboundConn, PodInfo};
 pub use ambit_xds::{XdsClient, XdsConfig, XdsState};
+pub use dataplane::{AllowAll, Authorizer, DataPlaneConfig, Decision, InboundConn, PodInfo};
 
 use crate::dataplane::DataPlane;
 use crate::metrics::Metrics;

@@ -73,9 +73,12 @@ pub async fn serve(
         match conn {
             Ok(conn) => {
                 tracing::info!("node agent connected");
-                let reason = match session(&conn, &pods).await {
-                    Ok(()) => "disconnected".to_owned(),
-                    Err(e) => e.to_string(),
+                let reason = tokio::select! {
+                    r = session(&conn, &pods) => match r {
+                        Ok(()) => "disconnected".to_owned(),
+                        Err(e) => e.to_string(),
+                    },
+                    _ = stop.changed() => return,
                 };
                 tracing::info!(reason, "node agent session ended; pods stay as they are");
             }
@@ -212,13 +215,25 @@ pub enum Request {
 const MAX_FIELD: usize = 253;
 
 fn field(what: &str, value: String, required: bool) -> Result<String, String> {
+    checked(what, value, required, false)
+}
+
+/// A uid may hold '/' (Ambit's agent uses the discovery name `<cluster>//Pod/<ns>/<name>`).
+fn uid(value: String) -> Result<String, String> {
+    checked("uid", value, true, true)
+}
+
+fn checked(what: &str, value: String, required: bool, slash: bool) -> Result<String, String> {
     if required && value.is_empty() {
         return Err(format!("{what} is empty"));
     }
     if value.len() > MAX_FIELD {
         return Err(format!("{what} is longer than {MAX_FIELD} bytes"));
     }
-    if value.chars().any(|c| c.is_control() || c == '/') {
+    if value
+        .chars()
+        .any(|c| c.is_control() || (c == '/' && !slash))
+    {
         return Err(format!("{what} {value:?} holds a control character or '/'"));
     }
     Ok(value)
@@ -234,7 +249,7 @@ pub fn decode(bytes: &[u8]) -> Result<Request, String> {
                 .workload_info
                 .ok_or_else(|| "add without workload_info".to_owned())?;
             Ok(Request::Add(PodInfo {
-                uid: field("uid", add.uid, true)?,
+                uid: uid(add.uid)?,
                 name: field("pod name", w.name, true)?,
                 namespace: field("namespace", w.namespace, true)?,
                 service_account: match field("service account", w.service_account, false)? {
@@ -243,10 +258,8 @@ pub fn decode(bytes: &[u8]) -> Result<Request, String> {
                 },
             }))
         }
-        Some(workload_request::Payload::Keep(keep)) => {
-            Ok(Request::Keep(field("uid", keep.uid, true)?))
-        }
-        Some(workload_request::Payload::Del(del)) => Ok(Request::Del(field("uid", del.uid, true)?)),
+        Some(workload_request::Payload::Keep(keep)) => Ok(Request::Keep(uid(keep.uid)?)),
+        Some(workload_request::Payload::Del(del)) => Ok(Request::Del(uid(del.uid)?)),
         Some(workload_request::Payload::SnapshotSent(_)) => Ok(Request::SnapshotSent),
         None => Err("empty WorkloadRequest".to_owned()),
     }
@@ -277,6 +290,10 @@ mod tests {
 
     #[test]
     fn decodes_each_request() {
+        assert!(matches!(
+            decode(&add("Kubernetes//Pod/demo/echo", "echo", "demo", "")),
+            Ok(Request::Add(p)) if p.uid == "Kubernetes//Pod/demo/echo"
+        ));
         assert_eq!(
             decode(&add("u1", "echo", "demo", "")).unwrap(),
             Request::Add(PodInfo {
@@ -307,6 +324,7 @@ mod tests {
             (add("u", "", "demo", "sa"), "pod name is empty"),
             (add("u", "echo", "", "sa"), "namespace is empty"),
             (add("u", "echo", "de/mo", "sa"), "'/'"),
+            (add("u\u{7}", "echo", "demo", "sa"), "control character"),
             (add("u", "echo\n", "demo", "sa"), "control character"),
             (add(&"u".repeat(300), "echo", "demo", "sa"), "longer than"),
             (

@@ -1,9 +1,12 @@
 //! `ambit`: one binary, a subcommand per role.
 
+mod cni;
 mod config_cmd;
 mod control;
+mod discovery_args;
 mod logging;
 mod node;
+mod preflight;
 mod signal;
 
 use std::process::ExitCode;
@@ -37,8 +40,10 @@ enum Command {
     Node(Box<node::NodeArgs>),
     /// Show what a node proxy knows: workloads, services, policies, certificates.
     Config(config_cmd::ConfigArgs),
-    /// Run the node agent that enrolls pods. Not available yet.
-    Cni,
+    /// Run the node agent (one per node): enrolls the node's pods in the mesh by
+    /// installing redirection rules in their network namespaces and handing them to the
+    /// node proxy; un-enrolls them the same way. Pods are never restarted.
+    Cni(Box<cni::CniArgs>),
     /// Run a waypoint (L7 proxy). Not available yet.
     Waypoint,
     /// Build and walk through a local demo mesh. Not available yet.
@@ -60,7 +65,7 @@ fn main() -> ExitCode {
         Command::Control(args) => control::run(*args),
         Command::Node(args) => node::run(*args),
         Command::Config(args) => config_cmd::run(args),
-        Command::Cni => not_yet("the node agent", "issue 6"),
+        Command::Cni(args) => cni::run(*args),
         Command::Waypoint => not_yet("the waypoint", "a later issue"),
         Command::Demo => not_yet("the demo mesh", "issue 6"),
     };

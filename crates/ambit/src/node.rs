@@ -5,38 +5,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ambit_node::{NodeConfig, NodeProxy, PodInfo, XdsConfig};
-use ambit_tls::client::TokenSource;
+use ambit_node::{NodeConfig, NodeProxy, PodInfo};
 use anyhow::Context;
 use clap::Args;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
+
+use crate::discovery_args::{DiscoveryArgs, parse_duration};
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// This node's name (the control plane hands out identities of pods on it).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
-    /// The control plane's gRPC address (host:port): discovery and certificates.
-    #[arg(long, env = "AMBIT_CONTROL_PLANE", default_value = "127.0.0.1:15012")]
-    control_plane: String,
-    /// PEM file with the mesh root(s): the control plane's certificate and every peer's
-    /// chain to them (`<state-dir>/ca/root-cert.pem` of a self-signed control plane).
-    #[arg(long, env = "AMBIT_CA_ROOT")]
-    ca_root: PathBuf,
-    /// Name to check the control plane's certificate against [default: the host of
-    /// --control-plane].
-    #[arg(long)]
-    server_name: Option<String>,
-    /// File holding this node's token (`ambit control token --node <name> --output <file>`);
-    /// re-read on every request, so a rotated token is picked up.
-    #[arg(long, env = "AMBIT_TOKEN_FILE")]
-    token_file: PathBuf,
+    #[command(flatten)]
+    discovery: DiscoveryArgs,
     /// The node agent's socket (ZDS); without it only --pod pods are served.
     #[arg(long, env = "AMBIT_ZDS_SOCKET")]
     zds_socket: Option<PathBuf>,
     /// Serve a pod without a node agent: `<namespace>/<name>[/<service-account>]=<netns path>`
-    /// (repeatable), e.g. `demo/sleep/sleep=/run/netns/demo-sleep`.
+    /// (repeatable), e.g. `demo/sleep/sleep=/run/netns/demo.sleep`.
     #[arg(long = "pod", value_parser = parse_pod)]
     pods: Vec<(PodInfo, PathBuf)>,
     /// SPIFFE trust domain of the mesh.
@@ -57,16 +40,13 @@ pub struct NodeArgs {
     /// Threads of the data path [default: one per CPU].
     #[arg(long)]
     worker_threads: Option<usize>,
-    /// How long a removed pod's connections may finish.
+    /// On shutdown, how long open connections may finish before they are closed (a pod
+    /// removed while the proxy runs keeps its connections until they end).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
     /// Where to announce the admin address for `ambit config --node`.
     #[arg(long, env = "AMBIT_RUN_DIR", default_value = "/run/ambit")]
     run_dir: PathBuf,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 5s, 1m)"))
 }
 
 fn parse_pod(s: &str) -> Result<(PodInfo, PathBuf), String> {
@@ -98,35 +78,7 @@ fn parse_pod(s: &str) -> Result<(PodInfo, PathBuf), String> {
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
-    let roots = CertificateDer::pem_file_iter(&args.ca_root)
-        .with_context(|| format!("cannot read --ca-root {}", args.ca_root.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| {
-            format!(
-                "--ca-root {} is not a PEM certificate bundle",
-                args.ca_root.display()
-            )
-        })?;
-    if roots.is_empty() {
-        anyhow::bail!("--ca-root {} holds no certificate", args.ca_root.display());
-    }
-    if !args.token_file.exists() {
-        anyhow::bail!(
-            "--token-file {} does not exist; mint one with `ambit control token --node {} --output {}`",
-            args.token_file.display(),
-            args.node_name,
-            args.token_file.display()
-        );
-    }
-    let mut config = NodeConfig::new(XdsConfig {
-        address: args.control_plane,
-        roots,
-        server_name: args.server_name,
-        token: TokenSource::File(args.token_file),
-        node_name: args.node_name,
-        initial_backoff: Duration::from_millis(500),
-        max_backoff: Duration::from_secs(15),
-    });
+    let mut config = NodeConfig::new(args.discovery.xds_config()?);
     config.admin_addr = args.admin_addr;
     config.metrics_addr = args.metrics_addr;
     config.readiness_addr = args.readiness_addr;

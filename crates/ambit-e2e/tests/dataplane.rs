@@ -7,14 +7,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use ambit_cni::zds::{PodRef, ZdsClient};
-use support::*;
+use ambit_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SLEEP_ID: &str = "spiffe://cluster.local/ns/demo/sa/sleep";

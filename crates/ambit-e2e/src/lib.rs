@@ -1,9 +1,13 @@
-//! A small mesh for end-to-end tests: network namespaces on a bridge (ambit-testenv), a
-//! control plane with its CA, and node proxies, all in this process. Pods are real
-//! network namespaces with the redirection rules installed; applications are tasks
-//! listening and connecting inside them.
+//! Ambit's end-to-end tests (in `tests/`) and the small mesh they run on: network
+//! namespaces on a bridge (ambit-testenv), a control plane with its CA, node proxies and
+//! node agents, all in the test process. Pods are real network namespaces with the
+//! redirection rules installed; applications are tasks listening and connecting inside
+//! them.
+//!
+//! Needs root, iproute2, nftables and tcpdump (CI installs them); without them each test
+//! fails saying what is missing.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -12,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use ambit_cni::agent::{Agent, AgentConfig, PodPhase};
 use ambit_control::auth::TokenSigner;
 use ambit_control::{Config, ControlPlane};
 use ambit_node::{NodeConfig, NodeProxy, PodInfo, XdsConfig};
@@ -112,23 +117,28 @@ pub fn cast() -> Vec<PodSpec> {
     ]
 }
 
-fn manifests(pods: &[PodSpec]) -> String {
-    let mut out = String::from(
+fn manifests(pods: &[PodSpec], ambient: bool) -> String {
+    let label = if ambient {
+        "labels: {istio.io/dataplane-mode: ambient}"
+    } else {
+        "labels: {}"
+    };
+    let mut out = format!(
         "apiVersion: v1
 kind: Namespace
-metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+metadata: {{name: demo, {label}}}
 ---
 apiVersion: v1
 kind: Namespace
-metadata: {name: legacy}
+metadata: {{name: legacy}}
 ---
 apiVersion: v1
 kind: Service
-metadata: {name: echo, namespace: demo}
+metadata: {{name: echo, namespace: demo}}
 spec:
-  selector: {app: echo}
+  selector: {{app: echo}}
   clusterIP: 198.19.0.10
-  ports: [{name: tcp-echo, port: 80, targetPort: 8080}]
+  ports: [{{name: tcp-echo, port: 80, targetPort: 8080}}]
 ",
     );
     for p in pods.iter().filter(|p| p.in_model) {
@@ -152,9 +162,10 @@ status: {{podIP: {ip}, phase: Running, conditions: [{{type: Ready, status: 'True
     out
 }
 
-/// The running mesh. Node proxies stop before the namespaces are deleted.
+/// The running mesh. Agents and node proxies stop before the namespaces are deleted.
 pub struct Mesh {
     pub specs: Vec<PodSpec>,
+    pub agents: HashMap<&'static str, Agent>,
     pub nodes: HashMap<&'static str, NodeProxy>,
     pub cp: ControlPlane,
     pub dir: tempfile::TempDir,
@@ -170,6 +181,14 @@ impl Mesh {
     }
 
     pub async fn start_with(specs: Vec<PodSpec>, tune: impl Fn(&mut NodeConfig)) -> Mesh {
+        Self::start_full(specs, true, tune).await
+    }
+
+    async fn start_full(
+        specs: Vec<PodSpec>,
+        ambient: bool,
+        tune: impl Fn(&mut NodeConfig),
+    ) -> Mesh {
         logs::init();
         let mut topo = Topology::new().expect("building the test topology");
         let mut pods = HashMap::new();
@@ -182,7 +201,11 @@ impl Mesh {
         }
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("manifests")).unwrap();
-        std::fs::write(dir.path().join("manifests/mesh.yaml"), manifests(&specs)).unwrap();
+        std::fs::write(
+            dir.path().join("manifests/mesh.yaml"),
+            manifests(&specs, ambient),
+        )
+        .unwrap();
         let mut config = Config::new(dir.path().join("manifests"), dir.path().join("state"));
         config.grpc_addr = "127.0.0.1:0".parse().unwrap();
         config.monitoring_addr = "127.0.0.1:0".parse().unwrap();
@@ -191,6 +214,7 @@ impl Mesh {
 
         let mut mesh = Mesh {
             specs,
+            agents: HashMap::new(),
             nodes: HashMap::new(),
             cp,
             dir,
@@ -220,6 +244,109 @@ impl Mesh {
             wait_ready(node).await;
         }
         mesh
+    }
+
+    /// A mesh run the way a node runs it: each node has a node proxy listening for its
+    /// agent on ZDS and a node agent that enrolls pods from discovery. Nothing is
+    /// enrolled by hand; `ambient` says whether namespace `demo` starts with the label.
+    /// Waits until every agent has a session with its node proxy.
+    pub async fn start_agents(
+        specs: Vec<PodSpec>,
+        ambient: bool,
+        tune: impl Fn(&mut AgentConfig),
+    ) -> Mesh {
+        let mut specs = specs;
+        for s in &mut specs {
+            s.enrolled = false;
+        }
+        let mut mesh = Self::start_full(specs, ambient, |_| {}).await;
+        // The agents find namespaces as `<dir>/<namespace>.<name>`.
+        let netns_dir = mesh.dir.path().join("netns");
+        std::fs::create_dir(&netns_dir).unwrap();
+        for s in &mesh.specs {
+            std::os::unix::fs::symlink(
+                mesh.pods[s.name].netns_path(),
+                netns_dir.join(format!("{}.{}", s.namespace, s.name)),
+            )
+            .unwrap();
+        }
+        let mut nodes: Vec<&'static str> = mesh
+            .specs
+            .iter()
+            .filter(|s| s.in_model)
+            .map(|s| s.node)
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        for node in nodes {
+            mesh.start_node(node).await;
+            let agent = mesh.start_agent(node, &tune).await;
+            mesh.agents.insert(node, agent);
+        }
+        for agent in mesh.agents.values() {
+            let start = Instant::now();
+            while !agent.status().node_proxy_connected {
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "agent never reached its node proxy: {:?}",
+                    agent.status()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        mesh
+    }
+
+    /// The ZDS socket of a node's proxy.
+    pub fn zds_socket(&self, node: &str) -> PathBuf {
+        self.dir.path().join(format!("{node}.zds.sock"))
+    }
+
+    /// Starts (or restarts) a node's proxy listening for its agent.
+    pub async fn start_node(&mut self, node: &'static str) {
+        let mut config = self.node_config(node);
+        config.zds_socket = Some(self.zds_socket(node));
+        let proxy = NodeProxy::start(config).await.unwrap();
+        self.nodes.insert(node, proxy);
+    }
+
+    /// Starts a node's agent (not registered in `agents`).
+    pub async fn start_agent(&self, node: &str, tune: &impl Fn(&mut AgentConfig)) -> Agent {
+        let mut config = AgentConfig::new(self.node_config(node).xds, self.zds_socket(node));
+        config.netns_dir = self.dir.path().join("netns");
+        config.reconcile_interval = Duration::from_millis(500);
+        config.admin_addr = "127.0.0.1:0".parse().unwrap();
+        tune(&mut config);
+        Agent::start(config).await.unwrap()
+    }
+
+    /// Rewrites the manifests with or without the ambient label on namespace `demo`.
+    pub fn write_manifests(&self, ambient: bool) {
+        let path = self.dir.path().join("manifests/mesh.yaml");
+        let tmp = self.dir.path().join("mesh.yaml.tmp");
+        std::fs::write(&tmp, manifests(&self.specs, ambient)).unwrap();
+        std::fs::rename(tmp, path).unwrap();
+    }
+
+    /// Waits until the node's agent reports the pod in `phase` (or, with `None`, no
+    /// longer tracks it).
+    pub async fn wait_phase(&self, pod: &str, phase: Option<PodPhase>) {
+        let spec = self.spec(pod);
+        let uid = format!("Kubernetes//Pod/{}/{}", spec.namespace, spec.name);
+        let agent = &self.agents[spec.node];
+        let start = Instant::now();
+        loop {
+            let status = agent.status();
+            let now = status.pods.iter().find(|p| p.uid == uid).map(|p| p.phase);
+            if now == phase {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{pod}: wanted {phase:?}, agent says {status:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn roots(&self) -> Vec<CertificateDer<'static>> {

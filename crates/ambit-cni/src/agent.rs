@@ -1,0 +1,792 @@
+//! The node agent: follows the control plane's view of the pods on its node and keeps
+//! the node proxy and each pod's redirection rules in line with it.
+//!
+//! A pod is enrolled when discovery says it runs on this node with tunnel protocol HBONE
+//! (the control plane's reading of `istio.io/dataplane-mode=ambient`). Enrolling hands
+//! the pod's network namespace to the node proxy over ZDS, then installs the rules; the
+//! proxy's listeners are open before any connection is redirected to them. Un-enrolling
+//! does the reverse: redirection stops first (the rules are reduced to their draining
+//! form, which keeps connections the proxy already carries working), then the proxy is
+//! told `del`; once no connection in the pod depends on the rules any more, they are
+//! removed entirely.
+//!
+//! The agent acts only on a synced discovery view, so a restart never un-enrolls pods
+//! because it has not heard of them yet; and it opens its ZDS session only then, so the
+//! snapshot it sends is complete. Every `--reconcile-interval` it compares each pod's
+//! rules with what it installed and repairs drift.
+//!
+//! In local mode a pod's network namespace is found at `<netns_dir>/<namespace>.<name>`
+//! (`/run/netns/demo.sleep`): namespace names cannot contain a dot, so the name is
+//! unambiguous.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ambit_admin::{Handler, Page};
+use ambit_core::discovery::{TunnelProtocol, Workload, WorkloadType};
+use ambit_core::state::Store;
+use ambit_xds::{XdsClient, XdsConfig, XdsState};
+use http::StatusCode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::redirect::{Mode, RedirectError, Redirector, proxied_connections};
+use crate::zds::{PodRef, ZdsClient, ZdsError};
+
+/// Everything `ambit cni` is configured with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub xds: XdsConfig,
+    /// The node proxy's ZDS socket.
+    pub zds_socket: PathBuf,
+    /// Where pods' network namespaces are (`<dir>/<namespace>.<name>`).
+    pub netns_dir: PathBuf,
+    /// How often installed rules are checked for drift and draining pods for their last
+    /// connection.
+    pub reconcile_interval: Duration,
+    pub redirector: Redirector,
+    /// `/metrics`, `/healthz/ready`, `/debug/pods`.
+    pub admin_addr: SocketAddr,
+}
+
+impl AgentConfig {
+    pub fn new(xds: XdsConfig, zds_socket: PathBuf) -> Self {
+        Self {
+            xds,
+            zds_socket,
+            netns_dir: PathBuf::from("/run/netns"),
+            reconcile_interval: Duration::from_secs(10),
+            redirector: Redirector::default(),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 15030)),
+        }
+    }
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Listen(std::io::Error),
+}
+
+/// Where a pod stands, as `/debug/pods` and the metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodPhase {
+    /// Rules installed and the node proxy serves it.
+    Enrolled,
+    /// Should be enrolled; waiting for its network namespace or the node proxy, or
+    /// retrying after a failure.
+    Pending,
+    /// Un-enrolled; draining rules stay until the proxy's last connection in it ends.
+    Draining,
+}
+
+impl PodPhase {
+    fn label(self) -> &'static str {
+        match self {
+            PodPhase::Enrolled => "enrolled",
+            PodPhase::Pending => "pending",
+            PodPhase::Draining => "draining",
+        }
+    }
+}
+
+/// One pod the agent tracks.
+#[derive(Debug, Clone, Serialize)]
+pub struct PodStatus {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub netns: PathBuf,
+    pub phase: PodPhase,
+    /// The last failure, while pending.
+    pub error: Option<String>,
+    pub attempts: u32,
+}
+
+/// What `/debug/pods` returns.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AgentStatus {
+    pub node: String,
+    pub discovery_synced: bool,
+    pub node_proxy_connected: bool,
+    pub pods: Vec<PodStatus>,
+}
+
+#[derive(Debug, Default)]
+struct Metrics {
+    registry: Registry,
+    pods: Family<PhaseLabel, Gauge>,
+    rule_failures: Counter,
+    repairs: Counter,
+    proxy_connected: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PhaseLabel {
+    phase: &'static str,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut m = Metrics::default();
+        let r = m.registry.sub_registry_with_prefix("ambit_cni");
+        r.register(
+            "pods",
+            "Pods tracked by the node agent, by phase",
+            m.pods.clone(),
+        );
+        r.register(
+            "rule_failures",
+            "Failed attempts to install or change a pod's redirection rules",
+            m.rule_failures.clone(),
+        );
+        r.register(
+            "repairs",
+            "Pods whose rules had drifted and were re-installed",
+            m.repairs.clone(),
+        );
+        r.register(
+            "node_proxy_connected",
+            "Whether the ZDS session with the node proxy is up",
+            m.proxy_connected.clone(),
+        );
+        m
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A running node agent.
+pub struct Agent {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    status: Arc<Mutex<AgentStatus>>,
+    admin_addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Starts discovery, the admin port and the reconcile loop on the current runtime.
+    pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
+        let store = Arc::new(Store::new());
+        let (stop, stop_rx) = watch::channel(false);
+        let (client, xds) = XdsClient::new(config.xds.clone(), store.clone());
+        let metrics = Arc::new(Metrics::new());
+        let status = Arc::new(Mutex::new(AgentStatus {
+            node: config.xds.node_name.clone(),
+            ..AgentStatus::default()
+        }));
+        let listener = ambit_admin::bind(config.admin_addr, "node agent admin port")
+            .await
+            .map_err(AgentError::Listen)?;
+        let admin_addr = listener.local_addr().map_err(AgentError::Listen)?;
+        let mut tasks = vec![tokio::spawn(client.run(stop_rx.clone()))];
+        tasks.push(tokio::spawn(ambit_admin::serve(
+            listener,
+            handler(status.clone(), metrics.clone()),
+            stop_rx.clone(),
+        )));
+        tracing::info!(
+            node = %config.xds.node_name,
+            zds = %config.zds_socket.display(),
+            netns_dir = %config.netns_dir.display(),
+            admin = %admin_addr,
+            "node agent started"
+        );
+        let reconciler = Reconciler {
+            config,
+            store,
+            xds,
+            metrics,
+            status: status.clone(),
+            pods: BTreeMap::new(),
+            session: None,
+            proxy_error: None,
+            swept: false,
+        };
+        tasks.push(tokio::spawn(reconciler.run(stop_rx)));
+        Ok(Self {
+            stop,
+            tasks,
+            status,
+            admin_addr,
+        })
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops the agent. Pods stay as they are: rules in place, the node proxy serving
+    /// them; a restarted agent picks them up without disturbing traffic.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+fn handler(status: Arc<Mutex<AgentStatus>>, metrics: Arc<Metrics>) -> Handler {
+    Arc::new(move |path: &str| {
+        let status = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        match path {
+            "/metrics" => Some(Page {
+                status: StatusCode::OK,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: metrics.encode(),
+            }),
+            "/debug/pods" => Some(Page::json(&status)),
+            "/healthz/ready" => Some(if status.discovery_synced && status.node_proxy_connected {
+                Page::text(StatusCode::OK, "ready\n")
+            } else {
+                let mut why = Vec::new();
+                if !status.discovery_synced {
+                    why.push("discovery has not synced");
+                }
+                if !status.node_proxy_connected {
+                    why.push("no session with the node proxy");
+                }
+                Page::text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {}\n", why.join("; ")),
+                )
+            }),
+            _ => None,
+        }
+    })
+}
+
+/// What the agent remembers of a pod.
+#[derive(Debug)]
+struct Tracked {
+    pod: PodRef,
+    netns: PathBuf,
+    state: Tracking,
+}
+
+#[derive(Debug)]
+enum Tracking {
+    /// Rules in place; `listing` is what the rules looked like right after install.
+    Enrolled {
+        listing: Option<String>,
+    },
+    Pending {
+        error: String,
+        attempts: u32,
+        retry_at: Instant,
+    },
+    Draining,
+}
+
+/// Why one pod could not be enrolled or un-enrolled.
+#[derive(Debug, thiserror::Error)]
+enum PodError {
+    #[error("no network namespace at {0} (local mode names it <namespace>.<name>)")]
+    NoNetns(PathBuf),
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("waiting for the node proxy")]
+    NoProxy,
+    #[error("node proxy: {0}")]
+    Proxy(ZdsError),
+    #[error("redirection rules: {0}")]
+    Rules(RedirectError),
+}
+
+struct Reconciler {
+    config: AgentConfig,
+    store: Arc<Store>,
+    xds: watch::Receiver<XdsState>,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<AgentStatus>>,
+    pods: BTreeMap<String, Tracked>,
+    session: Option<ZdsClient>,
+    /// The last reason the node proxy could not be reached (logged once per change).
+    proxy_error: Option<String>,
+    /// Whether leftover rules of pods not enrolled have been looked for (once).
+    swept: bool,
+}
+
+/// Retry delay after `attempts` failures: 1 s doubling to 16 s.
+fn backoff(attempts: u32) -> Duration {
+    Duration::from_secs(1 << attempts.min(5).saturating_sub(1)).min(Duration::from_secs(30))
+}
+
+impl Reconciler {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_check = Instant::now();
+        loop {
+            let lost = async {
+                match &self.session {
+                    Some(s) => s.closed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => break,
+                changed = self.xds.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                _ = tick.tick() => {}
+                _ = lost => {
+                    tracing::warn!("the node proxy closed the ZDS session; reconnecting and re-sending the snapshot");
+                    self.session = None;
+                }
+            }
+            let synced = self.xds.borrow_and_update().synced;
+            if synced {
+                self.converge().await;
+                if last_check.elapsed() >= self.config.reconcile_interval {
+                    last_check = Instant::now();
+                    self.check().await;
+                }
+            }
+            self.publish(synced);
+        }
+    }
+
+    fn netns_path(&self, namespace: &str, name: &str) -> PathBuf {
+        self.config.netns_dir.join(format!("{namespace}.{name}"))
+    }
+
+    /// The pods that should be enrolled: on this node, HBONE, by uid.
+    fn desired(&self) -> BTreeMap<String, PodRef> {
+        let state = self.store.load();
+        state
+            .workloads()
+            .filter(|w| self.on_this_node(w) && w.tunnel == TunnelProtocol::Hbone)
+            .map(|w| (w.uid.to_string(), pod_ref(w)))
+            .collect()
+    }
+
+    fn on_this_node(&self, w: &Workload) -> bool {
+        w.node.as_ref() == self.config.xds.node_name && w.profile.workload_type == WorkloadType::Pod
+    }
+
+    async fn connect(&mut self) -> bool {
+        if self.session.is_some() {
+            return false;
+        }
+        match ZdsClient::connect(&self.config.zds_socket, Duration::from_secs(5)).await {
+            Ok(s) => {
+                tracing::info!(socket = %self.config.zds_socket.display(), "connected to the node proxy; sending the snapshot");
+                self.session = Some(s);
+                self.proxy_error = None;
+                true
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.proxy_error.as_deref() != Some(&e) {
+                    tracing::warn!(error = %e, "cannot reach the node proxy; will retry");
+                    self.proxy_error = Some(e);
+                }
+                false
+            }
+        }
+    }
+
+    async fn converge(&mut self) {
+        let desired = self.desired();
+        let fresh = self.connect().await;
+        let now = Instant::now();
+        for (uid, pod) in &desired {
+            let due = match self.pods.get(uid).map(|t| &t.state) {
+                None | Some(Tracking::Draining) => true,
+                Some(Tracking::Pending { retry_at, .. }) => *retry_at <= now || fresh,
+                Some(Tracking::Enrolled { .. }) => fresh,
+            };
+            if due {
+                self.enroll(pod.clone()).await;
+            }
+        }
+        if fresh && let Some(session) = &self.session {
+            match session.snapshot_sent().await {
+                Ok(()) => tracing::info!(pods = desired.len(), "snapshot sent to the node proxy"),
+                Err(e) => self.lost(e),
+            }
+        }
+        let gone: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(uid, t)| {
+                !desired.contains_key(*uid) && !matches!(t.state, Tracking::Draining)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in gone {
+            self.unenroll(&uid).await;
+        }
+        if !self.swept {
+            self.swept = true;
+            self.sweep(&desired).await;
+        }
+    }
+
+    fn lost(&mut self, e: ZdsError) {
+        tracing::warn!(error = %e, "lost the node proxy; will reconnect and re-send the snapshot");
+        self.session = None;
+    }
+
+    fn open_netns(path: &Path) -> Result<File, PodError> {
+        File::open(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                PodError::NoNetns(path.to_owned())
+            } else {
+                PodError::Open {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+        })
+    }
+
+    async fn enroll(&mut self, pod: PodRef) {
+        let netns = self.netns_path(&pod.namespace, &pod.name);
+        let was_enrolled = matches!(
+            self.pods.get(&pod.uid).map(|t| &t.state),
+            Some(Tracking::Enrolled { .. })
+        );
+        let result = self.try_enroll(&pod, &netns).await;
+        let uid = pod.uid.clone();
+        let state = match result {
+            Ok(listing) => {
+                if !was_enrolled {
+                    tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %netns.display(), "pod enrolled");
+                }
+                Tracking::Enrolled { listing }
+            }
+            Err(e) => {
+                let attempts = match self.pods.get(&uid).map(|t| &t.state) {
+                    Some(Tracking::Pending { attempts, .. }) => attempts + 1,
+                    _ => 1,
+                };
+                let quiet = matches!(e, PodError::NoProxy | PodError::NoNetns(_));
+                if !quiet || attempts == 1 {
+                    tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, attempts, "cannot enroll pod; will retry");
+                }
+                if let PodError::Proxy(z) = e {
+                    if !matches!(z, ZdsError::Refused { .. }) {
+                        self.lost(z);
+                    }
+                    Tracking::Pending {
+                        error: "node proxy connection lost".into(),
+                        attempts,
+                        retry_at: Instant::now(),
+                    }
+                } else {
+                    Tracking::Pending {
+                        error: e.to_string(),
+                        attempts,
+                        retry_at: Instant::now() + backoff(attempts),
+                    }
+                }
+            }
+        };
+        self.pods.insert(uid, Tracked { pod, netns, state });
+    }
+
+    /// The proxy first, then the rules; a pod whose rules fail is taken off the proxy
+    /// again, so it is never half-enrolled.
+    async fn try_enroll(&self, pod: &PodRef, path: &Path) -> Result<Option<String>, PodError> {
+        let file = Self::open_netns(path)?;
+        let session = self.session.as_ref().ok_or(PodError::NoProxy)?;
+        session
+            .add(pod, file.as_fd())
+            .await
+            .map_err(PodError::Proxy)?;
+        let redirector = self.config.redirector.clone();
+        let applied = tokio::task::spawn_blocking(move || {
+            redirector.apply(&file, Mode::Enrolled)?;
+            redirector.listing(&file)
+        })
+        .await
+        .unwrap_or(Err(RedirectError::Thread));
+        match applied {
+            Ok(listing) => Ok(listing),
+            Err(e) => {
+                self.metrics.rule_failures.inc();
+                if let Err(z) = session.del(&pod.uid).await {
+                    tracing::warn!(error = %z, "could not take a half-enrolled pod off the node proxy");
+                }
+                Err(PodError::Rules(e))
+            }
+        }
+    }
+
+    /// Rules reduced to draining first, then `del`.
+    async fn unenroll(&mut self, uid: &str) {
+        let Some(t) = self.pods.get(uid) else { return };
+        let (pod, path) = (t.pod.clone(), t.netns.clone());
+        let was_enrolled = matches!(t.state, Tracking::Enrolled { .. });
+        let label = format!("{}/{}", pod.namespace, pod.name);
+        match Self::open_netns(&path) {
+            Ok(file) => {
+                let redirector = self.config.redirector.clone();
+                let r =
+                    tokio::task::spawn_blocking(move || redirector.apply(&file, Mode::Draining))
+                        .await
+                        .unwrap_or(Err(RedirectError::Thread));
+                if let Err(e) = r {
+                    // Leave it enrolled (the proxy still serves it) and try again.
+                    self.metrics.rule_failures.inc();
+                    tracing::warn!(pod = %label, error = %e, "cannot stop redirecting an un-enrolled pod; will retry");
+                    return;
+                }
+            }
+            Err(PodError::NoNetns(_)) => {
+                // The pod is gone: nothing to un-redirect.
+                if let Some(session) = &self.session
+                    && let Err(e) = session.del(uid).await
+                {
+                    self.lost(e);
+                }
+                self.pods.remove(uid);
+                tracing::info!(pod = %label, "pod gone; forgotten");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(pod = %label, error = %e, "cannot un-enroll pod; will retry");
+                return;
+            }
+        }
+        if let Some(session) = &self.session
+            && let Err(e) = session.del(uid).await
+        {
+            // The proxy forgets it anyway when the next snapshot leaves it out.
+            self.lost(e);
+        }
+        if was_enrolled {
+            tracing::info!(pod = %label, "pod un-enrolled; its open connections keep working");
+        }
+        if let Some(t) = self.pods.get_mut(uid) {
+            t.state = Tracking::Draining;
+        }
+    }
+
+    /// Once after start: pods on this node that are not enrolled but still hold Ambit's
+    /// rules (un-enrolled while the agent was away) are tracked as draining.
+    async fn sweep(&mut self, desired: &BTreeMap<String, PodRef>) {
+        let state = self.store.load();
+        let candidates: Vec<(PodRef, PathBuf)> = state
+            .workloads()
+            .filter(|w| self.on_this_node(w) && !desired.contains_key(w.uid.as_ref()))
+            .filter(|w| !self.pods.contains_key(w.uid.as_ref()))
+            .map(|w| {
+                let pod = pod_ref(w);
+                let path = self.netns_path(&pod.namespace, &pod.name);
+                (pod, path)
+            })
+            .filter(|(_, path)| path.exists())
+            .collect();
+        for (pod, path) in candidates {
+            let redirector = self.config.redirector.clone();
+            let p = path.clone();
+            let listing = tokio::task::spawn_blocking(move || {
+                let file = File::open(&p).map_err(|e| RedirectError::Proc(e.to_string()))?;
+                redirector.listing(&file)
+            })
+            .await
+            .unwrap_or(Err(RedirectError::Thread));
+            if let Ok(Some(_)) = listing {
+                tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), "found rules of a pod that is not enrolled; un-enrolling it");
+                self.pods.insert(
+                    pod.uid.clone(),
+                    Tracked {
+                        pod: pod.clone(),
+                        netns: path,
+                        state: Tracking::Enrolled { listing: None },
+                    },
+                );
+                self.unenroll(&pod.uid).await;
+            }
+        }
+    }
+
+    /// Every reconcile interval: repair drifted rules; finish draining pods.
+    async fn check(&mut self) {
+        let uids: Vec<String> = self.pods.keys().cloned().collect();
+        for uid in uids {
+            let Some(t) = self.pods.get(&uid) else {
+                continue;
+            };
+            let path = t.netns.clone();
+            let label = format!("{}/{}", t.pod.namespace, t.pod.name);
+            match &t.state {
+                Tracking::Enrolled { listing } => {
+                    let expected = listing.clone();
+                    let redirector = self.config.redirector.clone();
+                    let outcome = tokio::task::spawn_blocking(move || {
+                        let file =
+                            File::open(&path).map_err(|e| RedirectError::Proc(e.to_string()))?;
+                        let now = redirector.listing(&file)?;
+                        if now.is_some() && now == expected {
+                            return Ok(None);
+                        }
+                        redirector.apply(&file, Mode::Enrolled)?;
+                        let mut fixed = redirector.listing(&file)?;
+                        if expected.is_some() && fixed != expected {
+                            redirector.replace(&file)?;
+                            fixed = redirector.listing(&file)?;
+                        }
+                        Ok(Some(fixed))
+                    })
+                    .await
+                    .unwrap_or(Err(RedirectError::Thread));
+                    match outcome {
+                        Ok(None) => {}
+                        Ok(Some(listing)) => {
+                            self.metrics.repairs.inc();
+                            tracing::warn!(pod = %label, "redirection rules had drifted; repaired");
+                            if let Some(t) = self.pods.get_mut(&uid) {
+                                t.state = Tracking::Enrolled { listing };
+                            }
+                        }
+                        Err(e) => {
+                            self.metrics.rule_failures.inc();
+                            tracing::warn!(pod = %label, error = %e, "cannot check or repair the pod's rules; will retry");
+                        }
+                    }
+                }
+                Tracking::Draining => {
+                    if !path.exists() {
+                        self.pods.remove(&uid);
+                        continue;
+                    }
+                    let redirector = self.config.redirector.clone();
+                    let done = tokio::task::spawn_blocking(move || {
+                        let file =
+                            File::open(&path).map_err(|e| RedirectError::Proc(e.to_string()))?;
+                        if proxied_connections(&file)? > 0 {
+                            return Ok(false);
+                        }
+                        redirector.remove(&file)?;
+                        Ok(true)
+                    })
+                    .await
+                    .unwrap_or(Err(RedirectError::Thread));
+                    match done {
+                        Ok(true) => {
+                            tracing::info!(pod = %label, "no proxied connection left; rules removed");
+                            self.pods.remove(&uid);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(pod = %label, error = %e, "cannot finish un-enrolling; will retry")
+                        }
+                    }
+                }
+                Tracking::Pending { .. } => {}
+            }
+        }
+    }
+
+    fn publish(&self, synced: bool) {
+        let mut counts: BTreeMap<&'static str, i64> =
+            [("enrolled", 0), ("pending", 0), ("draining", 0)].into();
+        let pods: Vec<PodStatus> = self
+            .pods
+            .values()
+            .map(|t| {
+                let (phase, error, attempts) = match &t.state {
+                    Tracking::Enrolled { .. } => (PodPhase::Enrolled, None, 0),
+                    Tracking::Pending {
+                        error, attempts, ..
+                    } => (PodPhase::Pending, Some(error.clone()), *attempts),
+                    Tracking::Draining => (PodPhase::Draining, None, 0),
+                };
+                *counts.entry(phase.label()).or_default() += 1;
+                PodStatus {
+                    uid: t.pod.uid.clone(),
+                    namespace: t.pod.namespace.clone(),
+                    name: t.pod.name.clone(),
+                    netns: t.netns.clone(),
+                    phase,
+                    error,
+                    attempts,
+                }
+            })
+            .collect();
+        for (phase, n) in counts {
+            self.metrics
+                .pods
+                .get_or_create(&PhaseLabel { phase })
+                .set(n);
+        }
+        self.metrics
+            .proxy_connected
+            .set(i64::from(self.session.is_some()));
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.discovery_synced = synced;
+        status.node_proxy_connected = self.session.is_some();
+        status.pods = pods;
+    }
+}
+
+fn pod_ref(w: &Workload) -> PodRef {
+    PodRef {
+        uid: w.uid.to_string(),
+        name: w.name.to_string(),
+        namespace: w.profile.namespace.to_string(),
+        service_account: w.profile.service_account.to_string(),
+    }
+}
+
+/// The uids a status lists in `phase` (for tests and the CLI).
+pub fn in_phase(status: &AgentStatus, phase: PodPhase) -> HashSet<String> {
+    status
+        .pods
+        .iter()
+        .filter(|p| p.phase == phase)
+        .map(|p| p.uid.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(3), Duration::from_secs(4));
+        assert_eq!(backoff(40), Duration::from_secs(16));
+    }
+}
