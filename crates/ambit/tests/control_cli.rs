@@ -282,7 +282,31 @@ fn token_to_a_file_is_private() {
 
 #[test]
 fn roles_not_built_yet_say_so() {
-    let out = Command::new(BIN).arg("cni").output().unwrap();
+    let out = Command::new(BIN).arg("waypoint").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not part of this build yet"));
+}
+
+#[test]
+fn the_node_agent_names_missing_tools() {
+    let out = Command::new(BIN)
+        .args([
+            "cni",
+            "--node-name",
+            "n",
+            "--ca-root",
+            "/nonexistent",
+            "--token-file",
+            "/nonexistent",
+        ])
+        .args(["--nft", "/nonexistent/nft"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("missing /nonexistent/nft (package nftables)")
+            && err.contains("apt-get install -y nftables"),
+        "{err}"
+    );
 }
