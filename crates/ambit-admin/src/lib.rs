@@ -120,33 +120,65 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
 
 /// Fetches `path` from an admin port with a plain HTTP/1.1 GET; returns status and body.
 pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(StatusCode, String)> {
-    use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
         std::io::Error::new(
             e.kind(),
             format!("cannot reach {addr}: {e}; is the component running?"),
         )
     })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    Connection::open(stream)
+        .await?
+        .get(&addr.to_string(), path)
         .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let request = Request::get(path)
-        .header(header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<Bytes>::new())
-        .map_err(std::io::Error::other)?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(std::io::Error::other)?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// An HTTP/1.1 client connection over any byte stream (a socket opened inside a pod's
+/// network namespace, say); it stays open between requests until dropped.
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").finish_non_exhaustive()
+    }
+}
+
+/// Largest response body read.
+const MAX_BODY: usize = 4 << 20;
+
+impl Connection {
+    pub async fn open<IO>(io: IO) -> std::io::Result<Self>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Self { sender })
+    }
+
+    /// GETs `path` with `Host: host`; returns status and body (at most 4 MiB).
+    pub async fn get(&mut self, host: &str, path: &str) -> std::io::Result<(StatusCode, String)> {
+        use http_body_util::BodyExt;
+        let request = Request::get(path)
+            .header(header::HOST, host)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(std::io::Error::other)?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(std::io::Error::other)?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
 }

@@ -112,25 +112,38 @@ impl Pod {
     }
 }
 
-/// A set of pods on one bridge, deleted on drop.
+/// A set of pods on one bridge, deleted on drop (unless [`Topology::keep`] is called).
 #[derive(Debug)]
 pub struct Topology {
     tag: String,
     fabric: String,
     pods: Vec<Pod>,
     next: u32,
+    keep: bool,
 }
 
 impl Topology {
+    /// A topology with random names (`ambit-<tag>-fab`, `ambit-<tag>-p<n>`), so tests
+    /// running at the same time do not collide.
     pub fn new() -> Result<Self, TestenvError> {
-        require_root()?;
         let tag = format!("{:06x}", fastrand::u32(..) & 0xff_ffff);
-        let fabric = format!("ambit-{tag}-fab");
+        Self::build(tag.clone(), format!("ambit-{tag}-fab"))
+    }
+
+    /// A topology with a fixed fabric name (the demo's), whose pods are named by
+    /// [`Topology::named_pod`]. `tag` (at most 6 characters) names the host-side links.
+    pub fn named(fabric: &str, tag: &str) -> Result<Self, TestenvError> {
+        Self::build(tag.chars().take(6).collect(), fabric.to_owned())
+    }
+
+    fn build(tag: String, fabric: String) -> Result<Self, TestenvError> {
+        require_root()?;
         let topo = Topology {
             tag,
             fabric: fabric.clone(),
             pods: Vec::new(),
             next: 0,
+            keep: false,
         };
         run(&["ip", "netns", "add", &fabric])?;
         run(&["ip", "-n", &fabric, "link", "set", "lo", "up"])?;
@@ -151,6 +164,17 @@ impl Topology {
 
     /// Adds a pod with address `ip` (in 198.18.0.0/16) on simulated node `node`.
     pub fn pod(&mut self, node: &str, ip: Ipv4Addr) -> Result<Pod, TestenvError> {
+        let name = format!("ambit-{}-p{}", self.tag, self.next);
+        self.named_pod(&name, node, ip)
+    }
+
+    /// Adds a pod whose network namespace is `/run/netns/<netns_name>`.
+    pub fn named_pod(
+        &mut self,
+        netns_name: &str,
+        node: &str,
+        ip: Ipv4Addr,
+    ) -> Result<Pod, TestenvError> {
         let [a, b, ..] = ip.octets();
         if (a, b) != (198, 18) || ip == GATEWAY {
             return Err(TestenvError::Command {
@@ -160,9 +184,9 @@ impl Topology {
         }
         let n = self.next;
         self.next += 1;
-        let name = format!("ambit-{}-p{n}", self.tag);
+        let name = netns_name.to_owned();
         // Interface names have at most 15 characters.
-        let outer = format!("va{}{n}", &self.tag[..6]);
+        let outer = format!("va{}{n}", self.tag);
         run(&["ip", "netns", "add", &name])?;
         let pod = Pod {
             netns: Netns::open(format!("/run/netns/{name}"))?,
@@ -251,16 +275,42 @@ impl Topology {
     }
 }
 
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for pod in &self.pods {
+impl Topology {
+    /// Leaves everything in place when dropped (the demo's `--keep`); [`delete`] removes
+    /// it later by name.
+    pub fn keep(mut self) -> Vec<String> {
+        self.keep = true;
+        self.names()
+    }
+
+    /// Every namespace this topology made.
+    pub fn names(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .map(|p| p.netns_name.clone())
+            .chain([self.fabric.clone()])
+            .collect()
+    }
+}
+
+/// Deletes network namespaces by name (those that exist).
+pub fn delete(names: &[String]) {
+    for name in names {
+        if std::path::Path::new("/run/netns").join(name).exists() {
             let _ = Command::new("ip")
-                .args(["netns", "del", &pod.netns_name])
+                .args(["netns", "del", name])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
                 .status();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.fabric])
-            .status();
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if !self.keep {
+            delete(&self.names());
+        }
     }
 }
 

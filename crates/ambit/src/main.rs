@@ -3,6 +3,7 @@
 mod cni;
 mod config_cmd;
 mod control;
+mod demo;
 mod discovery_args;
 mod logging;
 mod node;
@@ -46,8 +47,9 @@ enum Command {
     Cni(Box<cni::CniArgs>),
     /// Run a waypoint (L7 proxy). Not available yet.
     Waypoint,
-    /// Build and walk through a local demo mesh. Not available yet.
-    Demo,
+    /// Build a two-node mesh out of network namespaces on this machine and walk
+    /// through it (needs root, iproute2 and nftables); also the demo's sample apps.
+    Demo(Box<demo::DemoArgs>),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
     let default_level = match &cli.command {
         Command::Control(args) if args.is_tool() => "error",
         Command::Config(_) => "error",
+        Command::Demo(_) => "warn",
         _ => "info",
     };
     if let Err(e) = logging::init(&cli.log, default_level) {
@@ -67,7 +70,7 @@ fn main() -> ExitCode {
         Command::Config(args) => config_cmd::run(args),
         Command::Cni(args) => cni::run(*args),
         Command::Waypoint => not_yet("the waypoint", "a later issue"),
-        Command::Demo => not_yet("the demo mesh", "issue 6"),
+        Command::Demo(args) => demo::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -36,7 +36,9 @@ pub fn require_tools(tools: &[(&Path, &str)]) -> anyhow::Result<()> {
         .iter()
         .map(|(p, pkg)| format!("{p} (package {pkg})"))
         .collect();
-    let packages: Vec<&str> = missing.iter().map(|(_, pkg)| *pkg).collect();
+    let mut packages: Vec<&str> = missing.iter().map(|(_, pkg)| *pkg).collect();
+    packages.sort_unstable();
+    packages.dedup();
     anyhow::bail!(
         "missing {}; install with: apt-get install -y {}",
         names.join(", "),

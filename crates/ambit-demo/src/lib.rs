@@ -1,0 +1,40 @@
+//! `ambit demo`: a two-node mesh built from network namespaces on one machine, walked
+//! through step by step (the README's main job).
+//!
+//! - [`cluster`]: the namespaces and the mesh's processes, and their removal.
+//! - [`app`]: the sample applications (HTTP echo server, client).
+//! - [`script`]: the narrated steps and their checks (`--check` fails on any).
+
+pub mod app;
+pub mod cluster;
+pub mod script;
+
+use std::path::PathBuf;
+
+pub use cluster::down;
+pub use script::{Options, run};
+
+/// What stopped the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(
+        "a demo is already running or was left behind ({0} or its network namespaces exist); remove it with `ambit demo --down`"
+    )]
+    Busy(PathBuf),
+    #[error("building the cluster: {0}")]
+    Setup(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    App(String),
+    #[error("{name} stopped ({status}); its log: {}", log.display())]
+    Died {
+        name: String,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+    #[error("{} step(s) did not behave as narrated: {}", .0.len(), .0.join("; "))]
+    Check(Vec<String>),
+}

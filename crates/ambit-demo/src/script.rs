@@ -1,0 +1,745 @@
+//! The walk through the mesh: each step narrated, then checked against what it claims.
+
+// Narration on standard output is what this module is for.
+#![allow(clippy::print_stdout)]
+
+use std::io::{IsTerminal as _, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ambit_hbone::socket::Netns;
+use http::StatusCode;
+
+use crate::DemoError;
+use crate::app::{Client, Echo};
+use crate::cluster::{
+    CONTROL_GRPC, CONTROL_MONITORING, Cluster, ECHO, ECHO_PORT, ECHO_VIP, NAMESPACE, NODES, OTHER,
+    PODS, PodDef, SLEEP, local, node_ports,
+};
+
+/// How the demo runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Exit non-zero if any step does not behave as narrated; never pause.
+    pub check: bool,
+    /// Leave the mesh running at the end.
+    pub keep: bool,
+    /// Pause for Enter between steps.
+    pub interactive: bool,
+    /// Where the manifests, state, logs and the demo's record go.
+    pub dir: PathBuf,
+    /// This binary, started for every component.
+    pub exe: PathBuf,
+}
+
+const STEPS: usize = 8;
+
+struct Narrator {
+    interactive: bool,
+    failures: Vec<String>,
+    started: Instant,
+}
+
+impl Narrator {
+    fn step(&mut self, n: usize, title: &str) {
+        println!();
+        println!("[{n}/{STEPS}] {title}");
+    }
+
+    fn say(&self, text: &str) {
+        for line in text.lines() {
+            println!("      {line}");
+        }
+    }
+
+    fn check(&mut self, ok: bool, claim: &str, otherwise: impl FnOnce() -> String) {
+        if ok {
+            println!("      ✓ {claim}");
+        } else {
+            let why = otherwise();
+            println!("      ✗ {claim}: {why}");
+            self.failures.push(format!("{claim}: {why}"));
+        }
+    }
+
+    async fn pause(&self) {
+        if !self.interactive {
+            return;
+        }
+        print!("      (press Enter to continue) ");
+        let _ = std::io::stdout().flush();
+        let _ = tokio::task::spawn_blocking(|| {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)
+        })
+        .await;
+    }
+
+    fn progress(&self, what: &str, since: Instant) {
+        if !std::io::stdout().is_terminal() {
+            return;
+        }
+        print!("\r      … {what} ({:.1} s)", since.elapsed().as_secs_f64());
+        let _ = std::io::stdout().flush();
+    }
+
+    fn progress_done(&self, what: &str, since: Instant) {
+        println!(
+            "\r      … {what}: done in {:.1} s   ",
+            since.elapsed().as_secs_f64()
+        );
+    }
+}
+
+fn manifests(ambient: bool) -> String {
+    let label = if ambient {
+        "\n  labels: {istio.io/dataplane-mode: ambient}"
+    } else {
+        ""
+    };
+    let mut out = format!(
+        "# Written by `ambit demo`.
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: {NAMESPACE}{label}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-a, labels: {{topology.kubernetes.io/zone: zone-a}}}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-b, labels: {{topology.kubernetes.io/zone: zone-b}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: {NAMESPACE}}}
+spec:
+  selector: {{app: echo}}
+  clusterIP: {ECHO_VIP}
+  ports: [{{name: http, port: 80, targetPort: {ECHO_PORT}, appProtocol: http}}]
+"
+    );
+    for sa in ["sleep", "other", "echo"] {
+        out.push_str(&format!(
+            "---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: {NAMESPACE}}}\n"
+        ));
+    }
+    for pod in PODS {
+        out.push_str(&format!(
+            "---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {NAMESPACE}, labels: {{app: {app}, version: v1}}}}
+spec: {{nodeName: {node}, serviceAccountName: {sa}}}
+status: {{podIP: {ip}, phase: Running, conditions: [{{type: Ready, status: 'True'}}]}}
+",
+            name = pod.name,
+            app = pod.app,
+            node = pod.node,
+            sa = pod.service_account,
+            ip = pod.ip,
+        ));
+    }
+    out
+}
+
+fn write_manifests(dir: &Path, ambient: bool) -> Result<(), DemoError> {
+    let folder = dir.join("manifests");
+    std::fs::create_dir_all(&folder).map_err(|e| DemoError::Io(e.to_string()))?;
+    let tmp = dir.join("mesh.yaml.tmp");
+    std::fs::write(&tmp, manifests(ambient)).map_err(|e| DemoError::Io(e.to_string()))?;
+    std::fs::rename(&tmp, folder.join("mesh.yaml")).map_err(|e| DemoError::Io(e.to_string()))
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Polls an HTTP endpoint until it answers 200, showing progress; fails if a process
+/// died or 30 s pass.
+async fn wait_ok(
+    out: &Narrator,
+    cluster: &mut Cluster,
+    what: &str,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(), DemoError> {
+    let since = Instant::now();
+    loop {
+        cluster.check_alive()?;
+        let last = match ambit_admin::get(addr, path).await {
+            Ok((StatusCode::OK, _)) => {
+                out.progress_done(what, since);
+                return Ok(());
+            }
+            Ok((status, body)) => format!("{status}: {}", body.trim()),
+            Err(e) => e.to_string(),
+        };
+        if since.elapsed() > Duration::from_secs(30) {
+            println!();
+            return Err(DemoError::Timeout(format!("{what} (last answer: {last})")));
+        }
+        out.progress(what, since);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One request from `from` to `target`, with the server pod's view of the connection
+/// taken while it is open.
+struct Probe {
+    echo: Echo,
+    /// Established connections in the server pod: (local, peer).
+    server_side: Vec<(SocketAddr, SocketAddr)>,
+}
+
+async fn probe(from: &PodDef, target: &str) -> Result<Probe, DemoError> {
+    let netns = Netns::open(Cluster::netns_path(from))
+        .map_err(|e| DemoError::App(format!("{}: {e}", from.name)))?;
+    let (mut client, path) = Client::connect(target, Some(netns)).await?;
+    let echo = client.get(&path).await?;
+    let server_side = established(&ECHO)?;
+    drop(client);
+    Ok(Probe { echo, server_side })
+}
+
+/// `ss` inside a pod: established TCP connections.
+fn established(pod: &PodDef) -> Result<Vec<(SocketAddr, SocketAddr)>, DemoError> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.netns(),
+            "ss",
+            "-tnH",
+            "state",
+            "established",
+        ])
+        .output()
+        .map_err(|e| DemoError::Io(format!("ss: {e}")))?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let n = cols.len();
+            if n < 2 {
+                return None;
+            }
+            Some((cols[n - 2].parse().ok()?, cols[n - 1].parse().ok()?))
+        })
+        .collect())
+}
+
+/// Whether the server pod held a connection from `from` on `port`.
+fn arrived_on(p: &Probe, from: &PodDef, port: u16) -> bool {
+    p.server_side
+        .iter()
+        .any(|(l, peer)| l.port() == port && peer.ip() == IpAddr::V4(from.ip))
+}
+
+/// Access-log lines of a node proxy's log.
+fn access_log(cluster: &Cluster, node: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(cluster.log_path(node))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "connection complete")
+        .collect()
+}
+
+fn inbound_from(cluster: &Cluster, node: &str, pod: &PodDef) -> Vec<serde_json::Value> {
+    let who = format!("{}:", pod.ip);
+    access_log(cluster, node)
+        .into_iter()
+        .filter(|v| {
+            v["direction"] == "inbound"
+                && v["src.addr"].as_str().is_some_and(|a| a.starts_with(&who))
+        })
+        .collect()
+}
+
+fn spiffe(pod: &PodDef) -> String {
+    format!(
+        "spiffe://cluster.local/ns/{NAMESPACE}/sa/{}",
+        pod.service_account
+    )
+}
+
+/// Waits until both agents report every pod of theirs in one of `phases` (or not
+/// tracked, when `absent_ok`).
+async fn wait_agents(
+    out: &Narrator,
+    cluster: &mut Cluster,
+    what: &str,
+    enrolled: bool,
+) -> Result<(), DemoError> {
+    let since = Instant::now();
+    loop {
+        cluster.check_alive()?;
+        let mut done = true;
+        for node in NODES {
+            let (_, _, _, agent) = node_ports(node);
+            let status = match ambit_admin::get(local(agent), "/debug/pods").await {
+                Ok((StatusCode::OK, body)) => {
+                    serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()
+                }
+                _ => serde_json::Value::Null,
+            };
+            for pod in PODS.iter().filter(|p| p.node == node) {
+                let phase = status["pods"]
+                    .as_array()
+                    .and_then(|a| a.iter().find(|p| p["name"] == pod.name))
+                    .map(|p| p["phase"].as_str().unwrap_or("").to_owned());
+                let ok = if enrolled {
+                    phase.as_deref() == Some("enrolled")
+                } else {
+                    phase.as_deref() != Some("enrolled") && phase.as_deref() != Some("pending")
+                };
+                done &= ok;
+            }
+        }
+        if done {
+            out.progress_done(what, since);
+            return Ok(());
+        }
+        if since.elapsed() > Duration::from_secs(30) {
+            println!();
+            return Err(DemoError::Timeout(what.to_owned()));
+        }
+        out.progress(what, since);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Retries a probe for a few seconds (the application may still be starting).
+async fn probe_soon(from: &PodDef, target: &str) -> Result<Probe, DemoError> {
+    let since = Instant::now();
+    loop {
+        match probe(from, target).await {
+            Ok(p) => return Ok(p),
+            Err(e) if since.elapsed() > Duration::from_secs(10) => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Runs the demo. The cluster is removed when this returns (or is dropped, on Ctrl-C),
+/// unless `keep`.
+pub async fn run(opts: Options) -> Result<(), DemoError> {
+    let mut out = Narrator {
+        interactive: opts.interactive && !opts.check,
+        failures: Vec::new(),
+        started: Instant::now(),
+    };
+    let dir = opts.dir.clone();
+    println!("ambit demo: a two-node service mesh built from network namespaces on this machine.");
+    println!(
+        "Files, state and logs go to {}; {}",
+        dir.display(),
+        if opts.keep {
+            "the mesh stays up at the end (--keep)."
+        } else {
+            "everything it creates is removed at the end, on failure and on Ctrl-C."
+        }
+    );
+
+    out.step(
+        1,
+        "Build the cluster: two nodes, three pods, one bridge between them",
+    );
+    let mut cluster = Cluster::build(&dir, &opts.exe)?;
+    out.say(&format!(
+        "node-a: pod sleep ({}), pod other ({})\nnode-b: pod echo-1 ({})\nEach pod is a network namespace (/run/netns/{NAMESPACE}.<pod>) with one address\non a bridge; nothing has a route off this machine.",
+        SLEEP.ip, OTHER.ip, ECHO.ip
+    ));
+    out.pause().await;
+
+    out.step(
+        2,
+        "Start the control plane, then a node proxy and a node agent per node",
+    );
+    write_manifests(&dir, false)?;
+    out.say(&format!(
+        "Manifests in {}/manifests: namespace {NAMESPACE} (not in the mesh yet), the\nthree pods and their service accounts, service echo ({ECHO_VIP}:80 -> {ECHO_PORT}).",
+        dir.display()
+    ));
+    let state = dir.join("state");
+    let s = |p: &Path| p.display().to_string();
+    cluster.spawn(
+        "control",
+        None,
+        &args(&[
+            "--log-format",
+            "json",
+            "control",
+            "--manifests",
+            &s(&dir.join("manifests")),
+            "--state-dir",
+            &s(&state),
+            "--grpc-addr",
+            &local(CONTROL_GRPC).to_string(),
+            "--monitoring-addr",
+            &local(CONTROL_MONITORING).to_string(),
+        ]),
+    )?;
+    wait_ok(
+        &out,
+        &mut cluster,
+        "control plane (CA, discovery) ready",
+        local(CONTROL_MONITORING),
+        "/ready",
+    )
+    .await?;
+    let signer = ambit_control::auth::TokenSigner::load_or_create(&state)
+        .map_err(|e| DemoError::Setup(format!("node tokens: {e}")))?;
+    for node in NODES {
+        let token = signer
+            .mint(node, Duration::from_secs(7 * 24 * 3600))
+            .map_err(|e| DemoError::Setup(format!("node token: {e}")))?;
+        let token_file = dir.join(format!("{node}.token"));
+        write_private(&token_file, token.as_bytes())?;
+        let (admin, metrics, readiness, agent) = node_ports(node);
+        let zds = dir.join(node).join("zds.sock");
+        let common = [
+            "--node-name".to_owned(),
+            node.to_owned(),
+            "--control-plane".to_owned(),
+            local(CONTROL_GRPC).to_string(),
+            "--server-name".to_owned(),
+            "localhost".to_owned(),
+            "--ca-root".to_owned(),
+            s(&state.join("ca/root-cert.pem")),
+            "--token-file".to_owned(),
+            s(&token_file),
+            "--zds-socket".to_owned(),
+            s(&zds),
+        ];
+        let mut node_args = args(&["--log-format", "json", "node"]);
+        node_args.extend(common.iter().cloned());
+        node_args.extend(args(&[
+            "--admin-addr",
+            &local(admin).to_string(),
+            "--metrics-addr",
+            &local(metrics).to_string(),
+            "--readiness-addr",
+            &local(readiness).to_string(),
+            "--run-dir",
+            &s(&dir.join("run")),
+            "--worker-threads",
+            "1",
+        ]));
+        cluster.spawn(node, None, &node_args)?;
+        let mut agent_args = args(&["--log-format", "json", "cni"]);
+        agent_args.extend(common.iter().cloned());
+        agent_args.extend(args(&[
+            "--netns-dir",
+            "/run/netns",
+            "--reconcile-interval",
+            "2s",
+            "--admin-addr",
+            &local(agent).to_string(),
+        ]));
+        cluster.spawn(&format!("{node}-agent"), None, &agent_args)?;
+    }
+    for node in NODES {
+        let (_, _, readiness, agent) = node_ports(node);
+        wait_ok(
+            &out,
+            &mut cluster,
+            &format!("{node}: node proxy ready"),
+            local(readiness),
+            "/healthz/ready",
+        )
+        .await?;
+        wait_ok(
+            &out,
+            &mut cluster,
+            &format!("{node}: node agent connected to its node proxy"),
+            local(agent),
+            "/healthz/ready",
+        )
+        .await?;
+    }
+    cluster.spawn(
+        "echo-1",
+        Some(&ECHO.netns()),
+        &args(&[
+            "demo",
+            "serve-echo",
+            "--name",
+            "echo-1",
+            "--port",
+            &ECHO_PORT.to_string(),
+        ]),
+    )?;
+    out.say("The sample application in echo-1: an HTTP server that answers with the\ncaller's address as its socket sees it (built into this binary).");
+    out.pause().await;
+
+    let direct = format!("http://{}:{ECHO_PORT}/", ECHO.ip);
+    let vip = format!("http://{ECHO_VIP}/");
+
+    out.step(3, "Before enrollment: sleep calls echo-1 in plain TCP");
+    let before = probe_soon(&SLEEP, &direct).await?;
+    let pid = before.echo.pid;
+    out.say(&format!(
+        "GET {direct} from sleep -> {} says the caller is {}",
+        before.echo.server, before.echo.client
+    ));
+    out.check(
+        before.echo.client.ip() == IpAddr::V4(SLEEP.ip),
+        "echo-1 sees sleep's own address",
+        || format!("it saw {}", before.echo.client),
+    );
+    out.check(
+        arrived_on(&before, &SLEEP, ECHO_PORT) && !arrived_on(&before, &SLEEP, 15008),
+        &format!("in echo-1 the connection arrives on port {ECHO_PORT} straight from sleep: plaintext, no identity"),
+        || format!("echo-1's connections: {:?}", before.server_side),
+    );
+    out.check(
+        inbound_from(&cluster, "node-b", &SLEEP).is_empty(),
+        "no node proxy saw it",
+        || "node-b's proxy logged a connection".into(),
+    );
+    out.pause().await;
+
+    out.step(
+        4,
+        &format!("Enroll: label namespace {NAMESPACE} with istio.io/dataplane-mode=ambient"),
+    );
+    out.say("Only the manifest changes. The control plane pushes the change; each node agent\ninstalls redirection rules inside its pods' namespaces and hands them to its node\nproxy, which fetches each pod's certificate. No pod restarts.");
+    write_manifests(&dir, true)?;
+    wait_agents(&out, &mut cluster, "all three pods enrolled", true).await?;
+    for node in NODES {
+        let (_, _, readiness, _) = node_ports(node);
+        wait_ok(
+            &out,
+            &mut cluster,
+            &format!("{node}: pod certificates issued"),
+            local(readiness),
+            "/healthz/ready",
+        )
+        .await?;
+    }
+    let logged = inbound_from(&cluster, "node-b", &SLEEP).len();
+    let during = probe(&SLEEP, &direct).await?;
+    out.say(&format!(
+        "GET {direct} from sleep -> {} says the caller is {}",
+        during.echo.server, during.echo.client
+    ));
+    out.check(
+        during.echo.client.ip() == IpAddr::V4(SLEEP.ip),
+        "echo-1 still sees sleep's own address (the proxy connects with it)",
+        || format!("it saw {}", during.echo.client),
+    );
+    out.check(
+        arrived_on(&during, &SLEEP, 15008),
+        "in echo-1 the traffic now arrives on port 15008 (HBONE: HTTP/2 CONNECT in mutual TLS)",
+        || format!("echo-1's connections: {:?}", during.server_side),
+    );
+    out.check(
+        during.echo.pid == pid,
+        &format!("echo-1 was not restarted (same process, pid {pid})"),
+        || format!("now pid {}", during.echo.pid),
+    );
+    match probe(&SLEEP, &vip).await {
+        Ok(p) => out.check(
+            p.echo.server == "echo-1",
+            &format!("GET {vip} (the echo service's VIP) reaches echo-1 through the mesh"),
+            || format!("answered by {}", p.echo.server),
+        ),
+        Err(e) => out.check(false, &format!("GET {vip} works"), || e.to_string()),
+    }
+    let since = Instant::now();
+    let lines = loop {
+        let lines = inbound_from(&cluster, "node-b", &SLEEP);
+        if lines.len() > logged || since.elapsed() > Duration::from_secs(5) {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let last = lines.last().cloned().unwrap_or_default();
+    out.check(
+        last["src.identity"] == spiffe(&SLEEP) && last["dst.identity"] == spiffe(&ECHO),
+        &format!(
+            "node-b's proxy authenticated the caller: {} -> {}",
+            spiffe(&SLEEP),
+            spiffe(&ECHO)
+        ),
+        || format!("last access log line: {last}"),
+    );
+    out.pause().await;
+
+    out.step(
+        5,
+        "What the node proxies report: Istio's TCP metrics and the access log",
+    );
+    let (_, metrics, _, _) = node_ports("node-b");
+    let page = ambit_admin::get(local(metrics), "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let opened: Vec<&str> = page
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{reporter=\"destination\"")
+                && l.contains(&spiffe(&SLEEP))
+        })
+        .collect();
+    out.say(&format!(
+        "curl -s {}/metrics   (node-b, reporter=destination):",
+        local(metrics)
+    ));
+    for l in &opened {
+        out.say(&format!("  {}", summarize_metric(l)));
+    }
+    out.check(
+        opened
+            .iter()
+            .any(|l| l.contains("connection_security_policy=\"mutual_tls\"")),
+        "istio_tcp_connections_opened_total counts sleep's connections as mutual_tls",
+        || "no such sample".into(),
+    );
+    out.say(&format!(
+        "Access log ({}), one line per connection:",
+        cluster.log_path("node-b").display()
+    ));
+    out.say(&format!(
+        "  {} -> {} ({} -> {}), {} bytes from the client, {} bytes back, mtls={}",
+        last["src.addr"].as_str().unwrap_or(""),
+        last["dst.addr"].as_str().unwrap_or(""),
+        last["src.identity"].as_str().unwrap_or(""),
+        last["dst.identity"].as_str().unwrap_or(""),
+        last["bytes_sent"],
+        last["bytes_received"],
+        last["mtls"]
+    ));
+    out.pause().await;
+
+    out.step(6, "Authorization: deny one client, allow another");
+    out.say("Pending: L4 AuthorizationPolicy enforcement arrives with issue 7. This step will\napply a DENY policy for sa/other and show `other` refused while `sleep` still works.");
+    out.pause().await;
+
+    out.step(
+        7,
+        &format!("Un-enroll: remove the label from namespace {NAMESPACE}"),
+    );
+    write_manifests(&dir, false)?;
+    wait_agents(&out, &mut cluster, "all three pods un-enrolled", false).await?;
+    let logged = inbound_from(&cluster, "node-b", &SLEEP).len();
+    let after = probe(&SLEEP, &direct).await?;
+    out.say(&format!(
+        "GET {direct} from sleep -> {} says the caller is {}",
+        after.echo.server, after.echo.client
+    ));
+    out.check(
+        arrived_on(&after, &SLEEP, ECHO_PORT) && !arrived_on(&after, &SLEEP, 15008),
+        &format!("traffic is plain again: it arrives on port {ECHO_PORT} straight from sleep"),
+        || format!("echo-1's connections: {:?}", after.server_side),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    out.check(
+        inbound_from(&cluster, "node-b", &SLEEP).len() == logged,
+        "no node proxy carried it",
+        || "node-b's proxy logged it".into(),
+    );
+    out.check(
+        after.echo.pid == pid,
+        "echo-1 still runs as the same process",
+        || format!("now pid {}", after.echo.pid),
+    );
+    cluster.check_alive()?;
+
+    out.step(8, "Done");
+    let failures = std::mem::take(&mut out.failures);
+    if opts.keep {
+        write_manifests(&dir, true)?;
+        wait_agents(
+            &out,
+            &mut cluster,
+            "namespace demo enrolled again, to explore",
+            true,
+        )
+        .await?;
+        print_keep_help(&dir, &opts.exe);
+        cluster.keep();
+    } else {
+        out.say("Removing the processes, namespaces and files it created.");
+        drop(cluster);
+    }
+    println!(
+        "\n{} in {:.1} s.",
+        if failures.is_empty() {
+            "Every step behaved as narrated"
+        } else {
+            "Some steps did not behave as narrated"
+        },
+        out.started.elapsed().as_secs_f64()
+    );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(DemoError::Check(failures))
+    }
+}
+
+fn summarize_metric(line: &str) -> String {
+    let (head, value) = line.rsplit_once(' ').unwrap_or((line, ""));
+    let keep = [
+        "source_workload",
+        "source_principal",
+        "destination_workload",
+        "destination_principal",
+        "destination_service",
+        "connection_security_policy",
+    ];
+    let labels: Vec<&str> = head
+        .split_once('{')
+        .map(|(_, l)| l.trim_end_matches('}'))
+        .unwrap_or("")
+        .split("\",")
+        .map(|kv| kv.trim_end_matches('"'))
+        .filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}="))))
+        .collect();
+    format!(
+        "istio_tcp_connections_opened_total{{{}\"}} {value}",
+        labels.join("\",")
+    )
+}
+
+fn write_private(path: &Path, body: &[u8]) -> Result<(), DemoError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| DemoError::Io(format!("{}: {e}", path.display())))?;
+    f.write_all(body)
+        .map_err(|e| DemoError::Io(format!("{}: {e}", path.display())))
+}
+
+fn print_keep_help(dir: &Path, exe: &Path) {
+    let d = dir.display();
+    let exe = exe.display();
+    let (a_admin, a_metrics, _, a_agent) = node_ports("node-a");
+    let (_, b_metrics, _, b_agent) = node_ports("node-b");
+    println!(
+        "
+The mesh keeps running. Try:
+  {exe} config workloads --node node-a --run-dir {d}/run     # what node-a's proxy knows
+  {exe} config all --admin 127.0.0.1:{a_admin} -o yaml
+  curl -s 127.0.0.1:{a_metrics}/metrics    # node-a proxy metrics (node-b: 127.0.0.1:{b_metrics})
+  curl -s 127.0.0.1:{a_agent}/debug/pods   # node-a agent (node-b: 127.0.0.1:{b_agent})
+  curl -s 127.0.0.1:{CONTROL_MONITORING}/debug/xds     # control plane: discovery subscribers
+  ip netns exec {ns}.sleep {exe} demo get http://{ECHO_VIP}/      # send your own traffic
+  ip netns exec {ns}.other {exe} demo get http://{ip}:{ECHO_PORT}/
+  tail -f {d}/logs/node-b.log | grep 'connection complete'   # access log
+  $EDITOR {d}/manifests/mesh.yaml    # remove the label istio.io/dataplane-mode: ambient to un-enroll
+Logs: {d}/logs/. Tear it all down with: {exe} demo --down",
+        ns = NAMESPACE,
+        ip = ECHO.ip,
+    );
+}
