@@ -281,13 +281,19 @@ impl Redirector {
                 source,
             })?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|source| RedirectError::Spawn {
+            // nft may exit before reading everything (a parse error, a wrapper that
+            // refuses); its exit status and message below say why, not the broken pipe.
+            if let Err(source) = stdin.write_all(script.as_bytes())
+                && source.kind() != std::io::ErrorKind::BrokenPipe
+            {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(RedirectError::Spawn {
                     program: "nft",
                     package: "nftables",
                     source,
-                })?;
+                });
+            }
         }
         let out = child
             .wait_with_output()
