@@ -209,11 +209,19 @@ impl Redirector {
         let mark = format!("{CONNECTION_MARK:#x}/{MARK_MASK:#x}");
         let pref = RULE_PRIORITY.to_string();
         let table = ROUTE_TABLE.to_string();
+        let wanted = format!("{pref}:\tfrom all fwmark {mark} lookup {table}");
         for family in ["-4", "-6"] {
-            while self.ip(&[family, "rule", "del", "pref", &pref]).is_ok() {}
-            self.ip(&[
-                family, "rule", "add", "fwmark", &mark, "pref", &pref, "lookup", &table,
-            ])?;
+            // A correct rule stays in place: deleting and re-adding it would leave a
+            // moment in which replies of proxied connections are routed out of the pod
+            // instead of back to the proxy, and the peer would reset them.
+            let listed = self.ip_output(&[family, "rule", "list", "pref", &pref])?;
+            let lines: Vec<&str> = listed.lines().map(str::trim_end).collect();
+            if lines != [wanted.as_str()] {
+                while self.ip(&[family, "rule", "del", "pref", &pref]).is_ok() {}
+                self.ip(&[
+                    family, "rule", "add", "fwmark", &mark, "pref", &pref, "lookup", &table,
+                ])?;
+            }
             let any = if family == "-4" { "0.0.0.0/0" } else { "::/0" };
             self.ip(&[
                 family, "route", "replace", "local", any, "dev", "lo", "table", &table,
