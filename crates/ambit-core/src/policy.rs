@@ -1,6 +1,19 @@
 //! L4 authorization policies as the node proxy receives them (Istio's
 //! `istio.security.Authorization`): already reduced by the control plane to what can be
-//! decided from a connection (identities, namespaces, addresses, ports).
+//! decided from a connection (identities, namespaces, addresses, ports), and their
+//! evaluation ([`evaluate`]), with Istio's semantics:
+//!
+//! - a policy matches if any rule matches; a rule if every clause matches; a clause if
+//!   any of its matches matches; a match if every non-empty field holds;
+//! - DENY policies first: one that matches denies; then ALLOW policies: if any applies to
+//!   the workload, the connection must match one; with neither, the connection is
+//!   allowed;
+//! - AUDIT policies and dry-run policies never change the decision: a matching AUDIT
+//!   policy is reported, and the decision the connection would get if the dry-run
+//!   policies were enforced is reported next to the real one;
+//! - a connection without a peer identity (plaintext) has no principal and no namespace:
+//!   positive lists on them fail, negative lists on them hold (so `notPrincipals: ["*"]`
+//!   matches exactly the plaintext connections).
 
 use std::net::IpAddr;
 
@@ -15,6 +28,8 @@ pub struct Authorization {
     pub namespace: Str,
     pub scope: PolicyScope,
     pub action: PolicyAction,
+    /// Evaluated and reported, never enforced (`istio.io/dry-run: "true"`).
+    pub dry_run: bool,
     /// The policy matches a connection if any rule matches.
     pub rules: Vec<Rule>,
 }
@@ -40,6 +55,8 @@ pub enum PolicyScope {
 pub enum PolicyAction {
     Allow,
     Deny,
+    /// Reported when it matches; never changes a decision.
+    Audit,
 }
 
 /// Matches when every clause matches.
@@ -136,6 +153,203 @@ impl IpNet {
     }
 }
 
+/// A connection as policies see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    pub source_ip: IpAddr,
+    /// The peer's SPIFFE ID without its scheme (`<trust domain>/ns/<ns>/sa/<sa>`), as
+    /// Istio's principals are written; `None` for plaintext.
+    pub source_principal: Option<&'a str>,
+    /// The namespace of the peer's identity; `None` for plaintext.
+    pub source_namespace: Option<&'a str>,
+    pub destination_ip: IpAddr,
+    pub destination_port: u16,
+}
+
+impl Match {
+    pub fn matches(&self, c: &Connection<'_>) -> bool {
+        strings_hold(&self.namespaces, &self.not_namespaces, c.source_namespace)
+            && strings_hold(&self.principals, &self.not_principals, c.source_principal)
+            && nets_hold(&self.source_ips, &self.not_source_ips, c.source_ip)
+            && nets_hold(
+                &self.destination_ips,
+                &self.not_destination_ips,
+                c.destination_ip,
+            )
+            && (self.destination_ports.is_empty()
+                || self.destination_ports.contains(&c.destination_port))
+            && !self.not_destination_ports.contains(&c.destination_port)
+    }
+}
+
+fn strings_hold(yes: &[StringMatch], no: &[StringMatch], value: Option<&str>) -> bool {
+    let any = |list: &[StringMatch]| value.is_some_and(|v| list.iter().any(|m| m.matches(v)));
+    (yes.is_empty() || any(yes)) && !any(no)
+}
+
+fn nets_hold(yes: &[IpNet], no: &[IpNet], ip: IpAddr) -> bool {
+    (yes.is_empty() || yes.iter().any(|n| n.contains(ip))) && !no.iter().any(|n| n.contains(ip))
+}
+
+impl Rule {
+    pub fn matches(&self, c: &Connection<'_>) -> bool {
+        self.clauses
+            .iter()
+            .all(|clause| clause.matches.iter().any(|m| m.matches(c)))
+    }
+}
+
+impl Authorization {
+    /// Whether any rule matches (a policy without rules matches nothing).
+    pub fn matches(&self, c: &Connection<'_>) -> bool {
+        self.rules.iter().any(|r| r.matches(c))
+    }
+}
+
+/// What decided a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decider<'p> {
+    /// No DENY matched and no ALLOW policy applies to the workload.
+    NoPolicy,
+    /// This policy matched: a DENY (denied) or an ALLOW (allowed).
+    Policy(&'p Authorization),
+    /// ALLOW policies apply to the workload and none matched.
+    NoAllowMatched,
+    /// The destination is not a workload discovery knows (yet): its policies are
+    /// unknown, so the connection is refused (fail closed).
+    UnknownWorkload,
+}
+
+/// One decision and what made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict<'p> {
+    pub allowed: bool,
+    pub by: Decider<'p>,
+}
+
+impl std::fmt::Display for Verdict<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let word = if self.allowed { "allowed" } else { "denied" };
+        match self.by {
+            Decider::NoPolicy => write!(f, "{word}: no policy applies"),
+            Decider::Policy(p) => write!(f, "{word} by {}/{}", p.namespace, p.name),
+            Decider::NoAllowMatched => write!(f, "{word}: no ALLOW policy matched"),
+            Decider::UnknownWorkload => {
+                write!(f, "{word}: the destination is not known to discovery yet")
+            }
+        }
+    }
+}
+
+/// Everything the policies of a workload say about one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Evaluation<'p> {
+    /// The enforced decision.
+    pub verdict: Verdict<'p>,
+    /// The decision if the dry-run policies were enforced too (only when some apply).
+    pub dry_run: Option<Verdict<'p>>,
+    /// The first AUDIT policy that matched.
+    pub audit: Option<&'p Authorization>,
+}
+
+#[derive(Default)]
+struct Tally<'p> {
+    deny: Option<&'p Authorization>,
+    allow_applies: bool,
+    allow: Option<&'p Authorization>,
+}
+
+impl<'p> Tally<'p> {
+    fn add(&mut self, p: &'p Authorization, c: &Connection<'_>, matched: &mut Option<bool>) {
+        let mut hit = || *matched.get_or_insert_with(|| p.matches(c));
+        match p.action {
+            PolicyAction::Deny => {
+                if self.deny.is_none() && hit() {
+                    self.deny = Some(p);
+                }
+            }
+            PolicyAction::Allow => {
+                self.allow_applies = true;
+                if self.allow.is_none() && hit() {
+                    self.allow = Some(p);
+                }
+            }
+            PolicyAction::Audit => {}
+        }
+    }
+
+    fn verdict(&self) -> Verdict<'p> {
+        if let Some(p) = self.deny {
+            Verdict {
+                allowed: false,
+                by: Decider::Policy(p),
+            }
+        } else if let Some(p) = self.allow {
+            Verdict {
+                allowed: true,
+                by: Decider::Policy(p),
+            }
+        } else if self.allow_applies {
+            Verdict {
+                allowed: false,
+                by: Decider::NoAllowMatched,
+            }
+        } else {
+            Verdict {
+                allowed: true,
+                by: Decider::NoPolicy,
+            }
+        }
+    }
+}
+
+impl Evaluation<'static> {
+    /// A refusal because the destination's policies are unknown.
+    pub fn unknown_workload() -> Self {
+        Self {
+            verdict: Verdict {
+                allowed: false,
+                by: Decider::UnknownWorkload,
+            },
+            dry_run: None,
+            audit: None,
+        }
+    }
+}
+
+/// Decides a connection given every policy that applies to its destination workload
+/// (see [`crate::state::State::policies_for`]). One pass; each policy's rules are
+/// evaluated at most once.
+pub fn evaluate<'p>(
+    policies: impl IntoIterator<Item = &'p Authorization>,
+    c: &Connection<'_>,
+) -> Evaluation<'p> {
+    let mut enforced = Tally::default();
+    let mut shadow = Tally::default();
+    let mut any_dry_run = false;
+    let mut audit = None;
+    for p in policies {
+        let mut matched = None;
+        if p.action == PolicyAction::Audit {
+            if audit.is_none() && p.matches(c) {
+                audit = Some(p);
+            }
+            continue;
+        }
+        if p.dry_run {
+            any_dry_run = true;
+        } else {
+            enforced.add(p, c, &mut matched);
+        }
+        shadow.add(p, c, &mut matched);
+    }
+    Evaluation {
+        verdict: enforced.verdict(),
+        dry_run: any_dry_run.then(|| shadow.verdict()),
+        audit,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +362,251 @@ mod tests {
         assert!(StringMatch::parse("*/sa/sleep").matches("cluster.local/ns/x/sa/sleep"));
         assert!(StringMatch::parse("*").matches("x"));
         assert!(!StringMatch::parse("*").matches(""));
+    }
+
+    fn sm(v: &[&str]) -> Vec<StringMatch> {
+        v.iter().map(|s| StringMatch::parse(s)).collect()
+    }
+
+    fn net(v: &str) -> IpNet {
+        let (a, p) = v.split_once('/').unwrap();
+        IpNet::new(a.parse().unwrap(), p.parse().unwrap()).unwrap()
+    }
+
+    fn policy(name: &str, action: PolicyAction, rules: Vec<Rule>) -> Authorization {
+        Authorization {
+            name: name.into(),
+            namespace: "demo".into(),
+            scope: PolicyScope::Namespace,
+            action,
+            dry_run: false,
+            rules,
+        }
+    }
+
+    fn one(m: Match) -> Vec<Rule> {
+        vec![Rule {
+            clauses: vec![Clause { matches: vec![m] }],
+        }]
+    }
+
+    const SLEEP: &str = "cluster.local/ns/demo/sa/sleep";
+
+    fn mtls(principal: &'static str, ns: &'static str) -> Connection<'static> {
+        Connection {
+            source_ip: "198.18.1.10".parse().unwrap(),
+            source_principal: Some(principal),
+            source_namespace: Some(ns),
+            destination_ip: "198.18.2.10".parse().unwrap(),
+            destination_port: 8080,
+        }
+    }
+
+    fn plaintext() -> Connection<'static> {
+        Connection {
+            source_principal: None,
+            source_namespace: None,
+            ..mtls(SLEEP, "demo")
+        }
+    }
+
+    /// Every field of a match, positive and negative, against one mTLS connection from
+    /// `sleep` in `demo` (198.18.1.10 -> 198.18.2.10:8080) and one plaintext connection.
+    #[test]
+    fn match_fields() {
+        #[rustfmt::skip]
+        let table: Vec<(&str, Match, bool, bool)> = vec![
+            // (what, match, mTLS connection matches, plaintext matches)
+            ("empty match", Match::default(), true, true),
+            ("namespace exact", Match { namespaces: sm(&["demo"]), ..Default::default() }, true, false),
+            ("namespace other", Match { namespaces: sm(&["prod"]), ..Default::default() }, false, false),
+            ("namespace prefix", Match { namespaces: sm(&["de*"]), ..Default::default() }, true, false),
+            ("namespace suffix", Match { namespaces: sm(&["*mo"]), ..Default::default() }, true, false),
+            ("namespace presence", Match { namespaces: sm(&["*"]), ..Default::default() }, true, false),
+            ("notNamespaces hit", Match { not_namespaces: sm(&["demo"]), ..Default::default() }, false, true),
+            ("notNamespaces miss", Match { not_namespaces: sm(&["prod"]), ..Default::default() }, true, true),
+            ("principal exact", Match { principals: sm(&[SLEEP]), ..Default::default() }, true, false),
+            ("principal one of two", Match { principals: sm(&["x", SLEEP]), ..Default::default() }, true, false),
+            ("principal prefix", Match { principals: sm(&["cluster.local/ns/demo/*"]), ..Default::default() }, true, false),
+            ("principal suffix", Match { principals: sm(&["*/sa/sleep"]), ..Default::default() }, true, false),
+            ("principal suffix other", Match { principals: sm(&["*/sa/other"]), ..Default::default() }, false, false),
+            ("principal presence", Match { principals: sm(&["*"]), ..Default::default() }, true, false),
+            ("notPrincipals presence (plaintext only)", Match { not_principals: sm(&["*"]), ..Default::default() }, false, true),
+            ("notPrincipals exact", Match { not_principals: sm(&[SLEEP]), ..Default::default() }, false, true),
+            ("source ip in block", Match { source_ips: vec![net("198.18.1.0/24")], ..Default::default() }, true, true),
+            ("source ip exact /32", Match { source_ips: vec![net("198.18.1.10/32")], ..Default::default() }, true, true),
+            ("source ip outside", Match { source_ips: vec![net("198.18.2.0/24")], ..Default::default() }, false, false),
+            ("notIpBlocks hit", Match { not_source_ips: vec![net("198.18.0.0/15")], ..Default::default() }, false, false),
+            ("notIpBlocks miss", Match { not_source_ips: vec![net("198.18.3.0/24")], ..Default::default() }, true, true),
+            ("destination ip", Match { destination_ips: vec![net("198.18.2.10/32")], ..Default::default() }, true, true),
+            ("destination ip other", Match { destination_ips: vec![net("198.18.2.11/32")], ..Default::default() }, false, false),
+            ("not destination ip", Match { not_destination_ips: vec![net("198.18.2.0/24")], ..Default::default() }, false, false),
+            ("port", Match { destination_ports: vec![80, 8080], ..Default::default() }, true, true),
+            ("port other", Match { destination_ports: vec![80], ..Default::default() }, false, false),
+            ("notPorts hit", Match { not_destination_ports: vec![8080], ..Default::default() }, false, false),
+            ("notPorts miss", Match { not_destination_ports: vec![9090], ..Default::default() }, true, true),
+            ("fields are AND-ed", Match { namespaces: sm(&["demo"]), destination_ports: vec![80], ..Default::default() }, false, false),
+            ("negative with positive", Match { principals: sm(&["*"]), not_principals: sm(&["*/sa/other"]), ..Default::default() }, true, false),
+        ];
+        for (what, m, want_mtls, want_plain) in table {
+            assert_eq!(m.matches(&mtls(SLEEP, "demo")), want_mtls, "{what} (mTLS)");
+            assert_eq!(m.matches(&plaintext()), want_plain, "{what} (plaintext)");
+        }
+    }
+
+    #[test]
+    fn rules_clauses_and_matches_combine_as_istio_says() {
+        let ns = |v: &str| Match {
+            namespaces: sm(&[v]),
+            ..Default::default()
+        };
+        let port = |p: u16| Match {
+            destination_ports: vec![p],
+            ..Default::default()
+        };
+        let c = mtls(SLEEP, "demo");
+        // Matches within a clause are OR-ed.
+        let rule = Rule {
+            clauses: vec![Clause {
+                matches: vec![ns("prod"), ns("demo")],
+            }],
+        };
+        assert!(rule.matches(&c));
+        // Clauses are AND-ed.
+        let rule = Rule {
+            clauses: vec![
+                Clause {
+                    matches: vec![ns("demo")],
+                },
+                Clause {
+                    matches: vec![port(80)],
+                },
+            ],
+        };
+        assert!(!rule.matches(&c));
+        // A rule without clauses matches everything; a policy without rules, nothing.
+        assert!(Rule::default().matches(&c));
+        assert!(!policy("p", PolicyAction::Deny, vec![]).matches(&c));
+        // Rules are OR-ed.
+        let p = policy(
+            "p",
+            PolicyAction::Deny,
+            vec![
+                Rule {
+                    clauses: vec![Clause {
+                        matches: vec![port(80)],
+                    }],
+                },
+                Rule::default(),
+            ],
+        );
+        assert!(p.matches(&c));
+    }
+
+    #[test]
+    fn deny_first_then_allow_list() {
+        use PolicyAction::*;
+        let c = mtls(SLEEP, "demo");
+        let other = mtls("cluster.local/ns/demo/sa/other", "demo");
+        let deny_other = policy(
+            "deny-other",
+            Deny,
+            one(Match {
+                principals: sm(&["*/sa/other"]),
+                ..Default::default()
+            }),
+        );
+        let allow_demo = policy(
+            "allow-demo",
+            Allow,
+            one(Match {
+                namespaces: sm(&["demo"]),
+                ..Default::default()
+            }),
+        );
+        let allow_prod = policy(
+            "allow-prod",
+            Allow,
+            one(Match {
+                namespaces: sm(&["prod"]),
+                ..Default::default()
+            }),
+        );
+        let allow_all = policy("allow-all", Allow, vec![Rule::default()]);
+        let allow_nothing = policy("allow-nothing", Allow, vec![]);
+
+        let none: [&Authorization; 0] = [];
+        let e = evaluate(none, &c);
+        assert_eq!(e.verdict.by, Decider::NoPolicy);
+        assert!(e.verdict.allowed && e.dry_run.is_none() && e.audit.is_none());
+
+        // DENY wins over a matching ALLOW, whatever the order.
+        let e = evaluate([&allow_all, &deny_other], &other);
+        assert!(!e.verdict.allowed);
+        assert_eq!(e.verdict.by, Decider::Policy(&deny_other));
+        assert_eq!(e.verdict.to_string(), "denied by demo/deny-other");
+        assert!(evaluate([&allow_all, &deny_other], &c).verdict.allowed);
+
+        // With ALLOW policies, a connection must match one.
+        let e = evaluate([&allow_prod], &c);
+        assert_eq!(
+            e.verdict,
+            Verdict {
+                allowed: false,
+                by: Decider::NoAllowMatched
+            }
+        );
+        let e = evaluate([&allow_prod, &allow_demo], &c);
+        assert_eq!(e.verdict.by, Decider::Policy(&allow_demo));
+        assert!(e.verdict.allowed);
+        // An ALLOW policy without rules allows nothing.
+        assert!(!evaluate([&allow_nothing], &c).verdict.allowed);
+        // A DENY that does not match leaves the decision to the rest.
+        assert!(evaluate([&deny_other], &c).verdict.allowed);
+    }
+
+    #[test]
+    fn audit_and_dry_run_never_change_the_decision() {
+        use PolicyAction::*;
+        let c = mtls(SLEEP, "demo");
+        let mut dry_deny = policy("dry-deny", Deny, vec![Rule::default()]);
+        dry_deny.dry_run = true;
+        let mut dry_allow_prod = policy(
+            "dry-allow-prod",
+            Allow,
+            one(Match {
+                namespaces: sm(&["prod"]),
+                ..Default::default()
+            }),
+        );
+        dry_allow_prod.dry_run = true;
+        let audit = policy("audit-all", Audit, vec![Rule::default()]);
+        let audit_none = policy("audit-none", Audit, vec![]);
+
+        let e = evaluate([&dry_deny, &audit_none, &audit], &c);
+        assert!(e.verdict.allowed);
+        assert_eq!(e.verdict.by, Decider::NoPolicy);
+        assert_eq!(
+            e.dry_run,
+            Some(Verdict {
+                allowed: false,
+                by: Decider::Policy(&dry_deny)
+            })
+        );
+        assert_eq!(e.audit, Some(&audit));
+
+        // A dry-run ALLOW would turn on the allow-list; the real decision ignores it.
+        let e = evaluate([&dry_allow_prod], &c);
+        assert!(e.verdict.allowed);
+        assert_eq!(
+            e.dry_run,
+            Some(Verdict {
+                allowed: false,
+                by: Decider::NoAllowMatched
+            })
+        );
+        // Audit policies alone are not an allow-list.
+        assert!(evaluate([&audit_none], &c).verdict.allowed);
     }
 
     #[test]

@@ -84,12 +84,21 @@ pub struct State {
     policies: OrdMap<Str, Arc<Authorization>>,
     namespace_policies: OrdMap<Str, OrdSet<Str>>,
     global_policies: OrdSet<Str>,
+    /// Changes whenever a policy, or the policies a workload lists, may have changed.
+    policy_epoch: u64,
 }
 
 impl State {
     /// Adds or replaces a workload (resource name = its uid).
     pub fn upsert_workload(&mut self, workload: Workload) {
         let uid = workload.uid.clone();
+        let same_policies = self.workloads.get(&uid).is_some_and(|old| {
+            old.profile.namespace == workload.profile.namespace
+                && old.profile.authorization_policies == workload.profile.authorization_policies
+        });
+        if !same_policies {
+            self.policy_epoch += 1;
+        }
         self.remove_workload(&uid);
         if workload.profile.network_mode == NetworkMode::Standard {
             for ip in workload.addresses.iter() {
@@ -177,6 +186,7 @@ impl State {
     pub fn upsert_policy(&mut self, policy: Authorization) {
         let key: Str = policy.key().into();
         self.remove_policy(&key);
+        self.policy_epoch += 1;
         match policy.scope {
             PolicyScope::Global => {
                 self.global_policies.insert(key.clone());
@@ -197,6 +207,7 @@ impl State {
         let Some(old) = self.policies.remove(key) else {
             return false;
         };
+        self.policy_epoch += 1;
         match old.scope {
             PolicyScope::Global => {
                 self.global_policies.remove(key);
@@ -258,6 +269,12 @@ impl State {
             .into_iter()
             .flat_map(|uids| uids.iter())
             .filter_map(|uid| self.workloads.get(uid))
+    }
+
+    /// A number that changes whenever the policies of some workload may have changed
+    /// (a policy added, changed or removed; a workload's list of policies changed).
+    pub fn policy_epoch(&self) -> u64 {
+        self.policy_epoch
     }
 
     pub fn policy(&self, key: &str) -> Option<&Arc<Authorization>> {
@@ -411,6 +428,7 @@ mod tests {
             namespace: s(ns),
             scope,
             action: PolicyAction::Deny,
+            dry_run: false,
             rules: vec![],
         }
     }
@@ -474,6 +492,29 @@ mod tests {
 
         assert!(st.remove_policy("demo/ns-wide"));
         assert_eq!(st.policies_for(&w).count(), 2);
+    }
+
+    #[test]
+    fn the_policy_epoch_moves_only_with_policies() {
+        let mut st = State::default();
+        st.upsert_workload(workload("w1", "demo", "198.18.0.1", &[]));
+        let e = st.policy_epoch();
+        // Same policies, new address: no policy change.
+        st.upsert_workload(workload("w1", "demo", "198.18.0.2", &[]));
+        assert_eq!(st.policy_epoch(), e);
+        let mut w = workload("w1", "demo", "198.18.0.2", &[]);
+        w.profile = Arc::new(profile("demo", &[], &["demo/selected"]));
+        st.upsert_workload(w);
+        assert!(st.policy_epoch() > e);
+        let e = st.policy_epoch();
+        st.upsert_policy(policy("demo", "p", PolicyScope::Namespace));
+        assert!(st.policy_epoch() > e);
+        let e = st.policy_epoch();
+        assert!(st.remove_policy("demo/p"));
+        assert!(st.policy_epoch() > e);
+        let e = st.policy_epoch();
+        assert!(!st.remove_policy("demo/p"));
+        assert_eq!(st.policy_epoch(), e);
     }
 
     #[test]

@@ -241,6 +241,10 @@ pub enum CopyError {
     /// should reset the socket too (SO_LINGER 0) so the application sees a reset.
     #[error("the tunnel failed: {0}")]
     Tunnel(io::Error),
+    /// The caller's stop signal fired (for example, a policy now denies the
+    /// connection); the stream was reset.
+    #[error("closed: {0}")]
+    Stopped(String),
 }
 
 impl CopyError {
@@ -255,9 +259,24 @@ impl CopyError {
 /// becomes a shutdown of the socket's write half. A failure on either side stops both
 /// and resets the stream. Byte counts are returned whatever happened.
 pub async fn copy_bidirectional<R, W>(
+    reader: R,
+    writer: W,
+    stream: H2Stream,
+) -> (CopyStats, Result<(), CopyError>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    copy_bidirectional_until(reader, writer, stream, std::future::pending()).await
+}
+
+/// [`copy_bidirectional`] that also ends, with [`CopyError::Stopped`] and a reset
+/// stream, when `stop` completes (with the reason).
+pub async fn copy_bidirectional_until<R, W>(
     mut reader: R,
     mut writer: W,
     stream: H2Stream,
+    stop: impl std::future::Future<Output = String>,
 ) -> (CopyStats, Result<(), CopyError>)
 where
     R: AsyncRead + Unpin,
@@ -340,7 +359,11 @@ where
         }
     };
 
-    let result = tokio::try_join!(upstream, downstream).map(|_| ());
+    let copy = async { tokio::try_join!(upstream, downstream).map(|_| ()) };
+    let result = tokio::select! {
+        r = copy => r,
+        reason = stop => Err(CopyError::Stopped(reason)),
+    };
     if result.is_err() {
         send.send_reset(h2::Reason::CANCEL);
     }

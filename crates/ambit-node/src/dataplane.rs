@@ -8,10 +8,15 @@
 //!   source address is the pod's), or plain TCP for destinations outside the mesh.
 //! - `0.0.0.0:15008` (inbound HBONE): mutual TLS with this pod's certificate; the
 //!   CONNECT authority must be one of this pod's addresses; the peer's SPIFFE ID is the
-//!   source principal; the authorization hook decides; the proxy then connects to the
-//!   application from inside the namespace with the client's address as the source.
+//!   source principal; the authorization hook decides (a refusal is a 401, nothing
+//!   reaches the application); the proxy then connects to the application from inside
+//!   the namespace with the client's address as the source.
 //! - `0.0.0.0:15006` (inbound plaintext): connections from outside the mesh, redirected
-//!   here; forwarded to the application the same way, if the hook allows plaintext.
+//!   here; forwarded to the application the same way, if the hook allows them (a
+//!   STRICT PeerAuthentication does not).
+//!
+//! Every allowed inbound connection is checked again whenever the policies change, and
+//! closed if they now deny it.
 //!
 //! The proxy's own sockets carry the mark 0x539, which the redirection rules skip.
 
@@ -23,10 +28,11 @@ use std::time::{Duration, Instant};
 
 use ambit_core::SpiffeId;
 use ambit_core::discovery::{Service, Workload};
+use ambit_core::policy::Evaluation;
 use ambit_core::state::{State, Store};
 use ambit_hbone::server::{ServerConfig, ServerHandle};
 use ambit_hbone::socket::{Netns, PROXY_MARK, SocketOptions};
-use ambit_hbone::stream::{CopyError, copy_bidirectional};
+use ambit_hbone::stream::{CopyError, copy_bidirectional, copy_bidirectional_until};
 use ambit_hbone::{
     ConnectHandler, ConnectHeaders, ConnectRequest, IncomingConnect, Pool, PoolConfig, Server,
 };
@@ -36,6 +42,7 @@ use http::StatusCode;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -96,32 +103,12 @@ pub struct InboundConn<'a> {
     pub destination_addr: SocketAddr,
     pub source_addr: SocketAddr,
     /// The client's SPIFFE ID, for mTLS (HBONE) connections.
-    pub source_principal: Option<&'a SpiffeId>,
+    pub source_identity: Option<&'a SpiffeId>,
 }
 
-/// The hook's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    Allow,
-    /// Refused; `reason` names what decided (a policy, "mTLS required", ...).
-    Deny {
-        reason: String,
-    },
-}
-
-/// Decides inbound connections (L4 authorization and PeerAuthentication plug in here).
+/// Decides inbound connections (see [`crate::authz::Policies`]).
 pub trait Authorizer: Send + Sync + 'static {
-    fn check(&self, conn: &InboundConn<'_>) -> Decision;
-}
-
-/// Allows everything: the default until policies are enforced.
-#[derive(Debug, Default)]
-pub struct AllowAll;
-
-impl Authorizer for AllowAll {
-    fn check(&self, _: &InboundConn<'_>) -> Decision {
-        Decision::Allow
-    }
+    fn check<'s>(&self, conn: &InboundConn<'s>) -> Evaluation<'s>;
 }
 
 /// What every pod's connections share.
@@ -133,6 +120,9 @@ pub struct DataPlane {
     pub bundle: TrustBundle,
     pub metrics: Arc<Metrics>,
     pub authorizer: Arc<dyn Authorizer>,
+    /// The policy epoch of the state (see [`State::policy_epoch`]); open inbound
+    /// connections watch it and re-check themselves when it moves.
+    pub policy_changes: watch::Sender<u64>,
     /// How many pods hold each identity (certificates are released with the last one).
     cert_refs: Mutex<HashMap<SpiffeId, usize>>,
 }
@@ -160,6 +150,7 @@ impl DataPlane {
             bundle,
             metrics,
             authorizer,
+            policy_changes: watch::Sender::new(0),
             cert_refs: Mutex::new(HashMap::new()),
         }
     }
@@ -481,9 +472,20 @@ struct Access<'a> {
     dst_service: Option<&'a Service>,
     mtls: bool,
     started: Instant,
+    /// The authorization decision (inbound only): what decided, what the dry-run
+    /// policies would have decided, which AUDIT policy matched.
+    authz: Option<(String, Option<String>, Option<String>)>,
 }
 
 impl Access<'_> {
+    fn decided(&mut self, e: &Evaluation<'_>) {
+        self.authz = Some((
+            e.verdict.to_string(),
+            e.dry_run.map(|v| v.to_string()),
+            e.audit.map(|p| format!("{}/{}", p.namespace, p.name)),
+        ));
+    }
+
     fn log(&self, from_source: u64, to_source: u64, error: Option<&str>) {
         let dst_identity = if self.mtls {
             self.dst_workload
@@ -491,6 +493,10 @@ impl Access<'_> {
                 .map(|i| i.to_string())
         } else {
             None
+        };
+        let (authz, dry_run, audit) = match &self.authz {
+            Some((a, d, u)) => (a.as_str(), d.as_deref(), u.as_deref()),
+            None => ("", None, None),
         };
         tracing::info!(
             target: "ambit::access",
@@ -507,6 +513,9 @@ impl Access<'_> {
             bytes_sent = from_source,
             bytes_received = to_source,
             duration_ms = self.started.elapsed().as_millis() as u64,
+            authz,
+            authz.dry_run = dry_run.unwrap_or(""),
+            authz.audit = audit.unwrap_or(""),
             error = error.unwrap_or(""),
             "connection complete"
         );
@@ -553,6 +562,7 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                 dst_service: service.as_deref(),
                 mtls: true,
                 started,
+                authz: None,
             };
             let facts = ConnFacts {
                 reporter: Reporter::Source,
@@ -646,6 +656,7 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                 dst_service: service.as_deref(),
                 mtls: false,
                 started,
+                authz: None,
             };
             let facts = ConnFacts {
                 reporter: Reporter::Source,
@@ -700,6 +711,7 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                 dst_service: Some(&service),
                 mtls: false,
                 started,
+                authz: None,
             };
             let facts = ConnFacts {
                 reporter: Reporter::Source,
@@ -754,6 +766,82 @@ async fn copy_plain(a: &mut TcpStream, b: &mut TcpStream) -> (u64, u64, Option<S
     }
 }
 
+/// Resolves, with the new decision, once a policy change denies an open inbound
+/// connection; never resolves otherwise.
+async fn revoked(
+    ctx: &PodCtx,
+    mut changes: watch::Receiver<u64>,
+    source_addr: SocketAddr,
+    source_identity: Option<SpiffeId>,
+    destination_addr: SocketAddr,
+) -> String {
+    while changes.changed().await.is_ok() {
+        let state = ctx.dp.store.load();
+        let destination = ctx.workload(&state);
+        let e = ctx.dp.authorizer.check(&InboundConn {
+            state: &state,
+            destination: destination.as_deref(),
+            destination_addr,
+            source_addr,
+            source_identity: source_identity.as_ref(),
+        });
+        if !e.verdict.allowed {
+            tracing::info!(
+                src = %source_addr,
+                dst = %destination_addr,
+                decision = %e.verdict,
+                "closing an open connection the changed policies deny"
+            );
+            return format!("{} (policies changed)", e.verdict);
+        }
+    }
+    std::future::pending().await
+}
+
+/// A socket that counts what is read from it (so the bytes of a copy that is cut short
+/// are still known).
+struct Counted<'a> {
+    inner: &'a mut TcpStream,
+    read: u64,
+}
+
+impl tokio::io::AsyncRead for Counted<'_> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
 async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let original = match original_dst(&conn) {
@@ -767,10 +855,13 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
         return;
     }
     let dp = &ctx.dp;
+    // Subscribed before the decision, so a change right after it is not missed.
+    let mut changes = dp.policy_changes.subscribe();
+    changes.borrow_and_update();
     let state = dp.store.load();
     let destination = ctx.workload(&state);
     let source = state.workload_by_ip(&dp.config.network, peer.ip()).cloned();
-    let access = Access {
+    let mut access = Access {
         direction: "inbound",
         src: peer,
         src_workload: source.as_deref(),
@@ -781,6 +872,7 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
         dst_service: None,
         mtls: false,
         started,
+        authz: None,
     };
     let facts = ConnFacts {
         reporter: Reporter::Destination,
@@ -796,12 +888,13 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
         destination: destination.as_deref(),
         destination_addr: original,
         source_addr: peer,
-        source_principal: None,
+        source_identity: None,
     });
-    if let Decision::Deny { reason } = decision {
+    access.decided(&decision);
+    if !decision.verdict.allowed {
         reset(&conn);
         metrics.close(0, 0, Some("DENY"));
-        access.log(0, 0, Some(&format!("denied: {reason}")));
+        access.log(0, 0, Some(&decision.verdict.to_string()));
         return;
     }
     let mut app = match ctx.connect_app(original, peer.ip()).await {
@@ -817,9 +910,39 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
             return;
         }
     };
-    let (from_source, to_source, error) = copy_plain(&mut conn, &mut app).await;
-    metrics.close(from_source, to_source, None);
-    access.log(from_source, to_source, error.as_deref());
+    let mut from = Counted {
+        inner: &mut conn,
+        read: 0,
+    };
+    let mut to = Counted {
+        inner: &mut app,
+        read: 0,
+    };
+    let outcome = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut from, &mut to) => Ok(r),
+        reason = revoked(ctx, changes, peer, None, original) => Err(reason),
+    };
+    let (from_source, to_source) = (from.read, to.read);
+    match outcome {
+        Ok(Ok(_)) => {
+            metrics.close(from_source, to_source, None);
+            access.log(from_source, to_source, None);
+        }
+        Ok(Err(e)) => {
+            if e.kind() == io::ErrorKind::ConnectionReset {
+                reset(&conn);
+                reset(&app);
+            }
+            metrics.close(from_source, to_source, None);
+            access.log(from_source, to_source, Some(&e.to_string()));
+        }
+        Err(reason) => {
+            reset(&conn);
+            reset(&app);
+            metrics.close(from_source, to_source, Some("DENY"));
+            access.log(from_source, to_source, Some(&format!("closed: {reason}")));
+        }
+    }
 }
 
 /// The service the client addressed, as its CONNECT's `forwarded: host=` names it, if
@@ -860,6 +983,8 @@ impl ConnectHandler for Inbound {
 async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
     let started = Instant::now();
     let dp = &ctx.dp;
+    let mut changes = dp.policy_changes.subscribe();
+    changes.borrow_and_update();
     let state = dp.store.load();
     let destination = ctx.workload(&state);
     let source = state
@@ -872,7 +997,7 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
             .is_some_and(|w| w.addresses.contains(&authority.ip()));
     let principal = c.peer.identity.to_string();
     let service = addressed_service(&state, &c.headers, destination.as_deref());
-    let access = Access {
+    let mut access = Access {
         direction: "inbound",
         src: c.peer.addr,
         src_workload: source.as_deref(),
@@ -883,6 +1008,7 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
         dst_service: service.map(|s| &**s),
         mtls: true,
         started,
+        authz: None,
     };
     if !own || is_proxy_port(authority.port()) {
         tracing::warn!(%authority, peer = %c.peer.identity, "refusing a tunnel to an address that is not this pod's");
@@ -904,14 +1030,16 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
         destination: destination.as_deref(),
         destination_addr: authority,
         source_addr: c.peer.addr,
-        source_principal: Some(&c.peer.identity),
+        source_identity: Some(&c.peer.identity),
     });
-    if let Decision::Deny { reason } = decision {
+    access.decided(&decision);
+    if !decision.verdict.allowed {
         metrics.close(0, 0, Some("DENY"));
-        access.log(0, 0, Some(&format!("denied: {reason}")));
+        access.log(0, 0, Some(&decision.verdict.to_string()));
         c.refuse(StatusCode::UNAUTHORIZED);
         return;
     }
+    let (peer_addr, peer_identity) = (c.peer.addr, c.peer.identity.clone());
     let app = match ctx.connect_app(authority, c.peer.addr.ip()).await {
         Ok(a) => a,
         Err(e) => {
@@ -938,14 +1066,19 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
     };
     let mut app = app;
     let (r, w) = app.split();
-    let (stats, result) = copy_bidirectional(r, w, stream).await;
+    let revocation = revoked(ctx, changes, peer_addr, Some(peer_identity), authority);
+    let (stats, result) = copy_bidirectional_until(r, w, stream, revocation).await;
+    let mut flag = None;
     let error = result.err().map(|e| {
-        if matches!(e, CopyError::Tunnel(_)) {
+        if matches!(e, CopyError::Tunnel(_) | CopyError::Stopped(_)) {
             reset(&app);
+        }
+        if matches!(e, CopyError::Stopped(_)) {
+            flag = Some("DENY");
         }
         e.to_string()
     });
     // Here the application is the destination: what it sent went to the source.
-    metrics.close(stats.received, stats.sent, None);
+    metrics.close(stats.received, stats.sent, flag);
     access.log(stats.received, stats.sent, error.as_deref());
 }

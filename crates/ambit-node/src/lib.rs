@@ -4,6 +4,8 @@
 //!   ([`ambit_core::state::Store`]) current.
 //! - [`dataplane`]: per-pod listeners inside each pod's network namespace, outbound
 //!   ([`route`]) and inbound handling, HBONE both ways.
+//! - [`authz`]: L4 authorization (AuthorizationPolicy, PeerAuthentication) at the
+//!   destination.
 //! - [`pods`]: the pods served; [`zds`]: the node agent tells which.
 //! - [`metrics`], [`admin`]: Istio's TCP metrics, the admin port, readiness.
 //!
@@ -12,6 +14,7 @@
 //! so a slow scrape or a burst of discovery updates never delays a connection.
 
 pub mod admin;
+pub mod authz;
 pub mod dataplane;
 pub mod metrics;
 pub mod pods;
@@ -33,7 +36,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 pub use ambit_xds::{XdsClient, XdsConfig, XdsState};
-pub use dataplane::{AllowAll, Authorizer, DataPlaneConfig, Decision, InboundConn, PodInfo};
+pub use dataplane::{Authorizer, DataPlaneConfig, InboundConn, PodInfo};
 
 use crate::dataplane::DataPlane;
 use crate::metrics::Metrics;
@@ -214,12 +217,17 @@ impl NodeProxy {
             certs.clone(),
             bundle,
             metrics.clone(),
-            Arc::new(AllowAll),
+            Arc::new(authz::Policies),
         ));
         let pods = Arc::new(Pods::new(dp, dh.clone()));
 
         let (client, xds) = XdsClient::new(config.xds.clone(), store.clone());
         let mut tasks = vec![ch.spawn(client.run(stop_rx.clone()))];
+        ch.spawn(authz::follow_policy_changes(
+            store.clone(),
+            xds.clone(),
+            pods.dataplane().clone(),
+        ));
 
         let admin = bind(config.admin_addr, "admin port", &ch).await?;
         let admin_addr = admin.local_addr().map_err(StartError::Listen)?;

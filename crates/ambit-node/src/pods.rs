@@ -47,6 +47,10 @@ pub struct PodStatus {
 
 impl Pods {
     /// Pods are served on `rt` (the data-path runtime).
+    pub fn dataplane(&self) -> &Arc<DataPlane> {
+        &self.dp
+    }
+
     pub fn new(dp: Arc<DataPlane>, rt: Handle) -> Self {
         let drain = dp.config.drain_timeout;
         Self {

@@ -323,8 +323,27 @@ pub fn authorization(
         // An action this proxy does not know must not be guessed at (fail closed).
         Err(_) => return Err(format!("unknown action {}", a.action)),
     };
-    let mut rules = Vec::with_capacity(a.rules.len());
-    for r in &a.rules {
+    let (action, dry_run, rules) = match &a.ambit_log_only {
+        None => (action, false, &a.rules),
+        Some(log_only) => {
+            // Published so that a proxy ignoring the extension enforces nothing: a rule
+            // or an ALLOW here would be enforced by such a proxy, so it is a bad resource.
+            if action != PolicyAction::Deny || !a.rules.is_empty() {
+                return Err(
+                    "a log-only policy must be published as a DENY without rules".to_owned(),
+                );
+            }
+            let (action, dry_run) = match pb_sec::LogOnlyAction::try_from(log_only.action) {
+                Ok(pb_sec::LogOnlyAction::DryRunAllow) => (PolicyAction::Allow, true),
+                Ok(pb_sec::LogOnlyAction::DryRunDeny) => (PolicyAction::Deny, true),
+                Ok(pb_sec::LogOnlyAction::Audit) => (PolicyAction::Audit, false),
+                Err(_) => return Err(format!("unknown log-only action {}", log_only.action)),
+            };
+            (action, dry_run, &log_only.rules)
+        }
+    };
+    let mut rules_out = Vec::with_capacity(rules.len());
+    for r in rules {
         let mut clauses = Vec::with_capacity(r.clauses.len());
         for c in &r.clauses {
             let mut matches = Vec::with_capacity(c.matches.len());
@@ -344,14 +363,15 @@ pub fn authorization(
             }
             clauses.push(Clause { matches });
         }
-        rules.push(Rule { clauses });
+        rules_out.push(Rule { clauses });
     }
     Ok(Authorization {
         name: a.name.as_str().into(),
         namespace: i.get(&a.namespace),
         scope,
         action,
-        rules,
+        dry_run,
+        rules: rules_out,
     })
 }
 
@@ -434,6 +454,42 @@ mod tests {
         let c = workload(&"c//Pod/ns/r".into(), w3, &mut i).unwrap();
         assert!(!Arc::ptr_eq(&a.profile, &c.profile));
         assert!(Arc::ptr_eq(&a.profile.namespace, &c.profile.namespace));
+    }
+
+    #[test]
+    fn log_only_policies_are_read_from_the_extension() {
+        let mut i = Interner::default();
+        let rule = pb_sec::Rule { clauses: vec![] };
+        let published =
+            |log_action: i32, action: i32, rules: Vec<pb_sec::Rule>| pb_sec::Authorization {
+                name: "p".into(),
+                namespace: "ns".into(),
+                action,
+                rules,
+                ambit_log_only: Some(pb_sec::LogOnly {
+                    action: log_action,
+                    rules: vec![rule.clone()],
+                }),
+                ..Default::default()
+            };
+        let deny = pb_sec::Action::Deny as i32;
+        for (log, action, dry_run) in [
+            (
+                pb_sec::LogOnlyAction::DryRunAllow,
+                PolicyAction::Allow,
+                true,
+            ),
+            (pb_sec::LogOnlyAction::DryRunDeny, PolicyAction::Deny, true),
+            (pb_sec::LogOnlyAction::Audit, PolicyAction::Audit, false),
+        ] {
+            let p = authorization("ns/p", published(log as i32, deny, vec![]), &mut i).unwrap();
+            assert_eq!((p.action, p.dry_run, p.rules.len()), (action, dry_run, 1));
+        }
+        // Anything a proxy ignoring the extension would enforce is refused.
+        let allow = pb_sec::Action::Allow as i32;
+        assert!(authorization("ns/p", published(0, allow, vec![]), &mut i).is_err());
+        assert!(authorization("ns/p", published(0, deny, vec![rule.clone()]), &mut i).is_err());
+        assert!(authorization("ns/p", published(7, deny, vec![]), &mut i).is_err());
     }
 
     #[test]

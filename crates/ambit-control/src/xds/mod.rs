@@ -5,6 +5,7 @@
 //! (re-translating only what changed, batching bursts); [`server::AdsService`] serves
 //! them to each subscriber as deltas.
 
+pub mod peer_authn;
 pub mod server;
 pub mod snapshot;
 pub mod translate;

@@ -6,12 +6,15 @@
 //!   `istio.io/dataplane-mode=ambient` (a pod label `none` opts out; host-network pods are
 //!   never enrolled), NONE otherwise, so traffic to it stays plain.
 //! - Every Service becomes a `Service` named `<ns>/<hostname>`.
-//! - Every AuthorizationPolicy a node proxy enforces (selector, namespace-wide or
-//!   mesh-wide; ALLOW or DENY; not dry-run) becomes an `Authorization` named `<ns>/<name>`.
-//!   Fields that need L7 (methods, paths, hosts, request principals, headers) cannot be
-//!   checked at L4: as in Istio, an ALLOW rule using them matches nothing, a DENY rule
-//!   keeps its other conditions (so it denies at least as much as written), and a warning
-//!   says so.
+//! - Every AuthorizationPolicy for the node proxy (selector, namespace-wide or mesh-wide;
+//!   not `targetRefs`, which bind it to a waypoint) becomes an `Authorization` named
+//!   `<ns>/<name>`. Fields that need L7 (methods, paths, hosts, request principals,
+//!   headers) cannot be checked at L4: as in Istio, an ALLOW rule using them matches
+//!   nothing, a DENY rule keeps its other conditions (so it denies at least as much as
+//!   written), and a warning says so. AUDIT and dry-run policies travel in Ambit's
+//!   log-only extension (see `authorization.proto`); CUSTOM is not supported (warning).
+//! - Every PeerAuthentication that decides some workload's mTLS mode becomes a DENY of
+//!   plaintext on the STRICT ports ([`super::peer_authn`]).
 //!
 //! [`Translator`] keeps the last result and, given the model's changes, re-translates only
 //! the resources those changes can affect.
@@ -25,6 +28,8 @@ use ambit_proto::prost::Message;
 use ambit_proto::security as pb_sec;
 use ambit_proto::workload as pb;
 use imbl::OrdMap;
+
+use super::peer_authn;
 
 use crate::model::fields::{IntOrString, Labels};
 use crate::model::resources::{Condition, Operation, Protocol, Rule as ApRule, Source};
@@ -129,6 +134,7 @@ enum Unit {
     Pod(String, String),
     Service(String, String),
     Policy(String, String),
+    PeerAuthn(String, String),
 }
 
 /// Incremental translator.
@@ -228,8 +234,35 @@ impl Translator {
                 pods_in(model, &ns, out);
                 pods_in(old, &ns, out);
             }
+            // A PeerAuthentication can change which converted policy the workloads of its
+            // namespace list and what the selector ones there say; a mesh-wide one, of
+            // every namespace.
+            Kind::PeerAuthentication => {
+                out.insert(Unit::PeerAuthn(ns.clone(), name));
+                let everywhere = ns == self.options.root_namespace;
+                for m in [model, old] {
+                    let pas: Vec<&Object> = if everywhere {
+                        m.of_kind(Kind::PeerAuthentication).collect()
+                    } else {
+                        m.in_namespace(Kind::PeerAuthentication, &ns).collect()
+                    };
+                    for o in pas {
+                        let k = o.key();
+                        out.insert(Unit::PeerAuthn(k.namespace, k.name));
+                    }
+                    if everywhere {
+                        for pod in m.pods() {
+                            out.insert(Unit::Pod(
+                                pod.metadata.namespace().to_owned(),
+                                pod.metadata.name.as_str().to_owned(),
+                            ));
+                        }
+                    } else {
+                        pods_in(m, &ns, out);
+                    }
+                }
+            }
             Kind::ServiceAccount
-            | Kind::PeerAuthentication
             | Kind::ServiceEntry
             | Kind::WorkloadEntry
             | Kind::Gateway
@@ -334,6 +367,28 @@ impl Translator {
                 let auth = auth?;
                 Some((ResourceType::Authorization, key, Encoded::of(&auth)))
             }
+            Unit::PeerAuthn(ns, name) => {
+                let warn_key = format!("PeerAuthentication {ns}/{name}");
+                let Some(Object::PeerAuthentication(pa)) =
+                    model.lookup(Kind::PeerAuthentication, ns, name)
+                else {
+                    self.warnings.remove(&warn_key);
+                    return None;
+                };
+                let (auth, warnings) =
+                    peer_authn::converted(model, pa, &self.options.root_namespace);
+                if warnings.is_empty() {
+                    self.warnings.remove(&warn_key);
+                } else {
+                    for w in &warnings {
+                        tracing::warn!(policy = %warn_key, warning = %w, "PeerAuthentication is enforced differently");
+                    }
+                    self.warnings.insert(warn_key, warnings);
+                }
+                let auth = auth?;
+                let key = format!("{}/{}", auth.namespace, auth.name);
+                Some((ResourceType::Authorization, key, Encoded::of(&auth)))
+            }
         }
     }
 }
@@ -344,6 +399,7 @@ fn units_of(object: &Object) -> Option<Unit> {
         Kind::Pod => Some(Unit::Pod(k.namespace, k.name)),
         Kind::Service => Some(Unit::Service(k.namespace, k.name)),
         Kind::AuthorizationPolicy => Some(Unit::Policy(k.namespace, k.name)),
+        Kind::PeerAuthentication => Some(Unit::PeerAuthn(k.namespace, k.name)),
         _ => None,
     }
 }
@@ -439,12 +495,19 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
             continue;
         };
         if let Some(sel) = &p.spec.selector
-            && enforced_by_node_proxy(p)
+            && !sel.match_labels.is_empty()
+            && node_proxy_mode(p).is_some()
             && labels.matches(&sel.match_labels)
         {
             policies.push(format!("{ns}/{}", p.metadata.name));
         }
     }
+    policies.extend(peer_authn::policy_for_pod(
+        model,
+        ns,
+        labels,
+        &o.root_namespace,
+    ));
 
     let locality = pod.node().and_then(|n| model.node(n)).and_then(|node| {
         let l = &node.metadata.labels;
@@ -567,31 +630,64 @@ pub fn translate_service(svc: &Service, o: &TranslateOptions) -> pb::Service {
     }
 }
 
-/// Whether the node proxy enforces this policy (waypoint-bound, CUSTOM and dry-run
-/// policies are not sent to it).
-pub fn enforced_by_node_proxy(p: &AuthorizationPolicy) -> bool {
+/// How the node proxy treats a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeProxyMode {
+    Enforce,
+    /// `istio.io/dry-run: "true"`: evaluated and reported only.
+    DryRun,
+    /// AUDIT: reported when it matches.
+    Audit,
+}
+
+/// How the node proxy treats this policy; `None` when it is not the node proxy's
+/// (bound to a waypoint by `targetRefs`, or CUSTOM).
+pub fn node_proxy_mode(p: &AuthorizationPolicy) -> Option<NodeProxyMode> {
     let targeted = p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty();
+    if targeted {
+        return None;
+    }
     let dry_run = p.metadata.annotations.get(DRY_RUN_ANNOTATION) == Some("true");
-    let action_ok = matches!(
-        p.spec.action,
-        None | Some(AuthorizationAction::Allow) | Some(AuthorizationAction::Deny)
-    );
-    !targeted && !dry_run && action_ok
+    match p.spec.action {
+        None | Some(AuthorizationAction::Allow) | Some(AuthorizationAction::Deny) => {
+            Some(if dry_run {
+                NodeProxyMode::DryRun
+            } else {
+                NodeProxyMode::Enforce
+            })
+        }
+        Some(AuthorizationAction::Audit) => Some(NodeProxyMode::Audit),
+        Some(AuthorizationAction::Custom) => None,
+    }
 }
 
 /// An AuthorizationPolicy as an L4 policy, with warnings for what L4 cannot check.
-/// `None` when the node proxy does not enforce it.
+/// `None` when the node proxy does not evaluate it.
 pub fn translate_policy(
     p: &AuthorizationPolicy,
     o: &TranslateOptions,
 ) -> (Option<pb_sec::Authorization>, Vec<String>) {
     let mut warnings = Vec::new();
-    if !enforced_by_node_proxy(p) {
+    let Some(mode) = node_proxy_mode(p) else {
+        if p.spec.action == Some(AuthorizationAction::Custom) {
+            warnings.push(
+                "action CUSTOM (external authorization) is not supported; the policy is ignored"
+                    .to_owned(),
+            );
+        }
         return (None, warnings);
-    }
+    };
     let ns = p.metadata.namespace();
-    let deny = p.spec.action == Some(AuthorizationAction::Deny);
-    let scope = if p.spec.selector.is_some() {
+    let deny = matches!(
+        p.spec.action,
+        Some(AuthorizationAction::Deny) | Some(AuthorizationAction::Audit)
+    );
+    let selector = p
+        .spec
+        .selector
+        .as_ref()
+        .is_some_and(|s| !s.match_labels.is_empty());
+    let scope = if selector {
         pb_sec::Scope::WorkloadSelector
     } else if ns == o.root_namespace {
         pb_sec::Scope::Global
@@ -605,7 +701,7 @@ pub fn translate_policy(
             rules.push(translated);
         } else if deny {
             warnings.push(format!(
-                "rule {i} uses {} which the node proxy cannot check; it denies on the rule's other conditions alone",
+                "rule {i} uses {} which the node proxy cannot check; it matches on the rule's other conditions alone",
                 unsupported.join(", ")
             ));
             rules.push(translated);
@@ -616,16 +712,39 @@ pub fn translate_policy(
             ));
         }
     }
+    let (action, rules, log_only) = match mode {
+        NodeProxyMode::Enforce => (
+            if deny {
+                pb_sec::Action::Deny
+            } else {
+                pb_sec::Action::Allow
+            },
+            rules,
+            None,
+        ),
+        NodeProxyMode::DryRun | NodeProxyMode::Audit => {
+            let action = match (mode, deny) {
+                (NodeProxyMode::Audit, _) => pb_sec::LogOnlyAction::Audit,
+                (_, true) => pb_sec::LogOnlyAction::DryRunDeny,
+                (_, false) => pb_sec::LogOnlyAction::DryRunAllow,
+            };
+            (
+                pb_sec::Action::Deny,
+                Vec::new(),
+                Some(pb_sec::LogOnly {
+                    action: action as i32,
+                    rules,
+                }),
+            )
+        }
+    };
     let auth = pb_sec::Authorization {
         name: p.metadata.name.as_str().to_owned(),
         namespace: ns.to_owned(),
         scope: scope as i32,
-        action: if deny {
-            pb_sec::Action::Deny as i32
-        } else {
-            pb_sec::Action::Allow as i32
-        },
+        action: action as i32,
         rules,
+        ambit_log_only: log_only,
     };
     (Some(auth), warnings)
 }
@@ -651,17 +770,30 @@ fn string_matches(values: &[String]) -> Vec<pb_sec::StringMatch> {
         .collect()
 }
 
-/// `ns/sa` service accounts as principal matches on any trust domain.
-fn service_account_matches(values: &[String]) -> Vec<pb_sec::StringMatch> {
-    values
-        .iter()
-        .filter_map(|v| v.split_once('/'))
-        .map(|(ns, sa)| pb_sec::StringMatch {
-            match_type: Some(pb_sec::string_match::MatchType::Suffix(format!(
-                "/ns/{ns}/sa/{sa}"
-            ))),
-        })
-        .collect()
+/// `ns/sa` service accounts as principal matches on any trust domain. An entry of
+/// another shape is reported as unsupported (so the rule fails closed), never dropped.
+fn service_account_matches(
+    values: &[String],
+    unsupported: &mut Vec<String>,
+) -> Vec<pb_sec::StringMatch> {
+    let mut out = Vec::new();
+    for v in values {
+        match v.split_once('/') {
+            Some((ns, sa))
+                if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') && !v.contains('*') =>
+            {
+                out.push(pb_sec::StringMatch {
+                    match_type: Some(pb_sec::string_match::MatchType::Suffix(format!(
+                        "/ns/{ns}/sa/{sa}"
+                    ))),
+                })
+            }
+            _ => unsupported.push(format!(
+                "service account {v:?} (expected <namespace>/<name>)"
+            )),
+        }
+    }
+    out
 }
 
 fn addresses(blocks: &[crate::model::fields::IpBlock]) -> Vec<pb_sec::Address> {
@@ -740,9 +872,12 @@ fn source_match(s: &Source, unsupported: &mut Vec<String>) -> pb_sec::Match {
         unsupported.push("source.remoteIpBlocks".into());
     }
     let mut principals = string_matches(&s.principals);
-    principals.extend(service_account_matches(&s.service_accounts));
+    principals.extend(service_account_matches(&s.service_accounts, unsupported));
     let mut not_principals = string_matches(&s.not_principals);
-    not_principals.extend(service_account_matches(&s.not_service_accounts));
+    not_principals.extend(service_account_matches(
+        &s.not_service_accounts,
+        unsupported,
+    ));
     pb_sec::Match {
         namespaces: string_matches(&s.namespaces),
         not_namespaces: string_matches(&s.not_namespaces),

@@ -285,12 +285,27 @@ fn policies_become_l4_authorizations() {
         names,
         [
             "demo/allow-sleep",
+            "demo/audit",
+            "demo/dry",
             "demo/l7-allow",
             "demo/l7-deny",
             "istio-system/mesh-wide"
         ],
-        "dry-run, AUDIT and waypoint-bound policies are not for the node proxy"
+        "waypoint-bound policies are not for the node proxy"
     );
+
+    // Log-only policies: a DENY without rules on the wire (a proxy that ignores the
+    // extension enforces nothing), the real action and rules in the extension.
+    for (name, action) in [
+        ("demo/dry", pb_sec::LogOnlyAction::DryRunDeny),
+        ("demo/audit", pb_sec::LogOnlyAction::Audit),
+    ] {
+        let p = policy(&t, name);
+        assert_eq!(p.action, pb_sec::Action::Deny as i32, "{name}");
+        assert!(p.rules.is_empty(), "{name}");
+        let log_only = p.ambit_log_only.expect(name);
+        assert_eq!(log_only.action, action as i32, "{name}");
+    }
 
     let p = policy(&t, "demo/allow-sleep");
     assert_eq!(p.scope, pb_sec::Scope::WorkloadSelector as i32);
