@@ -130,6 +130,10 @@ metadata: {{name: demo, {label}}}
 ---
 apiVersion: v1
 kind: Namespace
+metadata: {{name: prod, {label}}}
+---
+apiVersion: v1
+kind: Namespace
 metadata: {{name: legacy}}
 ---
 apiVersion: v1
@@ -227,6 +231,7 @@ impl Mesh {
             .filter(|s| s.enrolled)
             .map(|s| s.node)
             .collect();
+        nodes.sort_unstable();
         nodes.dedup();
         for node in nodes {
             let mut config = mesh.node_config(node);
@@ -326,6 +331,35 @@ impl Mesh {
         let tmp = self.dir.path().join("mesh.yaml.tmp");
         std::fs::write(&tmp, manifests(&self.specs, ambient)).unwrap();
         std::fs::rename(tmp, path).unwrap();
+    }
+
+    /// Replaces the policy manifests (AuthorizationPolicy, PeerAuthentication) and waits
+    /// until every node proxy holds exactly the policies named in `expect`
+    /// (`<namespace>/<name>` of the node-proxy resources). `expect` must differ from
+    /// what the node proxies held before, or this returns at once.
+    pub async fn apply_policies(&self, yaml: &str, expect: &[&str]) {
+        let path = self.dir.path().join("manifests/policies.yaml");
+        let tmp = self.dir.path().join("policies.yaml.tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(tmp, path).unwrap();
+        let mut want: Vec<String> = expect.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        for (name, node) in &self.nodes {
+            let start = Instant::now();
+            loop {
+                let state = node.store().load();
+                let mut have: Vec<String> = state.policies().map(|p| p.key()).collect();
+                have.sort();
+                if have == want {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(10),
+                    "{name} holds policies {have:?}, expected {want:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
 
     /// Waits until the node's agent reports the pod in `phase` (or, with `None`, no
