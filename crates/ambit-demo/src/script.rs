@@ -154,6 +154,57 @@ fn write_manifests(dir: &Path, ambient: bool) -> Result<(), DemoError> {
     std::fs::rename(&tmp, folder.join("mesh.yaml")).map_err(|e| DemoError::Io(e.to_string()))
 }
 
+/// The policy of step 6.
+fn deny_other_policy() -> String {
+    format!(
+        "# Written by `ambit demo`.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-other, namespace: {NAMESPACE}}}
+spec:
+  selector: {{matchLabels: {{app: echo}}}}
+  action: DENY
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/{NAMESPACE}/sa/other]}}}}]
+"
+    )
+}
+
+/// Writes (or, with `None`, removes) `manifests/policy.yaml`.
+fn write_policy(dir: &Path, policy: Option<&str>) -> Result<(), DemoError> {
+    let path = dir.join("manifests/policy.yaml");
+    match policy {
+        Some(text) => {
+            let tmp = dir.join("policy.yaml.tmp");
+            std::fs::write(&tmp, text).map_err(|e| DemoError::Io(e.to_string()))?;
+            std::fs::rename(&tmp, &path).map_err(|e| DemoError::Io(e.to_string()))
+        }
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(DemoError::Io(e.to_string()))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
+/// Probes until the outcome (success or refusal) is `want`, for up to 10 s (the time a
+/// policy change takes to reach the node proxy). Returns the last outcome.
+async fn probe_until(
+    from: &PodDef,
+    target: &str,
+    want_ok: bool,
+) -> Result<Probe, DemoError> {
+    let since = Instant::now();
+    loop {
+        let r = probe(from, target).await;
+        if r.is_ok() == want_ok || since.elapsed() > Duration::from_secs(10) {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
 }
@@ -618,7 +669,67 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
     out.pause().await;
 
     out.step(6, "Authorization: deny one client, allow another");
-    out.say("Pending: L4 AuthorizationPolicy enforcement arrives with issue 7. This step will\napply a DENY policy for sa/other and show `other` refused while `sleep` still works.");
+    let other_before = probe(&OTHER, &direct).await;
+    out.check(
+        other_before.is_ok(),
+        "without a policy, other reaches echo-1 too",
+        || format!("{:?}", other_before.as_ref().err()),
+    );
+    let policy = deny_other_policy();
+    out.say(&format!(
+        "Writing {}/manifests/policy.yaml, an Istio AuthorizationPolicy:\n{}",
+        dir.display(),
+        policy
+            .lines()
+            .skip(1)
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
+    write_policy(&dir, Some(&policy))?;
+    let refused = probe_until(&OTHER, &direct, false).await;
+    out.check(
+        refused.is_err(),
+        "other is refused: node-b's proxy answers its tunnel with 401, nothing reaches echo-1",
+        || "other still got an answer 10 s after the policy was written".into(),
+    );
+    let allowed = probe(&SLEEP, &direct).await;
+    out.check(
+        allowed.is_ok(),
+        "sleep still gets its answer",
+        || format!("{:?}", allowed.as_ref().err()),
+    );
+    let denied_line = inbound_from(&cluster, "node-b", &OTHER)
+        .into_iter()
+        .rev()
+        .find(|v| v["authz"].as_str().is_some_and(|a| a.starts_with("denied")));
+    out.check(
+        denied_line
+            .as_ref()
+            .is_some_and(|v| v["authz"] == format!("denied by {NAMESPACE}/deny-other")),
+        &format!("node-b's access log names the policy: \"denied by {NAMESPACE}/deny-other\""),
+        || format!("last denial logged: {denied_line:?}"),
+    );
+    let page = ambit_admin::get(local(metrics), "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    out.check(
+        page.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_closed_total{reporter=\"destination\"")
+                && l.contains(&spiffe(&OTHER))
+                && l.contains("response_flags=\"DENY\"")
+        }),
+        "its metrics carry response_flags=\"DENY\"",
+        || "no such sample".into(),
+    );
+    write_policy(&dir, None)?;
+    let back = probe_until(&OTHER, &direct, true).await;
+    out.check(
+        back.is_ok(),
+        "policy removed: other gets through again",
+        || format!("{:?}", back.as_ref().err()),
+    );
     out.pause().await;
 
     out.step(
