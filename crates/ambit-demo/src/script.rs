@@ -180,9 +180,7 @@ fn write_policy(dir: &Path, policy: Option<&str>) -> Result<(), DemoError> {
             std::fs::rename(&tmp, &path).map_err(|e| DemoError::Io(e.to_string()))
         }
         None => match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(DemoError::Io(e.to_string()))
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DemoError::Io(e.to_string())),
             _ => Ok(()),
         },
     }
@@ -190,11 +188,7 @@ fn write_policy(dir: &Path, policy: Option<&str>) -> Result<(), DemoError> {
 
 /// Probes until the outcome (success or refusal) is `want`, for up to 10 s (the time a
 /// policy change takes to reach the node proxy). Returns the last outcome.
-async fn probe_until(
-    from: &PodDef,
-    target: &str,
-    want_ok: bool,
-) -> Result<Probe, DemoError> {
+async fn probe_until(from: &PodDef, target: &str, want_ok: bool) -> Result<Probe, DemoError> {
     let since = Instant::now();
     loop {
         let r = probe(from, target).await;
@@ -694,11 +688,9 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
         || "other still got an answer 10 s after the policy was written".into(),
     );
     let allowed = probe(&SLEEP, &direct).await;
-    out.check(
-        allowed.is_ok(),
-        "sleep still gets its answer",
-        || format!("{:?}", allowed.as_ref().err()),
-    );
+    out.check(allowed.is_ok(), "sleep still gets its answer", || {
+        format!("{:?}", allowed.as_ref().err())
+    });
     let denied_line = inbound_from(&cluster, "node-b", &OTHER)
         .into_iter()
         .rev()
