@@ -206,7 +206,11 @@ fn policy_rows(list: &Value) -> Vec<Vec<String>> {
         rows.push(vec![
             s(&p["namespace"]),
             s(&p["name"]),
-            s(&p["action"]),
+            if p["dry_run"] == Value::Bool(true) {
+                format!("{} (dry-run)", s(&p["action"]))
+            } else {
+                s(&p["action"])
+            },
             s(&p["scope"]),
             p["rules"].as_array().map_or(0, Vec::len).to_string(),
         ]);
