@@ -1,0 +1,1124 @@
+//! Ambit's data path against direct traffic and a reference mTLS proxy pair, measured
+//! side by side on the same machine in the same run. Run it with `bench/run`, which
+//! installs the tools and builds the binaries.
+//!
+//! ```sh
+//! bench/run            # 5 interleaved repetitions (about 15 minutes on 2 cores)
+//! bench/run --quick    # 1 repetition, short runs (about 2 minutes)
+//! ```
+//!
+//! One topology of network namespaces (ambit-testenv), three client/server pairs on two
+//! simulated nodes, all on the same bridge:
+//!
+//! - **direct**: the client talks to the server, no proxy;
+//! - **ambit**: both pods enrolled; `ambit control`, `ambit node` and `ambit cni` run as
+//!   processes (one per node, one data-path thread each) and the traffic is captured and
+//!   tunnelled (HBONE, mTLS) as in a real node;
+//! - **nginx**: the classic "two proxies with mTLS": an nginx stream proxy in the client
+//!   pod (the client connects to it on localhost) opens TLS 1.3 with a client
+//!   certificate to an nginx stream proxy in the server pod, which requires and verifies
+//!   it and forwards to the server on localhost (ECDSA P-256 certificates, one worker
+//!   process each).
+//!
+//! The servers are iperf3 and an nginx HTTP server answering every request with 1 KiB.
+//! Per mode and repetition (modes interleaved: direct, ambit, nginx, direct, ...):
+//! iperf3 one-stream throughput both ways; wrk latency at a fixed ~1,000 requests/s
+//! (a Lua `delay` script over 10 connections) with keep-alive and with a new connection
+//! per request; wrk's maximum request rate; the connection setup rate (a new connection
+//! per request, as fast as it goes); the proxies' CPU seconds (from /proc, both proxies)
+//! per 1,000 requests and per GB moved; the proxies' RSS idle, under load and with
+//! 10,000 idle connections open through them. Medians with min and max; a markdown table
+//! with the ratios Ambit/direct and Ambit/nginx, printed and written to `--output`.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ambit_control::auth::TokenSigner;
+use ambit_testenv::{Pod, Topology};
+use anyhow::{Context, bail};
+use clap::Parser;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The `ambit` binary to run (release build).
+    #[arg(long)]
+    ambit: PathBuf,
+    /// Repetitions of every measurement, modes interleaved.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Seconds per throughput, latency and rate run.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Requests per second in the fixed-rate latency runs.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Idle connections opened through the proxies for the memory measurement.
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// One repetition of short runs (a smoke run of about two minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the markdown report.
+    #[arg(long, default_value = "bench/results/mesh.md")]
+    output: PathBuf,
+}
+
+const IPERF_PORT: u16 = 5201;
+const HTTP_PORT: u16 = 8080;
+/// nginx pair: client-side listeners on localhost, server-side TLS listeners.
+const NGINX_LOCAL_OFFSET: u16 = 10000;
+const NGINX_TLS_OFFSET: u16 = 20000;
+const FIXED_RATE_CONNECTIONS: u32 = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Ambit,
+    Nginx,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Ambit => "ambit",
+            Mode::Nginx => "nginx pair",
+        }
+    }
+}
+
+/// Children killed (SIGTERM, then SIGKILL) when dropped, before the namespaces go.
+#[derive(Default)]
+struct Procs(Vec<(String, Child)>);
+
+impl Procs {
+    fn spawn(
+        &mut self,
+        name: &str,
+        netns: Option<&str>,
+        argv: &[&str],
+        log: &Path,
+    ) -> anyhow::Result<u32> {
+        let log = std::fs::File::create(log)?;
+        let mut cmd = if let Some(ns) = netns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).args(argv);
+            c
+        } else {
+            let mut c = Command::new(argv[0]);
+            c.args(&argv[1..]);
+            c
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", argv[0]))?;
+        let pid = child.id();
+        self.0.push((name.to_owned(), child));
+        Ok(pid)
+    }
+
+    fn check(&mut self) -> anyhow::Result<()> {
+        for (name, child) in &mut self.0 {
+            if let Some(status) = child.try_wait()? {
+                bail!("{name} exited ({status}); see its log in the work folder");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        for (_, child) in &self.0 {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, child) in &mut self.0 {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A pod's process-visible resources: its process tree for CPU and memory.
+fn process_tree(root: u32) -> Vec<u32> {
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let pid = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
+                    out.extend(
+                        children
+                            .split_whitespace()
+                            .filter_map(|c| c.parse::<u32>().ok()),
+                    );
+                }
+            }
+        }
+        i += 1;
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// CPU seconds (user + system) of these processes and their descendants.
+fn cpu_seconds(roots: &[u32]) -> f64 {
+    // /proc reports CPU time in USER_HZ ticks, 100 per second on Linux.
+    let tick = 100.0;
+    roots
+        .iter()
+        .flat_map(|r| process_tree(*r))
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // Fields after the command (which may hold spaces) start after the last ')'.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / tick)
+        })
+        .sum()
+}
+
+/// Resident memory (bytes) of one proxy: its process tree.
+fn rss_bytes(root: u32) -> u64 {
+    process_tree(root)
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .sum()
+}
+
+/// What one mode needs to be driven.
+struct Target {
+    mode: Mode,
+    client: Pod,
+    /// Where the client sends traffic for the server's `port`.
+    addr: Box<dyn Fn(u16) -> SocketAddr>,
+    /// The proxies' root processes (none for direct).
+    proxies: Vec<u32>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Sample {
+    up_gbps: f64,
+    down_gbps: f64,
+    cpu_per_gb: f64,
+    kept: [f64; 3],
+    fresh: [f64; 3],
+    max_rps: f64,
+    cpu_per_k_requests: f64,
+    setup_rate: f64,
+    rss_idle: f64,
+    rss_load: f64,
+    per_idle_conn: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.reps = 1;
+        args.seconds = 3;
+    }
+    let limit = raise_fd_limit();
+    // An nginx proxy holds two descriptors per connection, in one worker process.
+    let fit = (limit.saturating_sub(1000) / 2) as usize;
+    if args.idle_connections > fit {
+        eprintln!(
+            "the open-file limit is {limit} and cannot be raised here: {fit} idle connections instead of {}",
+            args.idle_connections
+        );
+        args.idle_connections = fit;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run(args))
+}
+
+/// 10,000 connections through two proxies need more descriptors than the usual limit.
+/// With CAP_SYS_RESOURCE the hard limit is raised (children inherit it); otherwise the
+/// soft limit goes up to the hard one. Returns the limit in force.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if setrlimit(Resource::RLIMIT_NOFILE, 200_000, 200_000).is_ok() {
+        return 200_000;
+    }
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    hard
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn http_ok(addr: SocketAddr, path: &str) -> bool {
+    matches!(ambit_admin::get(addr, path).await, Ok((s, _)) if s == 200)
+}
+
+async fn wait_for(
+    procs: &mut Procs,
+    what: &str,
+    mut ok: impl AsyncFnMut() -> bool,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !ok().await {
+        procs.check()?;
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("{what}: not within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("  {what}");
+    Ok(())
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .context("running openssl (install the openssl package)")?;
+    if !out.status.success() {
+        bail!(
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// A CA and two ECDSA P-256 leaf certificates for the nginx pair.
+fn nginx_pki(dir: &Path) -> anyhow::Result<()> {
+    openssl(
+        dir,
+        &[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            "ca.key",
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-subj",
+            "/CN=bench-ca",
+            "-days",
+            "2",
+            "-out",
+            "ca.pem",
+        ],
+    )?;
+    for name in ["client", "server"] {
+        let ext = dir.join(format!("{name}.ext"));
+        std::fs::write(
+            &ext,
+            format!("subjectAltName=DNS:{name}.bench\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        )?;
+        openssl(
+            dir,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                &format!("{name}.key"),
+            ],
+        )?;
+        openssl(
+            dir,
+            &[
+                "req",
+                "-new",
+                "-key",
+                &format!("{name}.key"),
+                "-subj",
+                &format!("/CN={name}.bench"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        )?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+const NGINX_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+/// Enough connection slots for the idle-connection run (two per proxied connection);
+/// nginx preallocates them, so no more than that.
+fn nginx_conf(dir: &Path, name: &str, body: &str, connections: usize) -> anyhow::Result<PathBuf> {
+    let path = dir.join(format!("{name}.conf"));
+    let module = if body.contains("stream {") {
+        format!("load_module {NGINX_MODULE};\n")
+    } else {
+        String::new()
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "{module}daemon off;\nworker_processes 1;\nworker_rlimit_nofile {limit};\npid {d}/{name}.pid;\nerror_log {d}/{name}.error.log warn;\nevents {{ worker_connections {slots}; }}\n{body}\n",
+            d = dir.display(),
+            slots = 2 * connections + 512,
+            limit = 2 * connections + 1024
+        ),
+    )?;
+    Ok(path)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let ambit = std::fs::canonicalize(&args.ambit)
+        .with_context(|| format!("the ambit binary {}", args.ambit.display()))?;
+    for tool in ["iperf3", "wrk", "nginx", "openssl"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()?
+            .stdout
+            .is_empty()
+        {
+            bail!(
+                "{tool} is missing; bench/run installs it (apt-get install iperf3 wrk nginx-light libnginx-mod-stream openssl)"
+            );
+        }
+    }
+    if !Path::new(NGINX_MODULE).exists() {
+        bail!("{NGINX_MODULE} is missing: apt-get install libnginx-mod-stream");
+    }
+    let work = tempfile::Builder::new()
+        .prefix("ambit-mesh-bench-")
+        .tempdir()?;
+    let dir = work.path().to_owned();
+    eprintln!("work folder (logs, configs): {}", dir.display());
+
+    eprintln!("building the topology");
+    let mut topo = Topology::new().context("building the topology (run as root, with iproute2)")?;
+    let a_client = topo.pod("node-a", Ipv4Addr::new(198, 18, 1, 10))?;
+    let a_server = topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 10))?;
+    let d_client = topo.pod("node-a", Ipv4Addr::new(198, 18, 1, 20))?;
+    let d_server = topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 20))?;
+    let n_client = topo.pod("node-a", Ipv4Addr::new(198, 18, 1, 30))?;
+    let n_server = topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 30))?;
+    let mut procs = Procs::default();
+
+    // Servers in every server pod: iperf3 and an nginx HTTP server answering 1 KiB (it
+    // also holds the idle connections: half a request waits for the rest).
+    let body = "x".repeat(1024);
+    for (tag, pod) in [("a", &a_server), ("d", &d_server), ("n", &n_server)] {
+        procs.spawn(
+            &format!("iperf3-{tag}"),
+            Some(&pod.netns_name),
+            &["iperf3", "-s", "-p", &IPERF_PORT.to_string()],
+            &dir.join(format!("iperf3-{tag}.log")),
+        )?;
+        let conf = nginx_conf(
+            &dir,
+            &format!("http-{tag}"),
+            &format!(
+                "http {{ access_log off; keepalive_requests 1000000; client_header_timeout 600s; server {{ listen {HTTP_PORT}; location / {{ return 200 \"{body}\"; }} }} }}"
+            ),
+            args.idle_connections,
+        )?;
+        procs.spawn(
+            &format!("http-{tag}"),
+            Some(&pod.netns_name),
+            &["nginx", "-c", &conf.display().to_string()],
+            &dir.join(format!("http-{tag}.log")),
+        )?;
+    }
+
+    // The nginx mTLS pair.
+    nginx_pki(&dir)?;
+    let d = dir.display();
+    let mut client_servers = String::new();
+    let mut server_servers = String::new();
+    for port in [IPERF_PORT, HTTP_PORT] {
+        let _ = write!(
+            client_servers,
+            "server {{ listen 127.0.0.1:{local}; proxy_pass {ip}:{tls}; proxy_ssl on; proxy_ssl_protocols TLSv1.3; proxy_ssl_certificate {d}/client.pem; proxy_ssl_certificate_key {d}/client.key; proxy_ssl_trusted_certificate {d}/ca.pem; proxy_ssl_verify on; proxy_ssl_name server.bench; proxy_ssl_server_name on; }}\n",
+            local = port + NGINX_LOCAL_OFFSET,
+            ip = n_server.ip,
+            tls = port + NGINX_TLS_OFFSET,
+        );
+        let _ = write!(
+            server_servers,
+            "server {{ listen {tls} ssl; ssl_protocols TLSv1.3; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key; ssl_client_certificate {d}/ca.pem; ssl_verify_client on; proxy_pass 127.0.0.1:{port}; }}\n",
+            tls = port + NGINX_TLS_OFFSET,
+        );
+    }
+    let conf = nginx_conf(
+        &dir,
+        "nginx-client",
+        &format!("stream {{\n{client_servers}}}"),
+        args.idle_connections,
+    )?;
+    let nginx_client = procs.spawn(
+        "nginx-client",
+        Some(&n_client.netns_name),
+        &["nginx", "-c", &conf.display().to_string()],
+        &dir.join("nginx-client.log"),
+    )?;
+    let conf = nginx_conf(
+        &dir,
+        "nginx-server",
+        &format!("stream {{\n{server_servers}}}"),
+        args.idle_connections,
+    )?;
+    let nginx_server = procs.spawn(
+        "nginx-server",
+        Some(&n_server.netns_name),
+        &["nginx", "-c", &conf.display().to_string()],
+        &dir.join("nginx-server.log"),
+    )?;
+
+    // Ambit: control plane, then a node proxy and a node agent per node.
+    eprintln!("starting Ambit");
+    let manifests = dir.join("manifests");
+    std::fs::create_dir(&manifests)?;
+    std::fs::write(
+        manifests.join("mesh.yaml"),
+        format!(
+            "apiVersion: v1
+kind: Namespace
+metadata: {{name: bench, labels: {{istio.io/dataplane-mode: ambient}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: bench, labels: {{app: client}}}}
+spec: {{nodeName: node-a, serviceAccountName: client}}
+status: {{podIP: {}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: bench, labels: {{app: server}}}}
+spec: {{nodeName: node-b, serviceAccountName: server}}
+status: {{podIP: {}}}
+",
+            a_client.ip, a_server.ip
+        ),
+    )?;
+    let netns_dir = dir.join("netns");
+    std::fs::create_dir(&netns_dir)?;
+    std::os::unix::fs::symlink(a_client.netns_path(), netns_dir.join("bench.client"))?;
+    std::os::unix::fs::symlink(a_server.netns_path(), netns_dir.join("bench.server"))?;
+    let state = dir.join("state");
+    let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let monitoring = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let s = |p: &Path| p.display().to_string();
+    let ambit_s = s(&ambit);
+    procs.spawn(
+        "control",
+        None,
+        &[
+            &ambit_s,
+            "--log-format",
+            "json",
+            "control",
+            "--manifests",
+            &s(&manifests),
+            "--state-dir",
+            &s(&state),
+            "--grpc-addr",
+            &grpc.to_string(),
+            "--monitoring-addr",
+            &monitoring.to_string(),
+        ],
+        &dir.join("control.log"),
+    )?;
+    wait_for(&mut procs, "control plane ready", async || {
+        http_ok(monitoring, "/ready").await
+    })
+    .await?;
+    let signer = TokenSigner::load_or_create(&state).map_err(anyhow::Error::msg)?;
+    let mut node_pids = Vec::new();
+    let mut checks = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let token = signer
+            .mint(node, Duration::from_secs(24 * 3600))
+            .map_err(anyhow::Error::msg)?;
+        let token_file = dir.join(format!("{node}.token"));
+        std::fs::write(&token_file, token)?;
+        let zds = dir.join(format!("{node}.zds.sock"));
+        let (admin, metrics, ready, agent) =
+            (free_port()?, free_port()?, free_port()?, free_port()?);
+        let common = [
+            "--node-name".to_owned(),
+            node.to_owned(),
+            "--control-plane".to_owned(),
+            grpc.to_string(),
+            "--server-name".to_owned(),
+            "localhost".to_owned(),
+            "--ca-root".to_owned(),
+            s(&state.join("ca/root-cert.pem")),
+            "--token-file".to_owned(),
+            s(&token_file),
+            "--zds-socket".to_owned(),
+            s(&zds),
+        ];
+        let mut argv = vec![
+            ambit_s.clone(),
+            "--log-format".into(),
+            "json".into(),
+            "--log-level".into(),
+            "warn".into(),
+            "node".into(),
+        ];
+        argv.extend(common.iter().cloned());
+        argv.extend([
+            "--admin-addr".into(),
+            format!("127.0.0.1:{admin}"),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{metrics}"),
+            "--readiness-addr".into(),
+            format!("127.0.0.1:{ready}"),
+            "--worker-threads".into(),
+            "1".into(),
+        ]);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        node_pids.push(procs.spawn(node, None, &argv, &dir.join(format!("{node}.log")))?);
+        let mut argv = vec![
+            ambit_s.clone(),
+            "--log-format".into(),
+            "json".into(),
+            "cni".into(),
+        ];
+        argv.extend(common.iter().cloned());
+        argv.extend([
+            "--netns-dir".into(),
+            s(&netns_dir),
+            "--admin-addr".into(),
+            format!("127.0.0.1:{agent}"),
+        ]);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        procs.spawn(
+            &format!("{node}-agent"),
+            None,
+            &argv,
+            &dir.join(format!("{node}-agent.log")),
+        )?;
+        checks.push((node, ready, agent, metrics));
+    }
+    for (node, ready, agent, _) in &checks {
+        let (ready, agent) = (
+            SocketAddr::from(([127, 0, 0, 1], *ready)),
+            SocketAddr::from(([127, 0, 0, 1], *agent)),
+        );
+        wait_for(&mut procs, &format!("{node}: pod enrolled by its agent"), async || {
+            matches!(ambit_admin::get(agent, "/debug/pods").await, Ok((s, b)) if s == 200 && b.contains("\"enrolled\""))
+        })
+        .await?;
+        wait_for(
+            &mut procs,
+            &format!("{node}: node proxy ready"),
+            async || http_ok(ready, "/healthz/ready").await,
+        )
+        .await?;
+    }
+
+    let targets = [
+        Target {
+            mode: Mode::Direct,
+            client: d_client,
+            addr: Box::new(move |p| SocketAddr::new(IpAddr::V4(d_server.ip), p)),
+            proxies: vec![],
+        },
+        Target {
+            mode: Mode::Ambit,
+            client: a_client,
+            addr: Box::new(move |p| SocketAddr::new(IpAddr::V4(a_server.ip), p)),
+            proxies: node_pids.clone(),
+        },
+        Target {
+            mode: Mode::Nginx,
+            client: n_client,
+            addr: Box::new(|p| SocketAddr::from(([127, 0, 0, 1], p + NGINX_LOCAL_OFFSET))),
+            proxies: vec![nginx_client, nginx_server],
+        },
+    ];
+
+    // Every path works, and Ambit's really goes through the node proxies.
+    for t in &targets {
+        wrk(&t.client, (t.addr)(HTTP_PORT), 1, 1, false, None)
+            .with_context(|| format!("[{}] a first request", t.mode.name()))?;
+    }
+    let metrics_b = SocketAddr::from(([127, 0, 0, 1], checks[1].3));
+    let page = ambit_admin::get(metrics_b, "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    if !page.lines().any(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{reporter=\"destination\"")
+            && l.contains("mutual_tls")
+    }) {
+        bail!("the ambit pair's traffic did not go through node-b's proxy in mTLS");
+    }
+
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
+    for rep in 0..args.reps {
+        for (i, t) in targets.iter().enumerate() {
+            eprintln!("[{}] repetition {}/{}", t.mode.name(), rep + 1, args.reps);
+            let sample = measure(t, &args, &mut procs).await?;
+            samples[i].push(sample);
+        }
+    }
+    let table = report(&samples, &args);
+    println!("\n{table}");
+    if let Some(parent) = args.output.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.output, &table)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    println!("written to {}", args.output.display());
+    drop(procs);
+    drop(topo);
+    Ok(())
+}
+
+fn iperf(client: &Pod, to: SocketAddr, seconds: u64, reverse: bool) -> anyhow::Result<(f64, f64)> {
+    let mut argv = vec![
+        "netns".to_owned(),
+        "exec".into(),
+        client.netns_name.clone(),
+        "iperf3".into(),
+        "-c".into(),
+        to.ip().to_string(),
+        "-p".into(),
+        to.port().to_string(),
+        "-t".into(),
+        seconds.to_string(),
+        "-J".into(),
+    ];
+    if reverse {
+        argv.push("-R".into());
+    }
+    let out = Command::new("ip").args(&argv).output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3's JSON")?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3: {e}");
+    }
+    let sum = &v["end"]["sum_received"];
+    Ok((
+        sum["bits_per_second"].as_f64().unwrap_or(0.0) / 8e9,
+        sum["bytes"].as_f64().unwrap_or(0.0),
+    ))
+}
+
+/// Runs wrk in the client pod; returns (requests/s, requests, [p50, p90, p99] in µs).
+fn wrk(
+    client: &Pod,
+    to: SocketAddr,
+    seconds: u64,
+    connections: u32,
+    close: bool,
+    delay_ms: Option<u32>,
+) -> anyhow::Result<(f64, f64, [f64; 3])> {
+    let script = std::env::temp_dir().join(format!(
+        "ambit-wrk-{}-{}.lua",
+        std::process::id(),
+        delay_ms.unwrap_or(0)
+    ));
+    let mut lua = String::new();
+    if close {
+        lua.push_str("wrk.headers[\"Connection\"] = \"close\"\n");
+    }
+    if let Some(ms) = delay_ms {
+        let _ = writeln!(lua, "function delay() return {ms} end");
+    }
+    std::fs::write(&script, lua)?;
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client.netns_name,
+            "wrk",
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+            &script.display().to_string(),
+            &format!("http://{to}/"),
+        ])
+        .output()?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| {
+            format!(
+                "wrk printed no rate:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let mut q = [0.0; 3];
+    for (i, p) in ["50%", "90%", "99%"].iter().enumerate() {
+        q[i] = text
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .map(|v| parse_duration_us(v.trim()))
+            .unwrap_or(f64::NAN);
+    }
+    if text.contains("Non-2xx") {
+        bail!("wrk saw non-2xx answers:\n{text}");
+    }
+    Ok((rps, requests, q))
+}
+
+fn parse_duration_us(v: &str) -> f64 {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        (v, f64::NAN)
+    };
+    num.parse::<f64>().map_or(f64::NAN, |n| n * scale)
+}
+
+async fn measure(t: &Target, args: &Args, procs: &mut Procs) -> anyhow::Result<Sample> {
+    procs.check()?;
+    let secs = args.seconds;
+    let cpu = || cpu_seconds(&t.proxies);
+    let rss = || t.proxies.iter().map(|p| rss_bytes(*p)).sum::<u64>() as f64;
+    let proxies = t.proxies.len().max(1) as f64;
+    let mut s = Sample {
+        rss_idle: rss() / proxies,
+        ..Sample::default()
+    };
+
+    let c0 = cpu();
+    let (up, up_bytes) = iperf(&t.client, (t.addr)(IPERF_PORT), secs, false)?;
+    let (down, down_bytes) = iperf(&t.client, (t.addr)(IPERF_PORT), secs, true)?;
+    s.cpu_per_gb = (cpu() - c0) / ((up_bytes + down_bytes) / 1e9);
+    s.up_gbps = up;
+    s.down_gbps = down;
+
+    // ~rate requests/s: each of the connections waits so that together they make it.
+    let delay = (FIXED_RATE_CONNECTIONS * 1000 / args.rate.max(1)).max(1);
+    s.kept = wrk(
+        &t.client,
+        (t.addr)(HTTP_PORT),
+        secs,
+        FIXED_RATE_CONNECTIONS,
+        false,
+        Some(delay),
+    )?
+    .2;
+    s.fresh = wrk(
+        &t.client,
+        (t.addr)(HTTP_PORT),
+        secs,
+        FIXED_RATE_CONNECTIONS,
+        true,
+        Some(delay),
+    )?
+    .2;
+
+    // Maximum rate, sampling memory meanwhile.
+    let peak = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, done, roots) = (peak.clone(), done.clone(), t.proxies.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let now: u64 = roots.iter().map(|p| rss_bytes(*p)).sum();
+                peak.fetch_max(now, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let c0 = cpu();
+    let (rps, requests, _) = wrk(&t.client, (t.addr)(HTTP_PORT), secs, 32, false, None)?;
+    s.cpu_per_k_requests = (cpu() - c0) / (requests / 1000.0);
+    s.max_rps = rps;
+    done.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    s.rss_load = peak.load(Ordering::Relaxed) as f64 / proxies;
+    s.setup_rate = wrk(&t.client, (t.addr)(HTTP_PORT), secs, 16, true, None)?.0;
+
+    // Idle connections through the proxies.
+    if !t.proxies.is_empty() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss();
+        // Half an HTTP request: the server waits for the rest (client_header_timeout).
+        let to = (t.addr)(HTTP_PORT);
+        let mut held = Vec::with_capacity(args.idle_connections);
+        while held.len() < args.idle_connections {
+            let batch = (args.idle_connections - held.len()).min(200);
+            let opened = futures_join(&t.client, to, batch).await?;
+            held.extend(opened);
+        }
+        // Give both proxies time to set up their side of every connection.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss();
+        s.per_idle_conn = (after - before) / args.idle_connections as f64;
+        drop(held);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    Ok(s)
+}
+
+async fn futures_join(
+    client: &Pod,
+    to: SocketAddr,
+    n: usize,
+) -> anyhow::Result<Vec<tokio::net::TcpStream>> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let c = client.clone();
+        set.spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut conn = c.connect(to).await?;
+            // One byte, so the far proxy has to carry the connection to the server.
+            conn.write_all(b"GET / HTTP/1.1\r\n").await?;
+            Ok::<_, std::io::Error>(conn)
+        });
+    }
+    let mut out = Vec::with_capacity(n);
+    while let Some(r) = set.join_next().await {
+        out.push(r?.context("opening an idle connection")?);
+    }
+    Ok(out)
+}
+
+/// Median, min and max.
+fn stats(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn report(samples: &[Vec<Sample>], args: &Args) -> String {
+    type Get = fn(&Sample) -> f64;
+    let rows: Vec<(&str, Get, &str, bool)> = vec![
+        // (metric, value, unit, shown for direct)
+        (
+            "Throughput, one stream, client -> server",
+            |s| s.up_gbps,
+            "GB/s",
+            true,
+        ),
+        (
+            "Throughput, one stream, server -> client",
+            |s| s.down_gbps,
+            "GB/s",
+            true,
+        ),
+        (
+            "Latency p50 at ~1,000 req/s, keep-alive",
+            |s| s.kept[0],
+            "µs",
+            true,
+        ),
+        (
+            "Latency p90 at ~1,000 req/s, keep-alive",
+            |s| s.kept[1],
+            "µs",
+            true,
+        ),
+        (
+            "Latency p99 at ~1,000 req/s, keep-alive",
+            |s| s.kept[2],
+            "µs",
+            true,
+        ),
+        (
+            "Latency p50 at ~1,000 req/s, new connection each",
+            |s| s.fresh[0],
+            "µs",
+            true,
+        ),
+        (
+            "Latency p90 at ~1,000 req/s, new connection each",
+            |s| s.fresh[1],
+            "µs",
+            true,
+        ),
+        (
+            "Latency p99 at ~1,000 req/s, new connection each",
+            |s| s.fresh[2],
+            "µs",
+            true,
+        ),
+        (
+            "Maximum request rate (32 connections)",
+            |s| s.max_rps,
+            "req/s",
+            true,
+        ),
+        (
+            "Connection setup rate (new connection per request)",
+            |s| s.setup_rate,
+            "conn/s",
+            true,
+        ),
+        (
+            "Proxy CPU per 1,000 requests (both proxies)",
+            |s| s.cpu_per_k_requests * 1e3,
+            "ms",
+            false,
+        ),
+        (
+            "Proxy CPU per GB moved (both proxies)",
+            |s| s.cpu_per_gb,
+            "s",
+            false,
+        ),
+        (
+            "Proxy RSS idle (per proxy)",
+            |s| s.rss_idle / 1e6,
+            "MB",
+            false,
+        ),
+        (
+            "Proxy RSS under load (per proxy, peak)",
+            |s| s.rss_load / 1e6,
+            "MB",
+            false,
+        ),
+        (
+            "Memory per idle connection (both proxies)",
+            |s| s.per_idle_conn / 1e3,
+            "KB",
+            false,
+        ),
+    ];
+    let mut out = format!(
+        "# Mesh data path: Ambit vs direct vs an nginx mTLS proxy pair\n\n`bench/run{}` — {} repetition(s), modes interleaved, {} s per run; medians (min–max); {} idle connections for the memory row. {}\n\n| Metric | direct | Ambit | nginx pair | Ambit/direct | Ambit/nginx |\n|---|---|---|---|---|---|\n",
+        if args.quick { " --quick" } else { "" },
+        args.reps,
+        args.seconds,
+        args.idle_connections,
+        machine()
+    );
+    for (name, get, unit, direct_too) in rows {
+        let cell = |i: usize| {
+            let (m, lo, hi) = stats(samples[i].iter().map(get));
+            if i == 0 && !direct_too || m.is_nan() {
+                ("-".to_owned(), f64::NAN)
+            } else if samples[i].len() > 1 {
+                (format!("{} {unit} ({}–{})", fmt(m), fmt(lo), fmt(hi)), m)
+            } else {
+                (format!("{} {unit}", fmt(m)), m)
+            }
+        };
+        let (d, dm) = cell(0);
+        let (a, am) = cell(1);
+        let (n, nm) = cell(2);
+        let ratio = |x: f64, y: f64| {
+            if x.is_finite() && y.is_finite() && y != 0.0 {
+                format!("{:.2}x", x / y)
+            } else {
+                "-".into()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {d} | {a} | {n} | {} | {} |",
+            ratio(am, dm),
+            ratio(am, nm)
+        );
+    }
+    out
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("Machine: {cpus} CPUs ({model}), Linux {}.", kernel.trim())
+}
