@@ -495,16 +495,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut client_servers = String::new();
     let mut server_servers = String::new();
     for port in [IPERF_PORT, HTTP_PORT] {
-        let _ = write!(
+        let _ = writeln!(
             client_servers,
-            "server {{ listen 127.0.0.1:{local}; proxy_pass {ip}:{tls}; proxy_ssl on; proxy_ssl_protocols TLSv1.3; proxy_ssl_certificate {d}/client.pem; proxy_ssl_certificate_key {d}/client.key; proxy_ssl_trusted_certificate {d}/ca.pem; proxy_ssl_verify on; proxy_ssl_name server.bench; proxy_ssl_server_name on; }}\n",
+            "server {{ listen 127.0.0.1:{local}; proxy_pass {ip}:{tls}; proxy_ssl on; proxy_ssl_protocols TLSv1.3; proxy_ssl_certificate {d}/client.pem; proxy_ssl_certificate_key {d}/client.key; proxy_ssl_trusted_certificate {d}/ca.pem; proxy_ssl_verify on; proxy_ssl_name server.bench; proxy_ssl_server_name on; }}",
             local = port + NGINX_LOCAL_OFFSET,
             ip = n_server.ip,
             tls = port + NGINX_TLS_OFFSET,
         );
-        let _ = write!(
+        let _ = writeln!(
             server_servers,
-            "server {{ listen {tls} ssl; ssl_protocols TLSv1.3; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key; ssl_client_certificate {d}/ca.pem; ssl_verify_client on; proxy_pass 127.0.0.1:{port}; }}\n",
+            "server {{ listen {tls} ssl; ssl_protocols TLSv1.3; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key; ssl_client_certificate {d}/ca.pem; ssl_verify_client on; proxy_pass 127.0.0.1:{port}; }}",
             tls = port + NGINX_TLS_OFFSET,
         );
     }
