@@ -1041,7 +1041,7 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
             false,
         ),
         (
-            "Proxy RSS idle (per proxy)",
+            "Proxy RSS idle, after the previous repetition's load (per proxy)",
             |s| s.rss_idle / 1e6,
             "MB",
             false,
@@ -1067,9 +1067,21 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
         args.idle_connections,
         machine()
     );
+    // Idle memory before any traffic: the first repetition's starting point.
+    let first = |i: usize| samples[i].first().map_or(f64::NAN, |s| s.rss_idle / 1e6);
+    let (fa, fne) = (first(1), first(2));
+    let _ = writeln!(
+        out,
+        "| Proxy RSS idle, before any traffic (per proxy) | - | {} MB | {} MB | - | {:.2}x |",
+        fmt(fa),
+        fmt(fne),
+        fa / fne
+    );
     for (name, get, unit, direct_too) in rows {
+        let after_load = name.contains("previous repetition");
         let cell = |i: usize| {
-            let (m, lo, hi) = stats(samples[i].iter().map(get));
+            let skip = usize::from(after_load);
+            let (m, lo, hi) = stats(samples[i].iter().skip(skip).map(get));
             if i == 0 && !direct_too || m.is_nan() {
                 ("-".to_owned(), f64::NAN)
             } else if samples[i].len() > 1 {

@@ -64,6 +64,13 @@ impl BufRing {
         self.next = (idx + 1) % self.bufs.len();
         &mut self.bufs[idx]
     }
+
+    /// Lets go of every buffer (chunks already handed to HTTP/2 keep their memory until
+    /// sent), so an idle stream holds no copy buffer.
+    fn release(&mut self) {
+        self.bufs.clear();
+        self.next = 0;
+    }
 }
 
 /// One CONNECT stream as a byte stream.
@@ -297,6 +304,24 @@ where
         let mut ring = BufRing::default();
         let mut target = INITIAL_COPY_BUFFER;
         loop {
+            // Wait for data before taking a buffer (a read of nothing completes when the
+            // socket is readable); while the socket is idle the stream holds none.
+            let mut released = false;
+            poll_fn(|cx| {
+                let mut probe = ReadBuf::new(&mut []);
+                match Pin::new(&mut reader).poll_read(cx, &mut probe) {
+                    Poll::Pending => {
+                        if !released {
+                            ring.release();
+                            released = true;
+                        }
+                        Poll::Pending
+                    }
+                    ready => ready,
+                }
+            })
+            .await
+            .map_err(CopyError::LocalRead)?;
             let buf = ring.get(target);
             let n = reader
                 .read_buf(&mut buf.limit(target))
