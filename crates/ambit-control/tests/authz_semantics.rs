@@ -98,6 +98,26 @@ fn ap_dry_run(name: &str, ns: &str, spec: &str) -> String {
     )
 }
 
+/// Runs every case and fails listing each check that went the other way.
+fn check_table(table: &[Case]) {
+    let mut failures = Vec::new();
+    for (what, manifests, checks) in table {
+        let (state, _) = node_state(manifests);
+        for (client, port, want) in checks {
+            let e = decide(&state, *client, *port);
+            if e.verdict.allowed != *want {
+                failures.push(format!(
+                    "{what}: {} -> :{port}: got {}, want {}",
+                    client.0.unwrap_or("plaintext"),
+                    e.verdict,
+                    if *want { "allowed" } else { "denied" }
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
 const A: bool = true;
 const D: bool = false;
 
@@ -192,22 +212,7 @@ fn authorization_policy_table() {
         ("waypoint-bound policy is not the node proxy's", ap("p", "demo", "{targetRefs: [{kind: Service, group: '', name: echo}], action: DENY, rules: [{}]}"),
             vec![(SLEEP, 8080, A)]),
     ];
-    let mut failures = Vec::new();
-    for (what, manifests, checks) in &table {
-        let (state, _) = node_state(manifests);
-        for (client, port, want) in checks {
-            let e = decide(&state, *client, *port);
-            if e.verdict.allowed != *want {
-                failures.push(format!(
-                    "{what}: {} -> :{port}: got {}, want {}",
-                    client.0.unwrap_or("plaintext"),
-                    e.verdict,
-                    if *want { "allowed" } else { "denied" }
-                ));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    check_table(&table);
 }
 
 #[test]
@@ -302,22 +307,7 @@ fn peer_authentication_table() {
             ap("p", "demo", "{action: DENY, rules: [{from: [{source: {principals: ['*/sa/other']}}]}]}")),
             vec![(PLAIN, 8080, D), (OTHER, 8080, D), (SLEEP, 8080, A)]),
     ];
-    let mut failures = Vec::new();
-    for (what, manifests, checks) in &table {
-        let (state, _) = node_state(manifests);
-        for (client, port, want) in checks {
-            let e = decide(&state, *client, *port);
-            if e.verdict.allowed != *want {
-                failures.push(format!(
-                    "{what}: {} -> :{port}: got {}, want {}",
-                    client.0.unwrap_or("plaintext"),
-                    e.verdict,
-                    if *want { "allowed" } else { "denied" }
-                ));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    check_table(&table);
 }
 
 #[test]
