@@ -71,6 +71,10 @@ struct Args {
     /// Where to write the markdown report.
     #[arg(long, default_value = "bench/results/mesh.md")]
     output: PathBuf,
+    /// Build the topology, start everything, print where things are, and wait for
+    /// Ctrl-C instead of measuring (for profiling by hand: perf, iperf3, wrk).
+    #[arg(long)]
+    hold: bool,
 }
 
 const IPERF_PORT: u16 = 5201;
@@ -713,6 +717,22 @@ status: {{podIP: {}}}
             && l.contains("mutual_tls")
     }) {
         bail!("the ambit pair's traffic did not go through node-b's proxy in mTLS");
+    }
+
+    if args.hold {
+        for t in &targets {
+            eprintln!(
+                "{:>10}: client netns {}, iperf3 {}, http {}, proxy pids {:?}",
+                t.mode.name(),
+                t.client.netns_name,
+                (t.addr)(IPERF_PORT),
+                (t.addr)(HTTP_PORT),
+                t.proxies
+            );
+        }
+        eprintln!("holding; Ctrl-C tears everything down");
+        tokio::signal::ctrl_c().await?;
+        return Ok(());
     }
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];

@@ -27,6 +27,7 @@ use crate::headers::ConnectHeaders;
 use crate::server::keepalive;
 use crate::socket::{SocketOptions, connect as tcp_connect};
 use crate::stream::H2Stream;
+use crate::tls_io::Batched;
 use crate::{H2Settings, Keepalive};
 
 /// Pool settings.
@@ -376,7 +377,7 @@ impl Pool {
             .max_send_buffer_size(h2.max_send_buffer)
             .max_header_list_size(h2.max_header_list_size)
             .enable_push(false)
-            .handshake::<_, Bytes>(tls)
+            .handshake::<_, Bytes>(Batched::new(tls))
             .await
             .map_err(|e| ConnectError::Http2 {
                 destination,
@@ -459,15 +460,12 @@ impl Pool {
     }
 }
 
+/// The transport under a client connection's HTTP/2.
+type ClientIo =
+    Batched<tokio_rustls::client::TlsStream<tokio::io::BufReader<tokio::net::TcpStream>>>;
+
 struct Driver {
-    connection: std::pin::Pin<
-        Box<
-            h2::client::Connection<
-                tokio_rustls::client::TlsStream<tokio::io::BufReader<tokio::net::TcpStream>>,
-                Bytes,
-            >,
-        >,
-    >,
+    connection: std::pin::Pin<Box<h2::client::Connection<ClientIo, Bytes>>>,
     ping: Option<h2::PingPong>,
 }
 

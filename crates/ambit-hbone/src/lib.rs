@@ -10,9 +10,12 @@
 //!   destination identities, destination and socket options; [`client::Pool::connect`]
 //!   opens a stream.
 //! - [`stream`]: the byte stream of one CONNECT and the copy loop between it and a socket.
+//! - [`tls_io`]: TLS that sends pending records when HTTP/2 flushes, not on every write.
 //! - [`headers`]: `forwarded`, `baggage`, `traceparent`.
 //! - [`socket`]: socket options the node proxy needs (source address, SO_MARK, network
 //!   namespace).
+//! - [`workers`]: the data path's threads, one single-threaded runtime each, and the
+//!   hand-over of accepted connections between them.
 //!
 //! The crate knows nothing about workloads or policy: callers supply identities,
 //! certificates and addresses.
@@ -22,6 +25,8 @@ pub mod headers;
 pub mod server;
 pub mod socket;
 pub mod stream;
+pub mod tls_io;
+pub mod workers;
 
 use std::time::Duration;
 
@@ -29,6 +34,7 @@ pub use client::{ConnectError, ConnectRequest, Pool, PoolConfig};
 pub use headers::ConnectHeaders;
 pub use server::{ConnectHandler, IncomingConnect, Server, ServerConfig};
 pub use stream::H2Stream;
+pub use workers::Workers;
 
 /// The HBONE port.
 pub const HBONE_PORT: u16 = 15008;

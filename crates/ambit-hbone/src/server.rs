@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::headers::ConnectHeaders;
 use crate::stream::{H2Stream, h2_to_io};
+use crate::workers::Workers;
 use crate::{H2Settings, Keepalive};
 
 /// Server limits and settings.
@@ -141,6 +142,7 @@ fn check(req: &Request<RecvStream>) -> Result<SocketAddr, &'static str> {
 pub struct Server {
     tls: TlsAcceptor,
     config: Arc<ServerConfig>,
+    workers: Option<Workers>,
 }
 
 impl Server {
@@ -149,7 +151,15 @@ impl Server {
         Self {
             tls: TlsAcceptor::from(Arc::new(tls)),
             config: Arc::new(config),
+            workers: None,
         }
+    }
+
+    /// Runs each accepted connection on the next of these workers instead of the
+    /// accepting runtime.
+    pub fn with_workers(mut self, workers: Workers) -> Self {
+        self.workers = Some(workers);
+        self
     }
 
     /// Serves `listener` in the background until [`ServerHandle::shutdown`].
@@ -214,11 +224,30 @@ async fn accept_loop<H: ConnectHandler>(
                 let config = server.config.clone();
                 let handler = handler.clone();
                 let drain = drain.clone();
-                connections.spawn(async move {
+                let serve = move |tcp: tokio::net::TcpStream| async move {
                     if let Err(e) = tls_connection(tcp, addr, local, tls, config, handler, drain).await {
                         tracing::debug!(peer = %addr, error = %e, "HBONE connection ended with an error");
                     }
-                });
+                };
+                match &server.workers {
+                    None => {
+                        connections.spawn(serve(tcp));
+                    }
+                    Some(workers) => match workers.dispatch(tcp) {
+                        Ok((worker, moving)) => {
+                            connections.spawn_on(
+                                async move {
+                                    match moving.arrive() {
+                                        Ok(tcp) => serve(tcp).await,
+                                        Err(e) => tracing::warn!(peer = %addr, error = %e, "cannot move an HBONE connection to its worker"),
+                                    }
+                                },
+                                worker,
+                            );
+                        }
+                        Err(e) => tracing::warn!(peer = %addr, error = %e, "cannot move an HBONE connection to its worker"),
+                    },
+                }
             }
             // Reap finished connections so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -267,7 +296,15 @@ async fn tls_connection<H: ConnectHandler>(
         addr,
         local,
     };
-    serve_connection(stream, peer, &config, handler, drain, Some(deadline)).await
+    serve_connection(
+        crate::tls_io::Batched::new(stream),
+        peer,
+        &config,
+        handler,
+        drain,
+        Some(deadline),
+    )
+    .await
 }
 
 /// Serves HTTP/2 on an established (authenticated) connection. Public so the request

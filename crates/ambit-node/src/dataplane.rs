@@ -35,13 +35,13 @@ use ambit_hbone::socket::{Netns, PROXY_MARK, SocketOptions};
 use ambit_hbone::stream::{CopyError, copy_bidirectional, copy_bidirectional_until};
 use ambit_hbone::{
     ConnectHandler, ConnectHeaders, ConnectRequest, IncomingConnect, Pool, PoolConfig, Server,
+    Workers,
 };
 use ambit_tls::spiffe::{TrustBundle, hbone_server_config};
 use ambit_tls::{CertHandle, CertManager};
 use http::StatusCode;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -229,13 +229,15 @@ pub struct RunningPod {
 }
 
 impl RunningPod {
-    /// Opens the pod's listeners inside its namespace and starts serving them on `rt`.
+    /// Opens the pod's listeners inside its namespace and starts serving them: the
+    /// listeners on the first worker, each accepted connection on the next in turn.
     pub fn start(
         dp: Arc<DataPlane>,
         info: PodInfo,
         netns: Netns,
-        rt: &Handle,
+        workers: &Workers,
     ) -> Result<Self, String> {
+        let rt = workers.handle();
         let identity = SpiffeId::new(
             dp.config.trust_domain.clone(),
             info.namespace.clone(),
@@ -290,10 +292,21 @@ impl RunningPod {
         let tls =
             hbone_server_config(Arc::new(PodCert(cert)), &dp.bundle).map_err(|e| e.to_string())?;
         let hbone = Server::new(tls, dp.config.hbone_server.clone())
+            .with_workers(workers.clone())
             .serve(hbone, Arc::new(Inbound(ctx.clone())));
         let accept_tasks = vec![
-            rt.spawn(accept(outbound, ctx.clone(), Direction::Outbound)),
-            rt.spawn(accept(plaintext, ctx.clone(), Direction::InboundPlaintext)),
+            rt.spawn(accept(
+                outbound,
+                ctx.clone(),
+                Direction::Outbound,
+                workers.clone(),
+            )),
+            rt.spawn(accept(
+                plaintext,
+                ctx.clone(),
+                Direction::InboundPlaintext,
+                workers.clone(),
+            )),
         ];
         dp.metrics.pods.inc();
         tracing::info!(
@@ -396,7 +409,7 @@ enum Direction {
     InboundPlaintext,
 }
 
-async fn accept(listener: TcpListener, ctx: Arc<PodCtx>, direction: Direction) {
+async fn accept(listener: TcpListener, ctx: Arc<PodCtx>, direction: Direction, workers: Workers) {
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -407,19 +420,36 @@ async fn accept(listener: TcpListener, ctx: Arc<PodCtx>, direction: Direction) {
             }
         };
         let _ = conn.set_nodelay(true);
-        let c = ctx.clone();
-        ctx.tracker.spawn(async move {
-            let cancel = c.cancel.clone();
-            tokio::select! {
-                _ = async {
-                    match direction {
-                        Direction::Outbound => outbound(&c, conn, peer).await,
-                        Direction::InboundPlaintext => inbound_plaintext(&c, conn, peer).await,
-                    }
-                } => {}
-                _ = cancel.cancelled() => {}
+        let (worker, moving) = match workers.dispatch(conn) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, %peer, "cannot move a connection to its worker");
+                continue;
             }
-        });
+        };
+        let c = ctx.clone();
+        ctx.tracker.spawn_on(
+            async move {
+                let conn = match moving.arrive() {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %peer, "cannot move a connection to its worker");
+                        return;
+                    }
+                };
+                let cancel = c.cancel.clone();
+                tokio::select! {
+                    _ = async {
+                        match direction {
+                            Direction::Outbound => outbound(&c, conn, peer).await,
+                            Direction::InboundPlaintext => inbound_plaintext(&c, conn, peer).await,
+                        }
+                    } => {}
+                    _ = cancel.cancelled() => {}
+                }
+            },
+            worker,
+        );
     }
 }
 

@@ -9,9 +9,10 @@
 //! - [`pods`]: the pods served; [`zds`]: the node agent tells which.
 //! - [`metrics`], [`admin`]: Istio's TCP metrics, the admin port, readiness.
 //!
-//! Two runtimes: the data path runs on its own multi-threaded runtime; discovery, the
-//! node agent session and the admin, metrics and readiness ports run on a separate one,
-//! so a slow scrape or a burst of discovery updates never delays a connection.
+//! The data path runs on its own threads ([`ambit_hbone::Workers`]: one single-threaded
+//! runtime per thread, connections spread over them as they are accepted); discovery,
+//! the node agent session and the admin, metrics and readiness ports run on a separate
+//! runtime, so a slow scrape or a burst of discovery updates never delays a connection.
 
 pub mod admin;
 pub mod authz;
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_core::state::Store;
+use ambit_hbone::Workers;
 use ambit_hbone::socket::Netns;
 use ambit_tls::CertManager;
 use ambit_tls::client::CaClient;
@@ -125,7 +127,7 @@ pub struct NodeProxy {
     announcement: Option<PathBuf>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    runtimes: Option<(tokio::runtime::Runtime, tokio::runtime::Runtime)>,
+    runtimes: Option<(Workers, tokio::runtime::Runtime)>,
 }
 
 impl std::fmt::Debug for NodeProxy {
@@ -172,19 +174,15 @@ impl NodeProxy {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         }
-        let data = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.worker_threads.max(1))
-            .thread_name("ambit-data")
-            .enable_all()
-            .build()
-            .map_err(StartError::Runtime)?;
+        let data =
+            Workers::start(config.worker_threads, "ambit-data").map_err(StartError::Runtime)?;
         let control = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("ambit-control")
             .enable_all()
             .build()
             .map_err(StartError::Runtime)?;
-        let (dh, ch) = (data.handle().clone(), control.handle().clone());
+        let ch = control.handle().clone();
 
         let store = Arc::new(Store::new());
         let metrics = Arc::new(Metrics::default());
@@ -219,7 +217,7 @@ impl NodeProxy {
             metrics.clone(),
             Arc::new(authz::Policies),
         ));
-        let pods = Arc::new(Pods::new(dp, dh.clone()));
+        let pods = Arc::new(Pods::new(dp, data.clone()));
 
         let (client, xds) = XdsClient::new(config.xds.clone(), store.clone());
         let mut tasks = vec![ch.spawn(client.run(stop_rx.clone()))];
@@ -346,7 +344,7 @@ impl Drop for NodeProxy {
         if let Some((data, control)) = self.runtimes.take() {
             // Dropping a runtime waits for its tasks; from inside another runtime that is
             // not allowed, so let them wind down in the background.
-            data.shutdown_background();
+            data.shutdown();
             control.shutdown_background();
         }
     }

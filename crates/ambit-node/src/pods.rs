@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ambit_hbone::Workers;
 use ambit_hbone::socket::Netns;
 use serde::Serialize;
-use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -21,7 +21,7 @@ use crate::dataplane::{DataPlane, PodInfo, RunningPod};
 /// shuts down do they get a deadline (`drain`).
 pub struct Pods {
     dp: Arc<DataPlane>,
-    rt: Handle,
+    workers: Workers,
     running: Mutex<BTreeMap<String, RunningPod>>,
     /// Removed pods whose connections are still open.
     draining: TaskTracker,
@@ -46,16 +46,16 @@ pub struct PodStatus {
 }
 
 impl Pods {
-    /// Pods are served on `rt` (the data-path runtime).
     pub fn dataplane(&self) -> &Arc<DataPlane> {
         &self.dp
     }
 
-    pub fn new(dp: Arc<DataPlane>, rt: Handle) -> Self {
+    /// Pods are served on `workers` (the data path's threads).
+    pub fn new(dp: Arc<DataPlane>, workers: Workers) -> Self {
         let drain = dp.config.drain_timeout;
         Self {
             dp,
-            rt,
+            workers,
             running: Mutex::new(BTreeMap::new()),
             draining: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -65,8 +65,10 @@ impl Pods {
 
     fn retire(&self, pod: RunningPod) {
         let draining = pod.stop();
-        self.draining
-            .spawn_on(draining.finish(self.shutdown.clone(), self.drain), &self.rt);
+        self.draining.spawn_on(
+            draining.finish(self.shutdown.clone(), self.drain),
+            self.workers.handle(),
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, RunningPod>> {
@@ -88,7 +90,7 @@ impl Pods {
         if let Some(old) = replaced {
             self.retire(old);
         }
-        let pod = RunningPod::start(self.dp.clone(), info.clone(), netns, &self.rt)?;
+        let pod = RunningPod::start(self.dp.clone(), info.clone(), netns, &self.workers)?;
         self.lock().insert(info.uid, pod);
         Ok(())
     }
