@@ -5,6 +5,7 @@
 //! ```sh
 //! bench/run            # 5 interleaved repetitions (about 15 minutes on 2 cores)
 //! bench/run --quick    # 1 repetition, short runs (about 2 minutes)
+//! bench/run --baseline /path/to/older/ambit   # before/after a change, same run
 //! ```
 //!
 //! One topology of network namespaces (ambit-testenv), three client/server pairs on two
@@ -71,6 +72,11 @@ struct Args {
     /// Where to write the markdown report.
     #[arg(long, default_value = "bench/results/mesh.md")]
     output: PathBuf,
+    /// An earlier `ambit` binary to measure in the same run, interleaved with the others
+    /// (its own control plane, node proxies and pods): before/after comparisons of a
+    /// change without the noise between separate runs.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Build the topology, start everything, print where things are, and wait for
     /// Ctrl-C instead of measuring (for profiling by hand: perf, iperf3, wrk).
     #[arg(long)]
@@ -89,6 +95,7 @@ enum Mode {
     Direct,
     Ambit,
     Nginx,
+    Baseline,
 }
 
 impl Mode {
@@ -97,6 +104,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Ambit => "ambit",
             Mode::Nginx => "nginx pair",
+            Mode::Baseline => "Ambit baseline",
         }
     }
 }
@@ -465,12 +473,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let d_server = topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 20))?;
     let n_client = topo.pod("node-a", Ipv4Addr::new(198, 18, 1, 30))?;
     let n_server = topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 30))?;
+    let baseline = match &args.baseline {
+        Some(bin) => Some((
+            std::fs::canonicalize(bin)
+                .with_context(|| format!("the baseline binary {}", bin.display()))?,
+            topo.pod("node-a", Ipv4Addr::new(198, 18, 1, 40))?,
+            topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 40))?,
+        )),
+        None => None,
+    };
     let mut procs = Procs::default();
 
     // Servers in every server pod: iperf3 and an nginx HTTP server answering 1 KiB (it
     // also holds the idle connections: half a request waits for the rest).
     let body = "x".repeat(1024);
-    for (tag, pod) in [("a", &a_server), ("d", &d_server), ("n", &n_server)] {
+    let mut servers = vec![("a", &a_server), ("d", &d_server), ("n", &n_server)];
+    if let Some((_, _, server)) = &baseline {
+        servers.push(("b", server));
+    }
+    for (tag, pod) in servers {
         procs.spawn(
             &format!("iperf3-{tag}"),
             Some(&pod.netns_name),
@@ -539,6 +560,118 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Ambit: control plane, then a node proxy and a node agent per node.
     eprintln!("starting Ambit");
+    let ambit_mesh = start_ambit(&mut procs, &ambit, &dir, "ambit", &a_client, &a_server).await?;
+    let baseline_mesh = match &baseline {
+        Some((bin, client, server)) => {
+            eprintln!("starting the baseline Ambit ({})", bin.display());
+            Some(start_ambit(&mut procs, bin, &dir, "baseline", client, server).await?)
+        }
+        None => None,
+    };
+
+    let mut targets = vec![
+        Target {
+            mode: Mode::Direct,
+            client: d_client,
+            addr: Box::new(move |p| SocketAddr::new(IpAddr::V4(d_server.ip), p)),
+            proxies: vec![],
+        },
+        Target {
+            mode: Mode::Ambit,
+            client: a_client,
+            addr: Box::new(move |p| SocketAddr::new(IpAddr::V4(a_server.ip), p)),
+            proxies: ambit_mesh.node_pids.clone(),
+        },
+        Target {
+            mode: Mode::Nginx,
+            client: n_client,
+            addr: Box::new(|p| SocketAddr::from(([127, 0, 0, 1], p + NGINX_LOCAL_OFFSET))),
+            proxies: vec![nginx_client, nginx_server],
+        },
+    ];
+    if let (Some((_, client, server)), Some(mesh)) = (baseline, &baseline_mesh) {
+        targets.push(Target {
+            mode: Mode::Baseline,
+            client,
+            addr: Box::new(move |p| SocketAddr::new(IpAddr::V4(server.ip), p)),
+            proxies: mesh.node_pids.clone(),
+        });
+    }
+
+    // Every path works, and Ambit's really goes through the node proxies.
+    for t in &targets {
+        wrk(&t.client, (t.addr)(HTTP_PORT), 1, 1, false, None)
+            .with_context(|| format!("[{}] a first request", t.mode.name()))?;
+    }
+    for mesh in std::iter::once(&ambit_mesh).chain(&baseline_mesh) {
+        let page = ambit_admin::get(mesh.metrics_b, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        if !page.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{reporter=\"destination\"")
+                && l.contains("mutual_tls")
+        }) {
+            bail!("the ambit pair's traffic did not go through node-b's proxy in mTLS");
+        }
+    }
+
+    if args.hold {
+        for t in &targets {
+            eprintln!(
+                "{:>10}: client netns {}, iperf3 {}, http {}, proxy pids {:?}",
+                t.mode.name(),
+                t.client.netns_name,
+                (t.addr)(IPERF_PORT),
+                (t.addr)(HTTP_PORT),
+                t.proxies
+            );
+        }
+        eprintln!("holding; Ctrl-C tears everything down");
+        tokio::signal::ctrl_c().await?;
+        return Ok(());
+    }
+
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
+    for rep in 0..args.reps {
+        for (i, t) in targets.iter().enumerate() {
+            eprintln!("[{}] repetition {}/{}", t.mode.name(), rep + 1, args.reps);
+            let sample = measure(t, &args, &mut procs).await?;
+            samples[i].push(sample);
+        }
+    }
+    let table = report(&samples, &args);
+    println!("\n{table}");
+    if let Some(parent) = args.output.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&args.output, &table)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    println!("written to {}", args.output.display());
+    drop(procs);
+    drop(topo);
+    Ok(())
+}
+
+/// A running Ambit mesh of the benchmark: its node proxies' pids and node-b's metrics
+/// address.
+struct AmbitMesh {
+    node_pids: Vec<u32>,
+    metrics_b: SocketAddr,
+}
+
+/// Starts an Ambit mesh (control plane, a node proxy and an agent per node) with
+/// `binary`, enrolling `client` (node-a) and `server` (node-b).
+async fn start_ambit(
+    procs: &mut Procs,
+    ambit: &Path,
+    dir: &Path,
+    tag: &str,
+    client: &Pod,
+    server: &Pod,
+) -> anyhow::Result<AmbitMesh> {
+    let dir = dir.join(tag);
+    std::fs::create_dir(&dir)?;
     let manifests = dir.join("manifests");
     std::fs::create_dir(&manifests)?;
     std::fs::write(
@@ -560,20 +693,20 @@ metadata: {{name: server, namespace: bench, labels: {{app: server}}}}
 spec: {{nodeName: node-b, serviceAccountName: server}}
 status: {{podIP: {}}}
 ",
-            a_client.ip, a_server.ip
+            client.ip, server.ip
         ),
     )?;
     let netns_dir = dir.join("netns");
     std::fs::create_dir(&netns_dir)?;
-    std::os::unix::fs::symlink(a_client.netns_path(), netns_dir.join("bench.client"))?;
-    std::os::unix::fs::symlink(a_server.netns_path(), netns_dir.join("bench.server"))?;
+    std::os::unix::fs::symlink(client.netns_path(), netns_dir.join("bench.client"))?;
+    std::os::unix::fs::symlink(server.netns_path(), netns_dir.join("bench.server"))?;
     let state = dir.join("state");
     let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let monitoring = SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let s = |p: &Path| p.display().to_string();
-    let ambit_s = s(&ambit);
+    let ambit_s = s(ambit);
     procs.spawn(
-        "control",
+        &format!("{tag}-control"),
         None,
         &[
             &ambit_s,
@@ -591,7 +724,7 @@ status: {{podIP: {}}}
         ],
         &dir.join("control.log"),
     )?;
-    wait_for(&mut procs, "control plane ready", async || {
+    wait_for(procs, "control plane ready", async || {
         http_ok(monitoring, "/ready").await
     })
     .await?;
@@ -641,7 +774,12 @@ status: {{podIP: {}}}
             "1".into(),
         ]);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        node_pids.push(procs.spawn(node, None, &argv, &dir.join(format!("{node}.log")))?);
+        node_pids.push(procs.spawn(
+            &format!("{tag}-{node}"),
+            None,
+            &argv,
+            &dir.join(format!("{node}.log")),
+        )?);
         let mut argv = vec![
             ambit_s.clone(),
             "--log-format".into(),
@@ -657,7 +795,7 @@ status: {{podIP: {}}}
         ]);
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         procs.spawn(
-            &format!("{node}-agent"),
+            &format!("{tag}-{node}-agent"),
             None,
             &argv,
             &dir.join(format!("{node}-agent.log")),
@@ -669,91 +807,20 @@ status: {{podIP: {}}}
             SocketAddr::from(([127, 0, 0, 1], *ready)),
             SocketAddr::from(([127, 0, 0, 1], *agent)),
         );
-        wait_for(&mut procs, &format!("{node}: pod enrolled by its agent"), async || {
+        wait_for(procs, &format!("{node}: pod enrolled by its agent"), async || {
             matches!(ambit_admin::get(agent, "/debug/pods").await, Ok((s, b)) if s == 200 && b.contains("\"enrolled\""))
         })
         .await?;
-        wait_for(
-            &mut procs,
-            &format!("{node}: node proxy ready"),
-            async || http_ok(ready, "/healthz/ready").await,
-        )
+        wait_for(procs, &format!("{node}: node proxy ready"), async || {
+            http_ok(ready, "/healthz/ready").await
+        })
         .await?;
     }
 
-    let targets = [
-        Target {
-            mode: Mode::Direct,
-            client: d_client,
-            addr: Box::new(move |p| SocketAddr::new(IpAddr::V4(d_server.ip), p)),
-            proxies: vec![],
-        },
-        Target {
-            mode: Mode::Ambit,
-            client: a_client,
-            addr: Box::new(move |p| SocketAddr::new(IpAddr::V4(a_server.ip), p)),
-            proxies: node_pids.clone(),
-        },
-        Target {
-            mode: Mode::Nginx,
-            client: n_client,
-            addr: Box::new(|p| SocketAddr::from(([127, 0, 0, 1], p + NGINX_LOCAL_OFFSET))),
-            proxies: vec![nginx_client, nginx_server],
-        },
-    ];
-
-    // Every path works, and Ambit's really goes through the node proxies.
-    for t in &targets {
-        wrk(&t.client, (t.addr)(HTTP_PORT), 1, 1, false, None)
-            .with_context(|| format!("[{}] a first request", t.mode.name()))?;
-    }
-    let metrics_b = SocketAddr::from(([127, 0, 0, 1], checks[1].3));
-    let page = ambit_admin::get(metrics_b, "/metrics")
-        .await
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    if !page.lines().any(|l| {
-        l.starts_with("istio_tcp_connections_opened_total{reporter=\"destination\"")
-            && l.contains("mutual_tls")
-    }) {
-        bail!("the ambit pair's traffic did not go through node-b's proxy in mTLS");
-    }
-
-    if args.hold {
-        for t in &targets {
-            eprintln!(
-                "{:>10}: client netns {}, iperf3 {}, http {}, proxy pids {:?}",
-                t.mode.name(),
-                t.client.netns_name,
-                (t.addr)(IPERF_PORT),
-                (t.addr)(HTTP_PORT),
-                t.proxies
-            );
-        }
-        eprintln!("holding; Ctrl-C tears everything down");
-        tokio::signal::ctrl_c().await?;
-        return Ok(());
-    }
-
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
-    for rep in 0..args.reps {
-        for (i, t) in targets.iter().enumerate() {
-            eprintln!("[{}] repetition {}/{}", t.mode.name(), rep + 1, args.reps);
-            let sample = measure(t, &args, &mut procs).await?;
-            samples[i].push(sample);
-        }
-    }
-    let table = report(&samples, &args);
-    println!("\n{table}");
-    if let Some(parent) = args.output.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(&args.output, &table)
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    println!("written to {}", args.output.display());
-    drop(procs);
-    drop(topo);
-    Ok(())
+    Ok(AmbitMesh {
+        node_pids,
+        metrics_b: SocketAddr::from(([127, 0, 0, 1], checks[1].3)),
+    })
 }
 
 fn iperf(client: &Pod, to: SocketAddr, seconds: u64, reverse: bool) -> anyhow::Result<(f64, f64)> {
@@ -1079,23 +1146,42 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
             false,
         ),
     ];
+    let with_baseline = samples.len() > 3;
+    let (extra_head, extra_rule) = if with_baseline {
+        (" Ambit baseline | Ambit/baseline |", "---|---|")
+    } else {
+        ("", "")
+    };
     let mut out = format!(
-        "# Mesh data path: Ambit vs direct vs an nginx mTLS proxy pair\n\n`bench/run{}` — {} repetition(s), modes interleaved, {} s per run; medians (min–max); {} idle connections for the memory row. {}\n\n| Metric | direct | Ambit | nginx pair | Ambit/direct | Ambit/nginx |\n|---|---|---|---|---|---|\n",
+        "# Mesh data path: Ambit vs direct vs an nginx mTLS proxy pair\n\n`bench/run{}` — {} repetition(s), modes interleaved, {} s per run; medians (min–max); {} idle connections for the memory row. {}\n\n| Metric | direct | Ambit | nginx pair | Ambit/direct | Ambit/nginx |{extra_head}\n|---|---|---|---|---|---|{extra_rule}\n",
         if args.quick { " --quick" } else { "" },
         args.reps,
         args.seconds,
         args.idle_connections,
         machine()
     );
+    let ratio = |x: f64, y: f64| {
+        if x.is_finite() && y.is_finite() && y != 0.0 {
+            format!("{:.2}x", x / y)
+        } else {
+            "-".into()
+        }
+    };
     // Idle memory before any traffic: the first repetition's starting point.
     let first = |i: usize| samples[i].first().map_or(f64::NAN, |s| s.rss_idle / 1e6);
     let (fa, fne) = (first(1), first(2));
+    let extra = if with_baseline {
+        let fb = first(3);
+        format!(" {} MB | {} |", fmt(fb), ratio(fa, fb))
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         out,
-        "| Proxy RSS idle, before any traffic (per proxy) | - | {} MB | {} MB | - | {:.2}x |",
+        "| Proxy RSS idle, before any traffic (per proxy) | - | {} MB | {} MB | - | {} |{extra}",
         fmt(fa),
         fmt(fne),
-        fa / fne
+        ratio(fa, fne)
     );
     for (name, get, unit, direct_too) in rows {
         let after_load = name.contains("previous repetition");
@@ -1113,16 +1199,15 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
         let (d, dm) = cell(0);
         let (a, am) = cell(1);
         let (n, nm) = cell(2);
-        let ratio = |x: f64, y: f64| {
-            if x.is_finite() && y.is_finite() && y != 0.0 {
-                format!("{:.2}x", x / y)
-            } else {
-                "-".into()
-            }
+        let extra = if with_baseline {
+            let (b, bm) = cell(3);
+            format!(" {b} | {} |", ratio(am, bm))
+        } else {
+            String::new()
         };
         let _ = writeln!(
             out,
-            "| {name} | {d} | {a} | {n} | {} | {} |",
+            "| {name} | {d} | {a} | {n} | {} | {} |{extra}",
             ratio(am, dm),
             ratio(am, nm)
         );
