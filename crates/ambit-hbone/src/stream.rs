@@ -20,6 +20,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 use crate::client::StreamGuard;
 
@@ -271,7 +272,7 @@ pub async fn copy_bidirectional<R, W>(
     stream: H2Stream,
 ) -> (CopyStats, Result<(), CopyError>)
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + AsRef<TcpStream> + Unpin,
     W: AsyncWrite + Unpin,
 {
     copy_bidirectional_until(reader, writer, stream, std::future::pending()).await
@@ -286,7 +287,7 @@ pub async fn copy_bidirectional_until<R, W>(
     stop: impl std::future::Future<Output = String>,
 ) -> (CopyStats, Result<(), CopyError>)
 where
-    R: AsyncRead + Unpin,
+    R: AsyncRead + AsRef<TcpStream> + Unpin,
     W: AsyncWrite + Unpin,
 {
     let H2Stream {
@@ -304,21 +305,18 @@ where
         let mut ring = BufRing::default();
         let mut target = INITIAL_COPY_BUFFER;
         loop {
-            // Wait for data before taking a buffer (a read of nothing completes when the
-            // socket is readable); while the socket is idle the stream holds none.
+            // Wait until the socket is readable (data, EOF or an error) before taking a
+            // buffer, so an idle stream holds none. Readiness costs no system call.
             let mut released = false;
-            poll_fn(|cx| {
-                let mut probe = ReadBuf::new(&mut []);
-                match Pin::new(&mut reader).poll_read(cx, &mut probe) {
-                    Poll::Pending => {
-                        if !released {
-                            ring.release();
-                            released = true;
-                        }
-                        Poll::Pending
+            poll_fn(|cx| match reader.as_ref().poll_read_ready(cx) {
+                Poll::Pending => {
+                    if !released {
+                        ring.release();
+                        released = true;
                     }
-                    ready => ready,
+                    Poll::Pending
                 }
+                ready => ready,
             })
             .await
             .map_err(CopyError::LocalRead)?;
