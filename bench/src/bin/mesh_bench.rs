@@ -218,11 +218,19 @@ fn cpu_seconds(roots: &[u32]) -> f64 {
 
 /// Resident memory (bytes) of one proxy: its process tree.
 fn rss_bytes(root: u32) -> u64 {
+    status_bytes(root, "VmRSS:")
+}
+
+/// A memory figure of `/proc/<pid>/status` (in bytes), summed over a process tree.
+/// `RssAnon:` is the part of the resident set no file backs: heap, stacks, buffers
+/// (the rest is the binary's and libraries' pages, shared with other processes running
+/// them and reclaimable).
+fn status_bytes(root: u32, field: &str) -> u64 {
     process_tree(root)
         .iter()
         .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
         .filter_map(|s| {
-            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let line = s.lines().find(|l| l.starts_with(field))?;
             let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
             Some(kb * 1024)
         })
@@ -250,6 +258,7 @@ struct Sample {
     cpu_per_k_requests: f64,
     setup_rate: f64,
     rss_idle: f64,
+    anon_idle: f64,
     rss_load: f64,
     per_idle_conn: f64,
 }
@@ -943,6 +952,12 @@ async fn measure(t: &Target, args: &Args, procs: &mut Procs) -> anyhow::Result<S
     let proxies = t.proxies.len().max(1) as f64;
     let mut s = Sample {
         rss_idle: rss() / proxies,
+        anon_idle: t
+            .proxies
+            .iter()
+            .map(|p| status_bytes(*p, "RssAnon:"))
+            .sum::<u64>() as f64
+            / proxies,
         ..Sample::default()
     };
 
@@ -1169,20 +1184,32 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
     };
     // Idle memory before any traffic: the first repetition's starting point.
     let first = |i: usize| samples[i].first().map_or(f64::NAN, |s| s.rss_idle / 1e6);
-    let (fa, fne) = (first(1), first(2));
-    let extra = if with_baseline {
-        let fb = first(3);
-        format!(" {} MB | {} |", fmt(fb), ratio(fa, fb))
-    } else {
-        String::new()
-    };
-    let _ = writeln!(
-        out,
-        "| Proxy RSS idle, before any traffic (per proxy) | - | {} MB | {} MB | - | {} |{extra}",
-        fmt(fa),
-        fmt(fne),
-        ratio(fa, fne)
-    );
+    let first_anon = |i: usize| samples[i].first().map_or(f64::NAN, |s| s.anon_idle / 1e6);
+    for (name, get) in [
+        (
+            "Proxy RSS idle, before any traffic (per proxy)",
+            &first as &dyn Fn(usize) -> f64,
+        ),
+        (
+            "Proxy anonymous memory idle, before any traffic (per proxy)",
+            &first_anon,
+        ),
+    ] {
+        let (fa, fne) = (get(1), get(2));
+        let extra = if with_baseline {
+            let fb = get(3);
+            format!(" {} MB | {} |", fmt(fb), ratio(fa, fb))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | - | {} MB | {} MB | - | {} |{extra}",
+            fmt(fa),
+            fmt(fne),
+            ratio(fa, fne)
+        );
+    }
     for (name, get, unit, direct_too) in rows {
         let after_load = name.contains("previous repetition");
         let cell = |i: usize| {
