@@ -123,6 +123,16 @@ impl Workers {
         self.next().spawn(fut)
     }
 
+    /// Runs a task made by `make` on every worker (per-thread housekeeping).
+    pub fn spawn_each<F>(&self, make: impl Fn() -> F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        for handle in &self.inner.handles {
+            handle.spawn(make());
+        }
+    }
+
     /// Stops every worker: tasks still running are dropped.
     pub fn shutdown(&self) {
         let stops =
@@ -199,6 +209,25 @@ mod tests {
             threads.len(),
             3,
             "round robin over three workers: {threads:?}"
+        );
+        workers.shutdown();
+    }
+
+    #[test]
+    fn spawn_each_runs_once_on_every_worker_thread() {
+        let workers = Workers::start(3, "test-worker").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        workers.spawn_each(|| {
+            let tx = tx.clone();
+            async move {
+                tx.send(std::thread::current().id()).unwrap();
+            }
+        });
+        let threads: std::collections::HashSet<_> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        assert_eq!(threads.len(), 3);
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(100))
+                .is_err()
         );
         workers.shutdown();
     }

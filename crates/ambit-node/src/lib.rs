@@ -65,7 +65,16 @@ pub struct NodeConfig {
     pub local_pods: Vec<(PodInfo, PathBuf)>,
     /// Threads of the data-path runtime.
     pub worker_threads: usize,
+    /// Returns the calling thread's freed memory to the operating system (the binary
+    /// knows its allocator). Called on every data-path thread and the control thread
+    /// every [`RELEASE_MEMORY_EVERY`]: an allocator keeps freed pages for reuse, and a
+    /// thread gone idle after a burst of connections never allocates again to trigger
+    /// that itself.
+    pub release_memory: Option<fn()>,
 }
+
+/// How often [`NodeConfig::release_memory`] runs.
+pub const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(5);
 
 impl NodeConfig {
     /// Istio's ports and defaults around a discovery configuration.
@@ -81,6 +90,7 @@ impl NodeConfig {
             zds_socket: None,
             local_pods: Vec::new(),
             worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            release_memory: None,
         }
     }
 }
@@ -183,6 +193,18 @@ impl NodeProxy {
             .build()
             .map_err(StartError::Runtime)?;
         let ch = control.handle().clone();
+        if let Some(release) = config.release_memory {
+            let every = || async move {
+                let mut tick = tokio::time::interval(RELEASE_MEMORY_EVERY);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    release();
+                }
+            };
+            data.spawn_each(every);
+            ch.spawn(every());
+        }
 
         let store = Arc::new(Store::new());
         let metrics = Arc::new(Metrics::default());

@@ -21,6 +21,19 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Returns the calling thread's freed memory to the operating system: mimalloc keeps
+/// freed pages in the thread's heap for reuse and purges them only when that thread
+/// allocates again, so a node proxy thread gone idle after a burst of 5,000 connections
+/// held ~38 MB it no longer used. `mi_collect(false)` frees the heap's retired pages and
+/// purges what has been unused past mimalloc's purge delay; it is cheap when there is
+/// nothing to do.
+#[allow(unsafe_code)]
+pub(crate) fn release_free_memory() {
+    // SAFETY: mi_collect takes no pointers and only works on the calling thread's own
+    // mimalloc heap (and abandoned segments), which is the allocator of this binary.
+    unsafe { libmimalloc_sys::mi_collect(false) }
+}
+
 /// Ambit, a sidecarless service mesh.
 #[derive(Debug, Parser)]
 #[command(name = "ambit", version, about, long_about = None, propagate_version = true)]

@@ -91,6 +91,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     if let Some(n) = args.worker_threads {
         config.worker_threads = n;
     }
+    config.release_memory = Some(crate::release_free_memory);
     // The proxy runs its own runtimes; this one only waits for the signal.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
