@@ -161,7 +161,9 @@ fn env() -> &'static Env {
             let server_id = TestPki::id("bench", "server");
             let client_id = TestPki::id("bench", "client");
             let tls = hbone_server_config(
-                Arc::new(Fixed(pki.issue(&server_id, Duration::from_secs(86400)))),
+                Arc::new(ambit_tls::testing::FixedCert(
+                    pki.issue(&server_id, Duration::from_secs(86400)),
+                )),
                 &pki.bundle(),
             )
             .unwrap();
@@ -221,18 +223,6 @@ fn env() -> &'static Env {
             _pki: pki,
         }
     })
-}
-
-#[derive(Debug)]
-struct Fixed(Arc<rustls::sign::CertifiedKey>);
-
-impl rustls::server::ResolvesServerCert for Fixed {
-    fn resolve(
-        &self,
-        _: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
 }
 
 async fn send_bulk<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S) {

@@ -229,19 +229,6 @@ mod tests {
         }
     }
 
-    /// Serves a fixed certificate.
-    #[derive(Debug)]
-    struct Fixed(Arc<rustls::sign::CertifiedKey>);
-
-    impl rustls::server::ResolvesServerCert for Fixed {
-        fn resolve(
-            &self,
-            _: rustls::server::ClientHello<'_>,
-        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-            Some(self.0.clone())
-        }
-    }
-
     fn configs() -> (rustls::ClientConfig, rustls::ServerConfig) {
         use ambit_tls::testing::TestPki;
         use std::time::Duration;
@@ -251,8 +238,11 @@ mod tests {
         let server = pki.issue(&server_id, Duration::from_secs(3600));
         let c =
             ambit_tls::spiffe::hbone_client_config(client, &pki.bundle(), vec![server_id]).unwrap();
-        let s =
-            ambit_tls::spiffe::hbone_server_config(Arc::new(Fixed(server)), &pki.bundle()).unwrap();
+        let s = ambit_tls::spiffe::hbone_server_config(
+            Arc::new(ambit_tls::testing::FixedCert(server)),
+            &pki.bundle(),
+        )
+        .unwrap();
         (c, s)
     }
 

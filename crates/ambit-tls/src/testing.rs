@@ -80,3 +80,13 @@ impl Default for TestPki {
         Self::new()
     }
 }
+
+/// Serves one fixed certificate to every TLS client (a test server's identity).
+#[derive(Debug)]
+pub struct FixedCert(pub Arc<CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}

@@ -16,9 +16,8 @@ use ambit_hbone::{
     ConnectHandler, ConnectHeaders, ConnectRequest, IncomingConnect, Pool, PoolConfig, Server,
 };
 use ambit_tls::spiffe::hbone_server_config;
-use ambit_tls::testing::TestPki;
+use ambit_tls::testing::{FixedCert, TestPki};
 use http::StatusCode;
-use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
@@ -98,16 +97,6 @@ impl ConnectHandler for Handler {
     }
 }
 
-/// Serves a fixed certificate.
-#[derive(Debug)]
-pub struct Fixed(pub Arc<CertifiedKey>);
-
-impl ResolvesServerCert for Fixed {
-    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-}
-
 pub struct Env {
     pub pki: TestPki,
     pub server_id: SpiffeId,
@@ -129,7 +118,7 @@ impl Env {
         let client_id = TestPki::id("client-ns", "client");
         let server_cert = pki.issue(&server_id, Duration::from_secs(3600));
         let client_cert = pki.issue(&client_id, Duration::from_secs(3600));
-        let tls = hbone_server_config(Arc::new(Fixed(server_cert)), &pki.bundle()).unwrap();
+        let tls = hbone_server_config(Arc::new(FixedCert(server_cert)), &pki.bundle()).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handler = Arc::new(Handler::default());
