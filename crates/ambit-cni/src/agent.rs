@@ -2,18 +2,25 @@
 //! the node proxy and each pod's redirection rules in line with it.
 //!
 //! A pod is enrolled when discovery says it runs on this node with tunnel protocol HBONE
-//! (the control plane's reading of `istio.io/dataplane-mode=ambient`). Enrolling hands
-//! the pod's network namespace to the node proxy over ZDS, then installs the rules; the
-//! proxy's listeners are open before any connection is redirected to them. Un-enrolling
-//! does the reverse: redirection stops first (the rules are reduced to their draining
-//! form, which keeps connections the proxy already carries working), then the proxy is
-//! told `del`; once no connection in the pod depends on the rules any more, they are
-//! removed entirely.
+//! (the control plane's reading of `istio.io/dataplane-mode=ambient`). Enrolling installs
+//! the pod's redirection rules first, then hands its network namespace to the node proxy
+//! over ZDS. From the moment the rules are in, the pod's traffic goes to the proxy or
+//! nowhere: while the proxy is away, or cannot open the pod's listeners, connections are
+//! refused (nothing listens on the redirect ports) rather than sent around the mesh in
+//! plaintext. Un-enrolling does the reverse: redirection stops first (the rules are
+//! reduced to their draining form, which keeps connections the proxy already carries
+//! working), then the proxy is told `del`; once no connection in the pod depends on the
+//! rules any more, they are removed entirely.
+//!
+//! The agent serves the ZDS socket and node proxies connect to it ([`crate::zds`]); each
+//! new connection gets the full snapshot, so a restarted or upgraded node proxy learns
+//! every pod at once. The newest connection receives additions; removals go to every
+//! connected proxy (an old one being replaced still serves pods until it exits).
 //!
 //! The agent acts only on a synced discovery view, so a restart never un-enrolls pods
-//! because it has not heard of them yet; and it opens its ZDS session only then, so the
-//! snapshot it sends is complete. Every `--reconcile-interval` it compares each pod's
-//! rules with what it installed and repairs drift.
+//! because it has not heard of them yet, and the snapshot it sends is complete. Every
+//! `--reconcile-interval` it compares each pod's rules with what it installed and
+//! repairs drift.
 //!
 //! In local mode a pod's network namespace is found at `<netns_dir>/<namespace>.<name>`
 //! (`/run/netns/demo.sleep`): namespace names cannot contain a dot, so the name is
@@ -40,14 +47,16 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::redirect::{Mode, RedirectError, Redirector, proxied_connections};
-use crate::zds::{PodRef, ZdsClient, ZdsError};
+use crate::zds::{PodRef, ZdsError, ZdsListener, ZdsSession};
 
 /// Everything `ambit cni` is configured with.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub xds: XdsConfig,
-    /// The node proxy's ZDS socket.
+    /// The ZDS socket node proxies connect to.
     pub zds_socket: PathBuf,
+    /// User ids allowed to connect as the node proxy (root by default).
+    pub zds_allowed_uids: Vec<u32>,
     /// Where pods' network namespaces are (`<dir>/<namespace>.<name>`).
     pub netns_dir: PathBuf,
     /// How often installed rules are checked for drift and draining pods for their last
@@ -63,6 +72,7 @@ impl AgentConfig {
         Self {
             xds,
             zds_socket,
+            zds_allowed_uids: vec![0],
             netns_dir: PathBuf::from("/run/netns"),
             reconcile_interval: Duration::from_secs(10),
             redirector: Redirector::default(),
@@ -76,6 +86,8 @@ impl AgentConfig {
 pub enum AgentError {
     #[error("{0}")]
     Listen(std::io::Error),
+    #[error(transparent)]
+    Zds(#[from] ZdsError),
 }
 
 /// Where a pod stands, as `/debug/pods` and the metrics show it.
@@ -188,10 +200,12 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// Starts discovery, the admin port and the reconcile loop on the current runtime.
+    /// Starts discovery, the ZDS socket, the admin port and the reconcile loop on the
+    /// current runtime.
     pub async fn start(config: AgentConfig) -> Result<Self, AgentError> {
         let store = Arc::new(Store::new());
         let (stop, stop_rx) = watch::channel(false);
+        let zds = ZdsListener::bind(&config.zds_socket, &config.zds_allowed_uids, ZDS_TIMEOUT)?;
         let (client, xds) = XdsClient::new(config.xds.clone(), store.clone());
         let metrics = Arc::new(Metrics::new());
         let status = Arc::new(Mutex::new(AgentStatus {
@@ -208,12 +222,18 @@ impl Agent {
             handler(status.clone(), metrics.clone()),
             stop_rx.clone(),
         )));
+        let (sessions_tx, sessions) = tokio::sync::mpsc::channel(4);
+        tasks.push(tokio::spawn(accept_node_proxies(
+            zds,
+            sessions_tx,
+            stop_rx.clone(),
+        )));
         tracing::info!(
             node = %config.xds.node_name,
             zds = %config.zds_socket.display(),
             netns_dir = %config.netns_dir.display(),
             admin = %admin_addr,
-            "node agent started"
+            "node agent started; waiting for discovery and the node proxy"
         );
         let reconciler = Reconciler {
             config,
@@ -222,8 +242,10 @@ impl Agent {
             metrics,
             status: status.clone(),
             pods: BTreeMap::new(),
+            sessions,
             session: None,
-            proxy_error: None,
+            previous: Vec::new(),
+            fresh: false,
             swept: false,
         };
         tasks.push(tokio::spawn(reconciler.run(stop_rx)));
@@ -252,6 +274,37 @@ impl Agent {
         let _ = self.stop.send(true);
         for t in std::mem::take(&mut self.tasks) {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+/// How long the agent waits for the node proxy to answer one message.
+const ZDS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts node proxies and hands each checked session (credentials, hello) to the
+/// reconciler. A refused or broken connection is logged and the next one awaited.
+async fn accept_node_proxies(
+    mut listener: ZdsListener,
+    sessions: tokio::sync::mpsc::Sender<ZdsSession>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        match accepted {
+            Ok(session) => {
+                tracing::info!(pid = session.peer_pid(), socket = %listener.path().display(), "node proxy connected");
+                if sessions.send(session).await.is_err() {
+                    return;
+                }
+            }
+            Err(e @ ZdsError::Io(_)) => {
+                tracing::warn!(error = %e, "ZDS accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "refused a node proxy connection"),
         }
     }
 }
@@ -296,11 +349,16 @@ struct Tracked {
 
 #[derive(Debug)]
 enum Tracking {
-    /// Rules in place; `listing` is what the rules looked like right after install.
+    /// Rules in place and the node proxy serves it; `listing` is what the rules looked
+    /// like right after install.
     Enrolled {
         listing: Option<String>,
     },
+    /// Should be enrolled but is not served yet. `rules` is the listing once the
+    /// redirection rules are in place (the pod's traffic is then refused until the
+    /// proxy serves it, never sent around the mesh).
     Pending {
+        rules: Option<Option<String>>,
         error: String,
         attempts: u32,
         retry_at: Instant,
@@ -318,9 +376,9 @@ enum PodError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("waiting for the node proxy")]
-    NoProxy,
-    #[error("node proxy: {0}")]
+    #[error("no node proxy is connected to {0}; the pod's traffic is refused until one is")]
+    NoProxy(PathBuf),
+    #[error("{0}")]
     Proxy(ZdsError),
     #[error("redirection rules: {0}")]
     Rules(RedirectError),
@@ -333,9 +391,14 @@ struct Reconciler {
     metrics: Arc<Metrics>,
     status: Arc<Mutex<AgentStatus>>,
     pods: BTreeMap<String, Tracked>,
-    session: Option<ZdsClient>,
-    /// The last reason the node proxy could not be reached (logged once per change).
-    proxy_error: Option<String>,
+    /// Node proxies that connected, checked, waiting to become the session.
+    sessions: tokio::sync::mpsc::Receiver<ZdsSession>,
+    /// The newest node proxy: gets the snapshot and every change.
+    session: Option<ZdsSession>,
+    /// Older node proxies still connected (being replaced): they only hear removals.
+    previous: Vec<ZdsSession>,
+    /// The session is new and has not had its snapshot yet.
+    fresh: bool,
     /// Whether leftover rules of pods not enrolled have been looked for (once).
     swept: bool,
 }
@@ -343,6 +406,23 @@ struct Reconciler {
 /// Retry delay after `attempts` failures: 1 s doubling to 16 s.
 fn backoff(attempts: u32) -> Duration {
     Duration::from_secs(1 << attempts.min(5).saturating_sub(1)).min(Duration::from_secs(30))
+}
+
+/// Resolves with the index of the first session in `previous` that closes.
+async fn first_closed(previous: &[ZdsSession]) -> usize {
+    if previous.is_empty() {
+        return std::future::pending().await;
+    }
+    let mut closing: Vec<_> = previous.iter().map(|s| Box::pin(s.closed())).collect();
+    std::future::poll_fn(|cx| {
+        for (i, f) in closing.iter_mut().enumerate() {
+            if f.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(i);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 impl Reconciler {
@@ -366,8 +446,20 @@ impl Reconciler {
                 }
                 _ = tick.tick() => {}
                 _ = lost => {
-                    tracing::warn!("the node proxy closed the ZDS session; reconnecting and re-sending the snapshot");
+                    tracing::warn!("the node proxy closed the ZDS session; enrolled pods' traffic is refused until a node proxy connects and takes the snapshot");
                     self.session = None;
+                }
+                i = first_closed(&self.previous) => {
+                    self.previous.swap_remove(i);
+                    tracing::info!("a replaced node proxy disconnected");
+                }
+                session = self.sessions.recv() => {
+                    let Some(session) = session else { break };
+                    if let Some(old) = self.session.replace(session) {
+                        tracing::info!("a new node proxy connected; it takes over, the previous one only hears removals from now on");
+                        self.previous.push(old);
+                    }
+                    self.fresh = true;
                 }
             }
             let synced = self.xds.borrow_and_update().synced;
@@ -400,31 +492,15 @@ impl Reconciler {
         w.node.as_ref() == self.config.xds.node_name && w.profile.workload_type == WorkloadType::Pod
     }
 
-    async fn connect(&mut self) -> bool {
-        if self.session.is_some() {
-            return false;
-        }
-        match ZdsClient::connect(&self.config.zds_socket, Duration::from_secs(5)).await {
-            Ok(s) => {
-                tracing::info!(socket = %self.config.zds_socket.display(), "connected to the node proxy; sending the snapshot");
-                self.session = Some(s);
-                self.proxy_error = None;
-                true
-            }
-            Err(e) => {
-                let e = e.to_string();
-                if self.proxy_error.as_deref() != Some(&e) {
-                    tracing::warn!(error = %e, "cannot reach the node proxy; will retry");
-                    self.proxy_error = Some(e);
-                }
-                false
-            }
-        }
-    }
-
     async fn converge(&mut self) {
         let desired = self.desired();
-        let fresh = self.connect().await;
+        let fresh = std::mem::take(&mut self.fresh) && self.session.is_some();
+        if fresh {
+            tracing::info!(
+                pods = desired.len(),
+                "sending the snapshot to the node proxy"
+            );
+        }
         let now = Instant::now();
         for (uid, pod) in &desired {
             let due = match self.pods.get(uid).map(|t| &t.state) {
@@ -460,7 +536,7 @@ impl Reconciler {
     }
 
     fn lost(&mut self, e: ZdsError) {
-        tracing::warn!(error = %e, "lost the node proxy; will reconnect and re-send the snapshot");
+        tracing::warn!(error = %e, "lost the node proxy; enrolled pods' traffic is refused until a node proxy connects and takes the snapshot");
         self.session = None;
     }
 
@@ -479,78 +555,113 @@ impl Reconciler {
 
     async fn enroll(&mut self, pod: PodRef) {
         let netns = self.netns_path(&pod.namespace, &pod.name);
-        let was_enrolled = matches!(
-            self.pods.get(&pod.uid).map(|t| &t.state),
-            Some(Tracking::Enrolled { .. })
-        );
-        let result = self.try_enroll(&pod, &netns).await;
-        let uid = pod.uid.clone();
-        let state = match result {
-            Ok(listing) => {
+        let (was_enrolled, rules, attempts, last_error) =
+            match self.pods.get(&pod.uid).map(|t| &t.state) {
+                Some(Tracking::Enrolled { listing }) => (true, Some(listing.clone()), 0, None),
+                Some(Tracking::Pending {
+                    rules,
+                    attempts,
+                    error,
+                    ..
+                }) => (false, rules.clone(), *attempts, Some(error.clone())),
+                _ => (false, None, 0, None),
+            };
+        let (rules, result) = self.try_enroll(&pod, &netns, rules).await;
+        let label = format!("{}/{}", pod.namespace, pod.name);
+        let state = match (rules, result) {
+            (Some(listing), Ok(())) => {
                 if !was_enrolled {
-                    tracing::info!(pod = %format!("{}/{}", pod.namespace, pod.name), netns = %netns.display(), "pod enrolled");
+                    tracing::info!(pod = %label, netns = %netns.display(), attempts = attempts + 1, "pod enrolled");
                 }
                 Tracking::Enrolled { listing }
             }
-            Err(e) => {
-                let attempts = match self.pods.get(&uid).map(|t| &t.state) {
-                    Some(Tracking::Pending { attempts, .. }) => attempts + 1,
-                    _ => 1,
+            (rules, result) => {
+                let e = match result {
+                    Err(e) => e,
+                    Ok(()) => PodError::Rules(RedirectError::Thread),
                 };
-                let quiet = matches!(e, PodError::NoProxy | PodError::NoNetns(_));
-                if !quiet || attempts == 1 {
-                    tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, attempts, "cannot enroll pod; will retry");
+                let attempts = attempts + 1;
+                let error = e.to_string();
+                // Every change of reason is logged; the same reason again only while
+                // the retries are still frequent.
+                if last_error.as_deref() != Some(error.as_str()) || attempts <= 3 {
+                    tracing::warn!(
+                        pod = %label,
+                        error = %error,
+                        attempts,
+                        redirected = rules.is_some(),
+                        retry_in_s = backoff(attempts).as_secs(),
+                        "cannot enroll pod; will retry"
+                    );
                 }
-                if let PodError::Proxy(z) = e {
-                    if !matches!(z, ZdsError::Refused { .. }) {
-                        self.lost(z);
+                if let PodError::Proxy(z) = e
+                    && !matches!(z, ZdsError::Refused { .. })
+                {
+                    self.lost(z);
+                }
+                Tracking::Pending {
+                    rules,
+                    error,
+                    attempts,
+                    retry_at: Instant::now() + backoff(attempts),
+                }
+            }
+        };
+        self.pods
+            .insert(pod.uid.clone(), Tracked { pod, netns, state });
+    }
+
+    /// The rules first, then the node proxy. Returns the rules' listing once they are in
+    /// place, whatever the proxy answered: from then on the pod's traffic reaches the
+    /// proxy or is refused, never bypasses the mesh.
+    async fn try_enroll(
+        &self,
+        pod: &PodRef,
+        path: &Path,
+        installed: Option<Option<String>>,
+    ) -> (Option<Option<String>>, Result<(), PodError>) {
+        let file = match Self::open_netns(path) {
+            Ok(f) => f,
+            Err(e) => return (None, Err(e)),
+        };
+        let listing = match installed {
+            Some(listing) => listing,
+            None => {
+                let redirector = self.config.redirector.clone();
+                let f = match file.try_clone() {
+                    Ok(f) => f,
+                    Err(source) => {
+                        let e = PodError::Open {
+                            path: path.to_owned(),
+                            source,
+                        };
+                        return (None, Err(e));
                     }
-                    Tracking::Pending {
-                        error: "node proxy connection lost".into(),
-                        attempts,
-                        retry_at: Instant::now(),
-                    }
-                } else {
-                    Tracking::Pending {
-                        error: e.to_string(),
-                        attempts,
-                        retry_at: Instant::now() + backoff(attempts),
+                };
+                let applied = tokio::task::spawn_blocking(move || {
+                    redirector.apply(&f, Mode::Enrolled)?;
+                    redirector.listing(&f)
+                })
+                .await
+                .unwrap_or(Err(RedirectError::Thread));
+                match applied {
+                    Ok(listing) => listing,
+                    Err(e) => {
+                        self.metrics.rule_failures.inc();
+                        return (None, Err(PodError::Rules(e)));
                     }
                 }
             }
         };
-        self.pods.insert(uid, Tracked { pod, netns, state });
+        let Some(session) = self.session.as_ref() else {
+            let e = PodError::NoProxy(self.config.zds_socket.clone());
+            return (Some(listing), Err(e));
+        };
+        let added = session.add(pod, file.as_fd()).await;
+        (Some(listing), added.map_err(PodError::Proxy))
     }
 
-    /// The proxy first, then the rules; a pod whose rules fail is taken off the proxy
-    /// again, so it is never half-enrolled.
-    async fn try_enroll(&self, pod: &PodRef, path: &Path) -> Result<Option<String>, PodError> {
-        let file = Self::open_netns(path)?;
-        let session = self.session.as_ref().ok_or(PodError::NoProxy)?;
-        session
-            .add(pod, file.as_fd())
-            .await
-            .map_err(PodError::Proxy)?;
-        let redirector = self.config.redirector.clone();
-        let applied = tokio::task::spawn_blocking(move || {
-            redirector.apply(&file, Mode::Enrolled)?;
-            redirector.listing(&file)
-        })
-        .await
-        .unwrap_or(Err(RedirectError::Thread));
-        match applied {
-            Ok(listing) => Ok(listing),
-            Err(e) => {
-                self.metrics.rule_failures.inc();
-                if let Err(z) = session.del(&pod.uid).await {
-                    tracing::warn!(error = %z, "could not take a half-enrolled pod off the node proxy");
-                }
-                Err(PodError::Rules(e))
-            }
-        }
-    }
-
-    /// Rules reduced to draining first, then `del`.
+    /// Rules reduced to draining first, then `del` to every connected node proxy.
     async fn unenroll(&mut self, uid: &str) {
         let Some(t) = self.pods.get(uid) else { return };
         let (pod, path) = (t.pod.clone(), t.netns.clone());
@@ -572,11 +683,7 @@ impl Reconciler {
             }
             Err(PodError::NoNetns(_)) => {
                 // The pod is gone: nothing to un-redirect.
-                if let Some(session) = &self.session
-                    && let Err(e) = session.del(uid).await
-                {
-                    self.lost(e);
-                }
+                self.tell_del(uid).await;
                 self.pods.remove(uid);
                 tracing::info!(pod = %label, "pod gone; forgotten");
                 return;
@@ -586,17 +693,31 @@ impl Reconciler {
                 return;
             }
         }
-        if let Some(session) = &self.session
-            && let Err(e) = session.del(uid).await
-        {
-            // The proxy forgets it anyway when the next snapshot leaves it out.
-            self.lost(e);
-        }
+        // A proxy that misses this forgets the pod anyway when its next snapshot leaves
+        // it out.
+        self.tell_del(uid).await;
         if was_enrolled {
-            tracing::info!(pod = %label, "pod un-enrolled; its open connections keep working");
+            tracing::info!(pod = %label, "pod un-enrolled; its open connections may finish");
         }
         if let Some(t) = self.pods.get_mut(uid) {
             t.state = Tracking::Draining;
+        }
+    }
+
+    /// Tells every connected node proxy to stop serving a pod.
+    async fn tell_del(&mut self, uid: &str) {
+        if let Some(session) = &self.session
+            && let Err(e) = session.del(uid).await
+        {
+            self.lost(e);
+        }
+        let mut i = 0;
+        while i < self.previous.len() {
+            if self.previous[i].del(uid).await.is_err() {
+                self.previous.swap_remove(i);
+            } else {
+                i += 1;
+            }
         }
     }
 

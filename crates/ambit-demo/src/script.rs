@@ -501,7 +501,7 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
         wait_ok(
             &out,
             &mut cluster,
-            &format!("{node}: node agent connected to its node proxy"),
+            &format!("{node}: node proxy connected to its node agent"),
             local(agent),
             "/healthz/ready",
         )

@@ -377,5 +377,115 @@ async fn an_agent_started_after_unlabeling_removes_leftover_rules() {
         !rules_in(&mesh, "echo-1")
     })
     .await;
-    assert!(mesh.node("node-b").pods().status().is_empty());
+    // The node proxy reconnects to the new agent and its snapshot leaves echo-1 out.
+    eventually("node-b's proxy to stop serving echo-1", || {
+        mesh.node("node-b").pods().status().is_empty()
+    })
+    .await;
+}
+
+/// A socket bound (not listening) on `port` in the pod, without SO_REUSEADDR: nothing
+/// else can bind the port while it lives, and connections to it are refused.
+fn squat(mesh: &Mesh, pod: &str, port: u16) -> socket2::Socket {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let netns = ambit_hbone::socket::Netns::open(mesh.pod(pod).netns_path()).unwrap();
+    netns
+        .run(|| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.bind(&SockAddr::from(SocketAddr::from(([127, 0, 0, 1], port))))?;
+            Ok::<_, std::io::Error>(s)
+        })
+        .unwrap()
+        .unwrap()
+}
+
+fn pod_status(mesh: &Mesh, node: &str, pod: &str) -> Option<ambit_cni::agent::PodStatus> {
+    mesh.agents[node]
+        .status()
+        .pods
+        .into_iter()
+        .find(|p| p.name == pod)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_the_node_proxy_cannot_serve_is_redirected_and_refused_never_bypassed() {
+    let mesh = Mesh::start_agents(in_mesh(cast()), false, |_| {}).await;
+    let peers = mesh.echo_app("echo-1", APP_PORT);
+    let echo_addr = mesh.addr("echo-1", APP_PORT);
+    // Something holds sleep's outbound capture port, so the node proxy cannot open its
+    // listeners there.
+    let squatter = squat(&mesh, "sleep", 15001);
+    mesh.write_manifests(true);
+    mesh.wait_phase("echo-1", Some(PodPhase::Enrolled)).await;
+    eventually("the node proxy's refusal to show in sleep's status", || {
+        pod_status(&mesh, "node-a", "sleep").is_some_and(|p| {
+            p.phase == PodPhase::Pending
+                && p.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("15001") && e.contains("in use"))
+        })
+    })
+    .await;
+    // The rules are in place regardless: sleep's traffic is refused, it does not go
+    // around the mesh to the application.
+    assert!(rules_in(&mesh, "sleep"));
+    let refused = mesh.pod("sleep").connect(echo_addr).await;
+    assert!(
+        refused.is_err(),
+        "a connection left the pod outside the mesh"
+    );
+    assert!(peers.ips().is_empty(), "the application saw a connection");
+    // Retries back off instead of hammering every half second.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let attempts = pod_status(&mesh, "node-a", "sleep").unwrap().attempts;
+    assert!(
+        (2..=4).contains(&attempts),
+        "{attempts} attempts in ~4 s: retries should back off (1 s, 2 s, ...)"
+    );
+    // Once the port is free, the pod is served.
+    drop(squatter);
+    mesh.wait_phase("sleep", Some(PodPhase::Enrolled)).await;
+    wait_ready(mesh.node("node-a")).await;
+    let tunnels = mtls_inbound();
+    let back = exchange(mesh.pod("sleep"), echo_addr, b"served")
+        .await
+        .unwrap();
+    assert_eq!(back, b"served");
+    eventually("the connection to cross the mesh", || {
+        mtls_inbound() > tunnels
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_proxy_takes_over_while_the_old_one_still_runs() {
+    let mut mesh = Mesh::start_agents(in_mesh(cast()), true, |_| {}).await;
+    mesh.echo_app("echo-1", APP_PORT);
+    mesh.wait_phase("echo-1", Some(PodPhase::Enrolled)).await;
+    wait_ready(mesh.node("node-b")).await;
+    let back = exchange(mesh.pod("sleep"), ECHO_VIP, b"old").await.unwrap();
+    assert_eq!(back, b"old");
+    // A connection carried by the old proxy.
+    let mut open = mesh.pod("sleep").connect(ECHO_VIP).await.unwrap();
+    ping(&mut open, b"through the old proxy").await;
+
+    // The replacement starts while the old proxy still listens in echo-1: it connects
+    // to the agent, gets the snapshot and opens echo-1's listeners at once.
+    let old = mesh.nodes.remove("node-b").unwrap();
+    mesh.start_node("node-b").await;
+    eventually("the new node proxy to serve echo-1", || {
+        mesh.node("node-b").pods().status().len() == 1
+    })
+    .await;
+    wait_ready(mesh.node("node-b")).await;
+    // The old one leaves; traffic goes on through the new one.
+    old.shutdown().await;
+    let tunnels = mtls_inbound();
+    let back = exchange(mesh.pod("sleep"), ECHO_VIP, b"new").await.unwrap();
+    assert_eq!(back, b"new");
+    eventually("traffic through the new node proxy", || {
+        mtls_inbound() > tunnels
+    })
+    .await;
+    drop(open);
 }

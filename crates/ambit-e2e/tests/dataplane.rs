@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use ambit_cni::zds::{PodRef, ZdsClient};
+use ambit_cni::zds::{PodRef, ZdsListener};
 use ambit_e2e::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -501,20 +501,37 @@ async fn unreachable_destinations_fail_fast_and_are_counted() {
     );
 }
 
+async fn accept(listener: &mut ZdsListener) -> ambit_cni::zds::ZdsSession {
+    tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the node proxy did not connect")
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_node_agent_adds_and_removes_pods_over_zds() {
-    // node-b has no local pods: it learns about echo-1 from an agent over ZDS.
+    // node-b has no local pods: it connects to an agent's socket (served here by the
+    // test, as `ambit cni` serves it) and learns about echo-1 over ZDS.
     let mut specs = cast();
     let socket_dir = tempfile::tempdir().unwrap();
-    let socket = socket_dir.path().join("zds.sock");
+    let socket = socket_dir.path().join("ztunnel/ztunnel.sock");
     let path = socket.clone();
-    let mesh = Mesh::start_with(specs.clone(), |c| {
+    let start = Mesh::start_with(specs.clone(), |c| {
         if c.xds.node_name == "node-b" {
             c.local_pods.clear();
             c.zds_socket = Some(path.clone());
         }
-    })
-    .await;
+    });
+    // The node proxy starts before the agent listens and keeps retrying; it is ready
+    // once the agent's (here empty) snapshot has arrived.
+    let agent_side = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut listener = ZdsListener::bind(&socket, &[0], Duration::from_secs(5)).unwrap();
+        let agent = accept(&mut listener).await;
+        agent.snapshot_sent().await.unwrap();
+        (listener, agent)
+    };
+    let (mesh, (mut listener, agent)) = tokio::join!(start, agent_side);
     specs.retain(|s| s.name == "echo-1");
     let echo = mesh.pod("echo-1");
     let spec = mesh.spec("echo-1");
@@ -533,16 +550,17 @@ async fn the_node_agent_adds_and_removes_pods_over_zds() {
     };
     assert!(!listening(echo));
 
-    let agent = ZdsClient::connect(&socket, Duration::from_secs(5))
-        .await
-        .unwrap();
-    // Bad requests get an error, not a crash: an add without a namespace descriptor.
+    // Bad requests get an error, not a crash: an add without a namespace descriptor,
+    // and the node proxy's own (here: the host's) namespace.
     let netns = std::fs::File::open(echo.netns_path()).unwrap();
     let not_a_netns = std::fs::File::open("/dev/null").unwrap();
     let err = agent.add(&pod, not_a_netns.as_fd()).await.unwrap_err();
     assert!(err.to_string().contains("not a network namespace"), "{err}");
+    let own = std::fs::File::open("/proc/self/ns/net").unwrap();
+    let err = agent.add(&pod, own.as_fd()).await.unwrap_err();
+    assert!(err.to_string().contains("own network namespace"), "{err}");
+    assert!(!listening(echo));
     agent.add(&pod, netns.as_fd()).await.unwrap();
-    agent.snapshot_sent().await.unwrap();
     assert!(listening(echo));
     wait_ready(mesh.node("node-b")).await;
     let back = exchange(mesh.pod("sleep"), ECHO_VIP, b"over zds")
@@ -551,7 +569,7 @@ async fn the_node_agent_adds_and_removes_pods_over_zds() {
     assert_eq!(back, b"over zds");
     assert_eq!(peers.ips(), vec![IpAddr::V4(mesh.spec("sleep").ip)]);
 
-    // Losing the agent changes nothing.
+    // Losing the agent changes nothing; the proxy connects again by itself.
     drop(agent);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(listening(echo));
@@ -560,10 +578,8 @@ async fn the_node_agent_adds_and_removes_pods_over_zds() {
         .unwrap();
     assert_eq!(back, b"still");
 
-    // A new agent session whose snapshot keeps the pod: nothing changes either.
-    let agent = ZdsClient::connect(&socket, Duration::from_secs(5))
-        .await
-        .unwrap();
+    // The new session's snapshot keeps the pod: nothing changes either.
+    let agent = accept(&mut listener).await;
     agent.keep(&pod.uid).await.unwrap();
     agent.snapshot_sent().await.unwrap();
     assert!(listening(echo));
@@ -572,9 +588,7 @@ async fn the_node_agent_adds_and_removes_pods_over_zds() {
     drop(agent);
 
     // A snapshot without the pod: its listeners close.
-    let agent = ZdsClient::connect(&socket, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let agent = accept(&mut listener).await;
     agent.snapshot_sent().await.unwrap();
     assert!(!listening(echo));
     assert!(mesh.node("node-b").pods().status().is_empty());

@@ -34,6 +34,10 @@ pub struct SocketOptions {
     /// IP_TRANSPARENT: bind to an address that is not local (keeping a client's address
     /// as the source of an inbound connection; needs CAP_NET_ADMIN).
     pub transparent: bool,
+    /// SO_REUSEPORT on a listener: another listener of the same user may bind the same
+    /// address while this one is open, so a new node proxy takes over a pod's ports at
+    /// once while the one it replaces still drains.
+    pub reuse_port: bool,
 }
 
 /// A network namespace, held open by a file descriptor.
@@ -211,6 +215,9 @@ pub async fn connect(dst: SocketAddr, opts: &SocketOptions) -> io::Result<TcpStr
 pub fn listen(addr: SocketAddr, opts: &SocketOptions, backlog: u32) -> io::Result<TcpListener> {
     let socket = opts.new_socket(domain_of(&addr))?;
     socket.set_reuse_address(true)?;
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     socket
         .bind(&SockAddr::from(addr))
         .map_err(|e| io::Error::new(e.kind(), format!("listen on {addr}: {e}")))?;

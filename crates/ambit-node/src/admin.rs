@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::pods::{PodStatus, Pods};
+use crate::zds::ZdsState;
 use ambit_xds::XdsState;
 
 /// What `/config_dump` returns.
@@ -80,6 +81,7 @@ pub struct Sources {
     pub xds: watch::Receiver<XdsState>,
     pub certificates: Option<CertManager>,
     pub pods: Arc<Pods>,
+    pub zds: Option<watch::Receiver<ZdsState>>,
 }
 
 /// The admin pages.
@@ -98,9 +100,13 @@ pub fn handler(s: Sources) -> Handler {
             }
             "/debug/xds" => Page::json(&*s.xds.borrow()),
             "/debug/pods" => Page::json(&s.pods.status()),
+            "/debug/zds" => match &s.zds {
+                Some(z) => Page::json(&*z.borrow()),
+                None => Page::text(StatusCode::OK, "no node agent configured (--pod only)\n"),
+            },
             "/" => Page::text(
                 StatusCode::OK,
-                "ambit node proxy admin: /config_dump /debug/xds /debug/pods\n",
+                "ambit node proxy admin: /config_dump /debug/xds /debug/pods /debug/zds\n",
             ),
             _ => return None,
         })
@@ -119,21 +125,30 @@ pub fn metrics_handler(metrics: Arc<Metrics>) -> Handler {
     })
 }
 
-/// The readiness port: ready once discovery has synced and every served pod has its
+/// The readiness port: ready once discovery has synced, the node agent's snapshot (if a
+/// node agent is configured) has been applied, and every served pod has its
 /// certificate.
-pub fn readiness_handler(xds: watch::Receiver<XdsState>, pods: Arc<Pods>) -> Handler {
+pub fn readiness_handler(
+    xds: watch::Receiver<XdsState>,
+    zds: Option<watch::Receiver<ZdsState>>,
+    pods: Arc<Pods>,
+) -> Handler {
     Arc::new(move |path: &str| {
         if path != "/healthz/ready" {
             return None;
         }
         let synced = xds.borrow().synced;
+        let snapshot = zds.as_ref().is_none_or(|z| z.borrow().snapshot_applied);
         let certified = pods.all_certified();
-        Some(if synced && certified {
+        Some(if synced && snapshot && certified {
             Page::text(StatusCode::OK, "ready\n")
         } else {
             let mut why = Vec::new();
             if !synced {
                 why.push("discovery has not synced");
+            }
+            if !snapshot {
+                why.push("no snapshot from the node agent yet");
             }
             if !certified {
                 why.push("a pod is waiting for its certificate");

@@ -247,6 +247,7 @@ impl RunningPod {
         let _guard = rt.enter();
         let opts = SocketOptions {
             netns: Some(netns.clone()),
+            reuse_port: true,
             ..SocketOptions::default()
         };
         let listen = |addr: SocketAddr| {

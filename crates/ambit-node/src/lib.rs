@@ -59,7 +59,7 @@ pub struct NodeConfig {
     /// Where the node proxy announces its admin address for `ambit config --node`.
     pub run_dir: Option<PathBuf>,
     pub dataplane: DataPlaneConfig,
-    /// The node agent socket; `None` serves only `local_pods`.
+    /// The node agent's socket to connect to; `None` serves only `local_pods`.
     pub zds_socket: Option<PathBuf>,
     /// Pods to serve without a node agent: their description and network namespace path.
     pub local_pods: Vec<(PodInfo, PathBuf)>,
@@ -109,8 +109,6 @@ pub enum StartError {
     Bundle(String),
     #[error("certificate authority client: {0}")]
     Ca(String),
-    #[error(transparent)]
-    Zds(#[from] zds::ZdsError),
     #[error("pod {pod}: {reason}")]
     Pod { pod: String, reason: String },
     #[error("cannot start a runtime: {0}")]
@@ -251,12 +249,19 @@ impl NodeProxy {
 
         let admin = bind(config.admin_addr, "admin port", &ch).await?;
         let admin_addr = admin.local_addr().map_err(StartError::Listen)?;
+        let zds_state = config.zds_socket.as_ref().map(|path| {
+            watch::Sender::new(zds::ZdsState {
+                socket: path.clone(),
+                ..zds::ZdsState::default()
+            })
+        });
         let handler = admin::handler(admin::Sources {
             node: node.clone(),
             store: store.clone(),
             xds: xds.clone(),
             certificates: Some(certs),
             pods: pods.clone(),
+            zds: zds_state.as_ref().map(watch::Sender::subscribe),
         });
         tasks.push(ch.spawn(ambit_admin::serve(admin, handler, stop_rx.clone())));
 
@@ -271,17 +276,16 @@ impl NodeProxy {
         let readiness_addr = ready_listener.local_addr().map_err(StartError::Listen)?;
         tasks.push(ch.spawn(ambit_admin::serve(
             ready_listener,
-            admin::readiness_handler(xds.clone(), pods.clone()),
+            admin::readiness_handler(
+                xds.clone(),
+                zds_state.as_ref().map(watch::Sender::subscribe),
+                pods.clone(),
+            ),
             stop_rx.clone(),
         )));
 
-        if let Some(path) = &config.zds_socket {
-            let listener = {
-                let _g = ch.enter();
-                zds::bind(path)?
-            };
-            tasks.push(ch.spawn(zds::serve(listener, pods.clone(), stop_rx.clone())));
-            tracing::info!(socket = %path.display(), "waiting for the node agent");
+        if let (Some(path), Some(state)) = (&config.zds_socket, zds_state) {
+            tasks.push(ch.spawn(zds::run(path.clone(), pods.clone(), state, stop_rx.clone())));
         }
         for (info, path) in &config.local_pods {
             let pod = format!("{}/{}", info.namespace, info.name);

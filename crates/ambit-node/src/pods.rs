@@ -79,6 +79,7 @@ impl Pods {
     /// Starts serving a pod. Adding a pod already served in the same namespace does
     /// nothing; in another namespace (the pod was recreated), the old one is replaced.
     pub fn add(&self, info: PodInfo, netns: Netns) -> Result<(), String> {
+        crate::zds::check_pod_netns(&netns)?;
         let replaced = {
             let mut running = self.lock();
             match running.get(&info.uid) {

@@ -1,18 +1,25 @@
 //! ZDS: the node agent tells the node proxy which pods to serve.
 //!
-//! The node proxy listens on a unix `SOCK_SEQPACKET` socket; one message per packet,
-//! protobuf-encoded. On connect the proxy sends `ZdsHello { V1 }`; the agent then sends
-//! its snapshot (`add` for each pod, with the pod's network namespace file descriptor as
-//! SCM_RIGHTS ancillary data, or `keep` for a pod it has no descriptor for), then
-//! `snapshot_sent`, after which the proxy stops serving pods the snapshot did not
-//! mention. Later `add` and `del` messages follow. Every message is answered with
+//! As in Istio, the node agent serves a unix `SOCK_SEQPACKET` socket and the node proxy
+//! connects to it, retrying with backoff while the agent is away; one message per
+//! packet, protobuf-encoded. On connect the proxy sends `ZdsHello { V1 }`; the agent then
+//! sends its snapshot (`add` for each pod, with the pod's network namespace file
+//! descriptor as SCM_RIGHTS ancillary data, or `keep` for a pod it has no descriptor
+//! for), then `snapshot_sent`, after which the proxy stops serving pods the snapshot did
+//! not mention. Later `add` and `del` messages follow. Every message is answered with
 //! `Ack { error }` (empty: done). Losing the agent changes nothing: pods keep being
-//! served until an agent reconnects and sends its snapshot.
+//! served, and the next connection's snapshot brings the proxy up to date. A restarted
+//! node proxy is simply a new connection that receives the full snapshot.
+//!
+//! A namespace descriptor is checked before it is used: it must be a network namespace,
+//! and neither the proxy's own nor the host's (serving "a pod" there would open the
+//! capture listeners on the node itself).
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ambit_hbone::socket::Netns;
 use ambit_proto::prost::Message;
@@ -20,8 +27,8 @@ use ambit_proto::zds::{
     Ack, Version, WorkloadRequest, WorkloadResponse, ZdsHello, workload_request, workload_response,
 };
 use tokio::sync::watch;
+use tokio_seqpacket::UnixSeqpacket;
 use tokio_seqpacket::ancillary::OwnedAncillaryMessage;
-use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 
 use crate::dataplane::PodInfo;
 use crate::pods::Pods;
@@ -29,65 +36,96 @@ use crate::pods::Pods;
 /// Largest message accepted.
 const MAX_MESSAGE: usize = 64 * 1024;
 
-/// Why the ZDS socket could not be served.
-#[derive(Debug, thiserror::Error)]
-pub enum ZdsError {
-    #[error("cannot listen on {path}: {source}")]
-    Listen {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+/// First and longest wait between connection attempts.
+const FIRST_RETRY: Duration = Duration::from_millis(10);
+const LAST_RETRY: Duration = Duration::from_secs(5);
+
+/// The node agent session's state, for readiness and the admin port.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ZdsState {
+    pub socket: PathBuf,
+    pub connected: bool,
+    /// Whether an agent's snapshot has been applied since start.
+    pub snapshot_applied: bool,
+    pub connects: u64,
+    pub last_error: Option<String>,
 }
 
-/// Binds the socket (replacing a stale one), readable by root only.
-pub fn bind(path: &Path) -> Result<UnixSeqpacketListener, ZdsError> {
-    let err = |source| ZdsError::Listen {
-        path: path.to_owned(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixSeqpacketListener::bind(path).map_err(err)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
-}
-
-/// Serves agents, one connection at a time, until `stop` fires.
-pub async fn serve(
-    mut listener: UnixSeqpacketListener,
+/// Connects to the node agent at `path` and serves its sessions until `stop` fires,
+/// reconnecting (10 ms doubling to 5 s, with jitter) whenever there is none.
+pub async fn run(
+    path: PathBuf,
     pods: Arc<Pods>,
+    state: watch::Sender<ZdsState>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut delay = FIRST_RETRY;
     loop {
-        let conn = tokio::select! {
-            c = listener.accept() => c,
+        let attempt = tokio::select! {
+            c = UnixSeqpacket::connect(&path) => c,
             _ = stop.changed() => return,
         };
-        match conn {
+        match attempt {
             Ok(conn) => {
-                tracing::info!("node agent connected");
+                delay = FIRST_RETRY;
+                tracing::info!(socket = %path.display(), "connected to the node agent");
+                state.send_modify(|s| {
+                    s.connected = true;
+                    s.connects += 1;
+                    s.last_error = None;
+                });
                 let reason = tokio::select! {
-                    r = session(&conn, &pods) => match r {
-                        Ok(()) => "disconnected".to_owned(),
+                    r = session(&conn, &pods, &state) => match r {
+                        Ok(()) => "the node agent closed the session".to_owned(),
                         Err(e) => e.to_string(),
                     },
                     _ = stop.changed() => return,
                 };
-                tracing::info!(reason, "node agent session ended; pods stay as they are");
+                tracing::warn!(
+                    reason,
+                    "node agent session ended; pods stay as they are; reconnecting"
+                );
+                state.send_modify(|s| {
+                    s.connected = false;
+                    s.last_error = Some(reason);
+                });
             }
             Err(e) => {
-                tracing::warn!(error = %e, "ZDS accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                let reason = format!(
+                    "cannot connect to the node agent at {}: {e}",
+                    path.display()
+                );
+                let changed = state.borrow().last_error.as_deref() != Some(reason.as_str());
+                if changed {
+                    tracing::warn!(error = %reason, "waiting for the node agent (is `ambit cni` running with this --zds-socket?); retrying");
+                    state.send_modify(|s| s.last_error = Some(reason));
+                }
             }
         }
+        let wait = delay.mul_f64(0.8 + 0.4 * fastrand::f64());
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        delay = (delay * 2).min(LAST_RETRY);
     }
+}
+
+/// Refuses a namespace that is the node proxy's own or the host's: serving a pod there
+/// would open the capture listeners, and route traffic, on the node itself.
+pub fn check_pod_netns(netns: &Netns) -> Result<(), String> {
+    let own = Netns::host().map_err(|e| format!("cannot read the proxy's own namespace: {e}"))?;
+    if *netns == own {
+        return Err("the descriptor is the node proxy's own network namespace, not a pod's".into());
+    }
+    // PID 1's namespace is the host's (or, in a container, the container's own, which
+    // is the check above again).
+    if let Ok(host) = Netns::open("/proc/1/ns/net")
+        && *netns == host
+    {
+        return Err("the descriptor is the host's network namespace, not a pod's".into());
+    }
+    Ok(())
 }
 
 async fn send(conn: &UnixSeqpacket, response: WorkloadResponse) -> std::io::Result<()> {
@@ -102,7 +140,11 @@ fn ack(error: impl Into<String>) -> WorkloadResponse {
     }
 }
 
-async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
+async fn session(
+    conn: &UnixSeqpacket,
+    pods: &Pods,
+    state: &watch::Sender<ZdsState>,
+) -> std::io::Result<()> {
     conn.send(
         &ZdsHello {
             version: Version::V1 as i32,
@@ -153,7 +195,9 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
                     continue;
                 };
                 let name = format!("{}/{} (uid {})", info.namespace, info.name, info.uid);
-                match Netns::from_file(File::from(fd), name) {
+                match Netns::from_file(File::from(fd), name)
+                    .map_err(|e| format!("not a network namespace: {e}"))
+                {
                     Ok(netns) => {
                         let uid = info.uid.clone();
                         match pods.add(info, netns) {
@@ -166,7 +210,7 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
                             Err(e) => ack(e),
                         }
                     }
-                    Err(e) => ack(format!("not a network namespace: {e}")),
+                    Err(e) => ack(e),
                 }
             }
             Request::Keep(uid) => match snapshot.as_mut() {
@@ -192,6 +236,7 @@ async fn session(conn: &UnixSeqpacket, pods: &Pods) -> std::io::Result<()> {
                         removed = before.saturating_sub(pods.uids().len()),
                         "node agent snapshot applied"
                     );
+                    state.send_modify(|s| s.snapshot_applied = true);
                     ack("")
                 }
                 None => ack("snapshot already sent on this connection"),

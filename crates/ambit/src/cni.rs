@@ -16,9 +16,14 @@ use crate::discovery_args::{DiscoveryArgs, parse_duration};
 pub struct CniArgs {
     #[command(flatten)]
     discovery: DiscoveryArgs,
-    /// The node proxy's ZDS socket (`ambit node --zds-socket`).
-    #[arg(long, env = "AMBIT_ZDS_SOCKET", default_value = "/run/ambit/zds.sock")]
+    /// The ZDS socket to serve; node proxies (`ambit node --zds-socket`, or Istio's
+    /// ztunnel) connect to it. Created with mode 0600 in a directory of mode 0700.
+    #[arg(long, env = "AMBIT_ZDS_SOCKET", default_value = ambit_cni::zds::DEFAULT_SOCKET)]
     zds_socket: PathBuf,
+    /// A user id, besides root, allowed to connect to the ZDS socket as the node proxy
+    /// (repeatable). Every connection's credentials are checked.
+    #[arg(long = "zds-allowed-uid")]
+    zds_allowed_uids: Vec<u32>,
     /// Where pods' network namespaces are: `<dir>/<namespace>.<pod name>`.
     #[arg(long, default_value = "/run/netns")]
     netns_dir: PathBuf,
@@ -40,6 +45,7 @@ pub fn run(args: CniArgs) -> anyhow::Result<ExitCode> {
     crate::preflight::require_root("the node agent changes pods' network namespaces")?;
     crate::preflight::require_tools(&[(&args.nft, "nftables"), (&args.ip, "iproute2")])?;
     let mut config = AgentConfig::new(args.discovery.xds_config()?, args.zds_socket);
+    config.zds_allowed_uids.extend(args.zds_allowed_uids);
     config.netns_dir = args.netns_dir;
     config.reconcile_interval = args.reconcile_interval;
     config.admin_addr = args.admin_addr;

@@ -15,7 +15,9 @@ use crate::discovery_args::{DiscoveryArgs, parse_duration};
 pub struct NodeArgs {
     #[command(flatten)]
     discovery: DiscoveryArgs,
-    /// The node agent's socket (ZDS); without it only --pod pods are served.
+    /// The node agent's ZDS socket to connect to (`ambit cni --zds-socket`, or Istio's
+    /// istio-cni at /var/run/ztunnel/ztunnel.sock); retried with backoff while the agent
+    /// is away. Without it only --pod pods are served.
     #[arg(long, env = "AMBIT_ZDS_SOCKET")]
     zds_socket: Option<PathBuf>,
     /// Serve a pod without a node agent: `<namespace>/<name>[/<service-account>]=<netns path>`
