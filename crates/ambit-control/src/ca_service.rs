@@ -68,10 +68,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = crate::server::caller(&request);
 
         let caller = match bearer_token(&request) {
             Ok(token) => self.authenticator.authenticate(token).await,

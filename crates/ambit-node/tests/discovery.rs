@@ -195,6 +195,8 @@ async fn the_node_converges_on_the_model() {
     let subs = env.cp().subscribers().list();
     assert_eq!(subs.len(), 1);
     assert_eq!(subs[0].node, "node-a");
+    // ... with the address it connects from.
+    assert!(subs[0].peer.starts_with("127.0.0.1:"), "{:?}", subs[0].peer);
     node.shutdown().await;
 }
 

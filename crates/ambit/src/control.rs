@@ -164,7 +164,9 @@ fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
                 .mode(0o600)
                 .open(&path)
                 .with_context(|| format!("cannot write {}", path.display()))?;
-            writeln!(file, "{token}")
+            // The token alone, as Kubernetes writes token files: clients (Istio's node
+            // proxy among them) put the file's bytes into the authorization header.
+            file.write_all(token.as_bytes())
                 .with_context(|| format!("cannot write {}", path.display()))?;
             eprintln!(
                 "wrote a token for node {} valid for {} to {}",

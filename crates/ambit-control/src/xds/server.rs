@@ -11,7 +11,6 @@
 //! Large pushes are split into responses of about 1 MiB.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -125,17 +124,21 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
-        let token = bearer_token(&request).map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let peer = crate::server::caller(&request);
+        let refuse = |status: Status| {
+            tracing::warn!(%peer, code = ?status.code(), reason = status.message(), "discovery request refused");
+            status
+        };
+        let token = bearer_token(&request).map_err(|e| refuse(Status::unauthenticated(e.to_string())))?;
         let caller = self
             .authenticator
             .authenticate(token)
             .await
-            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+            .map_err(|e| refuse(Status::unauthenticated(e.to_string())))?;
         let Some(node) = caller.node else {
-            return Err(Status::permission_denied(
+            return Err(refuse(Status::permission_denied(
                 "discovery is for node proxies: present a node credential",
-            ));
+            )));
         };
         let (tx, rx) = mpsc::channel(8);
         let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -144,13 +147,13 @@ impl AggregatedDiscoveryService for AdsService {
             SubscriberInfo {
                 id,
                 node: node.clone(),
-                peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+                peer: peer.clone(),
                 connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
                 types: BTreeMap::new(),
             },
         );
         self.metrics.xds_subscribers.inc();
-        tracing::info!(subscriber = id, %node, peer = ?peer, "discovery subscriber connected");
+        tracing::info!(subscriber = id, %node, %peer, "discovery subscriber connected");
         let stream = Subscriber {
             id,
             node,
@@ -186,7 +189,7 @@ struct TypeState {
 struct Subscriber {
     id: u64,
     node: String,
-    peer: Option<SocketAddr>,
+    peer: String,
     requests: Streaming<DeltaDiscoveryRequest>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
@@ -225,7 +228,7 @@ impl Subscriber {
         };
         self.registry.lock().remove(&self.id);
         self.metrics.xds_subscribers.dec();
-        tracing::info!(subscriber = self.id, node = %self.node, peer = ?self.peer, reason, "discovery subscriber disconnected");
+        tracing::info!(subscriber = self.id, node = %self.node, peer = %self.peer, reason, "discovery subscriber disconnected");
     }
 
     fn handle(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
@@ -253,6 +256,7 @@ impl Subscriber {
                     tracing::warn!(
                         subscriber = self.id,
                         node = %self.node,
+                        peer = %self.peer,
                         type_url = %req.type_url,
                         nonce = %req.response_nonce,
                         reason = %err.message,
