@@ -653,7 +653,12 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
     out.say(&format!(
         "  {} -> {} ({} -> {}), {} bytes from the client, {} bytes back, mtls={}",
         last["src.addr"].as_str().unwrap_or(""),
-        last["dst.addr"].as_str().unwrap_or(""),
+        // The application's address: inside the tunnel for mTLS connections.
+        last["dst.hbone_addr"]
+            .as_str()
+            .filter(|a| !a.is_empty())
+            .or(last["dst.addr"].as_str())
+            .unwrap_or(""),
         last["src.identity"].as_str().unwrap_or(""),
         last["dst.identity"].as_str().unwrap_or(""),
         last["bytes_sent"],

@@ -53,9 +53,22 @@ async fn pod_ip_and_service_vip_across_nodes_carry_the_client_identity() {
     .await;
     assert_eq!(outbound["src.identity"], SLEEP_ID);
     assert_eq!(outbound["dst.identity"], ECHO_ID);
+    // As Istio logs them: the tunnel's address, and the application's inside it.
+    assert_eq!(
+        outbound["dst.addr"],
+        format!("{}:15008", mesh.spec("echo-1").ip)
+    );
     assert_eq!(
         outbound["dst.hbone_addr"],
+        format!("{}:{APP_PORT}", mesh.spec("echo-1").ip)
+    );
+    assert_eq!(
+        inbound["dst.addr"],
         format!("{}:15008", mesh.spec("echo-1").ip)
+    );
+    assert_eq!(
+        inbound["dst.hbone_addr"],
+        format!("{}:{APP_PORT}", mesh.spec("echo-1").ip)
     );
     assert_eq!(outbound["bytes_sent"], 5_000);
     assert_eq!(outbound["bytes_received"], 5_000);

@@ -535,8 +535,11 @@ impl Access<'_> {
             src.addr = %self.src,
             src.workload = %describe(self.src_workload),
             src.identity = self.src_identity.as_deref().unwrap_or(""),
-            dst.addr = %self.dst,
-            dst.hbone_addr = %self.hbone.map(|h| h.to_string()).unwrap_or_default(),
+            // As Istio's node proxy logs them: `dst.addr` is the address the connection
+            // itself went to (the tunnel's, for HBONE), `dst.hbone_addr` the application
+            // address the tunnel carries to (empty without HBONE).
+            dst.addr = %self.hbone.unwrap_or(self.dst),
+            dst.hbone_addr = %self.hbone.map(|_| self.dst.to_string()).unwrap_or_default(),
             dst.workload = %describe(self.dst_workload),
             dst.identity = dst_identity.as_deref().unwrap_or(""),
             dst.service = self.dst_service.map(|s| s.hostname.as_ref()).unwrap_or(""),

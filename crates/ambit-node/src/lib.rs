@@ -20,6 +20,8 @@ pub mod dataplane;
 pub mod metrics;
 pub mod pods;
 pub mod route;
+#[cfg(test)]
+mod testing;
 pub mod zds;
 
 use std::net::SocketAddr;

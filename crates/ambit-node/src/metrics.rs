@@ -53,6 +53,10 @@ pub struct ConnLabels {
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
+    pub source_region: Value,
+    pub source_zone: Value,
+    pub destination_region: Value,
+    pub destination_zone: Value,
 }
 
 /// Who reports a connection.
@@ -83,6 +87,13 @@ impl ConnLabels {
         let principal = |w: Option<&Workload>| {
             w.and_then(Workload::identity)
                 .map_or_else(unknown, |id| Value(id.to_string().into()))
+        };
+        // Locality from the Node's topology labels; "unknown" where there are none.
+        let place = |w: Option<&Workload>, pick: fn(&ambit_core::discovery::Locality) -> &Str| {
+            w.and_then(|w| w.locality.as_deref())
+                .map(pick)
+                .filter(|v| !v.is_empty())
+                .map_or_else(unknown, |v| Value(v.clone()))
         };
         let svc = |pick: fn(&Service) -> Str| {
             f.destination_service
@@ -125,6 +136,10 @@ impl ConnLabels {
             request_protocol: "tcp",
             response_flags,
             connection_security_policy: if f.mutual_tls { "mutual_tls" } else { "none" },
+            source_region: place(f.source, |l| &l.region),
+            source_zone: place(f.source, |l| &l.zone),
+            destination_region: place(f.destination, |l| &l.region),
+            destination_zone: place(f.destination, |l| &l.zone),
         }
     }
 }
@@ -250,5 +265,65 @@ pub fn describe(w: Option<&Workload>) -> String {
             s
         }
         None => "unknown".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ambit_core::discovery::TunnelProtocol;
+
+    use super::*;
+    use crate::testing::workload;
+
+    #[test]
+    fn labels_carry_both_ends_locality_and_unknown_without_one() {
+        let src = workload(
+            "sleep",
+            "198.18.1.10",
+            "n1",
+            "zone-a",
+            TunnelProtocol::Hbone,
+            &[],
+        );
+        let dst = workload("echo", "198.18.2.10", "n2", "", TunnelProtocol::Hbone, &[]);
+        let facts = ConnFacts {
+            reporter: Reporter::Destination,
+            source: Some(&src),
+            source_principal: None,
+            destination: Some(&dst),
+            destination_service: None,
+            mutual_tls: true,
+        };
+        let l = ConnLabels::new(&facts, "-");
+        assert_eq!((&*l.source_region.0, &*l.source_zone.0), ("r", "zone-a"));
+        // An empty zone is unknown, like a missing locality.
+        assert_eq!(
+            (&*l.destination_region.0, &*l.destination_zone.0),
+            ("r", "unknown")
+        );
+        let mut bare = dst.clone();
+        bare.locality = None;
+        let l2 = ConnLabels::new(
+            &ConnFacts {
+                destination: Some(&bare),
+                ..facts.clone()
+            },
+            "-",
+        );
+        assert_eq!(&*l2.destination_region.0, "unknown");
+
+        // In the exposition, after connection_security_policy as Istio orders them.
+        let m = Arc::new(Metrics::default());
+        ConnMetrics::open(m.clone(), l).close(1, 2, None);
+        let page = m.encode();
+        let line = page
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .unwrap();
+        let tail = &line[line.find("connection_security_policy").unwrap()..];
+        assert!(
+            tail.contains("source_region=\"r\",source_zone=\"zone-a\",destination_region=\"r\",destination_zone=\"unknown\""),
+            "{line}"
+        );
     }
 }

@@ -168,7 +168,10 @@ async fn a_node_obtains_a_certificate_from_the_running_binary() {
     // Each names the caller's address.
     for what in ["certificate issued", "certificate request refused"] {
         let line = logged.iter().find(|l| l.contains(what)).unwrap();
-        assert!(line.contains("\"peer\":\"127.0.0.1:"), "no caller address: {line}");
+        assert!(
+            line.contains("\"peer\":\"127.0.0.1:"),
+            "no caller address: {line}"
+        );
     }
     assert!(
         !all.contains("PRIVATE KEY") && !all.contains("eyJ"),

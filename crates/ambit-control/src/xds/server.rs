@@ -129,7 +129,8 @@ impl AggregatedDiscoveryService for AdsService {
             tracing::warn!(%peer, code = ?status.code(), reason = status.message(), "discovery request refused");
             status
         };
-        let token = bearer_token(&request).map_err(|e| refuse(Status::unauthenticated(e.to_string())))?;
+        let token =
+            bearer_token(&request).map_err(|e| refuse(Status::unauthenticated(e.to_string())))?;
         let caller = self
             .authenticator
             .authenticate(token)

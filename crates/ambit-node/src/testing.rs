@@ -1,0 +1,60 @@
+//! Builders shared by the crate's unit tests.
+
+use std::sync::Arc;
+
+use ambit_core::discovery::*;
+
+pub fn s(v: &str) -> Str {
+    v.into()
+}
+
+pub fn workload(
+    name: &str,
+    ip: &str,
+    node: &str,
+    zone: &str,
+    tunnel: TunnelProtocol,
+    services: &[(&str, u16, u16)],
+) -> Workload {
+    Workload {
+        uid: s(name),
+        name: s(name),
+        workload_name: s(name),
+        node: s(node),
+        addresses: vec![ip.parse().unwrap()].into(),
+        tunnel,
+        status: Health::Healthy,
+        native_tunnel: false,
+        locality: Some(Arc::new(Locality {
+            region: s("r"),
+            zone: s(zone),
+            subzone: s(""),
+        })),
+        waypoint: None,
+        profile: Arc::new(WorkloadProfile {
+            namespace: s("demo"),
+            network: s(""),
+            trust_domain: s("cluster.local"),
+            service_account: s("sa"),
+            canonical_name: s(name),
+            canonical_revision: s("v1"),
+            cluster_id: s("Kubernetes"),
+            workload_type: WorkloadType::Pod,
+            network_mode: NetworkMode::Standard,
+            services: services
+                .iter()
+                .map(|(k, sp, tp)| {
+                    (
+                        s(k),
+                        vec![PortMapping {
+                            service_port: *sp,
+                            target_port: *tp,
+                        }]
+                        .into(),
+                    )
+                })
+                .collect(),
+            authorization_policies: Box::new([]),
+        }),
+    }
+}
