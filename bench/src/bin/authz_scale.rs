@@ -169,7 +169,10 @@ fn run(policies: usize, decisions: usize) -> anyhow::Result<Run> {
     })
     .collect();
     let destination: SocketAddr = "198.18.2.10:8080".parse()?;
-    let authz = Policies;
+    let authz = Policies::new(
+        vec!["cluster.local".to_owned()],
+        std::sync::Arc::new(ambit_node::metrics::Metrics::default()),
+    );
     let mut allowed = 0;
     let t0 = Instant::now();
     for i in 0..decisions {

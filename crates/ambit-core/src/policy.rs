@@ -32,12 +32,30 @@ pub struct Authorization {
     pub dry_run: bool,
     /// The policy matches a connection if any rule matches.
     pub rules: Vec<Rule>,
+    /// Set when discovery sent this policy and this node proxy could not accept it (the
+    /// reason): what it says is unknown, so it denies every connection it applies to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<Str>,
 }
 
 impl Authorization {
     /// The discovery resource name: `<namespace>/<name>`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Stands in for a policy that could not be accepted: it applies where the policy
+    /// would (`scope`, as far as it could be read) and denies everything there.
+    pub fn refused(namespace: Str, name: Str, scope: PolicyScope, reason: Str) -> Self {
+        Self {
+            name,
+            namespace,
+            scope,
+            action: PolicyAction::Deny,
+            dry_run: false,
+            rules: Vec::new(),
+            refused: Some(reason),
+        }
     }
 }
 
@@ -85,6 +103,15 @@ pub struct Match {
     pub not_destination_ips: Vec<IpNet>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+    pub service_accounts: Vec<ServiceAccount>,
+    pub not_service_accounts: Vec<ServiceAccount>,
+}
+
+/// A peer identity's namespace and service account, matched exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceAccount {
+    pub namespace: Str,
+    pub name: Str,
 }
 
 /// A string match as Istio writes them: exact, `prefix*`, `*suffix`, or `*` (present).
@@ -162,6 +189,8 @@ pub struct Connection<'a> {
     pub source_principal: Option<&'a str>,
     /// The namespace of the peer's identity; `None` for plaintext.
     pub source_namespace: Option<&'a str>,
+    /// The service account of the peer's identity; `None` for plaintext.
+    pub source_service_account: Option<&'a str>,
     pub destination_ip: IpAddr,
     pub destination_port: u16,
 }
@@ -179,7 +208,19 @@ impl Match {
             && (self.destination_ports.is_empty()
                 || self.destination_ports.contains(&c.destination_port))
             && !self.not_destination_ports.contains(&c.destination_port)
+            && accounts_hold(&self.service_accounts, &self.not_service_accounts, c)
     }
+}
+
+fn accounts_hold(yes: &[ServiceAccount], no: &[ServiceAccount], c: &Connection<'_>) -> bool {
+    let peer = c.source_namespace.zip(c.source_service_account);
+    let any = |list: &[ServiceAccount]| {
+        peer.is_some_and(|(ns, sa)| {
+            list.iter()
+                .any(|a| a.namespace.as_ref() == ns && a.name.as_ref() == sa)
+        })
+    };
+    (yes.is_empty() || any(yes)) && !any(no)
 }
 
 fn strings_hold(yes: &[StringMatch], no: &[StringMatch], value: Option<&str>) -> bool {
@@ -218,6 +259,12 @@ pub enum Decider<'p> {
     /// The destination is not a workload discovery knows (yet): its policies are
     /// unknown, so the connection is refused (fail closed).
     UnknownWorkload,
+    /// The destination names this policy, and this node proxy does not hold it (not
+    /// received yet, or removed before the workload stopped naming it).
+    MissingPolicy(&'p str),
+    /// This policy applies and this node proxy refused it (see
+    /// [`Authorization::refused`]).
+    Refused(&'p Authorization),
 }
 
 /// One decision and what made it.
@@ -237,6 +284,19 @@ impl std::fmt::Display for Verdict<'_> {
             Decider::UnknownWorkload => {
                 write!(f, "{word}: the destination is not known to discovery yet")
             }
+            Decider::MissingPolicy(key) => {
+                write!(
+                    f,
+                    "{word}: policy {key} applies and is not known to this node proxy"
+                )
+            }
+            Decider::Refused(p) => write!(
+                f,
+                "{word}: policy {}/{} applies and this node proxy could not accept it ({})",
+                p.namespace,
+                p.name,
+                p.refused.as_deref().unwrap_or("")
+            ),
         }
     }
 }
@@ -303,17 +363,21 @@ impl<'p> Tally<'p> {
     }
 }
 
-impl Evaluation<'static> {
-    /// A refusal because the destination's policies are unknown.
-    pub fn unknown_workload() -> Self {
+impl<'p> Evaluation<'p> {
+    /// A refusal for a reason other than a policy's rules.
+    pub fn refusal(by: Decider<'p>) -> Self {
         Self {
-            verdict: Verdict {
-                allowed: false,
-                by: Decider::UnknownWorkload,
-            },
+            verdict: Verdict { allowed: false, by },
             dry_run: None,
             audit: None,
         }
+    }
+}
+
+impl Evaluation<'static> {
+    /// A refusal because the destination's policies are unknown.
+    pub fn unknown_workload() -> Self {
+        Self::refusal(Decider::UnknownWorkload)
     }
 }
 
@@ -329,6 +393,10 @@ pub fn evaluate<'p>(
     let mut any_dry_run = false;
     let mut audit = None;
     for p in policies {
+        if p.refused.is_some() {
+            // What the policy says is unknown: whatever it allows, it may deny this.
+            return Evaluation::refusal(Decider::Refused(p));
+        }
         let mut matched = None;
         if p.action == PolicyAction::Audit {
             if audit.is_none() && p.matches(c) {
@@ -368,6 +436,13 @@ mod tests {
         v.iter().map(|s| StringMatch::parse(s)).collect()
     }
 
+    fn sa(namespace: &str, name: &str) -> ServiceAccount {
+        ServiceAccount {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
     fn net(v: &str) -> IpNet {
         let (a, p) = v.split_once('/').unwrap();
         IpNet::new(a.parse().unwrap(), p.parse().unwrap()).unwrap()
@@ -381,6 +456,7 @@ mod tests {
             action,
             dry_run: false,
             rules,
+            refused: None,
         }
     }
 
@@ -397,6 +473,7 @@ mod tests {
             source_ip: "198.18.1.10".parse().unwrap(),
             source_principal: Some(principal),
             source_namespace: Some(ns),
+            source_service_account: principal.rsplit("/sa/").next(),
             destination_ip: "198.18.2.10".parse().unwrap(),
             destination_port: 8080,
         }
@@ -406,6 +483,7 @@ mod tests {
         Connection {
             source_principal: None,
             source_namespace: None,
+            source_service_account: None,
             ..mtls(SLEEP, "demo")
         }
     }
@@ -447,6 +525,12 @@ mod tests {
             ("notPorts miss", Match { not_destination_ports: vec![9090], ..Default::default() }, true, true),
             ("fields are AND-ed", Match { namespaces: sm(&["demo"]), destination_ports: vec![80], ..Default::default() }, false, false),
             ("negative with positive", Match { principals: sm(&["*"]), not_principals: sm(&["*/sa/other"]), ..Default::default() }, true, false),
+            ("service account", Match { service_accounts: vec![sa("demo", "sleep")], ..Default::default() }, true, false),
+            ("service account one of two", Match { service_accounts: vec![sa("demo", "x"), sa("demo", "sleep")], ..Default::default() }, true, false),
+            ("service account other namespace", Match { service_accounts: vec![sa("prod", "sleep")], ..Default::default() }, false, false),
+            ("service account is exact", Match { service_accounts: vec![sa("demo", "slee")], ..Default::default() }, false, false),
+            ("notServiceAccounts hit", Match { not_service_accounts: vec![sa("demo", "sleep")], ..Default::default() }, false, true),
+            ("notServiceAccounts miss", Match { not_service_accounts: vec![sa("demo", "other")], ..Default::default() }, true, true),
         ];
         for (what, m, want_mtls, want_plain) in table {
             assert_eq!(m.matches(&mtls(SLEEP, "demo")), want_mtls, "{what} (mTLS)");

@@ -281,6 +281,15 @@ impl State {
         self.policies.get(key)
     }
 
+    /// The first policy `workload` names that this state does not hold, if any.
+    pub fn missing_policy<'a>(&'a self, workload: &'a Workload) -> Option<&'a Str> {
+        workload
+            .profile
+            .authorization_policies
+            .iter()
+            .find(|k| !self.policies.contains_key(*k))
+    }
+
     /// Every policy that applies to `workload`: mesh-wide, its namespace's, and those
     /// selecting it. Cost depends on these, not on how many policies the mesh has.
     pub fn policies_for<'a>(
@@ -429,6 +438,7 @@ mod tests {
             scope,
             action: PolicyAction::Deny,
             dry_run: false,
+            refused: None,
             rules: vec![],
         }
     }

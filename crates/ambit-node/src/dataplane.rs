@@ -67,6 +67,9 @@ pub struct PodInfo {
 #[derive(Debug, Clone)]
 pub struct DataPlaneConfig {
     pub trust_domain: String,
+    /// Other trust domains whose identities count as the mesh's own (during a trust
+    /// domain migration): accepted at the HBONE handshake and matched by policies.
+    pub trust_domain_aliases: Vec<String>,
     /// Istio's cluster ID: a pod's workload is `<cluster_id>//Pod/<ns>/<name>`.
     pub cluster_id: String,
     /// The network this node is on (empty: the default one).
@@ -84,6 +87,7 @@ impl Default for DataPlaneConfig {
     fn default() -> Self {
         Self {
             trust_domain: ambit_core::DEFAULT_TRUST_DOMAIN.to_owned(),
+            trust_domain_aliases: Vec::new(),
             cluster_id: "Kubernetes".to_owned(),
             network: String::new(),
             connect_timeout: Duration::from_secs(5),
@@ -125,6 +129,15 @@ pub struct DataPlane {
     pub policy_changes: watch::Sender<u64>,
     /// How many pods hold each identity (certificates are released with the last one).
     cert_refs: Mutex<HashMap<SpiffeId, usize>>,
+}
+
+impl DataPlaneConfig {
+    /// The mesh's trust domain followed by its aliases.
+    pub fn trust_domains(&self) -> Vec<String> {
+        let mut all = vec![self.trust_domain.clone()];
+        all.extend(self.trust_domain_aliases.iter().cloned());
+        all
+    }
 }
 
 impl std::fmt::Debug for DataPlane {

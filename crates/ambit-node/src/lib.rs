@@ -237,7 +237,10 @@ impl NodeProxy {
             certs.clone(),
             bundle,
             metrics.clone(),
-            Arc::new(authz::Policies),
+            Arc::new(authz::Policies::new(
+                config.dataplane.trust_domains(),
+                metrics.clone(),
+            )),
         ));
         let pods = Arc::new(Pods::new(dp, data.clone()));
 

@@ -154,6 +154,12 @@ pub struct Metrics {
     pub received: Family<ConnLabels, Counter>,
     pub pods: Gauge,
     pub connect_failures: Counter,
+    unavailable_policies: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
 }
 
 impl Default for Metrics {
@@ -192,6 +198,12 @@ impl Default for Metrics {
             "Connections closed because their destination could not be reached",
             connect_failures.clone(),
         );
+        let unavailable_policies = Family::<ReasonLabel, Counter>::default();
+        own.register(
+            "unavailable_policies",
+            "Policies that applied to a connection while this node proxy did not hold them (missing) or could not accept them (refused); each counted once",
+            unavailable_policies.clone(),
+        );
         Self {
             registry,
             opened,
@@ -200,11 +212,19 @@ impl Default for Metrics {
             received,
             pods,
             connect_failures,
+            unavailable_policies,
         }
     }
 }
 
 impl Metrics {
+    /// Counts a policy that was needed and not available (`missing` or `refused`).
+    pub fn unavailable_policy(&self, reason: &'static str) {
+        self.unavailable_policies
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.

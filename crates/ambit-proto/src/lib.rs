@@ -30,6 +30,10 @@ pub mod security {
 
     /// Type URL of [`Authorization`] resources.
     pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+
+    /// The extension that carries an AUDIT policy's rules (its config: an
+    /// [`Authorization`] holding only them), on a policy published as a DENY without rules.
+    pub const AUDIT_EXTENSION: &str = "ambit.io/audit";
 }
 
 /// `istio.workload.zds`: node agent <-> node proxy.

@@ -232,7 +232,16 @@ impl XdsClient {
                     accepted.push((name, Version::parse(&resource.version)));
                     updates.push(update);
                 }
-                Err(reason) => errors.push(format!("{}: {reason}", resource.name)),
+                Err(reason) => {
+                    if index == 1
+                        && let Some(p) = refused_policy(&resource.name, body, &reason)
+                    {
+                        // Held in its place: it denies wherever it would apply until a
+                        // version this proxy can read arrives.
+                        updates.push(Update::Policy(Box::new(p)));
+                    }
+                    errors.push(format!("{}: {reason}", resource.name));
+                }
             }
         }
         let removed = response.removed_resources.clone();
@@ -348,6 +357,39 @@ fn decode_address(name: &Str, body: &[u8], i: &mut Interner) -> Result<Update, S
     }
 }
 
+/// The stand-in for a policy this proxy could not accept (see
+/// [`ambit_core::policy::Authorization::refused`]): it applies where the policy would,
+/// as far as that can be read (its scope when the bytes decode; otherwise its namespace,
+/// from the resource name), and denies everything there. `None` when the resource name
+/// is not `<namespace>/<name>` (no workload can name it, and it belongs to no namespace).
+fn refused_policy(
+    name: &str,
+    body: &[u8],
+    reason: &str,
+) -> Option<ambit_core::policy::Authorization> {
+    use ambit_core::policy::PolicyScope;
+    let (namespace, short) = name.split_once('/')?;
+    if namespace.is_empty() || short.is_empty() {
+        return None;
+    }
+    let scope = match pb_sec::Authorization::decode(body) {
+        Ok(a) if a.namespace == namespace && a.name == short => {
+            match pb_sec::Scope::try_from(a.scope) {
+                Ok(pb_sec::Scope::Global) => PolicyScope::Global,
+                Ok(pb_sec::Scope::WorkloadSelector) => PolicyScope::WorkloadSelector,
+                _ => PolicyScope::Namespace,
+            }
+        }
+        _ => PolicyScope::Namespace,
+    };
+    Some(ambit_core::policy::Authorization::refused(
+        namespace.into(),
+        short.into(),
+        scope,
+        reason.into(),
+    ))
+}
+
 fn decode_authorization(
     name: &str,
     body: &[u8],
@@ -435,6 +477,60 @@ mod tests {
         assert!(reply.error_detail.is_none());
         assert!(c.store.load().workload("good").is_none());
         assert!(c.versions[0].is_empty());
+    }
+
+    #[test]
+    fn a_refused_policy_is_held_as_a_denying_stand_in_until_a_good_version_arrives() {
+        let mut c = client();
+        let policy = |action: i32, scope: pb_sec::Scope| Resource {
+            version: "v1".into(),
+            resource: Some(Any {
+                type_url: pb_sec::AUTHORIZATION_TYPE_URL.into(),
+                value: pb_sec::Authorization {
+                    name: "p".into(),
+                    namespace: "ns".into(),
+                    scope: scope as i32,
+                    action,
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            }),
+            name: "ns/p".into(),
+            aliases: vec![],
+        };
+        let push = |c: &mut XdsClient, r: Resource| {
+            c.handle(DeltaDiscoveryResponse {
+                resources: vec![r],
+                type_url: pb_sec::AUTHORIZATION_TYPE_URL.into(),
+                nonce: "n".into(),
+                ..Default::default()
+            })
+        };
+        // An action this proxy does not know: NACKed, and held as refused with the
+        // scope the bytes say.
+        let reply = push(&mut c, policy(9, pb_sec::Scope::WorkloadSelector));
+        assert!(reply.error_detail.is_some());
+        let held = c.store.load().policy("ns/p").cloned().expect("a stand-in");
+        assert!(held.refused.as_deref().unwrap().contains("unknown action"));
+        assert_eq!(
+            held.scope,
+            ambit_core::policy::PolicyScope::WorkloadSelector
+        );
+        assert!(
+            c.versions[1].is_empty(),
+            "a refused version is not remembered"
+        );
+        // Undecodable bytes: the namespace from the name, namespace-wide.
+        let mut garbage = policy(0, pb_sec::Scope::Global);
+        garbage.resource.as_mut().unwrap().value = vec![0xff, 0xff];
+        push(&mut c, garbage);
+        let held = c.store.load().policy("ns/p").cloned().unwrap();
+        assert_eq!(held.scope, ambit_core::policy::PolicyScope::Namespace);
+        assert!(held.refused.is_some());
+        // A good version replaces the stand-in.
+        let reply = push(&mut c, policy(1, pb_sec::Scope::Namespace));
+        assert!(reply.error_detail.is_none());
+        assert!(c.store.load().policy("ns/p").unwrap().refused.is_none());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ambit_core::discovery::*;
 use ambit_core::identity::is_trust_domain;
 use ambit_core::policy::*;
+use ambit_proto::prost::Message;
 use ambit_proto::security as pb_sec;
 use ambit_proto::workload as pb;
 
@@ -297,6 +298,23 @@ fn nets(list: &[pb_sec::Address]) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
+fn accounts(
+    list: &[pb_sec::ServiceAccountMatch],
+    i: &mut Interner,
+) -> Result<Vec<ServiceAccount>, String> {
+    list.iter()
+        .map(|a| {
+            if a.namespace.is_empty() || a.service_account.is_empty() {
+                return Err("a service account match without a namespace or a name".to_owned());
+            }
+            Ok(ServiceAccount {
+                namespace: i.get(&a.namespace),
+                name: i.get(&a.service_account),
+            })
+        })
+        .collect()
+}
+
 fn port_list(list: &[u32]) -> Result<Vec<u16>, String> {
     list.iter().map(|p| port(*p, "port")).collect()
 }
@@ -323,23 +341,35 @@ pub fn authorization(
         // An action this proxy does not know must not be guessed at (fail closed).
         Err(_) => return Err(format!("unknown action {}", a.action)),
     };
-    let (action, dry_run, rules) = match &a.ambit_log_only {
-        None => (action, false, &a.rules),
-        Some(log_only) => {
-            // Published so that a proxy ignoring the extension enforces nothing: a rule
-            // or an ALLOW here would be enforced by such a proxy, so it is a bad resource.
-            if action != PolicyAction::Deny || !a.rules.is_empty() {
-                return Err(
-                    "a log-only policy must be published as a DENY without rules".to_owned(),
-                );
+    let audit_rules;
+    let (action, dry_run, rules) = match a.extensions.as_slice() {
+        [] => (action, a.dry_run, &a.rules),
+        [ext] if ext.name == pb_sec::AUDIT_EXTENSION => {
+            // Published so that a proxy ignoring the extension enforces nothing: a rule,
+            // an ALLOW or a dry-run flag here would be acted on by such a proxy, so it is
+            // a bad resource.
+            if action != PolicyAction::Deny || !a.rules.is_empty() || a.dry_run {
+                return Err("an AUDIT policy must be published as a DENY without rules".to_owned());
             }
-            let (action, dry_run) = match pb_sec::LogOnlyAction::try_from(log_only.action) {
-                Ok(pb_sec::LogOnlyAction::DryRunAllow) => (PolicyAction::Allow, true),
-                Ok(pb_sec::LogOnlyAction::DryRunDeny) => (PolicyAction::Deny, true),
-                Ok(pb_sec::LogOnlyAction::Audit) => (PolicyAction::Audit, false),
-                Err(_) => return Err(format!("unknown log-only action {}", log_only.action)),
-            };
-            (action, dry_run, &log_only.rules)
+            let config = ext
+                .config
+                .as_ref()
+                .filter(|c| c.type_url == pb_sec::AUTHORIZATION_TYPE_URL)
+                .ok_or("the audit extension's config is not an Authorization")?;
+            audit_rules = pb_sec::Authorization::decode(config.value.as_slice())
+                .map_err(|e| format!("undecodable audit extension: {e}"))?
+                .rules;
+            (PolicyAction::Audit, false, &audit_rules)
+        }
+        // An extension may restrict what the policy matches: one this proxy does not
+        // understand cannot be applied faithfully, so the policy is refused (and a
+        // workload that references it is denied) rather than enforced without it.
+        exts => {
+            let names: Vec<&str> = exts.iter().map(|e| e.name.as_str()).collect();
+            return Err(format!(
+                "extensions this node proxy does not understand: {}",
+                names.join(", ")
+            ));
         }
     };
     let mut rules_out = Vec::with_capacity(rules.len());
@@ -359,6 +389,8 @@ pub fn authorization(
                     not_destination_ips: nets(&m.not_destination_ips)?,
                     destination_ports: port_list(&m.destination_ports)?,
                     not_destination_ports: port_list(&m.not_destination_ports)?,
+                    service_accounts: accounts(&m.service_accounts, i)?,
+                    not_service_accounts: accounts(&m.not_service_accounts, i)?,
                 });
             }
             clauses.push(Clause { matches });
@@ -372,6 +404,7 @@ pub fn authorization(
         action,
         dry_run,
         rules: rules_out,
+        refused: None,
     })
 }
 
@@ -457,39 +490,75 @@ mod tests {
     }
 
     #[test]
-    fn log_only_policies_are_read_from_the_extension() {
+    fn dry_run_and_audit_policies_are_read_as_published() {
         let mut i = Interner::default();
         let rule = pb_sec::Rule { clauses: vec![] };
-        let published =
-            |log_action: i32, action: i32, rules: Vec<pb_sec::Rule>| pb_sec::Authorization {
+        let deny = pb_sec::Action::Deny as i32;
+        let allow = pb_sec::Action::Allow as i32;
+        // Dry-run in Istio's form: the real action and rules, flagged.
+        for (action, want) in [(allow, PolicyAction::Allow), (deny, PolicyAction::Deny)] {
+            let a = pb_sec::Authorization {
+                name: "p".into(),
+                namespace: "ns".into(),
+                action,
+                rules: vec![rule.clone()],
+                dry_run: true,
+                ..Default::default()
+            };
+            let p = authorization("ns/p", a, &mut i).unwrap();
+            assert_eq!((p.action, p.dry_run, p.rules.len()), (want, true, 1));
+        }
+        // AUDIT: a DENY without rules, the rules in the extension.
+        let audit = |action: i32, rules: Vec<pb_sec::Rule>, dry_run: bool, name: &str| {
+            pb_sec::Authorization {
                 name: "p".into(),
                 namespace: "ns".into(),
                 action,
                 rules,
-                ambit_log_only: Some(pb_sec::LogOnly {
-                    action: log_action,
-                    rules: vec![rule.clone()],
-                }),
+                dry_run,
+                extensions: vec![pb_sec::Extension {
+                    name: name.into(),
+                    config: Some(ambit_proto::prost_types::Any {
+                        type_url: pb_sec::AUTHORIZATION_TYPE_URL.into(),
+                        value: pb_sec::Authorization {
+                            rules: vec![rule.clone()],
+                            ..Default::default()
+                        }
+                        .encode_to_vec(),
+                    }),
+                }],
                 ..Default::default()
-            };
-        let deny = pb_sec::Action::Deny as i32;
-        for (log, action, dry_run) in [
+            }
+        };
+        let p = authorization(
+            "ns/p",
+            audit(deny, vec![], false, pb_sec::AUDIT_EXTENSION),
+            &mut i,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.action, p.dry_run, p.rules.len()),
+            (PolicyAction::Audit, false, 1)
+        );
+        // Anything a proxy ignoring the extension would enforce is refused, and so is an
+        // extension this proxy does not know.
+        for (bad, why) in [
             (
-                pb_sec::LogOnlyAction::DryRunAllow,
-                PolicyAction::Allow,
-                true,
+                audit(allow, vec![], false, pb_sec::AUDIT_EXTENSION),
+                "ALLOW",
             ),
-            (pb_sec::LogOnlyAction::DryRunDeny, PolicyAction::Deny, true),
-            (pb_sec::LogOnlyAction::Audit, PolicyAction::Audit, false),
+            (
+                audit(deny, vec![rule.clone()], false, pb_sec::AUDIT_EXTENSION),
+                "rules",
+            ),
+            (
+                audit(deny, vec![], true, pb_sec::AUDIT_EXTENSION),
+                "dry run",
+            ),
+            (audit(deny, vec![], false, "example.com/other"), "unknown"),
         ] {
-            let p = authorization("ns/p", published(log as i32, deny, vec![]), &mut i).unwrap();
-            assert_eq!((p.action, p.dry_run, p.rules.len()), (action, dry_run, 1));
+            assert!(authorization("ns/p", bad, &mut i).is_err(), "{why}");
         }
-        // Anything a proxy ignoring the extension would enforce is refused.
-        let allow = pb_sec::Action::Allow as i32;
-        assert!(authorization("ns/p", published(0, allow, vec![]), &mut i).is_err());
-        assert!(authorization("ns/p", published(0, deny, vec![rule.clone()]), &mut i).is_err());
-        assert!(authorization("ns/p", published(7, deny, vec![]), &mut i).is_err());
     }
 
     #[test]

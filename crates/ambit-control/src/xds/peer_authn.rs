@@ -208,7 +208,7 @@ pub fn converted(
         rules: vec![pb_sec::Rule {
             clauses: vec![pb_sec::Clause { matches: vec![m] }],
         }],
-        ambit_log_only: None,
+        ..Default::default()
     };
     (Some(auth), warnings)
 }

@@ -696,7 +696,7 @@ pub fn translate_policy(
     };
     let mut rules = Vec::new();
     for (i, rule) in p.spec.rules.iter().enumerate() {
-        let (translated, unsupported) = translate_rule(rule);
+        let (translated, unsupported) = translate_rule(rule, ns);
         if unsupported.is_empty() {
             rules.push(translated);
         } else if deny {
@@ -712,40 +712,37 @@ pub fn translate_policy(
             ));
         }
     }
-    let (action, rules, log_only) = match mode {
-        NodeProxyMode::Enforce => (
-            if deny {
-                pb_sec::Action::Deny
-            } else {
-                pb_sec::Action::Allow
-            },
-            rules,
-            None,
-        ),
-        NodeProxyMode::DryRun | NodeProxyMode::Audit => {
-            let action = match (mode, deny) {
-                (NodeProxyMode::Audit, _) => pb_sec::LogOnlyAction::Audit,
-                (_, true) => pb_sec::LogOnlyAction::DryRunDeny,
-                (_, false) => pb_sec::LogOnlyAction::DryRunAllow,
-            };
-            (
-                pb_sec::Action::Deny,
-                Vec::new(),
-                Some(pb_sec::LogOnly {
-                    action: action as i32,
-                    rules,
-                }),
-            )
-        }
-    };
-    let auth = pb_sec::Authorization {
+    // Dry-run policies go out in Istio's own form (their real action and rules, flagged
+    // dry_run), so Istio's node proxy logs their verdicts too. AUDIT has no counterpart
+    // in Istio's node-proxy API: it is published as a DENY without rules, which matches
+    // nothing, with its rules in an extension only Ambit reads.
+    let mut auth = pb_sec::Authorization {
         name: p.metadata.name.as_str().to_owned(),
         namespace: ns.to_owned(),
         scope: scope as i32,
-        action: action as i32,
+        action: if deny {
+            pb_sec::Action::Deny
+        } else {
+            pb_sec::Action::Allow
+        } as i32,
         rules,
-        ambit_log_only: log_only,
+        dry_run: mode == NodeProxyMode::DryRun,
+        extensions: Vec::new(),
     };
+    if mode == NodeProxyMode::Audit {
+        let audit = pb_sec::Authorization {
+            rules: std::mem::take(&mut auth.rules),
+            ..Default::default()
+        };
+        auth.action = pb_sec::Action::Deny as i32;
+        auth.extensions.push(pb_sec::Extension {
+            name: pb_sec::AUDIT_EXTENSION.to_owned(),
+            config: Some(ambit_proto::prost_types::Any {
+                type_url: pb_sec::AUTHORIZATION_TYPE_URL.to_owned(),
+                value: ambit_proto::prost::Message::encode_to_vec(&audit),
+            }),
+        });
+    }
     (Some(auth), warnings)
 }
 
@@ -770,28 +767,28 @@ fn string_matches(values: &[String]) -> Vec<pb_sec::StringMatch> {
         .collect()
 }
 
-/// `ns/sa` service accounts as principal matches on any trust domain. An entry of
-/// another shape is reported as unsupported (so the rule fails closed), never dropped.
+/// Service accounts as Istio's node proxy matches them: the peer identity's namespace
+/// and service account, both exact. `<namespace>/<name>`, or a bare name in the
+/// policy's own namespace. An entry of another shape is reported as unsupported (so the
+/// rule fails closed), never dropped.
 fn service_account_matches(
     values: &[String],
+    policy_namespace: &str,
     unsupported: &mut Vec<String>,
-) -> Vec<pb_sec::StringMatch> {
+) -> Vec<pb_sec::ServiceAccountMatch> {
     let mut out = Vec::new();
     for v in values {
-        match v.split_once('/') {
-            Some((ns, sa))
-                if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') && !v.contains('*') =>
-            {
-                out.push(pb_sec::StringMatch {
-                    match_type: Some(pb_sec::string_match::MatchType::Suffix(format!(
-                        "/ns/{ns}/sa/{sa}"
-                    ))),
-                })
-            }
-            _ => unsupported.push(format!(
-                "service account {v:?} (expected <namespace>/<name>)"
-            )),
+        let (ns, sa) = v.split_once('/').unwrap_or((policy_namespace, v));
+        if ns.is_empty() || sa.is_empty() || sa.contains('/') || v.contains('*') {
+            unsupported.push(format!(
+                "service account {v:?} (expected <namespace>/<name> or <name>)"
+            ));
+            continue;
         }
+        out.push(pb_sec::ServiceAccountMatch {
+            namespace: ns.to_owned(),
+            service_account: sa.to_owned(),
+        });
     }
     out
 }
@@ -833,7 +830,7 @@ fn port_values(values: &[String], unsupported: &mut Vec<String>) -> Vec<u32> {
 
 /// One AuthorizationPolicy rule as one L4 rule: a clause for the `from` list, one for
 /// the `to` list, one per `when` condition. Returns the names of L7-only fields used.
-fn translate_rule(rule: &ApRule) -> (pb_sec::Rule, Vec<String>) {
+fn translate_rule(rule: &ApRule, policy_namespace: &str) -> (pb_sec::Rule, Vec<String>) {
     let mut unsupported = Vec::new();
     let mut clauses = Vec::new();
 
@@ -841,7 +838,7 @@ fn translate_rule(rule: &ApRule) -> (pb_sec::Rule, Vec<String>) {
         let matches = rule
             .from
             .iter()
-            .map(|f| source_match(&f.source, &mut unsupported))
+            .map(|f| source_match(&f.source, policy_namespace, &mut unsupported))
             .collect();
         clauses.push(pb_sec::Clause { matches });
     }
@@ -864,25 +861,32 @@ fn translate_rule(rule: &ApRule) -> (pb_sec::Rule, Vec<String>) {
     (pb_sec::Rule { clauses }, unsupported)
 }
 
-fn source_match(s: &Source, unsupported: &mut Vec<String>) -> pb_sec::Match {
+fn source_match(
+    s: &Source,
+    policy_namespace: &str,
+    unsupported: &mut Vec<String>,
+) -> pb_sec::Match {
     if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
         unsupported.push("source.requestPrincipals".into());
     }
     if !s.remote_ip_blocks.is_empty() || !s.not_remote_ip_blocks.is_empty() {
         unsupported.push("source.remoteIpBlocks".into());
     }
-    let mut principals = string_matches(&s.principals);
-    principals.extend(service_account_matches(&s.service_accounts, unsupported));
-    let mut not_principals = string_matches(&s.not_principals);
-    not_principals.extend(service_account_matches(
-        &s.not_service_accounts,
-        unsupported,
-    ));
     pb_sec::Match {
         namespaces: string_matches(&s.namespaces),
         not_namespaces: string_matches(&s.not_namespaces),
-        principals,
-        not_principals,
+        principals: string_matches(&s.principals),
+        not_principals: string_matches(&s.not_principals),
+        service_accounts: service_account_matches(
+            &s.service_accounts,
+            policy_namespace,
+            unsupported,
+        ),
+        not_service_accounts: service_account_matches(
+            &s.not_service_accounts,
+            policy_namespace,
+            unsupported,
+        ),
         source_ips: addresses(&s.ip_blocks),
         not_source_ips: addresses(&s.not_ip_blocks),
         ..Default::default()

@@ -250,12 +250,12 @@ spec: {action: DENY, rules: [{from: [{source: {ipBlocks: [203.0.113.0/24]}}]}]}
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: dry, namespace: demo, annotations: {istio.io/dry-run: 'true'}}
-spec: {action: DENY}
+spec: {action: DENY, rules: [{from: [{source: {namespaces: [prod]}}]}]}
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: audit, namespace: demo}
-spec: {action: AUDIT}
+spec: {action: AUDIT, rules: [{to: [{operation: {ports: ['8080']}}]}]}
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -294,18 +294,27 @@ fn policies_become_l4_authorizations() {
         "waypoint-bound policies are not for the node proxy"
     );
 
-    // Log-only policies: a DENY without rules on the wire (a proxy that ignores the
-    // extension enforces nothing), the real action and rules in the extension.
-    for (name, action) in [
-        ("demo/dry", pb_sec::LogOnlyAction::DryRunDeny),
-        ("demo/audit", pb_sec::LogOnlyAction::Audit),
-    ] {
-        let p = policy(&t, name);
-        assert_eq!(p.action, pb_sec::Action::Deny as i32, "{name}");
-        assert!(p.rules.is_empty(), "{name}");
-        let log_only = p.ambit_log_only.expect(name);
-        assert_eq!(log_only.action, action as i32, "{name}");
-    }
+    // A dry-run policy goes out as Istio writes it: its real action and rules, flagged.
+    let dry = policy(&t, "demo/dry");
+    assert!(dry.dry_run);
+    assert_eq!(dry.action, pb_sec::Action::Deny as i32);
+    assert!(!dry.rules.is_empty());
+    assert!(dry.extensions.is_empty());
+    // AUDIT: a DENY without rules on the wire (a proxy that ignores the extension
+    // enforces nothing), the rules in Ambit's extension.
+    let audit = policy(&t, "demo/audit");
+    assert_eq!(audit.action, pb_sec::Action::Deny as i32);
+    assert!(audit.rules.is_empty() && !audit.dry_run);
+    assert_eq!(audit.extensions.len(), 1);
+    assert_eq!(audit.extensions[0].name, pb_sec::AUDIT_EXTENSION);
+    let config = audit.extensions[0].config.as_ref().unwrap();
+    assert_eq!(config.type_url, pb_sec::AUTHORIZATION_TYPE_URL);
+    assert!(
+        !pb_sec::Authorization::decode(&*config.value)
+            .unwrap()
+            .rules
+            .is_empty()
+    );
 
     let p = policy(&t, "demo/allow-sleep");
     assert_eq!(p.scope, pb_sec::Scope::WorkloadSelector as i32);
@@ -315,10 +324,14 @@ fn policies_become_l4_authorizations() {
     assert_eq!(clauses[0].matches.len(), 2, "two sources, OR-ed");
     assert_eq!(clauses[0].matches[0].principals.len(), 1);
     assert_eq!(clauses[0].matches[0].not_namespaces.len(), 1);
-    assert!(matches!(
-        clauses[0].matches[1].principals[0].match_type,
-        Some(pb_sec::string_match::MatchType::Suffix(ref s)) if s == "/ns/demo/sa/curl"
-    ));
+    // Service accounts as Istio's node proxy matches them.
+    assert_eq!(
+        clauses[0].matches[1].service_accounts,
+        [pb_sec::ServiceAccountMatch {
+            namespace: "demo".into(),
+            service_account: "curl".into()
+        }]
+    );
     assert_eq!(clauses[1].matches[0].destination_ports, [8080]);
     assert_eq!(clauses[1].matches[0].not_destination_ports, [9999]);
     assert_eq!(clauses[2].matches[0].source_ips[0].length, 16);
