@@ -126,7 +126,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ] {
         let mut c = NodeConfig::new(XdsConfig {
             address: cp.grpc_addr().to_string(),
-            roots: roots.clone(),
+            roots: ambit_tls::spiffe::TrustBundle::new(&roots)?,
             server_name: Some("localhost".into()),
             token: TokenSource::Static(
                 signer

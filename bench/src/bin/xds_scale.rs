@@ -163,7 +163,7 @@ fn client(
     let (c, state) = XdsClient::new(
         XdsConfig {
             address: mesh.cp.grpc_addr().to_string(),
-            roots,
+            roots: ambit_tls::spiffe::TrustBundle::new(&roots).expect("roots"),
             server_name: Some("localhost".into()),
             token: TokenSource::Static(
                 signer

@@ -62,7 +62,7 @@ impl Env {
     fn client(&self, token: TokenSource) -> CaClient {
         CaClient::new(
             &self.cp.grpc_addr().to_string(),
-            &self.roots,
+            &ambit_tls::spiffe::TrustBundle::new(&self.roots).unwrap(),
             Some("localhost"),
             token,
             Duration::from_secs(5),
@@ -303,7 +303,7 @@ async fn the_certificate_manager_works_against_the_real_service() {
     let manager = CertManager::new(
         Arc::new(env.node("node-a")),
         ManagerOptions {
-            trust_bundle: env.roots.clone(),
+            trust_bundle: Some(ambit_tls::spiffe::TrustBundle::new(&env.roots).unwrap()),
             ..ManagerOptions::default()
         },
     );

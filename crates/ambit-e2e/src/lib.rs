@@ -395,7 +395,7 @@ impl Mesh {
         let signer = TokenSigner::load_or_create(&self.dir.path().join("state")).unwrap();
         let mut config = NodeConfig::new(XdsConfig {
             address: self.cp.grpc_addr().to_string(),
-            roots: self.roots(),
+            roots: ambit_tls::spiffe::TrustBundle::new(&self.roots()).unwrap(),
             server_name: Some("localhost".into()),
             token: TokenSource::Static(signer.mint(node, Duration::from_secs(600)).unwrap()),
             node_name: node.into(),

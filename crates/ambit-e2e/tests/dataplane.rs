@@ -723,3 +723,41 @@ async fn a_tunnel_must_name_an_address_of_the_pod() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_of_another_trust_domain_under_the_mesh_root_is_refused_at_the_handshake() {
+    use ambit_hbone::socket::SocketOptions;
+    use ambit_hbone::{ConnectHeaders, ConnectRequest, Pool, PoolConfig};
+    use ambit_tls::testing::TestPki;
+
+    let mesh = Mesh::start(cast()).await;
+    let peers = mesh.echo_app("echo-1", APP_PORT);
+    // The mesh CA's own root, but an identity in another trust domain (as a second
+    // cluster sharing the root would have).
+    let pki = TestPki::load(&mesh.dir.path().join("state/ca"));
+    let pool = Pool::new(PoolConfig::default(), pki.bundle());
+    let attempt = |id: ambit_core::SpiffeId| {
+        let request = ConnectRequest {
+            source: id.clone(),
+            source_cert: pki.issue(&id, Duration::from_secs(600)),
+            destination: mesh.addr("echo-1", 15008),
+            expected: vec![TestPki::id("demo", "echo")],
+            authority: mesh.addr("echo-1", APP_PORT),
+            headers: ConnectHeaders::default(),
+            socket: SocketOptions {
+                netns: Some(mesh.pod("legacy").netns.clone()),
+                ..SocketOptions::default()
+            },
+        };
+        pool.connect(request)
+    };
+    let foreign = ambit_core::SpiffeId::new("other.example", "demo", "sleep").unwrap();
+    let err = attempt(foreign).await.unwrap_err();
+    assert!(
+        err.status().is_none(),
+        "refused in the handshake, not by a CONNECT status: {err}"
+    );
+    assert!(peers.all().is_empty(), "nothing reached the application");
+    // The control: the same root, the mesh's trust domain.
+    assert!(attempt(TestPki::id("demo", "sleep")).await.is_ok());
+}

@@ -165,6 +165,7 @@ fn env() -> &'static Env {
                     pki.issue(&server_id, Duration::from_secs(86400)),
                 )),
                 &pki.bundle(),
+                &TestPki::trust_domains(),
             )
             .unwrap();
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -241,6 +241,7 @@ mod tests {
         let s = ambit_tls::spiffe::hbone_server_config(
             Arc::new(ambit_tls::testing::FixedCert(server)),
             &pki.bundle(),
+            &TestPki::trust_domains(),
         )
         .unwrap();
         (c, s)

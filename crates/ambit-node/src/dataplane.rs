@@ -303,8 +303,12 @@ impl RunningPod {
                 }
             });
         }
-        let tls =
-            hbone_server_config(Arc::new(PodCert(cert)), &dp.bundle).map_err(|e| e.to_string())?;
+        let tls = hbone_server_config(
+            Arc::new(PodCert(cert)),
+            &dp.bundle,
+            &dp.config.trust_domains(),
+        )
+        .map_err(|e| e.to_string())?;
         let hbone = Server::new(tls, dp.config.hbone_server.clone())
             .with_workers(workers.clone())
             .serve(hbone, Arc::new(Inbound(ctx.clone())));

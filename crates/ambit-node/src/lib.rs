@@ -35,7 +35,6 @@ use ambit_hbone::socket::Netns;
 use ambit_tls::CertManager;
 use ambit_tls::client::CaClient;
 use ambit_tls::manager::ManagerOptions;
-use ambit_tls::spiffe::TrustBundle;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -65,6 +64,9 @@ pub struct NodeConfig {
     pub zds_socket: Option<PathBuf>,
     /// Pods to serve without a node agent: their description and network namespace path.
     pub local_pods: Vec<(PodInfo, PathBuf)>,
+    /// The PEM file `xds.roots` came from: re-read every [`TRUST_BUNDLE_RELOAD`] and
+    /// applied to every new handshake when its certificates change.
+    pub trust_bundle_file: Option<PathBuf>,
     /// Threads of the data-path runtime.
     pub worker_threads: usize,
     /// Returns the calling thread's freed memory to the operating system (the binary
@@ -74,6 +76,9 @@ pub struct NodeConfig {
     /// that itself.
     pub release_memory: Option<fn()>,
 }
+
+/// How often [`NodeConfig::trust_bundle_file`] is re-read.
+pub const TRUST_BUNDLE_RELOAD: Duration = Duration::from_secs(10);
 
 /// How often [`NodeConfig::release_memory`] runs.
 pub const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(5);
@@ -91,6 +96,7 @@ impl NodeConfig {
             dataplane: DataPlaneConfig::default(),
             zds_socket: None,
             local_pods: Vec::new(),
+            trust_bundle_file: None,
             worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             release_memory: None,
         }
@@ -210,8 +216,12 @@ impl NodeProxy {
         let metrics = Arc::new(Metrics::default());
         let (stop, stop_rx) = watch::channel(false);
         let node = config.xds.node_name.clone();
-        let bundle =
-            TrustBundle::new(&config.xds.roots).map_err(|e| StartError::Bundle(e.to_string()))?;
+        // One bundle for every TLS configuration of the process (HBONE both ways, issued
+        // chains, the control plane), so a reload reaches all of them.
+        let bundle = config.xds.roots.clone();
+        if bundle.roots().is_empty() {
+            return Err(StartError::Bundle("the trust bundle is empty".into()));
+        }
 
         let ca = {
             let _g = ch.enter();
@@ -227,7 +237,7 @@ impl NodeProxy {
         let certs = CertManager::new(
             Arc::new(ca),
             ManagerOptions {
-                trust_bundle: config.xds.roots.clone(),
+                trust_bundle: Some(bundle.clone()),
                 ..ManagerOptions::default()
             },
         );
@@ -235,7 +245,7 @@ impl NodeProxy {
             config.dataplane.clone(),
             store.clone(),
             certs.clone(),
-            bundle,
+            bundle.clone(),
             metrics.clone(),
             Arc::new(authz::Policies::new(
                 config.dataplane.trust_domains(),
@@ -246,6 +256,14 @@ impl NodeProxy {
 
         let (client, xds) = XdsClient::new(config.xds.clone(), store.clone());
         let mut tasks = vec![ch.spawn(client.run(stop_rx.clone()))];
+        if let Some(path) = &config.trust_bundle_file {
+            tasks.push(ch.spawn(ambit_tls::bundle::follow_file(
+                bundle.clone(),
+                path.clone(),
+                TRUST_BUNDLE_RELOAD,
+                stop_rx.clone(),
+            )));
+        }
         ch.spawn(authz::follow_policy_changes(
             store.clone(),
             xds.clone(),

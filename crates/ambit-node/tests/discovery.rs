@@ -16,8 +16,6 @@ use ambit_core::policy::PolicyAction;
 use ambit_core::state::State;
 use ambit_node::{NodeConfig, NodeProxy, XdsConfig};
 use ambit_tls::client::TokenSource;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 const MESH: &str = "
 apiVersion: v1
@@ -76,11 +74,9 @@ impl Env {
         self.dir.path().join("manifests/mesh.yaml")
     }
 
-    fn roots(&self) -> Vec<CertificateDer<'static>> {
-        CertificateDer::pem_file_iter(self.dir.path().join("state/ca/root-cert.pem"))
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap()
+    fn roots(&self) -> ambit_tls::spiffe::TrustBundle {
+        let pem = std::fs::read(self.dir.path().join("state/ca/root-cert.pem")).unwrap();
+        ambit_tls::spiffe::TrustBundle::from_pem(&pem).unwrap()
     }
 
     fn token(&self, node: &str) -> TokenSource {

@@ -17,10 +17,11 @@ use ambit_proto::ca::{
 use ambit_proto::prost_types::{Struct, Value, value::Kind};
 use async_trait::async_trait;
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::config::client_config_with_roots;
+use crate::bundle::TrustBundle;
+use crate::config::client_config_with_bundle;
 use crate::manager::{CertificateProvider, FetchError};
 
 /// Where the bearer token comes from.
@@ -89,12 +90,12 @@ impl std::fmt::Debug for CaClient {
 }
 
 /// A gRPC channel to the control plane at `address` (`host:port`), over TLS 1.3 trusting
-/// only `roots`, checking the server certificate against `server_name` (default: the host
+/// only the bundle's anchors (as they are at each handshake), checking the server certificate against `server_name` (default: the host
 /// part of `address`). Connects lazily and reconnects on demand; HTTP/2 keep-alive PINGs
 /// detect a dead connection under a long-lived stream.
 pub fn control_plane_channel(
     address: &str,
-    roots: &[CertificateDer<'static>],
+    roots: &TrustBundle,
     server_name: Option<&str>,
     connect_timeout: Duration,
 ) -> Result<Channel, ClientError> {
@@ -112,7 +113,7 @@ pub fn control_plane_channel(
     }
     let name = ServerName::try_from(server_name.unwrap_or(&host).to_owned())
         .map_err(|_| ClientError::Address(address.to_owned()))?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config_with_roots(roots)?));
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client_config_with_bundle(roots)?));
     let endpoint = Endpoint::from(uri)
         .connect_timeout(connect_timeout)
         .http2_keep_alive_interval(Duration::from_secs(30))
@@ -139,13 +140,13 @@ pub fn control_plane_channel(
 }
 
 impl CaClient {
-    /// A client for the CA at `address` (`host:port`), trusting `roots`, checking the
+    /// A client for the CA at `address` (`host:port`), trusting the bundle, checking the
     /// server certificate against `server_name` (default: the host part of `address`).
     /// Connects lazily: the first request opens the connection, so the control plane may
     /// start later than the caller. Each request must finish within `timeout`.
     pub fn new(
         address: &str,
-        roots: &[CertificateDer<'static>],
+        roots: &TrustBundle,
         server_name: Option<&str>,
         token: TokenSource,
         timeout: Duration,

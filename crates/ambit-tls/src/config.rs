@@ -59,25 +59,85 @@ pub fn server_config_without_client_auth(
 }
 
 /// A client configuration that trusts only `roots` and checks the server's DNS name or IP
-/// (the CA client talking to the control plane), TLS 1.3, ALPN h2.
+/// (a client of the control plane), TLS 1.3, ALPN h2.
 pub fn client_config_with_roots(
     roots: &[CertificateDer<'static>],
 ) -> Result<rustls::ClientConfig, ConfigError> {
-    let mut store = rustls::RootCertStore::empty();
-    for root in roots {
-        store
-            .add(root.clone())
-            .map_err(|e| ConfigError::Roots(e.to_string()))?;
-    }
-    if store.is_empty() {
-        return Err(ConfigError::Roots("the trust bundle is empty".into()));
-    }
+    client_config_with_bundle(&crate::bundle::TrustBundle::new(roots)?)
+}
+
+/// Like [`client_config_with_roots`], with the anchors the bundle holds at each handshake
+/// (a root rotation needs no new configuration).
+pub fn client_config_with_bundle(
+    bundle: &crate::bundle::TrustBundle,
+) -> Result<rustls::ClientConfig, ConfigError> {
     let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(store)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(LiveWebPki(bundle.clone())))
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(config)
+}
+
+/// Web PKI verification (chain, validity, server name) against the bundle's current
+/// anchors; an empty bundle trusts nothing.
+#[derive(Debug)]
+struct LiveWebPki(crate::bundle::TrustBundle);
+
+impl LiveWebPki {
+    fn verifier(&self) -> Result<Arc<rustls::client::WebPkiServerVerifier>, rustls::Error> {
+        self.0
+            .load()
+            .web_pki
+            .clone()
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for LiveWebPki {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.verifier()?.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verifier()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.verifier()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        crypto_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// A server certificate that can be replaced while the server runs: handshakes read the

@@ -8,7 +8,9 @@
 //! - [`client`]: the gRPC client of Istio's CSR API that the manager uses.
 //! - [`config`]: the one crypto provider and the rustls configurations built from it.
 //! - [`spiffe`]: workload mutual TLS (HBONE): SPIFFE verification both ways.
+//! - [`bundle`]: the mesh's trust anchors, replaceable at run time.
 
+pub mod bundle;
 pub mod ca;
 pub mod client;
 pub mod config;

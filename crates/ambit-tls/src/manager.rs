@@ -115,9 +115,10 @@ pub struct ManagerOptions {
     pub max_backoff: Duration,
     /// Never renew sooner than this after receiving a certificate.
     pub min_renewal_delay: Duration,
-    /// Trust anchors the issued chain must lead to. Empty: trust the root the CA returns
-    /// (only for in-process use; a node proxy always configures its bundle).
-    pub trust_bundle: Vec<CertificateDer<'static>>,
+    /// Trust anchors the issued chain must lead to (as they are when it arrives). `None`:
+    /// trust the root the CA returns (only for in-process use; a node proxy always
+    /// configures its bundle).
+    pub trust_bundle: Option<crate::bundle::TrustBundle>,
 }
 
 impl Default for ManagerOptions {
@@ -128,7 +129,7 @@ impl Default for ManagerOptions {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
             min_renewal_delay: Duration::from_secs(1),
-            trust_bundle: Vec::new(),
+            trust_bundle: None,
         }
     }
 }
@@ -428,7 +429,7 @@ async fn fetch_once(
         &pems,
         &key.subject_public_key_info(),
         private_key,
-        &options.trust_bundle,
+        options.trust_bundle.as_ref().map(|b| b.roots()).as_deref(),
     )
 }
 
@@ -438,7 +439,7 @@ fn accept_chain(
     pems: &[String],
     our_spki: &[u8],
     private_key: PrivateKeyDer<'static>,
-    trust_bundle: &[CertificateDer<'static>],
+    trust_bundle: Option<&[CertificateDer<'static>]>,
 ) -> Result<WorkloadCertificate, FetchError> {
     let bad = |what: String| FetchError::BadResponse(what);
     if pems.len() < 2 {
@@ -474,10 +475,9 @@ fn accept_chain(
             leaf_info.uris
         )));
     }
-    let anchors: &[CertificateDer<'static>] = if trust_bundle.is_empty() {
-        std::slice::from_ref(&root)
-    } else {
-        trust_bundle
+    let anchors: &[CertificateDer<'static>] = match trust_bundle {
+        Some(bundle) => bundle,
+        None => std::slice::from_ref(&root),
     };
     x509::verify_leaf(&certs[0], &certs[1..], anchors, SystemTime::now())
         .map_err(|e| bad(format!("the chain does not verify: {e}")))?;

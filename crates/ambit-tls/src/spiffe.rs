@@ -6,45 +6,18 @@
 use std::sync::Arc;
 
 use ambit_core::SpiffeId;
+use rustls::DistinguishedName;
 use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
-use rustls::server::{ResolvesServerCert, WebPkiClientVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::ResolvesServerCert;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 
 use crate::config::{ALPN_H2, ConfigError, crypto_provider};
 
-/// The trust anchors of the mesh, parsed once.
-#[derive(Debug, Clone)]
-pub struct TrustBundle {
-    roots: Arc<rustls::RootCertStore>,
-    anchors: Arc<[TrustAnchor<'static>]>,
-}
-
-impl TrustBundle {
-    pub fn new(roots: &[CertificateDer<'static>]) -> Result<Self, ConfigError> {
-        let mut store = rustls::RootCertStore::empty();
-        let mut anchors = Vec::with_capacity(roots.len());
-        for root in roots {
-            store
-                .add(root.clone())
-                .map_err(|e| ConfigError::Roots(e.to_string()))?;
-            anchors.push(
-                webpki::anchor_from_trusted_cert(root)
-                    .map_err(|e| ConfigError::Roots(e.to_string()))?
-                    .to_owned(),
-            );
-        }
-        if anchors.is_empty() {
-            return Err(ConfigError::Roots("the trust bundle is empty".into()));
-        }
-        Ok(Self {
-            roots: Arc::new(store),
-            anchors: anchors.into(),
-        })
-    }
-}
+pub use crate::bundle::TrustBundle;
 
 /// Why a peer certificate is not acceptable as a workload identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,16 +58,25 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Result<SpiffeId, PeerIdentit
 }
 
 /// Server side of HBONE: presents the certificate `resolver` returns (the destination
-/// workload's), requires a client certificate chaining to the bundle, TLS 1.3, ALPN h2.
+/// workload's), requires a client certificate chaining to the bundle whose SPIFFE ID is
+/// in one of `trust_domains` (the mesh's and its aliases), TLS 1.3, ALPN h2. A client
+/// from any other trust domain fails the handshake, even under a root the bundle trusts.
 pub fn hbone_server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     bundle: &TrustBundle,
+    trust_domains: &[String],
 ) -> Result<rustls::ServerConfig, ConfigError> {
     let provider = crypto_provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(bundle.roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| ConfigError::Roots(e.to_string()))?;
+    if trust_domains.is_empty() {
+        return Err(ConfigError::Roots(
+            "no trust domain to accept clients from".into(),
+        ));
+    }
+    let verifier = Arc::new(SpiffeClientVerifier {
+        bundle: bundle.clone(),
+        trust_domains: trust_domains.into(),
+        algorithms: provider.signature_verification_algorithms,
+    });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -106,6 +88,96 @@ pub fn hbone_server_config(
     Ok(config)
 }
 
+/// Chain to the bundle's current roots with clientAuth, exactly one SPIFFE ID, in an
+/// accepted trust domain.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    bundle: TrustBundle,
+    trust_domains: Arc<[String]>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: a workload has one certificate and sends it.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let roots = self.bundle.load();
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        cert.verify_for_usage(
+            self.algorithms.all,
+            &roots.anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(webpki_error)?;
+        let id = spiffe_id_of(end_entity).map_err(|e| {
+            Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+        })?;
+        if self.trust_domains.iter().any(|td| td == id.trust_domain()) {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(ForeignTrustDomain {
+                    got: id,
+                    accepted: self.trust_domains.to_vec(),
+                })),
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        // The configuration allows TLS 1.3 only.
+        Err(Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A client identity from a trust domain this mesh does not accept.
+#[derive(thiserror::Error)]
+#[error("the client presented {got}, from a trust domain this mesh does not accept (accepted: {})", .accepted.join(", "))]
+pub struct ForeignTrustDomain {
+    pub got: SpiffeId,
+    pub accepted: Vec<String>,
+}
+
+// rustls shows a custom certificate error with `Debug`: make that the readable sentence.
+impl std::fmt::Debug for ForeignTrustDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
 /// Client side of HBONE: presents `client_cert` (the source workload's), accepts a server
 /// certificate only if it chains to the bundle and names one of `expected`. No SNI.
 pub fn hbone_client_config(
@@ -115,7 +187,7 @@ pub fn hbone_client_config(
 ) -> Result<rustls::ClientConfig, ConfigError> {
     let provider = crypto_provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        anchors: bundle.anchors.clone(),
+        bundle: bundle.clone(),
         expected,
         algorithms: provider.signature_verification_algorithms,
     });
@@ -152,7 +224,7 @@ impl ResolvesClientCert for FixedClientCert {
 /// The server name is ignored: mesh peers are named by SPIFFE ID, not DNS.
 #[derive(Debug)]
 struct SpiffeServerVerifier {
-    anchors: Arc<[TrustAnchor<'static>]>,
+    bundle: TrustBundle,
     expected: Vec<SpiffeId>,
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
 }
@@ -166,11 +238,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        let roots = self.bundle.load();
         let cert = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
         cert.verify_for_usage(
             self.algorithms.all,
-            &self.anchors,
+            &roots.anchors,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),

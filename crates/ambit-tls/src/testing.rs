@@ -69,6 +69,11 @@ impl TestPki {
         certified_key(chain, PrivateKeyDer::Pkcs8(key.serialize_der().into())).expect("key")
     }
 
+    /// The trust domains a test server accepts clients from: the default one.
+    pub fn trust_domains() -> Vec<String> {
+        vec!["cluster.local".to_owned()]
+    }
+
     /// An identity in the default trust domain.
     pub fn id(namespace: &str, service_account: &str) -> SpiffeId {
         SpiffeId::new("cluster.local", namespace, service_account).expect("valid identity")

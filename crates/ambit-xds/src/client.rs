@@ -24,7 +24,7 @@ use ambit_proto::prost_types::{Struct, Value, value::Kind};
 use ambit_proto::security as pb_sec;
 use ambit_proto::workload as pb;
 use ambit_tls::client::{TokenSource, control_plane_channel};
-use rustls_pki_types::CertificateDer;
+use ambit_tls::spiffe::TrustBundle;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -39,8 +39,9 @@ const TYPES: [&str; 2] = [pb::ADDRESS_TYPE_URL, pb_sec::AUTHORIZATION_TYPE_URL];
 pub struct XdsConfig {
     /// `host:port` of the control plane's gRPC port.
     pub address: String,
-    /// The mesh root(s) the control plane's certificate chains to.
-    pub roots: Vec<CertificateDer<'static>>,
+    /// The mesh root(s) the control plane's certificate chains to (shared with the rest
+    /// of the process, so a reloaded bundle applies to the next connection).
+    pub roots: TrustBundle,
     /// Name to check the control plane's certificate against (default: the host).
     pub server_name: Option<String>,
     pub token: TokenSource,
@@ -411,7 +412,7 @@ mod tests {
         XdsClient::new(
             XdsConfig {
                 address: "127.0.0.1:1".into(),
-                roots: vec![],
+                roots: TrustBundle::empty(),
                 server_name: None,
                 token: TokenSource::None,
                 node_name: "n".into(),

@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ambit_tls::client::TokenSource;
+use ambit_tls::spiffe::TrustBundle;
 use ambit_xds::XdsConfig;
 use anyhow::Context;
 use clap::Args;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 #[derive(Debug, Args)]
 pub struct DiscoveryArgs {
@@ -21,6 +20,7 @@ pub struct DiscoveryArgs {
     pub control_plane: String,
     /// PEM file with the mesh root(s): the control plane's certificate and every peer's
     /// chain to them (`<state-dir>/ca/root-cert.pem` of a self-signed control plane).
+    /// Re-read every 10 s: during a root rotation put the old and the new root in it.
     #[arg(long, env = "AMBIT_CA_ROOT")]
     pub ca_root: PathBuf,
     /// Name to check the control plane's certificate against [default: the host of
@@ -36,18 +36,10 @@ pub struct DiscoveryArgs {
 impl DiscoveryArgs {
     /// Checks the files and builds the discovery client's configuration.
     pub fn xds_config(&self) -> anyhow::Result<XdsConfig> {
-        let roots = CertificateDer::pem_file_iter(&self.ca_root)
-            .with_context(|| format!("cannot read --ca-root {}", self.ca_root.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| {
-                format!(
-                    "--ca-root {} is not a PEM certificate bundle",
-                    self.ca_root.display()
-                )
-            })?;
-        if roots.is_empty() {
-            anyhow::bail!("--ca-root {} holds no certificate", self.ca_root.display());
-        }
+        let pem = std::fs::read(&self.ca_root)
+            .with_context(|| format!("cannot read --ca-root {}", self.ca_root.display()))?;
+        let roots = TrustBundle::from_pem(&pem)
+            .with_context(|| format!("--ca-root {}", self.ca_root.display()))?;
         if !self.token_file.exists() {
             anyhow::bail!(
                 "--token-file {} does not exist; mint one with `ambit control token --node {} --output {}`",

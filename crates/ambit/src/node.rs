@@ -27,6 +27,11 @@ pub struct NodeArgs {
     /// SPIFFE trust domain of the mesh.
     #[arg(long, default_value = ambit_core::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
+    /// Another trust domain whose workloads count as the mesh's own (repeatable; for a
+    /// trust domain migration). Peers from any other trust domain are refused at the
+    /// handshake.
+    #[arg(long = "trust-domain-alias")]
+    trust_domain_aliases: Vec<String>,
     /// Istio's cluster ID (part of every workload's discovery name).
     #[arg(long, default_value = "Kubernetes")]
     cluster_id: String,
@@ -81,6 +86,13 @@ fn parse_pod(s: &str) -> Result<(PodInfo, PathBuf), String> {
 
 pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     let mut config = NodeConfig::new(args.discovery.xds_config()?);
+    for td in std::iter::once(&args.trust_domain).chain(&args.trust_domain_aliases) {
+        if !ambit_core::identity::is_trust_domain(td) {
+            anyhow::bail!(
+                "{td:?} is not a valid trust domain (lowercase letters, digits, '.', '-', '_')"
+            );
+        }
+    }
     config.admin_addr = args.admin_addr;
     config.metrics_addr = args.metrics_addr;
     config.readiness_addr = args.readiness_addr;
@@ -88,6 +100,8 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     config.zds_socket = args.zds_socket;
     config.local_pods = args.pods;
     config.dataplane.trust_domain = args.trust_domain;
+    config.dataplane.trust_domain_aliases = args.trust_domain_aliases;
+    config.trust_bundle_file = Some(args.discovery.ca_root.clone());
     config.dataplane.cluster_id = args.cluster_id;
     config.dataplane.drain_timeout = args.drain_timeout;
     if let Some(n) = args.worker_threads {

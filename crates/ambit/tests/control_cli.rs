@@ -131,7 +131,7 @@ async fn request(
 ) -> Result<Vec<String>, tonic::Status> {
     let client = CaClient::new(
         &control.grpc.to_string(),
-        &root(state),
+        &ambit_tls::spiffe::TrustBundle::new(&root(state)).unwrap(),
         Some("localhost"),
         TokenSource::Static(token(state, node)),
         Duration::from_secs(5),

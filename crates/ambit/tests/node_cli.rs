@@ -208,7 +208,7 @@ fn ambit_node_refuses_a_missing_token_file_clearly() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("holds no certificate") || err.contains("token"),
+        err.contains("no certificate") || err.contains("token"),
         "{err}"
     );
 }

@@ -118,7 +118,12 @@ impl Env {
         let client_id = TestPki::id("client-ns", "client");
         let server_cert = pki.issue(&server_id, Duration::from_secs(3600));
         let client_cert = pki.issue(&client_id, Duration::from_secs(3600));
-        let tls = hbone_server_config(Arc::new(FixedCert(server_cert)), &pki.bundle()).unwrap();
+        let tls = hbone_server_config(
+            Arc::new(FixedCert(server_cert)),
+            &pki.bundle(),
+            &TestPki::trust_domains(),
+        )
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handler = Arc::new(Handler::default());

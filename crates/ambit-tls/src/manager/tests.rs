@@ -188,15 +188,21 @@ async fn refuses_a_certificate_for_another_identity() {
 async fn refuses_a_chain_from_an_untrusted_root() {
     let (ca, _dir) = LocalCa::new(Duration::from_secs(3600));
     let (other, _other_dir) = LocalCa::new(Duration::from_secs(3600));
+    let bundle = crate::bundle::TrustBundle::new(other.ca.roots()).unwrap();
     let manager = CertManager::new(
-        ca,
+        ca.clone(),
         ManagerOptions {
-            trust_bundle: other.ca.roots().to_vec(),
+            trust_bundle: Some(bundle.clone()),
             ..fast_options()
         },
     );
     let err = manager.fetch(&id("a")).await.unwrap_err();
     assert!(err.to_string().contains("does not verify"), "{err}");
+    // Rotation: with both roots in the bundle, the same manager accepts it.
+    let mut both = other.ca.roots().to_vec();
+    both.extend_from_slice(ca.ca.roots());
+    bundle.replace(&both).unwrap();
+    manager.fetch(&id("b")).await.unwrap();
 }
 
 #[test]
@@ -212,7 +218,7 @@ fn refuses_a_leaf_over_another_key() {
         &issued.chain_pem,
         &ours.subject_public_key_info(),
         PrivateKeyDer::Pkcs8(ours.serialize_der().into()),
-        &[],
+        None,
     )
     .unwrap_err();
     assert!(err.to_string().contains("not over the key"), "{err}");

@@ -19,6 +19,10 @@ impl ResolvesServerCert for Fixed {
     }
 }
 
+fn mesh_td() -> Vec<String> {
+    vec!["cluster.local".to_owned()]
+}
+
 /// Runs one handshake over an in-memory pipe; returns what each side saw.
 async fn handshake(
     server: rustls::ServerConfig,
@@ -63,6 +67,7 @@ async fn both_sides_learn_the_right_identity() {
     let server = hbone_server_config(
         Arc::new(Fixed(pki.issue(&server_id, Duration::from_secs(3600)))),
         &pki.bundle(),
+        &mesh_td(),
     )
     .unwrap();
     let client = hbone_client_config(
@@ -84,6 +89,7 @@ async fn an_unexpected_server_identity_is_refused() {
             pki.issue(&TestPki::id("b", "impostor"), Duration::from_secs(3600)),
         )),
         &pki.bundle(),
+        &mesh_td(),
     )
     .unwrap();
     let client = hbone_client_config(
@@ -108,12 +114,13 @@ async fn a_client_without_a_certificate_is_refused() {
     let server = hbone_server_config(
         Arc::new(Fixed(pki.issue(&server_id, Duration::from_secs(3600)))),
         &pki.bundle(),
+        &mesh_td(),
     )
     .unwrap();
     // Trusts the server properly, but has no certificate of its own.
     let provider = crypto_provider();
     let verifier = Arc::new(SpiffeServerVerifier {
-        anchors: pki.bundle().anchors.clone(),
+        bundle: pki.bundle(),
         expected: vec![server_id],
         algorithms: provider.signature_verification_algorithms,
     });
@@ -138,6 +145,7 @@ async fn certificates_from_a_foreign_root_are_refused_both_ways() {
     let server = hbone_server_config(
         Arc::new(Fixed(mesh.issue(&server_id, Duration::from_secs(3600)))),
         &mesh.bundle(),
+        &mesh_td(),
     )
     .unwrap();
     let client = hbone_client_config(
@@ -152,6 +160,7 @@ async fn certificates_from_a_foreign_root_are_refused_both_ways() {
     let server = hbone_server_config(
         Arc::new(Fixed(foreign.issue(&server_id, Duration::from_secs(3600)))),
         &foreign.bundle(),
+        &mesh_td(),
     )
     .unwrap();
     let client = hbone_client_config(
@@ -166,12 +175,81 @@ async fn certificates_from_a_foreign_root_are_refused_both_ways() {
 }
 
 #[tokio::test]
+async fn a_client_of_another_trust_domain_under_the_same_root_is_refused_at_the_handshake() {
+    let pki = TestPki::new();
+    let server_id = TestPki::id("b", "server");
+    let intruder = SpiffeId::new("other.example", "a", "client").unwrap();
+    let attempt = |accepted: Vec<String>| {
+        let server = hbone_server_config(
+            Arc::new(Fixed(pki.issue(&server_id, Duration::from_secs(3600)))),
+            &pki.bundle(),
+            &accepted,
+        )
+        .unwrap();
+        let client = hbone_client_config(
+            pki.issue(&intruder, Duration::from_secs(3600)),
+            &pki.bundle(),
+            vec![server_id.clone()],
+        )
+        .unwrap();
+        handshake(server, client)
+    };
+    let (s, c) = attempt(mesh_td()).await;
+    let err = s.unwrap_err();
+    assert!(
+        err.contains("other.example") && err.contains("does not accept"),
+        "{err}"
+    );
+    assert!(c.is_err());
+    // A configured alias is accepted.
+    let (s, c) = attempt(vec!["cluster.local".into(), "other.example".into()]).await;
+    c.unwrap();
+    assert_eq!(s.unwrap(), intruder);
+}
+
+#[tokio::test]
+async fn the_roots_can_be_rotated_without_new_configurations() {
+    let (old, new) = (TestPki::new(), TestPki::new());
+    let server_id = TestPki::id("b", "server");
+    let bundle = old.bundle();
+    // Built once, like a running pod's HBONE server and a pooled client.
+    let server = hbone_server_config(
+        Arc::new(Fixed(old.issue(&server_id, Duration::from_secs(3600)))),
+        &bundle,
+        &mesh_td(),
+    )
+    .unwrap();
+    let client_of_new_root = || {
+        hbone_client_config(
+            new.issue(&TestPki::id("a", "client"), Duration::from_secs(3600)),
+            &bundle,
+            vec![server_id.clone()],
+        )
+        .unwrap()
+    };
+    let (s, _) = handshake(server.clone(), client_of_new_root()).await;
+    assert!(s.is_err(), "a root not in the bundle yet");
+    // The overlap: both roots trusted, by the same configuration.
+    let mut both = old.roots();
+    both.extend(new.roots());
+    bundle.replace(&both).unwrap();
+    let (s, c) = handshake(server.clone(), client_of_new_root()).await;
+    c.unwrap();
+    s.unwrap();
+    // The old root retired: its certificates are refused again.
+    bundle.replace(&new.roots()).unwrap();
+    let (_, c) = handshake(server, client_of_new_root()).await;
+    assert!(c.unwrap_err().contains("UnknownIssuer"));
+    assert!(bundle.replace(&[]).is_err(), "an empty bundle is refused");
+}
+
+#[tokio::test]
 async fn an_expired_certificate_is_refused() {
     let pki = TestPki::new();
     let server_id = TestPki::id("b", "server");
     let expiring = pki.issue(&server_id, Duration::from_secs(1));
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let server = hbone_server_config(Arc::new(Fixed(expiring)), &pki.bundle()).unwrap();
+    let server = hbone_server_config(Arc::new(Fixed(expiring)), &pki.bundle(), &mesh_td()).unwrap();
     let client = hbone_client_config(
         pki.issue(&TestPki::id("a", "client"), Duration::from_secs(3600)),
         &pki.bundle(),

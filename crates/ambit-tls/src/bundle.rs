@@ -1,0 +1,177 @@
+//! The mesh's trust anchors, replaceable while everything runs.
+//!
+//! One [`TrustBundle`] is shared (cloned) by every TLS configuration of a process: the
+//! HBONE server's client verifier, the HBONE client's server verifier, the certificate
+//! manager's check of issued chains, and the connection to the control plane. Each
+//! handshake reads the roots current at that moment (one atomic load), so replacing them
+//! ([`TrustBundle::replace`], [`follow_file`]) takes effect for every new handshake at
+//! once. A root rotation is: add the new root next to the old one (both trusted while
+//! certificates of both are in use), switch the CA, then drop the old root.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, TrustAnchor};
+
+use crate::config::{ConfigError, crypto_provider};
+
+/// The mesh's trust anchors (see the module documentation).
+#[derive(Clone)]
+pub struct TrustBundle {
+    current: Arc<ArcSwap<Roots>>,
+}
+
+/// One version of the anchors, with everything derived from them built once.
+pub(crate) struct Roots {
+    pub(crate) ders: Arc<[CertificateDer<'static>]>,
+    pub(crate) anchors: Arc<[TrustAnchor<'static>]>,
+    /// For servers named by DNS or IP (the control plane); `None` when empty.
+    pub(crate) web_pki: Option<Arc<WebPkiServerVerifier>>,
+}
+
+impl std::fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustBundle")
+            .field("roots", &self.current.load().ders.len())
+            .finish()
+    }
+}
+
+impl Roots {
+    fn build(roots: &[CertificateDer<'static>]) -> Result<Self, ConfigError> {
+        let mut store = rustls::RootCertStore::empty();
+        let mut anchors = Vec::with_capacity(roots.len());
+        for root in roots {
+            store
+                .add(root.clone())
+                .map_err(|e| ConfigError::Roots(e.to_string()))?;
+            anchors.push(
+                webpki::anchor_from_trusted_cert(root)
+                    .map_err(|e| ConfigError::Roots(e.to_string()))?
+                    .to_owned(),
+            );
+        }
+        let web_pki = if store.is_empty() {
+            None
+        } else {
+            Some(
+                WebPkiServerVerifier::builder_with_provider(Arc::new(store), crypto_provider())
+                    .build()
+                    .map_err(|e| ConfigError::Roots(e.to_string()))?,
+            )
+        };
+        Ok(Self {
+            ders: roots.to_vec().into(),
+            anchors: anchors.into(),
+            web_pki,
+        })
+    }
+}
+
+impl TrustBundle {
+    /// A bundle of `roots` (at least one).
+    pub fn new(roots: &[CertificateDer<'static>]) -> Result<Self, ConfigError> {
+        if roots.is_empty() {
+            return Err(ConfigError::Roots("the trust bundle is empty".into()));
+        }
+        Ok(Self {
+            current: Arc::new(ArcSwap::from_pointee(Roots::build(roots)?)),
+        })
+    }
+
+    /// A bundle that trusts nothing (every peer is refused) until replaced.
+    pub fn empty() -> Self {
+        Self {
+            current: Arc::new(ArcSwap::from_pointee(Roots {
+                ders: Arc::from(Vec::new()),
+                anchors: Arc::from(Vec::new()),
+                web_pki: None,
+            })),
+        }
+    }
+
+    /// Parses a PEM bundle (one or more certificates).
+    pub fn from_pem(pem: &[u8]) -> Result<Self, ConfigError> {
+        Self::new(&parse_pem(pem)?)
+    }
+
+    /// Replaces the anchors for every holder of this bundle; new handshakes use them at
+    /// once, established connections are not touched. Refuses an empty set.
+    pub fn replace(&self, roots: &[CertificateDer<'static>]) -> Result<(), ConfigError> {
+        if roots.is_empty() {
+            return Err(ConfigError::Roots("the trust bundle is empty".into()));
+        }
+        self.current.store(Arc::new(Roots::build(roots)?));
+        Ok(())
+    }
+
+    /// The anchors now in force.
+    pub fn roots(&self) -> Arc<[CertificateDer<'static>]> {
+        self.current.load().ders.clone()
+    }
+
+    pub(crate) fn load(&self) -> Arc<Roots> {
+        self.current.load_full()
+    }
+}
+
+/// The certificates of a PEM bundle, at least one.
+pub fn parse_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let roots = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError::Roots(format!("not a PEM certificate bundle: {e}")))?;
+    if roots.is_empty() {
+        return Err(ConfigError::Roots(
+            "no certificate in the bundle (expected PEM CERTIFICATE blocks)".into(),
+        ));
+    }
+    Ok(roots)
+}
+
+/// Re-reads `path` every `every` and replaces the bundle's anchors when the file's
+/// certificates change. A file that cannot be read or parsed is reported and the current
+/// anchors stay. Runs until `stop` fires.
+pub async fn follow_file(
+    bundle: TrustBundle,
+    path: PathBuf,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let read = tokio::fs::read(&path).await;
+        let parsed = read
+            .map_err(|e| e.to_string())
+            .and_then(|pem| parse_pem(&pem).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(roots) if *roots == *bundle.roots() => last_error = None,
+            Ok(roots) => match bundle.replace(&roots) {
+                Ok(()) => {
+                    last_error = None;
+                    tracing::info!(
+                        file = %path.display(),
+                        roots = roots.len(),
+                        "trust bundle reloaded; new handshakes use it"
+                    );
+                }
+                Err(e) => report(&path, &e.to_string(), &mut last_error),
+            },
+            Err(e) => report(&path, &e, &mut last_error),
+        }
+    }
+}
+
+fn report(path: &std::path::Path, error: &str, last: &mut Option<String>) {
+    if last.as_deref() != Some(error) {
+        tracing::warn!(file = %path.display(), error, "cannot reload the trust bundle; keeping the current one");
+        *last = Some(error.to_owned());
+    }
+}
