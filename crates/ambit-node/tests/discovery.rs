@@ -428,3 +428,178 @@ async fn a_nack_is_recorded_and_the_stream_goes_on() {
     assert_eq!(next.resources.len(), 1);
     assert_eq!(next.resources[0].name, "Kubernetes//Pod/demo/echo-1");
 }
+
+/// One response as a raw subscriber saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    type_url: String,
+    names: Vec<String>,
+    removed: Vec<String>,
+    version_info: String,
+}
+
+/// A raw delta ADS subscriber for node-a that ACKs everything and records each response
+/// in arrival order. `types` are subscribed in the order given.
+async fn raw_subscriber(
+    env: &Env,
+    types: &[ResourceType],
+) -> (
+    Arc<std::sync::Mutex<Vec<Seen>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use ambit_proto::discovery::DeltaDiscoveryRequest;
+    use ambit_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let channel = ambit_tls::client::control_plane_channel(
+        &env.grpc.to_string(),
+        &env.roots(),
+        Some("localhost"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    for t in types {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: t.type_url().into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    env.token("node-a").authorize(&mut request).unwrap();
+    let mut responses = client
+        .delta_aggregated_resources(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok(Some(r)) = responses.message().await {
+            log.lock().unwrap().push(Seen {
+                type_url: r.type_url.clone(),
+                names: r.resources.iter().map(|x| x.name.clone()).collect(),
+                removed: r.removed_resources.clone(),
+                version_info: r.system_version_info.clone(),
+            });
+            let ack = DeltaDiscoveryRequest {
+                type_url: r.type_url.clone(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            };
+            if tx.send(ack).await.is_err() {
+                return;
+            }
+        }
+    });
+    (seen, task)
+}
+
+async fn wait_seen(seen: &std::sync::Mutex<Vec<Seen>>, what: &str, f: impl Fn(&[Seen]) -> bool) {
+    let start = Instant::now();
+    while !f(&seen.lock().unwrap()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}: {:#?}",
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn policies_reach_a_subscriber_before_the_workloads_that_name_them_and_leave_after() {
+    let env = Env::start().await;
+    // Workloads subscribed first on purpose: the order on the stream is the server's.
+    let (seen, task) =
+        raw_subscriber(&env, &[ResourceType::Address, ResourceType::Authorization]).await;
+    let auth = ResourceType::Authorization.type_url();
+    let addr = ResourceType::Address.type_url();
+    wait_seen(&seen, "the first pushes", |s| {
+        s.iter().any(|r| r.type_url == auth) && s.iter().any(|r| r.type_url == addr)
+    })
+    .await;
+    let start = seen.lock().unwrap().len();
+
+    // A new selector policy for echo-1: echo-1's workload names it from now on.
+    let policy = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: new-deny, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: DENY
+  rules: [{from: [{source: {namespaces: [prod]}}]}]
+";
+    std::fs::write(env.manifest(), format!("{MESH}{policy}")).unwrap();
+    let position = |s: &[Seen], f: &dyn Fn(&Seen) -> bool| s[start..].iter().position(f);
+    let policy_sent = |r: &Seen| r.type_url == auth && r.names.iter().any(|n| n == "demo/new-deny");
+    let echo_sent =
+        |r: &Seen| r.type_url == addr && r.names.iter().any(|n| n == "Kubernetes//Pod/demo/echo-1");
+    wait_seen(&seen, "the policy and the workload", |s| {
+        position(s, &policy_sent).is_some() && position(s, &echo_sent).is_some()
+    })
+    .await;
+    {
+        let s = seen.lock().unwrap();
+        assert!(
+            position(&s, &policy_sent) < position(&s, &echo_sent),
+            "the workload came before the policy it names: {:#?}",
+            &s[start..]
+        );
+    }
+
+    // Removed again: the workload stops naming it before it goes.
+    let start = seen.lock().unwrap().len();
+    std::fs::write(env.manifest(), MESH).unwrap();
+    let policy_removed =
+        |r: &Seen| r.type_url == auth && r.removed.iter().any(|n| n == "demo/new-deny");
+    wait_seen(&seen, "the removal", |s| {
+        position(s, &policy_removed).is_some() && position(s, &echo_sent).is_some()
+    })
+    .await;
+    let s = seen.lock().unwrap();
+    assert!(
+        position(&s, &echo_sent) < position(&s, &policy_removed),
+        "the policy went before the workload stopped naming it: {:#?}",
+        &s[start..]
+    );
+    drop(s);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_first_push_split_in_several_responses_says_which_is_last() {
+    let env = Env::start().await;
+    // Enough workloads for more than one ~1 MiB response.
+    let mut many = String::from(MESH);
+    for i in 0..12000u32 {
+        many.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: demo, labels: {{app: bulk, version: v1}}}}\nspec: {{nodeName: node-b, serviceAccountName: bulk}}\nstatus: {{podIP: 198.18.{}.{}}}\n",
+            100 + i / 250,
+            i % 250 + 1
+        ));
+    }
+    std::fs::write(env.manifest(), many).unwrap();
+    let node = env.node("node-a").await;
+    until(&node, "the bulk pods", |st| st.counts().0 >= 12002).await;
+    let (seen, task) = raw_subscriber(&env, &[ResourceType::Address]).await;
+    wait_seen(&seen, "the whole first push", |s| {
+        s.iter().any(|r| !r.version_info.ends_with("/more"))
+    })
+    .await;
+    let s = seen.lock().unwrap().clone();
+    task.abort();
+    let last = s
+        .iter()
+        .position(|r| !r.version_info.ends_with("/more"))
+        .unwrap();
+    assert!(last >= 1, "expected several responses: {}", s.len());
+    let total: usize = s[..=last].iter().map(|r| r.names.len()).sum();
+    assert!(total >= 12002, "{total} resources in the push");
+    // The real client counts itself in sync only after the last one.
+    assert!(node.xds_state().borrow().synced);
+}

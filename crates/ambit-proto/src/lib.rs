@@ -44,6 +44,12 @@ pub mod zds {
 /// `envoy.service.discovery.v3`: delta aggregated discovery.
 pub mod discovery {
     tonic::include_proto!("envoy.service.discovery.v3");
+
+    /// Ambit's control plane ends `system_version_info` with this on every response of a
+    /// push but the last of its type: more of the same push follows. A client learns
+    /// from it when its first push is complete (a large push is split into several
+    /// responses); a client that does not read it loses nothing else.
+    pub const PUSH_CONTINUES: &str = "/more";
 }
 
 pub use prost;

@@ -56,7 +56,7 @@ pub struct XdsConfig {
 pub struct XdsState {
     pub control_plane: String,
     pub connected: bool,
-    /// Whether a first full response for every type has been applied (since start).
+    /// Whether a first complete push of every type has been applied (since start).
     pub synced: bool,
     pub connects: u64,
     pub responses: u64,
@@ -169,7 +169,9 @@ impl XdsClient {
         let mut client =
             AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-        for (i, type_url) in TYPES.iter().enumerate() {
+        // Policies first: the control plane then has them out before the workloads
+        // that name them.
+        for (i, type_url) in TYPES.iter().enumerate().rev() {
             let request = DeltaDiscoveryRequest {
                 node: Some(self.node()),
                 type_url: (*type_url).to_owned(),
@@ -270,7 +272,14 @@ impl XdsClient {
             self.versions[index].remove(name.as_str());
         }
         self.interner.prune();
-        self.synced[index] = true;
+        // The type is in sync once a whole push has been applied: a response that says
+        // more of its push follows does not complete it.
+        if !response
+            .system_version_info
+            .ends_with(ambit_proto::discovery::PUSH_CONTINUES)
+        {
+            self.synced[index] = true;
+        }
         let synced = self.synced.iter().all(|s| *s);
         let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
         self.state.send_modify(|s| {
@@ -532,6 +541,29 @@ mod tests {
         let reply = push(&mut c, policy(1, pb_sec::Scope::Namespace));
         assert!(reply.error_detail.is_none());
         assert!(c.store.load().policy("ns/p").unwrap().refused.is_none());
+    }
+
+    #[test]
+    fn a_type_is_in_sync_only_after_the_last_response_of_its_first_push() {
+        let mut c = client();
+        let part = |nonce: &str, more: bool| DeltaDiscoveryResponse {
+            resources: vec![workload_resource(nonce, vec![198, 18, 0, 1])],
+            type_url: pb::ADDRESS_TYPE_URL.into(),
+            nonce: nonce.into(),
+            system_version_info: if more { "1/more".into() } else { "1".into() },
+            ..Default::default()
+        };
+        let empty_policies = DeltaDiscoveryResponse {
+            type_url: pb_sec::AUTHORIZATION_TYPE_URL.into(),
+            nonce: "p".into(),
+            system_version_info: "1".into(),
+            ..Default::default()
+        };
+        c.handle(empty_policies);
+        c.handle(part("a", true));
+        assert!(!c.state.borrow().synced, "half a push is not a sync");
+        c.handle(part("b", false));
+        assert!(c.state.borrow().synced);
     }
 
     #[test]

@@ -297,74 +297,122 @@ impl Subscriber {
         Ok(())
     }
 
-    /// Sends a push for every subscribed type with nothing in flight and something new.
+    /// Sends the next push round: every subscribed type's changes up to the current
+    /// snapshot, once nothing is in flight. Within a round the stream carries, in order:
+    /// policies added or changed, then workloads and services, then policies removed. A
+    /// subscriber applies responses in stream order, so a workload never names a policy
+    /// it has not received yet, nor loses one it still names (a healthy sync has no
+    /// moment in which a named policy is missing).
     async fn push_ready(&mut self) -> Result<(), Status> {
         let snapshot = self.snapshots.borrow_and_update().clone();
         if snapshot.generation == 0 {
             // Nothing translated yet: wait for the first snapshot.
             return Ok(());
         }
+        if self.types.iter().any(|t| !t.in_flight.is_empty()) {
+            return Ok(());
+        }
+        let mut plans: [Option<Plan>; 2] = Default::default();
         for t in ResourceType::ALL {
-            let state = &mut self.types[t.index()];
-            if !state.subscribed || !state.in_flight.is_empty() {
-                continue;
+            plans[t.index()] = self.plan(&snapshot, t)?;
+        }
+        let take = |p: &Option<Plan>| p.as_ref().map(|p| (p.send.clone(), p.removed.clone()));
+        let (auth, addr) = (
+            take(&plans[ResourceType::Authorization.index()]),
+            take(&plans[ResourceType::Address.index()]),
+        );
+        let mut round: Vec<(ResourceType, Vec<DeltaDiscoveryResponse>)> = Vec::new();
+        let empty = BTreeSet::new();
+        if let Some((send, removed)) = &auth {
+            // (With only removals, the policies' one response comes after the workloads.)
+            if !send.is_empty() || removed.is_empty() {
+                let first = build_responses(
+                    &snapshot,
+                    ResourceType::Authorization,
+                    send,
+                    &empty,
+                    &mut self.nonce,
+                );
+                round.push((ResourceType::Authorization, first));
             }
-            let resources = snapshot.resources(t);
-            let (mut send, removed): (BTreeSet<Str>, BTreeSet<Str>) =
-                match (&state.initial, state.acked) {
-                    (Some(initial), _) => {
-                        let send = resources
-                            .iter()
-                            .filter(|(name, enc)| initial.get(name.as_ref()) != Some(&enc.version))
-                            .map(|(name, _)| name.clone())
-                            .collect();
-                        let removed = initial
-                            .keys()
-                            .filter(|n| !resources.contains_key(n.as_str()))
-                            .map(|n| Str::from(n.as_str()))
-                            .collect();
-                        (send, removed)
+            if let Some((send, removed_addr)) = &addr {
+                let responses = build_responses(
+                    &snapshot,
+                    ResourceType::Address,
+                    send,
+                    removed_addr,
+                    &mut self.nonce,
+                );
+                round.push((ResourceType::Address, responses));
+            }
+            if !removed.is_empty() {
+                let last = build_responses(
+                    &snapshot,
+                    ResourceType::Authorization,
+                    &empty,
+                    removed,
+                    &mut self.nonce,
+                );
+                round.push((ResourceType::Authorization, last));
+            }
+        } else if let Some((send, removed)) = &addr {
+            let responses = build_responses(
+                &snapshot,
+                ResourceType::Address,
+                send,
+                removed,
+                &mut self.nonce,
+            );
+            round.push((ResourceType::Address, responses));
+        }
+        // Every response of a type but its last says more of the push follows, so a
+        // subscriber knows when its first push is complete.
+        for t in ResourceType::ALL {
+            let total: usize = round
+                .iter()
+                .filter(|(rt, _)| *rt == t)
+                .map(|(_, r)| r.len())
+                .sum();
+            let mut seen = 0;
+            for (rt, responses) in round.iter_mut() {
+                if *rt != t {
+                    continue;
+                }
+                for r in responses.iter_mut() {
+                    seen += 1;
+                    if seen < total {
+                        r.system_version_info.push_str(MORE);
                     }
-                    (None, Some(acked))
-                        if acked == snapshot.generation && state.forced.is_empty() =>
-                    {
-                        continue;
-                    }
-                    (None, Some(acked)) => match snapshot.catch_up(t, acked) {
-                        Some(c) => (c.changed, c.removed),
-                        None => {
-                            return Err(Status::aborted(
-                                "this subscriber fell too far behind; reconnect to resync",
-                            ));
-                        }
-                    },
-                    (None, None) => (resources.keys().cloned().collect(), BTreeSet::new()),
-                };
-            for name in std::mem::take(&mut state.forced) {
-                if resources.contains_key(name.as_str()) {
-                    send.insert(Str::from(name.as_str()));
                 }
             }
-            state.initial = None;
-            state.in_flight_generation = snapshot.generation;
-            // Send even an empty push once on subscribing: the client learns it is in sync.
-            let first_push = state.acked.is_none();
-            if send.is_empty() && removed.is_empty() && !first_push {
-                state.acked = Some(snapshot.generation);
+        }
+        for t in ResourceType::ALL {
+            let Some(plan) = &plans[t.index()] else {
                 continue;
+            };
+            let n: usize = round
+                .iter()
+                .filter(|(rt, _)| *rt == t)
+                .map(|(_, r)| r.len())
+                .sum();
+            let state = &mut self.types[t.index()];
+            state.in_flight_generation = snapshot.generation;
+            for (rt, responses) in &round {
+                if *rt == t {
+                    state
+                        .in_flight
+                        .extend(responses.iter().map(|r| r.nonce.clone()));
+                }
             }
-            let responses = build_responses(&snapshot, t, &send, &removed, &mut self.nonce);
-            let count = send.len() as u64;
-            let n = responses.len();
-            for r in &responses {
-                self.types[t.index()].in_flight.insert(r.nonce.clone());
-            }
+            let count = plan.send.len() as u64;
             self.registry.update(self.id, t, |i| {
                 i.in_flight = n;
                 i.responses_sent += n as u64;
                 i.resources_sent += count;
             });
             self.metrics.xds_push(type_name(t), count);
+        }
+        for (_, responses) in round {
             for r in responses {
                 if self.out.send(Ok(r)).await.is_err() {
                     return Err(Status::cancelled("the client went away"));
@@ -373,7 +421,65 @@ impl Subscriber {
         }
         Ok(())
     }
+
+    /// What type `t` needs to reach `snapshot`; `None` when nothing is to be sent.
+    fn plan(&mut self, snapshot: &Snapshot, t: ResourceType) -> Result<Option<Plan>, Status> {
+        let state = &mut self.types[t.index()];
+        if !state.subscribed {
+            return Ok(None);
+        }
+        let resources = snapshot.resources(t);
+        let (mut send, removed): (BTreeSet<Str>, BTreeSet<Str>) =
+            match (&state.initial, state.acked) {
+                (Some(initial), _) => {
+                    let send = resources
+                        .iter()
+                        .filter(|(name, enc)| initial.get(name.as_ref()) != Some(&enc.version))
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    let removed = initial
+                        .keys()
+                        .filter(|n| !resources.contains_key(n.as_str()))
+                        .map(|n| Str::from(n.as_str()))
+                        .collect();
+                    (send, removed)
+                }
+                (None, Some(acked)) if acked == snapshot.generation && state.forced.is_empty() => {
+                    return Ok(None);
+                }
+                (None, Some(acked)) => match snapshot.catch_up(t, acked) {
+                    Some(c) => (c.changed, c.removed),
+                    None => {
+                        return Err(Status::aborted(
+                            "this subscriber fell too far behind; reconnect to resync",
+                        ));
+                    }
+                },
+                (None, None) => (resources.keys().cloned().collect(), BTreeSet::new()),
+            };
+        for name in std::mem::take(&mut state.forced) {
+            if resources.contains_key(name.as_str()) {
+                send.insert(Str::from(name.as_str()));
+            }
+        }
+        state.initial = None;
+        // Send even an empty push once on subscribing: the client learns it is in sync.
+        let first_push = state.acked.is_none();
+        if send.is_empty() && removed.is_empty() && !first_push {
+            state.acked = Some(snapshot.generation);
+            return Ok(None);
+        }
+        Ok(Some(Plan { send, removed }))
+    }
 }
+
+/// One type's part of a push round.
+struct Plan {
+    send: BTreeSet<Str>,
+    removed: BTreeSet<Str>,
+}
+
+use ambit_proto::discovery::PUSH_CONTINUES as MORE;
 
 /// `node.metadata.NODE_NAME`, if sent.
 fn node_name(req: &DeltaDiscoveryRequest) -> Option<&str> {
