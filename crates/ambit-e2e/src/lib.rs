@@ -9,6 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod xds_filter;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -234,13 +236,7 @@ impl Mesh {
         nodes.sort_unstable();
         nodes.dedup();
         for node in nodes {
-            let mut config = mesh.node_config(node);
-            config.local_pods = mesh
-                .specs
-                .iter()
-                .filter(|s| s.enrolled && s.node == node)
-                .map(|s| (s.info(), mesh.pods[s.name].netns_path()))
-                .collect();
+            let mut config = mesh.node_config_with_pods(node);
             tune(&mut config);
             let proxy = NodeProxy::start(config).await.unwrap();
             mesh.nodes.insert(node, proxy);
@@ -388,6 +384,19 @@ impl Mesh {
             .unwrap()
             .collect::<Result<Vec<_>, _>>()
             .unwrap()
+    }
+
+    /// The configuration `start_with` gives a node: [`Mesh::node_config`] serving the
+    /// node's enrolled pods.
+    pub fn node_config_with_pods(&self, node: &str) -> NodeConfig {
+        let mut config = self.node_config(node);
+        config.local_pods = self
+            .specs
+            .iter()
+            .filter(|s| s.enrolled && s.node == node)
+            .map(|s| (s.info(), self.pods[s.name].netns_path()))
+            .collect();
+        config
     }
 
     /// A node proxy configuration with every port on an ephemeral loopback port.

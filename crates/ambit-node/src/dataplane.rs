@@ -79,6 +79,8 @@ pub struct DataPlaneConfig {
     pub connect_timeout: Duration,
     /// When a pod is removed, its connections may finish for this long.
     pub drain_timeout: Duration,
+    /// Until discovery has synced, a connection waits this long for it, then is refused.
+    pub sync_timeout: Duration,
     pub hbone_server: ServerConfig,
     pub pool: PoolConfig,
 }
@@ -92,6 +94,7 @@ impl Default for DataPlaneConfig {
             network: String::new(),
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
+            sync_timeout: Duration::from_secs(5),
             hbone_server: ServerConfig::default(),
             pool: PoolConfig::default(),
         }
@@ -127,8 +130,47 @@ pub struct DataPlane {
     /// The policy epoch of the state (see [`State::policy_epoch`]); open inbound
     /// connections watch it and re-check themselves when it moves.
     pub policy_changes: watch::Sender<u64>,
+    /// Opens once discovery has delivered a complete first push of every type.
+    pub synced: SyncGate,
     /// How many pods hold each identity (certificates are released with the last one).
     cert_refs: Mutex<HashMap<SpiffeId, usize>>,
+}
+
+/// Closed until the node proxy knows the mesh (discovery synced), then open for good.
+///
+/// Before that, a connection cannot be classified: its destination may be a mesh
+/// workload that must get mTLS, and a destination's policies are unknown. Connections
+/// therefore wait (bounded) and are refused if it does not open in time; nothing goes
+/// out in plaintext or in unchecked. The open gate costs one atomic load.
+#[derive(Debug, Default)]
+pub struct SyncGate {
+    open: std::sync::atomic::AtomicBool,
+    opened: tokio::sync::Notify,
+}
+
+impl SyncGate {
+    pub fn open(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Release);
+        self.opened.notify_waiters();
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the gate is open, waiting up to `timeout` for it.
+    pub async fn wait(&self, timeout: Duration) -> bool {
+        if self.is_open() {
+            return true;
+        }
+        let opened = self.opened.notified();
+        tokio::pin!(opened);
+        opened.as_mut().enable();
+        if self.is_open() {
+            return true;
+        }
+        tokio::time::timeout(timeout, opened).await.is_ok() || self.is_open()
+    }
 }
 
 impl DataPlaneConfig {
@@ -164,6 +206,7 @@ impl DataPlane {
             metrics,
             authorizer,
             policy_changes: watch::Sender::new(0),
+            synced: SyncGate::default(),
             cert_refs: Mutex::new(HashMap::new()),
         }
     }
@@ -573,6 +616,24 @@ impl Access<'_> {
     }
 }
 
+/// Waits (bounded) for discovery to have synced; `false` (after logging the refusal)
+/// when it did not, and the connection must be refused.
+async fn synced(dp: &DataPlane, direction: &'static str, src: SocketAddr, dst: SocketAddr) -> bool {
+    if dp.synced.wait(dp.config.sync_timeout).await {
+        return true;
+    }
+    dp.metrics.unsynced_refusals.inc();
+    tracing::info!(
+        target: "ambit::access",
+        direction,
+        src.addr = %src,
+        dst.addr = %dst,
+        error = "refused: the node proxy has not synced with the control plane yet",
+        "connection complete"
+    );
+    false
+}
+
 async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
     let original = match original_dst(&conn) {
@@ -587,6 +648,11 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
         return;
     }
     let dp = &ctx.dp;
+    // Unsynced, a mesh destination cannot be told from any other: never guess.
+    if !synced(dp, "outbound", peer, original).await {
+        reset(&conn);
+        return;
+    }
     let state = dp.store.load();
     let source = ctx.workload(&state);
     match route(
@@ -906,6 +972,10 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
         return;
     }
     let dp = &ctx.dp;
+    if !synced(dp, "inbound", peer, original).await {
+        reset(&conn);
+        return;
+    }
     // Subscribed before the decision, so a change right after it is not missed.
     let mut changes = dp.policy_changes.subscribe();
     changes.borrow_and_update();
@@ -1034,6 +1104,10 @@ impl ConnectHandler for Inbound {
 async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
     let started = Instant::now();
     let dp = &ctx.dp;
+    if !synced(dp, "inbound", c.peer.addr, c.authority).await {
+        c.refuse(StatusCode::SERVICE_UNAVAILABLE);
+        return;
+    }
     let mut changes = dp.policy_changes.subscribe();
     changes.borrow_and_update();
     let state = dp.store.load();

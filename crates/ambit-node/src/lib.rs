@@ -264,6 +264,17 @@ impl NodeProxy {
                 stop_rx.clone(),
             )));
         }
+        {
+            // The data path's gate opens with the first complete sync.
+            let dp = pods.dataplane().clone();
+            let mut xds = xds.clone();
+            ch.spawn(async move {
+                if xds.wait_for(|s| s.synced).await.is_ok() {
+                    dp.synced.open();
+                    tracing::info!("discovery synced; serving connections");
+                }
+            });
+        }
         ch.spawn(authz::follow_policy_changes(
             store.clone(),
             xds.clone(),

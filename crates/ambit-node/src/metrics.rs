@@ -154,6 +154,7 @@ pub struct Metrics {
     pub received: Family<ConnLabels, Counter>,
     pub pods: Gauge,
     pub connect_failures: Counter,
+    pub unsynced_refusals: Counter,
     unavailable_policies: Family<ReasonLabel, Counter>,
 }
 
@@ -198,6 +199,12 @@ impl Default for Metrics {
             "Connections closed because their destination could not be reached",
             connect_failures.clone(),
         );
+        let unsynced_refusals = Counter::default();
+        own.register(
+            "unsynced_refusals",
+            "Connections refused because discovery had not synced within the wait",
+            unsynced_refusals.clone(),
+        );
         let unavailable_policies = Family::<ReasonLabel, Counter>::default();
         own.register(
             "unavailable_policies",
@@ -212,6 +219,7 @@ impl Default for Metrics {
             received,
             pods,
             connect_failures,
+            unsynced_refusals,
             unavailable_policies,
         }
     }

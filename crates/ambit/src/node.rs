@@ -51,6 +51,10 @@ pub struct NodeArgs {
     /// removed while the proxy runs keeps its connections until they end).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
+    /// Until discovery has synced (start-up, the control plane away), how long a
+    /// connection waits for it before it is refused. Nothing is forwarded unsynced.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    sync_timeout: Duration,
     /// Where to announce the admin address for `ambit config --node`.
     #[arg(long, env = "AMBIT_RUN_DIR", default_value = "/run/ambit")]
     run_dir: PathBuf,
@@ -104,6 +108,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     config.trust_bundle_file = Some(args.discovery.ca_root.clone());
     config.dataplane.cluster_id = args.cluster_id;
     config.dataplane.drain_timeout = args.drain_timeout;
+    config.dataplane.sync_timeout = args.sync_timeout;
     if let Some(n) = args.worker_threads {
         config.worker_threads = n;
     }
