@@ -153,6 +153,70 @@ fn options() -> serde_saphyr::Options {
     }
 }
 
+/// Every kind of the API groups a mesh is configured with (Istio's and the Gateway
+/// API's), modelled by Ambit or not; `None` for other groups.
+fn mesh_group_kinds(group: &str) -> Option<&'static [&'static str]> {
+    Some(match group {
+        "security.istio.io" => &[
+            "AuthorizationPolicy",
+            "PeerAuthentication",
+            "RequestAuthentication",
+        ],
+        "networking.istio.io" => &[
+            "DestinationRule",
+            "EnvoyFilter",
+            "Gateway",
+            "ProxyConfig",
+            "ServiceEntry",
+            "Sidecar",
+            "VirtualService",
+            "WorkloadEntry",
+            "WorkloadGroup",
+        ],
+        "gateway.networking.k8s.io" => &[
+            "BackendTLSPolicy",
+            "GRPCRoute",
+            "Gateway",
+            "GatewayClass",
+            "HTTPRoute",
+            "ListenerSet",
+            "ReferenceGrant",
+            "TCPRoute",
+            "TLSRoute",
+            "UDPRoute",
+        ],
+        _ => return None,
+    })
+}
+
+/// The known name closest to `word` (by edit distance, case-insensitive), if close
+/// enough to be a typo of it.
+fn closest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
+    let w: Vec<char> = word.to_lowercase().chars().collect();
+    known
+        .iter()
+        .map(|k| {
+            let k_chars: Vec<char> = k.to_lowercase().chars().collect();
+            (edit_distance(&w, &k_chars), *k)
+        })
+        .filter(|(d, k)| *d <= 1 + k.len() / 5)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &[char], b: &[char]) -> usize {
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut row = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != cb);
+            row.push((prev[j] + cost).min(prev[j + 1] + 1).min(row[j] + 1));
+        }
+        prev = row;
+    }
+    prev[b.len()]
+}
+
 /// Only `apiVersion` and `kind`, read first to pick the type for the whole document.
 #[derive(Deserialize)]
 struct Header {
@@ -228,6 +292,22 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, ManifestError> {
         _ => (None, &[]),
     };
     let Some(model_kind) = model_kind else {
+        // In the mesh's own groups every kind is known: one that is not is a typo, and
+        // skipping it would drop a policy without a word.
+        if let Some(known) = mesh_group_kinds(group)
+            && !known.contains(&kind.as_str())
+        {
+            let hint = closest(&kind, known)
+                .map(|k| format!("did you mean {k}? "))
+                .unwrap_or_default();
+            return Err(whole(
+                "kind",
+                format!(
+                    "{group} has no kind {kind}; {hint}(its kinds: {})",
+                    known.join(", ")
+                ),
+            ));
+        }
         return Ok(Parsed::Ignored(format!(
             "{api_version} {kind} (line {})",
             first_content_line(doc)

@@ -2,23 +2,30 @@
 //!
 //! Field names and shapes are those of the Kubernetes core API, Istio's
 //! `security.istio.io` and `networking.istio.io` groups, and the Gateway API, so the same
-//! manifests work here and in a cluster. Only the fields Ambit uses are modelled; other
-//! fields of Kubernetes objects (containers, volumes, ...) are ignored. Istio security
-//! resources are strict: an unknown field there is an error, because silently ignoring a
-//! misspelt policy field could grant access the author meant to deny.
+//! manifests work here and in a cluster. Only the fields Ambit uses are modelled; the
+//! other fields of each API are listed as known and ignored ([`Ignored`]). Everything is
+//! strict: a field that is neither is an error, because a misspelt field silently ignored
+//! can change who a workload is (`serviceAcountName` would give the pod the `default`
+//! identity) or what a policy allows. Contents Ambit never reads (a container's
+//! `resources`, a Node's `status`) are not checked.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
 use super::fields::{
     Annotations, IntOrString, IpBlock, Labels, Name, NamespaceName, NodeName, NonEmpty, Port,
 };
 
+/// A field of the API that Ambit knows and does not read: accepted with any content,
+/// never serialized.
+pub type Ignored = Option<IgnoredAny>;
+
 /// `metadata` of every object.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectMeta {
     pub name: Name,
     /// Absent for cluster-scoped objects; namespaced objects without one are placed in
@@ -31,6 +38,26 @@ pub struct ObjectMeta {
     pub annotations: Annotations,
     #[serde(default)]
     pub uid: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub generate_name: Ignored,
+    #[serde(default, skip_serializing)]
+    pub self_link: Ignored,
+    #[serde(default, skip_serializing)]
+    pub resource_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub generation: Ignored,
+    #[serde(default, skip_serializing)]
+    pub creation_timestamp: Ignored,
+    #[serde(default, skip_serializing)]
+    pub deletion_timestamp: Ignored,
+    #[serde(default, skip_serializing)]
+    pub deletion_grace_period_seconds: Ignored,
+    #[serde(default, skip_serializing)]
+    pub owner_references: Ignored,
+    #[serde(default, skip_serializing)]
+    pub finalizers: Ignored,
+    #[serde(default, skip_serializing)]
+    pub managed_fields: Ignored,
 }
 
 impl ObjectMeta {
@@ -45,27 +72,61 @@ impl ObjectMeta {
 
 /// `v1/Namespace`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Namespace {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub spec: Ignored,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
 }
 
 /// `v1/Node`: its labels give the locality of the pods on it
 /// (`topology.kubernetes.io/region`, `topology.kubernetes.io/zone`,
 /// `topology.istio.io/subzone`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Node {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub spec: Ignored,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
 }
 
 /// `v1/ServiceAccount`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServiceAccount {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub secrets: Ignored,
+    #[serde(default, rename = "imagePullSecrets", skip_serializing)]
+    pub image_pull_secrets: Ignored,
+    #[serde(default, rename = "automountServiceAccountToken", skip_serializing)]
+    pub automount_service_account_token: Ignored,
 }
 
 /// `v1/Pod`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Pod {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: PodSpec,
@@ -74,11 +135,14 @@ pub struct Pod {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PodSpec {
-    /// Defaults to `default`, as in Kubernetes.
+    /// Defaults to `serviceAccount`, then to `default`, as in Kubernetes.
     #[serde(default)]
     pub service_account_name: Option<Name>,
+    /// Kubernetes' deprecated spelling of `serviceAccountName`, used when that is absent.
+    #[serde(default)]
+    pub service_account: Option<Name>,
     /// The node the pod runs on. A pod without one is not scheduled.
     #[serde(default)]
     pub node_name: Option<NodeName>,
@@ -87,8 +151,81 @@ pub struct PodSpec {
     /// Only the ports are read (named `targetPort`s resolve through them).
     #[serde(default)]
     pub containers: Vec<Container>,
+    #[serde(default, skip_serializing)]
+    pub active_deadline_seconds: Ignored,
+    #[serde(default, skip_serializing)]
+    pub affinity: Ignored,
+    #[serde(default, skip_serializing)]
+    pub automount_service_account_token: Ignored,
+    #[serde(default, skip_serializing)]
+    pub dns_config: Ignored,
+    #[serde(default, skip_serializing)]
+    pub dns_policy: Ignored,
+    #[serde(default, skip_serializing)]
+    pub enable_service_links: Ignored,
+    #[serde(default, skip_serializing)]
+    pub ephemeral_containers: Ignored,
+    #[serde(default, skip_serializing)]
+    pub host_aliases: Ignored,
+    #[serde(default, rename = "hostIPC", skip_serializing)]
+    pub host_ipc: Ignored,
+    #[serde(default, rename = "hostPID", skip_serializing)]
+    pub host_pid: Ignored,
+    #[serde(default, skip_serializing)]
+    pub host_users: Ignored,
+    #[serde(default, skip_serializing)]
+    pub hostname: Ignored,
+    #[serde(default, skip_serializing)]
+    pub hostname_override: Ignored,
+    #[serde(default, skip_serializing)]
+    pub image_pull_secrets: Ignored,
+    #[serde(default, skip_serializing)]
+    pub init_containers: Ignored,
+    #[serde(default, skip_serializing)]
+    pub node_selector: Ignored,
+    #[serde(default, skip_serializing)]
+    pub os: Ignored,
+    #[serde(default, skip_serializing)]
+    pub overhead: Ignored,
+    #[serde(default, skip_serializing)]
+    pub preemption_policy: Ignored,
+    #[serde(default, skip_serializing)]
+    pub priority: Ignored,
+    #[serde(default, skip_serializing)]
+    pub priority_class_name: Ignored,
+    #[serde(default, skip_serializing)]
+    pub readiness_gates: Ignored,
+    #[serde(default, skip_serializing)]
+    pub resource_claims: Ignored,
+    #[serde(default, skip_serializing)]
+    pub resources: Ignored,
+    #[serde(default, skip_serializing)]
+    pub restart_policy: Ignored,
+    #[serde(default, skip_serializing)]
+    pub runtime_class_name: Ignored,
+    #[serde(default, skip_serializing)]
+    pub scheduler_name: Ignored,
+    #[serde(default, skip_serializing)]
+    pub scheduling_gates: Ignored,
+    #[serde(default, skip_serializing)]
+    pub security_context: Ignored,
+    #[serde(default, rename = "setHostnameAsFQDN", skip_serializing)]
+    pub set_hostname_as_fqdn: Ignored,
+    #[serde(default, skip_serializing)]
+    pub share_process_namespace: Ignored,
+    #[serde(default, skip_serializing)]
+    pub subdomain: Ignored,
+    #[serde(default, skip_serializing)]
+    pub termination_grace_period_seconds: Ignored,
+    #[serde(default, skip_serializing)]
+    pub tolerations: Ignored,
+    #[serde(default, skip_serializing)]
+    pub topology_spread_constraints: Ignored,
+    #[serde(default, skip_serializing)]
+    pub volumes: Ignored,
 }
 
+/// A container: only its ports are read; the rest of it is not checked.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 pub struct Container {
     #[serde(default)]
@@ -96,17 +233,21 @@ pub struct Container {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ContainerPort {
     #[serde(default)]
     pub name: Option<String>,
     pub container_port: Port,
     #[serde(default)]
     pub protocol: Option<Protocol>,
+    #[serde(default, skip_serializing)]
+    pub host_port: Ignored,
+    #[serde(default, rename = "hostIP", skip_serializing)]
+    pub host_ip: Ignored,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PodStatus {
     /// Defaults to `Running` when the pod has an IP, `Pending` otherwise (local manifests
     /// describe pods as they run and rarely spell this out).
@@ -118,6 +259,32 @@ pub struct PodStatus {
     pub pod_ips: Vec<PodIp>,
     #[serde(default)]
     pub conditions: Vec<PodCondition>,
+    #[serde(default, skip_serializing)]
+    pub message: Ignored,
+    #[serde(default, skip_serializing)]
+    pub reason: Ignored,
+    #[serde(default, skip_serializing)]
+    pub nominated_node_name: Ignored,
+    #[serde(default, rename = "hostIP", skip_serializing)]
+    pub host_ip: Ignored,
+    #[serde(default, rename = "hostIPs", skip_serializing)]
+    pub host_ips: Ignored,
+    #[serde(default, skip_serializing)]
+    pub start_time: Ignored,
+    #[serde(default, skip_serializing)]
+    pub init_container_statuses: Ignored,
+    #[serde(default, skip_serializing)]
+    pub container_statuses: Ignored,
+    #[serde(default, skip_serializing)]
+    pub ephemeral_container_statuses: Ignored,
+    #[serde(default, skip_serializing)]
+    pub qos_class: Ignored,
+    #[serde(default, skip_serializing)]
+    pub resize: Ignored,
+    #[serde(default, skip_serializing)]
+    pub resource_claim_statuses: Ignored,
+    #[serde(default, skip_serializing)]
+    pub observed_generation: Ignored,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -130,15 +297,27 @@ pub enum PodPhase {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct PodIp {
     pub ip: IpAddr,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PodCondition {
     #[serde(rename = "type")]
     pub kind: String,
     pub status: ConditionStatus,
+    #[serde(default, skip_serializing)]
+    pub last_probe_time: Ignored,
+    #[serde(default, skip_serializing)]
+    pub last_transition_time: Ignored,
+    #[serde(default, skip_serializing)]
+    pub message: Ignored,
+    #[serde(default, skip_serializing)]
+    pub reason: Ignored,
+    #[serde(default, skip_serializing)]
+    pub observed_generation: Ignored,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -153,6 +332,7 @@ impl Pod {
         self.spec
             .service_account_name
             .as_ref()
+            .or(self.spec.service_account.as_ref())
             .map_or("default", |n| n.as_str())
     }
 
@@ -208,14 +388,21 @@ impl Pod {
 
 /// `v1/Service`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Service {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
     #[serde(default)]
     pub spec: ServiceSpec,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceSpec {
     /// Pods whose labels include all of these back the service. Absent: endpoints are
     /// managed elsewhere (none in local mode).
@@ -235,6 +422,32 @@ pub struct ServiceSpec {
     /// `PreferClose` asks for same-zone/same-node endpoints first.
     #[serde(default)]
     pub traffic_distribution: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub allocate_load_balancer_node_ports: Ignored,
+    #[serde(default, rename = "externalIPs", skip_serializing)]
+    pub external_ips: Ignored,
+    #[serde(default, skip_serializing)]
+    pub external_traffic_policy: Ignored,
+    #[serde(default, skip_serializing)]
+    pub health_check_node_port: Ignored,
+    #[serde(default, skip_serializing)]
+    pub internal_traffic_policy: Ignored,
+    #[serde(default, skip_serializing)]
+    pub ip_families: Ignored,
+    #[serde(default, skip_serializing)]
+    pub ip_family_policy: Ignored,
+    #[serde(default, skip_serializing)]
+    pub load_balancer_class: Ignored,
+    #[serde(default, rename = "loadBalancerIP", skip_serializing)]
+    pub load_balancer_ip: Ignored,
+    #[serde(default, skip_serializing)]
+    pub load_balancer_source_ranges: Ignored,
+    #[serde(default, skip_serializing)]
+    pub publish_not_ready_addresses: Ignored,
+    #[serde(default, skip_serializing)]
+    pub session_affinity: Ignored,
+    #[serde(default, skip_serializing)]
+    pub session_affinity_config: Ignored,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -282,7 +495,7 @@ impl Service {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     #[serde(default)]
     pub name: Option<String>,
@@ -294,6 +507,8 @@ pub struct ServicePort {
     pub protocol: Option<Protocol>,
     #[serde(default)]
     pub app_protocol: Option<String>,
+    #[serde(default, skip_serializing)]
+    pub node_port: Ignored,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -311,8 +526,15 @@ pub enum Protocol {
 
 /// `security.istio.io/v1` AuthorizationPolicy.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuthorizationPolicy {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
     #[serde(default)]
     pub spec: AuthorizationPolicySpec,
 }
@@ -506,8 +728,15 @@ impl<'de> Deserialize<'de> for ConditionKey {
 
 /// `security.istio.io/v1` PeerAuthentication.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct PeerAuthentication {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
     #[serde(default)]
     pub spec: PeerAuthenticationSpec,
 }
@@ -544,13 +773,20 @@ pub enum MtlsMode {
 
 /// `networking.istio.io/v1` ServiceEntry.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServiceEntry {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
     pub spec: ServiceEntrySpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceEntrySpec {
     pub hosts: Vec<NonEmpty>,
     #[serde(default)]
@@ -572,7 +808,7 @@ pub struct ServiceEntrySpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceEntryPort {
     pub number: Port,
     #[serde(default)]
@@ -600,6 +836,7 @@ pub enum ServiceEntryResolution {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServiceEntryWorkloadSelector {
     #[serde(default)]
     pub labels: Labels,
@@ -607,13 +844,20 @@ pub struct ServiceEntryWorkloadSelector {
 
 /// `networking.istio.io/v1` WorkloadEntry.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkloadEntry {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
     pub spec: WorkloadEntrySpec,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadEntrySpec {
     /// An IP address, a hostname, or a unix socket path.
     #[serde(default)]
@@ -637,22 +881,35 @@ pub struct WorkloadEntrySpec {
 
 /// Gateway API `Gateway` (a waypoint when `gatewayClassName: istio-waypoint`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Gateway {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
     pub spec: GatewaySpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewaySpec {
     pub gateway_class_name: Name,
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub addresses: Vec<GatewayAddress>,
+    #[serde(default, skip_serializing)]
+    pub infrastructure: Ignored,
+    #[serde(default, rename = "backendTLS", skip_serializing)]
+    pub backend_tls: Ignored,
+    #[serde(default, skip_serializing)]
+    pub allowed_listeners: Ignored,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Listener {
     pub name: NonEmpty,
     #[serde(default)]
@@ -668,6 +925,7 @@ pub struct Listener {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct GatewayAddress {
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
@@ -676,14 +934,21 @@ pub struct GatewayAddress {
 
 /// Gateway API `HTTPRoute`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpRoute {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
     pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
     #[serde(default)]
     pub spec: HttpRouteSpec,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteSpec {
     #[serde(default)]
     pub parent_refs: Vec<ParentReference>,
@@ -694,7 +959,7 @@ pub struct HttpRouteSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ParentReference {
     #[serde(default)]
     pub group: Option<String>,
@@ -710,7 +975,7 @@ pub struct ParentReference {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteRule {
     #[serde(default)]
     pub name: Option<String>,
@@ -727,10 +992,13 @@ pub struct HttpRouteRule {
     /// Kept as written; interpreted by the waypoint.
     #[serde(default)]
     pub retry: Option<serde_json::Value>,
+    /// Kept as written; interpreted by the waypoint.
+    #[serde(default)]
+    pub session_persistence: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteMatch {
     #[serde(default)]
     pub path: Option<HttpPathMatch>,
@@ -743,6 +1011,7 @@ pub struct HttpRouteMatch {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpPathMatch {
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
@@ -751,6 +1020,7 @@ pub struct HttpPathMatch {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpHeaderMatch {
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
@@ -759,7 +1029,7 @@ pub struct HttpHeaderMatch {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpBackendRef {
     #[serde(default)]
     pub group: Option<String>,

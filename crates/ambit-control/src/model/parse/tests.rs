@@ -436,3 +436,143 @@ fn lone_carriage_returns_count_as_line_breaks() {
     let lines: Vec<&str> = yaml_lines("a\r\nb\rc\nd").collect();
     assert_eq!(lines, ["a\r\n", "b\r", "c\n", "d"]);
 }
+
+#[test]
+fn a_misspelt_field_of_a_pod_service_or_namespace_is_an_error() {
+    // serviceAcountName would otherwise give the pod the `default` identity.
+    let cases = [
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {serviceAcountName: sleep}\n",
+            "spec",
+            "serviceAcountName",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p, lables: {app: x}}\n",
+            "metadata",
+            "lables",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nstatus: {podIp: 198.18.0.1}\n",
+            "status",
+            "podIp",
+        ),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, ports: [{containerPorts: 80}]}]}\n",
+            "spec.containers[0].ports[0]",
+            "containerPorts",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {selecter: {app: x}}\n",
+            "spec",
+            "selecter",
+        ),
+        (
+            "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: 80, targetport: 8080}]}\n",
+            "spec.ports[0]",
+            "targetport",
+        ),
+        (
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}\nlabels: {istio.io/dataplane-mode: ambient}\n",
+            "",
+            "labels",
+        ),
+        (
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p}\nspc: {mtls: {mode: STRICT}}\n",
+            "",
+            "spc",
+        ),
+        (
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: w}\nspec: {address: 198.18.0.9, serviceAcount: x}\n",
+            "spec",
+            "serviceAcount",
+        ),
+        (
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec: {parentRef: [{name: x}]}\n",
+            "spec",
+            "parentRef",
+        ),
+    ];
+    for (text, path, field) in cases {
+        let e = errors(text);
+        assert!(e[0].message.contains(field), "{text}: {}", e[0].message);
+        assert!(
+            e[0].field.as_deref().unwrap_or("").starts_with(path),
+            "{text}: field {:?}",
+            e[0].field
+        );
+    }
+}
+
+#[test]
+fn every_known_kubernetes_field_is_accepted_and_the_deprecated_service_account_counts() {
+    let Object::Pod(pod) = one("
+apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+  namespace: demo
+  generateName: p-
+  resourceVersion: '42'
+  creationTimestamp: '2026-01-01T00:00:00Z'
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: r, uid: u}]
+  managedFields: []
+spec:
+  serviceAccount: legacy-sa
+  nodeName: n
+  restartPolicy: Always
+  dnsPolicy: ClusterFirst
+  terminationGracePeriodSeconds: 30
+  securityContext: {runAsNonRoot: true}
+  tolerations: [{key: k, operator: Exists}]
+  volumes: [{name: v, emptyDir: {}}]
+  containers:
+  - name: app
+    image: busybox
+    resources: {limits: {cpu: 1}}
+    ports: [{containerPort: 8080, name: http, protocol: TCP}]
+status:
+  phase: Running
+  hostIP: 198.18.0.1
+  podIP: 198.18.0.10
+  startTime: '2026-01-01T00:00:00Z'
+  qosClass: Burstable
+  containerStatuses: [{name: app, ready: true}]
+  conditions: [{type: Ready, status: 'True', lastTransitionTime: '2026-01-01T00:00:00Z'}]
+")
+    else {
+        panic!("not a pod")
+    };
+    assert_eq!(pod.service_account(), "legacy-sa");
+    assert_eq!(pod.named_port("http"), Some(8080));
+    // Ignored fields are not written back out.
+    let json = serde_json::to_string(&*pod).unwrap();
+    assert!(
+        !json.contains("Burstable") && !json.contains("generateName"),
+        "{json}"
+    );
+}
+
+#[test]
+fn a_misspelt_kind_in_a_mesh_group_is_an_error() {
+    let e = errors(
+        "apiVersion: security.istio.io/v1\nkind: AuthorisationPolicy\nmetadata: {name: p}\nspec: {action: DENY}\n",
+    );
+    assert_eq!(e[0].field.as_deref(), Some("kind"));
+    assert!(
+        e[0].message.contains("did you mean AuthorizationPolicy?"),
+        "{}",
+        e[0].message
+    );
+    for text in [
+        "apiVersion: networking.istio.io/v1\nkind: VirtualServices\nmetadata: {name: v}\n",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HttpRoute2\nmetadata: {name: r}\n",
+    ] {
+        assert_eq!(errors(text)[0].field.as_deref(), Some("kind"), "{text}");
+    }
+    // Known kinds Ambit does not model, and other groups, are skipped and listed.
+    let parsed = parse_file(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r}\n---\napiVersion: example.com/v1\nkind: Widgit\nmetadata: {name: w}\n",
+    )
+    .unwrap();
+    assert_eq!(parsed.ignored.len(), 2);
+}
