@@ -37,6 +37,8 @@ pub struct Metrics {
     pub xds_nacks: Family<TypeLabel, Counter>,
     pub xds_generation: Gauge,
     pub xds_resources: Family<TypeLabel, Gauge>,
+    /// AuthorizationPolicies no node proxy enforces (waypoint-bound or CUSTOM).
+    pub policies_unenforced: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,6 +117,12 @@ impl Default for Metrics {
             "Discovery resources in the current snapshot, by type",
             xds_resources.clone(),
         );
+        let policies_unenforced = Gauge::default();
+        registry.register(
+            "policies_unenforced",
+            "AuthorizationPolicies no node proxy enforces: bound to a waypoint by targetRefs, or action CUSTOM (none runs here)",
+            policies_unenforced.clone(),
+        );
         // Every result label exists from the start so rate() works before the first event.
         for result in CA_RESULTS {
             let _ = ca_requests.get_or_create(&ResultLabel { result });
@@ -133,6 +141,7 @@ impl Default for Metrics {
             xds_nacks,
             xds_generation,
             xds_resources,
+            policies_unenforced,
         }
     }
 }
@@ -172,6 +181,8 @@ impl Metrics {
     pub fn observe_snapshot(&self, snapshot: &crate::xds::snapshot::Snapshot) {
         use crate::xds::translate::ResourceType;
         self.xds_generation.set(snapshot.generation as i64);
+        self.policies_unenforced
+            .set(crate::xds::translate::unenforced_count(&snapshot.warnings) as i64);
         for (t, kind) in [
             (ResourceType::Address, "Address"),
             (ResourceType::Authorization, "Authorization"),

@@ -36,6 +36,10 @@ pub struct Authorization {
     /// reason): what it says is unknown, so it denies every connection it applies to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<Str>,
+    /// Set when this policy is not for a node proxy to enforce (why): it is shown, and
+    /// never evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unenforced: Option<Str>,
 }
 
 impl Authorization {
@@ -55,6 +59,7 @@ impl Authorization {
             dry_run: false,
             rules: Vec::new(),
             refused: Some(reason),
+            unenforced: None,
         }
     }
 }
@@ -397,6 +402,9 @@ pub fn evaluate<'p>(
             // What the policy says is unknown: whatever it allows, it may deny this.
             return Evaluation::refusal(Decider::Refused(p));
         }
+        if p.unenforced.is_some() {
+            continue;
+        }
         let mut matched = None;
         if p.action == PolicyAction::Audit {
             if audit.is_none() && p.matches(c) {
@@ -457,6 +465,7 @@ mod tests {
             dry_run: false,
             rules,
             refused: None,
+            unenforced: None,
         }
     }
 

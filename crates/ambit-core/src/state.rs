@@ -439,6 +439,7 @@ mod tests {
             action: PolicyAction::Deny,
             dry_run: false,
             refused: None,
+            unenforced: None,
             rules: vec![],
         }
     }

@@ -156,6 +156,7 @@ mod tests {
             dry_run: false,
             rules: vec![Rule::default()],
             refused: None,
+            unenforced: None,
         }
     }
 

@@ -34,6 +34,15 @@ pub mod security {
     /// The extension that carries an AUDIT policy's rules (its config: an
     /// [`Authorization`] holding only them), on a policy published as a DENY without rules.
     pub const AUDIT_EXTENSION: &str = "ambit.io/audit";
+
+    /// The extension that marks a policy no node proxy enforces (bound to a waypoint by
+    /// `targetRefs`, or action CUSTOM) on a policy published as a DENY without rules, so
+    /// that node proxies can show it; its config is a `google.protobuf.StringValue`
+    /// saying why.
+    pub const UNENFORCED_EXTENSION: &str = "ambit.io/unenforced";
+
+    /// Type URL of `google.protobuf.StringValue`.
+    pub const STRING_VALUE_TYPE_URL: &str = "type.googleapis.com/google.protobuf.StringValue";
 }
 
 /// `istio.workload.zds`: node agent <-> node proxy.

@@ -342,6 +342,7 @@ pub fn authorization(
         Err(_) => return Err(format!("unknown action {}", a.action)),
     };
     let audit_rules;
+    let mut unenforced = None;
     let (action, dry_run, rules) = match a.extensions.as_slice() {
         [] => (action, a.dry_run, &a.rules),
         [ext] if ext.name == pb_sec::AUDIT_EXTENSION => {
@@ -360,6 +361,21 @@ pub fn authorization(
                 .map_err(|e| format!("undecodable audit extension: {e}"))?
                 .rules;
             (PolicyAction::Audit, false, &audit_rules)
+        }
+        [ext] if ext.name == pb_sec::UNENFORCED_EXTENSION => {
+            if action != PolicyAction::Deny || !a.rules.is_empty() || a.dry_run {
+                return Err(
+                    "an unenforced policy must be published as a DENY without rules".to_owned(),
+                );
+            }
+            let reason = ext
+                .config
+                .as_ref()
+                .filter(|c| c.type_url == pb_sec::STRING_VALUE_TYPE_URL)
+                .and_then(|c| String::decode(c.value.as_slice()).ok())
+                .ok_or("the unenforced extension's config is not a StringValue")?;
+            unenforced = Some(i.get(&reason));
+            (PolicyAction::Deny, false, &a.rules)
         }
         // An extension may restrict what the policy matches: one this proxy does not
         // understand cannot be applied faithfully, so the policy is refused (and a
@@ -405,6 +421,7 @@ pub fn authorization(
         dry_run,
         rules: rules_out,
         refused: None,
+        unenforced,
     })
 }
 
@@ -559,6 +576,25 @@ mod tests {
         ] {
             assert!(authorization("ns/p", bad, &mut i).is_err(), "{why}");
         }
+        // Not enforced: kept to be shown, with its reason.
+        let unenforced = pb_sec::Authorization {
+            name: "p".into(),
+            namespace: "ns".into(),
+            action: deny,
+            extensions: vec![pb_sec::Extension {
+                name: pb_sec::UNENFORCED_EXTENSION.into(),
+                config: Some(ambit_proto::prost_types::Any {
+                    type_url: pb_sec::STRING_VALUE_TYPE_URL.into(),
+                    value: "needs a waypoint".to_owned().encode_to_vec(),
+                }),
+            }],
+            ..Default::default()
+        };
+        let p = authorization("ns/p", unenforced.clone(), &mut i).unwrap();
+        assert_eq!(p.unenforced.as_deref(), Some("needs a waypoint"));
+        let mut with_rules = unenforced;
+        with_rules.rules.push(rule.clone());
+        assert!(authorization("ns/p", with_rules, &mut i).is_err());
     }
 
     #[test]

@@ -206,7 +206,11 @@ fn policy_rows(list: &Value) -> Vec<Vec<String>> {
         rows.push(vec![
             s(&p["namespace"]),
             s(&p["name"]),
-            if p["dry_run"] == Value::Bool(true) {
+            if let Some(why) = p["unenforced"].as_str() {
+                format!("NOT ENFORCED: {why}")
+            } else if let Some(why) = p["refused"].as_str() {
+                format!("REFUSED (denies all): {why}")
+            } else if p["dry_run"] == Value::Bool(true) {
                 format!("{} (dry-run)", s(&p["action"]))
             } else {
                 s(&p["action"])

@@ -197,6 +197,17 @@ fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     for i in &status.ignored {
         writeln!(out, "skipped (kind not modelled): {i}")?;
     }
+    // What the node proxies will (not) do with the policies, as the control plane
+    // would translate them.
+    let mut translator = ambit_control::xds::translate::Translator::new(
+        ambit_control::xds::translate::TranslateOptions::default(),
+    );
+    translator.full(&model);
+    for (policy, warnings) in translator.warnings() {
+        for w in warnings {
+            writeln!(out, "warning: {policy}: {w}")?;
+        }
+    }
     let counts: Vec<String> = model
         .counts()
         .into_iter()

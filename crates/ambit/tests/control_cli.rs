@@ -257,6 +257,42 @@ fn validate_reports_file_line_and_field() {
 }
 
 #[test]
+fn validate_says_which_policies_nothing_enforces() {
+    let (dir, manifests, _state) = dirs();
+    std::fs::write(
+        manifests.join("policies.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: for-the-waypoint, namespace: demo}
+spec: {targetRefs: [{kind: Service, group: '', name: echo}], action: DENY, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: demo}
+spec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}
+",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["control", "validate", "--manifests"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warning: demo/for-the-waypoint: NOT ENFORCED: targetRefs (Service echo)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("warning: demo/ext: NOT ENFORCED: action CUSTOM"),
+        "{text}"
+    );
+    // Warnings are not refusals.
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    drop(dir);
+}
+
+#[test]
 fn token_to_a_file_is_private() {
     use std::os::unix::fs::PermissionsExt;
     let (dir, _manifests, state) = dirs();

@@ -360,7 +360,11 @@ impl Translator {
                     self.warnings.remove(&key);
                 } else {
                     for w in &warnings {
-                        tracing::warn!(policy = %key, warning = %w, "AuthorizationPolicy is enforced differently at L4");
+                        if w.starts_with("NOT ENFORCED") {
+                            tracing::warn!(policy = %key, warning = %w, "AuthorizationPolicy is not enforced");
+                        } else {
+                            tracing::warn!(policy = %key, warning = %w, "AuthorizationPolicy is enforced differently at L4");
+                        }
                     }
                     self.warnings.insert(key.clone(), warnings);
                 }
@@ -661,23 +665,72 @@ pub fn node_proxy_mode(p: &AuthorizationPolicy) -> Option<NodeProxyMode> {
     }
 }
 
+/// Why no node proxy enforces `p` (when [`node_proxy_mode`] is `None`). Until a
+/// waypoint runs, nothing enforces such a policy: the control plane says so wherever it
+/// can (log, `/debug/xds`, `ambit control validate`, `ambit_policies_unenforced`, and
+/// every node proxy's `ambit config policies`). Traffic to a service or workload that
+/// names a waypoint is refused by the node proxies, so binding one is what closes it.
+pub fn unenforced_reason(p: &AuthorizationPolicy) -> String {
+    if p.spec.action == Some(AuthorizationAction::Custom) {
+        "action CUSTOM needs an external authorizer at a waypoint, and no waypoint runs here"
+            .to_owned()
+    } else {
+        let targets: Vec<String> = p
+            .spec
+            .target_ref
+            .iter()
+            .chain(&p.spec.target_refs)
+            .map(|t| format!("{} {}", t.kind.as_str(), t.name.as_str()))
+            .collect();
+        format!(
+            "targetRefs ({}) bind it to a waypoint, and no waypoint runs here",
+            targets.join(", ")
+        )
+    }
+}
+
+/// How many policies in a translator's warnings are not enforced.
+pub fn unenforced_count(warnings: &BTreeMap<String, Vec<String>>) -> usize {
+    warnings
+        .values()
+        .filter(|w| w.iter().any(|m| m.starts_with("NOT ENFORCED")))
+        .count()
+}
+
 /// An AuthorizationPolicy as an L4 policy, with warnings for what L4 cannot check.
-/// `None` when the node proxy does not evaluate it.
+/// A policy no node proxy enforces is published marked as such (see
+/// [`unenforced_reason`]).
 pub fn translate_policy(
     p: &AuthorizationPolicy,
     o: &TranslateOptions,
 ) -> (Option<pb_sec::Authorization>, Vec<String>) {
     let mut warnings = Vec::new();
-    let Some(mode) = node_proxy_mode(p) else {
-        if p.spec.action == Some(AuthorizationAction::Custom) {
-            warnings.push(
-                "action CUSTOM (external authorization) is not supported; the policy is ignored"
-                    .to_owned(),
-            );
-        }
-        return (None, warnings);
-    };
     let ns = p.metadata.namespace();
+    let Some(mode) = node_proxy_mode(p) else {
+        // Published anyway, marked, so every node proxy shows it as not enforced.
+        let reason = unenforced_reason(p);
+        warnings.push(format!("NOT ENFORCED: {reason}"));
+        let scope = if ns == o.root_namespace {
+            pb_sec::Scope::Global
+        } else {
+            pb_sec::Scope::Namespace
+        };
+        let auth = pb_sec::Authorization {
+            name: p.metadata.name.as_str().to_owned(),
+            namespace: ns.to_owned(),
+            scope: scope as i32,
+            action: pb_sec::Action::Deny as i32,
+            extensions: vec![pb_sec::Extension {
+                name: pb_sec::UNENFORCED_EXTENSION.to_owned(),
+                config: Some(ambit_proto::prost_types::Any {
+                    type_url: pb_sec::STRING_VALUE_TYPE_URL.to_owned(),
+                    value: ambit_proto::prost::Message::encode_to_vec(&reason),
+                }),
+            }],
+            ..Default::default()
+        };
+        return (Some(auth), warnings);
+    };
     let deny = matches!(
         p.spec.action,
         Some(AuthorizationAction::Deny) | Some(AuthorizationAction::Audit)

@@ -289,10 +289,22 @@ fn policies_become_l4_authorizations() {
             "demo/dry",
             "demo/l7-allow",
             "demo/l7-deny",
+            "demo/waypoint-bound",
             "istio-system/mesh-wide"
         ],
-        "waypoint-bound policies are not for the node proxy"
     );
+    // A waypoint-bound policy is published marked as not enforced (never evaluated), a
+    // DENY without rules for a proxy that ignores the mark, and warned about.
+    let wp = policy(&t, "demo/waypoint-bound");
+    assert_eq!(wp.action, pb_sec::Action::Deny as i32);
+    assert!(wp.rules.is_empty());
+    assert_eq!(wp.extensions[0].name, pb_sec::UNENFORCED_EXTENSION);
+    let warning = &t.warnings()["demo/waypoint-bound"][0];
+    assert!(
+        warning.starts_with("NOT ENFORCED") && warning.contains("Service echo"),
+        "{warning}"
+    );
+    assert_eq!(unenforced_count(t.warnings()), 1);
 
     // A dry-run policy goes out as Istio writes it: its real action and rules, flagged.
     let dry = policy(&t, "demo/dry");
