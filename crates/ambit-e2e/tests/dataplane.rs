@@ -761,3 +761,54 @@ async fn a_certificate_of_another_trust_domain_under_the_mesh_root_is_refused_at
     // The control: the same root, the mesh's trust domain.
     assert!(attempt(TestPki::id("demo", "sleep")).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_bound_to_a_waypoint_that_is_not_running_is_refused_not_bypassed() {
+    logs::init();
+    let mesh = Mesh::start(cast()).await;
+    let peers = mesh.echo_app("echo-1", APP_PORT);
+    assert_eq!(
+        exchange(mesh.pod("sleep"), ECHO_VIP, b"before")
+            .await
+            .unwrap(),
+        b"before"
+    );
+
+    // The echo Service names a waypoint that does not exist.
+    let path = mesh.dir.path().join("manifests/mesh.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let labelled = text.replace(
+        "metadata: {name: echo, namespace: demo}",
+        "metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}",
+    );
+    assert_ne!(text, labelled);
+    std::fs::write(&path, labelled).unwrap();
+    let node = mesh.node("node-a");
+    eventually("the service's waypoint to reach node-a", || {
+        node.store()
+            .load()
+            .services()
+            .any(|s| s.name.as_ref() == "echo" && s.waypoint.is_some())
+    })
+    .await;
+
+    let served = peers.all().len();
+    assert!(
+        exchange(mesh.pod("sleep"), ECHO_VIP, b"around")
+            .await
+            .is_err(),
+        "the connection went around the waypoint"
+    );
+    assert_eq!(peers.all().len(), served);
+    let line = logs::wait_access("the refusal", |v| {
+        v["direction"] == "outbound"
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("waypoint demo/waypoint.demo.svc.cluster.local"))
+    })
+    .await;
+    assert_eq!(line["dst.service"], "echo.demo.svc.cluster.local");
+    // The pod itself is not bound (the waypoint would take services only).
+    let direct = exchange(mesh.pod("sleep"), mesh.addr("echo-1", APP_PORT), b"pod").await;
+    assert_eq!(direct.unwrap(), b"pod");
+}

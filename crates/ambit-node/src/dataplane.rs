@@ -848,6 +848,45 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                 "NR",
             );
         }
+        Route::NoWaypoint {
+            waypoint,
+            service,
+            workload,
+        } => {
+            // Named a waypoint that cannot be reached: refused, never sent around it.
+            let access = Access {
+                direction: "outbound",
+                src: peer,
+                src_workload: source.as_deref(),
+                src_identity: None,
+                dst: original,
+                hbone: None,
+                dst_workload: workload.as_deref(),
+                dst_service: service.as_deref(),
+                mtls: false,
+                started,
+                authz: None,
+            };
+            let facts = ConnFacts {
+                reporter: Reporter::Source,
+                source: source.as_deref(),
+                source_principal: None,
+                destination: workload.as_deref(),
+                destination_service: service.as_deref(),
+                mutual_tls: false,
+            };
+            let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+            fail_with(
+                &conn,
+                metrics,
+                &access,
+                dp,
+                &format!(
+                    "the destination is bound to waypoint {waypoint}, which has no ready endpoint; refused rather than sent around it"
+                ),
+                "NR",
+            );
+        }
     }
 }
 

@@ -8,12 +8,19 @@
 //!
 //! A chosen workload in the mesh (tunnel protocol HBONE) is reached over HBONE on its
 //! port 15008; one outside it, directly.
+//!
+//! A service or workload bound to a waypoint (Istio's `waypoint` field) is reached
+//! through it, as Istio's node proxy does: HBONE to a ready waypoint endpoint on its HBONE
+//! port, with the original destination as the CONNECT authority. When the waypoint
+//! cannot be found the connection is refused, never sent around it. The waypoint's own
+//! connections are not sent back to it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ambit_core::discovery::{
-    Health, LoadBalancingMode, LocalityScope, Service, TunnelProtocol, Workload,
+    GatewayAddress, GatewayDestination, Health, LoadBalancingMode, LocalityScope, Service,
+    TunnelProtocol, Workload,
 };
 use ambit_core::state::State;
 
@@ -35,6 +42,12 @@ pub enum Route {
     },
     /// A service with no usable endpoint for this port.
     NoEndpoint { service: Arc<Service> },
+    /// The destination must be reached through a waypoint that has no ready endpoint.
+    NoWaypoint {
+        waypoint: String,
+        service: Option<Arc<Service>>,
+        workload: Option<Arc<Workload>>,
+    },
 }
 
 /// Decides where a connection from `source` to `original` goes.
@@ -46,6 +59,18 @@ pub fn route(
     hbone_port: u16,
 ) -> Route {
     if let Some(service) = state.service_by_vip(network, original.ip()) {
+        if let Some(waypoint) = &service.waypoint
+            && let Some(via) =
+                through_waypoint(state, network, source, waypoint, original, hbone_port)
+        {
+            return via
+                .unwrap_or_else(|| Route::NoWaypoint {
+                    waypoint: describe_gateway(waypoint),
+                    service: Some(service.clone()),
+                    workload: None,
+                })
+                .with_service(service);
+        }
         let port = original.port();
         let Some(service_port) = service.ports.iter().find(|p| p.service_port == port) else {
             return Route::NoEndpoint {
@@ -86,12 +111,114 @@ pub fn route(
         return to_workload(workload.clone(), Some(service.clone()), target, hbone_port);
     }
     if let Some(workload) = state.workload_by_ip(network, original.ip()) {
+        if let Some(waypoint) = &workload.waypoint
+            && let Some(via) =
+                through_waypoint(state, network, source, waypoint, original, hbone_port)
+        {
+            return via.unwrap_or_else(|| Route::NoWaypoint {
+                waypoint: describe_gateway(waypoint),
+                service: None,
+                workload: Some(workload.clone()),
+            });
+        }
         return to_workload(workload.clone(), None, original, hbone_port);
     }
     Route::Direct {
         workload: None,
         service: None,
         target: original,
+    }
+}
+
+/// HBONE to a ready endpoint of `waypoint`, carrying `original` as the authority:
+/// `Some(Some(route))`; `Some(None)` when the waypoint has no usable endpoint; `None`
+/// when the source is the waypoint itself (its traffic goes on to the destination).
+fn through_waypoint(
+    state: &State,
+    network: &str,
+    source: Option<&Workload>,
+    waypoint: &GatewayAddress,
+    original: SocketAddr,
+    hbone_port: u16,
+) -> Option<Option<Route>> {
+    let endpoints: Vec<Arc<Workload>> = match &waypoint.destination {
+        GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => {
+            let Some(service) = state
+                .services_by_hostname(hostname)
+                .find(|s| s.namespace == *namespace)
+            else {
+                return Some(None);
+            };
+            let key = service.key();
+            if source.is_some_and(|w| w.profile.services.iter().any(|(k, _)| k.as_ref() == key)) {
+                return None;
+            }
+            state
+                .endpoints(&key)
+                .filter(|w| w.status == Health::Healthy)
+                .filter(|w| !w.addresses.is_empty() && w.profile.network.as_ref() == network)
+                .cloned()
+                .collect()
+        }
+        GatewayDestination::Address(a) => {
+            let Some(w) = state.workload_by_ip(&a.network, a.address) else {
+                return Some(None);
+            };
+            if source.is_some_and(|s| s.uid == w.uid) {
+                return None;
+            }
+            vec![w.clone()]
+        }
+    };
+    if endpoints.is_empty() {
+        return Some(None);
+    }
+    let chosen = endpoints[fastrand::usize(..endpoints.len())].clone();
+    let port = if waypoint.hbone_port == 0 {
+        hbone_port
+    } else {
+        waypoint.hbone_port
+    };
+    Some(Some(Route::Hbone {
+        hbone: SocketAddr::new(chosen.addresses[0], port),
+        workload: chosen,
+        service: None,
+        target: original,
+    }))
+}
+
+/// `namespace/hostname` or the address of a waypoint, for logs.
+fn describe_gateway(g: &GatewayAddress) -> String {
+    match &g.destination {
+        GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => format!("{namespace}/{hostname}"),
+        GatewayDestination::Address(a) => a.address.to_string(),
+    }
+}
+
+impl Route {
+    /// The addressed service, for telemetry (a waypoint route is to the waypoint's
+    /// workload, on behalf of this service).
+    fn with_service(self, s: &Arc<Service>) -> Route {
+        match self {
+            Route::Hbone {
+                workload,
+                target,
+                hbone,
+                ..
+            } => Route::Hbone {
+                workload,
+                service: Some(s.clone()),
+                target,
+                hbone,
+            },
+            other => other,
+        }
     }
 }
 
@@ -382,5 +509,118 @@ mod tests {
         }
         assert_eq!(seen.len(), 4, "{seen:?}");
         assert!(seen.values().all(|n| *n > 40), "{seen:?}");
+    }
+
+    fn waypoint_at(name: &str) -> GatewayAddress {
+        GatewayAddress {
+            destination: GatewayDestination::Hostname {
+                namespace: s("demo"),
+                hostname: format!("{name}.demo.svc.cluster.local").as_str().into(),
+            },
+            hbone_port: 15008,
+        }
+    }
+
+    /// echo (VIP 198.19.0.10:80 -> echo-1:8080) bound to waypoint `wp`; `wp` has one
+    /// pod when `running`.
+    fn bound_mesh(running: bool) -> State {
+        let mut st = State::default();
+        let mut echo = service(None);
+        echo.waypoint = Some(waypoint_at("wp"));
+        st.upsert_service(echo);
+        st.upsert_workload(workload(
+            "echo-1",
+            "198.18.2.10",
+            "n2",
+            "z",
+            TunnelProtocol::Hbone,
+            &[(KEY, 80, 8080)],
+        ));
+        let mut wp = service(None);
+        wp.name = s("wp");
+        wp.hostname = s("wp.demo.svc.cluster.local");
+        wp.vips = vec![];
+        wp.ports = vec![PortMapping {
+            service_port: 15008,
+            target_port: 15008,
+        }];
+        st.upsert_service(wp);
+        if running {
+            st.upsert_workload(workload(
+                "wp-1",
+                "198.18.3.10",
+                "n3",
+                "z",
+                TunnelProtocol::Hbone,
+                &[("demo/wp.demo.svc.cluster.local", 15008, 15008)],
+            ));
+        }
+        st
+    }
+
+    #[test]
+    fn a_service_bound_to_a_waypoint_is_reached_through_it() {
+        let st = bound_mesh(true);
+        let vip = addr("198.19.0.10:80");
+        match route(&st, "", None, vip, 15008) {
+            Route::Hbone {
+                workload,
+                service,
+                target,
+                hbone,
+            } => {
+                assert_eq!(workload.name.as_ref(), "wp-1");
+                assert_eq!(hbone, addr("198.18.3.10:15008"));
+                assert_eq!(target, vip, "the authority is the original destination");
+                assert_eq!(service.unwrap().name.as_ref(), "echo");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The pod IP is not bound (the waypoint takes services).
+        assert!(matches!(
+            route(&st, "", None, addr("198.18.2.10:8080"), 15008),
+            Route::Hbone { workload, .. } if workload.name.as_ref() == "echo-1"
+        ));
+        // The waypoint's own traffic goes on to the service's endpoints.
+        let wp = st.workload("wp-1").unwrap().clone();
+        assert!(matches!(
+            route(&st, "", Some(&wp), vip, 15008),
+            Route::Hbone { workload, .. } if workload.name.as_ref() == "echo-1"
+        ));
+    }
+
+    #[test]
+    fn a_waypoint_that_is_not_running_refuses_instead_of_being_bypassed() {
+        let st = bound_mesh(false);
+        assert!(matches!(
+            route(&st, "", None, addr("198.19.0.10:80"), 15008),
+            Route::NoWaypoint { waypoint, .. } if waypoint == "demo/wp.demo.svc.cluster.local"
+        ));
+        // A waypoint whose Service does not even exist: the same.
+        let mut st = bound_mesh(false);
+        st.remove_address("demo/wp.demo.svc.cluster.local");
+        assert!(matches!(
+            route(&st, "", None, addr("198.19.0.10:80"), 15008),
+            Route::NoWaypoint { .. }
+        ));
+        // A workload bound to one, by its pod IP.
+        let mut st = State::default();
+        let mut w = workload(
+            "echo-1",
+            "198.18.2.10",
+            "n2",
+            "z",
+            TunnelProtocol::Hbone,
+            &[],
+        );
+        w.waypoint = Some(Arc::new(waypoint_at("wp")));
+        st.upsert_workload(w);
+        assert!(matches!(
+            route(&st, "", None, addr("198.18.2.10:8080"), 15008),
+            Route::NoWaypoint {
+                workload: Some(_),
+                ..
+            }
+        ));
     }
 }

@@ -32,6 +32,7 @@ use imbl::OrdMap;
 use super::peer_authn;
 
 use crate::model::fields::{IntOrString, Labels};
+use crate::model::resources::ObjectMeta;
 use crate::model::resources::{Condition, Operation, Protocol, Rule as ApRule, Source};
 use crate::model::{
     AuthorizationAction, AuthorizationPolicy, Change, Kind, Model, Object, ObjectRef, Pod,
@@ -212,10 +213,29 @@ impl Translator {
                 pods_in(model, &ns, out);
                 pods_in(old, &ns, out);
             }
-            // Enrollment comes from the namespace's labels.
+            // Enrollment and waypoint bindings come from the namespace's labels.
             Kind::Namespace => {
                 pods_in(model, &name, out);
                 pods_in(old, &name, out);
+                for m in [model, old] {
+                    for o in m.in_namespace(Kind::Service, &name) {
+                        let k = o.key();
+                        out.insert(Unit::Service(k.namespace, k.name));
+                    }
+                }
+            }
+            // What a waypoint takes (its Gateway's labels) decides who binds to it, from
+            // any namespace: rare, so everything is looked at again.
+            Kind::Gateway => {
+                for m in [model, old] {
+                    for o in m.of_kind(Kind::Pod).chain(m.of_kind(Kind::Service)) {
+                        let k = o.key();
+                        out.insert(match o {
+                            Object::Service(_) => Unit::Service(k.namespace, k.name),
+                            _ => Unit::Pod(k.namespace, k.name),
+                        });
+                    }
+                }
             }
             // Locality comes from the node's labels.
             Kind::Node => {
@@ -262,11 +282,7 @@ impl Translator {
                     }
                 }
             }
-            Kind::ServiceAccount
-            | Kind::ServiceEntry
-            | Kind::WorkloadEntry
-            | Kind::Gateway
-            | Kind::HTTPRoute => {}
+            Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry | Kind::HTTPRoute => {}
         }
     }
 
@@ -340,7 +356,7 @@ impl Translator {
                 let Some(Object::Service(svc)) = model.lookup(Kind::Service, ns, name) else {
                     return None;
                 };
-                let s = translate_service(svc, &self.options);
+                let s = translate_service(model, svc, &self.options);
                 let name = format!("{}/{}", s.namespace, s.hostname);
                 let address = pb::Address {
                     r#type: Some(pb::address::Type::Service(s)),
@@ -445,6 +461,85 @@ fn service_hostname(svc: &Service, o: &TranslateOptions) -> String {
         svc.metadata.namespace(),
         o.domain_suffix
     )
+}
+
+/// Traffic a waypoint takes (`istio.io/waypoint-for` on its Gateway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaypointFor {
+    Service,
+    Workload,
+}
+
+/// The label that binds an object (or every object of a namespace) to a waypoint.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// Next to it: the waypoint's namespace, when not the object's own.
+pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
+/// On a waypoint's Gateway: what traffic it takes (`service`, the default, `workload`,
+/// `all`, `none`).
+pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+
+/// The waypoint `object` is bound to, as Istio's control plane publishes it
+/// (`hostname { namespace, hostname }` of the waypoint's Service, HBONE port 15008).
+///
+/// The object's own `istio.io/use-waypoint` label wins over its namespace's (`none`
+/// opts out). The binding holds if the waypoint takes this kind of traffic: a Service
+/// binds unless the waypoint's Gateway says otherwise (`service` is the default), a
+/// workload only if the Gateway says `workload` or `all`. It is published whether or not
+/// the waypoint runs: the node proxies refuse traffic they cannot send through it, so
+/// naming a waypoint never leaves a way around it. Waypoints themselves never get one.
+pub fn waypoint(
+    model: &Model,
+    object: &ObjectMeta,
+    traffic: WaypointFor,
+    o: &TranslateOptions,
+) -> Option<pb::GatewayAddress> {
+    if is_waypoint(&object.labels) {
+        return None;
+    }
+    let own_ns = object.namespace();
+    let ns_labels = model.namespace(own_ns).map(|n| &n.metadata.labels);
+    let (labels, home) = match object.labels.get(USE_WAYPOINT) {
+        Some(_) => (&object.labels, own_ns),
+        None => (ns_labels?, own_ns),
+    };
+    let name = labels.get(USE_WAYPOINT)?;
+    if name == "none" || name.is_empty() {
+        return None;
+    }
+    let ns = labels.get(USE_WAYPOINT_NAMESPACE).unwrap_or(home);
+    let takes = match model.lookup(Kind::Gateway, ns, name) {
+        Some(Object::Gateway(gw)) => gw
+            .metadata
+            .labels
+            .get(WAYPOINT_FOR)
+            .unwrap_or("service")
+            .to_owned(),
+        _ => "service".to_owned(),
+    };
+    let bound = match (traffic, takes.as_str()) {
+        (_, "all") => true,
+        (WaypointFor::Service, "service") => true,
+        (WaypointFor::Workload, "workload") => true,
+        _ => false,
+    };
+    bound.then(|| pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Hostname(
+            pb::NamespacedHostname {
+                namespace: ns.to_owned(),
+                hostname: format!("{name}.{ns}.svc.{}", o.domain_suffix),
+            },
+        )),
+        hbone_mtls_port: 15008,
+    })
+}
+
+/// Whether an object belongs to a waypoint (its pods and Service carry the name of their
+/// Gateway).
+fn is_waypoint(labels: &Labels) -> bool {
+    labels
+        .get("gateway.networking.k8s.io/gateway-name")
+        .is_some()
+        || labels.get("gateway.istio.io/managed") == Some("istio.io-mesh-controller")
 }
 
 /// A running pod with an IP as a workload; `None` for any other pod.
@@ -558,6 +653,7 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
         .unwrap_or_else(|| "latest".to_owned()),
         workload_type: pb::WorkloadType::Pod as i32,
         workload_name: name.to_owned(),
+        waypoint: waypoint(model, &pod.metadata, WaypointFor::Workload, o),
         services,
         authorization_policies: policies,
         status: if pod.is_ready() {
@@ -577,7 +673,7 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
 }
 
 /// A Service as a discovery service.
-pub fn translate_service(svc: &Service, o: &TranslateOptions) -> pb::Service {
+pub fn translate_service(model: &Model, svc: &Service, o: &TranslateOptions) -> pb::Service {
     let ports = svc
         .spec
         .ports
@@ -630,6 +726,7 @@ pub fn translate_service(svc: &Service, o: &TranslateOptions) -> pb::Service {
         addresses,
         ports,
         load_balancing,
+        waypoint: waypoint(model, &svc.metadata, WaypointFor::Service, o),
         ..Default::default()
     }
 }

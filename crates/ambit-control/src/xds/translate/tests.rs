@@ -390,3 +390,110 @@ fn policy_changes_update_the_selected_workloads() {
     assert!(delta.changed[0].contains("Kubernetes//Pod/demo/echo-1"));
     assert!(!delta.changed[0].contains("Kubernetes//Pod/plain/outside"));
 }
+
+fn service_resource(t: &Translator, name: &str) -> pb::Service {
+    match decode_address(t, name).r#type {
+        Some(pb::address::Type::Service(s)) => s,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn waypoint_host(w: &Option<pb::GatewayAddress>) -> Option<String> {
+    match w.as_ref()?.destination.as_ref()? {
+        pb::gateway_address::Destination::Hostname(h) => {
+            Some(format!("{}/{}", h.namespace, h.hostname))
+        }
+        pb::gateway_address::Destination::Address(_) => Some("address".into()),
+    }
+}
+
+#[test]
+fn use_waypoint_labels_bind_services_and_workloads_as_istio_publishes_them() {
+    const ECHO_SVC: &str = "demo/echo.demo.svc.cluster.local";
+    const ECHO_POD: &str = "Kubernetes//Pod/demo/echo-1";
+    let translate = |extra: &str, ns_label: &str| {
+        let base = BASE.replace(
+            "metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}",
+            &format!(
+                "metadata: {{name: demo, labels: {{istio.io/dataplane-mode: ambient{ns_label}}}}}"
+            ),
+        );
+        let mut t = Translator::new(TranslateOptions::default());
+        t.full(&model(1, &format!("{base}{extra}")));
+        t
+    };
+    // Nothing named: nothing published.
+    let t = translate("", "");
+    assert_eq!(
+        waypoint_host(&service_resource(&t, ECHO_SVC).waypoint),
+        None
+    );
+
+    // On the namespace: the service binds (published even though no waypoint runs, so
+    // node proxies refuse rather than bypass); the pod does not (service is the default).
+    let t = translate("", ", istio.io/use-waypoint: wp");
+    let svc = service_resource(&t, ECHO_SVC);
+    assert_eq!(
+        waypoint_host(&svc.waypoint).as_deref(),
+        Some("demo/wp.demo.svc.cluster.local")
+    );
+    assert_eq!(svc.waypoint.unwrap().hbone_mtls_port, 15008);
+    assert_eq!(waypoint_host(&workload(&t, ECHO_POD).waypoint), None);
+
+    // A Gateway that takes workloads too binds the pod; one in another namespace is
+    // named with use-waypoint-namespace.
+    let gateway = "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: infra, labels: {istio.io/waypoint-for: all}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+";
+    let t = translate(
+        gateway,
+        ", istio.io/use-waypoint: wp, istio.io/use-waypoint-namespace: infra",
+    );
+    assert_eq!(
+        waypoint_host(&workload(&t, ECHO_POD).waypoint).as_deref(),
+        Some("infra/wp.infra.svc.cluster.local")
+    );
+    assert!(service_resource(&t, ECHO_SVC).waypoint.is_some());
+
+    // The service's own label wins over its namespace's; `none` opts out.
+    let opt_out = BASE.replace(
+        "metadata: {name: echo, namespace: demo}",
+        "metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: none}}",
+    );
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&model(
+        1,
+        &opt_out.replace(
+            "labels: {istio.io/dataplane-mode: ambient}}",
+            "labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}",
+        ),
+    ));
+    assert_eq!(
+        waypoint_host(&service_resource(&t, ECHO_SVC).waypoint),
+        None
+    );
+}
+
+#[test]
+fn a_namespace_label_change_retranslates_its_services() {
+    let before = model(1, BASE);
+    let after = model(
+        2,
+        &BASE.replace(
+            "labels: {istio.io/dataplane-mode: ambient}}",
+            "labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: wp}}",
+        ),
+    );
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&before);
+    let delta = t.apply(&after, &before, &after.diff(&before));
+    assert!(
+        delta.changed[ResourceType::Address.index()].contains("demo/echo.demo.svc.cluster.local"),
+        "{delta:?}"
+    );
+}
