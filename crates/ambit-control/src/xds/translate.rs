@@ -516,12 +516,10 @@ pub fn waypoint(
             .to_owned(),
         _ => "service".to_owned(),
     };
-    let bound = match (traffic, takes.as_str()) {
-        (_, "all") => true,
-        (WaypointFor::Service, "service") => true,
-        (WaypointFor::Workload, "workload") => true,
-        _ => false,
-    };
+    let bound = matches!(
+        (traffic, takes.as_str()),
+        (_, "all") | (WaypointFor::Service, "service") | (WaypointFor::Workload, "workload")
+    );
     bound.then(|| pb::GatewayAddress {
         destination: Some(pb::gateway_address::Destination::Hostname(
             pb::NamespacedHostname {
