@@ -62,8 +62,17 @@ impl Ready {
     }
 }
 
-/// Serves `handler` on `listener` until `stop` fires.
+/// Connections one admin, metrics or readiness port serves at once; more are closed on
+/// arrival (a scraper, a probe and a person need a handful).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection is closed after this long, idle or not (clients reconnect).
+pub const MAX_CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Serves `handler` on `listener` until `stop` fires, at most [`MAX_CONNECTIONS`]
+/// connections at once, each for at most [`MAX_CONNECTION_LIFE`] and 10 s to send its
+/// request headers.
 pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -76,8 +85,13 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Rec
             },
             _ = stop.changed() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "monitoring port at its connection limit; closing a new connection");
+            continue;
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(respond(&handler, &req)) }
@@ -86,8 +100,12 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Rec
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "monitoring connection ended with an error");
+            match tokio::time::timeout(MAX_CONNECTION_LIFE, conn).await {
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "monitoring connection ended with an error")
+                }
+                Ok(Ok(())) => {}
+                Err(_) => tracing::debug!(%peer, "monitoring connection closed at its time limit"),
             }
         });
     }
@@ -180,5 +198,38 @@ impl Connection {
             .map_err(|e| std::io::Error::other(e.to_string()))?
             .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_the_port_recovers() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler: Handler = Arc::new(|_: &str| Some(Page::text(StatusCode::OK, "ok\n")));
+        let (_stop, stop_rx) = watch::channel(false);
+        tokio::spawn(serve(listener, handler, stop_rx));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server take them all.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("an extra connection is closed, not left waiting");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        // One idle connection leaves: the port serves again.
+        idle.pop();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (status, body) = get(addr, "/").await.unwrap();
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "ok\n"));
     }
 }

@@ -20,8 +20,10 @@
 //! The crate knows nothing about workloads or policy: callers supply identities,
 //! certificates and addresses.
 
+pub mod admission;
 pub mod client;
 pub mod headers;
+pub mod read_buffer;
 pub mod server;
 pub mod socket;
 pub mod stream;
@@ -41,7 +43,8 @@ pub const HBONE_PORT: u16 = 15008;
 
 /// Receive buffer under TLS on an HBONE connection. rustls asks the socket for about
 /// 4 KiB at a time, which would cost one system call per 4 KiB of ciphertext; this
-/// buffer turns that into one call per up to 64 KiB (one allocation per connection).
+/// buffer turns that into one call per up to 64 KiB (one allocation per connection, on
+/// the server only once the client is authenticated: [`read_buffer`]).
 pub const TLS_READ_BUFFER: usize = 64 * 1024;
 
 /// HTTP/2 settings shared by both ends.

@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::{Admission, Ticket};
 use crate::headers::ConnectHeaders;
 use crate::stream::{H2Stream, h2_to_io};
 use crate::workers::Workers;
@@ -44,6 +45,9 @@ pub struct ServerConfig {
     /// A client must complete TLS and HTTP/2 setup within this time.
     pub handshake_timeout: Duration,
     pub keepalive: Keepalive,
+    /// Limits on connections and handshakes, shared with the process's other servers
+    /// (`None`: unlimited, for tests and tools).
+    pub admission: Option<Arc<Admission>>,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +57,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 1000,
             handshake_timeout: Duration::from_secs(10),
             keepalive: Keepalive::default(),
+            admission: None,
         }
     }
 }
@@ -218,6 +223,17 @@ async fn accept_loop<H: ConnectHandler>(
                         continue;
                     }
                 };
+                // Over a limit: closed now, before anything is spent on it.
+                let ticket = match &server.config.admission {
+                    Some(a) => match a.admit(addr.ip()) {
+                        Ok(t) => Some(t),
+                        Err(r) => {
+                            tracing::debug!(peer = %addr, limit = r.as_str(), "HBONE connection refused on arrival");
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
                 let _ = tcp.set_nodelay(true);
                 let local = tcp.local_addr().unwrap_or(addr);
                 let tls = server.tls.clone();
@@ -225,7 +241,8 @@ async fn accept_loop<H: ConnectHandler>(
                 let handler = handler.clone();
                 let drain = drain.clone();
                 let serve = move |tcp: tokio::net::TcpStream| async move {
-                    if let Err(e) = tls_connection(tcp, addr, local, tls, config, handler, drain).await {
+                    let arrival = Arrival { addr, local, ticket };
+                    if let Err(e) = tls_connection(tcp, arrival, tls, config, handler, drain).await {
                         tracing::debug!(peer = %addr, error = %e, "HBONE connection ended with an error");
                     }
                 };
@@ -268,20 +285,36 @@ async fn accept_loop<H: ConnectHandler>(
     }
 }
 
-async fn tls_connection<H: ConnectHandler>(
-    tcp: tokio::net::TcpStream,
+/// Where a connection came from, and its place under the limits.
+struct Arrival {
     addr: SocketAddr,
     local: SocketAddr,
+    ticket: Option<Ticket>,
+}
+
+async fn tls_connection<H: ConnectHandler>(
+    tcp: tokio::net::TcpStream,
+    arrival: Arrival,
     tls: TlsAcceptor,
     config: Arc<ServerConfig>,
     handler: Arc<H>,
     drain: watch::Receiver<Option<Instant>>,
 ) -> io::Result<()> {
+    let Arrival {
+        addr,
+        local,
+        mut ticket,
+    } = arrival;
     let deadline = Instant::now() + config.handshake_timeout;
-    let tcp = tokio::io::BufReader::with_capacity(crate::TLS_READ_BUFFER, tcp);
-    let stream = tokio::time::timeout_at(deadline, tls.accept(tcp))
+    // Nothing large until the client is authenticated.
+    let tcp = crate::read_buffer::ReadBuffered::new(tcp, crate::TLS_READ_BUFFER);
+    let mut stream = tokio::time::timeout_at(deadline, tls.accept(tcp))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+    if let Some(t) = ticket.as_mut() {
+        t.handshake_done();
+    }
+    stream.get_mut().0.enable();
     let conn = stream.get_ref().1;
     if conn.alpn_protocol() != Some(ambit_tls::config::ALPN_H2) {
         return Err(io::Error::new(
@@ -296,7 +329,7 @@ async fn tls_connection<H: ConnectHandler>(
         addr,
         local,
     };
-    serve_connection(
+    let served = serve_connection(
         crate::tls_io::Batched::new(stream),
         peer,
         &config,
@@ -304,7 +337,10 @@ async fn tls_connection<H: ConnectHandler>(
         drain,
         Some(deadline),
     )
-    .await
+    .await;
+    // The connection counts as open until here.
+    drop(ticket);
+    served
 }
 
 /// Serves HTTP/2 on an established (authenticated) connection. Public so the request

@@ -82,6 +82,8 @@ pub struct DataPlaneConfig {
     /// Until discovery has synced, a connection waits this long for it, then is refused.
     pub sync_timeout: Duration,
     pub hbone_server: ServerConfig,
+    /// Limits on port 15008, every pod's together.
+    pub hbone_limits: ambit_hbone::admission::Limits,
     pub pool: PoolConfig,
 }
 
@@ -96,6 +98,7 @@ impl Default for DataPlaneConfig {
             drain_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(5),
             hbone_server: ServerConfig::default(),
+            hbone_limits: ambit_hbone::admission::Limits::default(),
             pool: PoolConfig::default(),
         }
     }

@@ -38,6 +38,7 @@ use ambit_tls::manager::ManagerOptions;
 use serde::Serialize;
 use tokio::sync::watch;
 
+pub use ambit_hbone::admission::Limits as HboneLimits;
 pub use ambit_xds::{XdsClient, XdsConfig, XdsState};
 pub use dataplane::{Authorizer, DataPlaneConfig, InboundConn, PodInfo};
 
@@ -241,8 +242,24 @@ impl NodeProxy {
                 ..ManagerOptions::default()
             },
         );
+        // One set of limits for every pod's port 15008.
+        let admission = {
+            // Weak: the metrics hold the admission (for its gauges).
+            let metrics = Arc::downgrade(&metrics);
+            Arc::new(ambit_hbone::admission::Admission::new(
+                config.dataplane.hbone_limits,
+                move |r| {
+                    if let Some(m) = metrics.upgrade() {
+                        m.hbone_refused(r.as_str());
+                    }
+                },
+            ))
+        };
+        let _ = metrics.admission.set(admission.clone());
+        let mut dataplane = config.dataplane.clone();
+        dataplane.hbone_server.admission = Some(admission);
         let dp = Arc::new(DataPlane::new(
-            config.dataplane.clone(),
+            dataplane,
             store.clone(),
             certs.clone(),
             bundle.clone(),

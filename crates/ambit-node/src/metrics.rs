@@ -156,6 +156,16 @@ pub struct Metrics {
     pub connect_failures: Counter,
     pub unsynced_refusals: Counter,
     unavailable_policies: Family<ReasonLabel, Counter>,
+    hbone_refused: Family<LimitLabel, Counter>,
+    hbone_connections: Gauge,
+    hbone_handshakes: Gauge,
+    /// Read when metrics are encoded, for the two gauges above.
+    pub admission: std::sync::OnceLock<Arc<ambit_hbone::admission::Admission>>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -211,6 +221,24 @@ impl Default for Metrics {
             "Policies that applied to a connection while this node proxy did not hold them (missing) or could not accept them (refused); each counted once",
             unavailable_policies.clone(),
         );
+        let hbone_refused = Family::<LimitLabel, Counter>::default();
+        own.register(
+            "hbone_refused",
+            "Connections to port 15008 closed on arrival because a limit was reached (connections, handshakes, source_handshakes)",
+            hbone_refused.clone(),
+        );
+        let hbone_connections = Gauge::default();
+        own.register(
+            "hbone_connections",
+            "Open connections on port 15008, every pod together",
+            hbone_connections.clone(),
+        );
+        let hbone_handshakes = Gauge::default();
+        own.register(
+            "hbone_handshakes",
+            "Connections on port 15008 still in their TLS handshake",
+            hbone_handshakes.clone(),
+        );
         Self {
             registry,
             opened,
@@ -221,6 +249,10 @@ impl Default for Metrics {
             connect_failures,
             unsynced_refusals,
             unavailable_policies,
+            hbone_refused,
+            hbone_connections,
+            hbone_handshakes,
+            admission: std::sync::OnceLock::new(),
         }
     }
 }
@@ -233,7 +265,18 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a connection to port 15008 refused on arrival.
+    pub fn hbone_refused(&self, limit: &'static str) {
+        self.hbone_refused
+            .get_or_create(&LimitLabel { limit })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
+        if let Some(a) = self.admission.get() {
+            self.hbone_connections.set(a.open_connections() as i64);
+            self.hbone_handshakes.set(a.pending_handshakes() as i64);
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

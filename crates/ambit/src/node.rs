@@ -55,6 +55,17 @@ pub struct NodeArgs {
     /// connection waits for it before it is refused. Nothing is forwarded unsynced.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     sync_timeout: Duration,
+    /// Open connections on port 15008, every pod's together; more are closed on arrival.
+    #[arg(long, default_value_t = 16_384)]
+    max_hbone_connections: usize,
+    /// Connections on port 15008 in their TLS handshake at once (they are anonymous
+    /// until it completes, within 10 s).
+    #[arg(long, default_value_t = 1024)]
+    max_hbone_handshakes: usize,
+    /// Of those, from one source address: a client that floods the port with
+    /// connections it never authenticates cannot take the places of other peers.
+    #[arg(long, default_value_t = 64)]
+    max_hbone_handshakes_per_source: u32,
     /// Where to announce the admin address for `ambit config --node`.
     #[arg(long, env = "AMBIT_RUN_DIR", default_value = "/run/ambit")]
     run_dir: PathBuf,
@@ -109,6 +120,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     config.dataplane.cluster_id = args.cluster_id;
     config.dataplane.drain_timeout = args.drain_timeout;
     config.dataplane.sync_timeout = args.sync_timeout;
+    config.dataplane.hbone_limits = ambit_node::HboneLimits {
+        connections: args.max_hbone_connections,
+        handshakes: args.max_hbone_handshakes,
+        handshakes_per_source: args.max_hbone_handshakes_per_source,
+    };
     if let Some(n) = args.worker_threads {
         config.worker_threads = n;
     }
