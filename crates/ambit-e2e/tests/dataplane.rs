@@ -352,12 +352,32 @@ async fn a_removed_pod_loses_its_listeners_and_keeps_its_connections() {
     open.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"during");
     assert_eq!(node.pods().draining(), 1);
+    // The tunnel still belongs to the pod: its certificate is kept for it.
+    let echo_id = mesh.spec("echo-1").spiffe();
+    let holds = |node: &ambit_node::NodeProxy| {
+        let node = node.admin_addr();
+        let echo_id = echo_id.clone();
+        async move {
+            let (_, dump) = ambit_admin::get(node, "/config_dump").await.unwrap();
+            let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+            dump["certificates"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["identity"] == echo_id.as_str())
+        }
+    };
+    assert!(
+        holds(node).await,
+        "the certificate went while a tunnel was open"
+    );
     // It ends when its client ends it; then nothing of the pod is left.
     drop(open);
     eventually("the removed pod's last connection to end", || {
         node.pods().draining() == 0
     })
     .await;
+    assert!(!holds(node).await, "the certificate outlived the pod");
 
     // Served again, with a connection open when the node proxy shuts down: that one
     // gets the drain timeout, then is closed.
@@ -382,10 +402,15 @@ async fn a_removed_pod_loses_its_listeners_and_keeps_its_connections() {
         end.is_ok(),
         "the connection outlived the node proxy's drain"
     );
+    let closed_after = started.elapsed();
     assert!(
-        started.elapsed() >= Duration::from_millis(1500),
-        "closed before the drain timeout: {:?}",
-        started.elapsed()
+        closed_after >= Duration::from_millis(1500),
+        "closed before the drain timeout: {closed_after:?}"
+    );
+    // ... and at it (2 s here), inbound tunnel included, not whenever the process ends.
+    assert!(
+        closed_after < Duration::from_millis(4500),
+        "the inbound tunnel outlived the drain deadline: {closed_after:?}"
     );
     shutdown.await.unwrap();
 }

@@ -1134,8 +1134,10 @@ struct Inbound(Arc<PodCtx>);
 impl ConnectHandler for Inbound {
     async fn handle(&self, c: IncomingConnect) {
         let ctx = &self.0;
-        // The HBONE server's drain waits for these streams; the token ends them if the
-        // drain deadline passes.
+        // An inbound tunnel belongs to its pod like the pod's other connections: counted
+        // by the pod's tracker (its drain waits for it, its certificate is kept for it)
+        // and ended by the pod's cancellation when the drain deadline passes.
+        let _counted = ctx.tracker.token();
         tokio::select! {
             _ = inbound_hbone(ctx, c) => {}
             _ = ctx.cancel.cancelled() => {}
