@@ -540,8 +540,13 @@ impl Reconciler {
         self.session = None;
     }
 
-    fn open_netns(path: &Path) -> Result<File, PodError> {
-        File::open(path).map_err(|source| {
+    /// Opens a pod's namespace file off the async thread (a filesystem call).
+    async fn open_netns(path: &Path) -> Result<File, PodError> {
+        let p = path.to_owned();
+        let opened = tokio::task::spawn_blocking(move || File::open(p))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        opened.map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 PodError::NoNetns(path.to_owned())
             } else {
@@ -620,7 +625,7 @@ impl Reconciler {
         path: &Path,
         installed: Option<Option<String>>,
     ) -> (Option<Option<String>>, Result<(), PodError>) {
-        let file = match Self::open_netns(path) {
+        let file = match Self::open_netns(path).await {
             Ok(f) => f,
             Err(e) => return (None, Err(e)),
         };
@@ -667,7 +672,7 @@ impl Reconciler {
         let (pod, path) = (t.pod.clone(), t.netns.clone());
         let was_enrolled = matches!(t.state, Tracking::Enrolled { .. });
         let label = format!("{}/{}", pod.namespace, pod.name);
-        match Self::open_netns(&path) {
+        match Self::open_netns(&path).await {
             Ok(file) => {
                 let redirector = self.config.redirector.clone();
                 let r =

@@ -21,6 +21,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use nix::sched::CloneFlags;
 
@@ -56,6 +57,8 @@ pub enum RedirectError {
     },
     #[error("{command} failed: {stderr}")]
     Command { command: String, stderr: String },
+    #[error("{command} did not finish within {timeout:?} and was killed")]
+    Timeout { command: String, timeout: Duration },
     #[error("the helper thread failed")]
     Thread,
     #[error("reading the pod's sockets: {0}")]
@@ -153,6 +156,8 @@ pub enum Mode {
 pub struct Redirector {
     pub nft: PathBuf,
     pub ip: PathBuf,
+    /// How long one `nft` or `ip` run may take before it is killed and reported.
+    pub timeout: Duration,
 }
 
 impl Default for Redirector {
@@ -160,6 +165,7 @@ impl Default for Redirector {
         Self {
             nft: PathBuf::from("nft"),
             ip: PathBuf::from("ip"),
+            timeout: Duration::from_secs(10),
         }
     }
 }
@@ -251,15 +257,13 @@ impl Redirector {
     /// tells whether the rules drifted.
     pub fn listing(&self, netns: &File) -> Result<Option<String>, RedirectError> {
         in_netns(netns, || {
-            let table = Command::new(&self.nft)
-                .args(["list", "table", "inet", TABLE])
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|source| RedirectError::Spawn {
-                    program: "nft",
-                    package: "nftables",
-                    source,
-                })?;
+            let table = run(
+                &self.nft,
+                &["list", "table", "inet", TABLE],
+                None,
+                self.timeout,
+                ("nft", "nftables"),
+            )?;
             if !table.status.success() {
                 return Ok(None);
             }
@@ -277,39 +281,13 @@ impl Redirector {
     }
 
     fn nft(&self, script: &str) -> Result<(), RedirectError> {
-        let mut child = Command::new(&self.nft)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| RedirectError::Spawn {
-                program: "nft",
-                package: "nftables",
-                source,
-            })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // nft may exit before reading everything (a parse error, a wrapper that
-            // refuses); its exit status and message below say why, not the broken pipe.
-            if let Err(source) = stdin.write_all(script.as_bytes())
-                && source.kind() != std::io::ErrorKind::BrokenPipe
-            {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(RedirectError::Spawn {
-                    program: "nft",
-                    package: "nftables",
-                    source,
-                });
-            }
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|source| RedirectError::Spawn {
-                program: "nft",
-                package: "nftables",
-                source,
-            })?;
+        let out = run(
+            &self.nft,
+            &["-f", "-"],
+            Some(script.as_bytes()),
+            self.timeout,
+            ("nft", "nftables"),
+        )?;
         if out.status.success() {
             Ok(())
         } else {
@@ -325,16 +303,7 @@ impl Redirector {
     }
 
     fn ip_output(&self, args: &[&str]) -> Result<String, RedirectError> {
-        let out = Command::new(&self.ip)
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|source| RedirectError::Spawn {
-                program: "ip",
-                package: "iproute2",
-                source,
-            })?;
+        let out = run(&self.ip, args, None, self.timeout, ("ip", "iproute2"))?;
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
@@ -344,6 +313,75 @@ impl Redirector {
             })
         }
     }
+}
+
+/// Runs `program` with `args`, feeding it `stdin`, and waits at most `timeout` for it to
+/// exit (then it is killed and the run is an error). Output is collected while it runs.
+fn run(
+    program: &std::path::Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+    (name, package): (&'static str, &'static str),
+) -> Result<std::process::Output, RedirectError> {
+    let spawn_error = |source| RedirectError::Spawn {
+        program: name,
+        package,
+        source,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_error)?;
+    let collect = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = collect(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = collect(child.stderr.take().map(|p| Box::new(p) as _));
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // The program may exit before reading everything (a parse error, a wrapper that
+        // refuses); its exit status and message say why, not the broken pipe.
+        if let Err(source) = pipe.write_all(input)
+            && source.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(spawn_error(source));
+        }
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().map_err(spawn_error)? {
+            Some(status) => break status,
+            None if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(RedirectError::Timeout {
+                    command: format!("{name} {}", args.join(" ")),
+                    timeout,
+                });
+            }
+            None => std::thread::sleep(Duration::from_millis(2)),
+        }
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
 
 /// Installs (or re-installs) the enrolled rules with the default tools.
@@ -534,5 +572,40 @@ mod tests {
 ";
         let s: Vec<ProcSocket> = tcp_sockets(v6).collect();
         assert_eq!(s[0].local.to_string(), "[::1]:15000");
+    }
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_that_hangs_is_killed_at_the_deadline() {
+        let started = std::time::Instant::now();
+        let err = run(
+            std::path::Path::new("sleep"),
+            &["30"],
+            None,
+            Duration::from_millis(200),
+            ("sleep", "coreutils"),
+        )
+        .unwrap_err();
+        assert!(matches!(err, RedirectError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("sleep 30 did not finish"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn input_and_output_go_through() {
+        let out = run(
+            std::path::Path::new("cat"),
+            &[],
+            Some(b"table inet ambit"),
+            Duration::from_secs(10),
+            ("cat", "coreutils"),
+        )
+        .unwrap();
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"table inet ambit");
     }
 }

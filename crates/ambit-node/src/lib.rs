@@ -239,6 +239,8 @@ impl NodeProxy {
             Arc::new(ca),
             ManagerOptions {
                 trust_bundle: Some(bundle.clone()),
+                // Certificate work stays off the data path.
+                runtime: Some(ch.clone()),
                 ..ManagerOptions::default()
             },
         );

@@ -378,7 +378,7 @@ async fn a_nack_is_recorded_and_the_stream_goes_on() {
     .await
     .unwrap();
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    env.token("node-a").authorize(&mut request).unwrap();
+    env.token("node-a").authorize(&mut request).await.unwrap();
     let mut responses = client
         .delta_aggregated_resources(request)
         .await
@@ -468,7 +468,7 @@ async fn raw_subscriber(
         .unwrap();
     }
     let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    env.token("node-a").authorize(&mut request).unwrap();
+    env.token("node-a").authorize(&mut request).await.unwrap();
     let mut responses = client
         .delta_aggregated_resources(request)
         .await

@@ -36,12 +36,14 @@ pub enum TokenSource {
 }
 
 impl TokenSource {
-    /// The current token (`None`: send no `authorization` metadata).
-    pub fn token(&self) -> Result<Option<String>, FetchError> {
+    /// The current token (`None`: send no `authorization` metadata). A file is read off
+    /// the async threads (the blocking pool).
+    pub async fn token(&self) -> Result<Option<String>, FetchError> {
         match self {
             TokenSource::None => Ok(None),
             TokenSource::Static(t) => Ok(Some(t.clone())),
-            TokenSource::File(path) => std::fs::read_to_string(path)
+            TokenSource::File(path) => tokio::fs::read_to_string(path)
+                .await
                 .map(|t| Some(t.trim().to_owned()))
                 .map_err(|e| {
                     FetchError::Local(format!("cannot read token file {}: {e}", path.display()))
@@ -52,9 +54,10 @@ impl TokenSource {
 
 impl TokenSource {
     /// Puts `authorization: Bearer <token>` on a request.
-    pub fn authorize<T>(&self, request: &mut tonic::Request<T>) -> Result<(), tonic::Status> {
+    pub async fn authorize<T>(&self, request: &mut tonic::Request<T>) -> Result<(), tonic::Status> {
         let token = self
             .token()
+            .await
             .map_err(|e| tonic::Status::unauthenticated(e.to_string()))?;
         if let Some(token) = token {
             let value = format!("Bearer {token}").parse().map_err(|_| {
@@ -181,7 +184,7 @@ impl CaClient {
             metadata: Some(metadata),
         });
         request.set_timeout(self.timeout);
-        self.token.authorize(&mut request)?;
+        self.token.authorize(&mut request).await?;
         let response = self.client.clone().create_certificate(request).await?;
         Ok(response.into_inner().cert_chain)
     }

@@ -119,6 +119,10 @@ pub struct ManagerOptions {
     /// trust the root the CA returns (only for in-process use; a node proxy always
     /// configures its bundle).
     pub trust_bundle: Option<crate::bundle::TrustBundle>,
+    /// Where the per-identity tasks run (key generation, CSRs, calls to the CA, chain
+    /// checks); `None`: the runtime of the caller that first asks for the identity. A
+    /// node proxy puts them on its control runtime, never on a data-path thread.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Default for ManagerOptions {
@@ -130,6 +134,7 @@ impl Default for ManagerOptions {
             max_backoff: Duration::from_secs(30),
             min_renewal_delay: Duration::from_secs(1),
             trust_bundle: None,
+            runtime: None,
         }
     }
 }
@@ -335,12 +340,16 @@ impl CertManager {
             return entry.state.clone();
         }
         let (tx, rx) = watch::channel(Slot::default());
-        let task = tokio::spawn(run(
+        let work = run(
             identity.clone(),
             self.inner.provider.clone(),
             self.inner.options.clone(),
             tx,
-        ));
+        );
+        let task = match &self.inner.options.runtime {
+            Some(rt) => rt.spawn(work),
+            None => tokio::spawn(work),
+        };
         entries.insert(
             identity.clone(),
             Entry {

@@ -185,7 +185,7 @@ impl XdsClient {
             let _ = tx.try_send(request);
         }
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        self.config.token.authorize(&mut request)?;
+        self.config.token.authorize(&mut request).await?;
         let mut responses = client
             .delta_aggregated_resources(request)
             .await?

@@ -39,6 +39,10 @@ pub struct CniArgs {
     /// The ip program (iproute2).
     #[arg(long, default_value = "ip")]
     ip: PathBuf,
+    /// How long one nft or ip run may take; a run that hangs is killed and the pod's
+    /// enrollment retried.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    tool_timeout: Duration,
 }
 
 pub fn run(args: CniArgs) -> anyhow::Result<ExitCode> {
@@ -52,6 +56,7 @@ pub fn run(args: CniArgs) -> anyhow::Result<ExitCode> {
     config.redirector = Redirector {
         nft: args.nft,
         ip: args.ip,
+        timeout: args.tool_timeout,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -255,3 +255,57 @@ async fn an_expired_certificate_is_never_served() {
     assert!(matches!(err, CertError::Expired { .. }), "{err}");
     assert_eq!(manager.status()[0].state, "expired");
 }
+
+/// Records the thread each request runs on.
+struct ThreadRecorder {
+    inner: Arc<LocalCa>,
+    threads: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl CertificateProvider for ThreadRecorder {
+    async fn create_certificate(
+        &self,
+        identity: &SpiffeId,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<Vec<String>, FetchError> {
+        let name = std::thread::current().name().unwrap_or("").to_owned();
+        self.threads.lock().unwrap().push(name);
+        self.inner.create_certificate(identity, csr_pem, ttl).await
+    }
+}
+
+#[test]
+fn certificate_work_runs_on_the_given_runtime_not_the_callers() {
+    let (ca, _dir) = LocalCa::new(Duration::from_secs(3600));
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("the-control-thread")
+        .enable_all()
+        .build()
+        .unwrap();
+    let recorder = Arc::new(ThreadRecorder {
+        inner: ca,
+        threads: std::sync::Mutex::new(Vec::new()),
+    });
+    let manager = CertManager::new(
+        recorder.clone(),
+        ManagerOptions {
+            runtime: Some(control.handle().clone()),
+            ..fast_options()
+        },
+    );
+    // The caller is a "data path" runtime of its own.
+    let data = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    data.block_on(async { manager.fetch(&id("a")).await.unwrap() });
+    assert_eq!(
+        *recorder.threads.lock().unwrap(),
+        ["the-control-thread".to_owned()]
+    );
+    drop(manager);
+    control.shutdown_background();
+}
