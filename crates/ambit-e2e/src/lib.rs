@@ -512,6 +512,22 @@ pub async fn eventually<F: Fn() -> bool>(what: &str, f: F) {
     }
 }
 
+/// Like [`eventually`], for a condition that has to await (reading a metrics page).
+pub async fn eventually_async<F, Fut>(what: &str, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Sends `payload` on a new connection from `from` to `to`, half-closes, and returns
 /// everything the other side sent back.
 pub async fn exchange(from: &Pod, to: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {

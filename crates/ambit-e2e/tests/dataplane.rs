@@ -837,3 +837,42 @@ async fn a_service_bound_to_a_waypoint_that_is_not_running_is_refused_not_bypass
     let direct = exchange(mesh.pod("sleep"), mesh.addr("echo-1", APP_PORT), b"pod").await;
     assert_eq!(direct.unwrap(), b"pod");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_series_of_a_workload_that_is_gone_disappear() {
+    let mesh = Mesh::start_with(cast(), |c| {
+        c.dataplane.metrics_retention = Duration::from_millis(500);
+    })
+    .await;
+    mesh.echo_app("echo-1", APP_PORT);
+    let back = exchange(mesh.pod("sleep"), mesh.addr("echo-1", APP_PORT), b"x").await;
+    assert_eq!(back.unwrap(), b"x");
+    let names_echo = |page: &str| {
+        page.lines()
+            .any(|l| l.starts_with("istio_tcp_") && l.contains("destination_workload=\"echo-1\""))
+    };
+    eventually_async("node-a's series for echo-1", || async {
+        names_echo(&mesh.metrics("node-a").await)
+    })
+    .await;
+
+    // echo-1 leaves the mesh (its pod is deleted from the manifests).
+    let path = mesh.dir.path().join("manifests/mesh.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs: Vec<&str> = text
+        .split("\n---\n")
+        .filter(|d| !d.contains("name: echo-1,"))
+        .collect();
+    assert!(
+        docs.len() < text.split("\n---\n").count(),
+        "echo-1 not found in {text}"
+    );
+    std::fs::write(&path, docs.join("\n---\n")).unwrap();
+    eventually_async("node-a's series for echo-1 to be removed", || async {
+        !names_echo(&mesh.metrics("node-a").await)
+    })
+    .await;
+    // sleep's other series stay.
+    let page = mesh.metrics("node-a").await;
+    assert!(page.contains("ambit_node_pods 1"), "{page}");
+}

@@ -81,6 +81,8 @@ pub struct DataPlaneConfig {
     pub drain_timeout: Duration,
     /// Until discovery has synced, a connection waits this long for it, then is refused.
     pub sync_timeout: Duration,
+    /// Metric series naming a workload discovery no longer knows are removed after this.
+    pub metrics_retention: Duration,
     pub hbone_server: ServerConfig,
     /// Limits on port 15008, every pod's together.
     pub hbone_limits: ambit_hbone::admission::Limits,
@@ -97,6 +99,7 @@ impl Default for DataPlaneConfig {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(5),
+            metrics_retention: Duration::from_secs(300),
             hbone_server: ServerConfig::default(),
             hbone_limits: ambit_hbone::admission::Limits::default(),
             pool: PoolConfig::default(),

@@ -294,6 +294,33 @@ impl NodeProxy {
                 }
             });
         }
+        {
+            // Series of workloads that are gone are dropped, so pod churn does not grow
+            // the metrics without bound.
+            let (metrics, store) = (metrics.clone(), store.clone());
+            let retention = config.dataplane.metrics_retention;
+            let every = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+            ch.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let state = store.load();
+                    let present: std::collections::HashSet<(&str, &str)> = state
+                        .workloads()
+                        .map(|w| (w.profile.namespace.as_ref(), w.workload_name.as_ref()))
+                        .collect();
+                    let removed =
+                        metrics.forget_gone(|ns, name| present.contains(&(ns, name)), retention);
+                    if removed > 0 {
+                        tracing::debug!(
+                            removed,
+                            "metric series of workloads that are gone removed"
+                        );
+                    }
+                }
+            });
+        }
         ch.spawn(authz::follow_policy_changes(
             store.clone(),
             xds.clone(),

@@ -3,6 +3,7 @@
 
 use std::fmt::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ambit_core::discovery::{Service, Str, Workload};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -161,6 +162,10 @@ pub struct Metrics {
     hbone_handshakes: Gauge,
     /// Read when metrics are encoded, for the two gauges above.
     pub admission: std::sync::OnceLock<Arc<ambit_hbone::admission::Admission>>,
+    /// Every label set of the `istio_tcp_*` families, and since when each has named a
+    /// workload discovery no longer knows (see [`Metrics::forget_gone`]). Locked only
+    /// when a new series appears and by the sweep, never per byte.
+    series: std::sync::Mutex<std::collections::HashMap<ConnLabels, Option<std::time::Instant>>>,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -253,6 +258,7 @@ impl Default for Metrics {
             hbone_connections,
             hbone_handshakes,
             admission: std::sync::OnceLock::new(),
+            series: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 }
@@ -263,6 +269,55 @@ impl Metrics {
         self.unavailable_policies
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// Notes a label set, if it is new (a series about to be created).
+    fn track(&self, labels: &ConnLabels, family: &Family<ConnLabels, Counter>) {
+        if family.get(labels).is_none() {
+            self.series
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(labels.clone())
+                .or_insert(None);
+        }
+    }
+
+    /// Removes the series of workloads that are gone: a label set whose source or
+    /// destination workload (namespace and workload name) `exists` no longer finds is
+    /// marked, and removed from every `istio_tcp_*` family once it has stayed so for
+    /// `retention` (a connection still open then records into a fresh series when it
+    /// closes, which Prometheus reads as a counter reset). Returns how many were removed.
+    pub fn forget_gone(&self, exists: impl Fn(&str, &str) -> bool, retention: Duration) -> usize {
+        let now = std::time::Instant::now();
+        let known =
+            |name: &Value, ns: &Value| name.0.as_ref() == "unknown" || exists(&ns.0, &name.0);
+        let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone = Vec::new();
+        for (labels, since) in series.iter_mut() {
+            let live = known(&labels.source_workload, &labels.source_workload_namespace)
+                && known(
+                    &labels.destination_workload,
+                    &labels.destination_workload_namespace,
+                );
+            match (live, *since) {
+                (true, _) => *since = None,
+                (false, None) => *since = Some(now),
+                (false, Some(t)) if now.duration_since(t) >= retention => gone.push(labels.clone()),
+                (false, Some(_)) => {}
+            }
+        }
+        for labels in &gone {
+            series.remove(labels);
+            for family in [&self.opened, &self.closed, &self.sent, &self.received] {
+                family.remove(labels);
+            }
+        }
+        gone.len()
+    }
+
+    /// Label sets currently tracked.
+    pub fn series_count(&self) -> usize {
+        self.series.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Counts a connection to port 15008 refused on arrival.
@@ -293,6 +348,7 @@ pub struct ConnMetrics {
 
 impl ConnMetrics {
     pub fn open(metrics: Arc<Metrics>, labels: ConnLabels) -> Self {
+        metrics.track(&labels, &metrics.opened);
         metrics.opened.get_or_create(&labels).inc();
         Self {
             metrics,
@@ -313,6 +369,8 @@ impl ConnMetrics {
     fn record(&mut self, from_source: u64, to_source: u64) {
         self.closed = true;
         let m = &self.metrics;
+        // Closing may name another series (response flags).
+        m.track(&self.labels, &m.closed);
         m.closed.get_or_create(&self.labels).inc();
         m.received.get_or_create(&self.labels).inc_by(from_source);
         m.sent.get_or_create(&self.labels).inc_by(to_source);
@@ -395,6 +453,59 @@ mod tests {
         assert!(
             tail.contains("source_region=\"r\",source_zone=\"zone-a\",destination_region=\"r\",destination_zone=\"unknown\""),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn series_of_a_workload_that_is_gone_are_removed_after_the_retention() {
+        let src = workload(
+            "sleep",
+            "198.18.1.10",
+            "n1",
+            "z",
+            TunnelProtocol::Hbone,
+            &[],
+        );
+        let dst = workload("echo", "198.18.2.10", "n2", "z", TunnelProtocol::Hbone, &[]);
+        let facts = ConnFacts {
+            reporter: Reporter::Source,
+            source: Some(&src),
+            source_principal: None,
+            destination: Some(&dst),
+            destination_service: None,
+            mutual_tls: true,
+        };
+        let m = Arc::new(Metrics::default());
+        ConnMetrics::open(m.clone(), ConnLabels::new(&facts, "-")).close(1, 1, Some("DENY"));
+        assert_eq!(
+            m.series_count(),
+            2,
+            "the opened series and the closed (flagged) one"
+        );
+        let retention = Duration::from_millis(50);
+        let everyone = |_: &str, _: &str| true;
+        assert_eq!(m.forget_gone(everyone, retention), 0);
+        // echo goes: first marked, removed once the retention has passed.
+        let without_echo = |_: &str, name: &str| name != "echo";
+        assert_eq!(m.forget_gone(without_echo, retention), 0);
+        assert!(m.encode().contains("destination_workload=\"echo\""));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(m.forget_gone(without_echo, retention), 2);
+        assert!(
+            !m.encode().contains("destination_workload=\"echo\""),
+            "{}",
+            m.encode()
+        );
+        assert_eq!(m.series_count(), 0);
+        // A workload that comes back before the retention keeps its series.
+        ConnMetrics::open(m.clone(), ConnLabels::new(&facts, "-")).close(1, 1, None);
+        assert_eq!(m.forget_gone(without_echo, retention), 0);
+        assert_eq!(m.forget_gone(everyone, retention), 0);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            m.forget_gone(without_echo, retention),
+            0,
+            "the clock started again"
         );
     }
 }

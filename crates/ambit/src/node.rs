@@ -55,6 +55,10 @@ pub struct NodeArgs {
     /// connection waits for it before it is refused. Nothing is forwarded unsynced.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     sync_timeout: Duration,
+    /// How long the metric series of a workload that has left the mesh are kept before
+    /// they are removed (pod churn must not grow the metrics without bound).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    metrics_retention: Duration,
     /// Open connections on port 15008, every pod's together; more are closed on arrival.
     #[arg(long, default_value_t = 16_384)]
     max_hbone_connections: usize,
@@ -120,6 +124,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     config.dataplane.cluster_id = args.cluster_id;
     config.dataplane.drain_timeout = args.drain_timeout;
     config.dataplane.sync_timeout = args.sync_timeout;
+    config.dataplane.metrics_retention = args.metrics_retention;
     config.dataplane.hbone_limits = ambit_node::HboneLimits {
         connections: args.max_hbone_connections,
         handshakes: args.max_hbone_handshakes,
