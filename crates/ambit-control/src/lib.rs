@@ -419,10 +419,26 @@ fn debug_pages(d: DebugSources) -> ambit_admin::Handler {
                 body: metrics.encode(),
             },
             "/ready" => {
-                if ready.get() {
-                    Page::text(StatusCode::OK, "ready\n")
-                } else {
+                let reader = status.borrow().failing.clone();
+                let translation = snapshots.borrow().failing.clone();
+                if !ready.get() {
                     Page::text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+                } else if let Some(e) = reader {
+                    Page::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "not ready: the manifest reader failed ({e}); the last good model stays in force\n"
+                        ),
+                    )
+                } else if let Some(e) = translation {
+                    Page::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "not ready: discovery translation failed ({e}); the last good resources stay in force\n"
+                        ),
+                    )
+                } else {
+                    Page::text(StatusCode::OK, "ready\n")
                 }
             }
             "/debug/config" => {
@@ -478,4 +494,50 @@ fn debug_pages(d: DebugSources) -> ambit_admin::Handler {
             _ => return None,
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_says_which_component_is_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(
+            CertificateAuthority::load_or_create(dir.path(), CaOptions::default()).unwrap(),
+        );
+        let ready = Arc::new(Ready::default());
+        ready.set(true);
+        let (_model_tx, model) = watch::channel(Arc::new(Model::default()));
+        let (status_tx, status) = watch::channel(Arc::new(SourceStatus::default()));
+        let (snap_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        let pages = debug_pages(DebugSources {
+            metrics: Arc::new(Metrics::default()),
+            ready,
+            model,
+            status,
+            ca,
+            snapshots,
+            registry: Arc::new(Registry::default()),
+        });
+        let ready_page = || {
+            let p = pages("/ready").unwrap();
+            (p.status, p.body)
+        };
+        assert_eq!(ready_page().0, StatusCode::OK);
+        status_tx.send_replace(Arc::new(SourceStatus {
+            failing: Some("boom".into()),
+            ..SourceStatus::default()
+        }));
+        let (code, body) = ready_page();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("manifest reader failed (boom)"), "{body}");
+        status_tx.send_replace(Arc::new(SourceStatus::default()));
+        let mut failing = Snapshot::default();
+        failing.failing = Some("bang".into());
+        snap_tx.send_replace(Arc::new(failing));
+        let (code, body) = ready_page();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("translation failed (bang)"), "{body}");
+    }
 }

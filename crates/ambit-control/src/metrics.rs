@@ -39,6 +39,13 @@ pub struct Metrics {
     pub xds_resources: Family<TypeLabel, Gauge>,
     /// AuthorizationPolicies no node proxy enforces (waypoint-bound or CUSTOM).
     pub policies_unenforced: Gauge,
+    /// 1 while a component is failing (`manifests`, `translation`).
+    pub failing: Family<ComponentLabel, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ComponentLabel {
+    pub component: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -123,6 +130,15 @@ impl Default for Metrics {
             "AuthorizationPolicies no node proxy enforces: bound to a waypoint by targetRefs, or action CUSTOM (none runs here)",
             policies_unenforced.clone(),
         );
+        let failing = Family::<ComponentLabel, Gauge>::default();
+        registry.register(
+            "failing",
+            "1 while a control-plane component is failing (it panicked and is retrying; the last good state stays in force): manifests, translation",
+            failing.clone(),
+        );
+        for component in ["manifests", "translation"] {
+            let _ = failing.get_or_create(&ComponentLabel { component });
+        }
         // Every result label exists from the start so rate() works before the first event.
         for result in CA_RESULTS {
             let _ = ca_requests.get_or_create(&ResultLabel { result });
@@ -142,6 +158,7 @@ impl Default for Metrics {
             xds_generation,
             xds_resources,
             policies_unenforced,
+            failing,
         }
     }
 }
@@ -183,6 +200,11 @@ impl Metrics {
         self.xds_generation.set(snapshot.generation as i64);
         self.policies_unenforced
             .set(crate::xds::translate::unenforced_count(&snapshot.warnings) as i64);
+        self.failing
+            .get_or_create(&ComponentLabel {
+                component: "translation",
+            })
+            .set(i64::from(snapshot.failing.is_some()));
         for (t, kind) in [
             (ResourceType::Address, "Address"),
             (ResourceType::Authorization, "Authorization"),
@@ -208,6 +230,11 @@ impl Metrics {
             .set(status.file_errors.len() as i64);
         self.config_conflicts.set(status.conflicts.len() as i64);
         self.config_generation.set(model.generation as i64);
+        self.failing
+            .get_or_create(&ComponentLabel {
+                component: "manifests",
+            })
+            .set(i64::from(status.failing.is_some()));
     }
 
     /// The Prometheus text exposition.

@@ -74,6 +74,11 @@ pub struct SourceStatus {
     pub generation: u64,
     /// Rescans that changed nothing, changed the model, or found errors.
     pub rescans: u64,
+    /// Set while the reader is failing (it panicked: the message); the last good model
+    /// stays in force and the control plane is not ready.
+    pub failing: Option<String>,
+    /// Times the reader panicked and was restarted.
+    pub panics: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -201,8 +206,12 @@ async fn run(
     } else {
         options.resync
     };
+    let (mut panics, mut failures, mut retry) = (0u64, 0u32, false);
     loop {
-        tokio::select! {
+        if std::mem::take(&mut retry) {
+            // Straight to the next rescan.
+        } else {
+            tokio::select! {
             got = events.recv() => {
                 if got.is_none() {
                     // The watcher is gone: keep going on the timer alone.
@@ -215,21 +224,46 @@ async fn run(
                 }
             }
             _ = tokio::time::sleep(resync) => {}
+            }
         }
         let published = state.model.generation;
-        state = match tokio::task::spawn_blocking(move || {
+        let (dir, last_good, rescans) = (state.dir.clone(), state.model.clone(), state.rescans);
+        match tokio::task::spawn_blocking(move || {
             state.rescan();
             state
         })
         .await
         {
-            Ok(state) => state,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
-        if state.model.generation != published {
-            model_tx.send_replace(state.model.clone());
+            Ok(s) => {
+                state = s;
+                if state.model.generation != published {
+                    model_tx.send_replace(state.model.clone());
+                }
+                failures = 0;
+                let mut status = state.status();
+                status.panics = panics;
+                status_tx.send_replace(Arc::new(status));
+            }
+            Err(e) => {
+                // Never a silently frozen control plane: say so, stay not ready, keep the
+                // last good model in force, and start again from it.
+                let message = panic_message(e);
+                panics += 1;
+                failures += 1;
+                tracing::error!(panic = %message, panics, "the manifest reader failed; the last good model stays in force and the control plane is not ready until a rescan succeeds");
+                state = State::recovered(dir, last_good, rescans + 1);
+                let mut status = state.status();
+                status.failing = Some(message);
+                status.panics = panics;
+                status_tx.send_replace(Arc::new(status));
+                // Retry soon (1 s doubling to the resync period), without waiting for a
+                // change on disk.
+                let delay =
+                    (Duration::from_secs(1) * 2u32.saturating_pow(failures.min(5) - 1)).min(resync);
+                tokio::time::sleep(delay).await;
+                retry = true;
+            }
         }
-        status_tx.send_replace(Arc::new(state.status()));
     }
 }
 
@@ -267,6 +301,11 @@ impl State {
     /// Reads what changed on disk and rebuilds the model if needed.
     fn rescan(&mut self) {
         self.rescans += 1;
+        // Fault injection for the recovery test: a marker file makes the reader panic.
+        #[cfg(test)]
+        if self.dir.join(".panic").exists() {
+            panic!("injected by the test");
+        }
         let found = match list_manifest_files(&self.dir) {
             Ok(found) => found,
             Err(e) => {
@@ -410,7 +449,31 @@ impl State {
                 .collect(),
             generation: self.model.generation,
             rescans: self.rescans,
+            failing: None,
+            panics: 0,
         }
+    }
+
+    /// A fresh reader that starts from `model` (the last good one): it knows no files,
+    /// so its next rescan reads them all again and publishes only real changes.
+    fn recovered(dir: PathBuf, model: Arc<Model>, rescans: u64) -> Self {
+        Self {
+            model,
+            rescans,
+            ..Self::new(dir)
+        }
+    }
+}
+
+/// The message of a panic, for logs and status.
+pub fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "a panic without a message".to_owned()),
+        Err(e) => e.to_string(),
     }
 }
 

@@ -223,3 +223,39 @@ fn validate_dir_reports_without_watching() {
     assert_eq!(model.len(), 1);
     assert_eq!(status.file_errors.len(), 1);
 }
+
+#[tokio::test]
+async fn a_failing_reader_keeps_the_last_model_says_so_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a.yaml"), pod("a", "n1", "198.18.0.1")).unwrap();
+    let source = FileSource::start(FileSourceOptions::new(dir.path()))
+        .await
+        .unwrap();
+    let mut model = source.model();
+    let mut status = source.status();
+    let good = model.borrow_and_update().clone();
+    // The reader panics (the test's injected fault) on its next rescan.
+    fs::write(dir.path().join(".panic"), "").unwrap();
+    fs::write(dir.path().join("b.yaml"), pod("b", "n1", "198.18.0.2")).unwrap();
+    let failing = wait_for_status(&mut status, "failing", |s| s.failing.is_some()).await;
+    assert!(failing.failing.as_deref().unwrap().contains("injected"));
+    assert!(failing.panics >= 1);
+    assert_eq!(
+        model.borrow().generation,
+        good.generation,
+        "the last good model stays"
+    );
+    // The fault goes away: the next rescan (retried by itself) reads everything again.
+    fs::remove_file(dir.path().join(".panic")).unwrap();
+    let recovered = tokio::time::timeout(
+        Duration::from_secs(5),
+        status.wait_for(|s| s.failing.is_none()),
+    )
+    .await
+    .expect("the reader did not recover")
+    .unwrap()
+    .clone();
+    assert!(recovered.panics >= 1);
+    let (m, _) = next_model(&mut model, Duration::from_secs(5)).await;
+    assert_eq!(names(&m, Kind::Pod), ["a", "b"]);
+}

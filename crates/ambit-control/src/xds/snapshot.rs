@@ -32,6 +32,9 @@ pub struct Snapshot {
     log: VecDeque<Arc<LogEntry>>,
     /// Policy translation warnings, `<ns>/<name>` -> messages.
     pub warnings: Arc<std::collections::BTreeMap<String, Vec<String>>>,
+    /// Set while translation is failing (it panicked: the message); this snapshot, the
+    /// last good one, stays in force and the control plane is not ready.
+    pub failing: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -98,7 +101,28 @@ impl Snapshot {
             ],
             log,
             warnings: Arc::new(translator.warnings().clone()),
+            failing: None,
         }
+    }
+
+    /// What differs between this snapshot's resources and `translator`'s (after a
+    /// translator was rebuilt from nothing, only real differences are pushed).
+    fn delta_to(&self, translator: &Translator) -> Delta {
+        let mut delta = Delta::default();
+        for t in ResourceType::ALL {
+            let (old, new) = (&self.resources[t.index()], translator.resources(t));
+            for (name, enc) in new.iter() {
+                if old.get(name).map(|o| &o.version) != Some(&enc.version) {
+                    delta.changed[t.index()].insert(name.to_string());
+                }
+            }
+            for name in old.keys() {
+                if !new.contains_key(name) {
+                    delta.removed[t.index()].insert(name.to_string());
+                }
+            }
+        }
+        delta
     }
 }
 
@@ -111,7 +135,7 @@ pub async fn publish(
     snapshots: watch::Sender<Arc<Snapshot>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut translator = Translator::new(options);
+    let mut translator = Translator::new(options.clone());
     let mut translated = models.borrow_and_update().clone();
     let first = {
         let model = translated.clone();
@@ -119,7 +143,8 @@ pub async fn publish(
             let d = translator.full(&model);
             (translator, d)
         })
-        .await;
+        .await
+        .unwrap_or_else(|message| panic!("the first translation failed: {message}"));
         translator = t;
         Snapshot::default().next(&translator, delta)
     };
@@ -131,51 +156,96 @@ pub async fn publish(
     );
     snapshots.send_replace(Arc::new(first));
 
+    // After a failure: translate the whole current model again with a new translator.
+    let mut failures = 0u32;
     loop {
-        tokio::select! {
-            changed = models.changed() => if changed.is_err() { return },
-            _ = stop.changed() => return,
-        }
-        // Debounce: fold further changes arriving within `debounce` of each other, for
-        // at most MAX_DEBOUNCE.
-        let deadline = Instant::now() + MAX_DEBOUNCE;
-        loop {
-            let quiet = tokio::time::sleep(debounce);
+        if failures == 0 {
             tokio::select! {
-                _ = quiet => break,
                 changed = models.changed() => if changed.is_err() { return },
-                _ = tokio::time::sleep_until(deadline) => break,
+                _ = stop.changed() => return,
+            }
+            // Debounce: fold further changes arriving within `debounce` of each other,
+            // for at most MAX_DEBOUNCE.
+            let deadline = Instant::now() + MAX_DEBOUNCE;
+            loop {
+                let quiet = tokio::time::sleep(debounce);
+                tokio::select! {
+                    _ = quiet => break,
+                    changed = models.changed() => if changed.is_err() { return },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
             }
         }
         let model = models.borrow_and_update().clone();
         let old = translated.clone();
         let changes = model.diff(&old);
-        if changes.is_empty() {
+        if changes.is_empty() && failures == 0 {
             continue;
         }
         let m = model.clone();
-        let (t, delta) = blocking(move || {
-            let d = translator.apply(&m, &old, &changes);
+        let rebuild = failures > 0;
+        let result = blocking(move || {
+            let d = if rebuild {
+                translator.full(&m)
+            } else {
+                translator.apply(&m, &old, &changes)
+            };
             (translator, d)
         })
         .await;
+        let current = snapshots.borrow().clone();
+        let (t, delta) = match result {
+            Ok(r) => r,
+            Err(message) => {
+                // Never a silently frozen control plane: say so, stay not ready, keep
+                // the last good snapshot in force, and start again from nothing.
+                failures += 1;
+                tracing::error!(panic = %message, generation = current.generation, "discovery translation failed; the last good resources stay in force and the control plane is not ready until a translation succeeds");
+                translator = Translator::new(options.clone());
+                let mut still = (*current).clone();
+                still.failing = Some(message.into());
+                snapshots.send_replace(Arc::new(still));
+                let delay = (Duration::from_secs(1) * 2u32.saturating_pow(failures.min(5) - 1))
+                    .min(MAX_RETRY);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return,
+                }
+                continue;
+            }
+        };
         translator = t;
         translated = model;
-        if delta.is_empty() {
+        let delta = if rebuild {
+            tracing::info!("discovery translation recovered");
+            current.delta_to(&translator)
+        } else {
+            delta
+        };
+        failures = 0;
+        if delta.is_empty() && current.failing.is_none() {
             continue;
         }
-        let current = snapshots.borrow().clone();
-        let next = current.next(&translator, delta);
+        let next = if delta.is_empty() {
+            let mut same = (*current).clone();
+            same.failing = None;
+            same
+        } else {
+            current.next(&translator, delta)
+        };
         tracing::debug!(generation = next.generation, "discovery resources updated");
         snapshots.send_replace(Arc::new(next));
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(v) => v,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
+/// Longest wait between attempts to recover from a failed translation.
+const MAX_RETRY: Duration = Duration::from_secs(10);
+
+/// Runs `f` on the blocking pool; a panic comes back as its message.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(crate::source::panic_message)
 }
 
 #[cfg(test)]
@@ -239,5 +309,49 @@ mod tests {
             Catchup::default()
         );
         assert!(snap.catch_up(ResourceType::Address, 99).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_translation_keeps_the_last_snapshot_and_recovers() {
+        let (model_tx, model_rx) = watch::channel(model(1, &[("a", "198.18.0.1")]));
+        let (snap_tx, mut snap_rx) = watch::channel(Arc::new(Snapshot::default()));
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(publish(
+            model_rx,
+            TranslateOptions::default(),
+            Duration::from_millis(10),
+            snap_tx,
+            stop_rx,
+        ));
+        snap_rx.wait_for(|s| s.generation == 1).await.unwrap();
+        // A model the translator panics on (the test's injected fault).
+        let with = |extra: &str| {
+            let text = format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: a, namespace: demo}}\nspec: {{nodeName: n}}\nstatus: {{podIP: 198.18.0.1}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: b, namespace: demo}}\nspec: {{nodeName: n}}\nstatus: {{podIP: 198.18.0.2}}\n{extra}"
+            );
+            Arc::new(Model::from_objects(2, parse_manifest(&text).unwrap()))
+        };
+        model_tx.send_replace(with(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: panic-now}\n",
+        ));
+        let failed = snap_rx
+            .wait_for(|s| s.failing.is_some())
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(failed.generation, 1, "the last good snapshot stays");
+        assert_eq!(failed.resources(ResourceType::Address).len(), 1);
+        assert!(failed.failing.as_deref().unwrap().contains("injected"));
+        // The fault goes away: the translator is rebuilt and catches up.
+        model_tx.send_replace(with(""));
+        let recovered = snap_rx
+            .wait_for(|s| s.failing.is_none() && s.generation > 1)
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(recovered.resources(ResourceType::Address).len(), 2);
+        // Only what really changed is pushed: pod b.
+        let c = recovered.catch_up(ResourceType::Address, 1).unwrap();
+        assert_eq!(c.changed.len(), 1, "{c:?}");
     }
 }

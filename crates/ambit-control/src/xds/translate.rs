@@ -172,6 +172,10 @@ impl Translator {
 
     /// Translates everything (the first model).
     pub fn full(&mut self, model: &Model) -> Delta {
+        #[cfg(test)]
+        if model.namespace("panic-now").is_some() {
+            panic!("injected by the test");
+        }
         let mut units = BTreeSet::new();
         for object in model.objects() {
             units.extend(units_of(object));
@@ -183,6 +187,12 @@ impl Translator {
 
     /// Re-translates what `changes` can affect.
     pub fn apply(&mut self, model: &Model, old: &Model, changes: &[Change]) -> Delta {
+        // Fault injection for the recovery test: a namespace of this name makes the
+        // translator panic.
+        #[cfg(test)]
+        if model.namespace("panic-now").is_some() {
+            panic!("injected by the test");
+        }
         let mut units = BTreeSet::new();
         for change in changes {
             let key = match change {
