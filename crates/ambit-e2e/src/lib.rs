@@ -439,7 +439,12 @@ impl Mesh {
     /// Starts an echo application in `pod` on `port`; returns the addresses its
     /// connections came from, as the application saw them.
     pub fn echo_app(&self, pod: &str, port: u16) -> Peers {
-        let listener = self.pod(pod).listen(port).unwrap();
+        self.echo_app_on(pod, SocketAddr::from(([0, 0, 0, 0], port)))
+    }
+
+    /// An echo application in `pod` listening on `addr` (`[::]:port` for IPv6).
+    pub fn echo_app_on(&self, pod: &str, addr: SocketAddr) -> Peers {
+        let listener = self.pod(pod).listen_on(addr).unwrap();
         let peers = Peers::default();
         let seen = peers.clone();
         tokio::spawn(async move {

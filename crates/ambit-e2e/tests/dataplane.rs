@@ -876,3 +876,84 @@ async fn metric_series_of_a_workload_that_is_gone_disappear() {
     let page = mesh.metrics("node-a").await;
     assert!(page.contains("ambit_node_pods 1"), "{page}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_pods_talk_over_ipv6_through_the_mesh() {
+    use std::net::Ipv6Addr;
+    logs::init();
+    let mesh = Mesh::start(cast()).await;
+    let sleep6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 1, 0x10);
+    let echo6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 2, 0x10);
+    let vip6 = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0xf, 0x10);
+    mesh.topo.add_ipv6(mesh.pod("sleep"), sleep6).unwrap();
+    mesh.topo.add_ipv6(mesh.pod("echo-1"), echo6).unwrap();
+    // The model learns both addresses of each pod and both VIPs of the service.
+    let path = mesh.dir.path().join("manifests/mesh.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let dual = text
+        .replace(
+            "podIP: 198.18.1.10,",
+            &format!("podIP: 198.18.1.10, podIPs: [{{ip: 198.18.1.10}}, {{ip: '{sleep6}'}}],"),
+        )
+        .replace(
+            "podIP: 198.18.2.10,",
+            &format!("podIP: 198.18.2.10, podIPs: [{{ip: 198.18.2.10}}, {{ip: '{echo6}'}}],"),
+        )
+        .replace(
+            "clusterIP: 198.19.0.10",
+            &format!("clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.10, '{vip6}']"),
+        );
+    assert_ne!(dual, text);
+    std::fs::write(&path, dual).unwrap();
+    let node = mesh.node("node-a");
+    eventually("both pods' IPv6 addresses to reach node-a", || {
+        let st = node.store().load();
+        st.workload_by_ip("", IpAddr::V6(echo6)).is_some()
+            && st.workload_by_ip("", IpAddr::V6(sleep6)).is_some()
+            && st.service_by_vip("", IpAddr::V6(vip6)).is_some()
+    })
+    .await;
+    let peers = mesh.echo_app_on(
+        "echo-1",
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), APP_PORT),
+    );
+    let capture = mesh.topo.capture().unwrap();
+
+    // By pod address and by service VIP, over IPv6, through both node proxies.
+    for (to, what) in [
+        (SocketAddr::new(echo6.into(), APP_PORT), "pod"),
+        (SocketAddr::new(vip6.into(), 80), "vip"),
+    ] {
+        let back = exchange(mesh.pod("sleep"), to, what.as_bytes()).await;
+        assert_eq!(back.unwrap(), what.as_bytes(), "{to}");
+    }
+    // The application saw sleep's own IPv6 address.
+    assert!(
+        peers.ips().iter().all(|ip| *ip == IpAddr::V6(sleep6)),
+        "{:?}",
+        peers.ips()
+    );
+    // The destination authenticated sleep, the tunnel being [echo-1]:15008.
+    let line = logs::wait_access("inbound over IPv6", |v| {
+        v["direction"] == "inbound"
+            && v["src.identity"] == "spiffe://cluster.local/ns/demo/sa/sleep"
+            && v["dst.hbone_addr"] == format!("[{echo6}]:{APP_PORT}")
+    })
+    .await;
+    assert_eq!(line["dst.addr"], format!("[{echo6}]:15008"));
+    assert_eq!(line["mtls"], true);
+    // Only TLS on 15008 crossed between the pods.
+    let packets = capture.stop().unwrap();
+    assert!(
+        packets
+            .iter()
+            .any(|p| p.dst.ip() == IpAddr::V6(echo6) && p.dst.port() == 15008),
+        "no IPv6 HBONE packet seen"
+    );
+    assert!(
+        !packets
+            .iter()
+            .any(|p| p.dst.ip() == IpAddr::V6(echo6) && p.dst.port() == APP_PORT),
+        "plaintext crossed the bridge to the application port"
+    );
+}

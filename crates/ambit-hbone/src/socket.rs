@@ -215,6 +215,10 @@ pub async fn connect(dst: SocketAddr, opts: &SocketOptions) -> io::Result<TcpStr
 pub fn listen(addr: SocketAddr, opts: &SocketOptions, backlog: u32) -> io::Result<TcpListener> {
     let socket = opts.new_socket(domain_of(&addr))?;
     socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // IPv6 only: the IPv4 side has its own listener on the same port.
+        socket.set_only_v6(true)?;
+    }
     if opts.reuse_port {
         socket.set_reuse_port(true)?;
     }

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -287,7 +287,8 @@ impl PodCtx {
 pub struct RunningPod {
     pub ctx: Arc<PodCtx>,
     accept_tasks: Vec<tokio::task::JoinHandle<()>>,
-    hbone: ServerHandle,
+    /// One HBONE server per address family.
+    hbone: Vec<ServerHandle>,
 }
 
 impl RunningPod {
@@ -316,18 +317,44 @@ impl RunningPod {
             ambit_hbone::socket::listen(addr, &opts, 1024)
                 .map_err(|e| format!("cannot listen on {addr} in {}: {e}", netns.name()))
         };
-        let outbound = listen(SocketAddr::new(
+        // Both families: IPv4 always, IPv6 where the pod has it (a namespace with IPv6
+        // disabled has no ::1 to bind; its IPv6 traffic cannot exist either).
+        let both = |v4: IpAddr, v6: IpAddr, port: u16| -> Result<Vec<TcpListener>, String> {
+            let mut out = vec![listen(SocketAddr::new(v4, port))?];
+            match ambit_hbone::socket::listen(SocketAddr::new(v6, port), &opts, 1024) {
+                Ok(l) => out.push(l),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::AddrNotAvailable | io::ErrorKind::Unsupported
+                    ) || e.raw_os_error() == Some(97) =>
+                {
+                    tracing::debug!(error = %e, "no IPv6 in the pod's namespace; IPv4 only");
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "cannot listen on [{v6}]:{port} in {}: {e}",
+                        netns.name()
+                    ));
+                }
+            }
+            Ok(out)
+        };
+        let outbound = both(
             IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
             OUTBOUND_PORT,
-        ))?;
-        let plaintext = listen(SocketAddr::new(
+        )?;
+        let plaintext = both(
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             INBOUND_PLAINTEXT_PORT,
-        ))?;
-        let hbone = listen(SocketAddr::new(
+        )?;
+        let hbone = both(
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             HBONE_PORT,
-        ))?;
+        )?;
 
         let cert = dp.acquire(&identity);
         let ctx = Arc::new(PodCtx {
@@ -358,23 +385,24 @@ impl RunningPod {
             &dp.config.trust_domains(),
         )
         .map_err(|e| e.to_string())?;
-        let hbone = Server::new(tls, dp.config.hbone_server.clone())
-            .with_workers(workers.clone())
-            .serve(hbone, Arc::new(Inbound(ctx.clone())));
-        let accept_tasks = vec![
-            rt.spawn(accept(
-                outbound,
-                ctx.clone(),
-                Direction::Outbound,
-                workers.clone(),
-            )),
-            rt.spawn(accept(
-                plaintext,
-                ctx.clone(),
-                Direction::InboundPlaintext,
-                workers.clone(),
-            )),
-        ];
+        let inbound = Arc::new(Inbound(ctx.clone()));
+        let hbone = hbone
+            .into_iter()
+            .map(|l| {
+                Server::new(tls.clone(), dp.config.hbone_server.clone())
+                    .with_workers(workers.clone())
+                    .serve(l, inbound.clone())
+            })
+            .collect();
+        let mut accept_tasks = Vec::new();
+        for (listeners, direction) in [
+            (outbound, Direction::Outbound),
+            (plaintext, Direction::InboundPlaintext),
+        ] {
+            for l in listeners {
+                accept_tasks.push(rt.spawn(accept(l, ctx.clone(), direction, workers.clone())));
+            }
+        }
         dp.metrics.pods.inc();
         tracing::info!(
             pod = %format!("{}/{}", ctx.info.namespace, ctx.info.name),
@@ -414,7 +442,7 @@ impl RunningPod {
 /// A pod no longer served whose open connections may still be running.
 pub struct Draining {
     ctx: Arc<PodCtx>,
-    hbone: ServerHandle,
+    hbone: Vec<ServerHandle>,
 }
 
 impl Draining {
@@ -430,7 +458,16 @@ impl Draining {
         let ctx = self.ctx;
         // No deadline on the HBONE server itself: it stops accepting and sends GOAWAY
         // now; its streams end with the connection tasks below.
-        let hbone = tokio::spawn(self.hbone.shutdown(Duration::MAX));
+        let servers: Vec<_> = self
+            .hbone
+            .into_iter()
+            .map(|server| tokio::spawn(server.shutdown(Duration::MAX)))
+            .collect();
+        let hbone = async move {
+            for server in servers {
+                let _ = server.await;
+            }
+        };
         let drained = tokio::select! {
             _ = ctx.tracker.wait() => true,
             _ = stop.cancelled() => tokio::time::timeout(drain, ctx.tracker.wait()).await.is_ok(),

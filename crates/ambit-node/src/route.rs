@@ -107,7 +107,7 @@ pub fn route(
                 service: service.clone(),
             };
         };
-        let target = SocketAddr::new(workload.addresses[0], target_port);
+        let target = SocketAddr::new(same_family(&workload.addresses, original.ip()), target_port);
         return to_workload(workload.clone(), Some(service.clone()), target, hbone_port);
     }
     if let Some(workload) = state.workload_by_ip(network, original.ip()) {
@@ -183,11 +183,21 @@ fn through_waypoint(
         waypoint.hbone_port
     };
     Some(Some(Route::Hbone {
-        hbone: SocketAddr::new(chosen.addresses[0], port),
+        hbone: SocketAddr::new(same_family(&chosen.addresses, original.ip()), port),
         workload: chosen,
         service: None,
         target: original,
     }))
+}
+
+/// Of a workload's addresses, the first of `like`'s family (a dual-stack pod reached over
+/// IPv6 when the client used IPv6), else the first.
+fn same_family(addresses: &[std::net::IpAddr], like: std::net::IpAddr) -> std::net::IpAddr {
+    addresses
+        .iter()
+        .copied()
+        .find(|a| a.is_ipv4() == like.is_ipv4())
+        .unwrap_or(addresses[0])
 }
 
 /// `namespace/hostname` or the address of a waypoint, for logs.

@@ -1,7 +1,7 @@
 //! Packet captures on the fabric bridge with tcpdump, read back as TCP segments.
 
 use std::io::{BufRead, BufReader};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -138,7 +138,8 @@ fn u16_be(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
 
-/// Reads a classic pcap file (Ethernet or Linux cooked frames); keeps IPv4 TCP segments.
+/// Reads a classic pcap file (Ethernet or Linux cooked frames); keeps TCP segments over
+/// IPv4 and IPv6.
 pub fn parse_pcap(bytes: &[u8]) -> Result<Vec<Segment>, String> {
     let header = bytes.get(..24).ok_or("shorter than a pcap header")?;
     let magic = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -179,22 +180,44 @@ pub fn parse_pcap(bytes: &[u8]) -> Result<Vec<Segment>, String> {
 }
 
 fn tcp_segment(frame: &[u8], ethertype_at: usize, ip_at: usize) -> Option<Segment> {
-    if u16_be(frame, ethertype_at)? != 0x0800 {
-        return None;
-    }
     let ip = frame.get(ip_at..)?;
-    let ihl = usize::from(ip.first()? & 0x0f) * 4;
-    let total = usize::from(u16_be(ip, 2)?);
-    if *ip.get(9)? != 6 || ihl < 20 {
-        return None;
-    }
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(*ip.get(16)?, ip[17], ip[18], ip[19]);
-    let tcp = ip.get(ihl..total.min(ip.len()))?;
+    let (src, dst, tcp) = match u16_be(frame, ethertype_at)? {
+        0x0800 => {
+            let ihl = usize::from(ip.first()? & 0x0f) * 4;
+            let total = usize::from(u16_be(ip, 2)?);
+            if *ip.get(9)? != 6 || ihl < 20 {
+                return None;
+            }
+            let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+            let dst = Ipv4Addr::new(*ip.get(16)?, ip[17], ip[18], ip[19]);
+            (
+                IpAddr::V4(src),
+                IpAddr::V4(dst),
+                ip.get(ihl..total.min(ip.len()))?,
+            )
+        }
+        // IPv6 without extension headers (what TCP between pods uses).
+        0x86dd => {
+            if *ip.get(6)? != 6 {
+                return None;
+            }
+            let payload = usize::from(u16_be(ip, 4)?);
+            let addr = |at: usize| -> Option<Ipv6Addr> {
+                let b: [u8; 16] = ip.get(at..at + 16)?.try_into().ok()?;
+                Some(Ipv6Addr::from(b))
+            };
+            (
+                IpAddr::V6(addr(8)?),
+                IpAddr::V6(addr(24)?),
+                ip.get(40..(40 + payload).min(ip.len()))?,
+            )
+        }
+        _ => return None,
+    };
     let offset = usize::from(tcp.get(12)? >> 4) * 4;
     Some(Segment {
-        src: SocketAddrV4::new(src, u16_be(tcp, 0)?).into(),
-        dst: SocketAddrV4::new(dst, u16_be(tcp, 2)?).into(),
+        src: SocketAddr::new(src, u16_be(tcp, 0)?),
+        dst: SocketAddr::new(dst, u16_be(tcp, 2)?),
         syn: tcp.get(13)? & 0x02 != 0,
         payload: tcp.get(offset..)?.to_vec(),
     })
@@ -250,6 +273,28 @@ mod tests {
             assert!(s.syn && s.has_port(15008));
             assert_eq!(s.payload, payload);
         }
+    }
+
+    #[test]
+    fn reads_ipv6_segments() {
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&23u16.to_be_bytes());
+        ip.extend_from_slice(&[6, 64]);
+        let src: Ipv6Addr = "2001:2::1:10".parse().unwrap();
+        let dst: Ipv6Addr = "2001:2::2:10".parse().unwrap();
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        ip.extend_from_slice(&40000u16.to_be_bytes());
+        ip.extend_from_slice(&15008u16.to_be_bytes());
+        ip.extend_from_slice(&[0; 8]);
+        ip.extend_from_slice(&[0x50, 0x18, 0, 0, 0, 0, 0, 0]);
+        ip.extend_from_slice(b"tls");
+        let mut eth = vec![0; 12];
+        eth.extend_from_slice(&[0x86, 0xdd]);
+        eth.extend(ip);
+        let segments = parse_pcap(&pcap(1, &[eth])).unwrap();
+        assert_eq!(segments[0].dst.to_string(), "[2001:2::2:10]:15008");
+        assert_eq!(segments[0].payload, b"tls");
     }
 
     #[test]

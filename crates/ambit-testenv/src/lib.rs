@@ -66,7 +66,12 @@ impl Pod {
 
     /// A listener inside the pod, as an application there would open it.
     pub fn listen(&self, port: u16) -> std::io::Result<TcpListener> {
-        ambit_hbone::socket::listen(SocketAddr::from(([0, 0, 0, 0], port)), &self.inside(), 1024)
+        self.listen_on(SocketAddr::from(([0, 0, 0, 0], port)))
+    }
+
+    /// A listener inside the pod on a given address (`[::]:port` for IPv6).
+    pub fn listen_on(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        ambit_hbone::socket::listen(addr, &self.inside(), 1024)
     }
 
     /// A connection from inside the pod, as an application there would make it (so it
@@ -244,6 +249,32 @@ impl Topology {
             &GATEWAY.to_string(),
         ])?;
         Ok(pod)
+    }
+
+    /// Gives the pod an IPv6 address too (dual stack), on the fabric's one link; pods'
+    /// IPv6 addresses share one /64 and reach each other across the bridge directly.
+    /// Test addresses are in 2001:2::/64, inside 2001:2::/48, the IPv6 benchmarking range
+    /// (as 198.18.0.0/15 is for IPv4); nothing routes them off the machine.
+    pub fn add_ipv6(&self, pod: &Pod, ip: std::net::Ipv6Addr) -> Result<(), TestenvError> {
+        let [a, b, c, d, ..] = ip.segments();
+        if (a, b, c, d) != (0x2001, 0x2, 0, 0) {
+            return Err(TestenvError::Command {
+                command: format!("pod {ip}"),
+                stderr: "test pods take IPv6 addresses in 2001:2::/64".into(),
+            });
+        }
+        run(&[
+            "ip",
+            "-n",
+            &pod.netns_name,
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
     }
 
     /// Installs the redirection rules in the pod (what the node agent does on enrollment).
