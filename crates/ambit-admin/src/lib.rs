@@ -63,16 +63,22 @@ impl Ready {
 }
 
 /// Connections one admin, metrics or readiness port serves at once; more are closed on
-/// arrival (a scraper, a probe and a person need a handful).
-pub const MAX_CONNECTIONS: usize = 64;
+/// arrival.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Of those, from one source address (a scraper, a probe and a person need a handful;
+/// one noisy client cannot take the places the readiness probe needs).
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// A connection is closed after this long, idle or not (clients reconnect).
-pub const MAX_CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(300);
+pub const MAX_CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Serves `handler` on `listener` until `stop` fires, at most [`MAX_CONNECTIONS`]
-/// connections at once, each for at most [`MAX_CONNECTION_LIFE`] and 10 s to send its
-/// request headers.
+/// Serves `handler` on `listener` until `stop` fires: at most [`MAX_CONNECTIONS`]
+/// connections at once and [`MAX_CONNECTIONS_PER_SOURCE`] per source address, each for
+/// at most [`MAX_CONNECTION_LIFE`] and 10 s to send its request headers.
 pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Open connections per source; touched once per connection, on this port only.
+    let per_source: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
+        Arc::default();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -89,9 +95,13 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Rec
             tracing::debug!(%peer, "monitoring port at its connection limit; closing a new connection");
             continue;
         };
+        let Some(source) = SourceSlot::take(&per_source, peer.ip()) else {
+            tracing::debug!(%peer, "monitoring port at its limit for this source; closing a new connection");
+            continue;
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, source);
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(respond(&handler, &req)) }
@@ -108,6 +118,42 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Rec
                 Err(_) => tracing::debug!(%peer, "monitoring connection closed at its time limit"),
             }
         });
+    }
+}
+
+/// One connection's place in the per-source count; given back when dropped.
+struct SourceSlot {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceSlot {
+    fn take(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -208,14 +254,14 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn connections_beyond_the_limit_are_closed_and_the_port_recovers() {
+    async fn connections_beyond_the_per_source_limit_are_closed_and_the_port_recovers() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let handler: Handler = Arc::new(|_: &str| Some(Page::text(StatusCode::OK, "ok\n")));
         let (_stop, stop_rx) = watch::channel(false);
         tokio::spawn(serve(listener, handler, stop_rx));
         let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
+        for _ in 0..MAX_CONNECTIONS_PER_SOURCE {
             idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
         // Let the server take them all.

@@ -79,7 +79,8 @@ pub struct ZdsListener {
 impl ZdsListener {
     /// Creates the socket at `path` (replacing a stale one) with mode 0600, inside a
     /// directory of mode 0700 (created if missing; an existing one is restricted to 0700
-    /// if this process owns it, refused otherwise). Only connections from processes
+    /// if this process owns it, refused otherwise). With a non-root allowed uid, the
+    /// socket is given to that uid and the directory is 0711 (passable, not listable). Only connections from processes
     /// running as one of `allowed_uids` are served (the node agent's configuration
     /// puts root there); `timeout` bounds every wait for the node proxy.
     pub fn bind(path: &Path, allowed_uids: &[u32], timeout: Duration) -> Result<Self, ZdsError> {
@@ -91,13 +92,23 @@ impl ZdsListener {
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .ok_or_else(|| err("the path has no parent directory".into()))?;
-        private_dir(dir).map_err(err)?;
+        // A node proxy running as another user (one allowed uid besides root) owns the
+        // socket and may pass through the folder (0711: it can reach the socket by name,
+        // not list the folder); everyone else is still kept out by the modes.
+        let me = nix::unistd::geteuid().as_raw();
+        let owner = allowed_uids.iter().copied().find(|u| *u != 0 && *u != me);
+        private_dir(dir, if owner.is_some() { 0o711 } else { 0o700 }).map_err(err)?;
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(format!("cannot remove the old socket: {e}"))),
         }
         let fd = bind_private(path).map_err(|e| err(e.to_string()))?;
+        if let Some(uid) = owner {
+            // Until here the socket is root's, mode 0600: narrower, not wider.
+            nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(uid)), None)
+                .map_err(|e| err(format!("cannot give the socket to uid {uid}: {e}")))?;
+        }
         let listener = UnixSeqpacketListener::try_from(fd).map_err(|e| err(e.to_string()))?;
         Ok(Self {
             listener,
@@ -140,12 +151,12 @@ impl ZdsListener {
     }
 }
 
-/// Makes `dir` a directory of mode 0700 owned by this process's user.
-fn private_dir(dir: &Path) -> Result<(), String> {
+/// Makes `dir` a directory of `mode` (0700, or 0711) owned by this process's user.
+fn private_dir(dir: &Path, mode: u32) -> Result<(), String> {
     use std::os::unix::fs::DirBuilderExt;
     match std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(mode)
         .create(dir)
     {
         Ok(()) => {}
@@ -164,9 +175,9 @@ fn private_dir(dir: &Path) -> Result<(), String> {
             meta.uid()
         ));
     }
-    if meta.mode() & 0o777 != 0o700 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("cannot restrict {} to mode 0700: {e}", dir.display()))?;
+    if meta.mode() & 0o777 != mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("cannot set {} to mode {mode:o}: {e}", dir.display()))?;
     }
     Ok(())
 }

@@ -70,6 +70,7 @@ fn decide<'s>(state: &'s State, client: Client, port: u16) -> Evaluation<'s> {
     let conn = Connection {
         source_ip: client.1.parse().unwrap(),
         source_principal: client.0,
+        source_principal_aliases: &[],
         source_namespace: client.0.map(|p| p.split('/').nth(2).unwrap()),
         source_service_account: client.0.map(|p| p.split('/').nth(4).unwrap()),
         destination_ip: "198.18.2.10".parse().unwrap(),

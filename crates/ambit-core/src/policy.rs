@@ -192,6 +192,10 @@ pub struct Connection<'a> {
     /// The peer's SPIFFE ID without its scheme (`<trust domain>/ns/<ns>/sa/<sa>`), as
     /// Istio's principals are written; `None` for plaintext.
     pub source_principal: Option<&'a str>,
+    /// The same identity written under the mesh's other accepted trust domains (its
+    /// aliases), so a principal written with any of them matches it, as in Istio; empty
+    /// without aliases.
+    pub source_principal_aliases: &'a [String],
     /// The namespace of the peer's identity; `None` for plaintext.
     pub source_namespace: Option<&'a str>,
     /// The service account of the peer's identity; `None` for plaintext.
@@ -203,7 +207,7 @@ pub struct Connection<'a> {
 impl Match {
     pub fn matches(&self, c: &Connection<'_>) -> bool {
         strings_hold(&self.namespaces, &self.not_namespaces, c.source_namespace)
-            && strings_hold(&self.principals, &self.not_principals, c.source_principal)
+            && principals_hold(&self.principals, &self.not_principals, c)
             && nets_hold(&self.source_ips, &self.not_source_ips, c.source_ip)
             && nets_hold(
                 &self.destination_ips,
@@ -225,6 +229,17 @@ fn accounts_hold(yes: &[ServiceAccount], no: &[ServiceAccount], c: &Connection<'
                 .any(|a| a.namespace.as_ref() == ns && a.name.as_ref() == sa)
         })
     };
+    (yes.is_empty() || any(yes)) && !any(no)
+}
+
+/// Like [`strings_hold`], over every form of the peer's principal.
+fn principals_hold(yes: &[StringMatch], no: &[StringMatch], c: &Connection<'_>) -> bool {
+    let Some(principal) = c.source_principal else {
+        return strings_hold(yes, no, None);
+    };
+    let forms =
+        || std::iter::once(principal).chain(c.source_principal_aliases.iter().map(String::as_str));
+    let any = |list: &[StringMatch]| forms().any(|v| list.iter().any(|m| m.matches(v)));
     (yes.is_empty() || any(yes)) && !any(no)
 }
 
@@ -481,6 +496,7 @@ mod tests {
         Connection {
             source_ip: "198.18.1.10".parse().unwrap(),
             source_principal: Some(principal),
+            source_principal_aliases: &[],
             source_namespace: Some(ns),
             source_service_account: principal.rsplit("/sa/").next(),
             destination_ip: "198.18.2.10".parse().unwrap(),

@@ -6,8 +6,11 @@
 //! source that opens connections and never finishes a handshake holds at most
 //! [`Limits::handshakes_per_source`] of them (more are closed as they arrive, before
 //! anything is allocated for them), all sources together at most
-//! [`Limits::handshakes`], each for at most the handshake timeout. Everyone else keeps
-//! being served: one flooding address cannot take the slots other peers need.
+//! [`Limits::handshakes`], each for at most the handshake timeout; and one source holds
+//! at most [`Limits::connections_per_source`] open connections, authenticated or not.
+//! One flooding address cannot take the places other peers need (many addresses
+//! together can exhaust the handshake places for a handshake timeout at a time; the
+//! limits bound memory either way). An IPv6 source counts by its /64.
 //!
 //! Counting is lock-free: atomics, the per-source ones in a fixed table of buckets
 //! indexed by a hash of the address (two addresses may share a bucket, and then a budget).
@@ -26,6 +29,9 @@ pub struct Limits {
     pub handshakes: usize,
     /// Connections in their TLS handshake at once from one source address.
     pub handshakes_per_source: u32,
+    /// Open connections from one source address (handshaking or established): one peer,
+    /// authenticated or not, cannot hold the node's connection places.
+    pub connections_per_source: u32,
 }
 
 impl Default for Limits {
@@ -33,7 +39,8 @@ impl Default for Limits {
         Self {
             connections: 16_384,
             handshakes: 1024,
-            handshakes_per_source: 64,
+            handshakes_per_source: 16,
+            connections_per_source: 512,
         }
     }
 }
@@ -47,6 +54,8 @@ pub enum Refusal {
     Handshakes,
     /// [`Limits::handshakes_per_source`] reached for this source.
     Source,
+    /// [`Limits::connections_per_source`] reached for this source.
+    SourceConnections,
 }
 
 impl Refusal {
@@ -55,6 +64,7 @@ impl Refusal {
             Refusal::Connections => "connections",
             Refusal::Handshakes => "handshakes",
             Refusal::Source => "source_handshakes",
+            Refusal::SourceConnections => "source_connections",
         }
     }
 }
@@ -67,6 +77,7 @@ pub struct Admission {
     connections: AtomicUsize,
     handshakes: AtomicUsize,
     per_source: Box<[AtomicU32]>,
+    open_per_source: Box<[AtomicU32]>,
     hasher: std::collections::hash_map::RandomState,
     on_refusal: Box<dyn Fn(Refusal) + Send + Sync>,
 }
@@ -89,6 +100,7 @@ impl Admission {
             connections: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
             per_source: (0..BUCKETS).map(|_| AtomicU32::new(0)).collect(),
+            open_per_source: (0..BUCKETS).map(|_| AtomicU32::new(0)).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             on_refusal: Box::new(on_refusal),
         }
@@ -117,16 +129,25 @@ impl Admission {
             return refuse(Refusal::Connections);
         }
         let bucket = self.bucket(source);
+        if self.open_per_source[bucket].fetch_add(1, Ordering::AcqRel)
+            >= self.limits.connections_per_source
+        {
+            self.open_per_source[bucket].fetch_sub(1, Ordering::AcqRel);
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return refuse(Refusal::SourceConnections);
+        }
         if self.per_source[bucket].fetch_add(1, Ordering::AcqRel)
             >= self.limits.handshakes_per_source
         {
             self.per_source[bucket].fetch_sub(1, Ordering::AcqRel);
+            self.open_per_source[bucket].fetch_sub(1, Ordering::AcqRel);
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return refuse(Refusal::Source);
         }
         if self.handshakes.fetch_add(1, Ordering::AcqRel) >= self.limits.handshakes {
             self.handshakes.fetch_sub(1, Ordering::AcqRel);
             self.per_source[bucket].fetch_sub(1, Ordering::AcqRel);
+            self.open_per_source[bucket].fetch_sub(1, Ordering::AcqRel);
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return refuse(Refusal::Handshakes);
         }
@@ -137,8 +158,15 @@ impl Admission {
         })
     }
 
+    /// The bucket of a source: its IPv4 address, or its IPv6 /64 (one host can hold a
+    /// whole /64, so counting its addresses one by one would give it millions of
+    /// budgets).
     fn bucket(&self, ip: IpAddr) -> usize {
-        (self.hasher.hash_one(ip) as usize) % BUCKETS
+        let key: u128 = match ip {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)),
+            IpAddr::V6(v6) => (u128::from(v6) >> 64) | (1 << 127),
+        };
+        (self.hasher.hash_one(key) as usize) % BUCKETS
     }
 }
 
@@ -165,6 +193,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.handshake_done();
+        self.admission.open_per_source[self.bucket].fetch_sub(1, Ordering::AcqRel);
         self.admission.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -182,6 +211,7 @@ mod tests {
                 connections: 5,
                 handshakes: 4,
                 handshakes_per_source: 2,
+                connections_per_source: 3,
             },
             move |r| log.lock().unwrap().push(r),
         ));
@@ -207,6 +237,39 @@ mod tests {
         drop((t1, t2, t5, others));
         assert_eq!((a.open_connections(), a.pending_handshakes()), (0, 0));
         assert!(a.per_source.iter().all(|b| b.load(Ordering::Relaxed) == 0));
+        assert!(
+            a.open_per_source
+                .iter()
+                .all(|b| b.load(Ordering::Relaxed) == 0)
+        );
         assert_eq!(refused.lock().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_source_cannot_hold_more_than_its_open_connections_and_ipv6_counts_by_slash_64() {
+        let a = Arc::new(Admission::new(
+            Limits {
+                connections: 100,
+                handshakes: 100,
+                handshakes_per_source: 100,
+                connections_per_source: 2,
+            },
+            |_| {},
+        ));
+        let mut held = Vec::new();
+        for last in 1..=2u16 {
+            let mut t = a
+                .admit(IpAddr::V6(std::net::Ipv6Addr::new(
+                    0x2001, 2, 0, 0, 0, 0, 0, last,
+                )))
+                .unwrap();
+            t.handshake_done();
+            held.push(t);
+        }
+        // Another address of the same /64: the same budget, even after the handshakes.
+        let same_net = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 2, 0, 0, 9, 9, 9, 9));
+        assert_eq!(a.admit(same_net).unwrap_err(), Refusal::SourceConnections);
+        drop(held);
+        assert!(a.admit(same_net).is_ok());
     }
 }

@@ -44,6 +44,10 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// A client must complete TLS and HTTP/2 setup within this time.
     pub handshake_timeout: Duration,
+    /// A connection without an open stream for this long is closed (GOAWAY): an
+    /// authenticated peer cannot keep idle connections forever. Clients close theirs
+    /// sooner (the pool after 60 s).
+    pub idle_timeout: Duration,
     pub keepalive: Keepalive,
     /// Limits on connections and handshakes, shared with the process's other servers
     /// (`None`: unlimited, for tests and tools).
@@ -56,6 +60,7 @@ impl Default for ServerConfig {
             h2: H2Settings::default(),
             max_concurrent_streams: 1000,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
             keepalive: Keepalive::default(),
             admission: None,
         }
@@ -381,13 +386,24 @@ where
     if draining {
         conn.graceful_shutdown();
     }
+    // Streams open on this connection, and since when there has been none.
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut idle_since = Some(Instant::now());
+    let mut idle_check =
+        tokio::time::interval((config.idle_timeout / 4).max(Duration::from_millis(10)));
+    idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     let handler = handler.clone();
                     let peer = peer.clone();
-                    tokio::spawn(handle_request(req, respond, peer, handler));
+                    let guard = StreamCount::new(open.clone());
+                    idle_since = None;
+                    tokio::spawn(async move {
+                        handle_request(req, respond, peer, handler).await;
+                        drop(guard);
+                    });
                 }
                 Some(Err(e)) => return Err(h2_to_io(e)),
                 None => return Ok(()),
@@ -401,7 +417,35 @@ where
             _ = &mut keepalive => {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped answering PINGs"));
             }
+            _ = idle_check.tick(), if !draining => {
+                if open.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                    idle_since = None;
+                } else if let Some(since) = idle_since {
+                    if since.elapsed() >= config.idle_timeout {
+                        draining = true;
+                        conn.graceful_shutdown();
+                    }
+                } else {
+                    idle_since = Some(Instant::now());
+                }
+            }
         }
+    }
+}
+
+/// Counts a stream as open on its connection while it lives.
+struct StreamCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl StreamCount {
+    fn new(open: Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        open.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(open)
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

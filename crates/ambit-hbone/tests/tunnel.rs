@@ -370,6 +370,34 @@ async fn idle_connections_are_closed() {
 }
 
 #[tokio::test]
+async fn the_server_closes_a_connection_left_idle_by_its_client() {
+    // A client that would keep its connection for an hour: the server does not.
+    let env = Env::start_with(ambit_hbone::ServerConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let pool = env.pool_with(PoolConfig {
+        idle_timeout: Duration::from_secs(3600),
+        ..PoolConfig::default()
+    });
+    let stream = pool.connect(env.request(ECHO)).await.unwrap();
+    let _ = round_trip(stream, b"x").await;
+    assert_eq!(pool.stats().connections, 1);
+    let start = std::time::Instant::now();
+    while pool.stats().connections != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the idle connection was not closed by the server"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new request simply opens a new connection.
+    let stream = pool.connect(env.request(ECHO)).await.unwrap();
+    assert_eq!(round_trip(stream, b"again").await, b"again");
+}
+
+#[tokio::test]
 async fn goaway_drain_lets_open_streams_finish() {
     let mut env = Env::start().await;
     let pool = env.pool();

@@ -96,17 +96,24 @@ impl Authorizer for Policies {
             return e;
         }
         let peer = c.source_identity.filter(|id| self.in_mesh(id));
-        let principal = peer.map(|id| {
-            format!(
-                "{}/ns/{}/sa/{}",
-                id.trust_domain(),
-                id.namespace(),
-                id.service_account()
-            )
-        });
+        let principal = |td: &str, id: &SpiffeId| {
+            format!("{td}/ns/{}/sa/{}", id.namespace(), id.service_account())
+        };
+        // With aliases, the peer's identity under every other accepted trust domain too.
+        let aliases: Vec<String> = match peer {
+            Some(id) if self.trust_domains.len() > 1 => self
+                .trust_domains
+                .iter()
+                .filter(|td| td.as_str() != id.trust_domain())
+                .map(|td| principal(td, id))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let principal = peer.map(|id| principal(id.trust_domain(), id));
         let conn = Connection {
             source_ip: c.source_addr.ip(),
             source_principal: principal.as_deref(),
+            source_principal_aliases: &aliases,
             source_namespace: peer.map(|id| id.namespace()),
             source_service_account: peer.map(|id| id.service_account()),
             destination_ip: c.destination_addr.ip(),
@@ -270,5 +277,27 @@ mod tests {
             "an alias is the mesh's own"
         );
         assert!(!decide(&p, &state, "echo", Some(&theirs)).0);
+
+        // A principal written with one accepted trust domain matches the identity under
+        // another: a DENY of cluster.local/.../sa/sleep stops old.local's sleep too.
+        let mut deny = deny_all("demo", "deny-plaintext", PolicyScope::WorkloadSelector);
+        deny.rules = vec![Rule {
+            clauses: vec![ambit_core::policy::Clause {
+                matches: vec![ambit_core::policy::Match {
+                    principals: vec![ambit_core::policy::StringMatch::Exact(
+                        "cluster.local/ns/demo/sa/sleep".into(),
+                    )],
+                    ..Default::default()
+                }],
+            }],
+        }];
+        state.upsert_policy(deny);
+        assert!(!decide(&p, &state, "echo", Some(&ours)).0);
+        assert!(
+            !decide(&p, &state, "echo", Some(&old)).0,
+            "the alias form is denied too"
+        );
+        let other: SpiffeId = "spiffe://old.local/ns/demo/sa/other".parse().unwrap();
+        assert!(decide(&p, &state, "echo", Some(&other)).0);
     }
 }

@@ -306,12 +306,11 @@ impl NodeProxy {
                 loop {
                     tick.tick().await;
                     let state = store.load();
-                    let present: std::collections::HashSet<(&str, &str)> = state
+                    let present: std::collections::HashSet<metrics::WorkloadKey<'_>> = state
                         .workloads()
-                        .map(|w| (w.profile.namespace.as_ref(), w.workload_name.as_ref()))
+                        .map(|w| metrics::WorkloadKey::of(w))
                         .collect();
-                    let removed =
-                        metrics.forget_gone(|ns, name| present.contains(&(ns, name)), retention);
+                    let removed = metrics.forget_gone(|k| present.contains(k), retention);
                     if removed > 0 {
                         tracing::debug!(
                             removed,

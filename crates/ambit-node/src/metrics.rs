@@ -60,6 +60,26 @@ pub struct ConnLabels {
     pub destination_zone: Value,
 }
 
+/// What identifies a workload in the `istio_tcp_*` labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WorkloadKey<'a> {
+    pub namespace: &'a str,
+    pub workload: &'a str,
+    pub canonical_service: &'a str,
+    pub canonical_revision: &'a str,
+}
+
+impl<'a> WorkloadKey<'a> {
+    pub fn of(w: &'a Workload) -> Self {
+        Self {
+            namespace: &w.profile.namespace,
+            workload: &w.workload_name,
+            canonical_service: &w.profile.canonical_name,
+            canonical_revision: &w.profile.canonical_revision,
+        }
+    }
+}
+
 /// Who reports a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reporter {
@@ -283,22 +303,41 @@ impl Metrics {
     }
 
     /// Removes the series of workloads that are gone: a label set whose source or
-    /// destination workload (namespace and workload name) `exists` no longer finds is
-    /// marked, and removed from every `istio_tcp_*` family once it has stayed so for
-    /// `retention` (a connection still open then records into a fresh series when it
-    /// closes, which Prometheus reads as a counter reset). Returns how many were removed.
-    pub fn forget_gone(&self, exists: impl Fn(&str, &str) -> bool, retention: Duration) -> usize {
+    /// destination workload `exists` no longer finds (by namespace, workload name,
+    /// canonical service and revision, so a rollout to a new version retires the old
+    /// version's series too) is marked, and removed from every `istio_tcp_*` family once
+    /// it has stayed so for `retention` (a connection still open then records into a
+    /// fresh series when it closes, which Prometheus reads as a counter reset). Returns
+    /// how many were removed.
+    pub fn forget_gone(
+        &self,
+        exists: impl Fn(&WorkloadKey<'_>) -> bool,
+        retention: Duration,
+    ) -> usize {
         let now = std::time::Instant::now();
-        let known =
-            |name: &Value, ns: &Value| name.0.as_ref() == "unknown" || exists(&ns.0, &name.0);
+        let known = |name: &Value, ns: &Value, service: &Value, revision: &Value| {
+            name.0.as_ref() == "unknown"
+                || exists(&WorkloadKey {
+                    namespace: &ns.0,
+                    workload: &name.0,
+                    canonical_service: &service.0,
+                    canonical_revision: &revision.0,
+                })
+        };
         let mut series = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let mut gone = Vec::new();
         for (labels, since) in series.iter_mut() {
-            let live = known(&labels.source_workload, &labels.source_workload_namespace)
-                && known(
-                    &labels.destination_workload,
-                    &labels.destination_workload_namespace,
-                );
+            let live = known(
+                &labels.source_workload,
+                &labels.source_workload_namespace,
+                &labels.source_canonical_service,
+                &labels.source_canonical_revision,
+            ) && known(
+                &labels.destination_workload,
+                &labels.destination_workload_namespace,
+                &labels.destination_canonical_service,
+                &labels.destination_canonical_revision,
+            );
             match (live, *since) {
                 (true, _) => *since = None,
                 (false, None) => *since = Some(now),
@@ -483,10 +522,10 @@ mod tests {
             "the opened series and the closed (flagged) one"
         );
         let retention = Duration::from_millis(50);
-        let everyone = |_: &str, _: &str| true;
+        let everyone = |_: &WorkloadKey<'_>| true;
         assert_eq!(m.forget_gone(everyone, retention), 0);
         // echo goes: first marked, removed once the retention has passed.
-        let without_echo = |_: &str, name: &str| name != "echo";
+        let without_echo = |k: &WorkloadKey<'_>| k.workload != "echo";
         assert_eq!(m.forget_gone(without_echo, retention), 0);
         assert!(m.encode().contains("destination_workload=\"echo\""));
         std::thread::sleep(Duration::from_millis(60));

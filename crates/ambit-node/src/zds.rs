@@ -39,6 +39,8 @@ const MAX_MESSAGE: usize = 64 * 1024;
 /// First and longest wait between connection attempts.
 const FIRST_RETRY: Duration = Duration::from_millis(10);
 const LAST_RETRY: Duration = Duration::from_secs(5);
+/// A session at least this long resets the backoff.
+const SESSION_THAT_LASTED: Duration = Duration::from_secs(10);
 
 /// The node agent session's state, for readiness and the admin port.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -67,7 +69,7 @@ pub async fn run(
         };
         match attempt {
             Ok(conn) => {
-                delay = FIRST_RETRY;
+                let connected = std::time::Instant::now();
                 tracing::info!(socket = %path.display(), "connected to the node agent");
                 state.send_modify(|s| {
                     s.connected = true;
@@ -89,6 +91,11 @@ pub async fn run(
                     s.connected = false;
                     s.last_error = Some(reason);
                 });
+                // Only a session that lasted starts the backoff again: an agent that
+                // refuses this proxy at once must not be hammered.
+                if connected.elapsed() >= SESSION_THAT_LASTED {
+                    delay = FIRST_RETRY;
+                }
             }
             Err(e) => {
                 let reason = format!(

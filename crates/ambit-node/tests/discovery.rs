@@ -603,3 +603,36 @@ async fn a_first_push_split_in_several_responses_says_which_is_last() {
     // The real client counts itself in sync only after the last one.
     assert!(node.xds_state().borrow().synced);
 }
+
+#[tokio::test]
+async fn policies_with_ambit_extensions_go_to_ambit_node_proxies_only() {
+    let env = Env::start().await;
+    let audit = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: audit-all, namespace: demo}
+spec: {action: AUDIT, rules: [{}]}
+";
+    std::fs::write(env.manifest(), format!("{MESH}{audit}")).unwrap();
+    // Ambit's node proxy (node id ambit~...) holds it, as an AUDIT policy.
+    let node = env.node("node-a").await;
+    until(&node, "the audit policy", |st| {
+        st.policy("demo/audit-all")
+            .is_some_and(|p| p.action == PolicyAction::Audit)
+    })
+    .await;
+    // Another client (Istio's ztunnel) is sent the policies without it.
+    let (seen, task) = raw_subscriber(&env, &[ResourceType::Authorization]).await;
+    wait_seen(&seen, "the first push", |s| !s.is_empty()).await;
+    let names: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.names.clone())
+        .collect();
+    assert!(names.contains(&"demo/deny-sleep".to_owned()), "{names:?}");
+    assert!(!names.contains(&"demo/audit-all".to_owned()), "{names:?}");
+    task.abort();
+    node.shutdown().await;
+}

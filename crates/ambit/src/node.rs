@@ -66,10 +66,14 @@ pub struct NodeArgs {
     /// until it completes, within 10 s).
     #[arg(long, default_value_t = 1024)]
     max_hbone_handshakes: usize,
-    /// Of those, from one source address: a client that floods the port with
-    /// connections it never authenticates cannot take the places of other peers.
-    #[arg(long, default_value_t = 64)]
+    /// Of those, from one source address (an IPv6 source by its /64): a client that
+    /// floods the port with connections it never authenticates cannot take the places of
+    /// other peers.
+    #[arg(long, default_value_t = 16)]
     max_hbone_handshakes_per_source: u32,
+    /// Open connections on port 15008 from one source address, authenticated or not.
+    #[arg(long, default_value_t = 512)]
+    max_hbone_connections_per_source: u32,
     /// Where to announce the admin address for `ambit config --node`.
     #[arg(long, env = "AMBIT_RUN_DIR", default_value = "/run/ambit")]
     run_dir: PathBuf,
@@ -129,6 +133,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         connections: args.max_hbone_connections,
         handshakes: args.max_hbone_handshakes,
         handshakes_per_source: args.max_hbone_handshakes_per_source,
+        connections_per_source: args.max_hbone_connections_per_source,
     };
     if let Some(n) = args.worker_threads {
         config.worker_threads = n;

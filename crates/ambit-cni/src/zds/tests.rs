@@ -55,6 +55,14 @@ async fn the_socket_is_private_from_the_start() {
     let _l = ZdsListener::bind(&open_dir.join("z.sock"), &[0], T).unwrap();
     assert_eq!(std::fs::metadata(&open_dir).unwrap().mode() & 0o777, 0o700);
 
+    // A non-root node proxy user: the socket is its (still 0600), the folder passable.
+    let shared = dir.path().join("shared/zds.sock");
+    let _l = ZdsListener::bind(&shared, &[0, 4242], T).unwrap();
+    let meta = std::fs::symlink_metadata(&shared).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (4242, 0o600));
+    let parent = std::fs::metadata(shared.parent().unwrap()).unwrap();
+    assert_eq!(parent.mode() & 0o777, 0o711);
+
     // A stale socket file is replaced, a path without a directory is refused.
     drop(_l);
     let _l = ZdsListener::bind(&open_dir.join("z.sock"), &[0], T).unwrap();

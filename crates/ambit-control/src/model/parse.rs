@@ -153,6 +153,13 @@ fn options() -> serde_saphyr::Options {
     }
 }
 
+/// The API groups a mesh is configured with.
+const MESH_GROUPS: [&str; 3] = [
+    "security.istio.io",
+    "networking.istio.io",
+    "gateway.networking.k8s.io",
+];
+
 /// Every kind of the API groups a mesh is configured with (Istio's and the Gateway
 /// API's), modelled by Ambit or not; `None` for other groups.
 fn mesh_group_kinds(group: &str) -> Option<&'static [&'static str]> {
@@ -306,6 +313,15 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, ManifestError> {
                     "{group} has no kind {kind}; {hint}(its kinds: {})",
                     known.join(", ")
                 ),
+            ));
+        }
+        // A group one typo away from the mesh's: a policy written there would be skipped.
+        if mesh_group_kinds(group).is_none()
+            && let Some(real) = closest(group, &MESH_GROUPS)
+        {
+            return Err(whole(
+                "apiVersion",
+                format!("{api_version}: there is no API group {group}; did you mean {real}?"),
             ));
         }
         return Ok(Parsed::Ignored(format!(

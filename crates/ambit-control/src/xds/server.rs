@@ -166,6 +166,7 @@ impl AggregatedDiscoveryService for AdsService {
             metrics: self.metrics.clone(),
             types: Default::default(),
             nonce: 0,
+            ambit: false,
         };
         tokio::spawn(stream.run());
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -198,6 +199,9 @@ struct Subscriber {
     metrics: Arc<Metrics>,
     types: [TypeState; 2],
     nonce: u64,
+    /// An Ambit node proxy (node id `ambit~...`): it is also sent the policies that
+    /// carry Ambit's extensions; other clients (Istio's ztunnel) are not.
+    ambit: bool,
 }
 
 impl Subscriber {
@@ -237,6 +241,11 @@ impl Subscriber {
             tracing::debug!(subscriber = self.id, type_url = %req.type_url, "ignoring a subscription to an unknown type");
             return Ok(());
         };
+        if let Some(node) = &req.node
+            && !node.id.is_empty()
+        {
+            self.ambit = node.id.starts_with("ambit~");
+        }
         if let Some(name) = node_name(&req)
             && name != self.node
         {
@@ -460,6 +469,20 @@ impl Subscriber {
         for name in std::mem::take(&mut state.forced) {
             if resources.contains_key(name.as_str()) {
                 send.insert(Str::from(name.as_str()));
+            }
+        }
+        // Another node proxy is not sent Ambit's extension policies; one it holds in an
+        // earlier form is removed from it.
+        let mut removed = removed;
+        if t == ResourceType::Authorization && !self.ambit && !snapshot.ambit_only.is_empty() {
+            let ambit_only: Vec<Str> = send
+                .iter()
+                .filter(|n| snapshot.ambit_only.contains(n.as_ref()))
+                .cloned()
+                .collect();
+            for n in ambit_only {
+                send.remove(&n);
+                removed.insert(n);
             }
         }
         state.initial = None;

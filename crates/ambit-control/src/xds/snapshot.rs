@@ -35,6 +35,8 @@ pub struct Snapshot {
     /// Set while translation is failing (it panicked: the message); this snapshot, the
     /// last good one, stays in force and the control plane is not ready.
     pub failing: Option<Arc<str>>,
+    /// Policy resources only Ambit's node proxies are sent (`ambit.io/*` extensions).
+    pub ambit_only: Arc<BTreeSet<String>>,
 }
 
 #[derive(Debug)]
@@ -102,6 +104,7 @@ impl Snapshot {
             log,
             warnings: Arc::new(translator.warnings().clone()),
             failing: None,
+            ambit_only: Arc::new(translator.ambit_only().clone()),
         }
     }
 

@@ -149,6 +149,9 @@ pub struct Translator {
     produced: BTreeMap<Unit, (ResourceType, String)>,
     /// Warnings from the last translation of each policy.
     warnings: BTreeMap<String, Vec<String>>,
+    /// Policies published with an `ambit.io/*` extension (AUDIT, not enforced): only
+    /// Ambit's node proxies are sent them.
+    ambit_only: BTreeSet<String>,
 }
 
 impl Translator {
@@ -158,6 +161,7 @@ impl Translator {
             resources: Default::default(),
             produced: BTreeMap::new(),
             warnings: BTreeMap::new(),
+            ambit_only: BTreeSet::new(),
         }
     }
 
@@ -166,6 +170,11 @@ impl Translator {
     }
 
     /// Policy translation warnings, by `<ns>/<name>`.
+    /// Policy resources only Ambit's node proxies understand (see the field).
+    pub fn ambit_only(&self) -> &BTreeSet<String> {
+        &self.ambit_only
+    }
+
     pub fn warnings(&self) -> &BTreeMap<String, Vec<String>> {
         &self.warnings
     }
@@ -379,6 +388,7 @@ impl Translator {
                     model.lookup(Kind::AuthorizationPolicy, ns, name)
                 else {
                     self.warnings.remove(&key);
+                    self.ambit_only.remove(&key);
                     return None;
                 };
                 let (auth, warnings) = translate_policy(p, &self.options);
@@ -394,7 +404,15 @@ impl Translator {
                     }
                     self.warnings.insert(key.clone(), warnings);
                 }
-                let auth = auth?;
+                let Some(auth) = auth else {
+                    self.ambit_only.remove(&key);
+                    return None;
+                };
+                if auth.extensions.is_empty() {
+                    self.ambit_only.remove(&key);
+                } else {
+                    self.ambit_only.insert(key.clone());
+                }
                 Some((ResourceType::Authorization, key, Encoded::of(&auth)))
             }
             Unit::PeerAuthn(ns, name) => {

@@ -569,6 +569,15 @@ fn a_misspelt_kind_in_a_mesh_group_is_an_error() {
     ] {
         assert_eq!(errors(text)[0].field.as_deref(), Some("kind"), "{text}");
     }
+    // A typo in the group itself.
+    let e = errors(
+        "apiVersion: secuirty.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p}\n",
+    );
+    assert!(
+        e[0].message.contains("did you mean security.istio.io?"),
+        "{}",
+        e[0].message
+    );
     // Known kinds Ambit does not model, and other groups, are skipped and listed.
     let parsed = parse_file(
         "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r}\n---\napiVersion: example.com/v1\nkind: Widgit\nmetadata: {name: w}\n",
