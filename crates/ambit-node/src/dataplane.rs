@@ -805,28 +805,15 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
             service,
             target,
         } => {
-            let access = Access {
-                direction: "outbound",
-                src: peer,
-                src_workload: source.as_deref(),
-                src_identity: None,
-                dst: target,
-                hbone: None,
-                dst_workload: workload.as_deref(),
-                dst_service: service.as_deref(),
-                mtls: false,
+            let (access, metrics) = plain_outbound(
+                dp,
+                peer,
+                source.as_deref(),
+                target,
+                workload.as_deref(),
+                service.as_deref(),
                 started,
-                authz: None,
-            };
-            let facts = ConnFacts {
-                reporter: Reporter::Source,
-                source: source.as_deref(),
-                source_principal: None,
-                destination: workload.as_deref(),
-                destination_service: service.as_deref(),
-                mutual_tls: false,
-            };
-            let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+            );
             let upstream = tokio::time::timeout(
                 dp.config.connect_timeout,
                 ambit_hbone::socket::connect(target, &ctx.inside()),
@@ -860,28 +847,15 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
             access.log(from_source, to_source, error.as_deref());
         }
         Route::NoEndpoint { service } => {
-            let access = Access {
-                direction: "outbound",
-                src: peer,
-                src_workload: source.as_deref(),
-                src_identity: None,
-                dst: original,
-                hbone: None,
-                dst_workload: None,
-                dst_service: Some(&service),
-                mtls: false,
+            let (access, metrics) = plain_outbound(
+                dp,
+                peer,
+                source.as_deref(),
+                original,
+                None,
+                Some(&service),
                 started,
-                authz: None,
-            };
-            let facts = ConnFacts {
-                reporter: Reporter::Source,
-                source: source.as_deref(),
-                source_principal: None,
-                destination: None,
-                destination_service: Some(&service),
-                mutual_tls: false,
-            };
-            let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+            );
             fail_with(
                 &conn,
                 metrics,
@@ -897,28 +871,15 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
             workload,
         } => {
             // Named a waypoint that cannot be reached: refused, never sent around it.
-            let access = Access {
-                direction: "outbound",
-                src: peer,
-                src_workload: source.as_deref(),
-                src_identity: None,
-                dst: original,
-                hbone: None,
-                dst_workload: workload.as_deref(),
-                dst_service: service.as_deref(),
-                mtls: false,
+            let (access, metrics) = plain_outbound(
+                dp,
+                peer,
+                source.as_deref(),
+                original,
+                workload.as_deref(),
+                service.as_deref(),
                 started,
-                authz: None,
-            };
-            let facts = ConnFacts {
-                reporter: Reporter::Source,
-                source: source.as_deref(),
-                source_principal: None,
-                destination: workload.as_deref(),
-                destination_service: service.as_deref(),
-                mutual_tls: false,
-            };
-            let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+            );
             fail_with(
                 &conn,
                 metrics,
@@ -931,6 +892,42 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
             );
         }
     }
+}
+
+/// The access-log entry and the metrics of an outbound connection that is not mTLS (plain
+/// TCP, or refused before any tunnel).
+fn plain_outbound<'a>(
+    dp: &DataPlane,
+    peer: SocketAddr,
+    source: Option<&'a Workload>,
+    dst: SocketAddr,
+    workload: Option<&'a Workload>,
+    service: Option<&'a Service>,
+    started: Instant,
+) -> (Access<'a>, ConnMetrics) {
+    let access = Access {
+        direction: "outbound",
+        src: peer,
+        src_workload: source,
+        src_identity: None,
+        dst,
+        hbone: None,
+        dst_workload: workload,
+        dst_service: service,
+        mtls: false,
+        started,
+        authz: None,
+    };
+    let facts = ConnFacts {
+        reporter: Reporter::Source,
+        source,
+        source_principal: None,
+        destination: workload,
+        destination_service: service,
+        mutual_tls: false,
+    };
+    let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
+    (access, metrics)
 }
 
 fn fail(conn: &TcpStream, metrics: ConnMetrics, access: &Access<'_>, dp: &DataPlane, error: &str) {

@@ -109,22 +109,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let roots = self.bundle.load();
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        cert.verify_for_usage(
-            self.algorithms.all,
-            &roots.anchors,
+        let id = verified_identity(
+            &self.bundle,
+            &self.algorithms,
+            end_entity,
             intermediates,
             now,
             webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(webpki_error)?;
-        let id = spiffe_id_of(end_entity).map_err(|e| {
-            Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
-        })?;
+        )?;
         if self.trust_domains.iter().any(|td| td == id.trust_domain()) {
             Ok(ClientCertVerified::assertion())
         } else {
@@ -238,22 +230,14 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let roots = self.bundle.load();
-        let cert = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        cert.verify_for_usage(
-            self.algorithms.all,
-            &roots.anchors,
+        let id = verified_identity(
+            &self.bundle,
+            &self.algorithms,
+            end_entity,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(webpki_error)?;
-        let id = spiffe_id_of(end_entity).map_err(|e| {
-            Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
-        })?;
+        )?;
         if self.expected.contains(&id) {
             Ok(ServerCertVerified::assertion())
         } else {
@@ -307,6 +291,34 @@ fn list(ids: &[SpiffeId]) -> String {
     } else {
         format!("one of [{}]", names.join(", "))
     }
+}
+
+/// The SPIFFE ID of a peer certificate that chains to the bundle's current roots for
+/// `usage`; the one check both HBONE ends make before their own.
+fn verified_identity(
+    bundle: &TrustBundle,
+    algorithms: &rustls::crypto::WebPkiSupportedAlgorithms,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<SpiffeId, Error> {
+    let roots = bundle.load();
+    let cert = webpki::EndEntityCert::try_from(end_entity)
+        .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    cert.verify_for_usage(
+        algorithms.all,
+        &roots.anchors,
+        intermediates,
+        now,
+        usage,
+        None,
+        None,
+    )
+    .map_err(webpki_error)?;
+    spiffe_id_of(end_entity).map_err(|e| {
+        Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+    })
 }
 
 fn webpki_error(e: webpki::Error) -> Error {
