@@ -82,7 +82,7 @@ fn main() -> ExitCode {
         Command::Node(args) => node::run(*args),
         Command::Config(args) => config_cmd::run(args),
         Command::Cni(args) => cni::run(*args),
-        Command::Waypoint => not_yet("the waypoint", "a later issue"),
+        Command::Waypoint => not_yet("the waypoint"),
         Command::Demo(args) => demo::run(*args),
     };
     match result {
@@ -94,9 +94,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn not_yet(what: &str, when: &str) -> anyhow::Result<ExitCode> {
-    eprintln!(
-        "error: {what} is not part of this build yet (it arrives with {when}); see README.md for what works today"
-    );
+fn not_yet(what: &str) -> anyhow::Result<ExitCode> {
+    eprintln!("error: {what} is not part of this build yet; see README.md for what works today");
     Ok(ExitCode::from(2))
 }
