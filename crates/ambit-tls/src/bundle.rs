@@ -175,3 +175,59 @@ fn report(path: &std::path::Path, error: &str, last: &mut Option<String>) {
         *last = Some(error.to_owned());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TestPki;
+
+    fn pem(roots: &[CertificateDer<'static>]) -> String {
+        roots
+            .iter()
+            .map(|r| pem::encode(&pem::Pem::new("CERTIFICATE", r.to_vec())))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_replaces_the_roots_and_a_bad_one_keeps_them() {
+        let (old, new) = (TestPki::new(), TestPki::new());
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("root-cert.pem");
+        std::fs::write(&file, pem(&old.roots())).unwrap();
+        let bundle = TrustBundle::from_pem(std::fs::read(&file).unwrap().as_slice()).unwrap();
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(follow_file(
+            bundle.clone(),
+            file.clone(),
+            Duration::from_millis(20),
+            stop,
+        ));
+        let wait = |want: usize| {
+            let bundle = bundle.clone();
+            async move {
+                for _ in 0..250 {
+                    if bundle.roots().len() == want {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!("the bundle never held {want} roots");
+            }
+        };
+        // The overlap of a rotation: both roots.
+        let mut both = old.roots();
+        both.extend(new.roots());
+        std::fs::write(&file, pem(&both)).unwrap();
+        wait(2).await;
+        // A broken file changes nothing.
+        std::fs::write(&file, "-----BEGIN CERTIFICATE-----\nnot base64\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(bundle.roots().len(), 2);
+        // The old root retired.
+        std::fs::write(&file, pem(&new.roots())).unwrap();
+        wait(1).await;
+        assert_eq!(*bundle.roots(), *new.roots());
+        let _ = stop_tx.send(true);
+        task.await.unwrap();
+    }
+}
