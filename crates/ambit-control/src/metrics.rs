@@ -31,6 +31,8 @@ pub struct Metrics {
     pub config_files_refused: Gauge,
     pub config_conflicts: Gauge,
     pub config_generation: Gauge,
+    /// Times the manifest folder was read (after a change, or the 10 s safety net).
+    pub config_rescans: Counter,
     pub xds_subscribers: Gauge,
     pub xds_pushes: Family<TypeLabel, Counter>,
     pub xds_resources_sent: Family<TypeLabel, Counter>,
@@ -87,6 +89,12 @@ impl Default for Metrics {
             "config_generation",
             "Version number of the current mesh model",
             config_generation.clone(),
+        );
+        let config_rescans = Counter::default();
+        registry.register(
+            "config_rescans",
+            "Times the manifest folder was read: after a change on disk, and every 10 s as a safety net",
+            config_rescans.clone(),
         );
         let xds_subscribers = Gauge::default();
         registry.register(
@@ -151,6 +159,7 @@ impl Default for Metrics {
             config_files_refused,
             config_conflicts,
             config_generation,
+            config_rescans,
             xds_subscribers,
             xds_pushes,
             xds_resources_sent,
@@ -230,6 +239,10 @@ impl Metrics {
             .set(status.file_errors.len() as i64);
         self.config_conflicts.set(status.conflicts.len() as i64);
         self.config_generation.set(model.generation as i64);
+        let counted = self.config_rescans.get();
+        if status.rescans > counted {
+            self.config_rescans.inc_by(status.rescans - counted);
+        }
         self.failing
             .get_or_create(&ComponentLabel {
                 component: "manifests",

@@ -165,13 +165,28 @@ impl FileSource {
     }
 }
 
+/// Whether an inotify event can mean new content: files created, written, renamed or
+/// removed (a file closed after writing counts); opening and reading do not.
+fn changes_content(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    match kind {
+        notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        notify::EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 fn start_watcher(
     dir: &Path,
     events: mpsc::UnboundedSender<()>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let handler = move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Reads are not changes: the rescan reads every changed file, and reacting to
+        // those reads would rescan the folder over and over while nothing changes.
+        if let Ok(event) = res
+            && changes_content(&event.kind)
+        {
             let _ = events.send(());
         }
     };

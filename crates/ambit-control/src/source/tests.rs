@@ -259,3 +259,36 @@ async fn a_failing_reader_keeps_the_last_model_says_so_and_recovers() {
     let (m, _) = next_model(&mut model, Duration::from_secs(5)).await;
     assert_eq!(names(&m, Kind::Pod), ["a", "b"]);
 }
+
+#[tokio::test]
+async fn an_idle_folder_is_not_rescanned() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("a.yaml"), pod("a", "n1", "198.18.0.1")).unwrap();
+    let source = FileSource::start(FileSourceOptions::new(dir.path()))
+        .await
+        .unwrap();
+    // Whatever the start itself caused settles first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = source.status().borrow().rescans;
+    // Reading is not changing: the control plane's own rescans, `validate`, a backup or an
+    // editor open and read the files; none of it may start a rescan.
+    for _ in 0..30 {
+        let _ = fs::read(dir.path().join("a.yaml")).unwrap();
+        let _ = fs::read_dir(dir.path()).unwrap().count();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = source.status().borrow().rescans;
+    assert_eq!(
+        after,
+        before,
+        "the folder was rescanned {} times while nothing changed",
+        after - before
+    );
+    // A real change is still seen at once.
+    let mut model = source.model();
+    model.borrow_and_update();
+    fs::write(dir.path().join("b.yaml"), pod("b", "n1", "198.18.0.2")).unwrap();
+    let (m, took) = next_model(&mut model, Duration::from_secs(2)).await;
+    assert_eq!(names(&m, Kind::Pod), ["a", "b"]);
+    assert!(took < Duration::from_secs(2));
+}
