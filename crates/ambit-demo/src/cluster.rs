@@ -101,16 +101,22 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Builds the namespaces. Refuses if a demo is already there.
-    pub fn build(dir: &Path, exe: &Path) -> Result<Self, DemoError> {
-        if dir.join("demo.json").exists() || Path::new("/run/netns").join(FABRIC).exists() {
+    /// Refuses if a demo is running or was left behind: its record in `dir`, or any of
+    /// its network namespaces.
+    pub fn check_free(dir: &Path) -> Result<(), DemoError> {
+        let netns = Path::new("/run/netns");
+        if dir.join("demo.json").exists()
+            || netns.join(FABRIC).exists()
+            || PODS.iter().any(|pod| netns.join(pod.netns()).exists())
+        {
             return Err(DemoError::Busy(dir.to_owned()));
         }
-        for pod in PODS {
-            if Path::new("/run/netns").join(pod.netns()).exists() {
-                return Err(DemoError::Busy(dir.to_owned()));
-            }
-        }
+        Ok(())
+    }
+
+    /// Builds the namespaces. Refuses if a demo is already there.
+    pub fn build(dir: &Path, exe: &Path) -> Result<Self, DemoError> {
+        Self::check_free(dir)?;
         std::fs::create_dir_all(dir.join("logs"))
             .map_err(|e| DemoError::Io(format!("cannot create {}: {e}", dir.display())))?;
         let mut cluster = Cluster {

@@ -5,6 +5,16 @@
 //! - [`app`]: the sample applications (HTTP echo server, client).
 //! - [`script`]: the narrated steps and their checks (`--check` fails on any).
 
+/// `println!` that never panics: the demo's standard output may be a closed pipe
+/// (`ambit demo | head`) or a terminal that went away; the walk-through and its clean-up
+/// go on regardless.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod app;
 pub mod cluster;
 pub mod script;
@@ -18,7 +28,9 @@ pub use script::{Options, run};
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(
-        "a demo is already running or was left behind ({0} or its network namespaces exist); remove it with `ambit demo --down`"
+        "a demo is already running or was left behind ({} or its network namespaces exist); remove it with `{}`",
+        .0.display(),
+        down_command(.0)
     )]
     Busy(PathBuf),
     #[error("building the cluster: {0}")]
@@ -37,4 +49,16 @@ pub enum DemoError {
     Timeout(String),
     #[error("{} step(s) did not behave as narrated: {}", .0.len(), .0.join("; "))]
     Check(Vec<String>),
+}
+
+/// The demo's folder unless told otherwise.
+pub const DEFAULT_DIR: &str = "/run/ambit-demo";
+
+/// The command that removes a demo kept or left behind in `dir`.
+pub fn down_command(dir: &std::path::Path) -> String {
+    if dir == std::path::Path::new(DEFAULT_DIR) {
+        "ambit demo --down".to_owned()
+    } else {
+        format!("ambit demo --down --dir {}", dir.display())
+    }
 }

@@ -37,28 +37,30 @@ const STEPS: usize = 8;
 
 struct Narrator {
     interactive: bool,
+    /// Standard output is a terminal (progress lines are rewritten in place).
+    terminal: bool,
     failures: Vec<String>,
     started: Instant,
 }
 
 impl Narrator {
     fn step(&mut self, n: usize, title: &str) {
-        println!();
-        println!("[{n}/{STEPS}] {title}");
+        say!();
+        say!("[{n}/{STEPS}] {title}");
     }
 
     fn say(&self, text: &str) {
         for line in text.lines() {
-            println!("      {line}");
+            say!("      {line}");
         }
     }
 
     fn check(&mut self, ok: bool, claim: &str, otherwise: impl FnOnce() -> String) {
         if ok {
-            println!("      ✓ {claim}");
+            say!("      ✓ {claim}");
         } else {
             let why = otherwise();
-            println!("      ✗ {claim}: {why}");
+            say!("      ✗ {claim}: {why}");
             self.failures.push(format!("{claim}: {why}"));
         }
     }
@@ -67,28 +69,53 @@ impl Narrator {
         if !self.interactive {
             return;
         }
-        print!("      (press Enter to continue) ");
-        let _ = std::io::stdout().flush();
-        let _ = tokio::task::spawn_blocking(|| {
+        let mut stdout = std::io::stdout();
+        let _ = write!(stdout, "      (press Enter to continue) ");
+        let _ = stdout.flush();
+        // A plain thread, not the runtime's blocking pool: an interrupted demo must not
+        // wait for a line that never comes before it can exit.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
             let mut line = String::new();
-            std::io::stdin().read_line(&mut line)
-        })
-        .await;
+            let _ = tx.send(std::io::stdin().read_line(&mut line));
+        });
+        let _ = rx.await;
     }
 
+    /// A progress line, rewritten in place on a terminal; nothing otherwise (a file or a
+    /// pipe gets the final line only).
     fn progress(&self, what: &str, since: Instant) {
-        if !std::io::stdout().is_terminal() {
+        if !self.terminal {
             return;
         }
-        print!("\r      … {what} ({:.1} s)", since.elapsed().as_secs_f64());
-        let _ = std::io::stdout().flush();
+        let mut stdout = std::io::stdout();
+        let _ = write!(
+            stdout,
+            "\r      … {what} ({:.1} s)",
+            since.elapsed().as_secs_f64()
+        );
+        let _ = stdout.flush();
     }
 
     fn progress_done(&self, what: &str, since: Instant) {
-        println!(
-            "\r      … {what}: done in {:.1} s   ",
+        // On a terminal: back to the start of the progress line, and clear what is left
+        // of it after the text.
+        let (start, clear) = if self.terminal {
+            ("\r", "\x1b[K")
+        } else {
+            ("", "")
+        };
+        say!(
+            "{start}      … {what}: done in {:.1} s{clear}",
             since.elapsed().as_secs_f64()
         );
+    }
+
+    /// Ends a progress line cut short (a timeout) so the error starts on a line of its own.
+    fn progress_abandoned(&self) {
+        if self.terminal {
+            say!();
+        }
     }
 }
 
@@ -224,7 +251,7 @@ async fn wait_ok(
             Err(e) => e.to_string(),
         };
         if since.elapsed() > Duration::from_secs(30) {
-            println!();
+            out.progress_abandoned();
             return Err(DemoError::Timeout(format!("{what} (last answer: {last})")));
         }
         out.progress(what, since);
@@ -350,7 +377,7 @@ async fn wait_agents(
             return Ok(());
         }
         if since.elapsed() > Duration::from_secs(30) {
-            println!();
+            out.progress_abandoned();
             return Err(DemoError::Timeout(what.to_owned()));
         }
         out.progress(what, since);
@@ -375,12 +402,15 @@ async fn probe_soon(from: &PodDef, target: &str) -> Result<Probe, DemoError> {
 pub async fn run(opts: Options) -> Result<(), DemoError> {
     let mut out = Narrator {
         interactive: opts.interactive && !opts.check,
+        terminal: std::io::stdout().is_terminal(),
         failures: Vec::new(),
         started: Instant::now(),
     };
     let dir = opts.dir.clone();
-    println!("ambit demo: a two-node service mesh built from network namespaces on this machine.");
-    println!(
+    // A leftover demo is reported before anything is narrated.
+    Cluster::check_free(&dir)?;
+    say!("ambit demo: a two-node service mesh built from network namespaces on this machine.");
+    say!(
         "Files, state and logs go to {}; {}",
         dir.display(),
         if opts.keep {
@@ -647,7 +677,7 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
         || "no such sample".into(),
     );
     out.say(&format!(
-        "Access log ({}), one line per connection:",
+        "Access log ({}): one line per connection; the last from sleep:",
         cluster.log_path("node-b").display()
     ));
     out.say(&format!(
@@ -776,7 +806,7 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
         out.say("Removing the processes, namespaces and files it created.");
         drop(cluster);
     }
-    println!(
+    say!(
         "\n{} in {:.1} s.",
         if failures.is_empty() {
             "Every step behaved as narrated"
@@ -834,7 +864,7 @@ fn print_keep_help(dir: &Path, exe: &Path) {
     let exe = exe.display();
     let (a_admin, a_metrics, _, a_agent) = node_ports("node-a");
     let (_, b_metrics, _, b_agent) = node_ports("node-b");
-    println!(
+    say!(
         "
 The mesh keeps running. Try:
   {exe} config workloads --node node-a --run-dir {d}/run     # what node-a's proxy knows
@@ -846,7 +876,12 @@ The mesh keeps running. Try:
   ip netns exec {ns}.other {exe} demo get http://{ip}:{ECHO_PORT}/
   tail -f {d}/logs/node-b.log | grep 'connection complete'   # access log
   $EDITOR {d}/manifests/mesh.yaml    # remove the label istio.io/dataplane-mode: ambient to un-enroll
-Logs: {d}/logs/. Tear it all down with: {exe} demo --down",
+Logs: {d}/logs/. Tear it all down with: {exe} demo --down{dir_flag}",
+        dir_flag = if dir == Path::new(crate::DEFAULT_DIR) {
+            String::new()
+        } else {
+            format!(" --dir {d}")
+        },
         ns = NAMESPACE,
         ip = ECHO.ip,
     );

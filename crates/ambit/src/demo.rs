@@ -3,7 +3,7 @@
 // The demo reports on standard output.
 #![allow(clippy::print_stdout)]
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -26,7 +26,7 @@ pub struct DemoArgs {
     #[arg(long)]
     down: bool,
     /// Where the demo keeps its manifests, state and logs.
-    #[arg(long, default_value = "/run/ambit-demo")]
+    #[arg(long, default_value = ambit_demo::DEFAULT_DIR)]
     dir: PathBuf,
 }
 
@@ -46,26 +46,8 @@ enum DemoApp {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    match args.app {
-        Some(DemoApp::ServeEcho { name, port }) => {
-            runtime.block_on(async {
-                tokio::select! {
-                    r = ambit_demo::app::serve_echo(name, port) => r,
-                    _ = crate::signal::wait() => Ok(()),
-                }
-            })?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Some(DemoApp::Get { url }) => {
-            let echo = runtime.block_on(ambit_demo::app::get_once(&url))?;
-            println!("{}", serde_json::to_string_pretty(&echo)?);
-            return Ok(ExitCode::SUCCESS);
-        }
-        None => {}
+    if let Some(app) = args.app {
+        return run_app(app);
     }
     crate::preflight::require_root("the demo creates network namespaces and nftables rules")?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
@@ -92,15 +74,49 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         dir: args.dir,
         exe,
     };
+    // Worker threads keep receiving signals while the clean-up blocks the main thread,
+    // so a second Ctrl-C is never ignored.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let down = ambit_demo::down_command(&options.dir);
     let outcome = runtime.block_on(async {
-        tokio::select! {
-            r = ambit_demo::run(options) => Some(r),
-            _ = crate::signal::wait() => None,
-        }
-    });
+        let mut stops = crate::signal::Stops::new().context("cannot catch signals")?;
+        let mut demo = Box::pin(ambit_demo::run(options));
+        let stop = tokio::select! {
+            r = &mut demo => return anyhow::Ok(Ok(r)),
+            stop = stops.next() => stop,
+        };
+        // Standard error may be a closed terminal by now (SIGHUP): never fail on it.
+        let _ = writeln!(
+            std::io::stderr(),
+            "\ninterrupted ({}): removing everything the demo created (again to stop at once)",
+            stop.name()
+        );
+        tokio::spawn(async move {
+            let again = stops.next().await;
+            let _ = writeln!(
+                std::io::stderr(),
+                "interrupted again ({}): stopping now; remove what is left with `{down}`",
+                again.name()
+            );
+            std::process::exit(i32::from(again.exit_code()));
+        });
+        // Dropping the walk-through removes the cluster (processes, namespaces, folder).
+        drop(demo);
+        let _ = writeln!(
+            std::io::stderr(),
+            "removed; no process, network namespace or file of the demo is left"
+        );
+        Ok(Err(stop))
+    })?;
+    // Nothing may hold the exit back (a read of the terminal at a pause, for one).
+    runtime.shutdown_background();
     match outcome {
-        Some(Ok(())) => Ok(ExitCode::SUCCESS),
-        Some(Err(DemoError::Check(failures))) => {
+        Ok(Ok(())) => Ok(ExitCode::SUCCESS),
+        Ok(Err(DemoError::Check(failures))) => {
             eprintln!(
                 "error: {} step(s) did not behave as narrated:",
                 failures.len()
@@ -110,10 +126,30 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::FAILURE)
         }
-        Some(Err(e)) => Err(e.into()),
-        None => {
-            eprintln!("\ninterrupted; everything the demo created has been removed");
-            Ok(ExitCode::from(130))
+        Ok(Err(e)) => Err(e.into()),
+        Err(stop) => Ok(ExitCode::from(stop.exit_code())),
+    }
+}
+
+/// The sample applications, each in a small single-threaded runtime.
+fn run_app(app: DemoApp) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match app {
+        DemoApp::ServeEcho { name, port } => {
+            runtime.block_on(async {
+                tokio::select! {
+                    r = ambit_demo::app::serve_echo(name, port) => r,
+                    _ = crate::signal::wait() => Ok(()),
+                }
+            })?;
+        }
+        DemoApp::Get { url } => {
+            let echo = runtime.block_on(ambit_demo::app::get_once(&url))?;
+            println!("{}", serde_json::to_string_pretty(&echo)?);
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
