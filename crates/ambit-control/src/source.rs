@@ -298,6 +298,8 @@ struct FileState {
     stamp: Stamp,
     /// The objects of the last version that parsed; in force even while the file is bad.
     objects: Vec<Object>,
+    /// The line each object starts on, in the order of `objects`.
+    lines: Vec<u64>,
     ignored: Vec<String>,
     errors: Vec<FileError>,
 }
@@ -349,10 +351,10 @@ impl State {
             changed = true;
             let rel = relative(&self.dir, path);
             let previous = self.files.remove(path);
-            let (objects, ignored, errors) = match read_and_parse(path) {
+            let (objects, lines, ignored, errors) = match read_and_parse(path) {
                 Ok(parsed) => {
                     tracing::info!(file = %rel, objects = parsed.objects.len(), ignored = parsed.ignored.len(), "manifest file loaded");
-                    (parsed.objects, parsed.ignored, Vec::new())
+                    (parsed.objects, parsed.lines, parsed.ignored, Vec::new())
                 }
                 Err(errors) => {
                     let kept = previous.as_ref().map_or(0, |p| p.objects.len());
@@ -375,9 +377,10 @@ impl State {
                             ),
                         }
                     }
-                    let (objects, ignored) =
-                        previous.map(|p| (p.objects, p.ignored)).unwrap_or_default();
-                    (objects, ignored, errors)
+                    let (objects, lines, ignored) = previous
+                        .map(|p| (p.objects, p.lines, p.ignored))
+                        .unwrap_or_default();
+                    (objects, lines, ignored, errors)
                 }
             };
             self.files.insert(
@@ -385,6 +388,7 @@ impl State {
                 FileState {
                     stamp: *stamp,
                     objects,
+                    lines,
                     ignored,
                     errors,
                 },
@@ -397,20 +401,29 @@ impl State {
 
     /// Merges every file's objects into a new model; publishes only if something differs.
     fn rebuild(&mut self) {
-        let mut merged: BTreeMap<ObjectRef, (&Path, &Object)> = BTreeMap::new();
+        let mut merged: BTreeMap<ObjectRef, (&Path, u64, &Object)> = BTreeMap::new();
         let mut conflicts = Vec::new();
         for (path, file) in &self.files {
-            for object in &file.objects {
+            for (i, object) in file.objects.iter().enumerate() {
                 let key = object.key();
-                if let Some((first, _)) = merged.get(&key) {
-                    conflicts.push(format!(
-                        "{key} is defined in both {} and {}; the first is used",
-                        relative(&self.dir, first),
-                        relative(&self.dir, path)
-                    ));
+                let line = file.lines.get(i).copied().unwrap_or(0);
+                if let Some((first, first_line, _)) = merged.get(&key) {
+                    conflicts.push(if *first == path.as_path() {
+                        format!(
+                            "{key} is defined twice in {} (lines {first_line} and {line}); the first is used",
+                            relative(&self.dir, first),
+                        )
+                    } else {
+                        format!(
+                            "{key} is defined in {} line {first_line} and in {} line {line}; the one in {} is used",
+                            relative(&self.dir, first),
+                            relative(&self.dir, path),
+                            relative(&self.dir, first),
+                        )
+                    });
                     continue;
                 }
-                merged.insert(key, (path, object));
+                merged.insert(key, (path, line, object));
             }
         }
         for c in &conflicts {
@@ -421,7 +434,7 @@ impl State {
         self.conflicts = conflicts;
         let candidate = Model::from_objects(
             self.model.generation + 1,
-            merged.into_values().map(|(_, o)| o.clone()),
+            merged.into_values().map(|(_, _, o)| o.clone()),
         );
         let changes = candidate.diff(&self.model);
         if changes.is_empty() {

@@ -88,10 +88,18 @@ struct TokenArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Exit status: 0 when every file is accepted (warnings may be printed), \
+1 when a file is refused or an object is defined twice, 2 on a usage error (bad arguments, \
+no such folder)."
+)]
 struct ValidateArgs {
     /// Folder of manifests to check.
-    #[arg(long)]
-    manifests: PathBuf,
+    #[arg(value_name = "FOLDER", required_unless_present = "manifests")]
+    folder: Option<PathBuf>,
+    /// The same folder, named as `ambit control` names it.
+    #[arg(long, value_name = "FOLDER", conflicts_with = "folder")]
+    manifests: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -184,11 +192,22 @@ fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
-    let (model, status) = ambit_control::source::validate_dir(&args.manifests)?;
+    let Some(folder) = args.folder.or(args.manifests) else {
+        // clap requires one of them.
+        anyhow::bail!("name the folder of manifests to check");
+    };
+    let (model, status) = match ambit_control::source::validate_dir(&folder) {
+        Ok(found) => found,
+        Err(e) => {
+            // Not a verdict on manifests: the folder named is not one (usage, status 2).
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let mut out = std::io::stdout().lock();
     for file in &status.file_errors {
         for e in &file.errors {
-            writeln!(out, "{}/{}: {e}", args.manifests.display(), file.file)?;
+            writeln!(out, "{}/{}: {e}", folder.display(), file.file)?;
         }
     }
     for c in &status.conflicts {

@@ -257,6 +257,98 @@ fn validate_reports_file_line_and_field() {
 }
 
 #[test]
+fn validate_reports_every_error_of_a_document_and_exits_as_documented() {
+    let (dir, manifests, _state) = dirs();
+    std::fs::write(
+        manifests.join("policy.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: demo}
+spec:
+  action: DENNY
+  rules:
+  - from: [{source: {principals: [a], bogus: 1}}]
+    to: [{operation: {ports: [\"notaport\"]}}]
+",
+    )
+    .unwrap();
+    // The folder as a positional argument.
+    let out = Command::new(BIN)
+        .args(["control", "validate"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("policy.yaml: line"))
+        .collect();
+    assert_eq!(errors.len(), 3, "{text}");
+    assert!(
+        errors[0].contains("line 5, column 11, field spec.action: unknown variant `DENNY`"),
+        "{text}"
+    );
+    assert!(
+        errors[1].contains("line 7")
+            && errors[1].contains("field spec.rules[0].from[0].source.bogus"),
+        "{text}"
+    );
+    assert!(
+        errors[2].contains(
+            "field spec.rules[0].to[0].operation.ports[0]: \"notaport\" is not a port number"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains('\\'), "escaped quotes: {text}");
+
+    // Clean: 0.
+    std::fs::remove_file(manifests.join("policy.yaml")).unwrap();
+    let out = Command::new(BIN)
+        .args(["control", "validate"])
+        .arg(&manifests)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // Usage: 2 (no folder, two folders, a folder that is not there).
+    for args in [
+        vec!["control".to_owned(), "validate".to_owned()],
+        vec![
+            "control".to_owned(),
+            "validate".to_owned(),
+            manifests.display().to_string(),
+            "--manifests".to_owned(),
+            manifests.display().to_string(),
+        ],
+        vec![
+            "control".to_owned(),
+            "validate".to_owned(),
+            dir.path().join("missing").display().to_string(),
+        ],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let help = Command::new(BIN)
+        .args(["control", "validate", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Exit status: 0"));
+    drop(dir);
+}
+
+#[test]
 fn validate_says_which_policies_nothing_enforces() {
     let (dir, manifests, _state) = dirs();
     std::fs::write(

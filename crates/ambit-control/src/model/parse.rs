@@ -17,6 +17,8 @@ use super::fields::NamespaceName;
 use super::resources::*;
 use super::{Kind, Object};
 
+mod tree;
+
 /// One problem in a manifest file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ManifestError {
@@ -43,6 +45,9 @@ impl fmt::Display for ManifestError {
 #[derive(Debug, Default)]
 pub struct ParsedFile {
     pub objects: Vec<Object>,
+    /// The line each object's document starts on (its first line of content), in the
+    /// order of `objects`.
+    pub lines: Vec<u64>,
     /// Documents skipped because Ambit does not model their kind: `apiVersion kind (line N)`.
     pub ignored: Vec<String>,
 }
@@ -53,10 +58,13 @@ pub fn parse_file(text: &str) -> Result<ParsedFile, Vec<ManifestError>> {
     let mut errors = Vec::new();
     for doc in split_documents(text) {
         match parse_document(doc) {
-            Ok(Parsed::Object(object)) => parsed.objects.push(object),
+            Ok(Parsed::Object(object)) => {
+                parsed.objects.push(object);
+                parsed.lines.push(first_content_line(doc));
+            }
             Ok(Parsed::Ignored(what)) => parsed.ignored.push(what),
             Ok(Parsed::Empty) => {}
-            Err(e) => errors.push(e),
+            Err(e) => errors.extend(e),
         }
     }
     if errors.is_empty() {
@@ -251,17 +259,22 @@ fn first_content_line(doc: Document<'_>) -> u64 {
     doc.line_offset + 1
 }
 
-fn parse_document(doc: Document<'_>) -> Result<Parsed, ManifestError> {
+/// Every error of one document (at most [`tree::MAX_ERRORS`]).
+type DocErrors = Vec<ManifestError>;
+
+fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
     if is_blank(doc.text) {
         return Ok(Parsed::Empty);
     }
     let header: Header = serde_saphyr::from_str_with_options(doc.text, options())
-        .map_err(|e| yaml_error(doc, &e, None))?;
-    let whole = |field: &str, message: String| ManifestError {
-        line: first_content_line(doc),
-        column: 1,
-        field: Some(field.to_owned()),
-        message,
+        .map_err(|e| vec![yaml_error(doc, &e, None)])?;
+    let whole = |field: &str, message: String| {
+        vec![ManifestError {
+            line: first_content_line(doc),
+            column: 1,
+            field: Some(field.to_owned()),
+            message,
+        }]
     };
     let Some(api_version) = header.api_version else {
         return Err(whole(
@@ -372,32 +385,39 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, ManifestError> {
         Kind::Service => {
             let mut o: Service = typed(doc)?;
             default_namespace(&mut o.metadata);
-            check_service(&o).map_err(|(f, m)| whole(f, m))?;
+            checked(doc, check_service(&o))?;
             Object::Service(Arc::new(o))
         }
         Kind::AuthorizationPolicy => {
             let mut o: AuthorizationPolicy = typed(doc)?;
             default_namespace(&mut o.metadata);
-            check_authorization_policy(&o.spec).map_err(|(f, m)| whole(&f, m))?;
+            checked(doc, check_authorization_policy(&o.spec))?;
             Object::AuthorizationPolicy(Arc::new(o))
         }
         Kind::PeerAuthentication => {
             let mut o: PeerAuthentication = typed(doc)?;
             default_namespace(&mut o.metadata);
+            let mut problems = Vec::new();
             if !o.spec.port_level_mtls.is_empty() && o.spec.selector.is_none() {
-                return Err(whole(
-                    "spec.portLevelMtls",
-                    "portLevelMtls needs spec.selector: port-level settings apply to selected workloads only".into(),
+                problems.push((
+                    "spec.portLevelMtls".to_owned(),
+                    "portLevelMtls needs spec.selector: port-level settings apply to selected workloads only".to_owned(),
                 ));
             }
+            checked(doc, problems)?;
             Object::PeerAuthentication(Arc::new(o))
         }
         Kind::ServiceEntry => {
             let mut o: ServiceEntry = typed(doc)?;
             default_namespace(&mut o.metadata);
+            let mut problems = Vec::new();
             if o.spec.hosts.is_empty() {
-                return Err(whole("spec.hosts", "at least one host is required".into()));
+                problems.push((
+                    "spec.hosts".to_owned(),
+                    "at least one host is required".to_owned(),
+                ));
             }
+            checked(doc, problems)?;
             Object::ServiceEntry(Arc::new(o))
         }
         Kind::WorkloadEntry => {
@@ -408,12 +428,14 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, ManifestError> {
         Kind::Gateway => {
             let mut o: Gateway = typed(doc)?;
             default_namespace(&mut o.metadata);
+            let mut problems = Vec::new();
             if o.spec.listeners.is_empty() {
-                return Err(whole(
-                    "spec.listeners",
-                    "at least one listener is required".into(),
+                problems.push((
+                    "spec.listeners".to_owned(),
+                    "at least one listener is required".to_owned(),
                 ));
             }
+            checked(doc, problems)?;
             Object::Gateway(Arc::new(o))
         }
         Kind::HTTPRoute => {
@@ -431,10 +453,12 @@ fn default_namespace(meta: &mut ObjectMeta) {
     }
 }
 
-/// Deserializes a document into `T`, recording the field path of the first error.
-fn typed<T: DeserializeOwned>(doc: Document<'_>) -> Result<T, ManifestError> {
+/// Deserializes a document into `T`. On failure, every error of the document: the first
+/// as the YAML deserializer found it, then the others found by cutting each faulty field
+/// and trying again (see [`tree`]).
+fn typed<T: DeserializeOwned>(doc: Document<'_>) -> Result<T, DocErrors> {
     let mut path = None;
-    serde_saphyr::with_deserializer_from_str_with_options(doc.text, options(), |de| {
+    let result = serde_saphyr::with_deserializer_from_str_with_options(doc.text, options(), |de| {
         serde_path_to_error::deserialize(de).map_err(|e| {
             let p = e.path().to_string();
             if p != "." {
@@ -442,8 +466,51 @@ fn typed<T: DeserializeOwned>(doc: Document<'_>) -> Result<T, ManifestError> {
             }
             e.into_inner()
         })
-    })
-    .map_err(|e| yaml_error(doc, &e, path))
+    });
+    let err = match result {
+        Ok(value) => return Ok(value),
+        Err(err) => err,
+    };
+    let first_field = path.clone().unwrap_or_default();
+    let mut errors = vec![yaml_error(doc, &err, path)];
+    if let Some(mut tree) = tree::read(doc.text, options()) {
+        errors.extend(
+            tree::more_errors::<T>(&mut tree, &first_field)
+                .into_iter()
+                .map(|f| ManifestError {
+                    line: doc.line_offset + f.line.max(1),
+                    column: f.column.max(1),
+                    field: (!f.field.is_empty()).then_some(f.field),
+                    message: one_line(&f.message),
+                }),
+        );
+    }
+    Err(errors)
+}
+
+/// The problems a check found on a typed object, each at the line of its field.
+fn checked(doc: Document<'_>, problems: Vec<(String, String)>) -> Result<(), DocErrors> {
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let tree = tree::read(doc.text, options());
+    Err(problems
+        .into_iter()
+        .map(|(field, message)| {
+            let (line, column) = tree
+                .as_ref()
+                .map(|t| t.locate(&tree::steps(&field)))
+                .filter(|(line, _)| *line > 0)
+                .map(|(line, column)| (doc.line_offset + line, column.max(1)))
+                .unwrap_or((first_content_line(doc), 1));
+            ManifestError {
+                line,
+                column,
+                field: Some(field),
+                message,
+            }
+        })
+        .collect())
 }
 
 fn yaml_error(
@@ -460,79 +527,99 @@ fn yaml_error(
         line,
         column,
         field,
-        // The text may quote the input: keep it on one line and free of control characters.
-        message: message.escape_debug().to_string(),
+        message: one_line(&message),
     }
 }
 
-type FieldError = (&'static str, String);
+/// A message that may quote the input, kept on one line and free of control characters
+/// (escaped); quotes stay as they are.
+fn one_line(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for c in message.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
 
-fn check_service(svc: &Service) -> Result<(), FieldError> {
+/// A problem a check found: the field (dotted path) and what is wrong with it.
+type Problem = (String, String);
+
+fn check_service(svc: &Service) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |field: &str, message: String| problems.push((field.to_owned(), message));
     if svc.spec.kind == Some(ServiceType::ExternalName) && svc.spec.external_name.is_none() {
-        return Err((
+        problem(
             "spec.externalName",
             "required for a service of type ExternalName".into(),
-        ));
+        );
     }
     let ports = &svc.spec.ports;
     if ports.len() > 1 {
         for (i, p) in ports.iter().enumerate() {
             if p.name.as_deref().unwrap_or("").is_empty() {
-                return Err((
-                    "spec.ports",
+                problem(
+                    &format!("spec.ports[{i}]"),
                     format!(
                         "port #{i} needs a name: every port of a multi-port service must be named"
                     ),
-                ));
+                );
             }
         }
     }
     for (i, a) in ports.iter().enumerate() {
-        for b in &ports[i + 1..] {
+        for (j, b) in ports.iter().enumerate().skip(i + 1) {
             if a.name.is_some() && a.name == b.name {
-                return Err((
-                    "spec.ports",
+                problem(
+                    &format!("spec.ports[{j}].name"),
                     format!(
-                        "port name {:?} is used twice",
+                        "port name {} is used twice (also by port #{i})",
                         a.name.as_deref().unwrap_or("")
                     ),
-                ));
+                );
             }
             if a.port == b.port
                 && a.protocol.unwrap_or(Protocol::Tcp) == b.protocol.unwrap_or(Protocol::Tcp)
             {
-                return Err((
-                    "spec.ports",
-                    format!("port {} is listed twice for the same protocol", a.port.0),
-                ));
+                problem(
+                    &format!("spec.ports[{j}].port"),
+                    format!(
+                        "port {} is listed twice for the same protocol (also by port #{i})",
+                        a.port.0
+                    ),
+                );
             }
         }
     }
-    Ok(())
+    problems
 }
 
 /// Rules Istio's own validation applies to an AuthorizationPolicy.
-fn check_authorization_policy(spec: &AuthorizationPolicySpec) -> Result<(), (String, String)> {
-    let err = |f: &str, m: &str| Err((f.to_owned(), m.to_owned()));
+fn check_authorization_policy(spec: &AuthorizationPolicySpec) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |field: String, message: &str| problems.push((field, message.to_owned()));
     if spec.target_ref.is_some() && !spec.target_refs.is_empty() {
-        return err(
-            "spec.targetRef",
+        problem(
+            "spec.targetRef".into(),
             "use either targetRef or targetRefs, not both",
         );
     }
     if spec.selector.is_some() && (spec.target_ref.is_some() || !spec.target_refs.is_empty()) {
-        return err(
-            "spec.selector",
+        problem(
+            "spec.selector".into(),
             "use either selector or targetRef(s), not both",
         );
     }
     match (spec.action, &spec.provider) {
         (Some(AuthorizationAction::Custom), None) => {
-            return err("spec.provider", "action CUSTOM needs a provider");
+            problem("spec.provider".into(), "action CUSTOM needs a provider");
         }
         (action, Some(_)) if action != Some(AuthorizationAction::Custom) => {
-            return err(
-                "spec.provider",
+            problem(
+                "spec.provider".into(),
                 "a provider is only allowed with action CUSTOM",
             );
         }
@@ -541,30 +628,30 @@ fn check_authorization_policy(spec: &AuthorizationPolicySpec) -> Result<(), (Str
     for (r, rule) in spec.rules.iter().enumerate() {
         for (i, from) in rule.from.iter().enumerate() {
             if from.source == Source::default() {
-                return Err((
+                problem(
                     format!("spec.rules[{r}].from[{i}].source"),
-                    "must not be empty: name at least one source field".into(),
-                ));
+                    "must not be empty: name at least one source field",
+                );
             }
         }
         for (i, to) in rule.to.iter().enumerate() {
             if to.operation == Operation::default() {
-                return Err((
+                problem(
                     format!("spec.rules[{r}].to[{i}].operation"),
-                    "must not be empty: name at least one operation field".into(),
-                ));
+                    "must not be empty: name at least one operation field",
+                );
             }
         }
         for (i, cond) in rule.when.iter().enumerate() {
             if cond.values.is_empty() && cond.not_values.is_empty() {
-                return Err((
+                problem(
                     format!("spec.rules[{r}].when[{i}]"),
-                    "needs values or notValues".into(),
-                ));
+                    "needs values or notValues",
+                );
             }
         }
     }
-    Ok(())
+    problems
 }
 
 #[cfg(test)]

@@ -168,24 +168,54 @@ async fn a_file_broken_from_the_start_contributes_nothing() {
 async fn conflicts_resolve_to_the_first_file_and_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     fs::write(dir.path().join("1.yaml"), pod("a", "n1", "198.18.0.1")).unwrap();
-    fs::write(dir.path().join("2.yaml"), pod("a", "n2", "198.18.0.1")).unwrap();
+    // In 2.yaml the duplicate is the second document, on line 7.
+    fs::write(
+        dir.path().join("2.yaml"),
+        format!(
+            "{}---\n{}",
+            pod("b", "n2", "198.18.0.2"),
+            pod("a", "n2", "198.18.0.1")
+        ),
+    )
+    .unwrap();
     let source = FileSource::start(FileSourceOptions::new(dir.path()))
         .await
         .unwrap();
     assert_eq!(source.model().borrow().pods_on_node("n1").len(), 1);
     let status = source.status().borrow().clone();
-    assert_eq!(status.conflicts.len(), 1);
-    assert!(
-        status.conflicts[0].contains("Pod demo/a"),
-        "{:?}",
-        status.conflicts
+    assert_eq!(
+        status.conflicts,
+        ["Pod demo/a is defined in 1.yaml line 1 and in 2.yaml line 7; the one in 1.yaml is used"]
     );
 
     // Removing the first definition lets the second take effect.
     let mut models = source.model();
     fs::remove_file(dir.path().join("1.yaml")).unwrap();
     let (model, _) = next_model(&mut models, Duration::from_secs(1)).await;
-    assert_eq!(model.pods_on_node("n2").len(), 1);
+    assert_eq!(model.pods_on_node("n2").len(), 2);
+}
+
+#[tokio::test]
+async fn a_duplicate_within_one_file_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("pods.yaml"),
+        format!(
+            "{}---\n{}",
+            pod("a", "n1", "198.18.0.1"),
+            pod("a", "n2", "198.18.0.1")
+        ),
+    )
+    .unwrap();
+    let source = FileSource::start(FileSourceOptions::new(dir.path()))
+        .await
+        .unwrap();
+    let status = source.status().borrow().clone();
+    assert_eq!(
+        status.conflicts,
+        ["Pod demo/a is defined twice in pods.yaml (lines 1 and 7); the first is used"]
+    );
+    assert_eq!(source.model().borrow().pods_on_node("n1").len(), 1);
 }
 
 #[tokio::test]

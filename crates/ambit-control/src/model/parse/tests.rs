@@ -187,7 +187,7 @@ fn authorization_policy_semantic_checks() {
         );
         let e = errors(&text);
         assert_eq!(e[0].field.as_deref(), Some(field), "{spec}: {e:?}");
-        assert_eq!(e[0].line, 2, "document start line: {e:?}");
+        assert_eq!(e[0].line, 5, "the line of the field: {e:?}");
     }
 }
 
@@ -584,4 +584,88 @@ fn a_misspelt_kind_in_a_mesh_group_is_an_error() {
     )
     .unwrap();
     assert_eq!(parsed.ignored.len(), 2);
+}
+
+#[test]
+fn every_error_of_one_document_is_reported_at_its_own_line() {
+    let text = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: demo}
+spec:
+  action: DENNY
+  rules:
+  - from:
+    - source: {principals: [a], bogus: 1}
+  - to:
+    - operation: {ports: [x]}
+    - operation: {}
+";
+    let e = errors(text);
+    let got: Vec<(u64, Option<&str>)> = e.iter().map(|e| (e.line, e.field.as_deref())).collect();
+    assert_eq!(
+        got,
+        [
+            (5, Some("spec.action")),
+            (8, Some("spec.rules[0].from[0].source.bogus")),
+            (10, Some("spec.rules[1].to[0].operation.ports[0]")),
+        ],
+        "{e:#?}"
+    );
+    assert!(e[0].message.contains("DENNY"), "{}", e[0].message);
+    assert!(e[1].message.contains("bogus"), "{}", e[1].message);
+}
+
+#[test]
+fn checks_on_a_parsed_object_report_every_problem() {
+    let text = "\
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec:
+  ports:
+  - {port: 80}
+  - {port: 80}
+";
+    let e = errors(text);
+    let got: Vec<(u64, Option<&str>)> = e.iter().map(|e| (e.line, e.field.as_deref())).collect();
+    assert_eq!(
+        got,
+        [
+            (6, Some("spec.ports[0]")),
+            (7, Some("spec.ports[1]")),
+            (7, Some("spec.ports[1].port")),
+        ],
+        "{e:#?}"
+    );
+}
+
+#[test]
+fn a_field_cut_for_its_error_is_not_reported_missing_but_a_missing_field_is() {
+    // `port` is required: its bad value is one error, not two.
+    let e =
+        errors("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{port: x}]}\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    // A bad name and, elsewhere, a port with no number at all: both.
+    let e = errors(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s, labels: {a: [1]}}\nspec: {ports: [{name: http}]}\n",
+    );
+    let fields: Vec<Option<&str>> = e.iter().map(|e| e.field.as_deref()).collect();
+    assert_eq!(
+        fields,
+        [Some("metadata.labels.a"), Some("spec.ports[0]")],
+        "{e:?}"
+    );
+    assert!(
+        e[1].message.contains("missing field `port`"),
+        "{}",
+        e[1].message
+    );
+}
+
+#[test]
+fn messages_keep_their_quotes() {
+    let e = errors("apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\n");
+    assert!(e[0].message.contains("\"Bad_Name\""), "{}", e[0].message);
+    assert!(!e[0].message.contains('\\'), "{}", e[0].message);
 }
