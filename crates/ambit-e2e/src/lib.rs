@@ -571,7 +571,10 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// The lines of a Prometheus text page for `metric` whose labels include all `labels`.
 pub fn samples(page: &str, metric: &str, labels: &[(&str, &str)]) -> Vec<(String, f64)> {
     page.lines()
-        .filter(|l| l.starts_with(metric) && l[metric.len()..].starts_with('{'))
+        .filter(|l| {
+            l.starts_with(metric)
+                && (l[metric.len()..].starts_with('{') || l[metric.len()..].starts_with(' '))
+        })
         .filter(|l| {
             labels
                 .iter()

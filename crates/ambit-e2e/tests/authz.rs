@@ -103,6 +103,22 @@ async fn a_deny_on_one_principal_stops_that_client_and_not_another() {
         1.0,
         "{src}"
     );
+    // A refusal by policy is a denial on both sides, never a failure to connect.
+    assert_eq!(
+        sum(&dst, "ambit_node_policy_denials_total", &[("direction", "inbound")]),
+        1.0,
+        "{dst}"
+    );
+    assert_eq!(
+        sum(&src, "ambit_node_policy_denials_total", &[("direction", "outbound")]),
+        1.0,
+        "{src}"
+    );
+    for page in [&src, &dst] {
+        let failures = samples(page, "ambit_node_connect_failures_total", &[]);
+        assert_eq!(failures.len(), 1, "{page}");
+        assert_eq!(failures[0].1, 0.0, "{page}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

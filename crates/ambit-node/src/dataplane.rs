@@ -738,7 +738,6 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                     &conn,
                     metrics,
                     &access,
-                    dp,
                     "the destination has no valid identity",
                 );
                 return;
@@ -750,7 +749,6 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                         &conn,
                         metrics,
                         &access,
-                        dp,
                         &format!("no certificate for this pod: {e}"),
                     );
                     return;
@@ -781,11 +779,11 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                         } else {
                             "CONNECT"
                         };
-                        fail_with(&conn, metrics, &access, dp, &e.to_string(), flag);
+                        fail_with(&conn, metrics, &access, &e.to_string(), flag);
                         return;
                     }
                     Err(_) => {
-                        fail(&conn, metrics, &access, dp, "HBONE connect timed out");
+                        fail(&conn, metrics, &access, "HBONE connect timed out");
                         return;
                     }
                 };
@@ -826,7 +824,6 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                         &conn,
                         metrics,
                         &access,
-                        dp,
                         &format!("cannot connect to {target}: {e}"),
                     );
                     return;
@@ -836,7 +833,6 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                         &conn,
                         metrics,
                         &access,
-                        dp,
                         &format!("connecting to {target} timed out"),
                     );
                     return;
@@ -860,7 +856,6 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                 &conn,
                 metrics,
                 &access,
-                dp,
                 "the service has no ready endpoint for this port",
                 "NR",
             );
@@ -884,7 +879,6 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                 &conn,
                 metrics,
                 &access,
-                dp,
                 &format!(
                     "the destination is bound to waypoint {waypoint}, which has no ready endpoint; refused rather than sent around it"
                 ),
@@ -930,20 +924,18 @@ fn plain_outbound<'a>(
     (access, metrics)
 }
 
-fn fail(conn: &TcpStream, metrics: ConnMetrics, access: &Access<'_>, dp: &DataPlane, error: &str) {
-    fail_with(conn, metrics, access, dp, error, "CONNECT");
+fn fail(conn: &TcpStream, metrics: ConnMetrics, access: &Access<'_>, error: &str) {
+    fail_with(conn, metrics, access, error, "CONNECT");
 }
 
 fn fail_with(
     conn: &TcpStream,
     metrics: ConnMetrics,
     access: &Access<'_>,
-    dp: &DataPlane,
     error: &str,
     flag: &'static str,
 ) {
     reset(conn);
-    dp.metrics.connect_failures.inc();
     metrics.close(0, 0, Some(flag));
     access.log(0, 0, Some(error));
 }
@@ -1104,7 +1096,6 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
                 &conn,
                 metrics,
                 &access,
-                dp,
                 &format!("cannot connect to the application at {original}: {e}"),
             );
             return;
@@ -1249,7 +1240,6 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
     let app = match ctx.connect_app(authority, c.peer.addr.ip()).await {
         Ok(a) => a,
         Err(e) => {
-            dp.metrics.connect_failures.inc();
             metrics.close(0, 0, Some("CONNECT"));
             access.log(
                 0,

@@ -174,7 +174,15 @@ pub struct Metrics {
     pub sent: Family<ConnLabels, Counter>,
     pub received: Family<ConnLabels, Counter>,
     pub pods: Gauge,
-    pub connect_failures: Counter,
+    /// Connections whose destination could not be reached (flag CONNECT). Counted when
+    /// a connection's metrics close with that flag, like the two below.
+    connect_failures: Counter,
+    /// Connections refused by authorization, by where the policy was enforced: `inbound`
+    /// (this proxy's policy) or `outbound` (the destination's proxy answered 401).
+    policy_denials: Family<DirectionLabel, Counter>,
+    /// Connections refused because their destination, or its waypoint, had no ready
+    /// endpoint (flag NR).
+    no_route: Counter,
     pub unsynced_refusals: Counter,
     unavailable_policies: Family<ReasonLabel, Counter>,
     hbone_refused: Family<LimitLabel, Counter>,
@@ -191,6 +199,11 @@ pub struct Metrics {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabel {
     limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -234,6 +247,21 @@ impl Default for Metrics {
             "Connections closed because their destination could not be reached",
             connect_failures.clone(),
         );
+        let policy_denials = Family::<DirectionLabel, Counter>::default();
+        own.register(
+            "policy_denials",
+            "Connections refused by authorization policy: direction inbound when this proxy's policy denied, outbound when the destination's proxy did",
+            policy_denials.clone(),
+        );
+        for direction in ["inbound", "outbound"] {
+            let _ = policy_denials.get_or_create(&DirectionLabel { direction });
+        }
+        let no_route = Counter::default();
+        own.register(
+            "no_route",
+            "Connections refused because their destination, or the waypoint it is bound to, had no ready endpoint",
+            no_route.clone(),
+        );
         let unsynced_refusals = Counter::default();
         own.register(
             "unsynced_refusals",
@@ -272,6 +300,8 @@ impl Default for Metrics {
             received,
             pods,
             connect_failures,
+            policy_denials,
+            no_route,
             unsynced_refusals,
             unavailable_policies,
             hbone_refused,
@@ -401,6 +431,26 @@ impl ConnMetrics {
     pub fn close(mut self, from_source: u64, to_source: u64, flags: Option<&'static str>) {
         if let Some(f) = flags {
             self.labels.response_flags = f;
+            let m = &self.metrics;
+            match f {
+                "CONNECT" => {
+                    m.connect_failures.inc();
+                }
+                "NR" => {
+                    m.no_route.inc();
+                }
+                "DENY" => {
+                    let direction = if self.labels.reporter == "destination" {
+                        "inbound"
+                    } else {
+                        "outbound"
+                    };
+                    m.policy_denials
+                        .get_or_create(&DirectionLabel { direction })
+                        .inc();
+                }
+                _ => {}
+            }
         }
         self.record(from_source, to_source);
     }
