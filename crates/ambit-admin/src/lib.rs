@@ -173,11 +173,16 @@ fn respond(handler: &Handler, req: &Request<Incoming>) -> Response<Full<Bytes>> 
 }
 
 /// Binds the monitoring port with a message that says what to do when it is taken.
-pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr, what: &str, flag: &str) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!("is another instance running? choose another address with {flag}")
+        } else {
+            format!("choose another address with {flag}")
+        };
         std::io::Error::new(
             e.kind(),
-            format!("cannot listen on {addr} for the {what}: {e}; is another instance running? choose another address with the flag"),
+            format!("cannot listen on {addr} for the {what}: {e}; {hint}"),
         )
     })
 }

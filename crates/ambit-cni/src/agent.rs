@@ -212,9 +212,10 @@ impl Agent {
             node: config.xds.node_name.clone(),
             ..AgentStatus::default()
         }));
-        let listener = ambit_admin::bind(config.admin_addr, "node agent admin port")
-            .await
-            .map_err(AgentError::Listen)?;
+        let listener =
+            ambit_admin::bind(config.admin_addr, "node agent admin port", "--admin-addr")
+                .await
+                .map_err(AgentError::Listen)?;
         let admin_addr = listener.local_addr().map_err(AgentError::Listen)?;
         let mut tasks = vec![tokio::spawn(client.run(stop_rx.clone()))];
         tasks.push(tokio::spawn(ambit_admin::serve(

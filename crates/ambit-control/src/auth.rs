@@ -256,8 +256,8 @@ impl TokenSigner {
         }
         if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
             return Err(format!(
-                "token lifetime must be between 1s and {}",
-                humantime::format_duration(MAX_TOKEN_TTL)
+                "token lifetime must be between 1s and {} days",
+                MAX_TOKEN_TTL.as_secs() / 86_400
             ));
         }
         let now = unix_now();

@@ -180,6 +180,20 @@ impl ControlPlane {
         let identity = config
             .identity()
             .map_err(|e| StartError::Config(e.to_string()))?;
+        // Ports and manifests first: a start that fails on them leaves nothing behind (no
+        // new keys in the state folder).
+        let grpc_listener =
+            ambit_admin::bind(config.grpc_addr, "gRPC port (CSR API)", "--grpc-addr")
+                .await
+                .map_err(StartError::Listen)?;
+        let monitoring_listener = ambit_admin::bind(
+            config.monitoring_addr,
+            "monitoring port",
+            "--monitoring-addr",
+        )
+        .await
+        .map_err(StartError::Listen)?;
+        let source = FileSource::start(FileSourceOptions::new(&config.manifests)).await?;
         let ca_options = CaOptions {
             trust_domain: config.trust_domain.clone(),
             default_ttl: config.default_cert_ttl.min(config.max_cert_ttl),
@@ -193,16 +207,8 @@ impl ControlPlane {
         });
         let signer = TokenSigner::load_or_create(&config.state_dir)?;
         let authenticator: Arc<dyn Authenticator> = Arc::new(signer.verifier());
-
-        let source = FileSource::start(FileSourceOptions::new(&config.manifests)).await?;
         let metrics = Arc::new(Metrics::default());
 
-        let grpc_listener = ambit_admin::bind(config.grpc_addr, "gRPC port (CSR API)")
-            .await
-            .map_err(StartError::Listen)?;
-        let monitoring_listener = ambit_admin::bind(config.monitoring_addr, "monitoring port")
-            .await
-            .map_err(StartError::Listen)?;
         let grpc_addr = grpc_listener.local_addr().map_err(StartError::Listen)?;
         let monitoring_addr = monitoring_listener
             .local_addr()

@@ -102,16 +102,32 @@ pub struct Cluster {
 
 impl Cluster {
     /// Refuses if a demo is running or was left behind: its record in `dir`, or any of
-    /// its network namespaces.
+    /// its network namespaces (whose names are fixed: one demo per machine).
     pub fn check_free(dir: &Path) -> Result<(), DemoError> {
         let netns = Path::new("/run/netns");
-        if dir.join("demo.json").exists()
-            || netns.join(FABRIC).exists()
-            || PODS.iter().any(|pod| netns.join(pod.netns()).exists())
-        {
-            return Err(DemoError::Busy(dir.to_owned()));
-        }
-        Ok(())
+        let found = if dir.join("demo.json").exists() {
+            Some(format!("{} exists", dir.join("demo.json").display()))
+        } else {
+            std::iter::once(FABRIC.to_owned())
+                .chain(PODS.iter().map(PodDef::netns))
+                .find(|n| netns.join(n).exists())
+                .map(|n| format!("network namespace {n} exists"))
+        };
+        let Some(found) = found else {
+            return Ok(());
+        };
+        // The folder whose record lists the leftover's processes: this one, or else the
+        // default one.
+        let default = Path::new(crate::DEFAULT_DIR);
+        let owner = if !dir.join("demo.json").exists() && default.join("demo.json").exists() {
+            default
+        } else {
+            dir
+        };
+        Err(DemoError::Busy {
+            found,
+            down: crate::down_command(owner),
+        })
     }
 
     /// Builds the namespaces. Refuses if a demo is already there.

@@ -27,12 +27,13 @@ pub use script::{Options, run};
 /// What stopped the demo.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error(
-        "a demo is already running or was left behind ({} or its network namespaces exist); remove it with `{}`",
-        .0.display(),
-        down_command(.0)
-    )]
-    Busy(PathBuf),
+    #[error("a demo is already running or was left behind ({found}); remove it with `{down}`")]
+    Busy {
+        /// What was found: the demo's record, or one of its network namespaces.
+        found: String,
+        /// The command that removes it.
+        down: String,
+    },
     #[error("building the cluster: {0}")]
     Setup(String),
     #[error("{0}")]

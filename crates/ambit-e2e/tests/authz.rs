@@ -105,12 +105,20 @@ async fn a_deny_on_one_principal_stops_that_client_and_not_another() {
     );
     // A refusal by policy is a denial on both sides, never a failure to connect.
     assert_eq!(
-        sum(&dst, "ambit_node_policy_denials_total", &[("direction", "inbound")]),
+        sum(
+            &dst,
+            "ambit_node_policy_denials_total",
+            &[("direction", "inbound")]
+        ),
         1.0,
         "{dst}"
     );
     assert_eq!(
-        sum(&src, "ambit_node_policy_denials_total", &[("direction", "outbound")]),
+        sum(
+            &src,
+            "ambit_node_policy_denials_total",
+            &[("direction", "outbound")]
+        ),
         1.0,
         "{src}"
     );

@@ -959,3 +959,49 @@ async fn dual_stack_pods_talk_over_ipv6_through_the_mesh() {
         "plaintext crossed the bridge to the application port"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_when_done_is_an_ordinary_close() {
+    logs::init();
+    let mesh = Mesh::start(cast()).await;
+    let _peers = mesh.echo_app("echo-1", APP_PORT);
+    let mut conn = mesh
+        .pod("sleep")
+        .connect(mesh.addr("echo-1", APP_PORT))
+        .await
+        .unwrap();
+    // One request and its answer, then a reset instead of a close, as load generators
+    // and many clients end their connections.
+    conn.write_all(b"last request").await.unwrap();
+    let mut back = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"last request");
+    socket2::SockRef::from(&conn)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(conn);
+
+    for direction in ["outbound", "inbound"] {
+        let line = logs::wait_access(direction, |v| {
+            v["direction"] == direction && v["src.identity"] == SLEEP_ID && v["bytes_sent"] == 12
+        })
+        .await;
+        assert_eq!(line["error"], "", "{direction}: {line}");
+        assert_eq!(line["bytes_received"], 12, "{direction}: {line}");
+    }
+    for (node, reporter) in [("node-a", "source"), ("node-b", "destination")] {
+        let page = mesh.metrics(node).await;
+        assert_eq!(
+            sum(
+                &page,
+                "istio_tcp_connections_closed_total",
+                &[("reporter", reporter), ("response_flags", "-")]
+            ),
+            1.0,
+            "{page}"
+        );
+    }
+}

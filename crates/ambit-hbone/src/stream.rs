@@ -260,6 +260,27 @@ impl CopyError {
     pub fn is_peer_reset(&self) -> bool {
         matches!(self, CopyError::Tunnel(e) if e.kind() == io::ErrorKind::ConnectionReset)
     }
+
+    /// Whether an end reset its connection: the local application (its socket reset or
+    /// gone), or the far end (its stream reset, which is how the far proxy passes on its
+    /// application's reset). Load generators and many clients close that way when done:
+    /// an ordinary end of the connection, not a failure of the mesh. The reset itself is
+    /// still passed on.
+    pub fn is_reset_by_an_end(&self) -> bool {
+        match self {
+            CopyError::LocalRead(e) | CopyError::LocalWrite(e) => is_reset(e),
+            CopyError::Tunnel(_) => self.is_peer_reset(),
+            CopyError::Stopped(_) => false,
+        }
+    }
+}
+
+/// A socket error meaning the other end reset or abandoned the connection.
+pub fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+    )
 }
 
 /// Copies both ways between a socket (as its two halves) and a stream until both

@@ -789,11 +789,11 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                 };
             let (r, w) = conn.split();
             let (stats, result) = copy_bidirectional(r, w, stream).await;
-            let error = result.err().map(|e| {
+            let error = result.err().and_then(|e| {
                 if e.is_peer_reset() || matches!(e, CopyError::Tunnel(_)) {
                     reset(&conn);
                 }
-                e.to_string()
+                (!e.is_reset_by_an_end()).then(|| e.to_string())
             });
             metrics.close(stats.sent, stats.received, None);
             access.log(stats.sent, stats.received, error.as_deref());
@@ -949,7 +949,9 @@ async fn copy_plain(a: &mut TcpStream, b: &mut TcpStream) -> (u64, u64, Option<S
                 reset(a);
                 reset(b);
             }
-            (0, 0, Some(e.to_string()))
+            // An end that resets is an ordinary close (see CopyError::is_reset_by_an_end).
+            let error = (!ambit_hbone::stream::is_reset(&e)).then(|| e.to_string());
+            (0, 0, error)
         }
     }
 }
@@ -1265,14 +1267,14 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
     let revocation = revoked(ctx, changes, peer_addr, Some(peer_identity), authority);
     let (stats, result) = copy_bidirectional_until(r, w, stream, revocation).await;
     let mut flag = None;
-    let error = result.err().map(|e| {
+    let error = result.err().and_then(|e| {
         if matches!(e, CopyError::Tunnel(_) | CopyError::Stopped(_)) {
             reset(&app);
         }
         if matches!(e, CopyError::Stopped(_)) {
             flag = Some("DENY");
         }
-        e.to_string()
+        (!e.is_reset_by_an_end()).then(|| e.to_string())
     });
     // Here the application is the destination: what it sent went to the source.
     metrics.close(stats.received, stats.sent, flag);

@@ -157,11 +157,11 @@ impl std::fmt::Debug for NodeProxy {
 
 async fn bind(
     addr: SocketAddr,
-    what: &str,
+    what: &'static str,
+    flag: &'static str,
     rt: &tokio::runtime::Handle,
 ) -> Result<tokio::net::TcpListener, StartError> {
-    let what = what.to_owned();
-    rt.spawn(async move { ambit_admin::bind(addr, &what).await })
+    rt.spawn(async move { ambit_admin::bind(addr, what, flag).await })
         .await
         .map_err(|e| StartError::Listen(std::io::Error::other(e)))?
         .map_err(StartError::Listen)
@@ -179,17 +179,28 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     Ok(hard)
 }
 
+/// Descriptors the node proxy may need at its configured caps: two sockets for each of
+/// the HBONE connections it admits (the tunnel and the application's side), plus room for
+/// listeners, outbound connections' pools, logs and the admin ports.
+pub fn fd_needed(limits: &HboneLimits) -> u64 {
+    2 * limits.connections as u64 + 4096
+}
+
 impl NodeProxy {
     pub async fn start(config: NodeConfig) -> Result<Self, StartError> {
+        let needed = fd_needed(&config.dataplane.hbone_limits);
         match raise_fd_limit() {
-            Ok(limit) if limit < 65_536 => {
-                tracing::warn!(
-                    limit,
-                    "open-file limit is low; connections beyond it will fail (raise `ulimit -Hn`)"
-                )
-            }
+            Ok(limit) if limit < needed => tracing::warn!(
+                limit,
+                needed,
+                "the open-file limit is below what the connection caps need: past about limit/2 proxied connections (two sockets each), new ones fail. Raise the hard limit: LimitNOFILE=1048576 in the systemd unit, `ulimit -Hn 1048576` in the shell that starts it, or --ulimit nofile=1048576 for a container"
+            ),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            Err(e) => tracing::warn!(
+                error = %e,
+                needed,
+                "cannot raise the open-file limit to its hard limit; raise the soft limit (`ulimit -n`) before starting"
+            ),
         }
         let data =
             Workers::start(config.worker_threads, "ambit-data").map_err(StartError::Runtime)?;
@@ -326,7 +337,7 @@ impl NodeProxy {
             pods.dataplane().clone(),
         ));
 
-        let admin = bind(config.admin_addr, "admin port", &ch).await?;
+        let admin = bind(config.admin_addr, "admin port", "--admin-addr", &ch).await?;
         let admin_addr = admin.local_addr().map_err(StartError::Listen)?;
         let zds_state = config.zds_socket.as_ref().map(|path| {
             watch::Sender::new(zds::ZdsState {
@@ -344,14 +355,21 @@ impl NodeProxy {
         });
         tasks.push(ch.spawn(ambit_admin::serve(admin, handler, stop_rx.clone())));
 
-        let metrics_listener = bind(config.metrics_addr, "metrics port", &ch).await?;
+        let metrics_listener =
+            bind(config.metrics_addr, "metrics port", "--metrics-addr", &ch).await?;
         let metrics_addr = metrics_listener.local_addr().map_err(StartError::Listen)?;
         tasks.push(ch.spawn(ambit_admin::serve(
             metrics_listener,
             admin::metrics_handler(metrics.clone()),
             stop_rx.clone(),
         )));
-        let ready_listener = bind(config.readiness_addr, "readiness port", &ch).await?;
+        let ready_listener = bind(
+            config.readiness_addr,
+            "readiness port",
+            "--readiness-addr",
+            &ch,
+        )
+        .await?;
         let readiness_addr = ready_listener.local_addr().map_err(StartError::Listen)?;
         tasks.push(ch.spawn(ambit_admin::serve(
             ready_listener,

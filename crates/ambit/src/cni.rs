@@ -31,7 +31,7 @@ pub struct CniArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     reconcile_interval: Duration,
     /// Address of the agent's admin port (/metrics, /healthz/ready, /debug/pods).
-    #[arg(long, default_value = "127.0.0.1:15030")]
+    #[arg(long, default_value = "127.0.0.1:15030", value_parser = crate::addr::socket_addr)]
     admin_addr: SocketAddr,
     /// The nft program.
     #[arg(long, default_value = "nft")]

@@ -18,7 +18,7 @@ pub struct ConfigArgs {
     #[arg(long, global = true)]
     node: Option<String>,
     /// The admin address to ask, when not using --node.
-    #[arg(long, global = true, default_value = "127.0.0.1:15000")]
+    #[arg(long, global = true, default_value = "127.0.0.1:15000", value_parser = crate::addr::socket_addr)]
     admin: SocketAddr,
     #[arg(
         long,

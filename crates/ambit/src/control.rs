@@ -45,10 +45,10 @@ struct RunArgs {
     #[arg(long, env = "AMBIT_PLUGIN_CA_DIR")]
     plugin_ca: Option<PathBuf>,
     /// Address of the gRPC port (certificate service).
-    #[arg(long, default_value = "0.0.0.0:15012")]
+    #[arg(long, default_value = "0.0.0.0:15012", value_parser = crate::addr::socket_addr)]
     grpc_addr: SocketAddr,
     /// Address of the monitoring port (/metrics, /ready, /debug/*).
-    #[arg(long, default_value = "127.0.0.1:15014")]
+    #[arg(long, default_value = "127.0.0.1:15014", value_parser = crate::addr::socket_addr)]
     monitoring_addr: SocketAddr,
     /// SPIFFE trust domain of the mesh.
     #[arg(long, default_value = ambit_core::DEFAULT_TRUST_DOMAIN)]
@@ -56,7 +56,7 @@ struct RunArgs {
     /// Namespace of mesh-wide resources and of the control plane's own identity.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
-    /// Workload certificate lifetime when a request names none.
+    /// Workload certificate lifetime when a request names none (at most --max-cert-ttl).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     cert_ttl: Duration,
     /// Longest workload certificate lifetime issued; longer requests are capped.
@@ -122,6 +122,14 @@ pub fn run(args: ControlArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.cert_ttl > args.max_cert_ttl {
+        eprintln!(
+            "error: --cert-ttl {} is longer than --max-cert-ttl {}, so it could never be issued; lower --cert-ttl or raise --max-cert-ttl",
+            humantime::format_duration(args.cert_ttl),
+            humantime::format_duration(args.max_cert_ttl)
+        );
+        return Ok(ExitCode::from(2));
+    }
     let manifests = args
         .manifests
         .context("--manifests is required: the folder of YAML manifests to serve")?;
@@ -153,6 +161,16 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
+    let max = ambit_control::auth::MAX_TOKEN_TTL;
+    if args.ttl.is_zero() || args.ttl > max {
+        // Refused before anything is created in the state folder.
+        eprintln!(
+            "error: --ttl {} is out of range: a node token lives from 1s to {} days",
+            humantime::format_duration(args.ttl),
+            max.as_secs() / 86_400
+        );
+        return Ok(ExitCode::from(2));
+    }
     let signer = TokenSigner::load_or_create(&args.state_dir).with_context(|| {
         format!(
             "cannot use the token signing key in {}",

@@ -1,5 +1,6 @@
 //! `ambit`: one binary, a subcommand per role.
 
+mod addr;
 mod cni;
 mod config_cmd;
 mod control;

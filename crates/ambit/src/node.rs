@@ -36,13 +36,13 @@ pub struct NodeArgs {
     #[arg(long, default_value = "Kubernetes")]
     cluster_id: String,
     /// Address of the admin port (/config_dump).
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    #[arg(long, default_value = "127.0.0.1:15000", value_parser = crate::addr::socket_addr)]
     admin_addr: SocketAddr,
     /// Address of the Prometheus metrics port (/metrics).
-    #[arg(long, default_value = "0.0.0.0:15020")]
+    #[arg(long, default_value = "0.0.0.0:15020", value_parser = crate::addr::socket_addr)]
     metrics_addr: SocketAddr,
     /// Address of the readiness port (/healthz/ready).
-    #[arg(long, default_value = "0.0.0.0:15021")]
+    #[arg(long, default_value = "0.0.0.0:15021", value_parser = crate::addr::socket_addr)]
     readiness_addr: SocketAddr,
     /// Threads of the data path [default: one per CPU].
     #[arg(long)]
