@@ -127,7 +127,12 @@ impl Client {
         )
         .await
         .map_err(|_| DemoError::App("no answer within 5 s".into()))?
-        .map_err(|e| DemoError::App(format!("request failed: {e}")))?;
+        .map_err(|e| {
+            DemoError::App(format!(
+                "no answer from {}: the connection was closed or reset ({e}); in the mesh the node proxies' access logs say why (a refusal by policy is logged as `denied by <policy>`)",
+                self.host
+            ))
+        })?;
         if status != StatusCode::OK {
             return Err(DemoError::App(format!("HTTP {status}: {body}")));
         }

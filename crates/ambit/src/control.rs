@@ -252,16 +252,16 @@ fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
         .collect();
     writeln!(
         out,
-        "{} files, {} objects ({}), {} files refused, {} conflicts",
-        status.files,
-        model.len(),
+        "{}, {} ({}), {} refused, {}",
+        counted(status.files, "file", "files"),
+        counted(model.len(), "object", "objects"),
         if counts.is_empty() {
             "none".to_owned()
         } else {
             counts.join(", ")
         },
-        status.file_errors.len(),
-        status.conflicts.len()
+        counted(status.file_errors.len(), "file", "files"),
+        counted(status.conflicts.len(), "conflict", "conflicts"),
     )?;
     Ok(
         if status.file_errors.is_empty() && status.conflicts.is_empty() {
@@ -270,4 +270,9 @@ fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         },
     )
+}
+
+/// `1 file`, `2 files`: a count with its noun in the right number.
+fn counted(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }

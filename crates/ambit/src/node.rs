@@ -16,8 +16,8 @@ pub struct NodeArgs {
     #[command(flatten)]
     discovery: DiscoveryArgs,
     /// The node agent's ZDS socket to connect to (`ambit cni --zds-socket`, or Istio's
-    /// istio-cni at /var/run/ztunnel/ztunnel.sock); retried with backoff while the agent
-    /// is away. Without it only --pod pods are served.
+    /// istio-cni); retried with backoff while the agent is away [default:
+    /// /var/run/ztunnel/ztunnel.sock, or none when --pod names the pods].
     #[arg(long, env = "AMBIT_ZDS_SOCKET")]
     zds_socket: Option<PathBuf>,
     /// Serve a pod without a node agent: `<namespace>/<name>[/<service-account>]=<netns path>`
@@ -120,7 +120,13 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
     config.metrics_addr = args.metrics_addr;
     config.readiness_addr = args.readiness_addr;
     config.run_dir = Some(args.run_dir);
-    config.zds_socket = args.zds_socket;
+    // Istio's path unless the pods are named on the command line (then no agent is
+    // expected unless one is named too).
+    config.zds_socket = args.zds_socket.or_else(|| {
+        args.pods
+            .is_empty()
+            .then(|| PathBuf::from(ambit_cni::zds::DEFAULT_SOCKET))
+    });
     config.local_pods = args.pods;
     config.dataplane.trust_domain = args.trust_domain;
     config.dataplane.trust_domain_aliases = args.trust_domain_aliases;

@@ -256,7 +256,7 @@ fn validate_reports_file_line_and_field() {
         ),
         "{text}"
     );
-    assert!(text.contains("1 files refused"), "{text}");
+    assert!(text.contains("1 file refused"), "{text}");
     drop(dir);
 }
 

@@ -262,6 +262,20 @@ fn first_content_line(doc: Document<'_>) -> u64 {
 /// Every error of one document (at most [`tree::MAX_ERRORS`]).
 type DocErrors = Vec<ManifestError>;
 
+/// `unknown field `x`, expected one of a, b, ...` (serde's wording, with or without
+/// backticks around the choices) becomes `unknown field `x`; did you mean `y`?` when one
+/// of the choices is a likely typo of it.
+fn suggest_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (field, rest) = rest.split_once('`')?;
+    let choices = rest
+        .strip_prefix(", expected one of ")
+        .or_else(|| rest.strip_prefix(", expected "))?;
+    let known: Vec<&str> = choices.split(", ").map(|c| c.trim_matches('`')).collect();
+    let near = closest(field, &known)?;
+    Some(format!("unknown field `{field}`; did you mean `{near}`?"))
+}
+
 fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
     if is_blank(doc.text) {
         return Ok(Parsed::Empty);
@@ -532,8 +546,11 @@ fn yaml_error(
 }
 
 /// A message that may quote the input, kept on one line and free of control characters
-/// (escaped); quotes stay as they are.
+/// (escaped); quotes stay as they are. An unknown field one typo away from a known one
+/// names that one instead of listing them all.
 fn one_line(message: &str) -> String {
+    let message = suggest_field(message).unwrap_or_else(|| message.to_owned());
+    let message = message.as_str();
     let mut out = String::with_capacity(message.len());
     for c in message.chars() {
         if c.is_control() {

@@ -669,3 +669,16 @@ fn messages_keep_their_quotes() {
     assert!(e[0].message.contains("\"Bad_Name\""), "{}", e[0].message);
     assert!(!e[0].message.contains('\\'), "{}", e[0].message);
 }
+
+#[test]
+fn an_unknown_field_near_a_known_one_is_named() {
+    let e =
+        errors("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {serviceAcountName: s}\n");
+    assert_eq!(
+        e[0].message,
+        "unknown field `serviceAcountName`; did you mean `serviceAccountName`?"
+    );
+    // Far from every known one: the list stays.
+    let e = errors("apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {zzz: s}\n");
+    assert!(e[0].message.contains("expected one of"), "{}", e[0].message);
+}
