@@ -3,6 +3,8 @@
 //! - [`identity`]: the SPIFFE identity of a workload.
 //! - [`discovery`]: workloads and services as the node proxy receives them.
 //! - [`policy`]: L4 authorization policies as the node proxy receives them.
+//! - [`route`]: where a connection (or a waypoint's request) to an address goes.
+//! - [`telemetry`]: Istio's metric label sets.
 //! - [`state`]: the indexed view the node proxy's data path reads without locks.
 //!
 //! Nothing here opens a socket or a file, so everything is testable in isolation and
@@ -11,6 +13,10 @@
 pub mod discovery;
 pub mod identity;
 pub mod policy;
+pub mod route;
 pub mod state;
+pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use identity::{DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId};

@@ -57,6 +57,25 @@ pub struct TraceParent {
     pub flags: u8,
 }
 
+impl TraceParent {
+    /// Reads a `traceparent` value; `None` when it is malformed (W3C: then start a new
+    /// trace).
+    pub fn parse(v: &str) -> Option<Self> {
+        parse_traceparent(v)
+    }
+
+    /// The header value, version 00.
+    pub fn to_header(&self) -> String {
+        let mut v = String::with_capacity(55);
+        v.push_str("00-");
+        hex(&self.trace_id, &mut v);
+        v.push('-');
+        hex(&self.parent_id, &mut v);
+        write!(v, "-{:02x}", self.flags).expect("writing to a String cannot fail");
+        v
+    }
+}
+
 impl ConnectHeaders {
     /// Reads the headers of a request; malformed values count as absent.
     pub fn parse(headers: &HeaderMap) -> Self {
@@ -120,16 +139,10 @@ impl ConnectHeaders {
                 headers.insert(BAGGAGE, v);
             }
         }
-        if let Some(t) = &self.traceparent {
-            let mut v = String::with_capacity(55);
-            v.push_str("00-");
-            hex(&t.trace_id, &mut v);
-            v.push('-');
-            hex(&t.parent_id, &mut v);
-            write!(v, "-{:02x}", t.flags).expect("writing to a String cannot fail");
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                headers.insert(TRACEPARENT, v);
-            }
+        if let Some(t) = &self.traceparent
+            && let Ok(v) = HeaderValue::from_str(&t.to_header())
+        {
+            headers.insert(TRACEPARENT, v);
         }
     }
 

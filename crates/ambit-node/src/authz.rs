@@ -152,7 +152,7 @@ mod tests {
     use ambit_core::state::State;
 
     use super::*;
-    use crate::testing::workload;
+    use ambit_core::testing::workload;
 
     fn deny_all(ns: &str, name: &str, scope: PolicyScope) -> Authorization {
         Authorization {

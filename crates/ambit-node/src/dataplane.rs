@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::{ConnFacts, ConnLabels, ConnMetrics, Metrics, Reporter, describe};
-use crate::route::{Route, route};
+use ambit_core::route::{Route, route};
 
 /// Ports inside each pod.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -731,6 +731,7 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                 destination: Some(&workload),
                 destination_service: service.as_deref(),
                 mutual_tls: true,
+                request_protocol: "tcp",
             };
             let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
             let Some(expected) = workload.identity() else {
@@ -919,6 +920,7 @@ fn plain_outbound<'a>(
         destination: workload,
         destination_service: service,
         mutual_tls: false,
+        request_protocol: "tcp",
     };
     let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
     (access, metrics)
@@ -1075,6 +1077,7 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
         destination: destination.as_deref(),
         destination_service: None,
         mutual_tls: false,
+        request_protocol: "tcp",
     };
     let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
     let decision = dp.authorizer.check(&InboundConn {
@@ -1222,6 +1225,7 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
         destination: destination.as_deref(),
         destination_service: service.map(|s| &**s),
         mutual_tls: true,
+        request_protocol: "tcp",
     };
     let metrics = ConnMetrics::open(dp.metrics.clone(), ConnLabels::new(&facts, "-"));
     let decision = dp.authorizer.check(&InboundConn {

@@ -19,10 +19,10 @@ pub mod authz;
 pub mod dataplane;
 pub mod metrics;
 pub mod pods;
-pub mod route;
-#[cfg(test)]
-mod testing;
 pub mod zds;
+
+/// Where an outbound connection goes (shared with the waypoint).
+pub use ambit_core::route;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -10,6 +10,7 @@ mod logging;
 mod node;
 mod preflight;
 mod signal;
+mod waypoint;
 
 use std::process::ExitCode;
 
@@ -59,8 +60,9 @@ enum Command {
     /// installing redirection rules in their network namespaces and handing them to the
     /// node proxy; un-enrolls them the same way. Pods are never restarted.
     Cni(Box<cni::CniArgs>),
-    /// Run a waypoint (L7 proxy). Not available yet.
-    Waypoint,
+    /// The waypoint (L7 proxy, optional and shared): run one; HTTP/1.1, HTTP/2 and gRPC
+    /// for the services and workloads bound to it.
+    Waypoint(Box<waypoint::WaypointArgs>),
     /// Build a two-node mesh out of network namespaces on this machine and walk
     /// through it (needs root, iproute2 and nftables); also the demo's sample apps.
     Demo(Box<demo::DemoArgs>),
@@ -83,7 +85,7 @@ fn main() -> ExitCode {
         Command::Node(args) => node::run(*args),
         Command::Config(args) => config_cmd::run(args),
         Command::Cni(args) => cni::run(*args),
-        Command::Waypoint => not_yet("the waypoint"),
+        Command::Waypoint(args) => waypoint::run(*args),
         Command::Demo(args) => demo::run(*args),
     };
     match result {
@@ -93,9 +95,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn not_yet(what: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("error: {what} is not part of this build yet; see README.md for what works today");
-    Ok(ExitCode::from(2))
 }

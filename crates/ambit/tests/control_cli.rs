@@ -422,10 +422,30 @@ fn token_to_a_file_is_private() {
 }
 
 #[test]
-fn roles_not_built_yet_say_so() {
-    let out = Command::new(BIN).arg("waypoint").output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not part of this build yet"));
+fn the_waypoint_refuses_a_bad_identity_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let (root, token) = (dir.path().join("root.pem"), dir.path().join("token"));
+    std::fs::write(&token, "x").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "waypoint",
+            "run",
+            "--node-name",
+            "n",
+            "--name",
+            "Bad_Name",
+            "-n",
+            "demo",
+        ])
+        .arg("--ca-root")
+        .arg(&root)
+        .arg("--token-file")
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--ca-root"), "{err}");
 }
 
 #[test]

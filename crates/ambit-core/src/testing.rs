@@ -1,8 +1,8 @@
-//! Builders shared by the crate's unit tests.
+//! Builders for unit tests of the crates that read discovery state (feature `testing`).
 
 use std::sync::Arc;
 
-use ambit_core::discovery::*;
+use crate::discovery::*;
 
 pub fn s(v: &str) -> Str {
     v.into()
@@ -21,7 +21,7 @@ pub fn workload(
         name: s(name),
         workload_name: s(name),
         node: s(node),
-        addresses: vec![ip.parse().unwrap()].into(),
+        addresses: vec![ip.parse().expect("a test address")].into(),
         tunnel,
         status: Health::Healthy,
         native_tunnel: false,

@@ -18,11 +18,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ambit_core::discovery::{
+use crate::discovery::{
     GatewayAddress, GatewayDestination, Health, LoadBalancingMode, LocalityScope, Service,
     TunnelProtocol, Workload,
 };
-use ambit_core::state::State;
+use crate::state::State;
 
 /// The decision for one outbound connection.
 #[derive(Debug, Clone)]
@@ -58,8 +58,33 @@ pub fn route(
     original: SocketAddr,
     hbone_port: u16,
 ) -> Route {
+    decide(state, network, source, original, hbone_port, true)
+}
+
+/// Where a waypoint sends a request (or connection) for `original` it accepted: like
+/// [`route`], past any waypoint (a request crosses at most one), so the waypoint and
+/// the node proxy pick endpoints the same way.
+pub fn route_from_waypoint(
+    state: &State,
+    network: &str,
+    source: Option<&Workload>,
+    original: SocketAddr,
+    hbone_port: u16,
+) -> Route {
+    decide(state, network, source, original, hbone_port, false)
+}
+
+fn decide(
+    state: &State,
+    network: &str,
+    source: Option<&Workload>,
+    original: SocketAddr,
+    hbone_port: u16,
+    use_waypoints: bool,
+) -> Route {
     if let Some(service) = state.service_by_vip(network, original.ip()) {
-        if let Some(waypoint) = &service.waypoint
+        if use_waypoints
+            && let Some(waypoint) = &service.waypoint
             && let Some(via) =
                 through_waypoint(state, network, source, waypoint, original, hbone_port)
         {
@@ -111,7 +136,8 @@ pub fn route(
         return to_workload(workload.clone(), Some(service.clone()), target, hbone_port);
     }
     if let Some(workload) = state.workload_by_ip(network, original.ip()) {
-        if let Some(waypoint) = &workload.waypoint
+        if use_waypoints
+            && let Some(waypoint) = &workload.waypoint
             && let Some(via) =
                 through_waypoint(state, network, source, waypoint, original, hbone_port)
         {
@@ -310,7 +336,7 @@ fn pick<'a>(
 mod tests {
     use std::collections::HashMap;
 
-    use ambit_core::discovery::*;
+    use crate::discovery::*;
 
     use super::*;
 

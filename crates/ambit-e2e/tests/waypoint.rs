@@ -1,0 +1,628 @@
+//! The waypoint across network namespaces: a client pod on node-a, the echo service's
+//! pod on node-b, both served by real node proxies; the waypoint runs in a pod of its
+//! own on node-a (not captured), with its identity from the control plane. Requests go
+//! client -> node-a proxy -> (HBONE) waypoint -> (HBONE, the waypoint's identity)
+//! node-b proxy -> echo.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use ambit_e2e::*;
+use ambit_hbone::socket::Netns;
+use ambit_waypoint::{Waypoint, WaypointConfig};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const WAYPOINT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 30);
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/demo/sa/waypoint";
+const SLEEP_ID: &str = "spiffe://cluster.local/ns/demo/sa/sleep";
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// The waypoint's Gateway, its Service and its pod, as `istioctl waypoint apply` and a
+/// cluster would make them.
+const WAYPOINT_YAML: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: demo, labels: {gateway.networking.k8s.io/gateway-name: waypoint}}
+spec:
+  selector: {gateway.networking.k8s.io/gateway-name: waypoint}
+  clusterIP: 198.19.0.20
+  ports: [{name: mesh, port: 15008, targetPort: 15008}, {name: status-port, port: 15021}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: waypoint-0
+  namespace: demo
+  labels: {gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}
+spec: {nodeName: node-a, serviceAccountName: waypoint, containers: [{name: waypoint, ports: [{containerPort: 15008}]}]}
+status: {podIP: 198.18.1.30, phase: Running, conditions: [{type: Ready, status: 'True'}]}
+";
+
+struct Setup {
+    mesh: Mesh,
+    waypoint: Waypoint,
+}
+
+/// The mesh with the echo service bound to a running waypoint, and an HTTP echo server
+/// in echo-1.
+async fn setup() -> Setup {
+    logs::init();
+    let mut specs = cast();
+    specs.push(PodSpec {
+        name: "waypoint-0",
+        namespace: "demo",
+        service_account: "waypoint",
+        app: "waypoint",
+        node: "node-a",
+        ip: WAYPOINT_IP,
+        enrolled: false,
+        // Written below, with the waypoint's labels.
+        in_model: false,
+    });
+    let mesh = Mesh::start(specs).await;
+    std::fs::write(
+        mesh.dir.path().join("manifests/waypoint.yaml"),
+        WAYPOINT_YAML,
+    )
+    .unwrap();
+    let path = mesh.dir.path().join("manifests/mesh.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let bound = text.replace(
+        "metadata: {name: echo, namespace: demo}",
+        "metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}",
+    );
+    assert_ne!(text, bound);
+    std::fs::write(&path, bound).unwrap();
+    let node = mesh.node("node-a");
+    eventually(
+        "the echo service bound to a waypoint with an endpoint",
+        || {
+            let state = node.store().load();
+            let bound = state
+                .services()
+                .any(|s| s.name.as_ref() == "echo" && s.waypoint.is_some());
+            let endpoint = state.workloads().any(|w| w.name.as_ref() == "waypoint-0");
+            bound && endpoint
+        },
+    )
+    .await;
+
+    let mut config = WaypointConfig::new(mesh.node_config("node-a").xds, "demo", "waypoint");
+    config.netns = Some(Netns::open(mesh.pod("waypoint-0").netns_path()).unwrap());
+    config.admin_addr = "127.0.0.1:0".parse().unwrap();
+    config.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    config.readiness_addr = "127.0.0.1:0".parse().unwrap();
+    config.limits.header_timeout = Duration::from_secs(1);
+    config.limits.connect_timeout = Duration::from_secs(2);
+    let waypoint = Waypoint::start(config).await.unwrap();
+    eventually("the waypoint to be ready", || waypoint.is_ready()).await;
+    http_echo(&mesh, "echo-1");
+    Setup { mesh, waypoint }
+}
+
+/// An HTTP/1.1 and HTTP/2 (prior knowledge) echo server on the app port of `pod`.
+fn http_echo(mesh: &Mesh, pod: &str) {
+    let listener = mesh.pod(pod).listen(APP_PORT).unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, peer)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(serve_echo(conn, peer));
+        }
+    });
+}
+
+async fn serve_echo(conn: TcpStream, peer: SocketAddr) {
+    let mut first = [0u8; 3];
+    for _ in 0..100 {
+        if conn.peek(&mut first).await.unwrap_or(0) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let service = hyper::service::service_fn(move |req| echo(peer, req));
+    let io = TokioIo::new(conn);
+    if &first == b"PRI" {
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(io, service)
+            .await;
+    } else {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await;
+    }
+}
+
+/// Answers what it saw: the request line, the client, the forwarding headers and the
+/// body's size; `/stream?n=N` streams N chunks of 1,000 bytes; gRPC requests get their
+/// body back with a status in the trailers; `/ws` upgrades and echoes raw bytes.
+async fn echo(peer: SocketAddr, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let h = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    if req.uri().path() == "/ws" {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = upgrade.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let resp = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(full(""))
+            .unwrap();
+        return Ok(resp);
+    }
+    if h("content-type").starts_with("application/grpc") {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "7".parse().unwrap());
+        trailers.insert("grpc-message", "denied by the test".parse().unwrap());
+        let body = Full::new(body)
+            .with_trailers(async move { Some(Ok(trailers)) })
+            .boxed();
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap());
+    }
+    if req.uri().path() == "/stream" {
+        let n: usize = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("n="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let chunks =
+            (0..n).map(|i| Ok(Frame::data(Bytes::from(vec![b'a' + (i % 26) as u8; 1000]))));
+        let body = StreamBody::new(tokio_stream::iter(chunks)).boxed();
+        return Ok(Response::new(body));
+    }
+    let line = format!(
+        "method={}\nversion={:?}\npath={}\nclient={}\nhost={}\nxff={}\nrequest-id={}\ntraceparent={}\nexpect={}\nconnection={}\n",
+        req.method(),
+        req.version(),
+        req.uri().path(),
+        peer.ip(),
+        if req.version() == http::Version::HTTP_2 {
+            req.uri()
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        } else {
+            h("host")
+        },
+        h("x-forwarded-for"),
+        h("x-request-id"),
+        h("traceparent"),
+        h("expect"),
+        h("connection"),
+    );
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    Ok(Response::new(full(format!("{line}body={}\n", body.len()))))
+}
+
+/// A field of the echo's answer.
+fn field<'a>(text: &'a str, name: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+async fn h1(mesh: &Mesh, to: SocketAddr) -> hyper::client::conn::http1::SendRequest<Body> {
+    let tcp = mesh.pod("sleep").connect(to).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    send
+}
+
+async fn h2(mesh: &Mesh, to: SocketAddr) -> hyper::client::conn::http2::SendRequest<Body> {
+    let tcp = mesh.pod("sleep").connect(to).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+async fn text(resp: Response<Incoming>) -> String {
+    let body = tokio::time::timeout(Duration::from_secs(20), resp.into_body().collect())
+        .await
+        .expect("the body arrives")
+        .unwrap()
+        .to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_keep_alive_and_chunked_bodies_cross_the_waypoint() {
+    let s = setup().await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+
+    // Two requests on one keep-alive connection; the second with a chunked body.
+    let resp = send
+        .send_request(
+            Request::get("/first")
+                .header("host", "echo.demo")
+                .header(
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                )
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t = text(resp).await;
+    assert_eq!(field(&t, "method"), "GET");
+    assert_eq!(field(&t, "version"), "HTTP/1.1");
+    assert_eq!(field(&t, "path"), "/first");
+    assert_eq!(field(&t, "host"), "echo.demo");
+    // The endpoint sees the waypoint's address (its node proxy keeps the source of the
+    // tunnel), and the client in x-forwarded-for.
+    assert_eq!(field(&t, "client"), WAYPOINT_IP.to_string());
+    assert_eq!(field(&t, "xff"), s.mesh.spec("sleep").ip.to_string());
+    assert_eq!(field(&t, "request-id").len(), 36, "{t}");
+    let tp = field(&t, "traceparent");
+    assert!(
+        tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+        "{tp}"
+    );
+    assert!(
+        !tp.contains("b7ad6b7169203331"),
+        "the waypoint's own span: {tp}"
+    );
+
+    send.ready().await.unwrap();
+    let chunks = (0..3).map(|_| Ok(Frame::data(Bytes::from_static(&[7u8; 5000]))));
+    let resp = send
+        .send_request(
+            Request::post("/second")
+                .header("host", "echo.demo")
+                .header("expect", "100-continue")
+                .body(StreamBody::new(tokio_stream::iter(chunks)).boxed())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let t = text(resp).await;
+    assert_eq!(field(&t, "method"), "POST");
+    assert_eq!(field(&t, "body"), "15000");
+    assert_eq!(
+        field(&t, "expect"),
+        "",
+        "the waypoint answers 100-continue itself"
+    );
+
+    // A streamed (chunked) response.
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(
+            Request::get("/stream?n=300")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let t = text(resp).await;
+    assert_eq!(t.len(), 300_000);
+
+    // The destination's node proxy authenticated the waypoint, not the client (its
+    // access-log line comes when the pooled connection closes; the metric at once).
+    let node_b = s.mesh.metrics("node-b").await;
+    let from_waypoint = [
+        ("reporter", "destination"),
+        ("source_principal", WAYPOINT_ID),
+        ("destination_workload", "echo-1"),
+    ];
+    assert_eq!(
+        sum(
+            &node_b,
+            "istio_tcp_connections_opened_total",
+            &from_waypoint
+        ),
+        1.0,
+        "{node_b}"
+    );
+    assert_eq!(
+        sum(
+            &node_b,
+            "istio_tcp_connections_opened_total",
+            &[("source_principal", SLEEP_ID)]
+        ),
+        0.0,
+        "the client's identity never reaches the endpoint's node: {node_b}"
+    );
+    // The waypoint's own line per request.
+    let line = logs::wait_access("the waypoint's request line", |v| v["path"] == "/second").await;
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["request_bytes"], 15000);
+    assert_eq!(line["src.identity"], SLEEP_ID);
+    assert_eq!(line["src.workload"], "demo/sleep");
+    assert_eq!(line["dst.workload"], "demo/echo-1");
+    assert_eq!(line["dst.service"], "echo.demo.svc.cluster.local");
+    assert_eq!(line["flags"], "-");
+
+    let page = s.waypoint.metrics_text();
+    let labels = [
+        ("reporter", "waypoint"),
+        ("response_code", "200"),
+        ("request_protocol", "http"),
+        ("source_workload", "sleep"),
+        ("source_principal", SLEEP_ID),
+        ("destination_workload", "echo-1"),
+        ("destination_service", "echo.demo.svc.cluster.local"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    assert_eq!(sum(&page, "istio_requests_total", &labels), 3.0, "{page}");
+    assert_eq!(
+        sum(&page, "istio_request_duration_milliseconds_count", &labels),
+        3.0
+    );
+    assert_eq!(sum(&page, "istio_request_bytes_sum", &labels), 15000.0);
+    assert!(sum(&page, "istio_response_bytes_sum", &labels) >= 300_000.0);
+    // One pooled connection carried all three.
+    assert_eq!(
+        sum(&page, "ambit_waypoint_upstream_connections", &[]),
+        1.0,
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_grpc_cross_the_waypoint_with_trailers_and_status() {
+    let s = setup().await;
+    let mut send = h2(&s.mesh, ECHO_VIP).await;
+    let resp = send
+        .send_request(
+            Request::get("http://echo.demo/over-h2")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t = text(resp).await;
+    assert_eq!(field(&t, "version"), "HTTP/2.0");
+    assert_eq!(field(&t, "host"), "echo.demo");
+    assert_eq!(field(&t, "path"), "/over-h2");
+
+    // gRPC: the body both ways, the status in the trailers.
+    let resp = send
+        .send_request(
+            Request::post("http://echo.demo/test.Echo/Say")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(full(&b"\0\0\0\0\x05hello"[..]))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "7");
+    assert_eq!(trailers["grpc-message"], "denied by the test");
+    assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x05hello");
+
+    let page = s.waypoint.metrics_text();
+    assert_eq!(
+        sum(
+            &page,
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("request_protocol", "grpc"),
+                ("grpc_response_status", "7"),
+                ("response_code", "200"),
+            ]
+        ),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        sum(
+            &page,
+            "istio_requests_total",
+            &[("request_protocol", "http"), ("grpc_response_status", "-")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_upgrade_passes_through() {
+    let s = setup().await;
+    let mut conn = s.mesh.pod("sleep").connect(ECHO_VIP).await.unwrap();
+    conn.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: echo.demo\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    // After the switch, bytes flow both ways untouched.
+    for msg in [&b"\x81\x05hello"[..], b"anything at all"] {
+        conn.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
+/// Reads an HTTP/1.1 response head (through the blank line).
+async fn read_head(conn: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut byte))
+            .await
+            .expect("a response head")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_slow_clients_get_a_status_or_a_close() {
+    let s = setup().await;
+    // A bad request line: 400.
+    let mut conn = s.mesh.pod("sleep").connect(ECHO_VIP).await.unwrap();
+    conn.write_all(b"GET /a b c HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+
+    // Headers beyond the limit: 431.
+    let mut conn = s.mesh.pod("sleep").connect(ECHO_VIP).await.unwrap();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let _ = conn.write_all(big.as_bytes()).await;
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+
+    // A client that never finishes its headers is closed after the header timeout.
+    let mut conn = s.mesh.pod("sleep").connect(ECHO_VIP).await.unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the slow client is still connected");
+
+    // Invalid HTTP/2: a preface followed by garbage frames; the connection is closed.
+    let mut conn = s.mesh.pod("sleep").connect(ECHO_VIP).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the h2 connection with garbage frames stays open"
+    );
+
+    // The waypoint still serves.
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    let resp = send
+        .send_request(
+            Request::get("/after")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_503_with_envoys_flag() {
+    let s = setup().await;
+    // Nothing listens on the echo's port 8081 behind a second service port.
+    let path = s.mesh.dir.path().join("manifests/mesh.yaml");
+    let manifest = std::fs::read_to_string(&path).unwrap();
+    let more = manifest.replace(
+        "ports: [{name: tcp-echo, port: 80, targetPort: 8080}]",
+        "ports: [{name: tcp-echo, port: 80, targetPort: 8080}, {name: http-dead, port: 81, targetPort: 8081}]",
+    );
+    assert_ne!(manifest, more);
+    std::fs::write(&path, more).unwrap();
+    let node = s.mesh.node("node-a");
+    eventually("port 81 of the echo service", || {
+        node.store()
+            .load()
+            .services()
+            .any(|s| s.name.as_ref() == "echo" && s.ports.iter().any(|p| p.service_port == 81))
+    })
+    .await;
+    eventually("port 81 at the waypoint too", || {
+        s.waypoint
+            .state()
+            .services()
+            .any(|s| s.name.as_ref() == "echo" && s.ports.iter().any(|p| p.service_port == 81))
+    })
+    .await;
+    let dead = SocketAddr::new(ECHO_VIP.ip(), 81);
+    let mut send = h1(&s.mesh, dead).await;
+    let resp = send
+        .send_request(
+            Request::get("/dead")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let (status, body) = (resp.status(), text(resp).await);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("upstream connect error"), "{body}");
+    let line = logs::wait_access("the failed request", |v| v["path"] == "/dead").await;
+    assert_eq!(line["flags"], "UF");
+    let page = s.waypoint.metrics_text();
+    assert_eq!(
+        sum(
+            &page,
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UF")]
+        ),
+        1.0,
+        "{page}"
+    );
+}

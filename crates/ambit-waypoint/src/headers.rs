@@ -1,0 +1,223 @@
+//! What the waypoint changes in the headers it forwards, as an HTTP proxy must
+//! (RFC 9110 section 7.6): hop-by-hop headers removed, the client appended to
+//! `x-forwarded-for`, a request id and a trace span of its own.
+
+use std::net::IpAddr;
+
+use ambit_hbone::headers::TraceParent;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Headers that describe one connection, never forwarded (RFC 9110 7.6.1, plus the
+/// historic ones every proxy drops).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
+pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// Removes hop-by-hop headers and those the `Connection` header names. `upgrade`
+/// keeps `Connection: upgrade` and `Upgrade` (a WebSocket handshake passes through);
+/// `te: trailers` stays (gRPC needs it).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let upgrade_value = headers.get(header::UPGRADE).cloned();
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in named {
+        if name != header::CONTENT_LENGTH {
+            headers.remove(&name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade && let Some(v) = upgrade_value {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, v);
+    }
+}
+
+/// Whether a request asks to switch protocols (HTTP/1.1 `Upgrade`, e.g. WebSocket).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// What the waypoint adds to a request it forwards; returns the request id and the
+/// trace id (hex) for the access log.
+pub fn annotate_request(headers: &mut HeaderMap, client: Option<IpAddr>) -> (String, String) {
+    if let Some(ip) = client {
+        let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+            _ => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+    }
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    let request_id = match headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        Some(id) if !id.is_empty() => id.to_owned(),
+        _ => {
+            let id = new_request_id();
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                headers.insert(X_REQUEST_ID, v);
+            }
+            id
+        }
+    };
+    // W3C Trace Context: keep the trace, make this hop a span of its own (the
+    // caller's span is its parent); a missing or malformed header starts a trace.
+    let parent = headers
+        .get(ambit_hbone::headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse);
+    let span = TraceParent {
+        trace_id: parent.as_ref().map_or_else(random_id, |p| p.trace_id),
+        parent_id: random_id(),
+        flags: parent.as_ref().map_or(0, |p| p.flags),
+    };
+    if let Ok(v) = HeaderValue::from_str(&span.to_header()) {
+        headers.insert(ambit_hbone::headers::TRACEPARENT, v);
+    }
+    let mut trace = String::with_capacity(32);
+    for b in span.trace_id {
+        trace.push_str(&format!("{b:02x}"));
+    }
+    (request_id, trace)
+}
+
+/// Random bytes, never all zero (W3C forbids a zero trace or span id).
+fn random_id<const N: usize>() -> [u8; N] {
+    loop {
+        let mut id = [0u8; N];
+        for b in &mut id {
+            *b = fastrand::u8(..);
+        }
+        if id != [0; N] {
+            return id;
+        }
+    }
+}
+
+/// A UUID-shaped random request id (version 4 layout).
+fn new_request_id() -> String {
+    let b: [u8; 16] = random_id();
+    let hex: String = b.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-4{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+    }
+
+    #[test]
+    fn te_trailers_and_an_upgrade_survive() {
+        let mut h = map(&[
+            ("te", "trailers"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        let mut h = map(&[("connection", "close"), ("upgrade", "websocket")]);
+        assert!(
+            !is_upgrade(&h),
+            "an Upgrade without Connection: upgrade is not one"
+        );
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn the_client_is_appended_and_ids_are_added_or_kept() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-request-id", "abc"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ]);
+        let (id, trace) = annotate_request(&mut h, Some("198.18.1.10".parse().unwrap()));
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.18.1.10");
+        assert_eq!(id, "abc");
+        assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
+        let tp = h["traceparent"].to_str().unwrap();
+        assert!(
+            tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+            "{tp}"
+        );
+        assert!(tp.ends_with("-01"), "{tp}");
+        assert!(!tp.contains("b7ad6b7169203331"), "a new span id: {tp}");
+
+        let mut h = map(&[("traceparent", "garbage")]);
+        let (id, trace) = annotate_request(&mut h, None);
+        assert_eq!(id.len(), 36, "{id}");
+        assert_eq!(h["x-request-id"], id.as_str());
+        assert_eq!(trace.len(), 32);
+        assert!(TraceParent::parse(h["traceparent"].to_str().unwrap()).is_some());
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("x-forwarded-for"));
+    }
+}

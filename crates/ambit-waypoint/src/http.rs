@@ -1,0 +1,469 @@
+//! HTTP inside a tunnel: each request forwarded to an endpoint of its service, bodies
+//! streamed both ways (hyper's frames, HTTP/2 flow control and HTTP/1.1 backpressure
+//! bound what is held), then reported: metrics and one access-log line when the
+//! response has ended.
+//!
+//! Errors map as Envoy's do, so Istio users read them the same way: no ready endpoint
+//! 503 `UH`; the endpoint could not be reached 503 `UF`; reset before the response
+//! started 503 `UR`.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use ambit_core::route::Route;
+use ambit_core::telemetry::{ConnLabels, RequestLabels, Value};
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, EXPECT, HOST, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::Shared;
+use crate::headers::{annotate_request, is_upgrade, remove_hop_by_hop};
+use crate::serve::{Client, Target, facts, pick};
+use crate::upstream::{self, Lease, Protocol, UpstreamError};
+
+/// One HTTP connection inside a tunnel.
+struct Conn {
+    shared: Arc<Shared>,
+    client: Client,
+    target: Target,
+    protocol: Protocol,
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (prior knowledge) on `io` until the client is done.
+pub(crate) async fn serve<S>(
+    shared: Arc<Shared>,
+    client: Client,
+    target: Target,
+    protocol: Protocol,
+    io: S,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = shared.config.limits.clone();
+    let conn = Arc::new(Conn {
+        shared,
+        client,
+        target,
+        protocol,
+    });
+    let service = service_fn(move |req: Request<Incoming>| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handle(conn, req).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match protocol {
+        Protocol::Http1 => {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192));
+            b.serve_connection(io, service).with_upgrades().await
+        }
+        Protocol::Http2 => {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+            b.serve_connection(io, service).await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection in a tunnel ended with an error");
+    }
+}
+
+/// The request body, counted as it streams upstream.
+pub struct RequestBody {
+    inner: Incoming,
+    counted: Arc<AtomicU64>,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What is reported when a response has ended (or was abandoned).
+struct Report {
+    shared: Arc<Shared>,
+    labels: ConnLabels,
+    status: StatusCode,
+    flags: &'static str,
+    grpc_status: Option<Value>,
+    started: Instant,
+    request_bytes: Arc<AtomicU64>,
+    response_bytes: u64,
+    method: http::Method,
+    authority: String,
+    path: String,
+    protocol: &'static str,
+    request_id: String,
+    trace_id: String,
+    upstream: String,
+    source: String,
+    source_workload: String,
+    destination: String,
+    destination_workload: String,
+    service: String,
+    error: Option<String>,
+}
+
+impl Report {
+    fn finish(self) {
+        let m = &self.shared.metrics;
+        m.active_requests.dec();
+        let mut conn = self.labels;
+        conn.response_flags = self.flags;
+        let grpc = self.grpc_status.clone().unwrap_or_else(|| {
+            Value::from(if self.protocol == "grpc" {
+                "unknown"
+            } else {
+                "-"
+            })
+        });
+        let labels = RequestLabels {
+            conn,
+            response_code: self.status.as_u16(),
+            grpc_response_status: grpc.clone(),
+        };
+        let duration = self.started.elapsed();
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        m.request(&labels, duration, request_bytes, self.response_bytes);
+        tracing::info!(
+            target: "ambit::access",
+            method = %self.method,
+            authority = %self.authority,
+            path = %self.path,
+            protocol = self.protocol,
+            status = self.status.as_u16(),
+            grpc_status = %grpc.0,
+            flags = self.flags,
+            duration_ms = duration.as_millis() as u64,
+            request_bytes,
+            response_bytes = self.response_bytes,
+            upstream = %self.upstream,
+            src.identity = %self.source,
+            src.workload = %self.source_workload,
+            dst.identity = %self.destination,
+            dst.workload = %self.destination_workload,
+            dst.service = %self.service,
+            request_id = %self.request_id,
+            trace_id = %self.trace_id,
+            error = self.error.as_deref().unwrap_or(""),
+            "request"
+        );
+    }
+}
+
+enum Inner {
+    Proxied(Incoming),
+    Local(Option<Bytes>),
+}
+
+/// A response body going back to the client: the endpoint's, streamed, or the
+/// waypoint's own (an error). Reports the request when it ends or is dropped.
+pub struct ResponseBody {
+    inner: Inner,
+    report: Option<Report>,
+    lease: Option<Lease>,
+}
+
+impl ResponseBody {
+    fn end(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.give_back();
+        }
+        if let Some(r) = self.report.take() {
+            r.finish();
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        let complete = match &self.inner {
+            Inner::Local(d) => d.is_none(),
+            Inner::Proxied(b) => b.is_end_stream(),
+        };
+        if !complete {
+            // Dropped before its end (the client went away): the connection is not
+            // reused, and the request is still reported.
+            self.lease = None;
+            if let Some(r) = self.report.as_mut()
+                && r.error.is_none()
+            {
+                r.error = Some("the response did not finish (the client went away)".into());
+            }
+        }
+        self.end();
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Inner::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Inner::Proxied(body) => Pin::new(body).poll_frame(cx),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(r) = this.report.as_mut() {
+                    if let Some(d) = frame.data_ref() {
+                        r.response_bytes += d.len() as u64;
+                    } else if let Some(s) = frame.trailers_ref().and_then(grpc_status) {
+                        r.grpc_status = Some(s);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(r) = this.report.as_mut() {
+                    r.error = Some(format!("response body: {e}"));
+                    r.flags = "UR";
+                }
+                this.lease = None;
+                this.end();
+            }
+            Poll::Ready(None) => this.end(),
+            Poll::Pending => {}
+        }
+        if matches!(&this.inner, Inner::Proxied(b) if b.is_end_stream()) {
+            this.end();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Local(d) => d.is_none(),
+            Inner::Proxied(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Local(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            Inner::Proxied(b) => b.size_hint(),
+        }
+    }
+}
+
+fn workload_name(w: Option<&ambit_core::discovery::Workload>) -> String {
+    w.map_or_else(String::new, |w| {
+        format!("{}/{}", w.profile.namespace, w.name)
+    })
+}
+
+fn grpc_status(headers: &HeaderMap) -> Option<Value> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .map(Value::from)
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// Envoy's words for a local reply, so the body says what the flag says.
+fn local_body(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::NoHealthy => "no healthy upstream",
+        UpstreamError::Reset(_) => {
+            "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
+        }
+        _ => {
+            "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+        }
+    }
+}
+
+async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let shared = conn.shared.clone();
+    shared.metrics.active_requests.inc();
+    let grpc = is_grpc(req.headers());
+    let protocol = if grpc { "grpc" } else { "http" };
+    let upgrade = conn.protocol == Protocol::Http1 && is_upgrade(req.headers());
+    let route = pick(&shared, &conn.target, conn.client.peer.local);
+    let (destination, upstream_addr) = match &route {
+        Route::Hbone {
+            workload, target, ..
+        } => (Some(workload.clone()), target.to_string()),
+        Route::Direct {
+            workload, target, ..
+        } => (workload.clone(), target.to_string()),
+        _ => (None, "-".to_owned()),
+    };
+    let labels = ConnLabels::new(
+        &facts(&conn.client, &conn.target, destination.as_deref(), protocol),
+        "-",
+    );
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.to_string());
+    let (request_id, trace_id) =
+        annotate_request(req.headers_mut(), Some(conn.client.peer.addr.ip()));
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let request_bytes = Arc::new(AtomicU64::new(0));
+    let mut report = Report {
+        shared: shared.clone(),
+        labels,
+        status: StatusCode::OK,
+        flags: "-",
+        grpc_status: None,
+        started,
+        request_bytes: request_bytes.clone(),
+        response_bytes: 0,
+        method: req.method().clone(),
+        authority: authority.clone(),
+        path: path.clone(),
+        protocol,
+        request_id,
+        trace_id,
+        upstream: upstream_addr,
+        source: conn.client.peer.identity.to_string(),
+        source_workload: workload_name(conn.client.workload.as_deref()),
+        destination_workload: workload_name(destination.as_deref()),
+        service: conn
+            .target
+            .service
+            .as_ref()
+            .map_or_else(String::new, |s| s.hostname.to_string()),
+        destination: destination
+            .as_ref()
+            .and_then(|w| w.identity())
+            .map_or_else(|| "-".to_owned(), |id| id.to_string()),
+        error: None,
+    };
+
+    let (mut parts, body) = req.into_parts();
+    remove_hop_by_hop(&mut parts.headers, upgrade);
+    // The waypoint answers `Expect: 100-continue` itself (hyper sends the 100 when the
+    // body is first read, that is when the endpoint is ready to take it).
+    parts.headers.remove(EXPECT);
+    match conn.protocol {
+        Protocol::Http1 => {
+            // Origin form toward the endpoint; the Host header travels unchanged.
+            parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+            parts.version = Version::HTTP_11;
+            if !parts.headers.contains_key(HOST)
+                && let Ok(v) = HeaderValue::from_str(&authority)
+                && !authority.is_empty()
+            {
+                parts.headers.insert(HOST, v);
+            }
+        }
+        Protocol::Http2 => parts.version = Version::HTTP_2,
+    }
+    let upstream_req = Request::from_parts(
+        parts,
+        RequestBody {
+            inner: body,
+            counted: request_bytes,
+        },
+    );
+    match upstream::send(&shared, &route, conn.protocol, upstream_req).await {
+        Ok((mut resp, lease)) => {
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let mut lease = lease;
+            if switching && let Some(down) = downstream_upgrade {
+                // The connection now belongs to the upgraded protocol, not the pool.
+                lease = None;
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    match tokio::try_join!(down, up) {
+                        Ok((down, up)) => {
+                            let mut down = TokioIo::new(down);
+                            let mut up = TokioIo::new(up);
+                            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await
+                                && !ambit_hbone::stream::is_reset(&e)
+                            {
+                                tracing::debug!(error = %e, "upgraded connection ended");
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+                    }
+                });
+            }
+            let (mut parts, body) = resp.into_parts();
+            remove_hop_by_hop(&mut parts.headers, switching);
+            report.status = parts.status;
+            report.grpc_status = grpc_status(&parts.headers);
+            Response::from_parts(
+                parts,
+                ResponseBody {
+                    inner: Inner::Proxied(body),
+                    report: Some(report),
+                    lease,
+                },
+            )
+        }
+        Err(e) => {
+            report.status = StatusCode::SERVICE_UNAVAILABLE;
+            report.flags = e.flags();
+            report.error = Some(e.to_string());
+            let text = local_body(&e);
+            report.response_bytes = 0;
+            let mut resp = Response::new(ResponseBody {
+                inner: Inner::Local(Some(Bytes::from_static(text.as_bytes()))),
+                report: Some(report),
+                lease: None,
+            });
+            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            resp
+        }
+    }
+}

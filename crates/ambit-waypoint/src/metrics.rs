@@ -1,0 +1,175 @@
+//! The waypoint's metrics: Istio's HTTP metrics with `reporter="waypoint"` for the
+//! requests it proxies, Istio's TCP metrics for the opaque connections it proxies, and
+//! a few of its own.
+
+use std::time::Duration;
+
+use ambit_core::telemetry::{ConnLabels, RequestLabels};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// Istio's buckets for the request and response sizes: powers of ten, 1 B to 100 MB.
+fn bytes_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        1.0, 10.0, 9,
+    ))
+}
+
+type Histograms = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Every metric the waypoint exports.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Histograms,
+    request_bytes: Histograms,
+    response_bytes: Histograms,
+    tcp_opened: Family<ConnLabels, Counter>,
+    tcp_closed: Family<ConnLabels, Counter>,
+    tcp_sent: Family<ConnLabels, Counter>,
+    tcp_received: Family<ConnLabels, Counter>,
+    refused: Family<ReasonLabel, Counter>,
+    pub active_requests: Gauge,
+    pub upstream_connections: Gauge,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            request_bytes: Family::new_with_constructor(bytes_histogram),
+            response_bytes: Family::new_with_constructor(bytes_histogram),
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+            refused: Family::default(),
+            active_requests: Gauge::default(),
+            upstream_connections: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "istio_requests",
+            "Requests the waypoint proxied",
+            m.requests.clone(),
+        );
+        r.register(
+            "istio_request_duration_milliseconds",
+            "Time from a request's arrival to the end of its response",
+            m.duration.clone(),
+        );
+        r.register(
+            "istio_request_bytes",
+            "Request body sizes",
+            m.request_bytes.clone(),
+        );
+        r.register(
+            "istio_response_bytes",
+            "Response body sizes",
+            m.response_bytes.clone(),
+        );
+        r.register(
+            "istio_tcp_connections_opened",
+            "Opaque TCP connections the waypoint proxied, opened",
+            m.tcp_opened.clone(),
+        );
+        r.register(
+            "istio_tcp_connections_closed",
+            "Opaque TCP connections the waypoint proxied, closed",
+            m.tcp_closed.clone(),
+        );
+        r.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the client on opaque TCP connections",
+            m.tcp_sent.clone(),
+        );
+        r.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client on opaque TCP connections",
+            m.tcp_received.clone(),
+        );
+        r.register(
+            "ambit_waypoint_refused_tunnels",
+            "HBONE tunnels the waypoint refused, by reason",
+            m.refused.clone(),
+        );
+        r.register(
+            "ambit_waypoint_active_requests",
+            "Requests in flight",
+            m.active_requests.clone(),
+        );
+        r.register(
+            "ambit_waypoint_upstream_connections",
+            "Pooled upstream HTTP connections open",
+            m.upstream_connections.clone(),
+        );
+        m
+    }
+}
+
+impl Metrics {
+    /// One finished request (its response ended, or it failed).
+    pub fn request(
+        &self,
+        labels: &RequestLabels,
+        duration: Duration,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        self.requests.get_or_create(labels).inc();
+        self.duration
+            .get_or_create(labels)
+            .observe(duration.as_secs_f64() * 1000.0);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(request_bytes as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(response_bytes as f64);
+    }
+
+    pub fn tcp_opened(&self, labels: &ConnLabels) {
+        self.tcp_opened.get_or_create(labels).inc();
+    }
+
+    pub fn tcp_closed(&self, labels: &ConnLabels, sent: u64, received: u64) {
+        self.tcp_closed.get_or_create(labels).inc();
+        self.tcp_sent.get_or_create(labels).inc_by(sent);
+        self.tcp_received.get_or_create(labels).inc_by(received);
+    }
+
+    /// A tunnel refused before any byte reached a destination.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,388 @@
+//! The waypoint's side toward endpoints: tunnels opened with its own identity, and
+//! pooled HTTP connections over them.
+//!
+//! An endpoint in the mesh is reached over HBONE at `<pod IP>:15008` with the CONNECT
+//! authority `<pod IP>:<target port>`; the destination's node proxy then applies its L4
+//! policy with the waypoint as the source. One outside the mesh is reached directly.
+//!
+//! HTTP connections are pooled per (endpoint, authority, protocol): HTTP/2 multiplexes
+//! every request on one connection; HTTP/1.1 keeps up to
+//! [`crate::Limits::max_idle_per_endpoint`] idle connections, each given back when its
+//! response has ended. The pool map is copy-on-write (`ArcSwap`): a request reads it
+//! without a lock; the idle list of one endpoint is taken with `try_lock`, and a request
+//! that finds it busy opens a connection rather than wait.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use ambit_core::route::Route;
+use ambit_hbone::{ConnectHeaders, ConnectRequest, H2Stream};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::http::RequestBody;
+
+/// The HTTP version spoken on a tunnel (the same both sides of the waypoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Why there is no upstream for a request or connection.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no healthy upstream")]
+    NoHealthy,
+    #[error("upstream connect error: {0}")]
+    Connect(String),
+    #[error("upstream connect error: the destination refused the tunnel ({0})")]
+    Refused(String),
+    #[error("upstream connect error: timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("upstream reset before the response started: {0}")]
+    Reset(String),
+}
+
+impl UpstreamError {
+    /// Envoy's response flag, as Istio users know them.
+    pub fn flags(&self) -> &'static str {
+        match self {
+            UpstreamError::NoHealthy => "UH",
+            UpstreamError::Reset(_) => "UR",
+            _ => "UF",
+        }
+    }
+}
+
+/// A byte stream to an endpoint.
+pub enum Tunnel {
+    Hbone(H2Stream),
+    Plain(TcpStream),
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Tunnel::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+            Tunnel::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Tunnel::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+            Tunnel::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Tunnel::Hbone(s) => Pin::new(s).poll_flush(cx),
+            Tunnel::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Tunnel::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+            Tunnel::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Opens a tunnel to where `route` says, with the waypoint's identity.
+pub(crate) async fn open(shared: &Shared, route: &Route) -> Result<Tunnel, UpstreamError> {
+    let timeout = shared.config.limits.connect_timeout;
+    match route {
+        Route::Hbone {
+            workload,
+            target,
+            hbone,
+            ..
+        } => {
+            let expected = workload.identity().ok_or_else(|| {
+                UpstreamError::Connect("the endpoint has no valid identity".into())
+            })?;
+            let cert = shared
+                .cert
+                .get()
+                .await
+                .map_err(|e| UpstreamError::Connect(format!("no certificate yet: {e}")))?;
+            let request = ConnectRequest {
+                source: shared.identity.clone(),
+                source_cert: cert.certified_key.clone(),
+                destination: *hbone,
+                expected: vec![expected],
+                authority: *target,
+                headers: ConnectHeaders::default(),
+                socket: shared.config.socket(),
+            };
+            match tokio::time::timeout(timeout, shared.pool.connect(request)).await {
+                Ok(Ok(s)) => Ok(Tunnel::Hbone(s)),
+                Ok(Err(e)) if e.status().is_some() => Err(UpstreamError::Refused(e.to_string())),
+                Ok(Err(e)) => Err(UpstreamError::Connect(e.to_string())),
+                Err(_) => Err(UpstreamError::Timeout(timeout)),
+            }
+        }
+        Route::Direct { target, .. } => {
+            let socket = shared.config.socket();
+            let connect = ambit_hbone::socket::connect(*target, &socket);
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(s)) => Ok(Tunnel::Plain(s)),
+                Ok(Err(e)) => Err(UpstreamError::Connect(format!("{target}: {e}"))),
+                Err(_) => Err(UpstreamError::Timeout(timeout)),
+            }
+        }
+        Route::NoEndpoint { .. } | Route::NoWaypoint { .. } => Err(UpstreamError::NoHealthy),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    hbone: Option<SocketAddr>,
+    target: SocketAddr,
+    protocol: Protocol,
+}
+
+fn key_of(route: &Route, protocol: Protocol) -> Option<Key> {
+    match route {
+        Route::Hbone { target, hbone, .. } => Some(Key {
+            hbone: Some(*hbone),
+            target: *target,
+            protocol,
+        }),
+        Route::Direct { target, .. } => Some(Key {
+            hbone: None,
+            target: *target,
+            protocol,
+        }),
+        _ => None,
+    }
+}
+
+/// The connections to one endpoint.
+struct Entry {
+    h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
+    h1_idle: Mutex<Vec<http1::SendRequest<RequestBody>>>,
+    /// Seconds since [`Upstreams::epoch`] of the last use.
+    last_used: AtomicU64,
+}
+
+/// Every pooled upstream connection.
+pub struct Upstreams {
+    map: ArcSwap<HashMap<Key, Arc<Entry>>>,
+    epoch: Instant,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::new()),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Upstreams {
+    fn entry(&self, key: Key) -> Arc<Entry> {
+        let now = self.epoch.elapsed().as_secs();
+        if let Some(e) = self.map.load().get(&key) {
+            e.last_used.store(now, Ordering::Relaxed);
+            return e.clone();
+        }
+        let mut made = None;
+        self.map.rcu(|m| {
+            if m.contains_key(&key) {
+                return m.clone();
+            }
+            let mut m = HashMap::clone(m);
+            let e = made
+                .get_or_insert_with(|| {
+                    Arc::new(Entry {
+                        h2: ArcSwapOption::empty(),
+                        h1_idle: Mutex::new(Vec::new()),
+                        last_used: AtomicU64::new(now),
+                    })
+                })
+                .clone();
+            m.insert(key, e);
+            Arc::new(m)
+        });
+        self.map
+            .load()
+            .get(&key)
+            .cloned()
+            .expect("the entry was just inserted")
+    }
+
+    /// How many endpoints have pooled connections.
+    pub fn len(&self) -> usize {
+        self.map.load().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// An HTTP/1.1 connection lent to one request; given back with [`Lease::give_back`]
+/// once its response has ended.
+pub struct Lease {
+    entry: Arc<Entry>,
+    sender: http1::SendRequest<RequestBody>,
+    max_idle: usize,
+}
+
+impl Lease {
+    pub fn give_back(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        if let Ok(mut idle) = self.entry.h1_idle.try_lock()
+            && idle.len() < self.max_idle
+        {
+            idle.push(self.sender);
+        }
+    }
+}
+
+/// Sends `req` to the endpoint `route` chose, on a pooled connection or a new one.
+/// Returns the response head and, for HTTP/1.1, the connection to give back when the
+/// response has ended.
+pub(crate) async fn send(
+    shared: &Shared,
+    route: &Route,
+    protocol: Protocol,
+    req: http::Request<RequestBody>,
+) -> Result<(http::Response<Incoming>, Option<Lease>), UpstreamError> {
+    let Some(key) = key_of(route, protocol) else {
+        return Err(UpstreamError::NoHealthy);
+    };
+    let entry = shared.upstreams.entry(key);
+    match protocol {
+        Protocol::Http2 => {
+            let pooled = entry
+                .h2
+                .load_full()
+                .filter(|s| !s.is_closed())
+                .map(|s| http2::SendRequest::clone(&s));
+            let mut sender = match pooled {
+                Some(s) => s,
+                None => {
+                    let tunnel = open(shared, route).await?;
+                    let (s, conn) = http2::Builder::new(TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .handshake(TokioIo::new(tunnel))
+                        .await
+                        .map_err(|e| UpstreamError::Connect(format!("HTTP/2 handshake: {e}")))?;
+                    spawn_connection(shared, conn);
+                    entry.h2.store(Some(Arc::new(s.clone())));
+                    s
+                }
+            };
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+            Ok((resp, None))
+        }
+        Protocol::Http1 => {
+            let mut sender = None;
+            while let Some(mut s) = entry.h1_idle.try_lock().ok().and_then(|mut v| v.pop()) {
+                if s.is_closed() {
+                    continue;
+                }
+                // A connection goes back once its response has ended; it is ready at
+                // once or about to be.
+                if tokio::time::timeout(Duration::from_millis(50), s.ready())
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+                {
+                    sender = Some(s);
+                    break;
+                }
+            }
+            let mut sender = match sender {
+                Some(s) => s,
+                None => {
+                    let tunnel = open(shared, route).await?;
+                    let (s, conn) = http1::Builder::new()
+                        .handshake(TokioIo::new(tunnel))
+                        .await
+                        .map_err(|e| UpstreamError::Connect(format!("HTTP/1.1 handshake: {e}")))?;
+                    spawn_connection(shared, conn.with_upgrades());
+                    s
+                }
+            };
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+            Ok((
+                resp,
+                Some(Lease {
+                    entry,
+                    sender,
+                    max_idle: shared.config.limits.max_idle_per_endpoint,
+                }),
+            ))
+        }
+    }
+}
+
+fn spawn_connection<F, E>(shared: &Shared, conn: F)
+where
+    F: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    let gauge = shared.metrics.upstream_connections.clone();
+    gauge.inc();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+        gauge.dec();
+    });
+}
+
+/// Every 10 s, forgets endpoints unused for a minute (closing their idle connections).
+pub(crate) async fn sweep(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let up = &shared.upstreams;
+        let now = up.epoch.elapsed().as_secs();
+        up.map.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.retain(|_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < 60);
+            Arc::new(m)
+        });
+    }
+}
