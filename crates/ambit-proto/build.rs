@@ -4,20 +4,27 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
-    let files = [
+    let istio = [
         "istio/ca.proto",
         "istio/workload.proto",
         "istio/authorization.proto",
         "istio/zds.proto",
         "envoy/discovery.proto",
     ];
-    for file in files {
+    let ambit = ["ambit/waypoint.proto"];
+    for file in istio.iter().chain(&ambit) {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }
-    let descriptors = protox::compile(files, [&root])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_fds(descriptors)?;
+        .compile_fds(protox::compile(istio, [&root])?)?;
+    // Ambit's own types refer to Istio's already generated above (the generated modules
+    // are flat: `crate::security`, not nested by package).
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .extern_path(".istio.security", "crate::security")
+        .compile_fds(protox::compile(ambit, [&root])?)?;
     Ok(())
 }

@@ -75,6 +75,7 @@ fn decide<'s>(state: &'s State, client: Client, port: u16) -> Evaluation<'s> {
         source_service_account: client.0.map(|p| p.split('/').nth(4).unwrap()),
         destination_ip: "198.18.2.10".parse().unwrap(),
         destination_port: port,
+        request: None,
     };
     evaluate(state.policies_for(w).map(|p| &**p), &conn)
 }

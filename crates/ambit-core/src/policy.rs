@@ -1,7 +1,10 @@
-//! L4 authorization policies as the node proxy receives them (Istio's
-//! `istio.security.Authorization`): already reduced by the control plane to what can be
-//! decided from a connection (identities, namespaces, addresses, ports), and their
-//! evaluation ([`evaluate`]), with Istio's semantics:
+//! Authorization policies and their evaluation ([`evaluate`]): one engine for the node
+//! proxy and the waypoint, so both decide the same way. The node proxy receives Istio's
+//! `istio.security.Authorization`, already reduced by the control plane to what can be
+//! decided from a connection (identities, namespaces, addresses, ports); the waypoint
+//! receives the policies bound to it by `targetRefs` with their request fields too
+//! (hosts, methods, paths, headers, remote addresses) and evaluates each request. Istio's
+//! semantics:
 //!
 //! - a policy matches if any rule matches; a rule if every clause matches; a clause if
 //!   any of its matches matches; a match if every non-empty field holds;
@@ -13,7 +16,10 @@
 //!   policies were enforced is reported next to the real one;
 //! - a connection without a peer identity (plaintext) has no principal and no namespace:
 //!   positive lists on them fail, negative lists on them hold (so `notPrincipals: ["*"]`
-//!   matches exactly the plaintext connections).
+//!   matches exactly the plaintext connections);
+//! - request fields on a connection without a request (at L4) work the same way: positive
+//!   lists fail, negative lists hold. The control plane never sends them to a node proxy
+//!   (it rewrites such rules the way Istio does).
 
 use std::net::IpAddr;
 
@@ -40,6 +46,18 @@ pub struct Authorization {
     /// never evaluated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unenforced: Option<Str>,
+    /// What a waypoint policy is bound to (`targetRefs`); empty for node-proxy policies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<PolicyTarget>,
+}
+
+/// A `targetRefs` entry of a waypoint policy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PolicyTarget {
+    /// `Gateway` or `Service`.
+    pub kind: Str,
+    pub namespace: Str,
+    pub name: Str,
 }
 
 impl Authorization {
@@ -60,6 +78,7 @@ impl Authorization {
             rules: Vec::new(),
             refused: Some(reason),
             unenforced: None,
+            targets: Vec::new(),
         }
     }
 }
@@ -110,6 +129,57 @@ pub struct Match {
     pub not_destination_ports: Vec<u16>,
     pub service_accounts: Vec<ServiceAccount>,
     pub not_service_accounts: Vec<ServiceAccount>,
+    /// Request fields (waypoint policies only). Hosts match case-insensitively, with or
+    /// without the port; paths without the query string.
+    pub hosts: Vec<StringMatch>,
+    pub not_hosts: Vec<StringMatch>,
+    pub methods: Vec<StringMatch>,
+    pub not_methods: Vec<StringMatch>,
+    pub paths: Vec<StringMatch>,
+    pub not_paths: Vec<StringMatch>,
+    pub headers: Vec<HeaderMatch>,
+    /// The original client (`remote.ip`, `remoteIpBlocks`).
+    pub remote_ips: Vec<IpNet>,
+    pub not_remote_ips: Vec<IpNet>,
+}
+
+/// `when: request.headers[<name>]`: the header's value must match one of `values`
+/// (when given) and none of `not_values`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeaderMatch {
+    /// Lower case.
+    pub name: Str,
+    pub values: Vec<StringMatch>,
+    pub not_values: Vec<StringMatch>,
+}
+
+/// A request's headers as policies read them.
+pub trait RequestHeaders {
+    /// The first value of header `name` (lower case), if present and text.
+    fn header(&self, name: &str) -> Option<&str>;
+}
+
+/// A request as policies see it (at a waypoint).
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    /// The `:authority` or `Host`, as sent.
+    pub host: &'a str,
+    /// The path with its query string, as sent.
+    pub path: &'a str,
+    pub headers: &'a dyn RequestHeaders,
+    /// The original client's address.
+    pub remote_ip: IpAddr,
+}
+
+impl std::fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("host", &self.host)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A peer identity's namespace and service account, matched exactly.
@@ -139,6 +209,15 @@ impl StringMatch {
             StringMatch::Suffix(x.into())
         } else {
             StringMatch::Exact(s.into())
+        }
+    }
+
+    fn lowercase(&self) -> StringMatch {
+        match self {
+            StringMatch::Exact(v) => StringMatch::Exact(v.to_ascii_lowercase().into()),
+            StringMatch::Prefix(v) => StringMatch::Prefix(v.to_ascii_lowercase().into()),
+            StringMatch::Suffix(v) => StringMatch::Suffix(v.to_ascii_lowercase().into()),
+            StringMatch::Presence => StringMatch::Presence,
         }
     }
 
@@ -202,6 +281,8 @@ pub struct Connection<'a> {
     pub source_service_account: Option<&'a str>,
     pub destination_ip: IpAddr,
     pub destination_port: u16,
+    /// The request, at a waypoint; `None` at L4.
+    pub request: Option<Request<'a>>,
 }
 
 impl Match {
@@ -218,7 +299,50 @@ impl Match {
                 || self.destination_ports.contains(&c.destination_port))
             && !self.not_destination_ports.contains(&c.destination_port)
             && accounts_hold(&self.service_accounts, &self.not_service_accounts, c)
+            && self.request_holds(c.request.as_ref())
     }
+
+    fn request_holds(&self, r: Option<&Request<'_>>) -> bool {
+        let method = r.map(|r| r.method);
+        let path = r.map(|r| r.path.split_once('?').map_or(r.path, |(p, _)| p));
+        let host = r.map(|r| r.host);
+        strings_hold(&self.methods, &self.not_methods, method)
+            && strings_hold(&self.paths, &self.not_paths, path)
+            && hosts_hold(&self.hosts, &self.not_hosts, host)
+            && match r {
+                Some(r) => nets_hold(&self.remote_ips, &self.not_remote_ips, r.remote_ip),
+                None => self.remote_ips.is_empty(),
+            }
+            && self.headers.iter().all(|h| {
+                let value = r.and_then(|r| r.headers.header(&h.name));
+                strings_hold(&h.values, &h.not_values, value)
+            })
+    }
+}
+
+/// Hosts match case-insensitively, the host with its port or without it.
+fn hosts_hold(yes: &[StringMatch], no: &[StringMatch], host: Option<&str>) -> bool {
+    let Some(host) = host.map(str::to_ascii_lowercase) else {
+        return strings_hold(yes, no, None);
+    };
+    // `host:port` or `[v6]:port`; a bare IPv6 address has colons but no port.
+    let bare = match host.rsplit_once(':') {
+        Some((h, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            Some(h)
+        }
+        _ => None,
+    };
+    let any = |list: &[StringMatch]| {
+        list.iter().any(|m| {
+            let m = m.lowercase();
+            m.matches(&host) || bare.is_some_and(|b| m.matches(b))
+        })
+    };
+    (yes.is_empty() || any(yes)) && !any(no)
 }
 
 fn accounts_hold(yes: &[ServiceAccount], no: &[ServiceAccount], c: &Connection<'_>) -> bool {
@@ -481,6 +605,7 @@ mod tests {
             rules,
             refused: None,
             unenforced: None,
+            targets: Vec::new(),
         }
     }
 
@@ -501,6 +626,7 @@ mod tests {
             source_service_account: principal.rsplit("/sa/").next(),
             destination_ip: "198.18.2.10".parse().unwrap(),
             destination_port: 8080,
+            request: None,
         }
     }
 
@@ -727,5 +853,62 @@ mod tests {
         let all = IpNet::new("::".parse().unwrap(), 0).unwrap();
         assert!(all.contains("fd00::1".parse().unwrap()));
         assert!(!all.contains("1.2.3.4".parse().unwrap()));
+    }
+
+    struct Hdrs(Vec<(&'static str, &'static str)>);
+
+    impl RequestHeaders for Hdrs {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        }
+    }
+
+    /// Request fields, against a request and against a bare connection (L4): positive
+    /// lists fail without a request, negative lists hold.
+    #[test]
+    fn request_fields() {
+        let headers = Hdrs(vec![("x-user", "alice"), ("x-env", "prod-1")]);
+        let request = Request {
+            method: "GET",
+            host: "Web.Demo:8080",
+            path: "/api/items?limit=5",
+            headers: &headers,
+            remote_ip: "203.0.113.7".parse().unwrap(),
+        };
+        let with = Connection {
+            request: Some(request),
+            ..mtls(SLEEP, "demo")
+        };
+        let without = mtls(SLEEP, "demo");
+        let header = |name: &str, values: &[&str], not: &[&str]| HeaderMatch {
+            name: name.into(),
+            values: sm(values),
+            not_values: sm(not),
+        };
+        #[rustfmt::skip]
+        let table: Vec<(&str, Match, bool, bool)> = vec![
+            ("method", Match { methods: sm(&["GET"]), ..Match::default() }, true, false),
+            ("other method", Match { methods: sm(&["POST"]), ..Match::default() }, false, false),
+            ("not method", Match { not_methods: sm(&["GET"]), ..Match::default() }, false, true),
+            ("path ignores the query", Match { paths: sm(&["/api/items"]), ..Match::default() }, true, false),
+            ("path prefix", Match { paths: sm(&["/api/*"]), ..Match::default() }, true, false),
+            ("not path", Match { not_paths: sm(&["/admin*"]), ..Match::default() }, true, true),
+            ("host, any case, port dropped", Match { hosts: sm(&["web.demo"]), ..Match::default() }, true, false),
+            ("host with its port", Match { hosts: sm(&["web.demo:8080"]), ..Match::default() }, true, false),
+            ("host suffix", Match { hosts: sm(&["*.demo"]), ..Match::default() }, true, false),
+            ("other host", Match { hosts: sm(&["api.demo"]), ..Match::default() }, false, false),
+            ("not host", Match { not_hosts: sm(&["WEB.demo"]), ..Match::default() }, false, true),
+            ("header", Match { headers: vec![header("x-user", &["alice"], &[])], ..Match::default() }, true, false),
+            ("header prefix", Match { headers: vec![header("x-env", &["prod-*"], &[])], ..Match::default() }, true, false),
+            ("missing header", Match { headers: vec![header("x-none", &["*"], &[])], ..Match::default() }, false, false),
+            ("not header value", Match { headers: vec![header("x-user", &[], &["alice"])], ..Match::default() }, false, true),
+            ("remote ip", Match { remote_ips: vec![net("203.0.113.0/24")], ..Match::default() }, true, false),
+            ("not remote ip", Match { not_remote_ips: vec![net("203.0.113.0/24")], ..Match::default() }, false, true),
+            ("l4 and l7 together", Match { methods: sm(&["GET"]), principals: sm(&[SLEEP]), ..Match::default() }, true, false),
+        ];
+        for (what, m, with_request, at_l4) in table {
+            assert_eq!(m.matches(&with), with_request, "{what} (request)");
+            assert_eq!(m.matches(&without), at_l4, "{what} (L4)");
+        }
     }
 }

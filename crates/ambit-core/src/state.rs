@@ -84,6 +84,13 @@ pub struct State {
     policies: OrdMap<Str, Arc<Authorization>>,
     namespace_policies: OrdMap<Str, OrdSet<Str>>,
     global_policies: OrdSet<Str>,
+    /// Waypoint policies (bound by `targetRefs`), and their keys by target
+    /// (`<kind>/<namespace>/<name>`).
+    targeted: OrdMap<Str, Arc<Authorization>>,
+    by_target: OrdMap<Str, OrdSet<Str>>,
+    /// Waypoint policies discovery sent and this proxy could not read
+    /// (`<namespace>/<name>`).
+    refused_targeted: OrdSet<Str>,
     /// Changes whenever a policy, or the policies a workload lists, may have changed.
     policy_epoch: u64,
 }
@@ -225,6 +232,74 @@ impl State {
         true
     }
 
+    /// Adds or replaces a waypoint policy (resource name = `<namespace>/<name>`).
+    pub fn upsert_targeted_policy(&mut self, policy: Authorization) {
+        let key: Str = policy.key().into();
+        self.remove_targeted_policy(&key);
+        self.policy_epoch += 1;
+        for t in &policy.targets {
+            self.by_target
+                .entry(target_key(&t.kind, &t.namespace, &t.name).into())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.targeted.insert(key, Arc::new(policy));
+    }
+
+    pub fn remove_targeted_policy(&mut self, key: &str) -> bool {
+        let Some(old) = self.targeted.remove(key) else {
+            return false;
+        };
+        self.policy_epoch += 1;
+        for t in &old.targets {
+            let tk = target_key(&t.kind, &t.namespace, &t.name);
+            if let Some(set) = self.by_target.get_mut(tk.as_str()) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.by_target.remove(tk.as_str());
+                }
+            }
+        }
+        true
+    }
+
+    /// The waypoint policies bound to `<kind> <namespace>/<name>` (a Gateway or a
+    /// Service).
+    pub fn policies_targeting<'a>(
+        &'a self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> impl Iterator<Item = &'a Arc<Authorization>> + 'a {
+        self.by_target
+            .get(target_key(kind, namespace, name).as_str())
+            .into_iter()
+            .flat_map(|keys| keys.iter())
+            .filter_map(|k| self.targeted.get(k))
+    }
+
+    /// Records which waypoint policies could not be read (replacing the previous list).
+    pub fn set_refused_targeted(&mut self, keys: Vec<String>) {
+        let keys: OrdSet<Str> = keys.into_iter().map(Str::from).collect();
+        if keys != self.refused_targeted {
+            self.policy_epoch += 1;
+            self.refused_targeted = keys;
+        }
+    }
+
+    /// The first unreadable waypoint policy of `namespace`, if any: what it would allow
+    /// or deny there is unknown.
+    pub fn refused_targeted_in(&self, namespace: &str) -> Option<&Str> {
+        self.refused_targeted
+            .iter()
+            .find(|k| k.split_once('/').is_some_and(|(ns, _)| ns == namespace))
+    }
+
+    /// Every waypoint policy.
+    pub fn targeted_policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
+        self.targeted.values()
+    }
+
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(uid)
     }
@@ -358,6 +433,11 @@ impl Store {
     }
 }
 
+/// The index key of a policy target.
+fn target_key(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{kind}/{namespace}/{name}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,6 +520,7 @@ mod tests {
             dry_run: false,
             refused: None,
             unenforced: None,
+            targets: Vec::new(),
             rules: vec![],
         }
     }

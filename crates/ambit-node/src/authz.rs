@@ -118,6 +118,7 @@ impl Authorizer for Policies {
             source_service_account: peer.map(|id| id.service_account()),
             destination_ip: c.destination_addr.ip(),
             destination_port: c.destination_addr.port(),
+            request: None,
         };
         let e = evaluate(c.state.policies_for(destination).map(|p| &**p), &conn);
         self.report(&e);
@@ -164,6 +165,7 @@ mod tests {
             rules: vec![Rule::default()],
             refused: None,
             unenforced: None,
+            targets: Vec::new(),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Protobuf messages and gRPC services Ambit speaks, generated at build time from the
 //! `.proto` files in this crate's `proto/` folder.
 //!
-//! Every message here is wire-compatible with Istio ambient: package names, message names,
+//! Every message here but `ambit.waypoint.v1` (Ambit's own) is wire-compatible with Istio ambient: package names, message names,
 //! field numbers and types match what Istio's components send, so an Istio node proxy can
 //! talk to Ambit's control plane and the reverse. Only the fields Ambit uses are declared;
 //! protobuf skips the others on decode.
@@ -48,6 +48,16 @@ pub mod security {
 /// `istio.workload.zds`: node agent <-> node proxy.
 pub mod zds {
     tonic::include_proto!("istio.workload.zds");
+}
+
+/// `ambit.waypoint.v1`: Ambit's discovery type for waypoints (AuthorizationPolicies bound
+/// by `targetRefs`, with their request fields). Not part of Istio's API: Istio's node
+/// proxy never asks for it.
+pub mod waypoint {
+    tonic::include_proto!("ambit.waypoint.v1");
+
+    /// Type URL of [`Policy`] resources.
+    pub const POLICY_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.Policy";
 }
 
 /// `envoy.service.discovery.v3`: delta aggregated discovery.

@@ -135,6 +135,9 @@ struct Report {
     destination_workload: String,
     service: String,
     error: Option<String>,
+    /// What the policies said, when it is worth a line: a denial, a dry-run verdict, a
+    /// matching AUDIT policy.
+    authz: String,
 }
 
 impl Report {
@@ -178,6 +181,7 @@ impl Report {
             dst.service = %self.service,
             request_id = %self.request_id,
             trace_id = %self.trace_id,
+            authz = %self.authz,
             error = self.error.as_deref().unwrap_or(""),
             "request"
         );
@@ -385,7 +389,45 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             .and_then(|w| w.identity())
             .map_or_else(|| "-".to_owned(), |id| id.to_string()),
         error: None,
+        authz: String::new(),
     };
+
+    let decision = {
+        let state = shared.store.load();
+        crate::authz::decide(
+            &state,
+            (&shared.config.namespace, &shared.config.name),
+            &conn.client,
+            &conn.target,
+            Some(crate::authz::RequestFacts {
+                method: req.method().as_str(),
+                host: &authority,
+                path: &path,
+                headers: req.headers(),
+            }),
+        )
+    };
+    let mut notes = Vec::new();
+    if let Some(d) = &decision.dry_run {
+        notes.push(format!("dry-run: {d}"));
+    }
+    if let Some(a) = &decision.audit {
+        notes.push(format!("audit: {a}"));
+    }
+    if !decision.allowed {
+        notes.insert(0, decision.reason.clone());
+    }
+    report.authz = notes.join("; ");
+    if !decision.allowed {
+        // Envoy's RBAC answer, as Istio users know it.
+        return local(
+            report,
+            StatusCode::FORBIDDEN,
+            "RBAC: access denied",
+            "-",
+            None,
+        );
+    }
 
     let (mut parts, body) = req.into_parts();
     remove_hop_by_hop(&mut parts.headers, upgrade);
@@ -449,21 +491,35 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                 },
             )
         }
-        Err(e) => {
-            report.status = StatusCode::SERVICE_UNAVAILABLE;
-            report.flags = e.flags();
-            report.error = Some(e.to_string());
-            let text = local_body(&e);
-            report.response_bytes = 0;
-            let mut resp = Response::new(ResponseBody {
-                inner: Inner::Local(Some(Bytes::from_static(text.as_bytes()))),
-                report: Some(report),
-                lease: None,
-            });
-            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-            resp.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-            resp
-        }
+        Err(e) => local(
+            report,
+            StatusCode::SERVICE_UNAVAILABLE,
+            local_body(&e),
+            e.flags(),
+            Some(e.to_string()),
+        ),
     }
+}
+
+/// The waypoint's own answer (an error or a denial), reported like any response.
+fn local(
+    mut report: Report,
+    status: StatusCode,
+    text: &'static str,
+    flags: &'static str,
+    error: Option<String>,
+) -> Response<ResponseBody> {
+    report.status = status;
+    report.flags = flags;
+    report.error = error;
+    report.response_bytes = 0;
+    let mut resp = Response::new(ResponseBody {
+        inner: Inner::Local(Some(Bytes::from_static(text.as_bytes()))),
+        report: Some(report),
+        lease: None,
+    });
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
 }

@@ -21,6 +21,7 @@
 //! proxy's routing ([`ambit_core::route`]), so both decide the same way.
 
 pub mod admin;
+pub mod authz;
 pub mod headers;
 pub mod http;
 pub mod metrics;
@@ -276,7 +277,11 @@ impl Waypoint {
 
         let store = Arc::new(Store::new());
         let (stop, stop_rx) = watch::channel(false);
-        let (client, xds) = XdsClient::new(config.xds.clone(), store.clone());
+        let (client, xds) = XdsClient::with_kinds(
+            config.xds.clone(),
+            store.clone(),
+            &ambit_xds::ResourceKind::WAYPOINT,
+        );
         let mut tasks = vec![tokio::spawn(client.run(stop_rx.clone()))];
         if let Some(path) = &config.trust_bundle_file {
             tasks.push(tokio::spawn(ambit_tls::bundle::follow_file(

@@ -288,6 +288,28 @@ where
             flags,
         )
     };
+    let decision = crate::authz::decide(
+        &shared.store.load(),
+        (&shared.config.namespace, &shared.config.name),
+        &client,
+        &target,
+        None,
+    );
+    if !decision.allowed {
+        let l = labels("-");
+        shared.metrics.tcp_opened(&l);
+        shared.metrics.tcp_closed(&l, 0, 0);
+        tracing::info!(
+            target: "ambit::access",
+            protocol = "tcp",
+            src.addr = %client.peer.addr,
+            src.identity = %client.peer.identity,
+            dst = %target.authority,
+            authz = %decision.reason,
+            "waypoint connection denied"
+        );
+        return;
+    }
     let upstream = crate::upstream::open(&shared, &route).await;
     let upstream = match upstream {
         Ok(u) => u,

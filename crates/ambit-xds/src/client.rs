@@ -32,7 +32,74 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::convert::{self, Interner};
 
 /// The two discovery types, in subscription order.
-const TYPES: [&str; 2] = [pb::ADDRESS_TYPE_URL, pb_sec::AUTHORIZATION_TYPE_URL];
+/// A discovery type the client can follow; each decodes into the shared state its own way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceKind {
+    /// Istio's workloads and services (`istio.workload.Address`).
+    Address,
+    /// Istio's L4 policies (`istio.security.Authorization`).
+    Authorization,
+    /// Ambit's waypoint policies (`ambit.waypoint.v1.Policy`).
+    WaypointPolicy,
+}
+
+impl ResourceKind {
+    /// What a node proxy follows (Istio's two types).
+    pub const NODE: [ResourceKind; 2] = [ResourceKind::Address, ResourceKind::Authorization];
+    /// What a waypoint follows.
+    pub const WAYPOINT: [ResourceKind; 3] = [
+        ResourceKind::Address,
+        ResourceKind::Authorization,
+        ResourceKind::WaypointPolicy,
+    ];
+
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceKind::Address => pb::ADDRESS_TYPE_URL,
+            ResourceKind::Authorization => pb_sec::AUTHORIZATION_TYPE_URL,
+            ResourceKind::WaypointPolicy => ambit_proto::waypoint::POLICY_TYPE_URL,
+        }
+    }
+
+    fn decode(self, name: &Str, body: &[u8], i: &mut Interner) -> Result<Update, String> {
+        match self {
+            ResourceKind::Address => decode_address(name, body, i),
+            ResourceKind::Authorization => decode_authorization(name, body, i).map(Update::Policy),
+            ResourceKind::WaypointPolicy => {
+                let p = ambit_proto::waypoint::Policy::decode(body)
+                    .map_err(|e| format!("undecodable waypoint Policy: {e}"))?;
+                convert::waypoint_policy(name, p, i).map(|p| Update::Targeted(Box::new(p)))
+            }
+        }
+    }
+
+    /// What stands in for a resource that could not be read, if anything.
+    fn refused(self, name: &str, body: &[u8], reason: &str) -> Option<Update> {
+        match self {
+            ResourceKind::Address => None,
+            ResourceKind::Authorization => {
+                refused_policy(name, body, reason).map(|p| Update::Policy(Box::new(p)))
+            }
+            // Its targets cannot be trusted; a waypoint refuses the requests of a
+            // service whose policies it could not read (see the waypoint).
+            ResourceKind::WaypointPolicy => None,
+        }
+    }
+
+    fn remove(self, st: &mut ambit_core::state::State, name: &str) {
+        match self {
+            ResourceKind::Address => {
+                st.remove_address(name);
+            }
+            ResourceKind::Authorization => {
+                st.remove_policy(name);
+            }
+            ResourceKind::WaypointPolicy => {
+                st.remove_targeted_policy(name);
+            }
+        }
+    }
+}
 
 /// Where and how to reach the control plane.
 #[derive(Debug, Clone)]
@@ -72,8 +139,12 @@ pub struct XdsClient {
     store: Arc<Store>,
     /// Resource name -> version, per type, as held (for reconnects). Workload names are
     /// the same allocation as the workload's uid.
-    versions: [HashMap<Str, Version>; 2],
-    synced: [bool; 2],
+    kinds: Vec<ResourceKind>,
+    versions: Vec<HashMap<Str, Version>>,
+    synced: Vec<bool>,
+    /// Waypoint policies the last push could not read, by name: until a readable version
+    /// arrives the waypoint cannot enforce them (it refuses what they may apply to).
+    refused: std::collections::BTreeMap<Str, String>,
     interner: Interner,
     state: watch::Sender<XdsState>,
 }
@@ -89,7 +160,17 @@ enum SessionError {
 }
 
 impl XdsClient {
+    /// A client following Istio's two types, as a node proxy does.
     pub fn new(config: XdsConfig, store: Arc<Store>) -> (Self, watch::Receiver<XdsState>) {
+        Self::with_kinds(config, store, &ResourceKind::NODE)
+    }
+
+    /// A client following `kinds`.
+    pub fn with_kinds(
+        config: XdsConfig,
+        store: Arc<Store>,
+        kinds: &[ResourceKind],
+    ) -> (Self, watch::Receiver<XdsState>) {
         let (state, rx) = watch::channel(XdsState {
             control_plane: config.address.clone(),
             ..XdsState::default()
@@ -98,8 +179,10 @@ impl XdsClient {
             Self {
                 config,
                 store,
-                versions: Default::default(),
-                synced: [false; 2],
+                kinds: kinds.to_vec(),
+                versions: vec![HashMap::new(); kinds.len()],
+                synced: vec![false; kinds.len()],
+                refused: Default::default(),
                 interner: Interner::default(),
                 state,
             },
@@ -171,17 +254,17 @@ impl XdsClient {
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
         // Policies first: the control plane then has them out before the workloads
         // that name them.
-        for (i, type_url) in TYPES.iter().enumerate().rev() {
+        for (i, kind) in self.kinds.iter().enumerate().rev() {
             let request = DeltaDiscoveryRequest {
                 node: Some(self.node()),
-                type_url: (*type_url).to_owned(),
+                type_url: kind.type_url().to_owned(),
                 initial_resource_versions: self.versions[i]
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 ..Default::default()
             };
-            // The channel has room for both subscriptions.
+            // The channel has room for every subscription.
             let _ = tx.try_send(request);
         }
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -209,7 +292,11 @@ impl XdsClient {
 
     /// Applies one response; returns its ACK (or NACK).
     fn handle(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-        let Some(index) = TYPES.iter().position(|t| *t == response.type_url) else {
+        let Some(index) = self
+            .kinds
+            .iter()
+            .position(|k| k.type_url() == response.type_url)
+        else {
             return self.reply(
                 &response,
                 vec![format!("unknown type {}", response.type_url)],
@@ -225,23 +312,21 @@ impl XdsClient {
                 .map(|a| a.value.as_slice())
                 .unwrap_or_default();
             let name = Str::from(resource.name.as_str());
-            let parsed = if index == 0 {
-                decode_address(&name, body, &mut self.interner)
-            } else {
-                decode_authorization(&resource.name, body, &mut self.interner).map(Update::Policy)
-            };
-            match parsed {
+            let kind = self.kinds[index];
+            match kind.decode(&name, body, &mut self.interner) {
                 Ok(update) => {
+                    self.refused.remove(&name);
                     accepted.push((name, Version::parse(&resource.version)));
                     updates.push(update);
                 }
                 Err(reason) => {
-                    if index == 1
-                        && let Some(p) = refused_policy(&resource.name, body, &reason)
-                    {
-                        // Held in its place: it denies wherever it would apply until a
-                        // version this proxy can read arrives.
-                        updates.push(Update::Policy(Box::new(p)));
+                    // Held in its place: it denies wherever it would apply until a
+                    // version this proxy can read arrives.
+                    if let Some(stand_in) = kind.refused(&resource.name, body, &reason) {
+                        updates.push(stand_in);
+                    }
+                    if kind == ResourceKind::WaypointPolicy {
+                        self.refused.insert(name.clone(), reason.clone());
                     }
                     errors.push(format!("{}: {reason}", resource.name));
                 }
@@ -249,20 +334,25 @@ impl XdsClient {
         }
         let removed = response.removed_resources.clone();
         let changes = accepted.len() + removed.len();
+        let kind = self.kinds[index];
+        for name in &removed {
+            self.refused.remove(name.as_str());
+        }
+        let refused: Vec<String> = self.refused.keys().map(|k| k.to_string()).collect();
         self.store.update(|st| {
             for update in updates {
                 match update {
                     Update::Workload(w) => st.upsert_workload(*w),
                     Update::Service(s) => st.upsert_service(*s),
                     Update::Policy(p) => st.upsert_policy(*p),
+                    Update::Targeted(p) => st.upsert_targeted_policy(*p),
                 }
             }
             for name in &removed {
-                if index == 0 {
-                    st.remove_address(name);
-                } else {
-                    st.remove_policy(name);
-                }
+                kind.remove(st, name);
+            }
+            if kind == ResourceKind::WaypointPolicy {
+                st.set_refused_targeted(refused);
             }
         });
         for (name, version) in accepted {
@@ -352,6 +442,7 @@ enum Update {
     Workload(Box<ambit_core::discovery::Workload>),
     Service(Box<ambit_core::discovery::Service>),
     Policy(Box<ambit_core::policy::Authorization>),
+    Targeted(Box<ambit_core::policy::Authorization>),
 }
 
 fn decode_address(name: &Str, body: &[u8], i: &mut Interner) -> Result<Update, String> {

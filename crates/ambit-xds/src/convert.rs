@@ -10,6 +10,7 @@ use ambit_core::identity::is_trust_domain;
 use ambit_core::policy::*;
 use ambit_proto::prost::Message;
 use ambit_proto::security as pb_sec;
+use ambit_proto::waypoint as pb_wp;
 use ambit_proto::workload as pb;
 
 /// Shares what repeats between objects: strings (namespaces, nodes, service accounts,
@@ -394,20 +395,7 @@ pub fn authorization(
         for c in &r.clauses {
             let mut matches = Vec::with_capacity(c.matches.len());
             for m in &c.matches {
-                matches.push(Match {
-                    namespaces: strings(&m.namespaces)?,
-                    not_namespaces: strings(&m.not_namespaces)?,
-                    principals: strings(&m.principals)?,
-                    not_principals: strings(&m.not_principals)?,
-                    source_ips: nets(&m.source_ips)?,
-                    not_source_ips: nets(&m.not_source_ips)?,
-                    destination_ips: nets(&m.destination_ips)?,
-                    not_destination_ips: nets(&m.not_destination_ips)?,
-                    destination_ports: port_list(&m.destination_ports)?,
-                    not_destination_ports: port_list(&m.not_destination_ports)?,
-                    service_accounts: accounts(&m.service_accounts, i)?,
-                    not_service_accounts: accounts(&m.not_service_accounts, i)?,
-                });
+                matches.push(connection_match(m, i)?);
             }
             clauses.push(Clause { matches });
         }
@@ -422,6 +410,120 @@ pub fn authorization(
         rules: rules_out,
         refused: None,
         unenforced,
+        targets: Vec::new(),
+    })
+}
+
+/// The connection (L4) fields of a match.
+fn connection_match(m: &pb_sec::Match, i: &mut Interner) -> Result<Match, String> {
+    Ok(Match {
+        namespaces: strings(&m.namespaces)?,
+        not_namespaces: strings(&m.not_namespaces)?,
+        principals: strings(&m.principals)?,
+        not_principals: strings(&m.not_principals)?,
+        source_ips: nets(&m.source_ips)?,
+        not_source_ips: nets(&m.not_source_ips)?,
+        destination_ips: nets(&m.destination_ips)?,
+        not_destination_ips: nets(&m.not_destination_ips)?,
+        destination_ports: port_list(&m.destination_ports)?,
+        not_destination_ports: port_list(&m.not_destination_ports)?,
+        service_accounts: accounts(&m.service_accounts, i)?,
+        not_service_accounts: accounts(&m.not_service_accounts, i)?,
+        ..Match::default()
+    })
+}
+
+/// The most targets a policy may name, as in Istio.
+pub const MAX_TARGETS: usize = 16;
+
+/// A waypoint policy (`ambit.waypoint.v1.Policy`) as the shared policy type, its
+/// `targets` set and its request fields read; refused (`Err`) when anything in it cannot
+/// be read faithfully (an unknown action or target kind, a bad address or header name).
+pub fn waypoint_policy(
+    key: &str,
+    p: pb_wp::Policy,
+    i: &mut Interner,
+) -> Result<Authorization, String> {
+    if format!("{}/{}", p.namespace, p.name) != key {
+        return Err(format!("the policy's key {key:?} is not its resource name"));
+    }
+    let action = match pb_wp::Action::try_from(p.action) {
+        Ok(pb_wp::Action::Allow) => PolicyAction::Allow,
+        Ok(pb_wp::Action::Deny) => PolicyAction::Deny,
+        Ok(pb_wp::Action::Audit) => PolicyAction::Audit,
+        Err(_) => return Err(format!("unknown action {}", p.action)),
+    };
+    if p.targets.is_empty() || p.targets.len() > MAX_TARGETS {
+        return Err(format!(
+            "a waypoint policy names 1 to {MAX_TARGETS} targets, this one {}",
+            p.targets.len()
+        ));
+    }
+    let mut targets = Vec::with_capacity(p.targets.len());
+    for t in &p.targets {
+        if !matches!(t.kind.as_str(), "Gateway" | "Service") {
+            return Err(format!(
+                "target kind {:?} is not Gateway or Service",
+                t.kind
+            ));
+        }
+        targets.push(ambit_core::policy::PolicyTarget {
+            kind: i.get(&t.kind),
+            namespace: i.get(&t.namespace),
+            name: t.name.as_str().into(),
+        });
+    }
+    let mut rules = Vec::with_capacity(p.rules.len());
+    for r in &p.rules {
+        let mut clauses = Vec::with_capacity(r.clauses.len());
+        for c in &r.clauses {
+            let mut matches = Vec::with_capacity(c.matches.len());
+            for m in &c.matches {
+                let mut out = match &m.connection {
+                    Some(l4) => connection_match(l4, i)?,
+                    None => Match::default(),
+                };
+                out.hosts = strings(&m.hosts)?;
+                out.not_hosts = strings(&m.not_hosts)?;
+                out.methods = strings(&m.methods)?;
+                out.not_methods = strings(&m.not_methods)?;
+                out.paths = strings(&m.paths)?;
+                out.not_paths = strings(&m.not_paths)?;
+                out.remote_ips = nets(&m.remote_ips)?;
+                out.not_remote_ips = nets(&m.not_remote_ips)?;
+                for h in &m.headers {
+                    let valid = !h.name.is_empty()
+                        && h.name.bytes().all(|b| {
+                            b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b)
+                        });
+                    if !valid {
+                        return Err(format!(
+                            "header name {:?} is not a lower-case token",
+                            h.name
+                        ));
+                    }
+                    out.headers.push(ambit_core::policy::HeaderMatch {
+                        name: h.name.as_str().into(),
+                        values: strings(&h.values)?,
+                        not_values: strings(&h.not_values)?,
+                    });
+                }
+                matches.push(out);
+            }
+            clauses.push(Clause { matches });
+        }
+        rules.push(Rule { clauses });
+    }
+    Ok(Authorization {
+        name: p.name.as_str().into(),
+        namespace: i.get(&p.namespace),
+        scope: PolicyScope::Namespace,
+        action,
+        dry_run: p.dry_run,
+        rules,
+        refused: None,
+        unenforced: None,
+        targets,
     })
 }
 

@@ -8,4 +8,4 @@
 pub mod client;
 pub mod convert;
 
-pub use client::{XdsClient, XdsConfig, XdsState};
+pub use client::{ResourceKind, XdsClient, XdsConfig, XdsState};

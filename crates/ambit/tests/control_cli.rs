@@ -376,7 +376,7 @@ spec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("warning: demo/for-the-waypoint: NOT ENFORCED: targetRefs (Service echo)"),
+        text.contains("warning: demo/for-the-waypoint: NOT ENFORCED for Service echo: it is not bound to a waypoint"),
         "{text}"
     );
     assert!(

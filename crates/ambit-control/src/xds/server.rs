@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::snapshot::Snapshot;
-use super::translate::ResourceType;
+use super::translate::{ResourceType, TYPES};
 use crate::auth::{Authenticator, bearer_token};
 use crate::metrics::Metrics;
 
@@ -113,6 +113,7 @@ fn type_name(t: ResourceType) -> &'static str {
     match t {
         ResourceType::Address => "Address",
         ResourceType::Authorization => "Authorization",
+        ResourceType::WaypointPolicy => "WaypointPolicy",
     }
 }
 
@@ -197,7 +198,7 @@ struct Subscriber {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    types: [TypeState; 2],
+    types: [TypeState; TYPES],
     nonce: u64,
     /// An Ambit node proxy (node id `ambit~...`): it is also sent the policies that
     /// carry Ambit's extensions; other clients (Istio's ztunnel) are not.
@@ -321,7 +322,7 @@ impl Subscriber {
         if self.types.iter().any(|t| !t.in_flight.is_empty()) {
             return Ok(());
         }
-        let mut plans: [Option<Plan>; 2] = Default::default();
+        let mut plans: [Option<Plan>; TYPES] = Default::default();
         for t in ResourceType::ALL {
             plans[t.index()] = self.plan(&snapshot, t)?;
         }
@@ -373,6 +374,20 @@ impl Subscriber {
                 &mut self.nonce,
             );
             round.push((ResourceType::Address, responses));
+        }
+        // Waypoint policies the same way: added or changed before the addresses (a
+        // service never becomes bound to a waypoint ahead of its policies), removed
+        // after them.
+        if let Some((send, removed)) = take(&plans[ResourceType::WaypointPolicy.index()]) {
+            let t = ResourceType::WaypointPolicy;
+            if !send.is_empty() || removed.is_empty() {
+                let first = build_responses(&snapshot, t, &send, &empty, &mut self.nonce);
+                round.insert(0, (t, first));
+            }
+            if !removed.is_empty() {
+                let last = build_responses(&snapshot, t, &empty, &removed, &mut self.nonce);
+                round.push((t, last));
+            }
         }
         // Every response of a type but its last says more of the push follows, so a
         // subscriber knows when its first push is complete.

@@ -15,7 +15,7 @@ use imbl::OrdMap;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::translate::{Delta, Encoded, ResourceType, TranslateOptions, Translator};
+use super::translate::{Delta, Encoded, ResourceType, TYPES, TranslateOptions, Translator};
 use crate::model::Model;
 
 /// Generations of change kept in a snapshot's log. A subscriber further behind than this
@@ -28,7 +28,7 @@ pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub generation: u64,
-    resources: [OrdMap<Str, Arc<Encoded>>; 2],
+    resources: [OrdMap<Str, Arc<Encoded>>; TYPES],
     log: VecDeque<Arc<LogEntry>>,
     /// Policy translation warnings, `<ns>/<name>` -> messages.
     pub warnings: Arc<std::collections::BTreeMap<String, Vec<String>>>,
@@ -42,8 +42,8 @@ pub struct Snapshot {
 #[derive(Debug)]
 struct LogEntry {
     generation: u64,
-    changed: [Vec<Str>; 2],
-    removed: [Vec<Str>; 2],
+    changed: [Vec<Str>; TYPES],
+    removed: [Vec<Str>; TYPES],
 }
 
 /// What a subscriber at some generation needs to become current.
@@ -89,18 +89,15 @@ impl Snapshot {
         let to_names = |set: &BTreeSet<String>| set.iter().map(|n| Str::from(n.as_str())).collect();
         log.push_back(Arc::new(LogEntry {
             generation: self.generation + 1,
-            changed: [to_names(&delta.changed[0]), to_names(&delta.changed[1])],
-            removed: [to_names(&delta.removed[0]), to_names(&delta.removed[1])],
+            changed: std::array::from_fn(|i| to_names(&delta.changed[i])),
+            removed: std::array::from_fn(|i| to_names(&delta.removed[i])),
         }));
         while log.len() > LOG_GENERATIONS {
             log.pop_front();
         }
         Snapshot {
             generation: self.generation + 1,
-            resources: [
-                translator.resources(ResourceType::Address).clone(),
-                translator.resources(ResourceType::Authorization).clone(),
-            ],
+            resources: ResourceType::ALL.map(|t| translator.resources(t).clone()),
             log,
             warnings: Arc::new(translator.warnings().clone()),
             failing: None,

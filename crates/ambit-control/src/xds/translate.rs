@@ -31,6 +31,8 @@ use imbl::OrdMap;
 
 use super::peer_authn;
 
+pub mod waypoint_policy;
+
 use crate::model::fields::{IntOrString, Labels};
 use crate::model::resources::ObjectMeta;
 use crate::model::resources::{Condition, Operation, Protocol, Rule as ApRule, Source};
@@ -72,15 +74,25 @@ impl Default for TranslateOptions {
 pub enum ResourceType {
     Address,
     Authorization,
+    /// Ambit's own: AuthorizationPolicies bound to waypoints (only waypoints ask).
+    WaypointPolicy,
 }
 
+/// How many discovery types there are.
+pub const TYPES: usize = 3;
+
 impl ResourceType {
-    pub const ALL: [ResourceType; 2] = [ResourceType::Address, ResourceType::Authorization];
+    pub const ALL: [ResourceType; TYPES] = [
+        ResourceType::Address,
+        ResourceType::Authorization,
+        ResourceType::WaypointPolicy,
+    ];
 
     pub fn type_url(self) -> &'static str {
         match self {
             ResourceType::Address => pb::ADDRESS_TYPE_URL,
             ResourceType::Authorization => pb_sec::AUTHORIZATION_TYPE_URL,
+            ResourceType::WaypointPolicy => ambit_proto::waypoint::POLICY_TYPE_URL,
         }
     }
 
@@ -119,8 +131,8 @@ impl Encoded {
 /// What a translation changed, per type.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Delta {
-    pub changed: [BTreeSet<String>; 2],
-    pub removed: [BTreeSet<String>; 2],
+    pub changed: [BTreeSet<String>; TYPES],
+    pub removed: [BTreeSet<String>; TYPES],
 }
 
 impl Delta {
@@ -144,7 +156,7 @@ pub struct Translator {
     options: TranslateOptions,
     /// Resource name -> its encoding, per type. Persistent maps: a snapshot of them is a
     /// cheap clone.
-    resources: [OrdMap<Str, Arc<Encoded>>; 2],
+    resources: [OrdMap<Str, Arc<Encoded>>; TYPES],
     /// Which resource each unit produced (so its removal or rename can be undone).
     produced: BTreeMap<Unit, (ResourceType, String)>,
     /// Warnings from the last translation of each policy.
@@ -231,6 +243,9 @@ impl Translator {
                 out.insert(Unit::Service(ns.clone(), name));
                 pods_in(model, &ns, out);
                 pods_in(old, &ns, out);
+                // Whether a waypoint serves the service decides its policies' warnings.
+                targeted_policies_in(model, Some(&ns), out);
+                targeted_policies_in(old, Some(&ns), out);
             }
             // Enrollment and waypoint bindings come from the namespace's labels.
             Kind::Namespace => {
@@ -241,12 +256,14 @@ impl Translator {
                         let k = o.key();
                         out.insert(Unit::Service(k.namespace, k.name));
                     }
+                    targeted_policies_in(m, Some(&name), out);
                 }
             }
             // What a waypoint takes (its Gateway's labels) decides who binds to it, from
             // any namespace: rare, so everything is looked at again.
             Kind::Gateway => {
                 for m in [model, old] {
+                    targeted_policies_in(m, None, out);
                     for o in m.of_kind(Kind::Pod).chain(m.of_kind(Kind::Service)) {
                         let k = o.key();
                         out.insert(match o {
@@ -391,6 +408,20 @@ impl Translator {
                     self.ambit_only.remove(&key);
                     return None;
                 };
+                if waypoint_policy::is_waypoint_policy(p) {
+                    self.ambit_only.remove(&key);
+                    let (policy, warnings) = waypoint_policy::translate(model, p, &self.options);
+                    if warnings.is_empty() {
+                        self.warnings.remove(&key);
+                    } else {
+                        for w in &warnings {
+                            tracing::warn!(policy = %key, warning = %w, "AuthorizationPolicy for a waypoint");
+                        }
+                        self.warnings.insert(key.clone(), warnings);
+                    }
+                    let policy = policy?;
+                    return Some((ResourceType::WaypointPolicy, key, Encoded::of(&policy)));
+                }
                 let (auth, warnings) = translate_policy(p, &self.options);
                 if warnings.is_empty() {
                     self.warnings.remove(&key);
@@ -437,6 +468,22 @@ impl Translator {
                 let key = format!("{}/{}", auth.namespace, auth.name);
                 Some((ResourceType::Authorization, key, Encoded::of(&auth)))
             }
+        }
+    }
+}
+
+/// Adds the AuthorizationPolicies with `targetRefs` (of `namespace`, or everywhere).
+fn targeted_policies_in(model: &Model, namespace: Option<&str>, out: &mut BTreeSet<Unit>) {
+    let policies: Vec<&Object> = match namespace {
+        Some(ns) => model.in_namespace(Kind::AuthorizationPolicy, ns).collect(),
+        None => model.of_kind(Kind::AuthorizationPolicy).collect(),
+    };
+    for o in policies {
+        if let Object::AuthorizationPolicy(p) = o
+            && waypoint_policy::is_waypoint_policy(p)
+        {
+            let k = o.key();
+            out.insert(Unit::Policy(k.namespace, k.name));
         }
     }
 }
@@ -788,28 +835,15 @@ pub fn node_proxy_mode(p: &AuthorizationPolicy) -> Option<NodeProxyMode> {
     }
 }
 
-/// Why no node proxy enforces `p` (when [`node_proxy_mode`] is `None`). Until a
-/// waypoint runs, nothing enforces such a policy: the control plane says so wherever it
-/// can (log, `/debug/xds`, `ambit control validate`, `ambit_policies_unenforced`, and
-/// every node proxy's `ambit config policies`). Traffic to a service or workload that
-/// names a waypoint is refused by the node proxies, so binding one is what closes it.
+/// Why nothing enforces `p` when it reaches [`translate_policy`] and
+/// [`node_proxy_mode`] is `None`: action CUSTOM (policies with `targetRefs` otherwise go
+/// to the waypoints, [`waypoint_policy`]). The control plane says so wherever it can
+/// (log, `/debug/xds`, `ambit control validate`, `ambit_policies_unenforced`, and every
+/// node proxy's `ambit config policies`).
 pub fn unenforced_reason(p: &AuthorizationPolicy) -> String {
-    if p.spec.action == Some(AuthorizationAction::Custom) {
-        "action CUSTOM needs an external authorizer at a waypoint, and no waypoint runs here"
-            .to_owned()
-    } else {
-        let targets: Vec<String> = p
-            .spec
-            .target_ref
-            .iter()
-            .chain(&p.spec.target_refs)
-            .map(|t| format!("{} {}", t.kind.as_str(), t.name.as_str()))
-            .collect();
-        format!(
-            "targetRefs ({}) bind it to a waypoint, and no waypoint runs here",
-            targets.join(", ")
-        )
-    }
+    debug_assert!(p.spec.action == Some(AuthorizationAction::Custom));
+    "action CUSTOM needs an external authorizer, and Ambit's waypoint does not call one yet"
+        .to_owned()
 }
 
 /// How many policies in a translator's warnings are not enforced.

@@ -289,16 +289,15 @@ fn policies_become_l4_authorizations() {
             "demo/dry",
             "demo/l7-allow",
             "demo/l7-deny",
-            "demo/waypoint-bound",
             "istio-system/mesh-wide"
         ],
     );
-    // A waypoint-bound policy is published marked as not enforced (never evaluated), a
-    // DENY without rules for a proxy that ignores the mark, and warned about.
-    let wp = policy(&t, "demo/waypoint-bound");
-    assert_eq!(wp.action, pb_sec::Action::Deny as i32);
-    assert!(wp.rules.is_empty());
-    assert_eq!(wp.extensions[0].name, pb_sec::UNENFORCED_EXTENSION);
+    // A policy with targetRefs is a waypoint's: published as Ambit's waypoint resource
+    // (never to node proxies), and, with no waypoint serving its Service, warned about.
+    assert!(
+        t.resources(ResourceType::WaypointPolicy)
+            .contains_key("demo/waypoint-bound")
+    );
     let warning = &t.warnings()["demo/waypoint-bound"][0];
     assert!(
         warning.starts_with("NOT ENFORCED") && warning.contains("Service echo"),
@@ -495,5 +494,102 @@ fn a_namespace_label_change_retranslates_its_services() {
     assert!(
         delta.changed[ResourceType::Address.index()].contains("demo/echo.demo.svc.cluster.local"),
         "{delta:?}"
+    );
+}
+
+fn waypoint_policy(t: &Translator, name: &str) -> ambit_proto::waypoint::Policy {
+    let enc = t
+        .resources(ResourceType::WaypointPolicy)
+        .get(name)
+        .unwrap_or_else(|| panic!("no waypoint policy {name}"));
+    ambit_proto::waypoint::Policy::decode(&*enc.body).unwrap()
+}
+
+const WAYPOINT: &str = "
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: demo}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}
+spec: {clusterIP: 198.19.0.30, ports: [{port: 80}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l7, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: web}, {kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/demo/sa/sleep], remoteIpBlocks: [198.18.0.0/16]}}]
+    to: [{operation: {methods: [GET], paths: ['/api/*'], hosts: [web.demo], ports: ['80']}}]
+    when: [{key: 'request.headers[X-User]', values: [alice]}]
+  - from: [{source: {requestPrincipals: ['*']}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: jwt-deny, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: web}]
+  action: DENY
+  rules: [{from: [{source: {requestPrincipals: ['*'], namespaces: [other]}}]}]
+";
+
+#[test]
+fn targeted_policies_become_waypoint_policies_with_their_request_fields() {
+    let m = model(1, &format!("{BASE}---\n{WAYPOINT}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    assert!(
+        !t.resources(ResourceType::Authorization)
+            .contains_key("demo/l7")
+    );
+    let p = waypoint_policy(&t, "demo/l7");
+    assert_eq!(p.action, ambit_proto::waypoint::Action::Allow as i32);
+    let targets: Vec<(&str, &str)> = p
+        .targets
+        .iter()
+        .map(|t| (t.kind.as_str(), t.name.as_str()))
+        .collect();
+    assert_eq!(targets, [("Service", "web"), ("Gateway", "waypoint")]);
+    // The rule with a request principal matches nothing yet (ALLOW: dropped); the other
+    // keeps every field: from, to, and the header condition.
+    assert_eq!(p.rules.len(), 1, "{p:?}");
+    let clauses = &p.rules[0].clauses;
+    assert_eq!(clauses.len(), 3);
+    let from = &clauses[0].matches[0];
+    assert_eq!(from.connection.as_ref().unwrap().principals.len(), 1);
+    assert_eq!(from.remote_ips.len(), 1);
+    let to = &clauses[1].matches[0];
+    assert_eq!(to.methods.len(), 1);
+    assert_eq!(to.paths.len(), 1);
+    assert_eq!(to.hosts.len(), 1);
+    assert_eq!(to.connection.as_ref().unwrap().destination_ports, [80]);
+    assert_eq!(clauses[2].matches[0].headers[0].name, "x-user");
+    let warnings = &t.warnings()["demo/l7"];
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("requestPrincipals") && warnings[0].contains("matches nothing"));
+    // A DENY keeps its other conditions (it denies at least as much as written).
+    let deny = waypoint_policy(&t, "demo/jwt-deny");
+    assert_eq!(deny.rules.len(), 1);
+    assert_eq!(deny.rules[0].clauses.len(), 1);
+    // Served by a waypoint: nothing unenforced.
+    assert_eq!(unenforced_count(t.warnings()), 0, "{:?}", t.warnings());
+
+    // The Service loses its waypoint: its policies say they are not enforced.
+    let unbound = WAYPOINT.replace(", labels: {istio.io/use-waypoint: waypoint}", "");
+    let m2 = model(2, &format!("{BASE}---\n{unbound}"));
+    let changes = m2.diff(&m);
+    t.apply(&m2, &m, &changes);
+    let warnings = &t.warnings()["demo/jwt-deny"];
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("NOT ENFORCED for Service web")),
+        "{warnings:?}"
     );
 }

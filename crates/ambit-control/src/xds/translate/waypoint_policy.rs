@@ -1,0 +1,255 @@
+//! AuthorizationPolicies bound by `targetRefs` (a waypoint's Gateway, or a Service
+//! bound to a waypoint) as Ambit's waypoint policy resource (`ambit.waypoint.v1.Policy`):
+//! every field the waypoint can check at L7, the connection fields in Istio's own match
+//! message so the one engine reads them the same way at both layers.
+//!
+//! What the waypoint cannot check yet (request principals and `request.auth.*`, which
+//! need RequestAuthentication) follows Istio's fail-closed rule: an ALLOW rule using them
+//! matches nothing, a DENY rule keeps its other conditions; a warning says so. A target
+//! that no waypoint serves (a Service not bound to one, a Gateway that is not an
+//! `istio-waypoint`) leaves the policy unenforced there, and the warning starts with
+//! `NOT ENFORCED` so it is counted and shown.
+
+use ambit_proto::security as pb_sec;
+use ambit_proto::waypoint as pb_wp;
+
+use super::{
+    DRY_RUN_ANNOTATION, TranslateOptions, WaypointFor, condition_match, operation_match,
+    source_match, string_matches, waypoint,
+};
+use crate::model::resources::{Condition, Operation, Rule as ApRule, Source};
+use crate::model::{AuthorizationAction, AuthorizationPolicy, Kind, Model, Object};
+
+/// The most targets one policy may name, as in Istio.
+pub const MAX_TARGETS: usize = 16;
+
+/// The gateway class of waypoints.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+
+/// Whether `p` is for waypoints (it names targets and is not CUSTOM, which needs an
+/// external authorizer).
+pub fn is_waypoint_policy(p: &AuthorizationPolicy) -> bool {
+    (p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty())
+        && p.spec.action != Some(AuthorizationAction::Custom)
+}
+
+/// The policy as a waypoint resource, with warnings; `None` when no target can be
+/// served (every warning then says why).
+pub fn translate(
+    model: &Model,
+    p: &AuthorizationPolicy,
+    o: &TranslateOptions,
+) -> (Option<pb_wp::Policy>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let ns = p.metadata.namespace();
+    let refs: Vec<_> = p
+        .spec
+        .target_ref
+        .iter()
+        .chain(&p.spec.target_refs)
+        .collect();
+    if refs.len() > MAX_TARGETS {
+        warnings.push(format!(
+            "NOT ENFORCED: {} targetRefs; at most {MAX_TARGETS} are allowed",
+            refs.len()
+        ));
+        return (None, warnings);
+    }
+    let mut targets = Vec::new();
+    for t in refs {
+        let kind = t.kind.as_str();
+        let name = t.name.as_str();
+        if let Some(other) = t.namespace.as_ref().map(|n| n.as_str())
+            && other != ns
+        {
+            warnings.push(format!(
+                "NOT ENFORCED for {kind} {other}/{name}: a policy binds only to targets in its own namespace ({ns})"
+            ));
+            continue;
+        }
+        match kind {
+            "Service" => {
+                let served = match model.lookup(Kind::Service, ns, name) {
+                    Some(Object::Service(svc)) => {
+                        waypoint(model, &svc.metadata, WaypointFor::Service, o).is_some()
+                    }
+                    _ => false,
+                };
+                if !served {
+                    warnings.push(format!(
+                        "NOT ENFORCED for Service {name}: it is not bound to a waypoint (label it istio.io/use-waypoint=<waypoint>)"
+                    ));
+                }
+            }
+            "Gateway" => {
+                let waypoint_gateway = matches!(
+                    model.lookup(Kind::Gateway, ns, name),
+                    Some(Object::Gateway(g)) if g.spec.gateway_class_name.as_str() == WAYPOINT_CLASS
+                );
+                if !waypoint_gateway {
+                    warnings.push(format!(
+                        "NOT ENFORCED for Gateway {name}: no Gateway of class {WAYPOINT_CLASS} by that name in {ns}"
+                    ));
+                }
+            }
+            other => {
+                warnings.push(format!(
+                    "NOT ENFORCED for {other} {name}: a waypoint policy binds to a Gateway or a Service"
+                ));
+                continue;
+            }
+        }
+        targets.push(pb_wp::Target {
+            kind: kind.to_owned(),
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+    if targets.is_empty() {
+        return (None, warnings);
+    }
+    let action = match p.spec.action {
+        None | Some(AuthorizationAction::Allow) => pb_wp::Action::Allow,
+        Some(AuthorizationAction::Deny) => pb_wp::Action::Deny,
+        Some(AuthorizationAction::Audit) => pb_wp::Action::Audit,
+        // Not a waypoint policy (see is_waypoint_policy).
+        Some(AuthorizationAction::Custom) => return (None, warnings),
+    };
+    let deny = action != pb_wp::Action::Allow;
+    let mut rules = Vec::new();
+    for (i, rule) in p.spec.rules.iter().enumerate() {
+        let (translated, unsupported) = translate_rule(rule, ns);
+        if unsupported.is_empty() {
+            rules.push(translated);
+        } else if deny {
+            warnings.push(format!(
+                "rule {i} uses {} which the waypoint cannot check yet; it matches on the rule's other conditions alone",
+                unsupported.join(", ")
+            ));
+            rules.push(translated);
+        } else {
+            warnings.push(format!(
+                "rule {i} uses {} which the waypoint cannot check yet; the rule matches nothing",
+                unsupported.join(", ")
+            ));
+        }
+    }
+    let policy = pb_wp::Policy {
+        name: p.metadata.name.as_str().to_owned(),
+        namespace: ns.to_owned(),
+        targets,
+        action: action as i32,
+        dry_run: p.metadata.annotations.get(DRY_RUN_ANNOTATION) == Some("true"),
+        rules,
+    };
+    (Some(policy), warnings)
+}
+
+/// One rule: a clause for `from`, one for `to`, one per `when` condition.
+fn translate_rule(rule: &ApRule, policy_namespace: &str) -> (pb_wp::Rule, Vec<String>) {
+    let mut unsupported = Vec::new();
+    let mut clauses = Vec::new();
+    if !rule.from.is_empty() {
+        let matches = rule
+            .from
+            .iter()
+            .map(|f| from_match(&f.source, policy_namespace, &mut unsupported))
+            .collect();
+        clauses.push(pb_wp::Clause { matches });
+    }
+    if !rule.to.is_empty() {
+        let matches = rule
+            .to
+            .iter()
+            .map(|t| to_match(&t.operation, &mut unsupported))
+            .collect();
+        clauses.push(pb_wp::Clause { matches });
+    }
+    for c in &rule.when {
+        if let Some(m) = when_match(c, &mut unsupported) {
+            clauses.push(pb_wp::Clause { matches: vec![m] });
+        }
+    }
+    clauses.retain(|c| c.matches.iter().any(|m| m != &pb_wp::Match::default()));
+    (pb_wp::Rule { clauses }, unsupported)
+}
+
+fn connection(m: pb_sec::Match) -> Option<pb_sec::Match> {
+    (m != pb_sec::Match::default()).then_some(m)
+}
+
+fn from_match(s: &Source, ns: &str, unsupported: &mut Vec<String>) -> pb_wp::Match {
+    if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
+        unsupported.push("source.requestPrincipals".into());
+    }
+    // The connection fields as the node proxy reads them; remote addresses are the
+    // waypoint's to check.
+    let mut l4_unsupported = Vec::new();
+    let l4 = source_match(s, ns, &mut l4_unsupported);
+    unsupported.extend(l4_unsupported.into_iter().filter(|u| {
+        !u.starts_with("source.remoteIpBlocks") && !u.starts_with("source.requestPrincipals")
+    }));
+    pb_wp::Match {
+        connection: connection(l4),
+        remote_ips: super::addresses(&s.remote_ip_blocks),
+        not_remote_ips: super::addresses(&s.not_remote_ip_blocks),
+        ..Default::default()
+    }
+}
+
+fn to_match(op: &Operation, unsupported: &mut Vec<String>) -> pb_wp::Match {
+    let mut l4_unsupported = Vec::new();
+    let l4 = operation_match(op, &mut l4_unsupported);
+    unsupported.extend(
+        l4_unsupported
+            .into_iter()
+            .filter(|u| !u.starts_with("operation.")),
+    );
+    pb_wp::Match {
+        connection: connection(l4),
+        hosts: string_matches(&op.hosts),
+        not_hosts: string_matches(&op.not_hosts),
+        methods: string_matches(&op.methods),
+        not_methods: string_matches(&op.not_methods),
+        paths: string_matches(&op.paths),
+        not_paths: string_matches(&op.not_paths),
+        ..Default::default()
+    }
+}
+
+fn when_match(c: &Condition, unsupported: &mut Vec<String>) -> Option<pb_wp::Match> {
+    let key = c.key.as_str();
+    if let Some(name) = key
+        .strip_prefix("request.headers[")
+        .and_then(|k| k.strip_suffix(']'))
+    {
+        let name = name.trim().to_ascii_lowercase();
+        if name.is_empty() {
+            unsupported.push(format!("when {key}"));
+            return None;
+        }
+        return Some(pb_wp::Match {
+            headers: vec![pb_wp::HeaderMatch {
+                name,
+                values: string_matches(&c.values),
+                not_values: string_matches(&c.not_values),
+            }],
+            ..Default::default()
+        });
+    }
+    if key == "remote.ip" {
+        let mut bad = Vec::new();
+        let m = pb_wp::Match {
+            remote_ips: super::ip_values(&c.values, &mut bad, key),
+            not_remote_ips: super::ip_values(&c.not_values, &mut bad, key),
+            ..Default::default()
+        };
+        unsupported.extend(bad);
+        return Some(m);
+    }
+    let l4 = condition_match(c, unsupported)?;
+    Some(pb_wp::Match {
+        connection: connection(l4),
+        ..Default::default()
+    })
+}

@@ -1,0 +1,128 @@
+//! L7 authorization at the waypoint: the AuthorizationPolicies bound to it by
+//! `targetRefs` (its Gateway, and the Service a request is addressed to), evaluated per
+//! request by the same engine the node proxy uses per connection
+//! ([`ambit_core::policy::evaluate`]). Selector policies are the node proxies' (the
+//! destination's node proxy still enforces them, with the waypoint as the source).
+//!
+//! Fail closed: a policy of the namespace that discovery sent and this waypoint could
+//! not read denies every request there until a readable version arrives.
+
+use std::net::SocketAddr;
+
+use ambit_core::policy::{Connection, Decider, Evaluation, Request, RequestHeaders, evaluate};
+use ambit_core::state::State;
+use http::HeaderMap;
+
+use crate::serve::{Client, Target};
+
+/// A request's headers for the policies.
+pub struct Headers<'a>(pub &'a HeaderMap);
+
+impl RequestHeaders for Headers<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// The verdict's words for logs: what decided, and whether dry-run or AUDIT policies
+/// said something.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub allowed: bool,
+    pub reason: String,
+    pub dry_run: Option<String>,
+    pub audit: Option<String>,
+}
+
+/// The facts of a request the policies read.
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// Decides a request (or, with `request: None`, an opaque TCP connection) through the
+/// waypoint named `gateway` (`<namespace>`, `<name>`).
+pub fn decide(
+    state: &State,
+    gateway: (&str, &str),
+    client: &Client,
+    target: &Target,
+    request: Option<RequestFacts<'_>>,
+) -> Decision {
+    let (gw_ns, gw_name) = gateway;
+    let service = target.service.as_deref();
+    for ns in std::iter::once(gw_ns).chain(service.map(|s| s.namespace.as_ref())) {
+        if let Some(key) = state.refused_targeted_in(ns) {
+            return Decision {
+                allowed: false,
+                reason: format!(
+                    "denied: policy {key} applies here and this waypoint could not accept it"
+                ),
+                dry_run: None,
+                audit: None,
+            };
+        }
+    }
+    let policies: Vec<_> = state
+        .policies_targeting("Gateway", gw_ns, gw_name)
+        .chain(
+            service
+                .into_iter()
+                .flat_map(|s| state.policies_targeting("Service", &s.namespace, &s.name)),
+        )
+        .collect();
+    let id = &client.peer.identity;
+    let principal = format!(
+        "{}/ns/{}/sa/{}",
+        id.trust_domain(),
+        id.namespace(),
+        id.service_account()
+    );
+    let headers;
+    let request = match &request {
+        Some(r) => {
+            headers = Headers(r.headers);
+            Some(Request {
+                method: r.method,
+                host: r.host,
+                path: r.path,
+                headers: &headers,
+                remote_ip: client.peer.addr.ip(),
+            })
+        }
+        None => None,
+    };
+    let authority: SocketAddr = target.authority;
+    let conn = Connection {
+        source_ip: client.peer.addr.ip(),
+        source_principal: Some(&principal),
+        source_principal_aliases: &[],
+        source_namespace: Some(id.namespace()),
+        source_service_account: Some(id.service_account()),
+        destination_ip: authority.ip(),
+        destination_port: authority.port(),
+        request,
+    };
+    let e = evaluate(policies.iter().map(|p| &***p), &conn);
+    describe(&e)
+}
+
+fn describe(e: &Evaluation<'_>) -> Decision {
+    let words = |v: &ambit_core::policy::Verdict<'_>| match v.by {
+        Decider::Policy(p) => format!(
+            "{} by {}/{}",
+            if v.allowed { "allowed" } else { "denied" },
+            p.namespace,
+            p.name
+        ),
+        _ => v.to_string(),
+    };
+    Decision {
+        allowed: e.verdict.allowed,
+        reason: words(&e.verdict),
+        dry_run: e.dry_run.as_ref().map(words),
+        audit: e.audit.map(|p| format!("{}/{}", p.namespace, p.name)),
+    }
+}
