@@ -527,6 +527,15 @@ fn read_and_parse(path: &Path) -> Result<crate::model::parse::ParsedFile, Vec<Fi
     parse_file(text).map_err(|errors| errors.into_iter().map(FileError::Manifest).collect())
 }
 
+/// Every manifest file under `dir`, sorted by path (the order in which the first
+/// definition of an object wins).
+pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    Ok(list_manifest_files(dir)?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect())
+}
+
 /// Every manifest file under `dir` with its change stamp, sorted by path.
 fn list_manifest_files(dir: &Path) -> std::io::Result<Vec<(PathBuf, Stamp)>> {
     let mut out = Vec::new();

@@ -73,6 +73,7 @@ fn main() -> ExitCode {
     let default_level = match &cli.command {
         Command::Control(args) if args.is_tool() => "error",
         Command::Config(_) => "error",
+        Command::Waypoint(args) if args.is_tool() => "error",
         Command::Demo(_) => "warn",
         _ => "info",
     };

@@ -248,6 +248,10 @@ impl<'de> Deserialize<'de> for ScalarString {
 pub struct Annotations(BTreeMap<String, String>);
 
 impl Annotations {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }
