@@ -232,8 +232,21 @@ impl Connection {
 
     /// GETs `path` with `Host: host`; returns status and body (at most 4 MiB).
     pub async fn get(&mut self, host: &str, path: &str) -> std::io::Result<(StatusCode, String)> {
+        self.request(Method::GET, host, path).await
+    }
+
+    /// Sends `method path` (no body) with `Host: host`; returns status and body (at most
+    /// 4 MiB).
+    pub async fn request(
+        &mut self,
+        method: Method,
+        host: &str,
+        path: &str,
+    ) -> std::io::Result<(StatusCode, String)> {
         use http_body_util::BodyExt;
-        let request = Request::get(path)
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
             .header(header::HOST, host)
             .body(http_body_util::Empty::<Bytes>::new())
             .map_err(std::io::Error::other)?;

@@ -119,6 +119,21 @@ impl Client {
         Ok((Self { conn, host, local }, path))
     }
 
+    /// One request without a body; its status and body (the connection stays open).
+    pub async fn send(
+        &mut self,
+        method: http::Method,
+        path: &str,
+    ) -> Result<(StatusCode, String), DemoError> {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            self.conn.request(method, &self.host, path),
+        )
+        .await
+        .map_err(|_| DemoError::App("no answer within 5 s".into()))?
+        .map_err(|e| DemoError::App(format!("no answer from {}: {e}", self.host)))
+    }
+
     /// One GET; the connection stays open for more.
     pub async fn get(&mut self, path: &str) -> Result<Echo, DemoError> {
         let (status, body) = tokio::time::timeout(

@@ -62,7 +62,21 @@ pub const ECHO: PodDef = PodDef {
     node: "node-b",
     ip: Ipv4Addr::new(198, 18, 2, 10),
 };
+/// The pod that runs the demo's waypoint (not an application: it is never enrolled).
+pub const WAYPOINT: PodDef = PodDef {
+    name: "waypoint",
+    service_account: "waypoint",
+    app: "waypoint",
+    node: "node-a",
+    ip: Ipv4Addr::new(198, 18, 1, 12),
+};
+/// The application pods.
 pub const PODS: [PodDef; 3] = [SLEEP, OTHER, ECHO];
+/// Every pod's network namespace the demo makes.
+pub const ALL_PODS: [PodDef; 4] = [SLEEP, OTHER, ECHO, WAYPOINT];
+/// The waypoint's ports inside its pod: metrics, readiness.
+pub const WAYPOINT_METRICS: u16 = 15020;
+pub const WAYPOINT_READINESS: u16 = 15021;
 pub const NODES: [&str; 2] = ["node-a", "node-b"];
 pub const ECHO_PORT: u16 = 8080;
 pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -109,7 +123,7 @@ impl Cluster {
             Some(format!("{} exists", dir.join("demo.json").display()))
         } else {
             std::iter::once(FABRIC.to_owned())
-                .chain(PODS.iter().map(PodDef::netns))
+                .chain(ALL_PODS.iter().map(PodDef::netns))
                 .find(|n| netns.join(n).exists())
                 .map(|n| format!("network namespace {n} exists"))
         };
@@ -145,7 +159,7 @@ impl Cluster {
         // On an error the topology made so far is dropped, which deletes it.
         let mut topo =
             Topology::named(FABRIC, "demo").map_err(|e| DemoError::Setup(e.to_string()))?;
-        for pod in PODS {
+        for pod in ALL_PODS {
             topo.named_pod(&pod.netns(), pod.node, pod.ip)
                 .map_err(|e| DemoError::Setup(e.to_string()))?;
         }
@@ -193,6 +207,17 @@ impl Cluster {
             .map_err(|e| DemoError::Io(format!("cannot start {name}: {e}")))?;
         self.children.push((name.to_owned(), child));
         self.save()
+    }
+
+    /// Stops one started process (SIGTERM, then SIGKILL) and forgets it.
+    pub fn stop(&mut self, name: &str) {
+        let Some(i) = self.children.iter().position(|(n, _)| n == name) else {
+            return;
+        };
+        let (_, mut child) = self.children.remove(i);
+        stop_processes(&[child.id()]);
+        let _ = child.wait();
+        let _ = self.save();
     }
 
     /// Whether every started process is still running; names the first that is not.
@@ -312,7 +337,7 @@ pub fn down(dir: &Path, exe: &Path) -> Result<Vec<String>, DemoError> {
     stop_processes(&pids);
     // The recorded namespaces, and the demo's fixed names in case the record is gone.
     let mut names = record.namespaces;
-    names.extend(PODS.iter().map(PodDef::netns));
+    names.extend(ALL_PODS.iter().map(PodDef::netns));
     names.push(FABRIC.to_owned());
     names.sort();
     names.dedup();

@@ -15,7 +15,7 @@ use crate::DemoError;
 use crate::app::{Client, Echo};
 use crate::cluster::{
     CONTROL_GRPC, CONTROL_MONITORING, Cluster, ECHO, ECHO_PORT, ECHO_VIP, NAMESPACE, NODES, OTHER,
-    PODS, PodDef, SLEEP, local, node_ports,
+    PODS, PodDef, SLEEP, WAYPOINT, WAYPOINT_METRICS, WAYPOINT_READINESS, local, node_ports,
 };
 
 /// How the demo runs.
@@ -33,7 +33,7 @@ pub struct Options {
     pub exe: PathBuf,
 }
 
-const STEPS: usize = 8;
+const STEPS: usize = 9;
 
 struct Narrator {
     interactive: bool,
@@ -422,12 +422,12 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
 
     out.step(
         1,
-        "Build the cluster: two nodes, three pods, one bridge between them",
+        "Build the cluster: two nodes, four pods, one bridge between them",
     );
     let mut cluster = Cluster::build(&dir, &opts.exe)?;
     out.say(&format!(
-        "node-a: pod sleep ({}), pod other ({})\nnode-b: pod echo-1 ({})\nEach pod is a network namespace (/run/netns/{NAMESPACE}.<pod>) with one address\non a bridge; nothing has a route off this machine.",
-        SLEEP.ip, OTHER.ip, ECHO.ip
+        "node-a: pod sleep ({}), pod other ({}), pod waypoint ({}, for step 7)\nnode-b: pod echo-1 ({})\nEach pod is a network namespace (/run/netns/{NAMESPACE}.<pod>) with one address\non a bridge; nothing has a route off this machine.",
+        SLEEP.ip, OTHER.ip, WAYPOINT.ip, ECHO.ip
     ));
     out.pause().await;
 
@@ -759,8 +759,11 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
     );
     out.pause().await;
 
+    waypoint_step(&mut out, &mut cluster, &dir, &opts.exe, &vip).await?;
+    out.pause().await;
+
     out.step(
-        7,
+        8,
         &format!("Un-enroll: remove the label from namespace {NAMESPACE}"),
     );
     write_manifests(&dir, false)?;
@@ -789,7 +792,7 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
     );
     cluster.check_alive()?;
 
-    out.step(8, "Done");
+    out.step(9, "Done");
     let failures = std::mem::take(&mut out.failures);
     if opts.keep {
         write_manifests(&dir, true)?;
@@ -820,6 +823,295 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
     } else {
         Err(DemoError::Check(failures))
     }
+}
+
+/// The policy of step 7: POST from `other` denied at the waypoint.
+fn l7_policy() -> String {
+    format!(
+        "# Written by `ambit demo`.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: no-post-from-other, namespace: {NAMESPACE}}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: echo}}]
+  action: DENY
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/{NAMESPACE}/sa/other]}}}}]
+    to: [{{operation: {{methods: [POST]}}}}]
+"
+    )
+}
+
+/// The waypoint's pod, as a cluster would run it.
+fn waypoint_pod() -> String {
+    format!(
+        "# Written by `ambit demo`: the pod that runs the waypoint.
+apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: waypoint, namespace: {NAMESPACE}}}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+  labels: {{gateway.networking.k8s.io/gateway-name: waypoint, istio.io/dataplane-mode: none}}
+spec: {{nodeName: {node}, serviceAccountName: waypoint}}
+status: {{podIP: {ip}, phase: Running, conditions: [{{type: Ready, status: 'True'}}]}}
+",
+        name = WAYPOINT.name,
+        node = WAYPOINT.node,
+        ip = WAYPOINT.ip,
+    )
+}
+
+/// GET or POST from a pod through the service; the status, or the error.
+async fn request(
+    from: &PodDef,
+    target: &str,
+    method: http::Method,
+) -> Result<StatusCode, DemoError> {
+    let netns = Netns::open(Cluster::netns_path(from))
+        .map_err(|e| DemoError::App(format!("{}: {e}", from.name)))?;
+    let (mut client, path) = Client::connect(target, Some(netns)).await?;
+    client.send(method, &path).await.map(|(status, _)| status)
+}
+
+/// A page of the waypoint's admin ports, read from inside its pod.
+async fn waypoint_page(port: u16, path: &str) -> Option<(StatusCode, String)> {
+    let options = ambit_hbone::socket::SocketOptions {
+        netns: Some(Netns::open(Cluster::netns_path(&WAYPOINT)).ok()?),
+        ..Default::default()
+    };
+    let addr = SocketAddr::from((WAYPOINT.ip, port));
+    let stream = tokio::time::timeout(
+        Duration::from_secs(2),
+        ambit_hbone::socket::connect(addr, &options),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let mut conn = ambit_admin::Connection::open(stream).await.ok()?;
+    conn.get(&addr.to_string(), path).await.ok()
+}
+
+/// Step 7: a waypoint for namespace demo, an L7 policy at it, its metrics; then back to
+/// L4 only.
+async fn waypoint_step(
+    out: &mut Narrator,
+    cluster: &mut Cluster,
+    dir: &Path,
+    exe: &Path,
+    vip: &str,
+) -> Result<(), DemoError> {
+    out.step(7, "A waypoint: L7 policy for the echo service");
+    let manifests = dir.join("manifests");
+    let s = |p: &Path| p.display().to_string();
+    out.say(&format!(
+        "ambit waypoint apply --manifests {} -n {NAMESPACE} --enroll-namespace",
+        manifests.display()
+    ));
+    let applied = std::process::Command::new(exe)
+        .args(["waypoint", "apply", "--manifests"])
+        .arg(&manifests)
+        .args(["-n", NAMESPACE, "--enroll-namespace"])
+        .output()
+        .map_err(|e| DemoError::Setup(format!("ambit waypoint apply: {e}")))?;
+    for line in String::from_utf8_lossy(&applied.stdout).lines().take(2) {
+        out.say(&format!("  {line}"));
+    }
+    if !applied.status.success() {
+        return Err(DemoError::Setup(format!(
+            "ambit waypoint apply failed: {}",
+            String::from_utf8_lossy(&applied.stderr)
+        )));
+    }
+    let pod_file = manifests.join("waypoint-pod.yaml");
+    std::fs::write(&pod_file, waypoint_pod()).map_err(|e| DemoError::Io(e.to_string()))?;
+    out.say(&format!(
+        "`ambit waypoint run -n {NAMESPACE} --name waypoint` serves it from pod {} on {}\n(identity {}; the node proxy does not capture it).",
+        WAYPOINT.name,
+        WAYPOINT.node,
+        spiffe(&WAYPOINT)
+    ));
+    let state = dir.join("state");
+    let waypoint_args = args(&[
+        "--log-format",
+        "json",
+        "waypoint",
+        "run",
+        "-n",
+        NAMESPACE,
+        "--name",
+        "waypoint",
+        "--node-name",
+        WAYPOINT.node,
+        "--control-plane",
+        // The control plane listens on the host's loopback; the waypoint's pod has no
+        // route to it, so it is started outside the pod and opens its own ports inside.
+        &local(CONTROL_GRPC).to_string(),
+        "--server-name",
+        "localhost",
+        "--ca-root",
+        &s(&state.join("ca/root-cert.pem")),
+        "--token-file",
+        &s(&dir.join(format!("{}.token", WAYPOINT.node))),
+        "--netns",
+        &s(&Cluster::netns_path(&WAYPOINT)),
+        "--worker-threads",
+        "1",
+    ]);
+    cluster.spawn("waypoint", None, &waypoint_args)?;
+    let since = Instant::now();
+    loop {
+        out.progress("waypoint ready", since);
+        if waypoint_page(WAYPOINT_READINESS, "/healthz/ready")
+            .await
+            .is_some_and(|(status, _)| status == StatusCode::OK)
+        {
+            out.progress_done("waypoint ready", since);
+            break;
+        }
+        if since.elapsed() > Duration::from_secs(30) {
+            out.progress_abandoned();
+            cluster.check_alive()?;
+            return Err(DemoError::Setup(format!(
+                "the waypoint was not ready within 30 s; see {}",
+                cluster.log_path("waypoint").display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The binding reaches the node proxies: sleep's requests now cross the waypoint.
+    let since = Instant::now();
+    let through = loop {
+        let page = waypoint_page(WAYPOINT_METRICS, "/metrics").await;
+        let _ = request(&SLEEP, vip, http::Method::GET).await;
+        let counted = page.is_some_and(|(_, p)| p.contains("istio_requests_total{"));
+        if counted || since.elapsed() > Duration::from_secs(10) {
+            break counted;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    out.check(
+        through,
+        &format!("GET {vip} from sleep now crosses the waypoint (node-a's proxy sends it there)"),
+        || "the waypoint counted no request within 10 s".into(),
+    );
+
+    let policy = l7_policy();
+    out.say(&format!(
+        "Writing {}/policy.yaml: deny POST from other, at the waypoint:\n{}",
+        manifests.display(),
+        policy
+            .lines()
+            .skip(1)
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
+    write_policy(dir, Some(&policy))?;
+    let since = Instant::now();
+    let denied = loop {
+        let status = request(&OTHER, vip, http::Method::POST).await;
+        if matches!(status, Ok(StatusCode::FORBIDDEN)) || since.elapsed() > Duration::from_secs(10)
+        {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let get = request(&OTHER, vip, http::Method::GET).await;
+    let sleep_post = request(&SLEEP, vip, http::Method::POST).await;
+    for (who, method, got) in [
+        ("other", "POST", &denied),
+        ("other", "GET", &get),
+        ("sleep", "POST", &sleep_post),
+    ] {
+        out.say(&format!(
+            "{method} {vip} from {who} -> {}",
+            match got {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            }
+        ));
+    }
+    out.check(
+        matches!(denied, Ok(StatusCode::FORBIDDEN)),
+        "other's POST is refused at the waypoint: 403 (RBAC: access denied)",
+        || format!("{denied:?}"),
+    );
+    out.check(
+        matches!(get, Ok(StatusCode::OK)) && matches!(sleep_post, Ok(StatusCode::OK)),
+        "other's GET and sleep's POST pass: the policy reads the method and the caller",
+        || format!("other GET: {get:?}, sleep POST: {sleep_post:?}"),
+    );
+    let page = waypoint_page(WAYPOINT_METRICS, "/metrics")
+        .await
+        .map(|(_, p)| p)
+        .unwrap_or_default();
+    let samples: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("reporter=\"waypoint\""))
+        .collect();
+    out.say("The waypoint's metrics (reporter=waypoint):");
+    for l in &samples {
+        out.say(&format!("  {}", summarize_request_metric(l)));
+    }
+    out.check(
+        samples
+            .iter()
+            .any(|l| l.contains("response_code=\"403\"") && l.contains(&spiffe(&OTHER))),
+        "istio_requests_total counts other's refused POST with response_code=\"403\"",
+        || "no such sample".into(),
+    );
+    let (_, b_metrics, _, _) = node_ports("node-b");
+    let node_b = ambit_admin::get(local(b_metrics), "/metrics")
+        .await
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    out.check(
+        node_b.lines().any(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{reporter=\"destination\"")
+                && l.contains(&format!("source_principal=\"{}\"", spiffe(&WAYPOINT)))
+        }),
+        "node-b's proxy sees the waypoint as the caller (its L4 policies apply to it)",
+        || "no connection from the waypoint in node-b's metrics".into(),
+    );
+
+    // Back to L4 only, for the next step.
+    write_policy(dir, None)?;
+    for f in [pod_file, manifests.join("waypoint.demo.waypoint.yaml")] {
+        let _ = std::fs::remove_file(f);
+    }
+    write_manifests(dir, true)?;
+    let back = probe_until(&OTHER, &format!("http://{}:{ECHO_PORT}/", ECHO.ip), true).await;
+    out.check(
+        back.is_ok(),
+        "waypoint removed: traffic goes straight to echo-1's node again",
+        || format!("{:?}", back.as_ref().err()),
+    );
+    cluster.stop("waypoint");
+    Ok(())
+}
+
+/// `istio_requests_total{...} N` with only the labels worth reading.
+fn summarize_request_metric(line: &str) -> String {
+    let (head, value) = line.rsplit_once(' ').unwrap_or((line, ""));
+    let keep = [
+        "source_workload",
+        "destination_workload",
+        "request_protocol",
+        "response_code",
+    ];
+    let labels: Vec<&str> = head
+        .split_once('{')
+        .map(|(_, l)| l.trim_end_matches('}'))
+        .unwrap_or("")
+        .split("\",")
+        .map(|kv| kv.trim_end_matches('"'))
+        .filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}="))))
+        .collect();
+    format!("istio_requests_total{{{}\"}} {value}", labels.join("\","))
 }
 
 fn summarize_metric(line: &str) -> String {

@@ -123,6 +123,11 @@ pub struct RunArgs {
     /// Threads [default: one per CPU].
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Open the listeners and the connections to endpoints inside this network namespace
+    /// (a path such as /run/netns/<name>), while discovery and certificates use the
+    /// process's own network: for a waypoint run beside its pod rather than in it.
+    #[arg(long)]
+    netns: Option<PathBuf>,
     /// On shutdown, how long open tunnels may finish before they are closed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     drain_timeout: Duration,
@@ -176,6 +181,12 @@ fn run_waypoint(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.metrics_addr = args.metrics_addr;
     config.readiness_addr = args.readiness_addr;
     config.trust_bundle_file = Some(args.discovery.ca_root.clone());
+    if let Some(path) = &args.netns {
+        config.netns = Some(
+            ambit_hbone::socket::Netns::open(path)
+                .with_context(|| format!("cannot open --netns {}", path.display()))?,
+        );
+    }
     config.limits.header_timeout = args.header_timeout;
     config.limits.max_header_bytes = args.max_header_bytes;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

@@ -42,7 +42,12 @@ fn the_demo_checks_out_keeps_refuses_a_second_and_comes_down() {
         "{stdout}"
     );
     assert!(!stdout.contains('✗'), "{stdout}");
-    assert!(stdout.contains("[8/8] Done"), "{stdout}");
+    assert!(stdout.contains("[9/9] Done"), "{stdout}");
+    // The waypoint step ran its L7 policy.
+    assert!(
+        stdout.contains("✓ other's POST is refused at the waypoint: 403"),
+        "{stdout}"
+    );
     // Output to a pipe or file is plain lines: no progress rewritten in place.
     assert!(!stdout.contains('\r'), "{stdout:?}");
     assert!(
@@ -66,7 +71,8 @@ fn the_demo_checks_out_keeps_refuses_a_second_and_comes_down() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("demo --down"));
-    assert_eq!(netns_left().len(), 4);
+    // The fabric and four pods (three applications and the waypoint's).
+    assert_eq!(netns_left().len(), 5, "{:?}", netns_left());
     // A kept mesh answers.
     let echo = Command::new("ip")
         .args([
@@ -98,12 +104,13 @@ fn the_demo_checks_out_keeps_refuses_a_second_and_comes_down() {
     );
     // Refused before anything is narrated.
     assert!(
-        !String::from_utf8_lossy(&second.stdout).contains("[1/8]"),
+        !String::from_utf8_lossy(&second.stdout).contains("[1/9]"),
         "{}",
         String::from_utf8_lossy(&second.stdout)
     );
     // The refusal touched nothing.
-    assert_eq!(netns_left().len(), 4);
+    // The fabric and four pods (three applications and the waypoint's).
+    assert_eq!(netns_left().len(), 5, "{:?}", netns_left());
 
     let down = Command::new(BIN)
         .args(["demo", "--down", "--dir", dir_arg])
