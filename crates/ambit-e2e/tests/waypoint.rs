@@ -68,6 +68,12 @@ struct Setup {
 /// The mesh with the echo service bound to a running waypoint, and an HTTP echo server
 /// in echo-1.
 async fn setup() -> Setup {
+    setup_with("service", false).await
+}
+
+/// The mesh with a running waypoint that takes `takes` (`istio.io/waypoint-for`),
+/// bound through namespace demo's label (`by_namespace`) or the echo Service's.
+async fn setup_with(takes: &str, by_namespace: bool) -> Setup {
     logs::init();
     let mut specs = cast();
     specs.push(PodSpec {
@@ -82,31 +88,58 @@ async fn setup() -> Setup {
         in_model: false,
     });
     let mesh = Mesh::start(specs).await;
-    std::fs::write(
-        mesh.dir.path().join("manifests/waypoint.yaml"),
-        WAYPOINT_YAML,
-    )
-    .unwrap();
+    let gateway = if takes == "service" {
+        WAYPOINT_YAML.to_owned()
+    } else {
+        WAYPOINT_YAML.replace(
+            "metadata: {name: waypoint, namespace: demo}\nspec:\n  gatewayClassName",
+            &format!(
+                "metadata: {{name: waypoint, namespace: demo, labels: {{istio.io/waypoint-for: {takes}}}}}\nspec:\n  gatewayClassName"
+            ),
+        )
+    };
+    assert_eq!(takes == "service", gateway == WAYPOINT_YAML);
+    std::fs::write(mesh.dir.path().join("manifests/waypoint.yaml"), gateway).unwrap();
     let path = mesh.dir.path().join("manifests/mesh.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let bound = text.replace(
-        "metadata: {name: echo, namespace: demo}",
-        "metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}",
-    );
+    let bound = if by_namespace {
+        text.replace(
+            "metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}",
+            "metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}",
+        )
+    } else {
+        text.replace(
+            "metadata: {name: echo, namespace: demo}",
+            "metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}",
+        )
+    };
     assert_ne!(text, bound);
     std::fs::write(&path, bound).unwrap();
     let node = mesh.node("node-a");
-    eventually(
-        "the echo service bound to a waypoint with an endpoint",
-        || {
-            let state = node.store().load();
-            let bound = state
-                .services()
-                .any(|s| s.name.as_ref() == "echo" && s.waypoint.is_some());
-            let endpoint = state.workloads().any(|w| w.name.as_ref() == "waypoint-0");
-            bound && endpoint
-        },
-    )
+    eventually("the waypoint's pod and Gateway at node-a", || {
+        let state = node.store().load();
+        state.workloads().any(|w| w.name.as_ref() == "waypoint-0")
+            && state.services().any(|s| s.name.as_ref() == "waypoint")
+    })
+    .await;
+    // What binds depends on what the waypoint takes; wait for the control plane to have
+    // published the last of it.
+    let (service, workload) = match takes {
+        "service" => (true, false),
+        "workload" => (false, by_namespace),
+        "all" => (true, by_namespace),
+        _ => (false, false),
+    };
+    eventually("the bindings at node-a", || {
+        let state = node.store().load();
+        let svc = state
+            .services()
+            .any(|s| s.name.as_ref() == "echo" && s.waypoint.is_some());
+        let wl = state
+            .workloads()
+            .any(|w| w.name.as_ref() == "echo-1" && w.waypoint.is_some());
+        svc == service && wl == workload
+    })
     .await;
 
     let mut config = WaypointConfig::new(mesh.node_config("node-a").xds, "demo", "waypoint");
@@ -118,6 +151,17 @@ async fn setup() -> Setup {
     config.limits.connect_timeout = Duration::from_secs(2);
     let waypoint = Waypoint::start(config).await.unwrap();
     eventually("the waypoint to be ready", || waypoint.is_ready()).await;
+    eventually("the bindings at the waypoint", || {
+        let state = waypoint.state();
+        let svc = state
+            .services()
+            .any(|s| s.name.as_ref() == "echo" && s.waypoint.is_some());
+        let wl = state
+            .workloads()
+            .any(|w| w.name.as_ref() == "echo-1" && w.waypoint.is_some());
+        svc == service && wl == workload
+    })
+    .await;
     http_echo(&mesh, "echo-1");
     Setup { mesh, waypoint }
 }
@@ -234,8 +278,15 @@ async fn echo(peer: SocketAddr, mut req: Request<Incoming>) -> Result<Response<B
         h("expect"),
         h("connection"),
     );
-    let body = req.into_body().collect().await.unwrap().to_bytes();
-    Ok(Response::new(full(format!("{line}body={}\n", body.len()))))
+    // Counted as it streams, never held (a gigabyte passes through here).
+    let mut body = req.into_body();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        if let Some(d) = frame.unwrap().data_ref() {
+            len += d.len();
+        }
+    }
+    Ok(Response::new(full(format!("{line}body={len}\n"))))
 }
 
 /// A field of the echo's answer.
@@ -736,4 +787,167 @@ spec:
         3.0,
         "{page}"
     );
+}
+
+/// Who answered a GET to `to` saw as its client: the waypoint's address when the request
+/// crossed it, sleep's when it went straight to echo-1's node.
+async fn seen_client(mesh: &Mesh, to: SocketAddr) -> String {
+    let mut send = h1(mesh, to).await;
+    let resp = send
+        .send_request(
+            Request::get("/who")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    field(&text(resp).await, "client").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waypoint_for_decides_whether_service_and_pod_addressed_traffic_cross_it() {
+    let via = WAYPOINT_IP.to_string();
+    let sleep = "198.18.1.10".to_owned();
+    // (takes, through the VIP, through the pod IP)
+    for (takes, vip, pod) in [
+        ("service", &via, &sleep),
+        ("workload", &sleep, &via),
+        ("all", &via, &via),
+        ("none", &sleep, &sleep),
+    ] {
+        let s = setup_with(takes, true).await;
+        let pod_addr = s.mesh.addr("echo-1", APP_PORT);
+        assert_eq!(
+            &seen_client(&s.mesh, ECHO_VIP).await,
+            vip,
+            "{takes}: the VIP"
+        );
+        assert_eq!(
+            &seen_client(&s.mesh, pod_addr).await,
+            pod,
+            "{takes}: the pod IP"
+        );
+        if pod == &via {
+            // Pod-addressed at the waypoint: no service, the workload as destination.
+            let page = s.waypoint.metrics_text();
+            assert_eq!(
+                sum(
+                    &page,
+                    "istio_requests_total",
+                    &[
+                        ("destination_workload", "echo-1"),
+                        ("destination_service", "unknown")
+                    ]
+                ),
+                1.0,
+                "{takes}: {page}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_that_is_down_refuses_and_is_never_bypassed() {
+    let s = setup().await;
+    assert_eq!(
+        seen_client(&s.mesh, ECHO_VIP).await,
+        WAYPOINT_IP.to_string()
+    );
+    let Setup { mesh, waypoint } = s;
+    waypoint.shutdown(Duration::from_millis(100)).await;
+    // Its pod still counts as ready: the node proxy keeps sending bound traffic there,
+    // and it fails rather than going around the waypoint.
+    for _ in 0..3 {
+        let tcp = mesh.pod("sleep").connect(ECHO_VIP).await;
+        let answered = match tcp {
+            Err(_) => false,
+            Ok(tcp) => {
+                let handshake = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp));
+                match handshake.await {
+                    Err(_) => false,
+                    Ok((mut send, conn)) => {
+                        tokio::spawn(conn);
+                        let resp = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            send.send_request(
+                                Request::get("/around")
+                                    .header("host", "echo.demo")
+                                    .body(full(""))
+                                    .unwrap(),
+                            ),
+                        )
+                        .await
+                        .expect("an answer or a close within 10 s");
+                        resp.is_ok()
+                    }
+                }
+            }
+        };
+        assert!(!answered, "a request reached echo-1 with the waypoint down");
+    }
+    let node_a = mesh.metrics("node-a").await;
+    assert!(
+        sum(&node_a, "ambit_node_connect_failures_total", &[]) >= 1.0,
+        "the refusals are counted: {node_a}"
+    );
+}
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gigabyte_upload_streams_through_with_bounded_memory() {
+    const TOTAL: u64 = 1 << 30;
+    const CHUNK: usize = 64 * 1024;
+    let s = setup().await;
+    let mut send = h2(&s.mesh, ECHO_VIP).await;
+    let before = rss();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let chunk = Bytes::from(vec![0x5a; CHUNK]);
+    let chunks =
+        (0..TOTAL / CHUNK as u64).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone())));
+    let started = std::time::Instant::now();
+    let resp = send
+        .send_request(
+            Request::post("http://echo.demo/upload")
+                .body(StreamBody::new(tokio_stream::iter(chunks)).boxed())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let t = text(resp).await;
+    sampler.abort();
+    assert_eq!(field(&t, "body"), TOTAL.to_string());
+    let grew = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before);
+    eprintln!(
+        "1 GiB through the waypoint in {:.1} s; resident memory grew by at most {} MiB",
+        started.elapsed().as_secs_f64(),
+        grew >> 20
+    );
+    // Client, both node proxies, the waypoint and the server all live in this process:
+    // a copy of the body anywhere would be hundreds of MiB.
+    assert!(grew < 128 << 20, "memory grew by {} MiB", grew >> 20);
+    let line = logs::wait_access("the upload", |v| v["path"] == "/upload").await;
+    assert_eq!(line["request_bytes"], TOTAL);
 }
