@@ -1,3 +1,4 @@
 //! Shared pieces of Ambit's benchmarks.
 
 pub mod alloc;
+pub mod harness;

@@ -951,3 +951,66 @@ async fn a_gigabyte_upload_streams_through_with_bounded_memory() {
     let line = logs::wait_access("the upload", |v| v["path"] == "/upload").await;
     assert_eq!(line["request_bytes"], TOTAL);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_only_gateway_closes_the_way_around_it() {
+    let s = setup().await;
+    let pod_addr = s.mesh.addr("echo-1", APP_PORT);
+    // The Service is bound, the pod is not: pod-addressed traffic skips the waypoint.
+    assert_eq!(seen_client(&s.mesh, pod_addr).await, "198.18.1.10");
+
+    let path = s.mesh.dir.path().join("manifests/waypoint.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let only = text.replace(
+        "metadata: {name: waypoint, namespace: demo}\nspec:\n  gatewayClassName",
+        "metadata: {name: waypoint, namespace: demo, annotations: {ambit.io/waypoint-only: 'true'}}\nspec:\n  gatewayClassName",
+    );
+    assert_ne!(text, only);
+    std::fs::write(&path, only).unwrap();
+    let node_b = s.mesh.node("node-b");
+    eventually("echo-1 to list the waypoint-only policy at node-b", || {
+        let state = node_b.store().load();
+        state.policy("demo/ambit-waypoint-only-waypoint").is_some()
+            && state.workloads().any(|w| {
+                w.name.as_ref() == "echo-1"
+                    && w.profile
+                        .authorization_policies
+                        .iter()
+                        .any(|p| p.as_ref() == "demo/ambit-waypoint-only-waypoint")
+            })
+    })
+    .await;
+
+    // Around the waypoint: refused at echo-1's node.
+    let around = tokio::time::timeout(Duration::from_secs(10), async {
+        let tcp = s.mesh.pod("sleep").connect(pod_addr).await.ok()?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp))
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        send.send_request(
+            Request::get("/around")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .ok()
+    })
+    .await
+    .expect("an answer or a close within 10 s");
+    assert!(
+        around.is_none(),
+        "a request reached echo-1 around the waypoint"
+    );
+    // Through it: allowed (the waypoint's identity).
+    assert_eq!(
+        seen_client(&s.mesh, ECHO_VIP).await,
+        WAYPOINT_IP.to_string()
+    );
+    let line = logs::wait_access("the refusal at node-b", |v| {
+        v["direction"] == "inbound" && v["authz"].as_str().is_some_and(|a| a.starts_with("denied"))
+    })
+    .await;
+    assert_eq!(line["src.identity"], SLEEP_ID);
+}

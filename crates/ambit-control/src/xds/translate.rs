@@ -148,6 +148,8 @@ enum Unit {
     Service(String, String),
     Policy(String, String),
     PeerAuthn(String, String),
+    /// The L4 policy a waypoint's Gateway asks for with [`WAYPOINT_ONLY_ANNOTATION`].
+    WaypointOnly(String, String),
 }
 
 /// Incremental translator.
@@ -262,6 +264,7 @@ impl Translator {
             // What a waypoint takes (its Gateway's labels) decides who binds to it, from
             // any namespace: rare, so everything is looked at again.
             Kind::Gateway => {
+                out.insert(Unit::WaypointOnly(ns.clone(), name.clone()));
                 for m in [model, old] {
                     targeted_policies_in(m, None, out);
                     for o in m.of_kind(Kind::Pod).chain(m.of_kind(Kind::Service)) {
@@ -446,6 +449,14 @@ impl Translator {
                 }
                 Some((ResourceType::Authorization, key, Encoded::of(&auth)))
             }
+            Unit::WaypointOnly(ns, name) => {
+                let Some(Object::Gateway(g)) = model.lookup(Kind::Gateway, ns, name) else {
+                    return None;
+                };
+                let auth = waypoint_only_policy(g, &self.options)?;
+                let key = format!("{}/{}", auth.namespace, auth.name);
+                Some((ResourceType::Authorization, key, Encoded::of(&auth)))
+            }
             Unit::PeerAuthn(ns, name) => {
                 let warn_key = format!("PeerAuthentication {ns}/{name}");
                 let Some(Object::PeerAuthentication(pa)) =
@@ -495,6 +506,7 @@ fn units_of(object: &Object) -> Option<Unit> {
         Kind::Service => Some(Unit::Service(k.namespace, k.name)),
         Kind::AuthorizationPolicy => Some(Unit::Policy(k.namespace, k.name)),
         Kind::PeerAuthentication => Some(Unit::PeerAuthn(k.namespace, k.name)),
+        Kind::Gateway => Some(Unit::WaypointOnly(k.namespace, k.name)),
         _ => None,
     }
 }
@@ -606,6 +618,68 @@ pub fn waypoint(
     })
 }
 
+/// On a waypoint's Gateway: `"true"` makes the pods behind the services (and the
+/// workloads) bound to it accept connections from the waypoint only, so nothing reaches
+/// them around it (Istio's documented pattern, an L4 ALLOW for the waypoint's identity,
+/// made one line).
+pub const WAYPOINT_ONLY_ANNOTATION: &str = "ambit.io/waypoint-only";
+
+/// The name of the L4 policy [`WAYPOINT_ONLY_ANNOTATION`] makes for waypoint `name`.
+fn waypoint_only_name(name: &str) -> String {
+    format!("ambit-waypoint-only-{name}")
+}
+
+/// The L4 ALLOW a waypoint-only Gateway gives its bound pods: connections from the
+/// waypoint's identity (selector-scoped: only pods that list it, see [`translate_pod`]).
+fn waypoint_only_policy(
+    g: &crate::model::resources::Gateway,
+    o: &TranslateOptions,
+) -> Option<pb_sec::Authorization> {
+    if g.spec.gateway_class_name.as_str() != waypoint_policy::WAYPOINT_CLASS
+        || g.metadata.annotations.get(WAYPOINT_ONLY_ANNOTATION) != Some("true")
+    {
+        return None;
+    }
+    let ns = g.metadata.namespace();
+    let name = g.metadata.name.as_str();
+    Some(pb_sec::Authorization {
+        name: waypoint_only_name(name),
+        namespace: ns.to_owned(),
+        scope: pb_sec::Scope::WorkloadSelector as i32,
+        action: pb_sec::Action::Allow as i32,
+        rules: vec![pb_sec::Rule {
+            clauses: vec![pb_sec::Clause {
+                matches: vec![pb_sec::Match {
+                    principals: string_matches(&[format!("{}/ns/{ns}/sa/{name}", o.trust_domain)]),
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+        extensions: Vec::new(),
+    })
+}
+
+/// The waypoint-only policy a pod must list, if `gateway` (as published in a
+/// `waypoint` field) asks for one.
+fn waypoint_only_key(
+    model: &Model,
+    gateway: &pb::GatewayAddress,
+    o: &TranslateOptions,
+) -> Option<String> {
+    let Some(pb::gateway_address::Destination::Hostname(h)) = &gateway.destination else {
+        return None;
+    };
+    let suffix = format!(".{}.svc.{}", h.namespace, o.domain_suffix);
+    let name = h.hostname.strip_suffix(&suffix)?;
+    match model.lookup(Kind::Gateway, &h.namespace, name) {
+        Some(Object::Gateway(g)) if waypoint_only_policy(g, o).is_some() => {
+            Some(format!("{}/{}", h.namespace, waypoint_only_name(name)))
+        }
+        _ => None,
+    }
+}
+
 /// Whether an object belongs to a waypoint (its pods and Service carry the name of their
 /// Gateway).
 fn is_waypoint(labels: &Labels) -> bool {
@@ -627,6 +701,8 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
 
     // The services selecting this pod, with this pod's port mapping for each.
     let mut services = std::collections::HashMap::new();
+    // Waypoints bound to them (or to the pod) that accept no way around them.
+    let mut waypoint_only: Vec<String> = Vec::new();
     for object in model.in_namespace(Kind::Service, ns) {
         let Object::Service(svc) = object else {
             continue;
@@ -658,6 +734,16 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
             format!("{ns}/{}", service_hostname(svc, o)),
             pb::PortList { ports },
         );
+        if let Some(gw) = waypoint(model, &svc.metadata, WaypointFor::Service, o)
+            && let Some(key) = waypoint_only_key(model, &gw, o)
+        {
+            waypoint_only.push(key);
+        }
+    }
+    if let Some(gw) = waypoint(model, &pod.metadata, WaypointFor::Workload, o)
+        && let Some(key) = waypoint_only_key(model, &gw, o)
+    {
+        waypoint_only.push(key);
     }
 
     // Selector-based policies in this namespace that select this pod.
@@ -680,6 +766,9 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
         labels,
         &o.root_namespace,
     ));
+    waypoint_only.sort();
+    waypoint_only.dedup();
+    policies.extend(waypoint_only);
 
     let locality = pod.node().and_then(|n| model.node(n)).and_then(|node| {
         let l = &node.metadata.labels;
