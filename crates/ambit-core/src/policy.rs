@@ -17,9 +17,11 @@
 //! - a connection without a peer identity (plaintext) has no principal and no namespace:
 //!   positive lists on them fail, negative lists on them hold (so `notPrincipals: ["*"]`
 //!   matches exactly the plaintext connections);
-//! - request fields on a connection without a request (at L4) work the same way: positive
-//!   lists fail, negative lists hold. The control plane never sends them to a node proxy
-//!   (it rewrites such rules the way Istio does).
+//! - request fields on a connection without a request (at L4: a node proxy, or opaque TCP
+//!   through a waypoint) cannot be checked, and are decided the way Istio rewrites such
+//!   rules, so both fail closed: in an ALLOW they fail (the rule matches nothing), in a
+//!   DENY or AUDIT they hold (the rule matches on its other conditions). The control plane
+//!   never sends them to a node proxy.
 
 use std::net::IpAddr;
 
@@ -155,8 +157,10 @@ pub struct HeaderMatch {
 
 /// A request's headers as policies read them.
 pub trait RequestHeaders {
-    /// The first value of header `name` (lower case), if present and text.
-    fn header(&self, name: &str) -> Option<&str>;
+    /// Every value of header `name` (lower case) joined with `,` (as one header would
+    /// carry them), bytes that are not UTF-8 replaced; `None` when absent. A header sent
+    /// empty is present with the value `""`.
+    fn header(&self, name: &str) -> Option<String>;
 }
 
 /// A request as policies see it (at a waypoint).
@@ -286,7 +290,13 @@ pub struct Connection<'a> {
 }
 
 impl Match {
+    /// Whether the match holds, request fields read as an ALLOW reads them.
     pub fn matches(&self, c: &Connection<'_>) -> bool {
+        self.matches_as(c, false)
+    }
+
+    /// `unknown_holds`: what request fields give without a request (see the module).
+    fn matches_as(&self, c: &Connection<'_>, unknown_holds: bool) -> bool {
         strings_hold(&self.namespaces, &self.not_namespaces, c.source_namespace)
             && principals_hold(&self.principals, &self.not_principals, c)
             && nets_hold(&self.source_ips, &self.not_source_ips, c.source_ip)
@@ -299,23 +309,41 @@ impl Match {
                 || self.destination_ports.contains(&c.destination_port))
             && !self.not_destination_ports.contains(&c.destination_port)
             && accounts_hold(&self.service_accounts, &self.not_service_accounts, c)
-            && self.request_holds(c.request.as_ref())
+            && match c.request.as_ref() {
+                Some(r) => self.request_holds(r),
+                None => !self.has_request_fields() || unknown_holds,
+            }
     }
 
-    fn request_holds(&self, r: Option<&Request<'_>>) -> bool {
-        let method = r.map(|r| r.method);
-        let path = r.map(|r| r.path.split_once('?').map_or(r.path, |(p, _)| p));
-        let host = r.map(|r| r.host);
-        strings_hold(&self.methods, &self.not_methods, method)
-            && strings_hold(&self.paths, &self.not_paths, path)
-            && hosts_hold(&self.hosts, &self.not_hosts, host)
-            && match r {
-                Some(r) => nets_hold(&self.remote_ips, &self.not_remote_ips, r.remote_ip),
-                None => self.remote_ips.is_empty(),
-            }
+    /// Whether the match uses fields only a request has.
+    pub fn has_request_fields(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty()
+            && self.headers.is_empty()
+            && self.remote_ips.is_empty()
+            && self.not_remote_ips.is_empty())
+    }
+
+    fn request_holds(&self, r: &Request<'_>) -> bool {
+        let path = r.path.split_once('?').map_or(r.path, |(p, _)| p);
+        strings_hold(&self.methods, &self.not_methods, Some(r.method))
+            && strings_hold(&self.paths, &self.not_paths, Some(path))
+            && hosts_hold(&self.hosts, &self.not_hosts, Some(r.host))
+            && nets_hold(&self.remote_ips, &self.not_remote_ips, r.remote_ip)
             && self.headers.iter().all(|h| {
-                let value = r.and_then(|r| r.headers.header(&h.name));
-                strings_hold(&h.values, &h.not_values, value)
+                let value = r.headers.header(&h.name);
+                // `*` asks whether the header is there at all, even empty.
+                let any = |list: &[StringMatch]| {
+                    value.as_deref().is_some_and(|v| {
+                        list.iter()
+                            .any(|m| *m == StringMatch::Presence || m.matches(v))
+                    })
+                };
+                (h.values.is_empty() || any(&h.values)) && !any(&h.not_values)
             })
     }
 }
@@ -377,17 +405,29 @@ fn nets_hold(yes: &[IpNet], no: &[IpNet], ip: IpAddr) -> bool {
 }
 
 impl Rule {
+    /// Whether every clause matches, request fields read as an ALLOW reads them.
     pub fn matches(&self, c: &Connection<'_>) -> bool {
-        self.clauses
-            .iter()
-            .all(|clause| clause.matches.iter().any(|m| m.matches(c)))
+        self.matches_as(c, false)
+    }
+
+    fn matches_as(&self, c: &Connection<'_>, unknown_holds: bool) -> bool {
+        self.clauses.iter().all(|clause| {
+            clause
+                .matches
+                .iter()
+                .any(|m| m.matches_as(c, unknown_holds))
+        })
     }
 }
 
 impl Authorization {
-    /// Whether any rule matches (a policy without rules matches nothing).
+    /// Whether any rule matches (a policy without rules matches nothing). Without a
+    /// request, request fields fail in an ALLOW and hold in a DENY or AUDIT (see the
+    /// module): a connection is never allowed, nor spared a denial, on a field nobody
+    /// could check.
     pub fn matches(&self, c: &Connection<'_>) -> bool {
-        self.rules.iter().any(|r| r.matches(c))
+        let unknown_holds = self.action != PolicyAction::Allow;
+        self.rules.iter().any(|r| r.matches_as(c, unknown_holds))
     }
 }
 
@@ -858,13 +898,19 @@ mod tests {
     struct Hdrs(Vec<(&'static str, &'static str)>);
 
     impl RequestHeaders for Hdrs {
-        fn header(&self, name: &str) -> Option<&str> {
-            self.0.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        fn header(&self, name: &str) -> Option<String> {
+            let values: Vec<&str> = self
+                .0
+                .iter()
+                .filter(|(k, _)| *k == name)
+                .map(|(_, v)| *v)
+                .collect();
+            (!values.is_empty()).then(|| values.join(","))
         }
     }
 
-    /// Request fields, against a request and against a bare connection (L4): positive
-    /// lists fail without a request, negative lists hold.
+    /// Request fields, against a request and against a bare connection (L4), read as an
+    /// ALLOW reads them: without a request every request field fails.
     #[test]
     fn request_fields() {
         let headers = Hdrs(vec![("x-user", "alice"), ("x-env", "prod-1")]);
@@ -889,26 +935,109 @@ mod tests {
         let table: Vec<(&str, Match, bool, bool)> = vec![
             ("method", Match { methods: sm(&["GET"]), ..Match::default() }, true, false),
             ("other method", Match { methods: sm(&["POST"]), ..Match::default() }, false, false),
-            ("not method", Match { not_methods: sm(&["GET"]), ..Match::default() }, false, true),
+            ("not method", Match { not_methods: sm(&["GET"]), ..Match::default() }, false, false),
             ("path ignores the query", Match { paths: sm(&["/api/items"]), ..Match::default() }, true, false),
             ("path prefix", Match { paths: sm(&["/api/*"]), ..Match::default() }, true, false),
-            ("not path", Match { not_paths: sm(&["/admin*"]), ..Match::default() }, true, true),
+            ("not path", Match { not_paths: sm(&["/admin*"]), ..Match::default() }, true, false),
             ("host, any case, port dropped", Match { hosts: sm(&["web.demo"]), ..Match::default() }, true, false),
             ("host with its port", Match { hosts: sm(&["web.demo:8080"]), ..Match::default() }, true, false),
             ("host suffix", Match { hosts: sm(&["*.demo"]), ..Match::default() }, true, false),
             ("other host", Match { hosts: sm(&["api.demo"]), ..Match::default() }, false, false),
-            ("not host", Match { not_hosts: sm(&["WEB.demo"]), ..Match::default() }, false, true),
+            ("not host", Match { not_hosts: sm(&["WEB.demo"]), ..Match::default() }, false, false),
             ("header", Match { headers: vec![header("x-user", &["alice"], &[])], ..Match::default() }, true, false),
             ("header prefix", Match { headers: vec![header("x-env", &["prod-*"], &[])], ..Match::default() }, true, false),
             ("missing header", Match { headers: vec![header("x-none", &["*"], &[])], ..Match::default() }, false, false),
-            ("not header value", Match { headers: vec![header("x-user", &[], &["alice"])], ..Match::default() }, false, true),
+            ("not header value", Match { headers: vec![header("x-user", &[], &["alice"])], ..Match::default() }, false, false),
             ("remote ip", Match { remote_ips: vec![net("203.0.113.0/24")], ..Match::default() }, true, false),
-            ("not remote ip", Match { not_remote_ips: vec![net("203.0.113.0/24")], ..Match::default() }, false, true),
+            ("not remote ip", Match { not_remote_ips: vec![net("203.0.113.0/24")], ..Match::default() }, false, false),
             ("l4 and l7 together", Match { methods: sm(&["GET"]), principals: sm(&[SLEEP]), ..Match::default() }, true, false),
         ];
         for (what, m, with_request, at_l4) in table {
             assert_eq!(m.matches(&with), with_request, "{what} (request)");
             assert_eq!(m.matches(&without), at_l4, "{what} (L4)");
         }
+    }
+
+    fn one_match(action: PolicyAction, m: Match) -> Authorization {
+        policy(
+            "p",
+            action,
+            vec![Rule {
+                clauses: vec![Clause { matches: vec![m] }],
+            }],
+        )
+    }
+
+    /// Without a request (opaque TCP through a waypoint), a DENY on request fields denies
+    /// and an ALLOW on them does not allow: nothing gets through on an unchecked field.
+    #[test]
+    fn request_fields_without_a_request_fail_closed_both_ways() {
+        let c = mtls(SLEEP, "demo");
+        let deny_admin = one_match(
+            PolicyAction::Deny,
+            Match {
+                paths: sm(&["/admin*"]),
+                ..Match::default()
+            },
+        );
+        assert!(deny_admin.matches(&c), "a DENY on paths holds at L4");
+        let allow_get = one_match(
+            PolicyAction::Allow,
+            Match {
+                methods: sm(&["GET"]),
+                ..Match::default()
+            },
+        );
+        assert!(!allow_get.matches(&c), "an ALLOW on methods fails at L4");
+        let e = evaluate([&deny_admin], &c);
+        assert!(!e.verdict.allowed);
+        // With a request, the DENY reads the path.
+        let headers = Hdrs(vec![]);
+        let with = |path: &'static str| Connection {
+            request: Some(Request {
+                method: "GET",
+                host: "web",
+                path,
+                headers: &headers,
+                remote_ip: "198.18.1.10".parse().unwrap(),
+            }),
+            ..mtls(SLEEP, "demo")
+        };
+        assert!(deny_admin.matches(&with("/admin/users")));
+        assert!(!deny_admin.matches(&with("/public")));
+    }
+
+    /// Header conditions read every value of the header, and `*` means present (even
+    /// empty).
+    #[test]
+    fn header_values_are_joined_and_presence_includes_empty() {
+        let headers = Hdrs(vec![("x-role", "a"), ("x-role", "admin"), ("x-debug", "")]);
+        let c = Connection {
+            request: Some(Request {
+                method: "GET",
+                host: "web",
+                path: "/",
+                headers: &headers,
+                remote_ip: "198.18.1.10".parse().unwrap(),
+            }),
+            ..mtls(SLEEP, "demo")
+        };
+        let header = |name: &str, values: &[&str]| Match {
+            headers: vec![HeaderMatch {
+                name: name.into(),
+                values: sm(values),
+                not_values: Vec::new(),
+            }],
+            ..Match::default()
+        };
+        assert!(
+            header("x-role", &["*admin"]).matches(&c),
+            "the second value counts"
+        );
+        assert!(
+            header("x-debug", &["*"]).matches(&c),
+            "an empty header is present"
+        );
+        assert!(!header("x-none", &["*"]).matches(&c));
     }
 }

@@ -246,6 +246,9 @@ async fn echo(peer: SocketAddr, mut req: Request<Incoming>) -> Result<Response<B
             .body(body)
             .unwrap());
     }
+    if req.uri().path() == "/slow" {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     if req.uri().path() == "/stream" {
         let n: usize = req
             .uri()
@@ -1013,4 +1016,146 @@ async fn a_waypoint_only_gateway_closes_the_way_around_it() {
     })
     .await;
     assert_eq!(line["src.identity"], SLEEP_ID);
+}
+
+/// Writes a DENY of paths under /admin at the echo service and waits for the waypoint.
+async fn deny_admin(s: &Setup) {
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/policies.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: echo}]
+  action: DENY
+  rules: [{to: [{operation: {paths: ['/admin*']}}]}]
+",
+    )
+    .unwrap();
+    eventually("the policy at the waypoint", || {
+        s.waypoint.state().targeted_policies().count() == 1
+    })
+    .await;
+}
+
+/// Sends raw bytes on a new connection from sleep and reads the answer's head (empty
+/// when the connection is closed without one).
+async fn raw(mesh: &Mesh, to: SocketAddr, bytes: &[u8], wait_first: Duration) -> String {
+    let mut conn = mesh.pod("sleep").connect(to).await.unwrap();
+    tokio::time::sleep(wait_first).await;
+    let _ = conn.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_hosts_and_slow_starts_cannot_get_around_an_l7_deny() {
+    let s = setup().await;
+    deny_admin(&s).await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    for path in [
+        "/admin",
+        "/./admin",
+        "/x/../admin",
+        "/%61dmin/users",
+        "//admin",
+    ] {
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(
+                Request::get(path)
+                    .header("host", "echo.demo")
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{path}");
+        let _ = text(resp).await;
+    }
+    // Allowed paths reach the endpoint normalized, as the policy saw them.
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(
+            Request::get("/a/../who")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(field(&text(resp).await, "path"), "/who");
+    // One host: an absolute-form target wins over a different Host header, for the
+    // policy and for the endpoint.
+    let head = raw(
+        &s.mesh,
+        ECHO_VIP,
+        b"GET http://public.example/who HTTP/1.1\r\nHost: admin.example\r\nConnection: close\r\n\r\n",
+        Duration::ZERO,
+    )
+    .await;
+    assert!(head.contains("host=public.example"), "{head}");
+    // Only WebSocket upgrades: an h2c upgrade is not passed on.
+    let head = raw(
+        &s.mesh,
+        ECHO_VIP,
+        b"GET /who HTTP/1.1\r\nHost: echo.demo\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+        Duration::ZERO,
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.contains("connection=\n") || head.contains("connection=keep-alive"),
+        "{head}"
+    );
+    // A client that waits past the protocol detection sends HTTP as opaque TCP: the DENY
+    // on paths cannot be read there, so it applies to the whole connection.
+    let head = raw(
+        &s.mesh,
+        ECHO_VIP,
+        b"GET /admin HTTP/1.1\r\nHost: echo.demo\r\nConnection: close\r\n\r\n",
+        Duration::from_millis(1500),
+    )
+    .await;
+    assert!(
+        !head.contains("200 OK"),
+        "the slow request got through: {head}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_response_is_counted_once() {
+    let s = setup().await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    let pending = send.send_request(
+        Request::get("/slow")
+            .header("host", "echo.demo")
+            .body(full(""))
+            .unwrap(),
+    );
+    // Gone before the endpoint answers.
+    let _ = tokio::time::timeout(Duration::from_millis(300), pending).await;
+    drop(send);
+    eventually("the request counted with flag DC", || {
+        let page = s.waypoint.metrics_text();
+        sum(
+            &page,
+            "istio_requests_total",
+            &[("response_flags", "DC"), ("response_code", "0")],
+        ) == 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let page = s.waypoint.metrics_text();
+    assert_eq!(
+        sum(&page, "ambit_waypoint_active_requests", &[]),
+        0.0,
+        "{page}"
+    );
+    assert_eq!(
+        sum(&page, "istio_requests_total", &[]),
+        1.0,
+        "counted once: {page}"
+    );
 }

@@ -19,8 +19,13 @@ use crate::serve::{Client, Target};
 pub struct Headers<'a>(pub &'a HeaderMap);
 
 impl RequestHeaders for Headers<'_> {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.0.get(name).and_then(|v| v.to_str().ok())
+    fn header(&self, name: &str) -> Option<String> {
+        let mut values = self.0.get_all(name).iter().peekable();
+        values.peek()?;
+        let joined: Vec<String> = values
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        Some(joined.join(","))
     }
 }
 
@@ -43,10 +48,12 @@ pub struct RequestFacts<'a> {
 }
 
 /// Decides a request (or, with `request: None`, an opaque TCP connection) through the
-/// waypoint named `gateway` (`<namespace>`, `<name>`).
+/// waypoint named `gateway` (`<namespace>`, `<name>`); `trust_domains` are the mesh's
+/// (its own first, then its aliases), so a principal written under any of them matches.
 pub fn decide(
     state: &State,
     gateway: (&str, &str),
+    trust_domains: &[String],
     client: &Client,
     target: &Target,
     request: Option<RequestFacts<'_>>,
@@ -74,12 +81,18 @@ pub fn decide(
         )
         .collect();
     let id = &client.peer.identity;
-    let principal = format!(
-        "{}/ns/{}/sa/{}",
-        id.trust_domain(),
-        id.namespace(),
-        id.service_account()
-    );
+    let principal_in = |td: &str| format!("{td}/ns/{}/sa/{}", id.namespace(), id.service_account());
+    let principal = principal_in(id.trust_domain());
+    // The same identity under the mesh's other accepted trust domains.
+    let aliases: Vec<String> = if trust_domains.iter().any(|td| td == id.trust_domain()) {
+        trust_domains
+            .iter()
+            .filter(|td| td.as_str() != id.trust_domain())
+            .map(|td| principal_in(td))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let headers;
     let request = match &request {
         Some(r) => {
@@ -98,7 +111,7 @@ pub fn decide(
     let conn = Connection {
         source_ip: client.peer.addr.ip(),
         source_principal: Some(&principal),
-        source_principal_aliases: &[],
+        source_principal_aliases: &aliases,
         source_namespace: Some(id.namespace()),
         source_service_account: Some(id.service_account()),
         destination_ip: authority.ip(),

@@ -57,15 +57,112 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Whether a request asks to switch protocols (HTTP/1.1 `Upgrade`, e.g. WebSocket).
+/// Whether a request asks to switch to WebSocket (HTTP/1.1 `Upgrade: websocket`). Other
+/// upgrades (`h2c`, custom tokens) are not passed on: after a switch the connection is a
+/// byte stream nobody checks, so only the one protocol a proxy is expected to carry
+/// switches.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
         && headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Why a request path is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("the path does not start with /")]
+    NotAbsolute,
+    #[error("the path has a malformed percent-encoding")]
+    BadEscape,
+}
+
+/// The path as policies see it and as the endpoint receives it (what Istio's default
+/// normalization does, and merging slashes): percent-encoded unreserved characters
+/// decoded (`%61` is `a`; `%2F` stays encoded), hex digits of other escapes upper-cased,
+/// `\` read as `/`, runs of `/` merged, `.` and `..` segments resolved (never above the
+/// root). The query string is kept as sent. `*` (OPTIONS) stays.
+pub fn normalize_path(path_and_query: &str) -> Result<String, PathError> {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    if path == "*" {
+        return Ok(path_and_query.to_owned());
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = |b: u8| (b as char).to_digit(16);
+                let (Some(h), Some(l)) = (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathError::BadEscape);
+                };
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    decoded.push(c as char);
+                } else {
+                    decoded.push('%');
+                    decoded.push_str(&format!("{c:02X}"));
+                }
+                i += 3;
+            }
+            b'\\' => {
+                decoded.push('/');
+                i += 1;
+            }
+            _ => {
+                // Whole UTF-8 characters: copy up to the next escape or backslash.
+                let next = bytes[i..]
+                    .iter()
+                    .position(|b| *b == b'%' || *b == b'\\')
+                    .map_or(bytes.len(), |n| i + n);
+                decoded.push_str(&path[i..next]);
+                i = next;
+            }
+        }
+    }
+    if !decoded.starts_with('/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len() - 1;
+    let mut trailing = false;
+    for (n, seg) in segments.iter().enumerate() {
+        match *seg {
+            "" => trailing = n == last,
+            "." => trailing = n == last,
+            ".." => {
+                out.pop();
+                trailing = n == last;
+            }
+            s => {
+                out.push(s);
+                trailing = false;
+            }
+        }
+    }
+    let mut normalized = format!("/{}", out.join("/"));
+    if trailing && normalized != "/" {
+        normalized.push('/');
+    }
+    if let Some(q) = query {
+        normalized.push('?');
+        normalized.push_str(q);
+    }
+    Ok(normalized)
 }
 
 /// What the waypoint adds to a request it forwards; returns the request id and the
@@ -151,6 +248,43 @@ mod tests {
             h.append(*k, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn paths_are_normalized_before_policies_and_the_endpoint_see_them() {
+        for (sent, seen) in [
+            ("/", "/"),
+            ("/admin", "/admin"),
+            ("/./admin", "/admin"),
+            ("/x/../admin", "/admin"),
+            ("/../../admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("/%2e%2E/admin", "/admin"),
+            ("//admin//users/", "/admin/users/"),
+            ("/a\\..\\admin", "/admin"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/a/./", "/a/"),
+            ("/a/b/..", "/a/"),
+            ("/a?x=/../y", "/a?x=/../y"),
+            ("/é/%C3%A9", "/é/%C3%A9"),
+            ("*", "*"),
+        ] {
+            assert_eq!(normalize_path(sent).as_deref(), Ok(seen), "{sent}");
+        }
+        assert_eq!(normalize_path("/%zz"), Err(PathError::BadEscape));
+        assert_eq!(normalize_path("/%4"), Err(PathError::BadEscape));
+        assert_eq!(normalize_path("admin"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn only_websocket_upgrades() {
+        let h = map(&[("connection", "upgrade"), ("upgrade", "h2c")]);
+        assert!(!is_upgrade(&h));
+        let h = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ]);
+        assert!(is_upgrade(&h));
     }
 
     #[test]

@@ -116,7 +116,8 @@ impl Body for RequestBody {
 struct Report {
     shared: Arc<Shared>,
     labels: ConnLabels,
-    status: StatusCode,
+    /// `None` until there is a response.
+    status: Option<StatusCode>,
     flags: &'static str,
     grpc_status: Option<Value>,
     started: Instant,
@@ -138,13 +139,36 @@ struct Report {
     /// What the policies said, when it is worth a line: a denial, a dry-run verdict, a
     /// matching AUDIT policy.
     authz: String,
+    /// Recorded already (metrics and the access-log line are written once).
+    finished: bool,
+}
+
+impl Drop for Report {
+    /// A request dropped before it has a response (the client went away while the
+    /// endpoint was being reached or answering) is still counted, as Envoy does: response
+    /// code 0, flag `DC`.
+    fn drop(&mut self) {
+        if !self.finished {
+            self.flags = "DC";
+            self.status = None;
+            if self.error.is_none() {
+                self.error = Some("the client went away before the response".into());
+            }
+            self.record();
+        }
+    }
 }
 
 impl Report {
-    fn finish(self) {
+    fn finish(mut self) {
+        self.record();
+    }
+
+    fn record(&mut self) {
+        self.finished = true;
         let m = &self.shared.metrics;
         m.active_requests.dec();
-        let mut conn = self.labels;
+        let mut conn = self.labels.clone();
         conn.response_flags = self.flags;
         let grpc = self.grpc_status.clone().unwrap_or_else(|| {
             Value::from(if self.protocol == "grpc" {
@@ -155,7 +179,7 @@ impl Report {
         });
         let labels = RequestLabels {
             conn,
-            response_code: self.status.as_u16(),
+            response_code: self.status.map_or(0, |s| s.as_u16()),
             grpc_response_status: grpc.clone(),
         };
         let duration = self.started.elapsed();
@@ -167,7 +191,7 @@ impl Report {
             authority = %self.authority,
             path = %self.path,
             protocol = self.protocol,
-            status = self.status.as_u16(),
+            status = self.status.map_or(0, |s| s.as_u16()),
             grpc_status = %grpc.0,
             flags = self.flags,
             duration_ms = duration.as_millis() as u64,
@@ -327,6 +351,9 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
     let grpc = is_grpc(req.headers());
     let protocol = if grpc { "grpc" } else { "http" };
     let upgrade = conn.protocol == Protocol::Http1 && is_upgrade(req.headers());
+    // First, before the waypoint adds its own headers (a `Connection` header naming them
+    // must not remove them).
+    remove_hop_by_hop(req.headers_mut(), upgrade);
     let route = pick(&shared, &conn.target, conn.client.peer.local);
     let (destination, upstream_addr) = match &route {
         Route::Hbone {
@@ -352,10 +379,33 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    let path = req
+    let sent_path = req
         .uri()
         .path_and_query()
         .map_or_else(|| "/".to_owned(), |p| p.to_string());
+    // Policies and the endpoint see the same, normalized path.
+    let normalized = crate::headers::normalize_path(&sent_path);
+    let path = normalized.clone().unwrap_or_else(|_| sent_path.clone());
+    // One host: the request target's authority when it has one, else `Host`; the
+    // endpoint gets the same.
+    if let Some(a) = req.uri().authority().cloned() {
+        match conn.protocol {
+            Protocol::Http1 => {
+                if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                    req.headers_mut().insert(HOST, v);
+                }
+            }
+            Protocol::Http2 => {
+                if req
+                    .headers()
+                    .get(HOST)
+                    .is_some_and(|h| h.as_bytes() != a.as_str().as_bytes())
+                {
+                    req.headers_mut().remove(HOST);
+                }
+            }
+        }
+    }
     let (request_id, trace_id) =
         annotate_request(req.headers_mut(), Some(conn.client.peer.addr.ip()));
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -363,7 +413,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
     let mut report = Report {
         shared: shared.clone(),
         labels,
-        status: StatusCode::OK,
+        status: None,
         flags: "-",
         grpc_status: None,
         started,
@@ -390,13 +440,24 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             .map_or_else(|| "-".to_owned(), |id| id.to_string()),
         error: None,
         authz: String::new(),
+        finished: false,
     };
+    if let Err(e) = &normalized {
+        return local(
+            report,
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "-",
+            Some(e.to_string()),
+        );
+    }
 
     let decision = {
         let state = shared.store.load();
         crate::authz::decide(
             &state,
             (&shared.config.namespace, &shared.config.name),
+            &shared.trust_domains,
             &conn.client,
             &conn.target,
             Some(crate::authz::RequestFacts {
@@ -430,13 +491,12 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
     }
 
     let (mut parts, body) = req.into_parts();
-    remove_hop_by_hop(&mut parts.headers, upgrade);
     // The waypoint answers `Expect: 100-continue` itself (hyper sends the 100 when the
     // body is first read, that is when the endpoint is ready to take it).
     parts.headers.remove(EXPECT);
     match conn.protocol {
         Protocol::Http1 => {
-            // Origin form toward the endpoint; the Host header travels unchanged.
+            // Origin form toward the endpoint, with the one host checked above.
             parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
             parts.version = Version::HTTP_11;
             if !parts.headers.contains_key(HOST)
@@ -446,7 +506,12 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                 parts.headers.insert(HOST, v);
             }
         }
-        Protocol::Http2 => parts.version = Version::HTTP_2,
+        Protocol::Http2 => {
+            parts.version = Version::HTTP_2;
+            let mut uri = std::mem::take(&mut parts.uri).into_parts();
+            uri.path_and_query = path.parse().ok();
+            parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+        }
     }
     let upstream_req = Request::from_parts(
         parts,
@@ -480,7 +545,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             }
             let (mut parts, body) = resp.into_parts();
             remove_hop_by_hop(&mut parts.headers, switching);
-            report.status = parts.status;
+            report.status = Some(parts.status);
             report.grpc_status = grpc_status(&parts.headers);
             Response::from_parts(
                 parts,
@@ -509,7 +574,7 @@ fn local(
     flags: &'static str,
     error: Option<String>,
 ) -> Response<ResponseBody> {
-    report.status = status;
+    report.status = Some(status);
     report.flags = flags;
     report.error = error;
     report.response_bytes = 0;

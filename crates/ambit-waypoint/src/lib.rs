@@ -134,7 +134,7 @@ impl WaypointConfig {
             .map_err(|e| StartError::Identity(e.to_string()))
     }
 
-    fn trust_domains(&self) -> Vec<String> {
+    pub(crate) fn trust_domains(&self) -> Vec<String> {
         std::iter::once(self.trust_domain.clone())
             .chain(self.trust_domain_aliases.iter().cloned())
             .collect()
@@ -175,6 +175,8 @@ pub(crate) struct Shared {
     /// Connections are refused until discovery has synced: before that the waypoint
     /// cannot tell what it serves.
     pub synced: watch::Receiver<XdsState>,
+    /// The mesh's trust domain, then its aliases.
+    pub trust_domains: Vec<String>,
 }
 
 /// A running waypoint.
@@ -301,6 +303,7 @@ impl Waypoint {
             _certs: certs,
             metrics: metrics.clone(),
             synced: xds.clone(),
+            trust_domains: config.trust_domains(),
             config,
         });
 

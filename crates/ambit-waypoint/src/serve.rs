@@ -291,6 +291,7 @@ where
     let decision = crate::authz::decide(
         &shared.store.load(),
         (&shared.config.namespace, &shared.config.name),
+        &shared.trust_domains,
         &client,
         &target,
         None,

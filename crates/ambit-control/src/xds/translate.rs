@@ -620,8 +620,8 @@ pub fn waypoint(
 
 /// On a waypoint's Gateway: `"true"` makes the pods behind the services (and the
 /// workloads) bound to it accept connections from the waypoint only, so nothing reaches
-/// them around it (Istio's documented pattern, an L4 ALLOW for the waypoint's identity,
-/// made one line).
+/// them around it (Istio's documented pattern, made one line, and as a DENY of every
+/// other caller so that no ALLOW reopens it).
 pub const WAYPOINT_ONLY_ANNOTATION: &str = "ambit.io/waypoint-only";
 
 /// The name of the L4 policy [`WAYPOINT_ONLY_ANNOTATION`] makes for waypoint `name`.
@@ -629,8 +629,10 @@ fn waypoint_only_name(name: &str) -> String {
     format!("ambit-waypoint-only-{name}")
 }
 
-/// The L4 ALLOW a waypoint-only Gateway gives its bound pods: connections from the
-/// waypoint's identity (selector-scoped: only pods that list it, see [`translate_pod`]).
+/// The L4 policy a waypoint-only Gateway gives its bound pods: a DENY of every
+/// connection not from the waypoint's identity (plaintext included), so no ALLOW on the
+/// pods can open a way around it (selector-scoped: only pods that list it, see
+/// [`translate_pod`]).
 fn waypoint_only_policy(
     g: &crate::model::resources::Gateway,
     o: &TranslateOptions,
@@ -646,11 +648,14 @@ fn waypoint_only_policy(
         name: waypoint_only_name(name),
         namespace: ns.to_owned(),
         scope: pb_sec::Scope::WorkloadSelector as i32,
-        action: pb_sec::Action::Allow as i32,
+        action: pb_sec::Action::Deny as i32,
         rules: vec![pb_sec::Rule {
             clauses: vec![pb_sec::Clause {
                 matches: vec![pb_sec::Match {
-                    principals: string_matches(&[format!("{}/ns/{ns}/sa/{name}", o.trust_domain)]),
+                    not_principals: string_matches(&[format!(
+                        "{}/ns/{ns}/sa/{name}",
+                        o.trust_domain
+                    )]),
                     ..Default::default()
                 }],
             }],
