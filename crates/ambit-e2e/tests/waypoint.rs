@@ -233,6 +233,28 @@ async fn echo(peer: SocketAddr, mut req: Request<Incoming>) -> Result<Response<B
             .unwrap();
         return Ok(resp);
     }
+    if h("content-type").starts_with("application/grpc") && req.uri().path().ends_with("/Chat") {
+        // Bidirectional streaming: every message back as it arrives, then status 0.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data()
+                    && tx.send(Ok(Frame::data(data))).await.is_err()
+                {
+                    return;
+                }
+            }
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+        });
+        let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
+        return Ok(Response::builder()
+            .header("content-type", "application/grpc")
+            .body(body)
+            .unwrap());
+    }
     if h("content-type").starts_with("application/grpc") {
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let mut trailers = http::HeaderMap::new();
@@ -1157,5 +1179,54 @@ async fn a_client_that_leaves_before_the_response_is_counted_once() {
         sum(&page, "istio_requests_total", &[]),
         1.0,
         "counted once: {page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_bidirectional_stream_flows_message_by_message() {
+    let s = setup().await;
+    let mut send = h2(&s.mesh, ECHO_VIP).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let resp = send
+        .send_request(
+            Request::post("http://echo.demo/test.Echo/Chat")
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    // Each message comes back before the next is sent: nothing waits for the whole
+    // stream on either side of the waypoint.
+    for i in 0..5u8 {
+        let msg = Bytes::from(vec![0, 0, 0, 0, 1, b'a' + i]);
+        tx.send(Ok(Frame::data(msg.clone()))).await.unwrap();
+        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+            .await
+            .expect("the echo of one message, while the stream is still open")
+            .unwrap()
+            .unwrap();
+        assert_eq!(frame.into_data().unwrap(), msg);
+    }
+    drop(tx);
+    let mut status = None;
+    while let Some(frame) = body.frame().await {
+        if let Ok(t) = frame.unwrap().into_trailers() {
+            status = t.get("grpc-status").cloned();
+        }
+    }
+    assert_eq!(status.unwrap(), "0");
+    let page = s.waypoint.metrics_text();
+    assert_eq!(
+        sum(
+            &page,
+            "istio_requests_total",
+            &[("request_protocol", "grpc"), ("grpc_response_status", "0")]
+        ),
+        1.0,
+        "{page}"
     );
 }
