@@ -58,20 +58,34 @@ pub fn route(
     original: SocketAddr,
     hbone_port: u16,
 ) -> Route {
-    decide(state, network, source, original, hbone_port, true)
+    decide(state, network, source, original, hbone_port, true, None)
 }
+
+/// Requests in flight to a workload, as a waypoint counts them.
+pub type Load<'a> = &'a dyn Fn(&Workload) -> usize;
 
 /// Where a waypoint sends a request (or connection) for `original` it accepted: like
 /// [`route`], past any waypoint (a request crosses at most one), so the waypoint and
-/// the node proxy pick endpoints the same way.
+/// the node proxy pick endpoints the same way; among the endpoints the service's
+/// locality preferences rank first, the less loaded of two picked at random (least
+/// request, "power of two choices"), by `load`.
 pub fn route_from_waypoint(
     state: &State,
     network: &str,
     source: Option<&Workload>,
     original: SocketAddr,
     hbone_port: u16,
+    load: Load<'_>,
 ) -> Route {
-    decide(state, network, source, original, hbone_port, false)
+    decide(
+        state,
+        network,
+        source,
+        original,
+        hbone_port,
+        false,
+        Some(load),
+    )
 }
 
 fn decide(
@@ -81,6 +95,7 @@ fn decide(
     original: SocketAddr,
     hbone_port: u16,
     use_waypoints: bool,
+    load: Option<Load<'_>>,
 ) -> Route {
     if let Some(service) = state.service_by_vip(network, original.ip()) {
         if use_waypoints
@@ -127,7 +142,7 @@ fn decide(
                 Some((w, target))
             })
             .collect();
-        let Some((workload, target_port)) = pick(service, source, &candidates) else {
+        let Some((workload, target_port)) = pick(service, source, &candidates, load) else {
             return Route::NoEndpoint {
                 service: service.clone(),
             };
@@ -305,6 +320,7 @@ fn pick<'a>(
     service: &Service,
     source: Option<&Workload>,
     candidates: &[(&'a Arc<Workload>, u16)],
+    load: Option<Load<'_>>,
 ) -> Option<(&'a Arc<Workload>, u16)> {
     if candidates.is_empty() {
         return None;
@@ -316,7 +332,8 @@ fn pick<'a>(
         ) && !lb.routing_preference.is_empty()
     });
     let (Some(lb), Some(source)) = (preference, source) else {
-        return Some(candidates[fastrand::usize(..candidates.len())]);
+        let all: Vec<usize> = (0..candidates.len()).collect();
+        return Some(candidates[choose(candidates, &all, load)]);
     };
     let ranks: Vec<usize> = candidates
         .iter()
@@ -329,7 +346,28 @@ fn pick<'a>(
     let top: Vec<usize> = (0..candidates.len())
         .filter(|i| ranks[*i] == best)
         .collect();
-    Some(candidates[top[fastrand::usize(..top.len())]])
+    Some(candidates[choose(candidates, &top, load)])
+}
+
+/// One of `among` (indexes into `candidates`, not empty): at random, or with `load`, the
+/// less loaded of two distinct ones drawn at random (ties: the first drawn).
+fn choose(candidates: &[(&Arc<Workload>, u16)], among: &[usize], load: Option<Load<'_>>) -> usize {
+    let first = among[fastrand::usize(..among.len())];
+    let Some(load) = load else {
+        return first;
+    };
+    if among.len() < 2 {
+        return first;
+    }
+    let mut second = among[fastrand::usize(..among.len() - 1)];
+    if second == first {
+        second = among[among.len() - 1];
+    }
+    if load(candidates[second].0) < load(candidates[first].0) {
+        second
+    } else {
+        first
+    }
 }
 
 #[cfg(test)]
@@ -658,5 +696,40 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A waypoint sends a request to the less loaded of the endpoints it draws; with two,
+    /// always the less loaded one, and both when they are equal.
+    #[test]
+    fn a_waypoint_balances_by_requests_in_flight() {
+        let mut st = State::default();
+        st.upsert_service(service(None));
+        for (name, ip) in [("busy", "198.18.2.10"), ("idle", "198.18.2.11")] {
+            st.upsert_workload(workload(
+                name,
+                ip,
+                "n2",
+                "z1",
+                TunnelProtocol::Hbone,
+                &[(KEY, 80, 8080)],
+            ));
+        }
+        let load = |w: &Workload| if w.name.as_ref() == "busy" { 100 } else { 0 };
+        for _ in 0..50 {
+            match route_from_waypoint(&st, "", None, addr("198.19.0.10:80"), 15008, &load) {
+                Route::Hbone { workload, .. } => assert_eq!(workload.name.as_ref(), "idle"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let even = |_: &Workload| 0;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            if let Route::Hbone { workload, .. } =
+                route_from_waypoint(&st, "", None, addr("198.19.0.10:80"), 15008, &even)
+            {
+                seen.insert(workload.name.to_string());
+            }
+        }
+        assert_eq!(seen.len(), 2, "equal loads spread: {seen:?}");
     }
 }

@@ -141,6 +141,8 @@ struct Report {
     authz: String,
     /// Recorded already (metrics and the access-log line are written once).
     finished: bool,
+    /// Counts the request against its endpoint until the report goes.
+    _in_flight: Option<crate::upstream::InFlightGuard>,
 }
 
 impl Drop for Report {
@@ -441,6 +443,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         error: None,
         authz: String::new(),
         finished: false,
+        _in_flight: destination.as_ref().map(|w| shared.in_flight.enter(&w.uid)),
     };
     if let Err(e) = &normalized {
         return local(

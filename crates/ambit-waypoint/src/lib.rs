@@ -171,6 +171,7 @@ pub(crate) struct Shared {
     pub _certs: CertManager,
     pub pool: Pool,
     pub upstreams: upstream::Upstreams,
+    pub in_flight: upstream::InFlight,
     pub metrics: Arc<Metrics>,
     /// Connections are refused until discovery has synced: before that the waypoint
     /// cannot tell what it serves.
@@ -297,6 +298,7 @@ impl Waypoint {
         let shared = Arc::new(Shared {
             pool: Pool::new(PoolConfig::default(), bundle.clone()),
             upstreams: upstream::Upstreams::default(),
+            in_flight: upstream::InFlight::default(),
             identity: identity.clone(),
             store,
             cert: cert.clone(),

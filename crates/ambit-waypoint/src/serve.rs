@@ -237,18 +237,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
-/// Where the waypoint sends traffic for `target`: the chosen endpoint, the upstream
-/// authority and HBONE address, or why there is none.
+/// Where the waypoint sends traffic for `target`: the chosen endpoint (the less loaded
+/// of two, by requests in flight), the upstream authority and HBONE address, or why
+/// there is none.
 pub(crate) fn pick(shared: &Shared, target: &Target, local: SocketAddr) -> Route {
     let state = shared.store.load();
     let network = &shared.config.network;
     let me = state.workload_by_ip(network, local.ip()).cloned();
+    let load = |w: &Workload| shared.in_flight.load(&w.uid);
     route_from_waypoint(
         &state,
         network,
         me.as_deref(),
         target.authority,
         ambit_hbone::HBONE_PORT,
+        &load,
     )
 }
 
@@ -333,6 +336,7 @@ where
     };
     let l = labels("-");
     shared.metrics.tcp_opened(&l);
+    let _in_flight = destination.as_ref().map(|w| shared.in_flight.enter(&w.uid));
     let mut io = io;
     let mut upstream = upstream;
     let (received, sent, error) = match tokio::io::copy_bidirectional(&mut io, &mut upstream).await

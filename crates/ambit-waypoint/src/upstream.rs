@@ -16,11 +16,12 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use ambit_core::discovery::Str;
 use ambit_core::route::Route;
 use ambit_hbone::{ConnectHeaders, ConnectRequest, H2Stream};
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -368,6 +369,67 @@ where
     });
 }
 
+/// Requests (and opaque connections) in flight per endpoint workload (uid), for
+/// least-request balancing. Read without a lock; a counter is added the first time an
+/// endpoint is used, and idle ones are dropped by the sweep.
+#[derive(Default)]
+pub struct InFlight(ArcSwap<HashMap<Str, Arc<AtomicUsize>>>);
+
+/// One request in flight to an endpoint; counted until dropped.
+pub struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl InFlight {
+    pub fn load(&self, uid: &str) -> usize {
+        self.0
+            .load()
+            .get(uid)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    pub fn enter(&self, uid: &Str) -> InFlightGuard {
+        let counter = match self.0.load().get(uid) {
+            Some(c) => c.clone(),
+            None => {
+                let mut made = None;
+                self.0.rcu(|m| {
+                    if m.contains_key(uid) {
+                        return m.clone();
+                    }
+                    let mut m = HashMap::clone(m);
+                    m.insert(
+                        uid.clone(),
+                        made.get_or_insert_with(|| Arc::new(AtomicUsize::new(0)))
+                            .clone(),
+                    );
+                    Arc::new(m)
+                });
+                self.0
+                    .load()
+                    .get(uid)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(AtomicUsize::new(0)))
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(counter)
+    }
+
+    /// Drops the counters of endpoints with nothing in flight.
+    fn sweep(&self) {
+        self.0.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.retain(|_, c| c.load(Ordering::Relaxed) > 0);
+            Arc::new(m)
+        });
+    }
+}
+
 /// Every 10 s, forgets endpoints unused for a minute (closing their idle connections).
 pub(crate) async fn sweep(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(10));
@@ -384,5 +446,6 @@ pub(crate) async fn sweep(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) 
             m.retain(|_, e| now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < 60);
             Arc::new(m)
         });
+        shared.in_flight.sweep();
     }
 }
