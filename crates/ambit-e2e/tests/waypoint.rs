@@ -1230,3 +1230,68 @@ async fn a_grpc_bidirectional_stream_flows_message_by_message() {
         "{page}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_receives_only_the_policies_that_apply_to_it() {
+    let s = setup().await;
+    let policy = |name: &str, kind: &str, target: &str| {
+        format!(
+            "---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: {name}, namespace: demo}}
+spec:
+  targetRefs: [{{kind: {kind}, group: '', name: {target}}}]
+  action: DENY
+  rules: [{{to: [{{operation: {{paths: ['/never']}}}}]}}]
+"
+        )
+    };
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/policies.yaml"),
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: elsewhere, namespace: demo}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+{}{}{}",
+            policy("for-this-gateway", "Gateway", "waypoint"),
+            policy("for-another-gateway", "Gateway", "elsewhere"),
+            policy("for-echo", "Service", "echo"),
+        ),
+    )
+    .unwrap();
+    let names = || {
+        let mut v: Vec<String> = s
+            .waypoint
+            .state()
+            .targeted_policies()
+            .map(|p| p.key())
+            .collect();
+        v.sort();
+        v
+    };
+    eventually("this waypoint's two policies", || {
+        names() == ["demo/for-echo", "demo/for-this-gateway"]
+    })
+    .await;
+    // The echo service leaves the waypoint: its policy leaves it too.
+    let path = s.mesh.dir.path().join("manifests/mesh.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace(
+            "metadata: {name: echo, namespace: demo, labels: {istio.io/use-waypoint: waypoint}}",
+            "metadata: {name: echo, namespace: demo}",
+        ),
+    )
+    .unwrap();
+    eventually("only the Gateway's policy", || {
+        names() == ["demo/for-this-gateway"]
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(names(), ["demo/for-this-gateway"]);
+}

@@ -285,6 +285,7 @@ impl Waypoint {
             store.clone(),
             &ambit_xds::ResourceKind::WAYPOINT,
         );
+        let client = client.for_waypoint(format!("{}/{}", config.namespace, config.name));
         let mut tasks = vec![tokio::spawn(client.run(stop_rx.clone()))];
         if let Some(path) = &config.trust_bundle_file {
             tasks.push(tokio::spawn(ambit_tls::bundle::follow_file(

@@ -145,6 +145,9 @@ pub struct XdsClient {
     /// Waypoint policies the last push could not read, by name: until a readable version
     /// arrives the waypoint cannot enforce them (it refuses what they may apply to).
     refused: std::collections::BTreeMap<Str, String>,
+    /// `<namespace>/<name>` of the waypoint this client serves, announced to the control
+    /// plane (node metadata `WAYPOINT`) so it is sent only that waypoint's policies.
+    waypoint: Option<String>,
     interner: Interner,
     state: watch::Sender<XdsState>,
 }
@@ -183,11 +186,18 @@ impl XdsClient {
                 versions: vec![HashMap::new(); kinds.len()],
                 synced: vec![false; kinds.len()],
                 refused: Default::default(),
+                waypoint: None,
                 interner: Interner::default(),
                 state,
             },
             rx,
         )
+    }
+
+    /// Announces the waypoint (`<namespace>/<name>`) this client serves.
+    pub fn for_waypoint(mut self, waypoint: String) -> Self {
+        self.waypoint = Some(waypoint);
+        self
     }
 
     /// Keeps a stream open until `stop` fires, reconnecting with backoff.
@@ -234,6 +244,14 @@ impl XdsClient {
                 kind: Some(Kind::StringValue(self.config.node_name.clone())),
             },
         );
+        if let Some(w) = &self.waypoint {
+            metadata.fields.insert(
+                "WAYPOINT".into(),
+                Value {
+                    kind: Some(Kind::StringValue(w.clone())),
+                },
+            );
+        }
         Node {
             id: format!("ambit~{}", self.config.node_name),
             cluster: String::new(),

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 use ambit_core::discovery::Str;
 use ambit_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use ambit_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use ambit_proto::prost::Message as _;
 use ambit_proto::prost_types::Any;
 use ambit_proto::prost_types::value::Kind as ValueKind;
 use serde::Serialize;
@@ -168,6 +169,7 @@ impl AggregatedDiscoveryService for AdsService {
             types: Default::default(),
             nonce: 0,
             ambit: false,
+            waypoint: None,
         };
         tokio::spawn(stream.run());
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -203,6 +205,9 @@ struct Subscriber {
     /// An Ambit node proxy (node id `ambit~...`): it is also sent the policies that
     /// carry Ambit's extensions; other clients (Istio's ztunnel) are not.
     ambit: bool,
+    /// The waypoint (`<namespace>/<name>`) the subscriber serves, from its node metadata
+    /// `WAYPOINT`: it is sent only the waypoint policies that apply to it.
+    waypoint: Option<String>,
 }
 
 impl Subscriber {
@@ -246,6 +251,7 @@ impl Subscriber {
             && !node.id.is_empty()
         {
             self.ambit = node.id.starts_with("ambit~");
+            self.waypoint = node_metadata(&req, "WAYPOINT").map(str::to_owned);
         }
         if let Some(name) = node_name(&req)
             && name != self.node
@@ -500,6 +506,26 @@ impl Subscriber {
                 removed.insert(n);
             }
         }
+        // A waypoint is sent the waypoint policies that apply to it; one that stopped
+        // applying is removed from it.
+        if t == ResourceType::WaypointPolicy
+            && let Some(w) = &self.waypoint
+        {
+            let elsewhere: Vec<Str> = send
+                .iter()
+                .filter(|n| {
+                    resources.get(n.as_ref()).is_some_and(|enc| {
+                        ambit_proto::waypoint::Policy::decode(&*enc.body)
+                            .map_or(true, |p| !p.waypoints.iter().any(|x| x == w))
+                    })
+                })
+                .cloned()
+                .collect();
+            for n in elsewhere {
+                send.remove(&n);
+                removed.insert(n);
+            }
+        }
         state.initial = None;
         // Send even an empty push once on subscribing: the client learns it is in sync.
         let first_push = state.acked.is_none();
@@ -521,13 +547,12 @@ use ambit_proto::discovery::PUSH_CONTINUES as MORE;
 
 /// `node.metadata.NODE_NAME`, if sent.
 fn node_name(req: &DeltaDiscoveryRequest) -> Option<&str> {
-    let value = req
-        .node
-        .as_ref()?
-        .metadata
-        .as_ref()?
-        .fields
-        .get("NODE_NAME")?;
+    node_metadata(req, "NODE_NAME")
+}
+
+/// A string of `node.metadata`, if sent.
+fn node_metadata<'r>(req: &'r DeltaDiscoveryRequest, key: &str) -> Option<&'r str> {
+    let value = req.node.as_ref()?.metadata.as_ref()?.fields.get(key)?;
     match &value.kind {
         Some(ValueKind::StringValue(s)) => Some(s),
         _ => None,

@@ -56,6 +56,7 @@ pub fn translate(
         return (None, warnings);
     }
     let mut targets = Vec::new();
+    let mut waypoints = Vec::new();
     for t in refs {
         let kind = t.kind.as_str();
         let name = t.name.as_str();
@@ -69,12 +70,16 @@ pub fn translate(
         }
         match kind {
             "Service" => {
-                let served = match model.lookup(Kind::Service, ns, name) {
+                let bound = match model.lookup(Kind::Service, ns, name) {
                     Some(Object::Service(svc)) => {
-                        waypoint(model, &svc.metadata, WaypointFor::Service, o).is_some()
+                        waypoint(model, &svc.metadata, WaypointFor::Service, o)
                     }
-                    _ => false,
+                    _ => None,
                 };
+                let served = bound.is_some();
+                if let Some(w) = bound.as_ref().and_then(|g| gateway_of(g, o)) {
+                    waypoints.push(w);
+                }
                 if !served {
                     warnings.push(format!(
                         "NOT ENFORCED for Service {name}: it is not bound to a waypoint (label it istio.io/use-waypoint=<waypoint>)"
@@ -86,7 +91,9 @@ pub fn translate(
                     model.lookup(Kind::Gateway, ns, name),
                     Some(Object::Gateway(g)) if g.spec.gateway_class_name.as_str() == WAYPOINT_CLASS
                 );
-                if !waypoint_gateway {
+                if waypoint_gateway {
+                    waypoints.push(format!("{ns}/{name}"));
+                } else {
                     warnings.push(format!(
                         "NOT ENFORCED for Gateway {name}: no Gateway of class {WAYPOINT_CLASS} by that name in {ns}"
                     ));
@@ -141,8 +148,29 @@ pub fn translate(
         action: action as i32,
         dry_run: p.metadata.annotations.get(DRY_RUN_ANNOTATION) == Some("true"),
         rules,
+        waypoints: {
+            waypoints.sort();
+            waypoints.dedup();
+            waypoints
+        },
     };
     (Some(policy), warnings)
+}
+
+/// `<namespace>/<name>` of the waypoint a `waypoint` field names (by its Service's
+/// hostname, `<name>.<namespace>.svc.<domain suffix>`).
+pub fn gateway_of(
+    g: &ambit_proto::workload::GatewayAddress,
+    o: &TranslateOptions,
+) -> Option<String> {
+    let Some(ambit_proto::workload::gateway_address::Destination::Hostname(h)) = &g.destination
+    else {
+        return None;
+    };
+    let name = h
+        .hostname
+        .strip_suffix(&format!(".{}.svc.{}", h.namespace, o.domain_suffix))?;
+    Some(format!("{}/{name}", h.namespace))
 }
 
 /// One rule: a clause for `from`, one for `to`, one per `when` condition.
