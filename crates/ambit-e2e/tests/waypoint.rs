@@ -1295,3 +1295,81 @@ spec:
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(names(), ["demo/for-this-gateway"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_through_the_waypoint_counts_its_bytes_even_when_reset() {
+    let s = setup().await;
+    // A plain TCP echo behind a second service port.
+    let path = s.mesh.dir.path().join("manifests/mesh.yaml");
+    let manifest = std::fs::read_to_string(&path).unwrap();
+    let more = manifest.replace(
+        "ports: [{name: tcp-echo, port: 80, targetPort: 8080}]",
+        "ports: [{name: tcp-echo, port: 80, targetPort: 8080}, {name: tcp-raw, port: 91, targetPort: 9090}]",
+    );
+    assert_ne!(manifest, more);
+    std::fs::write(&path, more).unwrap();
+    eventually("port 91 at the waypoint", || {
+        s.waypoint
+            .state()
+            .services()
+            .any(|s| s.name.as_ref() == "echo" && s.ports.iter().any(|p| p.service_port == 91))
+    })
+    .await;
+    eventually("port 91 at node-a", || {
+        s.mesh
+            .node("node-a")
+            .store()
+            .load()
+            .services()
+            .any(|s| s.name.as_ref() == "echo" && s.ports.iter().any(|p| p.service_port == 91))
+    })
+    .await;
+    s.mesh.echo_app("echo-1", 9090);
+    let mut conn = s
+        .mesh
+        .pod("sleep")
+        .connect(SocketAddr::new(ECHO_VIP.ip(), 91))
+        .await
+        .unwrap();
+    // Not HTTP: carried as opaque TCP.
+    conn.write_all(b"\x01\x02\x03abcd").await.unwrap();
+    let mut back = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"\x01\x02\x03abcd");
+    // The client resets instead of closing.
+    socket2::SockRef::from(&conn)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(conn);
+    eventually("the connection's bytes in the waypoint's metrics", || {
+        let page = s.waypoint.metrics_text();
+        sum(
+            &page,
+            "istio_tcp_connections_closed_total",
+            &[("reporter", "waypoint")],
+        ) == 1.0
+    })
+    .await;
+    let page = s.waypoint.metrics_text();
+    assert_eq!(
+        sum(
+            &page,
+            "istio_tcp_received_bytes_total",
+            &[("reporter", "waypoint")]
+        ),
+        7.0,
+        "{page}"
+    );
+    assert_eq!(
+        sum(
+            &page,
+            "istio_tcp_sent_bytes_total",
+            &[("reporter", "waypoint")]
+        ),
+        7.0,
+        "{page}"
+    );
+}

@@ -237,6 +237,58 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
+/// A stream that counts the bytes read from it and written to it.
+struct Counted<S> {
+    inner: S,
+    read: u64,
+    written: u64,
+}
+
+impl<S> Counted<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.written += *n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Where the waypoint sends traffic for `target`: the chosen endpoint (the less loaded
 /// of two, by requests in flight), the upstream authority and HBONE address, or why
 /// there is none.
@@ -337,18 +389,15 @@ where
     let l = labels("-");
     shared.metrics.tcp_opened(&l);
     let _in_flight = destination.as_ref().map(|w| shared.in_flight.enter(&w.uid));
-    let mut io = io;
+    // Counted as they pass, so a connection that ends in an error or a reset (a normal
+    // end for a tunnel) still reports what it moved.
+    let mut io = Counted::new(io);
     let mut upstream = upstream;
-    let (received, sent, error) = match tokio::io::copy_bidirectional(&mut io, &mut upstream).await
-    {
-        Ok((from_client, to_client)) => (from_client, to_client, None),
-        // tokio's copy reports no partial counts on error.
-        Err(e) => (
-            0,
-            0,
-            (!ambit_hbone::stream::is_reset(&e)).then(|| e.to_string()),
-        ),
+    let error = match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+        Ok(_) => None,
+        Err(e) => (!ambit_hbone::stream::is_reset(&e)).then(|| e.to_string()),
     };
+    let (received, sent) = (io.read, io.written);
     let stats = ambit_hbone::stream::CopyStats { sent, received };
     shared.metrics.tcp_closed(&l, stats.sent, stats.received);
     tracing::info!(
