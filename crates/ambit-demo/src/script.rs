@@ -1094,47 +1094,43 @@ async fn waypoint_step(
     Ok(())
 }
 
-/// `istio_requests_total{...} N` with only the labels worth reading.
-fn summarize_request_metric(line: &str) -> String {
+/// A metric sample with only the labels in `keep`: `name{k="v",...} N`.
+fn summarize(line: &str, keep: &[&str]) -> String {
     let (head, value) = line.rsplit_once(' ').unwrap_or((line, ""));
-    let keep = [
-        "source_workload",
-        "destination_workload",
-        "request_protocol",
-        "response_code",
-    ];
-    let labels: Vec<&str> = head
-        .split_once('{')
-        .map(|(_, l)| l.trim_end_matches('}'))
-        .unwrap_or("")
+    let (name, labels) = head.split_once('{').unwrap_or((head, ""));
+    let labels: Vec<&str> = labels
+        .trim_end_matches('}')
         .split("\",")
         .map(|kv| kv.trim_end_matches('"'))
         .filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}="))))
         .collect();
-    format!("istio_requests_total{{{}\"}} {value}", labels.join("\","))
+    format!("{name}{{{}\"}} {value}", labels.join("\","))
 }
 
 fn summarize_metric(line: &str) -> String {
-    let (head, value) = line.rsplit_once(' ').unwrap_or((line, ""));
-    let keep = [
-        "source_workload",
-        "source_principal",
-        "destination_workload",
-        "destination_principal",
-        "destination_service",
-        "connection_security_policy",
-    ];
-    let labels: Vec<&str> = head
-        .split_once('{')
-        .map(|(_, l)| l.trim_end_matches('}'))
-        .unwrap_or("")
-        .split("\",")
-        .map(|kv| kv.trim_end_matches('"'))
-        .filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}="))))
-        .collect();
-    format!(
-        "istio_tcp_connections_opened_total{{{}\"}} {value}",
-        labels.join("\",")
+    summarize(
+        line,
+        &[
+            "source_workload",
+            "source_principal",
+            "destination_workload",
+            "destination_principal",
+            "destination_service",
+            "connection_security_policy",
+        ],
+    )
+}
+
+/// `istio_requests_total{...} N` with only the labels worth reading.
+fn summarize_request_metric(line: &str) -> String {
+    summarize(
+        line,
+        &[
+            "source_workload",
+            "destination_workload",
+            "request_protocol",
+            "response_code",
+        ],
     )
 }
 

@@ -672,14 +672,11 @@ fn waypoint_only_key(
     gateway: &pb::GatewayAddress,
     o: &TranslateOptions,
 ) -> Option<String> {
-    let Some(pb::gateway_address::Destination::Hostname(h)) = &gateway.destination else {
-        return None;
-    };
-    let suffix = format!(".{}.svc.{}", h.namespace, o.domain_suffix);
-    let name = h.hostname.strip_suffix(&suffix)?;
-    match model.lookup(Kind::Gateway, &h.namespace, name) {
+    let key = waypoint_policy::gateway_of(gateway, o)?;
+    let (ns, name) = key.split_once('/')?;
+    match model.lookup(Kind::Gateway, ns, name) {
         Some(Object::Gateway(g)) if waypoint_only_policy(g, o).is_some() => {
-            Some(format!("{}/{}", h.namespace, waypoint_only_name(name)))
+            Some(format!("{ns}/{}", waypoint_only_name(name)))
         }
         _ => None,
     }
