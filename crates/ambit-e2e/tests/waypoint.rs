@@ -652,29 +652,7 @@ async fn malformed_and_slow_clients_get_a_status_or_a_close() {
 async fn an_unreachable_endpoint_is_503_with_envoys_flag() {
     let s = setup().await;
     // Nothing listens on the echo's port 8081 behind a second service port.
-    let path = s.mesh.dir.path().join("manifests/mesh.yaml");
-    let manifest = std::fs::read_to_string(&path).unwrap();
-    let more = manifest.replace(
-        "ports: [{name: tcp-echo, port: 80, targetPort: 8080}]",
-        "ports: [{name: tcp-echo, port: 80, targetPort: 8080}, {name: http-dead, port: 81, targetPort: 8081}]",
-    );
-    assert_ne!(manifest, more);
-    std::fs::write(&path, more).unwrap();
-    let node = s.mesh.node("node-a");
-    eventually("port 81 of the echo service", || {
-        node.store()
-            .load()
-            .services()
-            .any(|s| s.name.as_ref() == "echo" && s.ports.iter().any(|p| p.service_port == 81))
-    })
-    .await;
-    eventually("port 81 at the waypoint too", || {
-        s.waypoint
-            .state()
-            .services()
-            .any(|s| s.name.as_ref() == "echo" && s.ports.iter().any(|p| p.service_port == 81))
-    })
-    .await;
+    add_echo_port(&s, 81, 8081).await;
     let dead = SocketAddr::new(ECHO_VIP.ip(), 81);
     let mut send = h1(&s.mesh, dead).await;
     let resp = send
@@ -1040,6 +1018,31 @@ async fn a_waypoint_only_gateway_closes_the_way_around_it() {
     assert_eq!(line["src.identity"], SLEEP_ID);
 }
 
+/// Gives the echo service a second port (`port` -> the pods' `target`) and waits until
+/// node-a's proxy and the waypoint both know it.
+async fn add_echo_port(s: &Setup, port: u16, target: u16) {
+    let path = s.mesh.dir.path().join("manifests/mesh.yaml");
+    let manifest = std::fs::read_to_string(&path).unwrap();
+    let more = manifest.replace(
+        "ports: [{name: tcp-echo, port: 80, targetPort: 8080}]",
+        &format!(
+            "ports: [{{name: tcp-echo, port: 80, targetPort: 8080}}, {{name: more, port: {port}, targetPort: {target}}}]"
+        ),
+    );
+    assert_ne!(manifest, more);
+    std::fs::write(&path, more).unwrap();
+    let has = |state: &ambit_core::state::State| {
+        state
+            .services()
+            .any(|s| s.name.as_ref() == "echo" && s.ports.iter().any(|p| p.service_port == port))
+    };
+    eventually("the new port at node-a", || {
+        has(&s.mesh.node("node-a").store().load())
+    })
+    .await;
+    eventually("the new port at the waypoint", || has(&s.waypoint.state())).await;
+}
+
 /// Writes a DENY of paths under /admin at the echo service and waits for the waypoint.
 async fn deny_admin(s: &Setup) {
     std::fs::write(
@@ -1300,30 +1303,7 @@ spec:
 async fn opaque_tcp_through_the_waypoint_counts_its_bytes_even_when_reset() {
     let s = setup().await;
     // A plain TCP echo behind a second service port.
-    let path = s.mesh.dir.path().join("manifests/mesh.yaml");
-    let manifest = std::fs::read_to_string(&path).unwrap();
-    let more = manifest.replace(
-        "ports: [{name: tcp-echo, port: 80, targetPort: 8080}]",
-        "ports: [{name: tcp-echo, port: 80, targetPort: 8080}, {name: tcp-raw, port: 91, targetPort: 9090}]",
-    );
-    assert_ne!(manifest, more);
-    std::fs::write(&path, more).unwrap();
-    eventually("port 91 at the waypoint", || {
-        s.waypoint
-            .state()
-            .services()
-            .any(|s| s.name.as_ref() == "echo" && s.ports.iter().any(|p| p.service_port == 91))
-    })
-    .await;
-    eventually("port 91 at node-a", || {
-        s.mesh
-            .node("node-a")
-            .store()
-            .load()
-            .services()
-            .any(|s| s.name.as_ref() == "echo" && s.ports.iter().any(|p| p.service_port == 91))
-    })
-    .await;
+    add_echo_port(&s, 91, 9090).await;
     s.mesh.echo_app("echo-1", 9090);
     let mut conn = s
         .mesh
