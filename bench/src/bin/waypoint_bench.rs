@@ -61,6 +61,10 @@ struct Args {
     /// Where to write the markdown report.
     #[arg(long, default_value = "bench/results/waypoint.md")]
     output: PathBuf,
+    /// Log every request at the waypoint (its access log, with the time each spent
+    /// inside it) and keep the work folder, for looking at where the hop's time goes.
+    #[arg(long)]
+    access_log: bool,
 }
 
 const H1_PORT: u16 = 8080;
@@ -262,7 +266,7 @@ status: {{podIP: {WAYPOINT_IP}}}
             "--log-format",
             "json",
             "--log-level",
-            "warn",
+            if args.access_log { "info" } else { "warn" },
             "waypoint",
             "run",
             "-n",
@@ -356,6 +360,10 @@ status: {{podIP: {WAYPOINT_IP}}}
     println!("written to {}", args.output.display());
     drop(procs);
     drop(topo);
+    if args.access_log {
+        let kept = work.keep();
+        println!("work folder kept: {} (waypoint.log)", kept.display());
+    }
     Ok(())
 }
 

@@ -121,6 +121,8 @@ struct Report {
     flags: &'static str,
     grpc_status: Option<Value>,
     started: Instant,
+    /// From the request's arrival to the endpoint's response head.
+    upstream_time: Option<std::time::Duration>,
     request_bytes: Arc<AtomicU64>,
     response_bytes: u64,
     method: http::Method,
@@ -197,6 +199,8 @@ impl Report {
             grpc_status = %grpc.0,
             flags = self.flags,
             duration_ms = duration.as_millis() as u64,
+            duration_us = duration.as_micros() as u64,
+            upstream_us = self.upstream_time.map_or(0, |d| d.as_micros() as u64),
             request_bytes,
             response_bytes = self.response_bytes,
             upstream = %self.upstream,
@@ -443,6 +447,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         error: None,
         authz: String::new(),
         finished: false,
+        upstream_time: None,
         _in_flight: destination.as_ref().map(|w| shared.in_flight.enter(&w.uid)),
     };
     if let Err(e) = &normalized {
@@ -549,6 +554,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             let (mut parts, body) = resp.into_parts();
             remove_hop_by_hop(&mut parts.headers, switching);
             report.status = Some(parts.status);
+            report.upstream_time = Some(started.elapsed());
             report.grpc_status = grpc_status(&parts.headers);
             Response::from_parts(
                 parts,
