@@ -287,12 +287,10 @@ impl State {
         }
     }
 
-    /// The first unreadable waypoint policy of `namespace`, if any: what it would allow
-    /// or deny there is unknown.
-    pub fn refused_targeted_in(&self, namespace: &str) -> Option<&Str> {
-        self.refused_targeted
-            .iter()
-            .find(|k| k.split_once('/').is_some_and(|(ns, _)| ns == namespace))
+    /// The waypoint policies that could not be read: what they would allow or deny is
+    /// unknown.
+    pub fn refused_targeted(&self) -> impl Iterator<Item = &Str> {
+        self.refused_targeted.iter()
     }
 
     /// Every waypoint policy.

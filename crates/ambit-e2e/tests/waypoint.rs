@@ -1353,3 +1353,41 @@ async fn opaque_tcp_through_the_waypoint_counts_its_bytes_even_when_reset() {
         "{page}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_bound_to_the_waypoint_gateway_class_applies_at_every_waypoint() {
+    let s = setup().await;
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/mesh-wide.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-deletes, namespace: istio-system}
+spec:
+  targetRefs: [{kind: GatewayClass, group: gateway.networking.k8s.io, name: istio-waypoint}]
+  action: DENY
+  rules: [{to: [{operation: {methods: [DELETE]}}]}]
+",
+    )
+    .unwrap();
+    eventually("the mesh-wide policy at the waypoint", || {
+        s.waypoint.state().targeted_policies().count() == 1
+    })
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    for (method, want) in [("DELETE", StatusCode::FORBIDDEN), ("GET", StatusCode::OK)] {
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(
+                Request::builder()
+                    .method(method)
+                    .uri("/x")
+                    .header("host", "echo.demo")
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want, "{method}");
+        let _ = text(resp).await;
+    }
+}

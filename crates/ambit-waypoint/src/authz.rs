@@ -1,11 +1,13 @@
 //! L7 authorization at the waypoint: the AuthorizationPolicies bound to it by
-//! `targetRefs` (its Gateway, and the Service a request is addressed to), evaluated per
+//! `targetRefs` (the GatewayClass `istio-waypoint`, its Gateway, and the Service a
+//! request is addressed to), evaluated per
 //! request by the same engine the node proxy uses per connection
 //! ([`ambit_core::policy::evaluate`]). Selector policies are the node proxies' (the
 //! destination's node proxy still enforces them, with the waypoint as the source).
 //!
-//! Fail closed: a policy of the namespace that discovery sent and this waypoint could
-//! not read denies every request there until a readable version arrives.
+//! Fail closed: a policy that discovery sent and this waypoint could not read denies
+//! every request until a readable version arrives (the waypoint is sent only policies
+//! that apply to it, so it may apply to any request).
 
 use std::net::SocketAddr;
 
@@ -14,6 +16,10 @@ use ambit_core::state::State;
 use http::HeaderMap;
 
 use crate::serve::{Client, Target};
+
+/// The gateway class of waypoints: a policy bound to it (from the root namespace)
+/// applies at every waypoint.
+const WAYPOINT_CLASS: &str = "istio-waypoint";
 
 /// A request's headers for the policies.
 pub struct Headers<'a>(pub &'a HeaderMap);
@@ -60,20 +66,21 @@ pub fn decide(
 ) -> Decision {
     let (gw_ns, gw_name) = gateway;
     let service = target.service.as_deref();
-    for ns in std::iter::once(gw_ns).chain(service.map(|s| s.namespace.as_ref())) {
-        if let Some(key) = state.refused_targeted_in(ns) {
-            return Decision {
-                allowed: false,
-                reason: format!(
-                    "denied: policy {key} applies here and this waypoint could not accept it"
-                ),
-                dry_run: None,
-                audit: None,
-            };
-        }
+    // The control plane sends a waypoint only the policies that apply to it, so one it
+    // could not read may apply to any request here (a GatewayClass policy, to all).
+    if let Some(key) = state.refused_targeted().next() {
+        return Decision {
+            allowed: false,
+            reason: format!(
+                "denied: policy {key} applies to this waypoint and it could not accept it"
+            ),
+            dry_run: None,
+            audit: None,
+        };
     }
     let policies: Vec<_> = state
-        .policies_targeting("Gateway", gw_ns, gw_name)
+        .policies_targeting("GatewayClass", "", WAYPOINT_CLASS)
+        .chain(state.policies_targeting("Gateway", gw_ns, gw_name))
         .chain(
             service
                 .into_iter()

@@ -461,9 +461,9 @@ pub fn waypoint_policy(
     }
     let mut targets = Vec::with_capacity(p.targets.len());
     for t in &p.targets {
-        if !matches!(t.kind.as_str(), "Gateway" | "Service") {
+        if !matches!(t.kind.as_str(), "Gateway" | "Service" | "GatewayClass") {
             return Err(format!(
-                "target kind {:?} is not Gateway or Service",
+                "target kind {:?} is not Gateway, Service or GatewayClass",
                 t.kind
             ));
         }

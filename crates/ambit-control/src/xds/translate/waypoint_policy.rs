@@ -1,5 +1,6 @@
-//! AuthorizationPolicies bound by `targetRefs` (a waypoint's Gateway, or a Service
-//! bound to a waypoint) as Ambit's waypoint policy resource (`ambit.waypoint.v1.Policy`):
+//! AuthorizationPolicies bound by `targetRefs` (a waypoint's Gateway, a Service bound to
+//! a waypoint, or, from the root namespace, the GatewayClass `istio-waypoint`: every
+//! waypoint) as Ambit's waypoint policy resource (`ambit.waypoint.v1.Policy`):
 //! every field the waypoint can check at L7, the connection fields in Istio's own match
 //! message so the one engine reads them the same way at both layers.
 //!
@@ -99,9 +100,37 @@ pub fn translate(
                     ));
                 }
             }
+            // Every waypoint of the mesh, from the root namespace (as in Istio).
+            "GatewayClass" if name == WAYPOINT_CLASS && ns == o.root_namespace => {
+                for g in model.of_kind(Kind::Gateway) {
+                    if let Object::Gateway(g) = g
+                        && g.spec.gateway_class_name.as_str() == WAYPOINT_CLASS
+                    {
+                        waypoints.push(format!(
+                            "{}/{}",
+                            g.metadata.namespace(),
+                            g.metadata.name.as_str()
+                        ));
+                    }
+                }
+                // Cluster-scoped: its target has no namespace.
+                targets.push(pb_wp::Target {
+                    kind: kind.to_owned(),
+                    namespace: String::new(),
+                    name: name.to_owned(),
+                });
+                continue;
+            }
+            "GatewayClass" => {
+                warnings.push(format!(
+                    "NOT ENFORCED for GatewayClass {name}: only the class {WAYPOINT_CLASS}, from the root namespace ({}), binds a policy to every waypoint",
+                    o.root_namespace
+                ));
+                continue;
+            }
             other => {
                 warnings.push(format!(
-                    "NOT ENFORCED for {other} {name}: a waypoint policy binds to a Gateway or a Service"
+                    "NOT ENFORCED for {other} {name}: a waypoint policy binds to a Gateway, a Service or the GatewayClass {WAYPOINT_CLASS}"
                 ));
                 continue;
             }
