@@ -65,6 +65,10 @@ struct Args {
     /// inside it) and keep the work folder, for looking at where the hop's time goes.
     #[arg(long)]
     access_log: bool,
+    /// After setting up, keep the mesh running this many seconds (and print where
+    /// things are) before measuring: for looking at it with other tools.
+    #[arg(long, default_value_t = 0)]
+    hold: u64,
 }
 
 const H1_PORT: u16 = 8080;
@@ -343,6 +347,14 @@ status: {{podIP: {WAYPOINT_IP}}}
         bail!("the l7 service's requests did not cross the waypoint");
     }
 
+    if args.hold > 0 {
+        println!(
+            "holding {} s: waypoint pid {waypoint}; client pod netns {} (l4 {L4_VIP}, l7 {L7_VIP}; ports {H1_PORT} HTTP/1.1, {H2_PORT} HTTP/2)",
+            args.hold,
+            targets[2].client.netns_path().display(),
+        );
+        tokio::time::sleep(Duration::from_secs(args.hold)).await;
+    }
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
     for rep in 0..args.reps {
         for (i, t) in targets.iter().enumerate() {
