@@ -145,6 +145,11 @@ pub struct XdsClient {
     /// Waypoint policies the last push could not read, by name: until a readable version
     /// arrives the waypoint cannot enforce them (it refuses what they may apply to).
     refused: std::collections::BTreeMap<Str, String>,
+    /// Per type, the resources held as denying stand-ins because their last version
+    /// could not be read. A reconnect lists them (with an empty version) so the control
+    /// plane either sends them again or says they are gone: a stand-in for a resource
+    /// deleted while disconnected must not outlive it.
+    stand_ins: Vec<std::collections::HashSet<Str>>,
     /// `<namespace>/<name>` of the waypoint this client serves, announced to the control
     /// plane (node metadata `WAYPOINT`) so it is sent only that waypoint's policies.
     waypoint: Option<String>,
@@ -186,6 +191,7 @@ impl XdsClient {
                 versions: vec![HashMap::new(); kinds.len()],
                 synced: vec![false; kinds.len()],
                 refused: Default::default(),
+                stand_ins: vec![Default::default(); kinds.len()],
                 waypoint: None,
                 interner: Interner::default(),
                 state,
@@ -259,6 +265,33 @@ impl XdsClient {
         }
     }
 
+    /// The first request of each type on a new stream: what is held (accepted
+    /// versions, and stand-ins with an empty version, which never matches), so only
+    /// differences and removals are sent. Policies first: the control plane then has
+    /// them out before the workloads that name them.
+    fn subscriptions(&self) -> Vec<DeltaDiscoveryRequest> {
+        self.kinds
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, kind)| DeltaDiscoveryRequest {
+                node: Some(self.node()),
+                type_url: kind.type_url().to_owned(),
+                initial_resource_versions: self.versions[i]
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .chain(
+                        self.stand_ins[i]
+                            .iter()
+                            .filter(|k| !self.versions[i].contains_key(*k))
+                            .map(|k| (k.to_string(), String::new())),
+                    )
+                    .collect(),
+                ..Default::default()
+            })
+            .collect()
+    }
+
     async fn session(&mut self) -> Result<(), SessionError> {
         let channel = control_plane_channel(
             &self.config.address,
@@ -270,18 +303,7 @@ impl XdsClient {
         let mut client =
             AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-        // Policies first: the control plane then has them out before the workloads
-        // that name them.
-        for (i, kind) in self.kinds.iter().enumerate().rev() {
-            let request = DeltaDiscoveryRequest {
-                node: Some(self.node()),
-                type_url: kind.type_url().to_owned(),
-                initial_resource_versions: self.versions[i]
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                ..Default::default()
-            };
+        for request in self.subscriptions() {
             // The channel has room for every subscription.
             let _ = tx.try_send(request);
         }
@@ -334,6 +356,7 @@ impl XdsClient {
             match kind.decode(&name, body, &mut self.interner) {
                 Ok(update) => {
                     self.refused.remove(&name);
+                    self.stand_ins[index].remove(&name);
                     accepted.push((name, Version::parse(&resource.version)));
                     updates.push(update);
                 }
@@ -342,9 +365,11 @@ impl XdsClient {
                     // version this proxy can read arrives.
                     if let Some(stand_in) = kind.refused(&resource.name, body, &reason) {
                         updates.push(stand_in);
+                        self.stand_ins[index].insert(name.clone());
                     }
                     if kind == ResourceKind::WaypointPolicy {
                         self.refused.insert(name.clone(), reason.clone());
+                        self.stand_ins[index].insert(name.clone());
                     }
                     errors.push(format!("{}: {reason}", resource.name));
                 }
@@ -355,6 +380,7 @@ impl XdsClient {
         let kind = self.kinds[index];
         for name in &removed {
             self.refused.remove(name.as_str());
+            self.stand_ins[index].remove(name.as_str());
         }
         let refused: Vec<String> = self.refused.keys().map(|k| k.to_string()).collect();
         self.store.update(|st| {
@@ -650,6 +676,60 @@ mod tests {
         let reply = push(&mut c, policy(1, pb_sec::Scope::Namespace));
         assert!(reply.error_detail.is_none());
         assert!(c.store.load().policy("ns/p").unwrap().refused.is_none());
+    }
+
+    /// A policy held as a refused stand-in is listed when the stream reconnects, so a
+    /// control plane that deleted it meanwhile says so and the stand-in goes; one that
+    /// still has it sends it again.
+    #[test]
+    fn a_reconnect_lists_refused_stand_ins_so_their_deletion_is_not_missed() {
+        let mut c = client();
+        let bad = Resource {
+            version: "v1".into(),
+            resource: Some(Any {
+                type_url: pb_sec::AUTHORIZATION_TYPE_URL.into(),
+                value: vec![0xff, 0xff],
+            }),
+            name: "ns/p".into(),
+            aliases: vec![],
+        };
+        let reply = c.handle(DeltaDiscoveryResponse {
+            resources: vec![bad],
+            type_url: pb_sec::AUTHORIZATION_TYPE_URL.into(),
+            nonce: "n".into(),
+            ..Default::default()
+        });
+        assert!(reply.error_detail.is_some());
+        assert!(
+            c.store.load().policy("ns/p").is_some(),
+            "held as a stand-in"
+        );
+        let subs = c.subscriptions();
+        let authz = subs
+            .iter()
+            .find(|r| r.type_url == pb_sec::AUTHORIZATION_TYPE_URL)
+            .unwrap();
+        assert_eq!(
+            authz
+                .initial_resource_versions
+                .get("ns/p")
+                .map(String::as_str),
+            Some(""),
+            "the stand-in is listed with a version that never matches"
+        );
+        // The control plane answers the reconnect: gone.
+        c.handle(DeltaDiscoveryResponse {
+            type_url: pb_sec::AUTHORIZATION_TYPE_URL.into(),
+            nonce: "n2".into(),
+            removed_resources: vec!["ns/p".into()],
+            ..Default::default()
+        });
+        assert!(c.store.load().policy("ns/p").is_none());
+        assert!(
+            c.subscriptions()
+                .iter()
+                .all(|r| r.initial_resource_versions.is_empty())
+        );
     }
 
     #[test]
