@@ -231,9 +231,13 @@ async fn a_policy_applied_while_a_connection_is_open_closes_it() {
                 .contains("denied by demo/deny-sleep (policies changed)")
     })
     .await;
-    assert_eq!(
-        line["bytes_sent"], 6,
-        "the bytes before the change are counted"
+    // "before" (6 bytes), and the 1-byte probe `closed` writes when it crossed before
+    // the revocation reached this connection (the policy is in the store when
+    // `apply_policies` returns; closing open connections follows asynchronously).
+    let sent = line["bytes_sent"].as_u64();
+    assert!(
+        matches!(sent, Some(6 | 7)),
+        "the bytes before the change are counted: {sent:?}"
     );
     let dst = mesh.metrics("node-b").await;
     let revoked = [
