@@ -11,7 +11,9 @@
 //!   own pod on node-a and forwards over HBONE with its own identity).
 //! - **nginx**: the client talks to the server directly (**direct**), or through an
 //!   nginx reverse proxy in a third pod (**nginx L7**) that parses HTTP and forwards over
-//!   TLS 1.3 (ECDSA P-256, upstream keep-alive) to the server, which terminates TLS.
+//!   TLS 1.3 (ECDSA P-256, upstream keep-alive) to the server, which terminates TLS:
+//!   HTTP/1.1 as HTTP/1.1, HTTP/2 as HTTP/2 (nginx's gRPC proxy module, which carries
+//!   any HTTP/2 request), so both hops keep the protocol end to end.
 //!
 //! The server in every pod is nginx answering 1 KiB, over HTTP/1.1 and HTTP/2 (prior
 //! knowledge). The load comes from this process (hyper clients inside the client pods):
@@ -74,6 +76,8 @@ struct Args {
 const H1_PORT: u16 = 8080;
 const H2_PORT: u16 = 8082;
 const TLS_PORT: u16 = 8443;
+/// The server's HTTP/2-over-TLS port: where the nginx reference sends HTTP/2.
+const TLS_H2_PORT: u16 = 8444;
 const L4_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const L7_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 const WAYPOINT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 12);
@@ -149,7 +153,7 @@ fn server_conf(dir: &Path, name: &str, tls: bool) -> anyhow::Result<PathBuf> {
     let d = dir.display();
     let tls_listen = if tls {
         format!(
-            "listen {TLS_PORT} ssl; ssl_protocols TLSv1.3; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key;"
+            "listen {TLS_PORT} ssl; listen {TLS_H2_PORT} ssl http2; ssl_protocols TLSv1.3; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.key;"
         )
     } else {
         String::new()
@@ -199,10 +203,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &format!(
             "http {{ access_log off; keepalive_requests 10000000;
   upstream backend {{ server {ip}:{TLS_PORT}; keepalive 128; }}
-  server {{ listen {H1_PORT}; listen {H2_PORT} http2;
+  upstream backend_h2 {{ server {ip}:{TLS_H2_PORT}; keepalive 128; }}
+  server {{ listen {H1_PORT};
     location / {{ proxy_pass https://backend; proxy_http_version 1.1; proxy_set_header Connection \"\";
       proxy_ssl_protocols TLSv1.3; proxy_ssl_certificate {d}/client.pem; proxy_ssl_certificate_key {d}/client.key;
-      proxy_ssl_trusted_certificate {d}/ca.pem; proxy_ssl_verify on; proxy_ssl_name server.bench; proxy_ssl_session_reuse on; }} }} }}",
+      proxy_ssl_trusted_certificate {d}/ca.pem; proxy_ssl_verify on; proxy_ssl_name server.bench; proxy_ssl_session_reuse on; }} }}
+  server {{ listen {H2_PORT} http2;
+    location / {{ grpc_pass grpcs://backend_h2;
+      grpc_ssl_protocols TLSv1.3; grpc_ssl_certificate {d}/client.pem; grpc_ssl_certificate_key {d}/client.key;
+      grpc_ssl_trusted_certificate {d}/ca.pem; grpc_ssl_verify on; grpc_ssl_name server.bench; grpc_ssl_session_reuse on; }} }} }}",
             ip = n_server.ip
         ),
         1000,
