@@ -74,6 +74,22 @@ impl Drop for Procs {
     }
 }
 
+/// Runs a benchmark until it ends or the process is asked to stop (Ctrl-C, SIGTERM).
+/// On a signal the benchmark's future is dropped, so its processes are killed and its
+/// network namespaces removed (their guards' `Drop`), and an error says so.
+pub async fn until_interrupted<T>(
+    run: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    tokio::select! {
+        r = run => r,
+        _ = term.recv() => bail!("stopped by SIGTERM; processes and network namespaces removed"),
+        _ = int.recv() => bail!("interrupted; processes and network namespaces removed"),
+    }
+}
+
 /// A pod's process-visible resources: its process tree for CPU and memory.
 pub fn process_tree(root: u32) -> Vec<u32> {
     let mut out = vec![root];

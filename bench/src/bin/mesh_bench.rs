@@ -156,7 +156,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    rt.block_on(until_interrupted(run(args)))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -24,6 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use ambit_bench::harness::until_interrupted;
 use ambit_control::auth::TokenSigner;
 use ambit_control::{Config, ControlPlane};
 use ambit_node::{NodeConfig, NodeProxy, PodInfo, XdsConfig};
@@ -93,7 +94,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    rt.block_on(until_interrupted(run(args)))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    rt.block_on(until_interrupted(run(args)))
 }
 
 /// nginx answering 1 KiB on HTTP/1.1, HTTP/2 (prior knowledge) and, with `tls`, on TLS.
