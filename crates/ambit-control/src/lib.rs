@@ -34,7 +34,7 @@ use crate::auth::{Authenticator, TokenSigner};
 use crate::ca_service::CaService;
 use crate::metrics::Metrics;
 use crate::model::Model;
-use crate::source::{FileSource, FileSourceOptions, SourceStatus};
+use crate::source::{FileSource, FileSourceOptions, Source, SourceStatus};
 use crate::xds::server::{AdsService, Registry};
 use crate::xds::snapshot::Snapshot;
 use crate::xds::translate::TranslateOptions;
@@ -155,7 +155,7 @@ pub struct ControlPlane {
     grpc_addr: SocketAddr,
     monitoring_addr: SocketAddr,
     ca: Arc<CertificateAuthority>,
-    source: FileSource,
+    source: Box<dyn Source>,
     metrics: Arc<Metrics>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     registry: Arc<Registry>,
@@ -177,6 +177,23 @@ impl ControlPlane {
     /// and starts serving. Every problem with key material, flags or ports is an error
     /// here, before anything is served.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with(config, None).await
+    }
+
+    /// Like [`ControlPlane::start`], with the model from `source` (a Kubernetes API
+    /// server, say) instead of the manifest folder in `config`. The source's first model
+    /// must be complete: the control plane serves it as the whole mesh.
+    pub async fn start_with_source(
+        config: Config,
+        source: Box<dyn Source>,
+    ) -> Result<Self, StartError> {
+        Self::start_with(config, Some(source)).await
+    }
+
+    async fn start_with(
+        config: Config,
+        source: Option<Box<dyn Source>>,
+    ) -> Result<Self, StartError> {
         let identity = config
             .identity()
             .map_err(|e| StartError::Config(e.to_string()))?;
@@ -193,7 +210,10 @@ impl ControlPlane {
         )
         .await
         .map_err(StartError::Listen)?;
-        let source = FileSource::start(FileSourceOptions::new(&config.manifests)).await?;
+        let source: Box<dyn Source> = match source {
+            Some(source) => source,
+            None => Box::new(FileSource::start(FileSourceOptions::new(&config.manifests)).await?),
+        };
         let ca_options = CaOptions {
             trust_domain: config.trust_domain.clone(),
             default_ttl: config.default_cert_ttl.min(config.max_cert_ttl),

@@ -58,13 +58,37 @@ pub enum SourceError {
     NotDir(PathBuf),
 }
 
+/// Where the control plane's model comes from: the manifest folder ([`FileSource`]) or
+/// a cluster's API server (the `ambit-kube` crate). Everything downstream (translation,
+/// discovery, the CA) reads only this.
+pub trait Source: Send + Sync {
+    /// The model: a new version on every change. The version current when the source is
+    /// handed to the control plane is complete (every kind read once), never a partial
+    /// view a proxy could mistake for the whole mesh.
+    fn model(&self) -> watch::Receiver<Arc<Model>>;
+    /// What the source says about itself (errors, counts), for readiness and metrics.
+    fn status(&self) -> watch::Receiver<Arc<SourceStatus>>;
+}
+
+impl Source for FileSource {
+    fn model(&self) -> watch::Receiver<Arc<Model>> {
+        FileSource::model(self)
+    }
+
+    fn status(&self) -> watch::Receiver<Arc<SourceStatus>> {
+        FileSource::status(self)
+    }
+}
+
 /// What the source reports about itself (the admin endpoint and metrics read this).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SourceStatus {
+    /// Where the model comes from: the manifest folder, or `kubernetes <API server URL>`.
     pub dir: String,
-    /// Manifest files found.
+    /// Manifest files found (for a cluster: objects read).
     pub files: usize,
     /// Files currently refused, with every error; their last good objects are in force.
+    /// For a cluster, each refused object is one entry named `<Kind> <namespace>/<name>`.
     pub file_errors: Vec<FileErrors>,
     /// Objects defined in more than one file.
     pub conflicts: Vec<String>,

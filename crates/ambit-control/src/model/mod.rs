@@ -3,13 +3,20 @@
 //!
 //! A [`Model`] is immutable once built; a change produces a new one, published as an
 //! `Arc<Model>` so readers (the CA, the discovery server) always see one consistent
-//! version without locking. [`Model::diff`] tells what changed between two versions.
+//! version without locking. Its maps are persistent (`imbl`): [`Model::apply`] derives
+//! the next version from a batch of events in O(log n) per event, sharing everything
+//! else, and records what changed, so a consumer that saw a recent version learns the
+//! changes from [`Model::changes_since`] without comparing whole models. A source that
+//! rebuilds from scratch (the file source) uses [`Model::from_objects`]; the changes are
+//! then found by [`Model::diff`].
 
 pub mod fields;
 pub mod parse;
 pub mod resources;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use imbl::{OrdMap, Vector};
 use std::fmt;
 use std::sync::Arc;
 
@@ -168,38 +175,153 @@ pub enum Change {
     Removed(ObjectRef),
 }
 
+/// One change a source observed: an object created or replaced, or one deleted.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Apply(Object),
+    Delete(ObjectRef),
+}
+
+/// How many recent changes a model remembers for [`Model::changes_since`]; a consumer
+/// further behind falls back to a full [`Model::diff`].
+pub const CHANGE_LOG: usize = 65_536;
+
+fn new_lineage() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One consistent version of the mesh.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Model {
-    objects: BTreeMap<ObjectRef, Object>,
+    objects: OrdMap<ObjectRef, Object>,
     /// Pods by node name (derived), for the CA's node authorization.
-    pods_by_node: HashMap<String, Vec<Arc<Pod>>>,
+    pods_by_node: imbl::HashMap<String, OrdMap<ObjectRef, Arc<Pod>>>,
+    /// The most recent changes, each with the generation that made it, oldest first;
+    /// `log_from` is the first generation whose changes are all here.
+    log: Vector<(u64, Change)>,
+    log_from: u64,
+    /// Models derived from one another by [`Model::apply`] share a lineage (0: none yet);
+    /// only within one is the change log meaningful.
+    lineage: u64,
     /// Increases by one for every published version.
     pub generation: u64,
 }
 
 impl Model {
     /// Builds a model from objects. Objects are unique by key; a later duplicate replaces
-    /// an earlier one (callers resolve conflicts before this point).
+    /// an earlier one (callers resolve conflicts before this point). It remembers no
+    /// changes: consumers compare it with what they had.
     pub fn from_objects(generation: u64, objects: impl IntoIterator<Item = Object>) -> Self {
-        let objects: BTreeMap<ObjectRef, Object> =
-            objects.into_iter().map(|o| (o.key(), o)).collect();
-        let mut pods_by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
-        for object in objects.values() {
-            if let Object::Pod(pod) = object
-                && let Some(node) = pod.node()
-            {
-                pods_by_node
-                    .entry(node.to_owned())
-                    .or_default()
-                    .push(pod.clone());
+        let mut model = Model {
+            generation,
+            log_from: generation.saturating_add(1),
+            lineage: new_lineage(),
+            ..Model::default()
+        };
+        for object in objects {
+            model.insert(object);
+        }
+        model
+    }
+
+    /// The next version: `events` applied in order, as generation `self.generation + 1`.
+    /// An `Apply` equal to the object in force, or a `Delete` of an absent object, changes
+    /// nothing. Costs O(log n) per event; the rest of the model is shared.
+    pub fn apply(&self, events: impl IntoIterator<Item = Event>) -> Model {
+        let mut next = self.clone();
+        next.generation = self.generation + 1;
+        if next.lineage == 0 {
+            next.lineage = new_lineage();
+            next.log_from = next.generation;
+        }
+        let generation = next.generation;
+        for event in events {
+            let change = match event {
+                Event::Apply(object) => {
+                    let key = object.key();
+                    match next.objects.get(&key) {
+                        Some(old) if *old == object => None,
+                        Some(_) => {
+                            next.insert(object);
+                            Some(Change::Updated(key))
+                        }
+                        None => {
+                            next.insert(object);
+                            Some(Change::Added(key))
+                        }
+                    }
+                }
+                Event::Delete(key) => next.remove(&key).map(|_| Change::Removed(key)),
+            };
+            if let Some(change) = change {
+                next.log.push_back((generation, change));
             }
         }
-        Self {
-            objects,
-            pods_by_node,
-            generation,
+        while next.log.len() > CHANGE_LOG {
+            if let Some((g, _)) = next.log.pop_front() {
+                next.log_from = next.log_from.max(g + 1);
+            }
         }
+        next
+    }
+
+    /// What changed from `old` to `self`: from the change log when `self` descends from
+    /// `old` within it (each object once, by its net effect), else by comparing both.
+    pub fn changes_since(&self, old: &Model) -> Vec<Change> {
+        let covered = self.lineage != 0
+            && old.lineage == self.lineage
+            && old.generation <= self.generation
+            && old.generation + 1 >= self.log_from;
+        if !covered {
+            return self.diff(old);
+        }
+        let mut touched = std::collections::BTreeSet::new();
+        for (g, change) in self.log.iter().rev() {
+            if *g <= old.generation {
+                break;
+            }
+            let (Change::Added(k) | Change::Updated(k) | Change::Removed(k)) = change;
+            touched.insert(k);
+        }
+        let mut changes = Vec::with_capacity(touched.len());
+        for key in touched {
+            match (old.objects.get(key), self.objects.get(key)) {
+                (None, Some(_)) => changes.push(Change::Added(key.clone())),
+                (Some(_), None) => changes.push(Change::Removed(key.clone())),
+                (Some(a), Some(b)) if a != b => changes.push(Change::Updated(key.clone())),
+                _ => {}
+            }
+        }
+        changes
+    }
+
+    fn insert(&mut self, object: Object) {
+        let key = object.key();
+        self.remove(&key);
+        if let Object::Pod(pod) = &object
+            && let Some(node) = pod.node()
+        {
+            self.pods_by_node
+                .entry(node.to_owned())
+                .or_default()
+                .insert(key.clone(), pod.clone());
+        }
+        self.objects.insert(key, object);
+    }
+
+    fn remove(&mut self, key: &ObjectRef) -> Option<Object> {
+        let object = self.objects.remove(key)?;
+        if let Object::Pod(pod) = &object
+            && let Some(node) = pod.node()
+            && let Some(pods) = self.pods_by_node.get_mut(node)
+        {
+            pods.remove(key);
+            if pods.is_empty() {
+                self.pods_by_node.remove(node);
+            }
+        }
+        Some(object)
     }
 
     pub fn get(&self, key: &ObjectRef) -> Option<&Object> {
@@ -291,15 +413,18 @@ impl Model {
         }
     }
 
-    /// Pods the model places on `node`.
-    pub fn pods_on_node(&self, node: &str) -> &[Arc<Pod>] {
-        self.pods_by_node.get(node).map_or(&[], Vec::as_slice)
+    /// Pods the model places on `node`, in namespace/name order.
+    pub fn pods_on_node(&self, node: &str) -> impl Iterator<Item = &Arc<Pod>> {
+        self.pods_by_node
+            .get(node)
+            .into_iter()
+            .flat_map(|m| m.values())
     }
 
     /// Whether a pod that has not terminated runs on `node` with `identity` (same trust
     /// domain is checked by the caller): the CA's rule for what a node may obtain.
     pub fn node_runs_identity(&self, node: &str, identity: &SpiffeId) -> bool {
-        self.pods_on_node(node).iter().any(|pod| {
+        self.pods_on_node(node).any(|pod| {
             !pod.is_terminated()
                 && pod.metadata.namespace() == identity.namespace()
                 && pod.service_account() == identity.service_account()
@@ -363,7 +488,7 @@ metadata: {name: ns1, labels: {istio.io/dataplane-mode: ambient}}
             !m.node_runs_identity("node-1", &id("ns1", "sa-done")),
             "terminated pod"
         );
-        assert_eq!(m.pods_on_node("node-1").len(), 2);
+        assert_eq!(m.pods_on_node("node-1").count(), 2);
     }
 
     #[test]
@@ -407,5 +532,85 @@ metadata: {name: ns1, labels: {istio.io/dataplane-mode: ambient}}
             ]
         );
         assert!(old.diff(&old).is_empty());
+    }
+    #[test]
+    fn apply_records_changes_and_shares_the_rest() {
+        let base = model(1, BASE);
+        let pod = |name: &str| ObjectRef {
+            kind: Kind::Pod,
+            namespace: "ns1".into(),
+            name: name.into(),
+        };
+        let moved = parse::parse_manifest(&BASE.replace("198.18.0.10", "198.18.0.11"))
+            .unwrap()
+            .into_iter()
+            .find(|o| o.key() == pod("a"))
+            .unwrap();
+        let same = base.get(&pod("done")).unwrap().clone();
+        let next = base.apply([
+            Event::Apply(moved.clone()),
+            Event::Apply(same),
+            Event::Delete(pod("absent")),
+        ]);
+        assert_eq!(next.generation, 2);
+        assert_eq!(next.changes_since(&base), vec![Change::Updated(pod("a"))]);
+        let after = next.apply([Event::Delete(pod("done"))]);
+        assert_eq!(
+            after.changes_since(&base),
+            vec![Change::Updated(pod("a")), Change::Removed(pod("done"))]
+        );
+        assert_eq!(
+            after.changes_since(&next),
+            vec![Change::Removed(pod("done"))]
+        );
+        assert_eq!(after.pods_on_node("node-1").count(), 1);
+        assert!(after.changes_since(&after).is_empty());
+        // The log agrees with a full comparison.
+        let mut by_diff = after.diff(&base);
+        by_diff.sort_by_key(|c| format!("{c:?}"));
+        let mut by_log = after.changes_since(&base);
+        by_log.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(by_diff, by_log);
+        // An object added then removed within the window is no change at all.
+        let back = after.apply([Event::Apply(base.get(&pod("done")).unwrap().clone())]);
+        assert_eq!(back.changes_since(&next), vec![]);
+        assert_eq!(back.changes_since(&after), vec![Change::Added(pod("done"))]);
+    }
+
+    #[test]
+    fn changes_since_an_unrelated_model_compares_them() {
+        let a = model(1, BASE);
+        let b = model(5, &BASE.replace("name: done", "name: other"));
+        let mut changes = b.changes_since(&a);
+        changes.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        // From the empty model every object is new.
+        let fresh = Model::default().apply(a.objects().cloned().map(Event::Apply));
+        assert_eq!(fresh.changes_since(&Model::default()).len(), a.len());
+    }
+
+    #[test]
+    fn a_long_history_falls_back_to_comparing() {
+        let base = model(1, BASE);
+        let pod = base
+            .get(&ObjectRef {
+                kind: Kind::Pod,
+                namespace: "ns1".into(),
+                name: "done".into(),
+            })
+            .unwrap()
+            .clone();
+        let mut m = base.apply([]);
+        let start = m.clone();
+        for _ in 0..(CHANGE_LOG / 2 + 1) {
+            m = m.apply([Event::Delete(pod.key())]);
+            m = m.apply([Event::Apply(pod.clone())]);
+        }
+        assert!(m.log.len() <= CHANGE_LOG);
+        assert!(m.log_from > start.generation + 1);
+        assert!(
+            m.changes_since(&start).is_empty(),
+            "same objects: no change"
+        );
     }
 }

@@ -71,7 +71,7 @@ async fn loads_the_folder_and_follows_edits_within_a_second() {
     // Edit: pod a moves to node n2.
     fs::write(dir.path().join("a.yaml"), pod("a", "n2", "198.18.0.1")).unwrap();
     let (model, took) = next_model(&mut models, Duration::from_secs(1)).await;
-    assert_eq!(model.pods_on_node("n2").len(), 1, "after {took:?}");
+    assert_eq!(model.pods_on_node("n2").count(), 1, "after {took:?}");
 
     // New file.
     fs::write(dir.path().join("c.yaml"), pod("c", "n1", "198.18.0.4")).unwrap();
@@ -121,9 +121,9 @@ async fn a_broken_file_keeps_its_last_good_version_and_reports_line_and_field() 
     // Another file still takes effect while pods.yaml is broken.
     fs::write(dir.path().join("other.yaml"), pod("c", "n9", "198.18.0.3")).unwrap();
     let (model, _) = next_model(&mut models, Duration::from_secs(1)).await;
-    assert_eq!(model.pods_on_node("n9").len(), 1);
+    assert_eq!(model.pods_on_node("n9").count(), 1);
     assert_eq!(
-        model.pods_on_node("n1").len(),
+        model.pods_on_node("n1").count(),
         2,
         "a and b still from the last good version"
     );
@@ -181,7 +181,7 @@ async fn conflicts_resolve_to_the_first_file_and_are_reported() {
     let source = FileSource::start(FileSourceOptions::new(dir.path()))
         .await
         .unwrap();
-    assert_eq!(source.model().borrow().pods_on_node("n1").len(), 1);
+    assert_eq!(source.model().borrow().pods_on_node("n1").count(), 1);
     let status = source.status().borrow().clone();
     assert_eq!(
         status.conflicts,
@@ -192,7 +192,7 @@ async fn conflicts_resolve_to_the_first_file_and_are_reported() {
     let mut models = source.model();
     fs::remove_file(dir.path().join("1.yaml")).unwrap();
     let (model, _) = next_model(&mut models, Duration::from_secs(1)).await;
-    assert_eq!(model.pods_on_node("n2").len(), 2);
+    assert_eq!(model.pods_on_node("n2").count(), 2);
 }
 
 #[tokio::test]
@@ -215,7 +215,7 @@ async fn a_duplicate_within_one_file_says_so() {
         status.conflicts,
         ["Pod demo/a is defined twice in pods.yaml (lines 1 and 7); the first is used"]
     );
-    assert_eq!(source.model().borrow().pods_on_node("n1").len(), 1);
+    assert_eq!(source.model().borrow().pods_on_node("n1").count(), 1);
 }
 
 #[tokio::test]

@@ -178,7 +178,7 @@ pub async fn publish(
         }
         let model = models.borrow_and_update().clone();
         let old = translated.clone();
-        let changes = model.diff(&old);
+        let changes = model.changes_since(&old);
         if changes.is_empty() && failures == 0 {
             continue;
         }

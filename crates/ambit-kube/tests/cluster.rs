@@ -1,0 +1,446 @@
+//! The control plane against a genuine Kubernetes API server (kube-apiserver and etcd,
+//! started by `tests/k8s/apiserver.sh`, which builds them from Debian's sources the first
+//! time): objects created through the API reach a node proxy's state as deltas.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ambit_control::auth::TokenSigner;
+use ambit_control::{Config, ControlPlane};
+use ambit_core::discovery::TunnelProtocol;
+use ambit_core::policy::PolicyAction;
+use ambit_core::state::State;
+use ambit_kube::{KubeOptions, KubeSource};
+use ambit_node::{NodeConfig, NodeProxy, XdsConfig};
+use ambit_tls::client::TokenSource;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+/// Starts (or finds running) the test API server; returns its kubeconfig.
+fn apiserver() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/k8s/apiserver.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("start")
+        .output()
+        .expect("running tests/k8s/apiserver.sh");
+    assert!(
+        out.status.success(),
+        "these tests need a Kubernetes API server, which {} builds from Debian's sources and starts (as root, with apt-get access to Debian's archive); it failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos:x}", std::process::id())
+}
+
+const CRD_GROUP: &str = "security.istio.io";
+
+/// Istio's security CRDs (schema-less: the API server keeps any fields; Ambit checks them).
+async fn install_crds(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for (kind, plural) in [
+        ("AuthorizationPolicy", "authorizationpolicies"),
+        ("PeerAuthentication", "peerauthentications"),
+    ] {
+        let crd: CustomResourceDefinition = serde_json::from_value(json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.{CRD_GROUP}")},
+            "spec": {
+                "group": CRD_GROUP,
+                "scope": "Namespaced",
+                "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
+                "versions": [{
+                    "name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
+                }]
+            }
+        }))
+        .unwrap();
+        match crds.create(&PostParams::default(), &crd).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => panic!("creating the {kind} CRD: {e}"),
+        }
+    }
+    // Established: the API serves the kinds.
+    let start = Instant::now();
+    loop {
+        // Right after creation discovery can fail while the group is being set up.
+        let discovery = kube::discovery::Discovery::new(client.clone())
+            .filter(&[CRD_GROUP])
+            .run()
+            .await
+            .ok();
+        let group = discovery.as_ref().and_then(|d| d.get(CRD_GROUP));
+        if group.is_some_and(|g| {
+            g.recommended_kind("AuthorizationPolicy").is_some()
+                && g.recommended_kind("PeerAuthentication").is_some()
+        }) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "CRDs not served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn policies(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+    let resource = ApiResource {
+        group: CRD_GROUP.into(),
+        version: "v1".into(),
+        api_version: format!("{CRD_GROUP}/v1"),
+        kind: "AuthorizationPolicy".into(),
+        plural: "authorizationpolicies".into(),
+    };
+    Api::namespaced_with(client.clone(), ns, &resource)
+}
+
+struct Env {
+    /// This test's pod addresses are 198.18.<subnet>.x, so pods other tests left behind
+    /// (the API server outlives the tests) never share an address with them.
+    subnet: u8,
+    client: kube::Client,
+    dir: tempfile::TempDir,
+    cp: ControlPlane,
+    ns: String,
+    node: String,
+}
+
+impl Env {
+    async fn start() -> Env {
+        let kubeconfig = apiserver();
+        let (client, url) = ambit_kube::client(Some(&kubeconfig)).await.unwrap();
+        install_crds(&client).await;
+        let ns = unique("ambit-t");
+        let node = unique("node");
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": node, "labels": {"topology.kubernetes.io/zone": "z1"}}}),
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::new(dir.path().join("manifests"), dir.path().join("state"));
+        config.grpc_addr = "127.0.0.1:0".parse().unwrap();
+        config.monitoring_addr = "127.0.0.1:0".parse().unwrap();
+        config.push_debounce = Duration::from_millis(20);
+        let source = KubeSource::start(client.clone(), url, KubeOptions::default())
+            .await
+            .unwrap();
+        let cp = ControlPlane::start_with_source(config, Box::new(source))
+            .await
+            .unwrap();
+        let subnet = 8
+            + (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+                % 100) as u8;
+        Env {
+            subnet,
+            client,
+            dir,
+            cp,
+            ns,
+            node,
+        }
+    }
+
+    async fn node_proxy(&self) -> NodeProxy {
+        let signer = TokenSigner::load_or_create(&self.dir.path().join("state")).unwrap();
+        let pem = std::fs::read(self.dir.path().join("state/ca/root-cert.pem")).unwrap();
+        let mut config = NodeConfig::new(XdsConfig {
+            address: self.cp.grpc_addr().to_string(),
+            roots: ambit_tls::spiffe::TrustBundle::from_pem(&pem).unwrap(),
+            server_name: Some("localhost".into()),
+            token: TokenSource::Static(signer.mint(&self.node, Duration::from_secs(600)).unwrap()),
+            node_name: self.node.clone(),
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(400),
+        });
+        config.admin_addr = "127.0.0.1:0".parse().unwrap();
+        config.metrics_addr = "127.0.0.1:0".parse().unwrap();
+        config.readiness_addr = "127.0.0.1:0".parse().unwrap();
+        config.worker_threads = 1;
+        NodeProxy::start(config).await.unwrap()
+    }
+
+    fn ip(&self, host: u8) -> String {
+        format!("198.18.{}.{host}", self.subnet)
+    }
+
+    /// Deletes the test's pods (a pod placed on a node is removed only with no grace).
+    async fn cleanup(&self) {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let _ = pods
+            .delete_collection(
+                &DeleteParams::default().grace_period(0),
+                &Default::default(),
+            )
+            .await;
+    }
+
+    /// Creates a running pod on the test node (status set as a kubelet would).
+    async fn pod(&self, name: &str, sa: &str, ip: &str, labels: serde_json::Value) {
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.ns);
+        let _ = sas
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap(),
+            )
+            .await;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": labels},
+                "spec": {
+                    "nodeName": self.node,
+                    "serviceAccountName": sa,
+                    "containers": [{"name": "app", "image": "example.invalid/app:1",
+                        "ports": [{"containerPort": 8080, "name": "http"}]}]
+                }
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+        pods.patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {
+                "phase": "Running",
+                "podIP": ip,
+                "podIPs": [{"ip": ip}],
+                "hostIP": "198.18.0.1",
+                "conditions": [{"type": "Ready", "status": "True"}]
+            }})),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Waits until `f` holds for the node's state; returns how long that took.
+async fn until(env: &Env, node: &NodeProxy, what: &str, f: impl Fn(&State) -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f(&node.store().load()) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "timed out waiting for: {what}; the source's status: {:?}; the node's policies: {:?}",
+            env.cp.source_status().borrow(),
+            node.store()
+                .load()
+                .policies()
+                .map(|p| format!("{}/{} {:?} {:?}", p.namespace, p.name, p.action, p.scope))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_created_through_the_api_reach_a_node_proxy_as_deltas() {
+    let env = Env::start().await;
+    let node = env.node_proxy().await;
+    let ns = env.ns.clone();
+
+    // A pod and a service.
+    env.pod("web-1", "web", &env.ip(10), json!({"app": "web"}))
+        .await;
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &ns);
+    let svc = services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "web"},
+                "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let vip: IpAddr = svc
+        .spec
+        .unwrap()
+        .cluster_ip
+        .expect("the API server allocates a cluster IP")
+        .parse()
+        .unwrap();
+    let took = until(&env, &node, "the pod and its service", |st| {
+        st.workload_by_ip("", ip(&env.ip(10))).is_some() && st.service_by_vip("", vip).is_some()
+    })
+    .await;
+    eprintln!("pod and service at the node proxy after {took:?}");
+    let st = node.store().load();
+    let web = st.workload_by_ip("", ip(&env.ip(10))).unwrap();
+    assert_eq!(
+        web.identity().unwrap().to_string(),
+        format!("spiffe://cluster.local/ns/{ns}/sa/web")
+    );
+    assert_eq!(web.tunnel, TunnelProtocol::None, "not enrolled yet");
+    let svc_key = st.service_by_vip("", vip).unwrap().key();
+    assert_eq!(st.endpoints(&svc_key).count(), 1);
+
+    // Label the namespace: the workload becomes HBONE, within a second.
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    namespaces
+        .patch(
+            &ns,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}})),
+        )
+        .await
+        .unwrap();
+    let took = until(&env, &node, "HBONE after the namespace label", |st| {
+        st.workload_by_ip("", ip(&env.ip(10)))
+            .is_some_and(|w| w.tunnel == TunnelProtocol::Hbone)
+    })
+    .await;
+    eprintln!("namespace label at the node proxy after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // An AuthorizationPolicy created as a custom resource.
+    let aps = policies(&env.client, &ns);
+    aps.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-other", "namespace": ns},
+            "spec": {
+                "selector": {"matchLabels": {"app": "web"}},
+                "action": "DENY",
+                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/other/sa/x"]}}]}]
+            }
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let took = until(&env, &node, "the policy", |st| {
+        st.workload_by_ip("", ip(&env.ip(10)))
+            .is_some_and(|w| st.policies_for(w).any(|p| p.action == PolicyAction::Deny))
+    })
+    .await;
+    eprintln!("policy at the node proxy after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // Deleting the pod removes the workload.
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+    pods.delete("web-1", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+    let took = until(&env, &node, "the pod's removal", |st| {
+        st.workload_by_ip("", ip(&env.ip(10))).is_none()
+    })
+    .await;
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // The control plane's status names the cluster.
+    let status = env.cp.source_status().borrow().clone();
+    assert!(
+        status.dir.starts_with("kubernetes https://127.0.0.1:"),
+        "{}",
+        status.dir
+    );
+    env.cleanup().await;
+    node.shutdown().await;
+    env.cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_the_api_server_accepts_but_ambit_cannot_read_denies() {
+    let env = Env::start().await;
+    let node = env.node_proxy().await;
+    let ns = env.ns.clone();
+    env.pod("api-1", "api", &env.ip(20), json!({"app": "api"}))
+        .await;
+    until(&env, &node, "the pod", |st| {
+        st.workload_by_ip("", ip(&env.ip(20))).is_some()
+    })
+    .await;
+
+    // An ALLOW policy with a misspelt field: read as written it would allow everything
+    // from anywhere the misspelt condition meant to restrict.
+    let aps = policies(&env.client, &ns);
+    aps.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "allow-frontend", "namespace": ns},
+            "spec": {"action": "ALLOW", "rules": [{"from": [{"source": {"principalz": ["cluster.local/ns/x/sa/frontend"]}}]}]}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    until(&env, &node, "the denying stand-in", |st| {
+        st.workload_by_ip("", ip(&env.ip(20))).is_some_and(|w| {
+            st.policies_for(w)
+                .any(|p| p.action == PolicyAction::Deny && p.name.as_ref() == "allow-frontend")
+        })
+    })
+    .await;
+    let status = env.cp.source_status().borrow().clone();
+    let refused: Vec<&str> = status.file_errors.iter().map(|f| f.file.as_str()).collect();
+    assert!(
+        refused.contains(&format!("AuthorizationPolicy {ns}/allow-frontend").as_str()),
+        "{refused:?}"
+    );
+
+    // Fixed: the real policy replaces the stand-in.
+    aps.patch(
+        "allow-frontend",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/x/sa/frontend"]}}]}]}})),
+    )
+    .await
+    .unwrap();
+    until(&env, &node, "the real policy", |st| {
+        st.workload_by_ip("", ip(&env.ip(20))).is_some_and(|w| {
+            st.policies_for(w)
+                .any(|p| p.action == PolicyAction::Allow && p.name.as_ref() == "allow-frontend")
+        })
+    })
+    .await;
+    env.cleanup().await;
+    node.shutdown().await;
+    env.cp.shutdown().await;
+}
