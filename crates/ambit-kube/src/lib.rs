@@ -179,12 +179,15 @@ pub fn in_cluster() -> bool {
 pub struct KubeOptions {
     /// How long [`KubeSource::start`] waits for every kind's first list.
     pub sync_timeout: Duration,
+    /// How often the API server is asked again for optional kinds it did not serve.
+    pub rediscover: Duration,
 }
 
 impl Default for KubeOptions {
     fn default() -> Self {
         Self {
             sync_timeout: Duration::from_secs(120),
+            rediscover: Duration::from_secs(30),
         }
     }
 }
@@ -222,6 +225,8 @@ enum Msg {
     Apply(Read),
     Delete(ObjectRef),
     WatchError(Kind, String),
+    /// A kind the API server did not serve at start now is (its CRD was installed).
+    Served(Kind),
 }
 
 /// One object as read: its key and the parsed object, or why it could not be read.
@@ -260,12 +265,10 @@ impl KubeSource {
                     tracing::warn!(
                         group = w.group,
                         kind = %w.kind,
-                        "the API server does not serve this kind (its CRD is not installed): no such objects are read until it is and the control plane restarts"
+                        "the API server does not serve this kind (its CRD is not installed): none are read until it is (checked every {} s)",
+                        options.rediscover.as_secs()
                     );
-                    absent.push(format!(
-                        "{} {}: not served by the API server (CRD not installed)",
-                        w.group, w.kind
-                    ));
+                    absent.push(w);
                 }
                 None => {
                     return Err(KubeError::Missing {
@@ -287,13 +290,33 @@ impl KubeSource {
                 tx.clone(),
             )));
         }
+        if !absent.is_empty() {
+            tasks.push(tokio::spawn(rediscover(
+                client.clone(),
+                absent.clone(),
+                options.rediscover,
+                tx.clone(),
+            )));
+        }
         drop(tx);
+        let absent: BTreeMap<Kind, String> = absent
+            .iter()
+            .map(|w| {
+                (
+                    w.kind,
+                    format!(
+                        "{} {}: not served by the API server (CRD not installed)",
+                        w.group, w.kind
+                    ),
+                )
+            })
+            .collect();
 
         let kinds: Vec<Kind> = served.iter().map(|(w, _)| w.kind).collect();
         let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
         let (status_tx, status_rx) = watch::channel(Arc::new(SourceStatus {
             dir: format!("kubernetes {url}"),
-            ignored: absent.clone(),
+            ignored: absent.values().cloned().collect(),
             ..SourceStatus::default()
         }));
         let (synced_tx, mut synced_rx) = watch::channel(false);
@@ -340,6 +363,61 @@ impl KubeSource {
             }
         }
         Ok(source)
+    }
+}
+
+/// Asks the API server every `every` for the kinds it did not serve; starts a watch for
+/// each that appears (a CRD installed after the control plane started).
+async fn rediscover(
+    client: kube::Client,
+    mut absent: Vec<Watched>,
+    every: Duration,
+    tx: mpsc::Sender<Msg>,
+) {
+    let mut watches = Vec::new();
+    while !absent.is_empty() {
+        tokio::time::sleep(every).await;
+        let groups: BTreeSet<&str> = absent.iter().map(|w| w.group).collect();
+        let groups: Vec<&str> = groups.into_iter().collect();
+        let Ok(discovery) = Discovery::new(client.clone()).filter(&groups).run().await else {
+            continue;
+        };
+        let mut still = Vec::new();
+        for w in absent {
+            match discovery
+                .get(w.group)
+                .and_then(|g| g.recommended_kind(w.kind.as_str()))
+            {
+                Some((resource, _)) => {
+                    tracing::info!(group = w.group, kind = %w.kind, "the API server now serves this kind; reading it");
+                    if tx.send(Msg::Served(w.kind)).await.is_err() {
+                        return;
+                    }
+                    watches.push(tokio::spawn(watch_kind(
+                        client.clone(),
+                        w.kind,
+                        resource,
+                        tx.clone(),
+                    )));
+                }
+                None => still.push(w),
+            }
+        }
+        absent = still;
+    }
+    // The watches run as long as this task would: wait for them, so aborting this task
+    // (the source dropped) ends them too.
+    let _abort = AbortOnDrop(watches);
+    std::future::pending::<()>().await;
+}
+
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -420,7 +498,8 @@ struct State {
     refused: BTreeMap<ObjectRef, Vec<FileError>>,
     /// The last error of each kind's watch, until its next event.
     watch_errors: BTreeMap<Kind, String>,
-    absent: Vec<String>,
+    /// Optional kinds the API server does not serve, with what to tell the operator.
+    absent: BTreeMap<Kind, String>,
     events: u64,
 }
 
@@ -520,6 +599,9 @@ impl State {
                 self.refused.remove(&key);
                 events.push(Event::Delete(key));
             }
+            Msg::Served(kind) => {
+                self.absent.remove(&kind);
+            }
             Msg::WatchError(kind, message) => {
                 tracing::warn!(%kind, error = %message, "watch failed; relisting with backoff, the objects in force stay");
                 self.watch_errors.insert(kind, message);
@@ -575,7 +657,7 @@ impl State {
                 .iter()
                 .map(|k| format!("{k} not listed yet"))
                 .collect(),
-            ignored: self.absent.clone(),
+            ignored: self.absent.values().cloned().collect(),
             generation: self.model.generation,
             rescans: self.events,
             failing: None,
@@ -695,7 +777,7 @@ mod tests {
             buffers: HashMap::new(),
             refused: BTreeMap::new(),
             watch_errors: BTreeMap::new(),
-            absent: Vec::new(),
+            absent: BTreeMap::new(),
             events: 0,
         };
         let mut events = Vec::new();
@@ -727,7 +809,7 @@ mod tests {
             buffers: HashMap::new(),
             refused: BTreeMap::new(),
             watch_errors: BTreeMap::new(),
-            absent: Vec::new(),
+            absent: BTreeMap::new(),
             events: 0,
         };
         let mut events = Vec::new();

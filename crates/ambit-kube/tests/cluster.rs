@@ -51,17 +51,33 @@ const CRD_GROUP: &str = "security.istio.io";
 
 /// Istio's security CRDs (schema-less: the API server keeps any fields; Ambit checks them).
 async fn install_crds(client: &kube::Client) {
+    install_crd(
+        client,
+        CRD_GROUP,
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    )
+    .await;
+    install_crd(
+        client,
+        CRD_GROUP,
+        "PeerAuthentication",
+        "peerauthentications",
+    )
+    .await;
+    served(client, CRD_GROUP, "AuthorizationPolicy").await;
+    served(client, CRD_GROUP, "PeerAuthentication").await;
+}
+
+async fn install_crd(client: &kube::Client, group: &str, kind: &str, plural: &str) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for (kind, plural) in [
-        ("AuthorizationPolicy", "authorizationpolicies"),
-        ("PeerAuthentication", "peerauthentications"),
-    ] {
+    {
         let crd: CustomResourceDefinition = serde_json::from_value(json!({
             "apiVersion": "apiextensions.k8s.io/v1",
             "kind": "CustomResourceDefinition",
-            "metadata": {"name": format!("{plural}.{CRD_GROUP}")},
+            "metadata": {"name": format!("{plural}.{group}")},
             "spec": {
-                "group": CRD_GROUP,
+                "group": group,
                 "scope": "Namespaced",
                 "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
                 "versions": [{
@@ -77,20 +93,20 @@ async fn install_crds(client: &kube::Client) {
             Err(e) => panic!("creating the {kind} CRD: {e}"),
         }
     }
-    // Established: the API serves the kinds.
+}
+
+/// Waits until the API server serves `kind` (its CRD established).
+async fn served(client: &kube::Client, group: &str, kind: &str) {
     let start = Instant::now();
     loop {
         // Right after creation discovery can fail while the group is being set up.
         let discovery = kube::discovery::Discovery::new(client.clone())
-            .filter(&[CRD_GROUP])
+            .filter(&[group])
             .run()
             .await
             .ok();
-        let group = discovery.as_ref().and_then(|d| d.get(CRD_GROUP));
-        if group.is_some_and(|g| {
-            g.recommended_kind("AuthorizationPolicy").is_some()
-                && g.recommended_kind("PeerAuthentication").is_some()
-        }) {
+        let g = discovery.as_ref().and_then(|d| d.get(group));
+        if g.is_some_and(|g| g.recommended_kind(kind).is_some()) {
             return;
         }
         assert!(start.elapsed() < Duration::from_secs(30), "CRDs not served");
@@ -443,4 +459,85 @@ async fn a_policy_the_api_server_accepts_but_ambit_cannot_read_denies() {
     env.cleanup().await;
     node.shutdown().await;
     env.cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crd_installed_after_start_is_read() {
+    let kubeconfig = apiserver();
+    let (client, url) = ambit_kube::client(Some(&kubeconfig)).await.unwrap();
+    let options = KubeOptions {
+        rediscover: Duration::from_millis(200),
+        ..KubeOptions::default()
+    };
+    let source = KubeSource::start(client.clone(), url, options)
+        .await
+        .unwrap();
+    let status = ambit_control::source::Source::status(&source)
+        .borrow()
+        .clone();
+    assert!(
+        status.ignored.iter().any(|i| i.contains("WorkloadEntry")),
+        "this test needs an API server without the WorkloadEntry CRD (only this test installs it): restart it with `tests/k8s/apiserver.sh stop`; status: {:?}",
+        status.ignored
+    );
+
+    install_crd(
+        &client,
+        "networking.istio.io",
+        "WorkloadEntry",
+        "workloadentries",
+    )
+    .await;
+    served(&client, "networking.istio.io", "WorkloadEntry").await;
+    let ns = unique("ambit-t");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let resource = ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: "WorkloadEntry".into(),
+        plural: "workloadentries".into(),
+    };
+    let entries: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
+    entries
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "networking.istio.io/v1",
+                "kind": "WorkloadEntry",
+                "metadata": {"name": "vm-1", "namespace": ns},
+                "spec": {"address": "198.18.99.1", "serviceAccount": "vm"}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut model = ambit_control::source::Source::model(&source);
+    let key = ambit_control::model::ObjectRef {
+        kind: ambit_control::model::Kind::WorkloadEntry,
+        namespace: ns.clone(),
+        name: "vm-1".into(),
+    };
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        model.wait_for(|m| m.get(&key).is_some()),
+    )
+    .await
+    .expect("the WorkloadEntry reaches the model once its CRD is installed")
+    .unwrap();
+    let status = ambit_control::source::Source::status(&source)
+        .borrow()
+        .clone();
+    assert!(
+        !status.ignored.iter().any(|i| i.contains("WorkloadEntry")),
+        "{:?}",
+        status.ignored
+    );
 }

@@ -31,8 +31,20 @@ enum ControlCommand {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Folder of Kubernetes-style YAML manifests (watched for changes).
-    #[arg(long, env = "AMBIT_MANIFESTS", required = true)]
+    #[arg(
+        long,
+        env = "AMBIT_MANIFESTS",
+        conflicts_with_all = ["kubernetes", "kubeconfig"]
+    )]
     manifests: Option<PathBuf>,
+    /// Read the mesh from a Kubernetes API server instead of a folder: with --kubeconfig,
+    /// else KUBECONFIG, ~/.kube/config or the pod's service account. Running in a pod
+    /// without --manifests implies it.
+    #[arg(long, env = "AMBIT_KUBERNETES")]
+    kubernetes: bool,
+    /// The kubeconfig file to reach the API server with (implies --kubernetes).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
     /// Folder for the control plane's keys (created with mode 0700).
     #[arg(
         long,
@@ -130,11 +142,16 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(2));
     }
-    let manifests = args
-        .manifests
-        .context("--manifests is required: the folder of YAML manifests to serve")?;
+    let kubernetes = args.kubernetes
+        || args.kubeconfig.is_some()
+        || (args.manifests.is_none() && ambit_kube::in_cluster());
+    if !kubernetes && args.manifests.is_none() {
+        anyhow::bail!(
+            "name where the mesh is read from: --manifests FOLDER, or --kubernetes (with --kubeconfig FILE outside a cluster)"
+        );
+    }
     let config = Config {
-        manifests,
+        manifests: args.manifests.unwrap_or_default(),
         state_dir: args.state_dir,
         plugin_ca_dir: args.plugin_ca,
         grpc_addr: args.grpc_addr,
@@ -152,7 +169,16 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let cp = ControlPlane::start(config).await?;
+        let cp = if kubernetes {
+            let (client, url) = ambit_kube::client(args.kubeconfig.as_deref()).await?;
+            tracing::info!(%url, "reading the mesh from the Kubernetes API server");
+            let source =
+                ambit_kube::KubeSource::start(client, url, ambit_kube::KubeOptions::default())
+                    .await?;
+            ControlPlane::start_with_source(config, Box::new(source)).await?
+        } else {
+            ControlPlane::start(config).await?
+        };
         crate::signal::wait().await;
         tracing::info!("shutting down");
         cp.shutdown().await;
