@@ -12,6 +12,7 @@
 //! (delete the file and restart) revokes every token at once.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ambit_core::SpiffeId;
@@ -68,12 +69,41 @@ pub enum AuthError {
     NotYetValid,
     #[error("the token is not meant for this control plane: {0}")]
     WrongAudience(String),
+    /// Refused by another authenticator (Kubernetes' TokenReview): why, never the token.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Turns a bearer token into a [`Caller`].
 #[async_trait]
 pub trait Authenticator: Send + Sync + 'static {
     async fn authenticate(&self, token: &str) -> Result<Caller, AuthError>;
+}
+
+/// Tries Ambit's own node tokens first, then another kind of credential (a cluster's
+/// service-account tokens): a token either verifies as one of Ambit's or is handed on.
+pub struct EitherAuthenticator {
+    pub first: Arc<dyn Authenticator>,
+    pub second: Arc<dyn Authenticator>,
+}
+
+#[async_trait]
+impl Authenticator for EitherAuthenticator {
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        match self.first.authenticate(token).await {
+            Ok(caller) => Ok(caller),
+            // One of Ambit's tokens that is expired, early or for another audience is
+            // answered as such; anything else may be the other kind.
+            Err(e @ (AuthError::Expired(_) | AuthError::NotYetValid | AuthError::WrongAudience(_))) => {
+                Err(e)
+            }
+            Err(first) => self.second.authenticate(token).await.map_err(|second| {
+                AuthError::Refused(format!(
+                    "not a node token of this control plane ({first}); as a Kubernetes token: {second}"
+                ))
+            }),
+        }
+    }
 }
 
 /// Why a caller may not have the identity it asked for.

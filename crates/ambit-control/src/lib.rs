@@ -177,22 +177,26 @@ impl ControlPlane {
     /// and starts serving. Every problem with key material, flags or ports is an error
     /// here, before anything is served.
     pub async fn start(config: Config) -> Result<Self, StartError> {
-        Self::start_with(config, None).await
+        Self::start_with(config, None, None).await
     }
 
     /// Like [`ControlPlane::start`], with the model from `source` (a Kubernetes API
     /// server, say) instead of the manifest folder in `config`. The source's first model
-    /// must be complete: the control plane serves it as the whole mesh.
+    /// must be complete: the control plane serves it as the whole mesh. Credentials that
+    /// are not Ambit node tokens go to `authenticator` when given (a cluster's
+    /// service-account tokens, through TokenReview).
     pub async fn start_with_source(
         config: Config,
         source: Box<dyn Source>,
+        authenticator: Option<Arc<dyn Authenticator>>,
     ) -> Result<Self, StartError> {
-        Self::start_with(config, Some(source)).await
+        Self::start_with(config, Some(source), authenticator).await
     }
 
     async fn start_with(
         config: Config,
         source: Option<Box<dyn Source>>,
+        extra_authenticator: Option<Arc<dyn Authenticator>>,
     ) -> Result<Self, StartError> {
         let identity = config
             .identity()
@@ -226,7 +230,13 @@ impl ControlPlane {
             }
         });
         let signer = TokenSigner::load_or_create(&config.state_dir)?;
-        let authenticator: Arc<dyn Authenticator> = Arc::new(signer.verifier());
+        let authenticator: Arc<dyn Authenticator> = match extra_authenticator {
+            None => Arc::new(signer.verifier()),
+            Some(second) => Arc::new(auth::EitherAuthenticator {
+                first: Arc::new(signer.verifier()),
+                second,
+            }),
+        };
         let metrics = Arc::new(Metrics::default());
 
         let grpc_addr = grpc_listener.local_addr().map_err(StartError::Listen)?;

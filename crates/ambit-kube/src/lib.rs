@@ -39,6 +39,9 @@ use kube::runtime::watcher;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 
+mod tokenreview;
+pub use tokenreview::TokenReviewAuthenticator;
+
 /// One kind the source watches: where the API serves it and which model kind it is.
 #[derive(Debug, Clone, Copy)]
 pub struct Watched {

@@ -7,14 +7,16 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ambit_control::auth::TokenSigner;
+use ambit_control::auth::{AuthError, Authenticator, Caller, TokenSigner, authorize_identity};
 use ambit_control::{Config, ControlPlane};
+use ambit_core::SpiffeId;
 use ambit_core::discovery::TunnelProtocol;
 use ambit_core::policy::PolicyAction;
 use ambit_core::state::State;
-use ambit_kube::{KubeOptions, KubeSource};
+use ambit_kube::{KubeOptions, KubeSource, TokenReviewAuthenticator};
 use ambit_node::{NodeConfig, NodeProxy, XdsConfig};
 use ambit_tls::client::TokenSource;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
@@ -129,6 +131,7 @@ struct Env {
     /// This test's pod addresses are 198.18.<subnet>.x, so pods other tests left behind
     /// (the API server outlives the tests) never share an address with them.
     subnet: u8,
+    tokens: Arc<TokenReviewAuthenticator>,
     client: kube::Client,
     dir: tempfile::TempDir,
     cp: ControlPlane,
@@ -171,7 +174,14 @@ impl Env {
         let source = KubeSource::start(client.clone(), url, KubeOptions::default())
             .await
             .unwrap();
-        let cp = ControlPlane::start_with_source(config, Box::new(source))
+        let tokens = Arc::new(TokenReviewAuthenticator::new(
+            client.clone(),
+            ambit_control::source::Source::model(&source),
+            "cluster.local".into(),
+            vec!["istio-ca".into()],
+            [format!("{ns}/ambit-node")],
+        ));
+        let cp = ControlPlane::start_with_source(config, Box::new(source), Some(tokens.clone()))
             .await
             .unwrap();
         let subnet = 8
@@ -182,6 +192,7 @@ impl Env {
                 % 100) as u8;
         Env {
             subnet,
+            tokens,
             client,
             dir,
             cp,
@@ -226,6 +237,50 @@ impl Env {
 
     /// Creates a running pod on the test node (status set as a kubelet would).
     async fn pod(&self, name: &str, sa: &str, ip: &str, labels: serde_json::Value) {
+        self.pod_on(&self.node, name, sa, ip, labels).await;
+    }
+
+    /// A token for service account `sa`, for `audience`, bound to pod `pod` if given.
+    async fn token(&self, sa: &str, audience: &str, pod: Option<&str>) -> String {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let bound = match pod {
+            Some(name) => {
+                let uid = pods.get(name).await.unwrap().metadata.uid.unwrap();
+                json!({"kind": "Pod", "apiVersion": "v1", "name": name, "uid": uid})
+            }
+            None => serde_json::Value::Null,
+        };
+        let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.ns);
+        let request = serde_json::from_value(json!({
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": [audience], "expirationSeconds": 600, "boundObjectRef": bound}
+        }))
+        .unwrap();
+        let answer = sas
+            .create_token_request(sa, &PostParams::default(), &request)
+            .await
+            .unwrap();
+        answer.status.unwrap().token
+    }
+
+    /// Authenticates `token`, waiting while the pod it is bound to is not in the model yet.
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        let start = Instant::now();
+        loop {
+            match self.tokens.authenticate(token).await {
+                Err(AuthError::Refused(m))
+                    if m.contains("not known (yet)")
+                        && start.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn pod_on(&self, node: &str, name: &str, sa: &str, ip: &str, labels: serde_json::Value) {
         let sas: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.ns);
         let _ = sas
             .create(
@@ -239,7 +294,7 @@ impl Env {
             &serde_json::from_value(json!({
                 "metadata": {"name": name, "labels": labels},
                 "spec": {
-                    "nodeName": self.node,
+                    "nodeName": node,
                     "serviceAccountName": sa,
                     "containers": [{"name": "app", "image": "example.invalid/app:1",
                         "ports": [{"containerPort": 8080, "name": "http"}]}]
@@ -465,6 +520,27 @@ async fn a_policy_the_api_server_accepts_but_ambit_cannot_read_denies() {
 async fn a_crd_installed_after_start_is_read() {
     let kubeconfig = apiserver();
     let (client, url) = ambit_kube::client(Some(&kubeconfig)).await.unwrap();
+    // Only this test installs the WorkloadEntry CRD: remove it if an earlier run left it.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let _ = crds
+        .delete(
+            "workloadentries.networking.istio.io",
+            &DeleteParams::default(),
+        )
+        .await;
+    let start = Instant::now();
+    while crds
+        .get_opt("workloadentries.networking.istio.io")
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the WorkloadEntry CRD left by an earlier run is not going away"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let options = KubeOptions {
         rediscover: Duration::from_millis(200),
         ..KubeOptions::default()
@@ -477,7 +553,7 @@ async fn a_crd_installed_after_start_is_read() {
         .clone();
     assert!(
         status.ignored.iter().any(|i| i.contains("WorkloadEntry")),
-        "this test needs an API server without the WorkloadEntry CRD (only this test installs it): restart it with `tests/k8s/apiserver.sh stop`; status: {:?}",
+        "the WorkloadEntry CRD was removed, yet the source found it served: {:?}",
         status.ignored
     );
 
@@ -540,4 +616,94 @@ async fn a_crd_installed_after_start_is_read() {
         "{:?}",
         status.ignored
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenreview_binds_a_node_proxy_token_to_its_pods_node() {
+    let env = Env::start().await;
+    let ns = env.ns.clone();
+    let other = unique("node");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": other}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    // A node proxy on each node, and an application pod on each.
+    env.pod("np", "ambit-node", &env.ip(1), json!({"app": "np"}))
+        .await;
+    env.pod_on(
+        &other,
+        "np-other",
+        "ambit-node",
+        &env.ip(2),
+        json!({"app": "np"}),
+    )
+    .await;
+    env.pod("web-1", "web", &env.ip(10), json!({"app": "web"}))
+        .await;
+    env.pod_on(&other, "db-1", "db", &env.ip(11), json!({"app": "db"}))
+        .await;
+    let id = |sa: &str| SpiffeId::new("cluster.local", &ns, sa).unwrap().to_string();
+
+    // The node proxy's token, bound to its pod: it speaks for that pod's node.
+    let token = env.token("ambit-node", "istio-ca", Some("np")).await;
+    let caller = env.authenticate(&token).await.unwrap();
+    assert_eq!(caller.node.as_deref(), Some(env.node.as_str()));
+    let model = {
+        let mut m = env.cp.model();
+        m.wait_for(|m| m.pods_on_node(&other).count() == 2)
+            .await
+            .unwrap();
+        m.borrow().clone()
+    };
+    authorize_identity(&caller, Some(&id("web")), &model, "cluster.local")
+        .expect("a pod on its node");
+    let refusal = authorize_identity(&caller, Some(&id("db")), &model, "cluster.local")
+        .expect_err("a pod on another node");
+    assert!(
+        refusal.to_string().contains("no running pod on node"),
+        "{refusal}"
+    );
+
+    // The same account's token bound to the pod on the other node speaks for that node.
+    let token = env.token("ambit-node", "istio-ca", Some("np-other")).await;
+    let caller = env.authenticate(&token).await.unwrap();
+    assert_eq!(caller.node.as_deref(), Some(other.as_str()));
+    authorize_identity(&caller, Some(&id("db")), &model, "cluster.local").unwrap();
+
+    // Unbound, the node proxy's token speaks for no node.
+    let token = env.token("ambit-node", "istio-ca", None).await;
+    let err = env.authenticate(&token).await.expect_err("unbound");
+    assert!(err.to_string().contains("not bound to a pod"), "{err}");
+
+    // A workload's own token: its own identity only.
+    let token = env.token("web", "istio-ca", Some("web-1")).await;
+    let caller = env.authenticate(&token).await.unwrap();
+    assert_eq!(caller.node, None);
+    assert_eq!(
+        authorize_identity(&caller, None, &model, "cluster.local")
+            .unwrap()
+            .to_string(),
+        id("web")
+    );
+    authorize_identity(&caller, Some(&id("db")), &model, "cluster.local")
+        .expect_err("not a node credential");
+
+    // Another audience, or no token of the cluster's: refused, never a node.
+    let token = env
+        .token("ambit-node", "some-other-audience", Some("np"))
+        .await;
+    let err = env.authenticate(&token).await.expect_err("wrong audience");
+    assert!(err.to_string().contains("did not accept"), "{err}");
+    let err = env
+        .authenticate("eyJhbGciOiJSUzI1NiJ9.e30.c2ln")
+        .await
+        .expect_err("garbage");
+    assert!(matches!(err, AuthError::Refused(_)), "{err}");
+    drop(model);
+    env.cleanup().await;
+    env.cp.shutdown().await;
 }

@@ -45,6 +45,19 @@ struct RunArgs {
     /// The kubeconfig file to reach the API server with (implies --kubernetes).
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the audience service-account tokens must carry to obtain
+    /// certificates (repeatable).
+    #[arg(
+        long = "token-audience",
+        value_name = "AUDIENCE",
+        default_value = "istio-ca"
+    )]
+    token_audiences: Vec<String>,
+    /// With --kubernetes: a service account (NAMESPACE/NAME) node proxies run as; its
+    /// pod-bound tokens may obtain identities of the pods on their pod's node (repeatable;
+    /// default: ztunnel and ambit-node in the root namespace).
+    #[arg(long = "node-proxy-account", value_name = "NAMESPACE/NAME")]
+    node_proxy_accounts: Vec<String>,
     /// Folder for the control plane's keys (created with mode 0700).
     #[arg(
         long,
@@ -150,6 +163,24 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
             "name where the mesh is read from: --manifests FOLDER, or --kubernetes (with --kubeconfig FILE outside a cluster)"
         );
     }
+    if let Some(bad) = args
+        .node_proxy_accounts
+        .iter()
+        .find(|a| a.split('/').count() != 2 || a.starts_with('/') || a.ends_with('/'))
+    {
+        eprintln!("error: --node-proxy-account {bad:?}: expected NAMESPACE/NAME");
+        return Ok(ExitCode::from(2));
+    }
+    let node_accounts = if args.node_proxy_accounts.is_empty() {
+        vec![
+            format!("{}/ztunnel", args.root_namespace),
+            format!("{}/ambit-node", args.root_namespace),
+        ]
+    } else {
+        args.node_proxy_accounts.clone()
+    };
+    let token_audiences = args.token_audiences.clone();
+    let trust_domain = args.trust_domain.clone();
     let config = Config {
         manifests: args.manifests.unwrap_or_default(),
         state_dir: args.state_dir,
@@ -172,10 +203,25 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         let cp = if kubernetes {
             let (client, url) = ambit_kube::client(args.kubeconfig.as_deref()).await?;
             tracing::info!(%url, "reading the mesh from the Kubernetes API server");
-            let source =
-                ambit_kube::KubeSource::start(client, url, ambit_kube::KubeOptions::default())
-                    .await?;
-            ControlPlane::start_with_source(config, Box::new(source)).await?
+            let source = ambit_kube::KubeSource::start(
+                client.clone(),
+                url,
+                ambit_kube::KubeOptions::default(),
+            )
+            .await?;
+            let tokens = ambit_kube::TokenReviewAuthenticator::new(
+                client,
+                ambit_control::source::Source::model(&source),
+                trust_domain,
+                token_audiences,
+                node_accounts,
+            );
+            ControlPlane::start_with_source(
+                config,
+                Box::new(source),
+                Some(std::sync::Arc::new(tokens)),
+            )
+            .await?
         } else {
             ControlPlane::start(config).await?
         };
