@@ -156,6 +156,10 @@ pub fn authorize_identity(
                     "{id} is outside the trust domain {trust_domain}"
                 )));
             }
+            // Asking for one's own identity by name is not impersonation.
+            if caller.identity.as_ref() == Some(&id) {
+                return Ok(id);
+            }
             let Some(node) = &caller.node else {
                 return Err(Refusal::Denied(
                     "this credential is not a node credential and cannot impersonate".into(),

@@ -39,7 +39,9 @@ use kube::runtime::watcher;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 
+pub mod leader;
 mod tokenreview;
+pub mod waypoints;
 pub use tokenreview::TokenReviewAuthenticator;
 
 /// One kind the source watches: where the API serves it and which model kind it is.

@@ -50,6 +50,7 @@ fn unique(prefix: &str) -> String {
 }
 
 const CRD_GROUP: &str = "security.istio.io";
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 /// Istio's security CRDs (schema-less: the API server keeps any fields; Ambit checks them).
 async fn install_crds(client: &kube::Client) {
@@ -67,8 +68,10 @@ async fn install_crds(client: &kube::Client) {
         "peerauthentications",
     )
     .await;
+    install_crd(client, GATEWAY_GROUP, "Gateway", "gateways").await;
     served(client, CRD_GROUP, "AuthorizationPolicy").await;
     served(client, CRD_GROUP, "PeerAuthentication").await;
+    served(client, GATEWAY_GROUP, "Gateway").await;
 }
 
 async fn install_crd(client: &kube::Client, group: &str, kind: &str, plural: &str) {
@@ -77,13 +80,18 @@ async fn install_crd(client: &kube::Client, group: &str, kind: &str, plural: &st
         let crd: CustomResourceDefinition = serde_json::from_value(json!({
             "apiVersion": "apiextensions.k8s.io/v1",
             "kind": "CustomResourceDefinition",
-            "metadata": {"name": format!("{plural}.{group}")},
+            "metadata": {
+                "name": format!("{plural}.{group}"),
+                // Groups under k8s.io must say they were approved.
+                "annotations": {"api-approved.kubernetes.io": "https://gateway-api.sigs.k8s.io"}
+            },
             "spec": {
                 "group": group,
                 "scope": "Namespaced",
                 "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(), "listKind": format!("{kind}List")},
                 "versions": [{
                     "name": "v1", "served": true, "storage": true,
+                    "subresources": {"status": {}},
                     "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
                 }]
             }
@@ -706,4 +714,217 @@ async fn tokenreview_binds_a_node_proxy_token_to_its_pods_node() {
     drop(model);
     env.cleanup().await;
     env.cp.shutdown().await;
+}
+
+/// Polls `f` until it returns `Some`, for at most 15 s.
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_runs_each_waypoint_gateway_as_a_deployment_and_reports_its_status() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let env = Env::start().await;
+    let ns = env.ns.clone();
+    let (leading, election) = ambit_kube::leader::elect(
+        env.client.clone(),
+        ambit_kube::leader::LeaderOptions::new(ns.clone(), "replica-1"),
+    );
+    let controller = tokio::spawn(ambit_kube::waypoints::run(
+        env.client.clone(),
+        env.cp.model(),
+        leading,
+        ambit_kube::waypoints::WaypointOptions {
+            image: "ambit:test".into(),
+            control_plane: "ambit-control.istio-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+            roots_pem: env.cp.roots_pem(),
+        },
+    ));
+    let gateway_resource = ApiResource {
+        group: GATEWAY_GROUP.into(),
+        version: "v1".into(),
+        api_version: format!("{GATEWAY_GROUP}/v1"),
+        kind: "Gateway".into(),
+        plural: "gateways".into(),
+    };
+    let gateways: Api<DynamicObject> =
+        Api::namespaced_with(env.client.clone(), &ns, &gateway_resource);
+    let gw = gateways
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "waypoint", "namespace": ns},
+                "spec": {"gatewayClassName": "istio-waypoint",
+                         "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let uid = gw.metadata.uid.unwrap();
+
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
+    let deployment = eventually("the waypoint's Deployment", || async {
+        deployments.get_opt("waypoint").await.unwrap()
+    })
+    .await;
+    let owner = &deployment.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("Gateway", uid.as_str())
+    );
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("waypoint"));
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some("ambit:test"));
+    assert_eq!(
+        container.args.as_ref().unwrap()[..4],
+        ["waypoint", "run", "--name", "waypoint"]
+    );
+    let services: Api<Service> = Api::namespaced(env.client.clone(), &ns);
+    let svc = eventually("the waypoint's Service", || async {
+        services.get_opt("waypoint").await.unwrap()
+    })
+    .await;
+    let ports: Vec<i32> = svc
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|p| p.port)
+        .collect();
+    assert_eq!(ports, [15008, 15021]);
+    let cluster_ip = svc.spec.unwrap().cluster_ip.unwrap();
+    let sas: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &ns);
+    eventually("the waypoint's ServiceAccount", || async {
+        sas.get_opt("waypoint").await.unwrap()
+    })
+    .await;
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &ns);
+    let roots = eventually("the waypoint's roots", || async {
+        cms.get_opt("waypoint-ambit-ca-root").await.unwrap()
+    })
+    .await;
+    assert_eq!(
+        roots.data.unwrap()["root-cert.pem"],
+        env.cp.roots_pem(),
+        "the mesh roots"
+    );
+
+    // Accepted, not Programmed: no pod is ready.
+    let condition = |o: &DynamicObject, t: &str| {
+        o.data["status"]["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == t))
+            .map(|c| c["status"].as_str().unwrap_or_default().to_owned())
+    };
+    eventually("Accepted and not Programmed", || async {
+        let g = gateways.get("waypoint").await.unwrap();
+        (condition(&g, "Accepted").as_deref() == Some("True")
+            && condition(&g, "Programmed").as_deref() == Some("False"))
+        .then_some(())
+    })
+    .await;
+
+    // A ready waypoint pod: Programmed, with the Service's address.
+    env.pod(
+        "waypoint-abc",
+        "waypoint",
+        &env.ip(5),
+        json!({"gateway.networking.k8s.io/gateway-name": "waypoint"}),
+    )
+    .await;
+    let g = eventually("Programmed", || async {
+        let g = gateways.get("waypoint").await.unwrap();
+        (condition(&g, "Programmed").as_deref() == Some("True")).then_some(g)
+    })
+    .await;
+    assert_eq!(g.data["status"]["addresses"][0]["value"], cluster_ip);
+
+    // The Gateway deleted: what was made for it goes too.
+    gateways
+        .delete("waypoint", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the Deployment removed", || async {
+        deployments
+            .get_opt("waypoint")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually("the Service removed", || async {
+        services
+            .get_opt("waypoint")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    controller.abort();
+    election.abort();
+    env.cleanup().await;
+    env.cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_takes_over_the_lease_when_the_leader_stops() {
+    let kubeconfig = apiserver();
+    let (client, _) = ambit_kube::client(Some(&kubeconfig)).await.unwrap();
+    let lease = unique("lease");
+    let options = |who: &str| ambit_kube::leader::LeaderOptions {
+        name: lease.clone(),
+        lease: Duration::from_secs(2),
+        renew: Duration::from_millis(500),
+        ..ambit_kube::leader::LeaderOptions::new("default", who)
+    };
+    let (mut a, task_a) = ambit_kube::leader::elect(client.clone(), options("a"));
+    tokio::time::timeout(Duration::from_secs(10), a.wait_for(|l| *l))
+        .await
+        .expect("the first replica leads")
+        .unwrap();
+    let (mut b, task_b) = ambit_kube::leader::elect(client.clone(), options("b"));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        *a.borrow() && !*b.borrow(),
+        "one leader while the first renews"
+    );
+
+    task_a.abort();
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), b.wait_for(|l| *l))
+        .await
+        .expect("the second replica takes over")
+        .unwrap();
+    let took = start.elapsed();
+    eprintln!("takeover after {took:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "within the lease time and a renewal: {took:?}"
+    );
+    task_b.abort();
 }

@@ -58,6 +58,18 @@ struct RunArgs {
     /// default: ztunnel and ambit-node in the root namespace).
     #[arg(long = "node-proxy-account", value_name = "NAMESPACE/NAME")]
     node_proxy_accounts: Vec<String>,
+    /// With --kubernetes: the namespace of the leader-election Lease (`ambit-control`);
+    /// only the leader writes to the cluster [default: the root namespace].
+    #[arg(long, value_name = "NAMESPACE")]
+    leader_election_namespace: Option<String>,
+    /// With --kubernetes: the image of the waypoint Deployments made for `istio-waypoint`
+    /// Gateways (it must hold this `ambit` binary).
+    #[arg(long, value_name = "IMAGE", default_value = "ambit:latest")]
+    waypoint_image: String,
+    /// With --kubernetes: the control plane's address as waypoint pods reach it
+    /// [default: ambit-control.<root namespace>.svc:15012].
+    #[arg(long, value_name = "HOST:PORT")]
+    waypoint_control_plane: Option<String>,
     /// Folder for the control plane's keys (created with mode 0700).
     #[arg(
         long,
@@ -180,6 +192,15 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         args.node_proxy_accounts.clone()
     };
     let token_audiences = args.token_audiences.clone();
+    let lease_namespace = args
+        .leader_election_namespace
+        .clone()
+        .unwrap_or_else(|| args.root_namespace.clone());
+    let waypoint_image = args.waypoint_image.clone();
+    let waypoint_control_plane = args
+        .waypoint_control_plane
+        .clone()
+        .unwrap_or_else(|| format!("ambit-control.{}.svc:15012", args.root_namespace));
     let trust_domain = args.trust_domain.clone();
     let config = Config {
         manifests: args.manifests.unwrap_or_default(),
@@ -209,19 +230,46 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
                 ambit_kube::KubeOptions::default(),
             )
             .await?;
+            let model = ambit_control::source::Source::model(&source);
             let tokens = ambit_kube::TokenReviewAuthenticator::new(
-                client,
+                client.clone(),
                 ambit_control::source::Source::model(&source),
-                trust_domain,
+                trust_domain.clone(),
                 token_audiences,
                 node_accounts,
             );
-            ControlPlane::start_with_source(
+            let cp = ControlPlane::start_with_source(
                 config,
                 Box::new(source),
                 Some(std::sync::Arc::new(tokens)),
             )
-            .await?
+            .await?;
+            // Only the elected replica writes to the cluster.
+            let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+                format!(
+                    "{}-{}",
+                    nix::unistd::gethostname()
+                        .map(|h| h.to_string_lossy().into_owned())
+                        .unwrap_or_else(|_| "ambit-control".into()),
+                    std::process::id()
+                )
+            });
+            let (leading, _election) = ambit_kube::leader::elect(
+                client.clone(),
+                ambit_kube::leader::LeaderOptions::new(lease_namespace, identity),
+            );
+            tokio::spawn(ambit_kube::waypoints::run(
+                client,
+                model,
+                leading,
+                ambit_kube::waypoints::WaypointOptions {
+                    image: waypoint_image,
+                    control_plane: waypoint_control_plane,
+                    trust_domain,
+                    roots_pem: cp.roots_pem(),
+                },
+            ));
+            cp
         } else {
             ControlPlane::start(config).await?
         };

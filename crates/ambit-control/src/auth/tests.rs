@@ -199,8 +199,19 @@ fn a_workload_credential_gets_its_own_identity_only() {
         authorize_identity(&caller, None, &m, "cluster.local").unwrap(),
         id
     );
+    // Naming its own identity (as every certificate client does) is no impersonation.
+    assert_eq!(
+        authorize_identity(&caller, Some(&id.to_string()), &m, "cluster.local").unwrap(),
+        id
+    );
+    // Any other is.
     assert!(matches!(
-        authorize_identity(&caller, Some(&id.to_string()), &m, "cluster.local"),
+        authorize_identity(
+            &caller,
+            Some("spiffe://cluster.local/ns/demo/sa/echo"),
+            &m,
+            "cluster.local"
+        ),
         Err(Refusal::Denied(_))
     ));
 }

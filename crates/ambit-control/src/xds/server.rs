@@ -138,10 +138,20 @@ impl AggregatedDiscoveryService for AdsService {
             .authenticate(token)
             .await
             .map_err(|e| refuse(Status::unauthenticated(e.to_string())))?;
-        let Some(node) = caller.node else {
-            return Err(refuse(Status::permission_denied(
-                "discovery is for node proxies: present a node credential",
-            )));
+        // Node proxies present a node credential. A workload's own credential (a
+        // cluster's service-account token) is accepted from a waypoint only: its node
+        // metadata WAYPOINT must name the Gateway whose service account it runs as.
+        let (node, waypoint_account) = match (caller.node, caller.identity) {
+            (Some(node), _) => (node, None),
+            (None, Some(id)) => {
+                let account = format!("{}/{}", id.namespace(), id.service_account());
+                (format!("waypoint {account}"), Some(account))
+            }
+            (None, None) => {
+                return Err(refuse(Status::permission_denied(
+                    "discovery is for node proxies and waypoints: present a node credential",
+                )));
+            }
         };
         let (tx, rx) = mpsc::channel(8);
         let id = self.registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
@@ -170,6 +180,7 @@ impl AggregatedDiscoveryService for AdsService {
             nonce: 0,
             ambit: false,
             waypoint: None,
+            waypoint_account,
         };
         tokio::spawn(stream.run());
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -208,6 +219,9 @@ struct Subscriber {
     /// The waypoint (`<namespace>/<name>`) the subscriber serves, from its node metadata
     /// `WAYPOINT`: it is sent only the waypoint policies that apply to it.
     waypoint: Option<String>,
+    /// Set when the credential is a workload's own (`<namespace>/<service account>`): the
+    /// subscriber must be the waypoint of that name.
+    waypoint_account: Option<String>,
 }
 
 impl Subscriber {
@@ -253,7 +267,13 @@ impl Subscriber {
             self.ambit = node.id.starts_with("ambit~");
             self.waypoint = node_metadata(&req, "WAYPOINT").map(str::to_owned);
         }
-        if let Some(name) = node_name(&req)
+        if let Some(account) = &self.waypoint_account {
+            if self.waypoint.as_ref() != Some(account) {
+                return Err(Status::permission_denied(format!(
+                    "a workload credential ({account}) may subscribe only as the waypoint it runs as: send node metadata WAYPOINT={account}"
+                )));
+            }
+        } else if let Some(name) = node_name(&req)
             && name != self.node
         {
             return Err(Status::permission_denied(format!(

@@ -1,0 +1,144 @@
+//! Leader election over a `coordination.k8s.io/v1` Lease: of several control-plane
+//! replicas, only the holder writes to the cluster (statuses, waypoint Deployments).
+//!
+//! The holder renews every `renew`; a lease not renewed for its duration is expired and
+//! the next replica to look takes it (`leaseTransitions` + 1). Every write is a replace
+//! with the resource version read, so two replicas never both win one round. A holder
+//! that cannot renew steps down when its own lease would have expired, before another
+//! replica may take over, so two leaders never overlap by this replica's clock.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone)]
+pub struct LeaderOptions {
+    pub namespace: String,
+    /// The Lease's name.
+    pub name: String,
+    /// Who this replica is (its pod name, say); unique among replicas.
+    pub identity: String,
+    pub lease: Duration,
+    pub renew: Duration,
+}
+
+impl LeaderOptions {
+    pub fn new(namespace: impl Into<String>, identity: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: "ambit-control".into(),
+            identity: identity.into(),
+            lease: Duration::from_secs(15),
+            renew: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Runs the election for ever; the receiver says whether this replica leads now.
+pub fn elect(
+    client: kube::Client,
+    options: LeaderOptions,
+) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let api: Api<Lease> = Api::namespaced(client, &options.namespace);
+        let mut renewed: Option<Instant> = None;
+        loop {
+            let attempt_started = Instant::now();
+            let leading = match round(&api, &options).await {
+                Ok(true) => {
+                    renewed = Some(attempt_started);
+                    true
+                }
+                Ok(false) => {
+                    renewed = None;
+                    false
+                }
+                Err(e) => {
+                    // Keep leading only while our last renewal still holds.
+                    let holds = renewed.is_some_and(|t| t.elapsed() < options.lease);
+                    tracing::warn!(lease = %options.name, error = %e, leading = holds, "the leader lease could not be read or renewed");
+                    holds
+                }
+            };
+            if *tx.borrow() != leading {
+                tracing::info!(
+                    lease = %format!("{}/{}", options.namespace, options.name),
+                    identity = %options.identity,
+                    leading,
+                    "leadership changed"
+                );
+                tx.send_replace(leading);
+            }
+            let wait = if leading {
+                options.renew
+            } else {
+                options.renew.min(Duration::from_secs(2))
+            };
+            tokio::time::sleep(wait).await;
+        }
+    });
+    (rx, task)
+}
+
+fn now() -> MicroTime {
+    MicroTime(Timestamp::now())
+}
+
+/// One look at the lease: take it if free or expired, renew it if ours. Ok(true) when
+/// this replica holds it afterwards.
+async fn round(api: &Api<Lease>, options: &LeaderOptions) -> Result<bool, kube::Error> {
+    let duration = i32::try_from(options.lease.as_secs()).unwrap_or(i32::MAX);
+    let Some(mut lease) = api.get_opt(&options.name).await? else {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(options.name.clone()),
+                namespace: Some(options.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(options.identity.clone()),
+                lease_duration_seconds: Some(duration),
+                acquire_time: Some(now()),
+                renew_time: Some(now()),
+                lease_transitions: Some(0),
+                ..LeaseSpec::default()
+            }),
+        };
+        return match api.create(&PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        };
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    let ours = spec.holder_identity.as_deref() == Some(options.identity.as_str());
+    if !ours {
+        let held_for = i64::from(spec.lease_duration_seconds.unwrap_or(duration));
+        let expired = match &spec.renew_time {
+            Some(MicroTime(t)) => Timestamp::now().as_second() > t.as_second() + held_for,
+            None => true,
+        };
+        if !expired && spec.holder_identity.is_some() {
+            return Ok(false);
+        }
+        spec.holder_identity = Some(options.identity.clone());
+        spec.acquire_time = Some(now());
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+    }
+    spec.lease_duration_seconds = Some(duration);
+    spec.renew_time = Some(now());
+    // The resource version read makes this a compare-and-swap.
+    match api
+        .replace(&options.name, &PostParams::default(), &lease)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
