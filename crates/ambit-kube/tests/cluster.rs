@@ -928,3 +928,66 @@ async fn a_second_replica_takes_over_the_lease_when_the_leader_stops() {
     );
     task_b.abort();
 }
+
+/// A discovery client with `token`, as a waypoint (`waypoint`: `<namespace>/<name>`) or
+/// as a node proxy; returns its state once synced or failed.
+async fn subscribe(env: &Env, token: String, waypoint: Option<String>) -> ambit_xds::XdsState {
+    let pem = std::fs::read(env.dir.path().join("state/ca/root-cert.pem")).unwrap();
+    let config = XdsConfig {
+        address: env.cp.grpc_addr().to_string(),
+        roots: ambit_tls::spiffe::TrustBundle::from_pem(&pem).unwrap(),
+        server_name: Some("localhost".into()),
+        token: TokenSource::Static(token),
+        node_name: env.node.clone(),
+        initial_backoff: Duration::from_secs(60),
+        max_backoff: Duration::from_secs(60),
+    };
+    let store = Arc::new(ambit_core::state::Store::new());
+    let (client, mut state) = match &waypoint {
+        Some(_) => {
+            ambit_xds::XdsClient::with_kinds(config, store, &ambit_xds::ResourceKind::WAYPOINT)
+        }
+        None => ambit_xds::XdsClient::new(config, store),
+    };
+    let client = match waypoint {
+        Some(w) => client.for_waypoint(w),
+        None => client,
+    };
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(client.run(stop));
+    let s = tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| s.synced || s.last_error.is_some()),
+    )
+    .await
+    .expect("synced or refused")
+    .unwrap()
+    .clone();
+    task.abort();
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_subscribes_with_its_own_token_as_itself_only() {
+    let env = Env::start().await;
+    let ns = env.ns.clone();
+    env.pod("waypoint-1", "waypoint", &env.ip(30), json!({"app": "w"}))
+        .await;
+    let token = env.token("waypoint", "istio-ca", Some("waypoint-1")).await;
+    // Wait until the token's pod is known (not needed for a workload token, but keeps
+    // the control plane's view settled).
+    env.authenticate(&token).await.unwrap();
+
+    let ok = subscribe(&env, token.clone(), Some(format!("{ns}/waypoint"))).await;
+    assert!(ok.synced, "{:?}", ok.last_error);
+
+    let other = subscribe(&env, token.clone(), Some(format!("{ns}/another"))).await;
+    let err = other.last_error.expect("refused as another waypoint");
+    assert!(err.contains("only as the waypoint it runs as"), "{err}");
+
+    let as_node = subscribe(&env, token, None).await;
+    let err = as_node.last_error.expect("refused as a node proxy");
+    assert!(err.contains("WAYPOINT"), "{err}");
+    env.cleanup().await;
+    env.cp.shutdown().await;
+}
