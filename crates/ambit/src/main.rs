@@ -6,6 +6,7 @@ mod config_cmd;
 mod control;
 mod demo;
 mod discovery_args;
+mod install_cmd;
 mod logging;
 mod node;
 mod preflight;
@@ -66,6 +67,13 @@ enum Command {
     /// Build a two-node mesh out of network namespaces on this machine and walk
     /// through it (needs root, iproute2 and nftables); also the demo's sample apps.
     Demo(Box<demo::DemoArgs>),
+    /// Install Ambit on a Kubernetes cluster (CRDs, RBAC, control plane, node proxies),
+    /// or print what would be applied (--dry-run -o yaml).
+    Install(Box<install_cmd::InstallArgs>),
+    /// Remove what `ambit install` applied.
+    Uninstall(Box<install_cmd::UninstallArgs>),
+    /// Check a cluster: before an install (--pre) or the installed mesh, a line per check.
+    Check(Box<install_cmd::CheckArgs>),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +83,7 @@ fn main() -> ExitCode {
         Command::Config(_) => "error",
         Command::Waypoint(args) if args.is_tool() => "error",
         Command::Demo(_) => "warn",
+        Command::Install(_) | Command::Uninstall(_) | Command::Check(_) => "warn",
         _ => "info",
     };
     if let Err(e) = logging::init(&cli.log, default_level) {
@@ -88,6 +97,9 @@ fn main() -> ExitCode {
         Command::Cni(args) => cni::run(*args),
         Command::Waypoint(args) => waypoint::run(*args),
         Command::Demo(args) => demo::run(*args),
+        Command::Install(args) => install_cmd::install(*args),
+        Command::Uninstall(args) => install_cmd::uninstall(*args),
+        Command::Check(args) => install_cmd::check(*args),
     };
     match result {
         Ok(code) => code,
