@@ -731,7 +731,7 @@ async fn clock_skew(client: &kube::Client, sent: std::time::SystemTime) -> Check
             resp.headers()
                 .get(http::header::DATE)
                 .and_then(|d| d.to_str().ok())
-                .and_then(|d| httpdate_parse(d))
+                .and_then(httpdate_parse)
         }),
         Err(_) => None,
     };
