@@ -577,6 +577,9 @@ impl State {
             }
             Msg::InitDone(kind) => {
                 self.watch_errors.remove(&kind);
+                // What the relist no longer has is judged against everything seen so
+                // far, this batch's earlier events included.
+                self.flush(events);
                 let listed = self.buffers.remove(&kind).unwrap_or_default();
                 let present: BTreeSet<ObjectRef> = listed.iter().map(|r| r.key.clone()).collect();
                 // Objects gone while the watch was down: in force before, absent now.
@@ -615,7 +618,20 @@ impl State {
         }
     }
 
+    /// Applies the batch's pending events to the model, so what follows reads the model
+    /// as those events left it.
+    fn flush(&mut self, events: &mut Vec<Event>) {
+        if !events.is_empty() {
+            self.model = Arc::new(self.model.apply(std::mem::take(events)));
+        }
+    }
+
     fn applied(&mut self, read: Read, events: &mut Vec<Event>) {
+        if read.object.is_err() {
+            // Whether a last good version is in force depends on this batch's earlier
+            // events (a deletion just before, say).
+            self.flush(events);
+        }
         match read.object {
             Ok(object) => {
                 self.refused.remove(&read.key);
@@ -850,5 +866,81 @@ mod tests {
             ))]
         );
         assert!(state.status().file_errors.is_empty());
+    }
+    fn empty_state(waiting: &[Kind]) -> State {
+        State {
+            url: "test".into(),
+            model: Arc::new(Model::default()),
+            waiting: waiting.iter().copied().collect(),
+            buffers: HashMap::new(),
+            refused: BTreeMap::new(),
+            watch_errors: BTreeMap::new(),
+            absent: BTreeMap::new(),
+            events: 0,
+        }
+    }
+
+    fn namespace(name: &str) -> Read {
+        read(
+            Kind::Namespace,
+            &resource("Namespace", "v1", "namespaces"),
+            dynamic(serde_json::json!({"metadata": {"name": name}})),
+        )
+    }
+
+    fn policy(name: &str, source_field: &str) -> Read {
+        read(
+            Kind::AuthorizationPolicy,
+            &resource(
+                "AuthorizationPolicy",
+                "security.istio.io/v1",
+                "authorizationpolicies",
+            ),
+            dynamic(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"action": "ALLOW", "rules": [{"from": [{"source": {source_field: ["x"]}}]}]}
+            })),
+        )
+    }
+
+    #[test]
+    fn a_relist_in_the_same_batch_as_an_apply_still_deletes_what_it_lacks() {
+        let mut state = empty_state(&[]);
+        let mut events = Vec::new();
+        // One batch: "a" applied by the watch, then a relist that no longer has it.
+        state.handle(Msg::Apply(namespace("a")), &mut events);
+        state.handle(Msg::Init(Kind::Namespace), &mut events);
+        state.handle(Msg::InitApply(namespace("b")), &mut events);
+        state.handle(Msg::InitDone(Kind::Namespace), &mut events);
+        state.flush(&mut events);
+        let names: Vec<String> = state
+            .model
+            .of_kind(Kind::Namespace)
+            .map(|o| o.key().name)
+            .collect();
+        assert_eq!(names, ["b"]);
+    }
+
+    #[test]
+    fn an_unreadable_policy_recreated_in_the_batch_of_its_deletion_is_stood_in_for() {
+        let mut state = empty_state(&[]);
+        let mut events = Vec::new();
+        state.handle(Msg::Apply(policy("p", "principals")), &mut events);
+        state.flush(&mut events);
+        // One batch: deleted, then re-created unreadable.
+        state.handle(
+            Msg::Delete(key(Kind::AuthorizationPolicy, "shop", "p")),
+            &mut events,
+        );
+        state.handle(Msg::Apply(policy("p", "principalz")), &mut events);
+        state.flush(&mut events);
+        let Some(Object::AuthorizationPolicy(p)) =
+            state
+                .model
+                .get(&key(Kind::AuthorizationPolicy, "shop", "p"))
+        else {
+            panic!("a stand-in in force");
+        };
+        assert!(serde_json::to_string(&p.spec).unwrap().contains("DENY"));
     }
 }
