@@ -290,6 +290,7 @@ impl ControlPlane {
         let registry = Arc::new(Registry::default());
         let ads = AdsService::new(
             snapshots.clone(),
+            source.model(),
             authenticator,
             registry.clone(),
             metrics.clone(),

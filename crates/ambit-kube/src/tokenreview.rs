@@ -11,8 +11,9 @@
 //!
 //! The token is sent to the API server and nowhere else; it is never logged.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use ambit_control::auth::{AuthError, Authenticator, Caller};
 use ambit_control::model::{Kind, Model, Object};
@@ -25,7 +26,28 @@ use tokio::sync::watch;
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 
+/// Tokens longer than this are refused before the API server is asked.
+const MAX_TOKEN_BYTES: usize = 8 << 10;
+/// Reviews in flight at once; more wait (up to [`REVIEW_WAIT`]) or are refused, so
+/// callers cannot turn the certificate port into a flood of API requests.
+const MAX_REVIEWS: usize = 16;
+const REVIEW_WAIT: Duration = Duration::from_secs(2);
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a review's answer is reused for the same token (the API server caches its
+/// own for 10 s). The pod a node token is bound to is looked up afresh every time.
+const CACHE_FOR: Duration = Duration::from_secs(30);
+const CACHE_ENTRIES: usize = 4096;
+
+/// What TokenReview said about a token: the service account and its extras.
+#[derive(Clone)]
+struct Reviewed {
+    username: String,
+    extra: BTreeMap<String, Vec<String>>,
+}
+
 pub struct TokenReviewAuthenticator {
+    reviews: tokio::sync::Semaphore,
+    cache: Mutex<HashMap<[u8; 32], (Reviewed, Instant)>>,
     client: kube::Client,
     model: watch::Receiver<Arc<Model>>,
     trust_domain: String,
@@ -43,6 +65,8 @@ impl TokenReviewAuthenticator {
         node_accounts: impl IntoIterator<Item = String>,
     ) -> Self {
         Self {
+            reviews: tokio::sync::Semaphore::new(MAX_REVIEWS),
+            cache: Mutex::new(HashMap::new()),
             client,
             model,
             trust_domain,
@@ -56,9 +80,31 @@ fn refused(message: impl Into<String>) -> AuthError {
     AuthError::Refused(message.into())
 }
 
-#[async_trait::async_trait]
-impl Authenticator for TokenReviewAuthenticator {
-    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+impl TokenReviewAuthenticator {
+    /// Asks the API server about `token` (or reuses a recent answer).
+    async fn review(&self, token: &str) -> Result<Reviewed, AuthError> {
+        // A JWT of sane size, or no request at all.
+        if token.len() > MAX_TOKEN_BYTES
+            || token.split('.').count() != 3
+            || !token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
+        {
+            return Err(refused("not a JSON web token"));
+        }
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .unwrap_or([0; 32]);
+        if let Some((r, at)) = self.cache_get(&digest)
+            && at.elapsed() < CACHE_FOR
+        {
+            return Ok(r);
+        }
+        let _permit = tokio::time::timeout(REVIEW_WAIT, self.reviews.acquire())
+            .await
+            .map_err(|_| refused("too many token reviews in progress; retry shortly"))?
+            .map_err(|_| refused("shutting down"))?;
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -67,10 +113,11 @@ impl Authenticator for TokenReviewAuthenticator {
             ..TokenReview::default()
         };
         let api: Api<TokenReview> = Api::all(self.client.clone());
-        let answer = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| refused(format!("the API server's TokenReview failed: {e}")))?;
+        let answer =
+            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
+                .await
+                .map_err(|_| refused("the API server's TokenReview timed out"))?
+                .map_err(|e| refused(format!("the API server's TokenReview failed: {e}")))?;
         let status = answer.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             return Err(refused(format!(
@@ -87,7 +134,31 @@ impl Authenticator for TokenReviewAuthenticator {
             )));
         }
         let user = status.user.unwrap_or_default();
-        let username = user.username.unwrap_or_default();
+        let reviewed = Reviewed {
+            username: user.username.unwrap_or_default(),
+            extra: user.extra.unwrap_or_default(),
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= CACHE_ENTRIES {
+                cache.retain(|_, (_, at)| at.elapsed() < CACHE_FOR);
+                if cache.len() >= CACHE_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(digest, (reviewed.clone(), Instant::now()));
+        }
+        Ok(reviewed)
+    }
+
+    fn cache_get(&self, digest: &[u8; 32]) -> Option<(Reviewed, Instant)> {
+        self.cache.lock().ok()?.get(digest).cloned()
+    }
+}
+
+#[async_trait::async_trait]
+impl Authenticator for TokenReviewAuthenticator {
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        let Reviewed { username, extra } = self.review(token).await?;
         let Some(account) = username.strip_prefix("system:serviceaccount:") else {
             return Err(refused(format!(
                 "{username:?} is not a service account; only service-account tokens are accepted"
@@ -96,7 +167,6 @@ impl Authenticator for TokenReviewAuthenticator {
         let Some((namespace, name)) = account.split_once(':') else {
             return Err(refused(format!("malformed service account {account:?}")));
         };
-        let extra = user.extra.unwrap_or_default();
         let first = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
         if !self.node_accounts.contains(&format!("{namespace}/{name}")) {
             let identity = SpiffeId::new(&self.trust_domain, namespace, name)

@@ -978,9 +978,45 @@ async fn a_waypoint_subscribes_with_its_own_token_as_itself_only() {
     // the control plane's view settled).
     env.authenticate(&token).await.unwrap();
 
+    // No Gateway of that name yet: refused.
+    let early = subscribe(&env, token.clone(), Some(format!("{ns}/waypoint"))).await;
+    let err = early.last_error.expect("no waypoint Gateway yet");
+    assert!(err.contains("no istio-waypoint Gateway"), "{err}");
+
+    let gateway_resource = ApiResource {
+        group: GATEWAY_GROUP.into(),
+        version: "v1".into(),
+        api_version: format!("{GATEWAY_GROUP}/v1"),
+        kind: "Gateway".into(),
+        plural: "gateways".into(),
+    };
+    Api::<DynamicObject>::namespaced_with(env.client.clone(), &ns, &gateway_resource)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "waypoint", "namespace": ns},
+                "spec": {"gatewayClassName": "istio-waypoint",
+                         "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut model = env.cp.model();
+    model
+        .wait_for(|m| {
+            m.lookup(ambit_control::model::Kind::Gateway, &ns, "waypoint")
+                .is_some()
+        })
+        .await
+        .unwrap();
+
     let ok = subscribe(&env, token.clone(), Some(format!("{ns}/waypoint"))).await;
     assert!(ok.synced, "{:?}", ok.last_error);
 
+    // The same token naming another waypoint, or none.
     let other = subscribe(&env, token.clone(), Some(format!("{ns}/another"))).await;
     let err = other.last_error.expect("refused as another waypoint");
     assert!(err.contains("only as the waypoint it runs as"), "{err}");

@@ -39,6 +39,8 @@ pub const MAX_REQUEST_BYTES: usize = 64 << 20;
 /// The discovery service.
 pub struct AdsService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The model, to check that a waypoint credential names a waypoint that exists.
+    model: watch::Receiver<Arc<crate::model::Model>>,
     authenticator: Arc<dyn Authenticator>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
@@ -47,12 +49,14 @@ pub struct AdsService {
 impl AdsService {
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
+        model: watch::Receiver<Arc<crate::model::Model>>,
         authenticator: Arc<dyn Authenticator>,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             snapshots,
+            model,
             authenticator,
             registry,
             metrics,
@@ -144,6 +148,23 @@ impl AggregatedDiscoveryService for AdsService {
         let (node, waypoint_account) = match (caller.node, caller.identity) {
             (Some(node), _) => (node, None),
             (None, Some(id)) => {
+                // Only the service account of an istio-waypoint Gateway of that name.
+                let is_waypoint = matches!(
+                    self.model.borrow().lookup(
+                        crate::model::Kind::Gateway,
+                        id.namespace(),
+                        id.service_account()
+                    ),
+                    Some(crate::model::Object::Gateway(g))
+                        if g.spec.gateway_class_name.as_str() == "istio-waypoint"
+                );
+                if !is_waypoint {
+                    return Err(refuse(Status::permission_denied(format!(
+                        "a workload credential ({}/{}) may subscribe to discovery only as a waypoint, and there is no istio-waypoint Gateway of that name",
+                        id.namespace(),
+                        id.service_account()
+                    ))));
+                }
                 let account = format!("{}/{}", id.namespace(), id.service_account());
                 (format!("waypoint {account}"), Some(account))
             }
