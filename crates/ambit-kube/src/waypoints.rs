@@ -250,6 +250,60 @@ async fn apply(
     Ok(())
 }
 
+/// The metadata of the object `kind` `ns/name`, if it exists.
+async fn existing(
+    client: &kube::Client,
+    kind: &str,
+    ns: &str,
+    name: &str,
+) -> Result<Option<kube::api::ObjectMeta>, kube::Error> {
+    Ok(match kind {
+        "ServiceAccount" => Api::<ServiceAccount>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .map(|o| o.metadata),
+        "ConfigMap" => Api::<ConfigMap>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .map(|o| o.metadata),
+        "Service" => Api::<Service>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .map(|o| o.metadata),
+        _ => Api::<Deployment>::namespaced(client.clone(), ns)
+            .get_opt(name)
+            .await?
+            .map(|o| o.metadata),
+    })
+}
+
+/// An object of the waypoint's names that exists and is not the Gateway's: it is never
+/// taken over (a Gateway named after a Service would otherwise capture its traffic, and
+/// deleting the Gateway would delete it).
+async fn conflict(
+    client: &kube::Client,
+    desired: &[(&'static str, serde_json::Value)],
+    ns: &str,
+    uid: &str,
+) -> Result<Option<String>, kube::Error> {
+    for (kind, body) in desired {
+        let name = body["metadata"]["name"].as_str().unwrap_or_default();
+        if let Some(meta) = existing(client, kind, ns, name).await? {
+            let ours = meta
+                .owner_references
+                .unwrap_or_default()
+                .iter()
+                .any(|r| r.uid == uid);
+            if !ours {
+                return Ok(Some(format!(
+                    "{kind} {ns}/{name} exists and does not belong to this Gateway; rename the Gateway or remove the {kind}"
+                )));
+            }
+        }
+    }
+    Ok(None)
+}
+
 async fn reconcile(
     client: &kube::Client,
     model: &Model,
@@ -264,15 +318,25 @@ async fn reconcile(
     for g in &gateways {
         let ns = g.metadata.namespace().to_owned();
         let name = g.metadata.name.as_str().to_owned();
-        for (kind, body) in desired(g, api_version, options) {
-            apply(client, kind, &ns, &body).await?;
+        let objects = desired(g, api_version, options);
+        let uid = g.metadata.uid.clone().unwrap_or_default();
+        let clash = conflict(client, &objects, &ns, &uid).await?;
+        match &clash {
+            Some(why) => {
+                tracing::warn!(gateway = %format!("{ns}/{name}"), %why, "not running this waypoint")
+            }
+            None => {
+                for (kind, body) in &objects {
+                    apply(client, kind, &ns, body).await?;
+                }
+            }
         }
         if let Some(resource) = gateway_resource {
-            write_status(client, model, g, resource, written).await?;
+            write_status(client, model, g, resource, clash, written).await?;
         }
         wanted.insert((ns, name));
     }
-    remove_orphans(client, &wanted).await?;
+    remove_orphans(client, &wanted, gateway_resource).await?;
     written.retain(|k, _| wanted.contains(k));
     Ok(())
 }
@@ -283,6 +347,7 @@ async fn write_status(
     model: &Model,
     g: &Gateway,
     resource: &ApiResource,
+    clash: Option<String>,
     written: &mut BTreeMap<(String, String), String>,
 ) -> Result<(), kube::Error> {
     let ns = g.metadata.namespace();
@@ -300,9 +365,9 @@ async fn write_status(
         },
         _ => None,
     };
-    let programmed = ready && address.is_some();
+    let programmed = clash.is_none() && ready && address.is_some();
     let key = (ns.to_owned(), name.to_owned());
-    let summary = format!("{programmed} {address:?}");
+    let summary = format!("{programmed} {address:?} {clash:?}");
     if written.get(&key) == Some(&summary) {
         return Ok(());
     }
@@ -323,9 +388,14 @@ async fn write_status(
     let status = json!({"status": {
         "addresses": addresses,
         "conditions": [
-            {"type": "Accepted", "status": "True", "reason": "Accepted",
-             "message": "Ambit runs this waypoint", "observedGeneration": generation,
-             "lastTransitionTime": now},
+            match &clash {
+                None => json!({"type": "Accepted", "status": "True", "reason": "Accepted",
+                     "message": "Ambit runs this waypoint", "observedGeneration": generation,
+                     "lastTransitionTime": now}),
+                Some(why) => json!({"type": "Accepted", "status": "False", "reason": "Invalid",
+                     "message": why, "observedGeneration": generation,
+                     "lastTransitionTime": now}),
+            },
             if programmed {
                 json!({"type": "Programmed", "status": "True", "reason": "Programmed",
                        "message": "a waypoint pod is ready", "observedGeneration": generation,
@@ -343,13 +413,32 @@ async fn write_status(
     Ok(())
 }
 
-/// Deletes what this controller made for waypoints that are gone.
+/// Deletes what this controller made for waypoints that are gone: not in the model, and
+/// (asked directly) not an istio-waypoint Gateway in the cluster either (one the model
+/// lacks because it could not be read keeps its waypoint).
 async fn remove_orphans(
     client: &kube::Client,
     wanted: &BTreeSet<(String, String)>,
+    gateway_resource: Option<&ApiResource>,
 ) -> Result<(), kube::Error> {
+    let mut confirmed: BTreeMap<(String, String), bool> = BTreeMap::new();
+    let mut still_a_waypoint = async |ns: &str, gateway: &str| -> Result<bool, kube::Error> {
+        let key = (ns.to_owned(), gateway.to_owned());
+        if let Some(v) = confirmed.get(&key) {
+            return Ok(*v);
+        }
+        let exists = match gateway_resource {
+            None => false,
+            Some(r) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, r)
+                .get_opt(gateway)
+                .await?
+                .is_some_and(|g| g.data["spec"]["gatewayClassName"] == "istio-waypoint"),
+        };
+        confirmed.insert(key, exists);
+        Ok(exists)
+    };
     let selector = ListParams::default().labels(&format!("{MANAGED_BY}={MANAGER}"));
-    let orphan = |meta: &kube::api::ObjectMeta| {
+    let candidate = |meta: &kube::api::ObjectMeta| {
         let ns = meta.namespace.clone().unwrap_or_default();
         let gateway = meta
             .labels
@@ -357,15 +446,17 @@ async fn remove_orphans(
             .and_then(|l| l.get(GATEWAY_NAME))
             .cloned()
             .unwrap_or_default();
-        (!wanted.contains(&(ns.clone(), gateway)))
-            .then(|| (ns, meta.name.clone().unwrap_or_default()))
+        (!wanted.contains(&(ns.clone(), gateway.clone())))
+            .then(|| (ns, gateway, meta.name.clone().unwrap_or_default()))
     };
     let delete = DeleteParams::default();
     for d in Api::<Deployment>::all(client.clone())
         .list(&selector)
         .await?
     {
-        if let Some((ns, name)) = orphan(&d.metadata) {
+        if let Some((ns, gateway, name)) = candidate(&d.metadata)
+            && !still_a_waypoint(&ns, &gateway).await?
+        {
             tracing::info!(%ns, %name, "removing the Deployment of a waypoint that is gone");
             let _ = Api::<Deployment>::namespaced(client.clone(), &ns)
                 .delete(&name, &delete)
@@ -373,7 +464,9 @@ async fn remove_orphans(
         }
     }
     for s in Api::<Service>::all(client.clone()).list(&selector).await? {
-        if let Some((ns, name)) = orphan(&s.metadata) {
+        if let Some((ns, gateway, name)) = candidate(&s.metadata)
+            && !still_a_waypoint(&ns, &gateway).await?
+        {
             let _ = Api::<Service>::namespaced(client.clone(), &ns)
                 .delete(&name, &delete)
                 .await;
@@ -383,7 +476,9 @@ async fn remove_orphans(
         .list(&selector)
         .await?
     {
-        if let Some((ns, name)) = orphan(&s.metadata) {
+        if let Some((ns, gateway, name)) = candidate(&s.metadata)
+            && !still_a_waypoint(&ns, &gateway).await?
+        {
             let _ = Api::<ServiceAccount>::namespaced(client.clone(), &ns)
                 .delete(&name, &delete)
                 .await;
@@ -393,7 +488,9 @@ async fn remove_orphans(
         .list(&selector)
         .await?
     {
-        if let Some((ns, name)) = orphan(&c.metadata) {
+        if let Some((ns, gateway, name)) = candidate(&c.metadata)
+            && !still_a_waypoint(&ns, &gateway).await?
+        {
             let _ = Api::<ConfigMap>::namespaced(client.clone(), &ns)
                 .delete(&name, &delete)
                 .await;

@@ -885,6 +885,63 @@ async fn the_leader_runs_each_waypoint_gateway_as_a_deployment_and_reports_its_s
             .then_some(())
     })
     .await;
+
+    // A Gateway named after an existing Service never takes it over, nor deletes it.
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "shop"},
+                "spec": {"selector": {"app": "shop"}, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    gateways
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "Gateway",
+                "metadata": {"name": "shop", "namespace": ns},
+                "spec": {"gatewayClassName": "istio-waypoint",
+                         "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let g = eventually("Accepted=False for the clashing Gateway", || async {
+        let g = gateways.get("shop").await.unwrap();
+        (condition(&g, "Accepted").as_deref() == Some("False")).then_some(g)
+    })
+    .await;
+    let message = g.data["status"]["conditions"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("does not belong to this Gateway"),
+        "{message}"
+    );
+    let svc = services.get("shop").await.unwrap();
+    assert_eq!(
+        svc.spec.unwrap().selector.unwrap()["app"],
+        "shop",
+        "the Service is untouched"
+    );
+    assert!(deployments.get_opt("shop").await.unwrap().is_none());
+    gateways
+        .delete("shop", &DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        services.get_opt("shop").await.unwrap().is_some(),
+        "not deleted with the Gateway"
+    );
+
     controller.abort();
     election.abort();
     env.cleanup().await;
