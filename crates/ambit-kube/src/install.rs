@@ -435,6 +435,27 @@ pub async fn apply(
             }
             Err(e) => return Err(e),
         };
+        // Istio's own CRDs, if installed, stay Istio's: taking them over would let
+        // `ambit uninstall --crds` delete them with every policy.
+        if kind == "CustomResourceDefinition"
+            && let Some(current) = api
+                .get_opt(&name)
+                .await
+                .map_err(|source| InstallError::Api {
+                    what: format!("reading {kind} {name}"),
+                    source,
+                })?
+            && current
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(MANAGED_BY))
+                .map(String::as_str)
+                != Some(INSTALLER)
+        {
+            progress(format!("kept {kind} {name} (installed by someone else)"));
+            continue;
+        }
         let mut body = o.clone();
         body["apiVersion"] = json!(resource.api_version);
         api.patch(&name, &params, &Patch::Apply(&body))
@@ -453,19 +474,24 @@ pub async fn apply(
 }
 
 /// Deletes what [`render`] describes, except the namespace (it may hold more than
-/// Ambit) and, unless `crds`, the CRDs (deleting them deletes every policy written with
-/// them).
+/// Ambit), unless `crds` the CRDs (deleting them deletes every policy written with
+/// them), and unless `purge` the mesh CA's Secret.
 pub async fn uninstall(
     client: &kube::Client,
     objects: &[Value],
     crds: bool,
+    purge: bool,
     mut progress: impl FnMut(String),
 ) -> Result<(), InstallError> {
     let resources = Resources::new(client).await?;
     for o in objects.iter().rev() {
         let kind = o["kind"].as_str().unwrap_or_default();
-        // The namespace may hold more than Ambit: it stays.
-        if kind == "Namespace" || (kind == "CustomResourceDefinition" && !crds) {
+        // The namespace may hold more than Ambit: it stays. The mesh CA stays unless
+        // `purge`: without its key no certificate issued so far can be renewed by a
+        // reinstalled control plane.
+        let is_ca = kind == "Secret" && o["metadata"]["name"] == CA_SECRET;
+        if kind == "Namespace" || (kind == "CustomResourceDefinition" && !crds) || (is_ca && !purge)
+        {
             continue;
         }
         let Ok((api, name, _)) = api_for(client, &resources, o) else {

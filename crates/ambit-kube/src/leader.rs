@@ -3,9 +3,12 @@
 //!
 //! The holder renews every `renew`; a lease not renewed for its duration is expired and
 //! the next replica to look takes it (`leaseTransitions` + 1). Every write is a replace
-//! with the resource version read, so two replicas never both win one round. A holder
-//! that cannot renew steps down when its own lease would have expired, before another
-//! replica may take over, so two leaders never overlap by this replica's clock.
+//! with the resource version read, so two replicas never both win one round. A round
+//! that hangs times out after one renewal period, and a holder that cannot renew steps
+//! down while its lease has at least a renewal period left, so two leaders do not
+//! overlap as long as the replicas' clocks agree to within that margin (expiry is judged
+//! by the lease's `renewTime` against the reader's clock; client-go instead times how
+//! long it has seen the record unchanged, which needs no clock agreement).
 
 use std::time::{Duration, Instant};
 
@@ -49,7 +52,15 @@ pub fn elect(
         let mut renewed: Option<Instant> = None;
         loop {
             let attempt_started = Instant::now();
-            let leading = match round(&api, &options).await {
+            // A round that hangs counts as failed before the next renewal is due.
+            let result = tokio::time::timeout(options.renew, round(&api, &options))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(kube::Error::Service(
+                        "the lease round timed out".to_owned().into(),
+                    ))
+                });
+            let leading = match result {
                 Ok(true) => {
                     renewed = Some(attempt_started);
                     true
@@ -59,8 +70,11 @@ pub fn elect(
                     false
                 }
                 Err(e) => {
-                    // Keep leading only while our last renewal still holds.
-                    let holds = renewed.is_some_and(|t| t.elapsed() < options.lease);
+                    // Keep leading only while our last renewal will still hold at the
+                    // next look (one renewal period from now): a replica that cannot
+                    // renew stops leading before its lease can pass to another.
+                    let holds =
+                        renewed.is_some_and(|t| t.elapsed() + options.renew * 2 < options.lease);
                     tracing::warn!(lease = %options.name, error = %e, leading = holds, "the leader lease could not be read or renewed");
                     holds
                 }

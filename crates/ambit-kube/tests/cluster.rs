@@ -528,24 +528,25 @@ async fn a_policy_the_api_server_accepts_but_ambit_cannot_read_denies() {
 async fn a_crd_installed_after_start_is_read() {
     let kubeconfig = apiserver();
     let (client, url) = ambit_kube::client(Some(&kubeconfig)).await.unwrap();
-    // Only this test installs the WorkloadEntry CRD: remove it if an earlier run left it.
+    // Only this test installs the HTTPRoute CRD (the installer does not install the
+    // Gateway API's): remove it if an earlier run left it.
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let _ = crds
         .delete(
-            "workloadentries.networking.istio.io",
+            "httproutes.gateway.networking.k8s.io",
             &DeleteParams::default(),
         )
         .await;
     let start = Instant::now();
     while crds
-        .get_opt("workloadentries.networking.istio.io")
+        .get_opt("httproutes.gateway.networking.k8s.io")
         .await
         .unwrap()
         .is_some()
     {
         assert!(
             start.elapsed() < Duration::from_secs(30),
-            "the WorkloadEntry CRD left by an earlier run is not going away"
+            "the HTTPRoute CRD left by an earlier run is not going away"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -560,19 +561,13 @@ async fn a_crd_installed_after_start_is_read() {
         .borrow()
         .clone();
     assert!(
-        status.ignored.iter().any(|i| i.contains("WorkloadEntry")),
-        "the WorkloadEntry CRD was removed, yet the source found it served: {:?}",
+        status.ignored.iter().any(|i| i.contains("HTTPRoute")),
+        "the HTTPRoute CRD was removed, yet the source found it served: {:?}",
         status.ignored
     );
 
-    install_crd(
-        &client,
-        "networking.istio.io",
-        "WorkloadEntry",
-        "workloadentries",
-    )
-    .await;
-    served(&client, "networking.istio.io", "WorkloadEntry").await;
+    install_crd(&client, GATEWAY_GROUP, "HTTPRoute", "httproutes").await;
+    served(&client, GATEWAY_GROUP, "HTTPRoute").await;
     let ns = unique("ambit-t");
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
@@ -583,21 +578,21 @@ async fn a_crd_installed_after_start_is_read() {
         .await
         .unwrap();
     let resource = ApiResource {
-        group: "networking.istio.io".into(),
+        group: GATEWAY_GROUP.into(),
         version: "v1".into(),
-        api_version: "networking.istio.io/v1".into(),
-        kind: "WorkloadEntry".into(),
-        plural: "workloadentries".into(),
+        api_version: format!("{GATEWAY_GROUP}/v1"),
+        kind: "HTTPRoute".into(),
+        plural: "httproutes".into(),
     };
     let entries: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
     entries
         .create(
             &PostParams::default(),
             &serde_json::from_value(json!({
-                "apiVersion": "networking.istio.io/v1",
-                "kind": "WorkloadEntry",
-                "metadata": {"name": "vm-1", "namespace": ns},
-                "spec": {"address": "198.18.99.1", "serviceAccount": "vm"}
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "HTTPRoute",
+                "metadata": {"name": "route-1", "namespace": ns},
+                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web"}]}
             }))
             .unwrap(),
         )
@@ -605,22 +600,22 @@ async fn a_crd_installed_after_start_is_read() {
         .unwrap();
     let mut model = ambit_control::source::Source::model(&source);
     let key = ambit_control::model::ObjectRef {
-        kind: ambit_control::model::Kind::WorkloadEntry,
+        kind: ambit_control::model::Kind::HTTPRoute,
         namespace: ns.clone(),
-        name: "vm-1".into(),
+        name: "route-1".into(),
     };
     tokio::time::timeout(
         Duration::from_secs(10),
         model.wait_for(|m| m.get(&key).is_some()),
     )
     .await
-    .expect("the WorkloadEntry reaches the model once its CRD is installed")
+    .expect("the HTTPRoute reaches the model once its CRD is installed")
     .unwrap();
     let status = ambit_control::source::Source::status(&source)
         .borrow()
         .clone();
     assert!(
-        !status.ignored.iter().any(|i| i.contains("WorkloadEntry")),
+        !status.ignored.iter().any(|i| i.contains("HTTPRoute")),
         "{:?}",
         status.ignored
     );

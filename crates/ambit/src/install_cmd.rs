@@ -43,9 +43,14 @@ pub struct InstallArgs {
 pub struct UninstallArgs {
     #[command(flatten)]
     cluster: ClusterArgs,
-    /// Also delete Istio's CRDs, and with them every policy written with them.
+    /// Also delete Istio's CRDs (those Ambit installed), and with them every policy
+    /// written with them.
     #[arg(long)]
     crds: bool,
+    /// Also delete the mesh CA (Secret ambit-ca): a later install makes a new root, and
+    /// certificates chained to the old one stop being trusted.
+    #[arg(long)]
+    purge: bool,
 }
 
 #[derive(Debug, Args)]
@@ -174,11 +179,21 @@ pub fn uninstall(args: UninstallArgs) -> anyhow::Result<ExitCode> {
         };
         let objects = install::render(&o, &placeholder);
         eprintln!("removing Ambit from namespace {} of {url}", o.namespace);
-        install::uninstall(&client, &objects, args.crds, |line| eprintln!("  {line}")).await?;
+        install::uninstall(&client, &objects, args.crds, args.purge, |line| {
+            eprintln!("  {line}")
+        })
+        .await?;
         eprintln!(
             "kept namespace {} (it may hold more than Ambit)",
             o.namespace
         );
+        if !args.purge {
+            eprintln!(
+                "kept the mesh CA (Secret {}/{}; --purge removes it)",
+                o.namespace,
+                install::CA_SECRET
+            );
+        }
         if !args.crds {
             eprintln!("kept Istio's CRDs and the policies written with them (--crds removes them)");
         }

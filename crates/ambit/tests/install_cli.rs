@@ -83,8 +83,13 @@ fn install_check_and_uninstall_against_an_api_server() {
     let o = ambit(&["install", "--kubeconfig", k, "-n", &ns, "--wait", "0s"]);
     assert!(o.status.success(), "{}", text(&o));
     let out = text(&o);
+    // Other tests on this API server may have created some CRDs already: those are kept.
+    assert!(
+        out.contains("applied CustomResourceDefinition virtualservices.networking.istio.io")
+            || out.contains("kept CustomResourceDefinition virtualservices.networking.istio.io"),
+        "{out}"
+    );
     for line in [
-        "applied CustomResourceDefinition authorizationpolicies.security.istio.io",
         &format!("applied Deployment {ns}/ambit-control"),
         &format!("applied DaemonSet {ns}/ambit-node"),
         &format!("applied PodDisruptionBudget {ns}/ambit-control"),
@@ -124,6 +129,12 @@ fn install_check_and_uninstall_against_an_api_server() {
     let out = text(&o);
     assert!(out.contains("deleted Deployment ambit-control"), "{out}");
     assert!(out.contains("kept Istio's CRDs"), "{out}");
+    assert!(out.contains("kept the mesh CA"), "{out}");
+    assert!(!out.contains("deleted Secret ambit-ca"), "{out}");
+    // A reinstall finds the same root.
+    assert_eq!(secret_data(k, &ns), ca);
+    let o = ambit(&["uninstall", "--kubeconfig", k, "-n", &ns, "--purge"]);
+    assert!(text(&o).contains("deleted Secret ambit-ca"), "{}", text(&o));
     let o = ambit(&["check", "--kubeconfig", k, "-n", &ns]);
     assert!(
         text(&o).contains("FAIL control plane ready: no Deployment ambit-control"),
