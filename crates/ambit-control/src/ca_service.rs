@@ -26,6 +26,7 @@ pub struct CaService {
     authenticator: Arc<dyn Authenticator>,
     model: watch::Receiver<Arc<Model>>,
     metrics: Arc<Metrics>,
+    log_limit: crate::loglimit::LogLimit,
 }
 
 impl CaService {
@@ -40,6 +41,7 @@ impl CaService {
             authenticator,
             model,
             metrics,
+            log_limit: Default::default(),
         }
     }
 
@@ -51,13 +53,16 @@ impl CaService {
         node: Option<&str>,
     ) -> Status {
         self.metrics.ca_request(result);
-        tracing::warn!(
-            peer,
-            node = node.unwrap_or(""),
-            code = ?status.code(),
-            reason = status.message(),
-            "certificate request refused"
-        );
+        if let Some(suppressed) = self.log_limit.admit() {
+            tracing::warn!(
+                peer,
+                node = node.unwrap_or(""),
+                code = ?status.code(),
+                reason = status.message(),
+                suppressed,
+                "certificate request refused"
+            );
+        }
         status
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod ca_service;
+pub mod loglimit;
 pub mod metrics;
 pub mod model;
 pub mod server;

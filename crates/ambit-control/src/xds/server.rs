@@ -44,6 +44,7 @@ pub struct AdsService {
     authenticator: Arc<dyn Authenticator>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    log_limit: crate::loglimit::LogLimit,
 }
 
 impl AdsService {
@@ -60,6 +61,7 @@ impl AdsService {
             authenticator,
             registry,
             metrics,
+            log_limit: Default::default(),
         }
     }
 }
@@ -132,7 +134,9 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = crate::server::caller(&request);
         let refuse = |status: Status| {
-            tracing::warn!(%peer, code = ?status.code(), reason = status.message(), "discovery request refused");
+            if let Some(suppressed) = self.log_limit.admit() {
+                tracing::warn!(%peer, code = ?status.code(), reason = status.message(), suppressed, "discovery request refused");
+            }
             status
         };
         let token =
