@@ -81,8 +81,16 @@ pub struct ApplyArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// The manifest folder the control plane reads.
-    #[arg(long, env = "AMBIT_MANIFESTS")]
-    manifests: PathBuf,
+    #[arg(
+        long,
+        env = "AMBIT_MANIFESTS",
+        required_unless_present = "kubeconfig",
+        conflicts_with = "kubeconfig"
+    )]
+    manifests: Option<PathBuf>,
+    /// Read a cluster instead, through this kubeconfig.
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
     /// Only this namespace's waypoints.
     #[arg(long, short = 'n')]
     namespace: Option<String>,
@@ -432,11 +440,35 @@ struct Shown {
     policies: Vec<String>,
 }
 
+/// The mesh as a control plane would read it from a cluster (every kind listed once).
+fn cluster_model(
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<std::sync::Arc<ambit_control::model::Model>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (client, url) = ambit_kube::client(kubeconfig).await?;
+        let source =
+            ambit_kube::KubeSource::start(client, url, ambit_kube::KubeOptions::default()).await?;
+        let model = ambit_control::source::Source::model(&source)
+            .borrow()
+            .clone();
+        Ok(model)
+    })
+}
+
 fn list(args: ListArgs, detail: bool) -> anyhow::Result<ExitCode> {
     use ambit_control::model::{Kind, Object};
     use ambit_control::xds::translate::{self, WaypointFor};
-    let (model, _status) =
-        ambit_control::source::validate_dir(&args.manifests).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let model = match (&args.manifests, &args.kubeconfig) {
+        (Some(dir), _) => {
+            ambit_control::source::validate_dir(dir)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .0
+        }
+        (None, kubeconfig) => cluster_model(kubeconfig.as_deref())?,
+    };
     let options = translate::TranslateOptions::default();
     let mut shown = Vec::new();
     for o in model.of_kind(Kind::Gateway) {
@@ -538,8 +570,10 @@ fn list(args: ListArgs, detail: bool) -> anyhow::Result<ExitCode> {
     if shown.is_empty() {
         writeln!(
             out,
-            "no waypoints in {}{}; declare one with `ambit waypoint apply -n <namespace>`",
-            args.manifests.display(),
+            "no waypoints in {}{}; declare one with `ambit waypoint apply -n <namespace>` (or an istio-waypoint Gateway in the cluster)",
+            args.manifests
+                .as_ref()
+                .map_or_else(|| "the cluster".to_owned(), |m| m.display().to_string()),
             args.namespace
                 .as_ref()
                 .map(|n| format!(" (namespace {n})"))

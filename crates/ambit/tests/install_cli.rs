@@ -72,6 +72,24 @@ fn install_check_and_uninstall_against_an_api_server() {
     assert!(!o.status.success());
     assert!(text(&o).contains("unknown setting"), "{}", text(&o));
 
+    // The waypoint commands read a cluster too.
+    let o = ambit(&[
+        "waypoint",
+        "status",
+        "--kubeconfig",
+        k,
+        "-n",
+        &ns,
+        "--name",
+        "w",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("no waypoints in the cluster (namespace"),
+        "{}",
+        text(&o)
+    );
+
     let o = ambit(&["check", "--pre", "--kubeconfig", k]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
