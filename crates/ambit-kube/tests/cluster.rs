@@ -1019,6 +1019,42 @@ async fn subscribe(env: &Env, token: String, waypoint: Option<String>) -> ambit_
     s
 }
 
+/// Like [`subscribe`], but leaves the client running once synced.
+async fn subscribe_open(
+    env: &Env,
+    token: String,
+    waypoint: Option<String>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Receiver<ambit_xds::XdsState>,
+    tokio::sync::watch::Sender<bool>,
+) {
+    let pem = std::fs::read(env.dir.path().join("state/ca/root-cert.pem")).unwrap();
+    let config = XdsConfig {
+        address: env.cp.grpc_addr().to_string(),
+        roots: ambit_tls::spiffe::TrustBundle::from_pem(&pem).unwrap(),
+        server_name: Some("localhost".into()),
+        token: TokenSource::Static(token),
+        node_name: env.node.clone(),
+        initial_backoff: Duration::from_secs(60),
+        max_backoff: Duration::from_secs(60),
+    };
+    let store = Arc::new(ambit_core::state::Store::new());
+    let (client, mut state) =
+        ambit_xds::XdsClient::with_kinds(config, store, &ambit_xds::ResourceKind::WAYPOINT);
+    let client = match waypoint {
+        Some(w) => client.for_waypoint(w),
+        None => client,
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(client.run(stop));
+    tokio::time::timeout(Duration::from_secs(10), state.wait_for(|s| s.synced))
+        .await
+        .expect("synced")
+        .unwrap();
+    (task, state, stop_tx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waypoint_subscribes_with_its_own_token_as_itself_only() {
     let env = Env::start().await;
@@ -1073,9 +1109,31 @@ async fn a_waypoint_subscribes_with_its_own_token_as_itself_only() {
     let err = other.last_error.expect("refused as another waypoint");
     assert!(err.contains("only as the waypoint it runs as"), "{err}");
 
-    let as_node = subscribe(&env, token, None).await;
+    let as_node = subscribe(&env, token.clone(), None).await;
     let err = as_node.last_error.expect("refused as a node proxy");
     assert!(err.contains("WAYPOINT"), "{err}");
+
+    // A stream kept open ends when the Gateway goes.
+    let (kept, mut kept_state, _stop_kept) =
+        subscribe_open(&env, token.clone(), Some(format!("{ns}/waypoint"))).await;
+    Api::<DynamicObject>::namespaced_with(env.client.clone(), &ns, &gateway_resource)
+        .delete("waypoint", &DeleteParams::default())
+        .await
+        .unwrap();
+    let cut = tokio::time::timeout(
+        Duration::from_secs(10),
+        kept_state.wait_for(|s| {
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("is gone"))
+        }),
+    )
+    .await
+    .expect("the stream of a deleted waypoint is cut")
+    .unwrap()
+    .clone();
+    assert!(!cut.connected || cut.last_error.is_some());
+    kept.abort();
     env.cleanup().await;
     env.cp.shutdown().await;
 }

@@ -153,16 +153,7 @@ impl AggregatedDiscoveryService for AdsService {
             (Some(node), _) => (node, None),
             (None, Some(id)) => {
                 // Only the service account of an istio-waypoint Gateway of that name.
-                let is_waypoint = matches!(
-                    self.model.borrow().lookup(
-                        crate::model::Kind::Gateway,
-                        id.namespace(),
-                        id.service_account()
-                    ),
-                    Some(crate::model::Object::Gateway(g))
-                        if g.spec.gateway_class_name.as_str() == "istio-waypoint"
-                );
-                if !is_waypoint {
+                if !is_waypoint(&self.model.borrow(), id.namespace(), id.service_account()) {
                     return Err(refuse(Status::permission_denied(format!(
                         "a workload credential ({}/{}) may subscribe to discovery only as a waypoint, and there is no istio-waypoint Gateway of that name",
                         id.namespace(),
@@ -206,6 +197,7 @@ impl AggregatedDiscoveryService for AdsService {
             ambit: false,
             waypoint: None,
             waypoint_account,
+            model: self.model.clone(),
         };
         tokio::spawn(stream.run());
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -247,11 +239,40 @@ struct Subscriber {
     /// Set when the credential is a workload's own (`<namespace>/<service account>`): the
     /// subscriber must be the waypoint of that name.
     waypoint_account: Option<String>,
+    model: watch::Receiver<Arc<crate::model::Model>>,
+}
+
+/// Whether `namespace/name` is an istio-waypoint Gateway in the model.
+fn is_waypoint(model: &crate::model::Model, namespace: &str, name: &str) -> bool {
+    matches!(
+        model.lookup(crate::model::Kind::Gateway, namespace, name),
+        Some(crate::model::Object::Gateway(g))
+            if g.spec.gateway_class_name.as_str() == "istio-waypoint"
+    )
 }
 
 impl Subscriber {
+    /// A waypoint's own credential is good only while its Gateway exists.
+    fn still_allowed(&self) -> Result<(), Status> {
+        let Some(account) = &self.waypoint_account else {
+            return Ok(());
+        };
+        let (ns, name) = account.split_once('/').unwrap_or((account.as_str(), ""));
+        if is_waypoint(&self.model.borrow(), ns, name) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "the istio-waypoint Gateway {account} this credential subscribed as is gone"
+            )))
+        }
+    }
+
     async fn run(mut self) {
         let reason = loop {
+            if let Err(status) = self.still_allowed() {
+                let _ = self.out.send(Err(status.clone())).await;
+                break status.message().to_owned();
+            }
             if let Err(status) = self.push_ready().await {
                 let _ = self.out.send(Err(status.clone())).await;
                 break status.message().to_owned();
@@ -270,6 +291,12 @@ impl Subscriber {
                 changed = self.snapshots.changed() => {
                     if changed.is_err() {
                         let _ = self.out.send(Err(Status::unavailable("the control plane is shutting down"))).await;
+                        break "shutting down".to_owned();
+                    }
+                }
+                // Only a waypoint's own credential depends on the model (its Gateway).
+                changed = self.model.changed(), if self.waypoint_account.is_some() => {
+                    if changed.is_err() {
                         break "shutting down".to_owned();
                     }
                 }
