@@ -6,9 +6,9 @@
 //! with the resource version read, so two replicas never both win one round. A round
 //! that hangs times out after one renewal period, and a holder that cannot renew steps
 //! down while its lease has at least a renewal period left, so two leaders do not
-//! overlap as long as the replicas' clocks agree to within that margin (expiry is judged
-//! by the lease's `renewTime` against the reader's clock; client-go instead times how
-//! long it has seen the record unchanged, which needs no clock agreement).
+//! overlap (expiry is timed, as client-go does, by how long this replica has seen the
+//! record unchanged on its own monotonic clock, so the replicas' clocks need not agree;
+//! a replica that starts waits one lease duration before taking an idle lease).
 
 use std::time::{Duration, Instant};
 
@@ -50,10 +50,12 @@ pub fn elect(
     let task = tokio::spawn(async move {
         let api: Api<Lease> = Api::namespaced(client, &options.namespace);
         let mut renewed: Option<Instant> = None;
+        // The other holder's record as last seen, and when it was first seen so.
+        let mut seen: Option<(String, Instant)> = None;
         loop {
             let attempt_started = Instant::now();
             // A round that hangs counts as failed before the next renewal is due.
-            let result = tokio::time::timeout(options.renew, round(&api, &options))
+            let result = tokio::time::timeout(options.renew, round(&api, &options, &mut seen))
                 .await
                 .unwrap_or_else(|_| {
                     Err(kube::Error::Service(
@@ -104,8 +106,12 @@ fn now() -> MicroTime {
 }
 
 /// One look at the lease: take it if free or expired, renew it if ours. Ok(true) when
-/// this replica holds it afterwards.
-async fn round(api: &Api<Lease>, options: &LeaderOptions) -> Result<bool, kube::Error> {
+/// this replica holds it afterwards. `seen` remembers the other holder's record.
+async fn round(
+    api: &Api<Lease>,
+    options: &LeaderOptions,
+    seen: &mut Option<(String, Instant)>,
+) -> Result<bool, kube::Error> {
     let duration = i32::try_from(options.lease.as_secs()).unwrap_or(i32::MAX);
     let Some(mut lease) = api.get_opt(&options.name).await? else {
         let lease = Lease {
@@ -132,11 +138,21 @@ async fn round(api: &Api<Lease>, options: &LeaderOptions) -> Result<bool, kube::
     let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
     let ours = spec.holder_identity.as_deref() == Some(options.identity.as_str());
     if !ours {
-        let held_for = i64::from(spec.lease_duration_seconds.unwrap_or(duration));
-        let expired = match &spec.renew_time {
-            Some(MicroTime(t)) => Timestamp::now().as_second() > t.as_second() + held_for,
-            None => true,
-        };
+        // Expired when the record has not changed for its duration, timed by this
+        // replica's monotonic clock from when it saw the record change: no agreement
+        // between the replicas' clocks is needed.
+        let record = format!(
+            "{:?} {:?}",
+            spec.holder_identity,
+            spec.renew_time.as_ref().map(|MicroTime(t)| t.to_string())
+        );
+        if seen.as_ref().is_none_or(|(r, _)| *r != record) {
+            *seen = Some((record, Instant::now()));
+        }
+        let held_for = Duration::from_secs(
+            u64::try_from(spec.lease_duration_seconds.unwrap_or(duration)).unwrap_or(0),
+        );
+        let expired = seen.as_ref().is_some_and(|(_, at)| at.elapsed() > held_for);
         if !expired && spec.holder_identity.is_some() {
             return Ok(false);
         }
