@@ -792,16 +792,7 @@ mod tests {
         let errors = read.object.as_ref().expect_err("refused");
         assert!(errors[0].to_string().contains("principalz"), "{errors:?}");
 
-        let mut state = State {
-            url: "test".into(),
-            model: Arc::new(Model::default()),
-            waiting: BTreeSet::new(),
-            buffers: HashMap::new(),
-            refused: BTreeMap::new(),
-            watch_errors: BTreeMap::new(),
-            absent: BTreeMap::new(),
-            events: 0,
-        };
+        let mut state = empty_state(&[]);
         let mut events = Vec::new();
         state.handle(Msg::Apply(read), &mut events);
         state.model = Arc::new(state.model.apply(events));
@@ -824,16 +815,7 @@ mod tests {
                 dynamic(serde_json::json!({"metadata": {"name": name}})),
             )
         };
-        let mut state = State {
-            url: "test".into(),
-            model: Arc::new(Model::default()),
-            waiting: [Kind::Namespace].into_iter().collect(),
-            buffers: HashMap::new(),
-            refused: BTreeMap::new(),
-            watch_errors: BTreeMap::new(),
-            absent: BTreeMap::new(),
-            events: 0,
-        };
+        let mut state = empty_state(&[Kind::Namespace]);
         let mut events = Vec::new();
         state.handle(Msg::Init(Kind::Namespace), &mut events);
         state.handle(Msg::InitApply(ns("a")), &mut events);

@@ -124,6 +124,33 @@ async fn served(client: &kube::Client, group: &str, kind: &str) {
     }
 }
 
+fn gateway_resource() -> ApiResource {
+    ApiResource {
+        group: GATEWAY_GROUP.into(),
+        version: "v1".into(),
+        api_version: format!("{GATEWAY_GROUP}/v1"),
+        kind: "Gateway".into(),
+        plural: "gateways".into(),
+    }
+}
+
+/// Creates an `istio-waypoint` Gateway with the HBONE listener.
+async fn create_waypoint_gateway(api: &Api<DynamicObject>, ns: &str, name: &str) -> DynamicObject {
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"gatewayClassName": "istio-waypoint",
+                     "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
 fn policies(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
     let resource = ApiResource {
         group: CRD_GROUP.into(),
@@ -751,29 +778,10 @@ async fn the_leader_runs_each_waypoint_gateway_as_a_deployment_and_reports_its_s
             roots_pem: env.cp.roots_pem(),
         },
     ));
-    let gateway_resource = ApiResource {
-        group: GATEWAY_GROUP.into(),
-        version: "v1".into(),
-        api_version: format!("{GATEWAY_GROUP}/v1"),
-        kind: "Gateway".into(),
-        plural: "gateways".into(),
-    };
+    let gateway_resource = gateway_resource();
     let gateways: Api<DynamicObject> =
         Api::namespaced_with(env.client.clone(), &ns, &gateway_resource);
-    let gw = gateways
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "gateway.networking.k8s.io/v1",
-                "kind": "Gateway",
-                "metadata": {"name": "waypoint", "namespace": ns},
-                "spec": {"gatewayClassName": "istio-waypoint",
-                         "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    let gw = create_waypoint_gateway(&gateways, &ns, "waypoint").await;
     let uid = gw.metadata.uid.unwrap();
 
     let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), &ns);
@@ -893,20 +901,7 @@ async fn the_leader_runs_each_waypoint_gateway_as_a_deployment_and_reports_its_s
         )
         .await
         .unwrap();
-    gateways
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "gateway.networking.k8s.io/v1",
-                "kind": "Gateway",
-                "metadata": {"name": "shop", "namespace": ns},
-                "spec": {"gatewayClassName": "istio-waypoint",
-                         "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    create_waypoint_gateway(&gateways, &ns, "shop").await;
     let g = eventually("Accepted=False for the clashing Gateway", || async {
         let g = gateways.get("shop").await.unwrap();
         (condition(&g, "Accepted").as_deref() == Some("False")).then_some(g)
@@ -982,8 +977,15 @@ async fn a_second_replica_takes_over_the_lease_when_the_leader_stops() {
 }
 
 /// A discovery client with `token`, as a waypoint (`waypoint`: `<namespace>/<name>`) or
-/// as a node proxy; returns its state once synced or failed.
-async fn subscribe(env: &Env, token: String, waypoint: Option<String>) -> ambit_xds::XdsState {
+/// as a node proxy.
+fn xds_client(
+    env: &Env,
+    token: String,
+    waypoint: Option<String>,
+) -> (
+    ambit_xds::XdsClient,
+    tokio::sync::watch::Receiver<ambit_xds::XdsState>,
+) {
     let pem = std::fs::read(env.dir.path().join("state/ca/root-cert.pem")).unwrap();
     let config = XdsConfig {
         address: env.cp.grpc_addr().to_string(),
@@ -995,16 +997,19 @@ async fn subscribe(env: &Env, token: String, waypoint: Option<String>) -> ambit_
         max_backoff: Duration::from_secs(60),
     };
     let store = Arc::new(ambit_core::state::Store::new());
-    let (client, mut state) = match &waypoint {
-        Some(_) => {
-            ambit_xds::XdsClient::with_kinds(config, store, &ambit_xds::ResourceKind::WAYPOINT)
+    match waypoint {
+        Some(w) => {
+            let (client, state) =
+                ambit_xds::XdsClient::with_kinds(config, store, &ambit_xds::ResourceKind::WAYPOINT);
+            (client.for_waypoint(w), state)
         }
         None => ambit_xds::XdsClient::new(config, store),
-    };
-    let client = match waypoint {
-        Some(w) => client.for_waypoint(w),
-        None => client,
-    };
+    }
+}
+
+/// Subscribes, and returns the client's state once synced or refused.
+async fn subscribe(env: &Env, token: String, waypoint: Option<String>) -> ambit_xds::XdsState {
+    let (client, mut state) = xds_client(env, token, waypoint);
     let (_stop, stop) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(client.run(stop));
     let s = tokio::time::timeout(
@@ -1029,23 +1034,7 @@ async fn subscribe_open(
     tokio::sync::watch::Receiver<ambit_xds::XdsState>,
     tokio::sync::watch::Sender<bool>,
 ) {
-    let pem = std::fs::read(env.dir.path().join("state/ca/root-cert.pem")).unwrap();
-    let config = XdsConfig {
-        address: env.cp.grpc_addr().to_string(),
-        roots: ambit_tls::spiffe::TrustBundle::from_pem(&pem).unwrap(),
-        server_name: Some("localhost".into()),
-        token: TokenSource::Static(token),
-        node_name: env.node.clone(),
-        initial_backoff: Duration::from_secs(60),
-        max_backoff: Duration::from_secs(60),
-    };
-    let store = Arc::new(ambit_core::state::Store::new());
-    let (client, mut state) =
-        ambit_xds::XdsClient::with_kinds(config, store, &ambit_xds::ResourceKind::WAYPOINT);
-    let client = match waypoint {
-        Some(w) => client.for_waypoint(w),
-        None => client,
-    };
+    let (client, mut state) = xds_client(env, token, waypoint);
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(client.run(stop));
     tokio::time::timeout(Duration::from_secs(10), state.wait_for(|s| s.synced))
@@ -1071,27 +1060,13 @@ async fn a_waypoint_subscribes_with_its_own_token_as_itself_only() {
     let err = early.last_error.expect("no waypoint Gateway yet");
     assert!(err.contains("no istio-waypoint Gateway"), "{err}");
 
-    let gateway_resource = ApiResource {
-        group: GATEWAY_GROUP.into(),
-        version: "v1".into(),
-        api_version: format!("{GATEWAY_GROUP}/v1"),
-        kind: "Gateway".into(),
-        plural: "gateways".into(),
-    };
-    Api::<DynamicObject>::namespaced_with(env.client.clone(), &ns, &gateway_resource)
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "gateway.networking.k8s.io/v1",
-                "kind": "Gateway",
-                "metadata": {"name": "waypoint", "namespace": ns},
-                "spec": {"gatewayClassName": "istio-waypoint",
-                         "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    let gateway_resource = gateway_resource();
+    create_waypoint_gateway(
+        &Api::<DynamicObject>::namespaced_with(env.client.clone(), &ns, &gateway_resource),
+        &ns,
+        "waypoint",
+    )
+    .await;
     let mut model = env.cp.model();
     model
         .wait_for(|m| {
