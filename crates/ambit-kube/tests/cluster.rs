@@ -124,6 +124,26 @@ async fn served(client: &kube::Client, group: &str, kind: &str) {
     }
 }
 
+async fn create_namespace(client: &kube::Client, name: &str) {
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn create_node(client: &kube::Client, node: serde_json::Value) {
+    Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(node).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
 fn gateway_resource() -> ApiResource {
     ApiResource {
         group: GATEWAY_GROUP.into(),
@@ -181,25 +201,12 @@ impl Env {
         install_crds(&client).await;
         let ns = unique("ambit-t");
         let node = unique("node");
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-            )
-            .await
-            .unwrap();
-        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-        nodes
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(
-                    json!({"metadata": {"name": node, "labels": {"topology.kubernetes.io/zone": "z1"}}}),
-                )
-                .unwrap(),
-            )
-            .await
-            .unwrap();
+        create_namespace(&client, &ns).await;
+        create_node(
+            &client,
+            json!({"metadata": {"name": node, "labels": {"topology.kubernetes.io/zone": "z1"}}}),
+        )
+        .await;
 
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::new(dir.path().join("manifests"), dir.path().join("state"));
@@ -596,14 +603,7 @@ async fn a_crd_installed_after_start_is_read() {
     install_crd(&client, GATEWAY_GROUP, "HTTPRoute", "httproutes").await;
     served(&client, GATEWAY_GROUP, "HTTPRoute").await;
     let ns = unique("ambit-t");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    create_namespace(&client, &ns).await;
     let resource = ApiResource {
         group: GATEWAY_GROUP.into(),
         version: "v1".into(),
@@ -653,14 +653,7 @@ async fn tokenreview_binds_a_node_proxy_token_to_its_pods_node() {
     let env = Env::start().await;
     let ns = env.ns.clone();
     let other = unique("node");
-    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
-    nodes
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": other}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    create_node(&env.client, json!({"metadata": {"name": other}})).await;
     // A node proxy on each node, and an application pod on each.
     env.pod("np", "ambit-node", &env.ip(1), json!({"app": "np"}))
         .await;
