@@ -26,9 +26,9 @@
 //! (`/run/netns/demo.sleep`): namespace names cannot contain a dot, so the name is
 //! unambiguous.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -46,6 +46,9 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::events::{Event, EventsError};
+use crate::netns::{self, AddressIndex, LookupError};
+use crate::plugin::{EventCommand, EventReply, PodEvent};
 use crate::redirect::{Mode, RedirectError, Redirector, proxied_connections};
 use crate::zds::{PodRef, ZdsError, ZdsListener, ZdsSession};
 
@@ -65,6 +68,24 @@ pub struct AgentConfig {
     pub redirector: Redirector,
     /// `/metrics`, `/healthz/ready`, `/debug/pods`.
     pub admin_addr: SocketAddr,
+    /// Where the CNI plugin reaches the agent when the runtime creates a pod (cluster
+    /// mode); none in local mode.
+    pub cni_socket: Option<PathBuf>,
+    /// Where to look for a pod's network namespace by its addresses when neither the CNI
+    /// plugin reported it nor `<netns_dir>/<namespace>.<name>` exists (cluster mode).
+    pub netns_search: Option<netns::Search>,
+    /// Decides, from the pod's labels, whether a pod the runtime is creating is in the
+    /// mesh, before discovery has heard of it (cluster mode: the API server).
+    pub enrollment: Option<Arc<dyn PodEnrollment>>,
+}
+
+/// Whether a pod is in the mesh, read from where its labels live.
+pub trait PodEnrollment: Send + Sync + std::fmt::Debug {
+    fn is_enrolled<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>;
 }
 
 impl AgentConfig {
@@ -77,6 +98,9 @@ impl AgentConfig {
             reconcile_interval: Duration::from_secs(10),
             redirector: Redirector::default(),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 15030)),
+            cni_socket: None,
+            netns_search: None,
+            enrollment: None,
         }
     }
 }
@@ -88,6 +112,8 @@ pub enum AgentError {
     Listen(std::io::Error),
     #[error(transparent)]
     Zds(#[from] ZdsError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
 }
 
 /// Where a pod stands, as `/debug/pods` and the metrics show it.
@@ -217,7 +243,19 @@ impl Agent {
                 .await
                 .map_err(AgentError::Listen)?;
         let admin_addr = listener.local_addr().map_err(AgentError::Listen)?;
+        let (events_tx, events) = tokio::sync::mpsc::channel(64);
+        let events_listener = match &config.cni_socket {
+            Some(path) => Some(crate::events::bind(path)?),
+            None => None,
+        };
         let mut tasks = vec![tokio::spawn(client.run(stop_rx.clone()))];
+        if let Some(l) = events_listener {
+            tasks.push(tokio::spawn(crate::events::serve(
+                l,
+                events_tx,
+                stop_rx.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(ambit_admin::serve(
             listener,
             handler(status.clone(), metrics.clone()),
@@ -233,6 +271,7 @@ impl Agent {
             node = %config.xds.node_name,
             zds = %config.zds_socket.display(),
             netns_dir = %config.netns_dir.display(),
+            cni_socket = ?config.cni_socket,
             admin = %admin_addr,
             "node agent started; waiting for discovery and the node proxy"
         );
@@ -248,6 +287,11 @@ impl Agent {
             previous: Vec::new(),
             fresh: false,
             swept: false,
+            events,
+            reported: HashMap::new(),
+            precaptured: BTreeMap::new(),
+            deleted: HashSet::new(),
+            index: None,
         };
         tasks.push(tokio::spawn(reconciler.run(stop_rx)));
         Ok(Self {
@@ -372,6 +416,8 @@ enum Tracking {
 enum PodError {
     #[error("no network namespace at {0} (local mode names it <namespace>.<name>)")]
     NoNetns(PathBuf),
+    #[error("cannot find the pod's network namespace: {0}")]
+    Lookup(LookupError),
     #[error("cannot open {path}: {source}")]
     Open {
         path: PathBuf,
@@ -402,7 +448,39 @@ struct Reconciler {
     fresh: bool,
     /// Whether leftover rules of pods not enrolled have been looked for (once).
     swept: bool,
+    /// Requests from the CNI plugin.
+    events: tokio::sync::mpsc::Receiver<Event>,
+    /// Network namespaces the CNI plugin reported, by `(namespace, name)`.
+    reported: HashMap<(String, String), PathBuf>,
+    /// Pods captured when the runtime created them, before discovery listed them.
+    precaptured: BTreeMap<(String, String), Precaptured>,
+    /// Pods the runtime deleted that discovery still lists (not enrolled again).
+    deleted: HashSet<(String, String)>,
+    /// The last scan of the node's network namespaces, and when it was taken.
+    index: Option<(Arc<AddressIndex>, Instant)>,
 }
+
+/// A pod whose redirection rules went in at creation (its traffic refused until the node
+/// proxy serves it), waiting for discovery to list it.
+#[derive(Debug)]
+struct Precaptured {
+    netns: PathBuf,
+    listing: Option<String>,
+    since: Instant,
+    warned: bool,
+}
+
+/// A pod discovery says should be enrolled.
+#[derive(Debug, Clone)]
+struct Want {
+    pod: PodRef,
+    addresses: Vec<IpAddr>,
+}
+
+/// How long a pod captured at creation may wait for discovery before it is reported.
+const PRECAPTURE_WARN: Duration = Duration::from_secs(120);
+/// A scan of the node's namespaces is reused this long when a lookup misses.
+const RESCAN_AFTER: Duration = Duration::from_secs(2);
 
 /// Retry delay after `attempts` failures: 1 s doubling to 16 s.
 fn backoff(attempts: u32) -> Duration {
@@ -446,6 +524,12 @@ impl Reconciler {
                     }
                 }
                 _ = tick.tick() => {}
+                event = self.events.recv() => {
+                    if let Some((event, reply)) = event {
+                        let answer = self.on_event(event).await;
+                        let _ = reply.send(answer);
+                    }
+                }
                 _ = lost => {
                     tracing::warn!("the node proxy closed the ZDS session; enrolled pods' traffic is refused until a node proxy connects and takes the snapshot");
                     self.session = None;
@@ -479,14 +563,258 @@ impl Reconciler {
         self.config.netns_dir.join(format!("{namespace}.{name}"))
     }
 
-    /// The pods that should be enrolled: on this node, HBONE, by uid.
-    fn desired(&self) -> BTreeMap<String, PodRef> {
+    /// The pods that should be enrolled: on this node, HBONE, by uid; not those the
+    /// runtime has deleted.
+    fn desired(&self) -> BTreeMap<String, Want> {
         let state = self.store.load();
         state
             .workloads()
             .filter(|w| self.on_this_node(w) && w.tunnel == TunnelProtocol::Hbone)
-            .map(|w| (w.uid.to_string(), pod_ref(w)))
+            .map(|w| {
+                let want = Want {
+                    pod: pod_ref(w),
+                    addresses: w.addresses.to_vec(),
+                };
+                (w.uid.to_string(), want)
+            })
+            .filter(|(_, w)| !self.deleted.contains(&key(&w.pod)))
             .collect()
+    }
+
+    /// Where a pod's network namespace is: where it already was, where the CNI plugin
+    /// said, `<netns_dir>/<namespace>.<name>`, or (cluster mode) the one namespace on the
+    /// node holding its addresses.
+    async fn locate(&mut self, want: &Want) -> Result<PathBuf, PodError> {
+        let pod = &want.pod;
+        if let Some(t) = self.pods.get(&pod.uid)
+            && t.netns.exists()
+        {
+            return Ok(t.netns.clone());
+        }
+        if let Some(p) = self.reported.get(&key(pod)) {
+            return Ok(p.clone());
+        }
+        let named = self.netns_path(&pod.namespace, &pod.name);
+        let Some(search) = self.config.netns_search.clone() else {
+            return Ok(named);
+        };
+        if named.exists() {
+            return Ok(named);
+        }
+        let fresh_enough = |at: &Instant| at.elapsed() < RESCAN_AFTER;
+        if let Some((index, _)) = &self.index
+            && let Ok(p) = index.lookup(&want.addresses)
+        {
+            return Ok(p);
+        }
+        let index = match &self.index {
+            Some((index, at)) if fresh_enough(at) => index.clone(),
+            _ => {
+                let scanned = tokio::task::spawn_blocking(move || AddressIndex::scan(&search))
+                    .await
+                    .unwrap_or_default();
+                let scanned = Arc::new(scanned);
+                self.index = Some((scanned.clone(), Instant::now()));
+                scanned
+            }
+        };
+        index.lookup(&want.addresses).map_err(PodError::Lookup)
+    }
+
+    /// The workload discovery lists for a pod of this node, by namespace and name.
+    fn discovered(&self, namespace: &str, name: &str) -> Option<Arc<Workload>> {
+        let state = self.store.load();
+        state
+            .workloads()
+            .find(|w| {
+                self.on_this_node(w)
+                    && w.name.as_ref() == name
+                    && w.profile.namespace.as_ref() == namespace
+            })
+            .cloned()
+    }
+
+    /// The CNI plugin's ADD, CHECK or DEL.
+    async fn on_event(&mut self, event: PodEvent) -> EventReply {
+        let k = (event.namespace.clone(), event.name.clone());
+        let label = format!("{}/{}", k.0, k.1);
+        let fail = |error: String| EventReply {
+            captured: false,
+            error: Some(error),
+        };
+        match event.command {
+            EventCommand::Add => {
+                self.deleted.remove(&k);
+                let path = PathBuf::from(&event.netns);
+                if !path.is_absolute() {
+                    return fail(format!("CNI_NETNS {:?} is not an absolute path", event.netns));
+                }
+                self.reported.insert(k.clone(), path.clone());
+                let known = self
+                    .discovered(&k.0, &k.1)
+                    .map(|w| w.tunnel == TunnelProtocol::Hbone);
+                let enrolled = match &self.config.enrollment {
+                    Some(oracle) => {
+                        let asked = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            oracle.is_enrolled(&k.0, &k.1),
+                        )
+                        .await
+                        .unwrap_or_else(|_| Err("no answer within 10s".into()));
+                        match (asked, known) {
+                            (Ok(e), _) => e,
+                            (Err(_), Some(e)) => e,
+                            (Err(e), None) => {
+                                return fail(format!(
+                                    "cannot tell whether pod {label} is in the mesh: {e}"
+                                ));
+                            }
+                        }
+                    }
+                    None => known.unwrap_or(false),
+                };
+                if !enrolled {
+                    return EventReply {
+                        captured: false,
+                        error: None,
+                    };
+                }
+                if self
+                    .pods
+                    .values()
+                    .any(|t| key(&t.pod) == k && t.netns == path && !matches!(t.state, Tracking::Draining))
+                {
+                    return EventReply {
+                        captured: true,
+                        error: None,
+                    };
+                }
+                let redirector = self.config.redirector.clone();
+                let p = path.clone();
+                let applied = tokio::task::spawn_blocking(move || {
+                    let file = File::open(&p)
+                        .map_err(|e| RedirectError::Proc(format!("{}: {e}", p.display())))?;
+                    redirector.apply(&file, Mode::Enrolled)?;
+                    redirector.listing(&file)
+                })
+                .await
+                .unwrap_or(Err(RedirectError::Thread));
+                match applied {
+                    Ok(listing) => {
+                        tracing::info!(pod = %label, netns = %path.display(), "pod captured at creation; the node proxy serves it once discovery lists it");
+                        self.precaptured.insert(
+                            k,
+                            Precaptured {
+                                netns: path,
+                                listing,
+                                since: Instant::now(),
+                                warned: false,
+                            },
+                        );
+                        EventReply {
+                            captured: true,
+                            error: None,
+                        }
+                    }
+                    Err(e) => {
+                        self.metrics.rule_failures.inc();
+                        fail(format!("cannot install redirection rules in {}: {e}", path.display()))
+                    }
+                }
+            }
+            EventCommand::Check => {
+                let path = match (self.precaptured.get(&k), self.pods.values().find(|t| {
+                    key(&t.pod) == k && !matches!(t.state, Tracking::Draining)
+                })) {
+                    (Some(p), _) => p.netns.clone(),
+                    (None, Some(t)) => t.netns.clone(),
+                    (None, None) => {
+                        return EventReply {
+                            captured: false,
+                            error: None,
+                        };
+                    }
+                };
+                let redirector = self.config.redirector.clone();
+                let listed = tokio::task::spawn_blocking(move || {
+                    let file = File::open(&path)
+                        .map_err(|e| RedirectError::Proc(format!("{}: {e}", path.display())))?;
+                    redirector.listing(&file)
+                })
+                .await
+                .unwrap_or(Err(RedirectError::Thread));
+                match listed {
+                    Ok(Some(_)) => EventReply {
+                        captured: true,
+                        error: None,
+                    },
+                    Ok(None) => fail(format!("pod {label} is in the mesh but its redirection rules are missing; the agent repairs them within its reconcile interval")),
+                    Err(e) => fail(format!("cannot read pod {label}'s redirection rules: {e}")),
+                }
+            }
+            EventCommand::Del => {
+                self.reported.remove(&k);
+                self.precaptured.remove(&k);
+                let uids: Vec<String> = self
+                    .pods
+                    .iter()
+                    .filter(|(_, t)| key(&t.pod) == k)
+                    .map(|(uid, _)| uid.clone())
+                    .collect();
+                if self.discovered(&k.0, &k.1).is_some() {
+                    self.deleted.insert(k);
+                }
+                for uid in uids {
+                    self.unenroll(&uid).await;
+                }
+                EventReply {
+                    captured: false,
+                    error: None,
+                }
+            }
+        }
+    }
+
+    /// Pods captured at creation: handed over when discovery lists them, released when
+    /// discovery says they are not in the mesh after all.
+    async fn settle_precaptured(&mut self, desired: &BTreeMap<String, Want>) {
+        let keys: Vec<(String, String)> = self.precaptured.keys().cloned().collect();
+        for k in keys {
+            if desired.values().any(|w| key(&w.pod) == k) {
+                continue; // enroll() takes it over
+            }
+            match self.discovered(&k.0, &k.1) {
+                Some(w) if w.tunnel != TunnelProtocol::Hbone => {
+                    let Some(pre) = self.precaptured.remove(&k) else {
+                        continue;
+                    };
+                    let redirector = self.config.redirector.clone();
+                    let removed = tokio::task::spawn_blocking(move || {
+                        let file = File::open(&pre.netns)
+                            .map_err(|e| RedirectError::Proc(e.to_string()))?;
+                        redirector.remove(&file)
+                    })
+                    .await
+                    .unwrap_or(Err(RedirectError::Thread));
+                    if let Err(e) = removed {
+                        tracing::warn!(pod = %format!("{}/{}", k.0, k.1), error = %e, "cannot remove the rules of a pod discovery says is not in the mesh");
+                    } else {
+                        tracing::info!(pod = %format!("{}/{}", k.0, k.1), "captured at creation, but discovery says it is not in the mesh; released");
+                    }
+                }
+                _ => {
+                    if let Some(pre) = self.precaptured.get_mut(&k)
+                        && !pre.warned
+                        && pre.since.elapsed() > PRECAPTURE_WARN
+                    {
+                        pre.warned = true;
+                        tracing::warn!(pod = %format!("{}/{}", k.0, k.1), "captured at creation but discovery has not listed the pod after 2 minutes; its traffic is refused until the control plane reports it (is it running and does it see this pod?)");
+                    }
+                }
+            }
+        }
+        self.deleted
+            .retain(|(ns, name)| self.store.load().workloads().any(|w| w.name.as_ref() == name && w.profile.namespace.as_ref() == ns));
     }
 
     fn on_this_node(&self, w: &Workload) -> bool {
@@ -503,16 +831,17 @@ impl Reconciler {
             );
         }
         let now = Instant::now();
-        for (uid, pod) in &desired {
+        for (uid, want) in &desired {
             let due = match self.pods.get(uid).map(|t| &t.state) {
                 None | Some(Tracking::Draining) => true,
                 Some(Tracking::Pending { retry_at, .. }) => *retry_at <= now || fresh,
                 Some(Tracking::Enrolled { .. }) => fresh,
             };
             if due {
-                self.enroll(pod.clone()).await;
+                self.enroll(want.clone()).await;
             }
         }
+        self.settle_precaptured(&desired).await;
         if fresh && let Some(session) = &self.session {
             match session.snapshot_sent().await {
                 Ok(()) => tracing::info!(pods = desired.len(), "snapshot sent to the node proxy"),
@@ -559,8 +888,19 @@ impl Reconciler {
         })
     }
 
-    async fn enroll(&mut self, pod: PodRef) {
-        let netns = self.netns_path(&pod.namespace, &pod.name);
+    async fn enroll(&mut self, want: Want) {
+        let pod = want.pod.clone();
+        let located = self.locate(&want).await;
+        let netns = match &located {
+            Ok(p) => p.clone(),
+            Err(_) => self.netns_path(&pod.namespace, &pod.name),
+        };
+        // Rules the CNI plugin's ADD already put in are not put in twice.
+        let pre = self
+            .precaptured
+            .remove(&key(&pod))
+            .filter(|p| p.netns == netns)
+            .map(|p| p.listing);
         let (was_enrolled, rules, attempts, last_error) =
             match self.pods.get(&pod.uid).map(|t| &t.state) {
                 Some(Tracking::Enrolled { listing }) => (true, Some(listing.clone()), 0, None),
@@ -570,9 +910,12 @@ impl Reconciler {
                     error,
                     ..
                 }) => (false, rules.clone(), *attempts, Some(error.clone())),
-                _ => (false, None, 0, None),
+                _ => (false, pre, 0, None),
             };
-        let (rules, result) = self.try_enroll(&pod, &netns, rules).await;
+        let (rules, result) = match located {
+            Ok(_) => self.try_enroll(&pod, &netns, rules).await,
+            Err(e) => (rules, Err(e)),
+        };
         let label = format!("{}/{}", pod.namespace, pod.name);
         let state = match (rules, result) {
             (Some(listing), Ok(())) => {
@@ -729,7 +1072,7 @@ impl Reconciler {
 
     /// Once after start: pods on this node that are not enrolled but still hold Ambit's
     /// rules (un-enrolled while the agent was away) are tracked as draining.
-    async fn sweep(&mut self, desired: &BTreeMap<String, PodRef>) {
+    async fn sweep(&mut self, desired: &BTreeMap<String, Want>) {
         let state = self.store.load();
         let candidates: Vec<(PodRef, PathBuf)> = state
             .workloads()
@@ -884,6 +1227,10 @@ impl Reconciler {
         status.node_proxy_connected = self.session.is_some();
         status.pods = pods;
     }
+}
+
+fn key(pod: &PodRef) -> (String, String) {
+    (pod.namespace.clone(), pod.name.clone())
 }
 
 fn pod_ref(w: &Workload) -> PodRef {

@@ -11,6 +11,7 @@
 //! cheap to depend on.
 
 pub mod discovery;
+pub mod enrollment;
 pub mod identity;
 pub mod policy;
 pub mod route;

@@ -42,7 +42,7 @@ use crate::model::{
 };
 
 /// The label that enrolls a namespace or pod.
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub use ambit_core::enrollment::DATAPLANE_MODE_LABEL;
 /// The annotation that makes a policy log-only.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
@@ -513,19 +513,14 @@ fn units_of(object: &Object) -> Option<Unit> {
 
 /// Whether a pod is in the mesh: its own label, else its namespace's.
 pub fn is_enrolled(model: &Model, pod: &Pod) -> bool {
-    if pod.spec.host_network {
-        return false;
-    }
-    match pod.metadata.labels.get(DATAPLANE_MODE_LABEL) {
-        Some("ambient") => true,
-        Some(_) => false,
-        None => {
-            model
-                .namespace(pod.metadata.namespace())
-                .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL))
-                == Some("ambient")
-        }
-    }
+    let namespace = model
+        .namespace(pod.metadata.namespace())
+        .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL));
+    ambit_core::enrollment::is_enrolled(
+        pod.metadata.labels.get(DATAPLANE_MODE_LABEL),
+        namespace,
+        pod.spec.host_network,
+    )
 }
 
 fn ip_bytes(ip: IpAddr) -> Vec<u8> {
