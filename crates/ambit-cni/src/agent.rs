@@ -647,7 +647,10 @@ impl Reconciler {
                 self.deleted.remove(&k);
                 let path = PathBuf::from(&event.netns);
                 if !path.is_absolute() {
-                    return fail(format!("CNI_NETNS {:?} is not an absolute path", event.netns));
+                    return fail(format!(
+                        "CNI_NETNS {:?} is not an absolute path",
+                        event.netns
+                    ));
                 }
                 self.reported.insert(k.clone(), path.clone());
                 let known = self
@@ -679,11 +682,9 @@ impl Reconciler {
                         error: None,
                     };
                 }
-                if self
-                    .pods
-                    .values()
-                    .any(|t| key(&t.pod) == k && t.netns == path && !matches!(t.state, Tracking::Draining))
-                {
+                if self.pods.values().any(|t| {
+                    key(&t.pod) == k && t.netns == path && !matches!(t.state, Tracking::Draining)
+                }) {
                     return EventReply {
                         captured: true,
                         error: None,
@@ -718,14 +719,20 @@ impl Reconciler {
                     }
                     Err(e) => {
                         self.metrics.rule_failures.inc();
-                        fail(format!("cannot install redirection rules in {}: {e}", path.display()))
+                        fail(format!(
+                            "cannot install redirection rules in {}: {e}",
+                            path.display()
+                        ))
                     }
                 }
             }
             EventCommand::Check => {
-                let path = match (self.precaptured.get(&k), self.pods.values().find(|t| {
-                    key(&t.pod) == k && !matches!(t.state, Tracking::Draining)
-                })) {
+                let path = match (
+                    self.precaptured.get(&k),
+                    self.pods
+                        .values()
+                        .find(|t| key(&t.pod) == k && !matches!(t.state, Tracking::Draining)),
+                ) {
                     (Some(p), _) => p.netns.clone(),
                     (None, Some(t)) => t.netns.clone(),
                     (None, None) => {
@@ -748,7 +755,9 @@ impl Reconciler {
                         captured: true,
                         error: None,
                     },
-                    Ok(None) => fail(format!("pod {label} is in the mesh but its redirection rules are missing; the agent repairs them within its reconcile interval")),
+                    Ok(None) => fail(format!(
+                        "pod {label} is in the mesh but its redirection rules are missing; the agent repairs them within its reconcile interval"
+                    )),
                     Err(e) => fail(format!("cannot read pod {label}'s redirection rules: {e}")),
                 }
             }
@@ -813,8 +822,12 @@ impl Reconciler {
                 }
             }
         }
-        self.deleted
-            .retain(|(ns, name)| self.store.load().workloads().any(|w| w.name.as_ref() == name && w.profile.namespace.as_ref() == ns));
+        self.deleted.retain(|(ns, name)| {
+            self.store
+                .load()
+                .workloads()
+                .any(|w| w.name.as_ref() == name && w.profile.namespace.as_ref() == ns)
+        });
     }
 
     fn on_this_node(&self, w: &Workload) -> bool {

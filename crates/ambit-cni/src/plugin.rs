@@ -125,8 +125,7 @@ pub mod code {
 /// How the plugin learns, without the agent, whether a pod is in the mesh (the binary
 /// provides one that asks the API server through the configured kubeconfig).
 pub trait EnrollmentLookup {
-    fn is_enrolled(&self, kubeconfig: &Path, namespace: &str, name: &str)
-    -> Result<bool, String>;
+    fn is_enrolled(&self, kubeconfig: &Path, namespace: &str, name: &str) -> Result<bool, String>;
 }
 
 /// The outcome of one plugin run: what to print and how to exit.
@@ -243,7 +242,10 @@ fn dispatch(
                 && let Ok(Some(pod)) = pod_event(EventCommand::Del, env, &Value::Null)
                 && let Err(e) = handle(&conf, &pod, lookup)
             {
-                eprintln!("ambit-cni: DEL of {}/{}: {}", pod.namespace, pod.name, e.msg);
+                eprintln!(
+                    "ambit-cni: DEL of {}/{}: {}",
+                    pod.namespace, pod.name, e.msg
+                );
             }
             Ok(String::new())
         }
@@ -332,7 +334,7 @@ fn handle(
     pod: &PodEvent,
     lookup: &dyn EnrollmentLookup,
 ) -> Result<(), CniError> {
-    if conf.exclude_namespaces.iter().any(|n| *n == pod.namespace) {
+    if conf.exclude_namespaces.contains(&pod.namespace) {
         return Ok(());
     }
     let socket = conf
@@ -354,7 +356,9 @@ fn handle(
             let Some(kubeconfig) = &conf.kubeconfig else {
                 return Err(CniError::new(
                     code::TRY_AGAIN_LATER,
-                    format!("the Ambit node agent is not reachable, and without a kubeconfig the plugin cannot tell whether pod {label} is in the mesh"),
+                    format!(
+                        "the Ambit node agent is not reachable, and without a kubeconfig the plugin cannot tell whether pod {label} is in the mesh"
+                    ),
                     unreachable,
                 ));
             };
@@ -362,12 +366,16 @@ fn handle(
                 Ok(false) => Ok(()),
                 Ok(true) => Err(CniError::new(
                     code::TRY_AGAIN_LATER,
-                    format!("pod {label} is in the mesh but the Ambit node agent is not reachable; the pod starts once the agent runs (check `kubectl -n ambit-system get pods` on this node)"),
+                    format!(
+                        "pod {label} is in the mesh but the Ambit node agent is not reachable; the pod starts once the agent runs (check `kubectl -n ambit-system get pods` on this node)"
+                    ),
                     unreachable,
                 )),
                 Err(e) => Err(CniError::new(
                     code::TRY_AGAIN_LATER,
-                    format!("neither the Ambit node agent nor the API server could say whether pod {label} is in the mesh"),
+                    format!(
+                        "neither the Ambit node agent nor the API server could say whether pod {label} is in the mesh"
+                    ),
                     format!("{unreachable}; {e}"),
                 )),
             }
@@ -501,10 +509,14 @@ pub fn install(spec: &InstallSpec) -> Result<(PathBuf, bool), InstallError> {
             .remove("name")
             .ok_or_else(|| unreadable("no \"name\"".into()))?;
         let list = json!({"cniVersion": version, "name": name, "plugins": []});
-        (path.with_extension("conflist"), (list, vec![Value::Object(single)]))
+        (
+            path.with_extension("conflist"),
+            (list, vec![Value::Object(single)]),
+        )
     };
     let before = list.1.clone();
-    list.1.retain(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN_TYPE));
+    list.1
+        .retain(|p| p.get("type").and_then(Value::as_str) != Some(PLUGIN_TYPE));
     list.1.push(entry);
     let changed = !is_list || list.1 != before;
     if changed {
@@ -652,8 +664,14 @@ mod tests {
         );
         assert!(!ok);
         assert_eq!(v["code"], code::INVALID_CONFIG);
-        assert_eq!(v["cniVersion"], "0.4.0", "errors answer in the caller's version");
-        let big = format!(r#"{{"cniVersion":"1.0.0","pad":"{}"}}"#, "x".repeat(2 << 20));
+        assert_eq!(
+            v["cniVersion"], "0.4.0",
+            "errors answer in the caller's version"
+        );
+        let big = format!(
+            r#"{{"cniVersion":"1.0.0","pad":"{}"}}"#,
+            "x".repeat(2 << 20)
+        );
         let (v, ok) = run_with(&[("CNI_COMMAND", "ADD")], &big);
         assert!(!ok);
         assert_eq!(v["code"], code::INVALID_CONFIG);

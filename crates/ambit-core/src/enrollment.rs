@@ -7,7 +7,11 @@ pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
 /// A pod is in the mesh when its own label says `ambient`, or it has no such label and
 /// its namespace's says `ambient`. Any other value of the pod's label (`none`) opts it
 /// out; host-network pods share the node's namespace and are never enrolled.
-pub fn is_enrolled(pod_label: Option<&str>, namespace_label: Option<&str>, host_network: bool) -> bool {
+pub fn is_enrolled(
+    pod_label: Option<&str>,
+    namespace_label: Option<&str>,
+    host_network: bool,
+) -> bool {
     if host_network {
         return false;
     }

@@ -157,7 +157,7 @@ pub fn render(o: &InstallOptions, ca: &CaFiles) -> Vec<Value> {
     }
     out.push(json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": ns, "labels": labels("namespace")}}));
-    for sa in ["ambit-control", "ambit-node"] {
+    for sa in ["ambit-control", "ambit-node", "ambit-cni"] {
         out.push(json!({"apiVersion": "v1", "kind": "ServiceAccount",
             "metadata": {"name": sa, "namespace": ns, "labels": labels(sa)}}));
     }
@@ -187,6 +187,30 @@ pub fn render(o: &InstallOptions, ca: &CaFiles) -> Vec<Value> {
         "metadata": {"name": "ambit-control", "labels": labels("ambit-control")},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ambit-control"},
         "subjects": [{"kind": "ServiceAccount", "name": "ambit-control", "namespace": ns}]
+    }));
+    // The node agent reads pods' and namespaces' labels when the runtime creates a pod,
+    // and its own DaemonSet when it stops (an uninstall removes the CNI plugin).
+    out.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "ambit-cni", "labels": labels("ambit-cni")},
+        "rules": [{"apiGroups": [""], "resources": ["pods", "namespaces"], "verbs": ["get"]}]
+    }));
+    out.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": "ambit-cni", "labels": labels("ambit-cni")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "ambit-cni"},
+        "subjects": [{"kind": "ServiceAccount", "name": "ambit-cni", "namespace": ns}]
+    }));
+    out.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "ambit-cni", "namespace": ns, "labels": labels("ambit-cni")},
+        "rules": [{"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["ambit-cni"], "verbs": ["get"]}]
+    }));
+    out.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "ambit-cni", "namespace": ns, "labels": labels("ambit-cni")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ambit-cni"},
+        "subjects": [{"kind": "ServiceAccount", "name": "ambit-cni", "namespace": ns}]
     }));
     // The leader election's Lease, in the control plane's namespace only.
     out.push(json!({
@@ -300,6 +324,67 @@ pub fn render(o: &InstallOptions, ca: &CaFiles) -> Vec<Value> {
                         {"name": "token", "projected": {"sources": [{"serviceAccountToken": {
                             "audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token"}}]}},
                         {"name": "run", "hostPath": {"path": "/var/run/ambit", "type": "DirectoryOrCreate"}}
+                    ]
+                }
+            }
+        }
+    }));
+    let agent = labels("ambit-cni");
+    out.push(json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "ambit-cni", "namespace": ns, "labels": agent},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/component": "ambit-cni"}},
+            "updateStrategy": {"rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": agent},
+                "spec": {
+                    "serviceAccountName": "ambit-cni",
+                    "priorityClassName": "system-node-critical",
+                    "tolerations": [{"operator": "Exists"}],
+                    // The host's network namespace (the plugin reaches the agent's socket
+                    // on the host) and process table (pods' namespaces by address).
+                    "hostNetwork": true,
+                    "hostPID": true,
+                    "containers": [{
+                        "name": "cni", "image": o.image,
+                        "args": ["--log-format", "json", "--log-level", o.log_level, "cni", "--kubernetes",
+                                 "--zds-socket", "/var/run/ambit/zds.sock",
+                                 "--cni-socket", "/var/run/ambit/cni.sock",
+                                 "--cni-conf-dir", "/host/etc/cni/net.d", "--cni-bin-dir", "/host/opt/cni/bin",
+                                 "--daemonset", format!("{ns}/ambit-cni"),
+                                 "--admin-addr", "0.0.0.0:15030"],
+                        "env": [
+                            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            {"name": "AMBIT_CONTROL_PLANE", "value": format!("ambit-control.{ns}.svc:15012")},
+                            {"name": "AMBIT_CA_ROOT", "value": "/var/run/ambit/ca/root-cert.pem"},
+                            {"name": "AMBIT_TOKEN_FILE", "value": "/var/run/secrets/tokens/istio-token"}
+                        ],
+                        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15030}, "periodSeconds": 5},
+                        "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}},
+                        // It enters pods' network namespaces (SYS_ADMIN), writes their
+                        // nftables rules (NET_ADMIN) and opens other processes' namespace
+                        // files (SYS_PTRACE); not privileged.
+                        "securityContext": {"privileged": false, "runAsUser": 0, "readOnlyRootFilesystem": true,
+                                            "capabilities": {"add": ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]}},
+                        "volumeMounts": [
+                            {"name": "ca", "mountPath": "/var/run/ambit/ca", "readOnly": true},
+                            {"name": "token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
+                            {"name": "run", "mountPath": "/var/run/ambit"},
+                            {"name": "netns", "mountPath": "/var/run/netns", "mountPropagation": "HostToContainer"},
+                            {"name": "cni-conf", "mountPath": "/host/etc/cni/net.d"},
+                            {"name": "cni-bin", "mountPath": "/host/opt/cni/bin"}
+                        ]
+                    }],
+                    "volumes": [
+                        {"name": "ca", "configMap": {"name": ROOTS_CONFIG_MAP}},
+                        {"name": "token", "projected": {"sources": [{"serviceAccountToken": {
+                            "audience": "istio-ca", "expirationSeconds": 43200, "path": "istio-token"}}]}},
+                        {"name": "run", "hostPath": {"path": "/var/run/ambit", "type": "DirectoryOrCreate"}},
+                        {"name": "netns", "hostPath": {"path": "/var/run/netns", "type": "DirectoryOrCreate"}},
+                        {"name": "cni-conf", "hostPath": {"path": "/etc/cni/net.d", "type": "DirectoryOrCreate"}},
+                        {"name": "cni-bin", "hostPath": {"path": "/opt/cni/bin", "type": "DirectoryOrCreate"}}
                     ]
                 }
             }
@@ -498,7 +583,15 @@ pub async fn uninstall(
             continue;
         };
         match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => progress(format!("deleted {kind} {name}")),
+            Ok(_) => {
+                progress(format!("deleted {kind} {name}"));
+                if kind == "DaemonSet" && name == "ambit-cni" {
+                    // Each agent removes the CNI plugin from its node as it stops, if it
+                    // can still read that its DaemonSet is gone: its permissions go last.
+                    let ns = o["metadata"]["namespace"].as_str().unwrap_or_default();
+                    wait_for_agents_to_stop(client, ns, &mut progress).await;
+                }
+            }
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(source) => {
                 return Err(InstallError::Api {
@@ -509,6 +602,37 @@ pub async fn uninstall(
         }
     }
     Ok(())
+}
+
+/// Waits (up to a minute) until no node agent pod is left.
+async fn wait_for_agents_to_stop(
+    client: &kube::Client,
+    namespace: &str,
+    progress: &mut impl FnMut(String),
+) {
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = kube::api::ListParams::default().labels("app.kubernetes.io/component=ambit-cni");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut told = false;
+    loop {
+        let left = pods.list(&selector).await.map_or(0, |l| l.items.len());
+        if left == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            progress(format!(
+                "{left} node agent pod(s) still stopping; nodes where they have not removed the CNI plugin need `ambit cni-plugin uninstall`"
+            ));
+            return;
+        }
+        if !told {
+            told = true;
+            progress(format!(
+                "waiting for {left} node agent pod(s) to stop and remove the CNI plugin from their nodes"
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// One named check's outcome.
@@ -680,28 +804,26 @@ pub async fn run_checks(client: &kube::Client, namespace: &str, pre: bool) -> Ve
         .list(&Default::default())
         .await
         .map_or(0, |l| l.items.len());
-    let daemonsets: Api<k8s_openapi::api::apps::v1::DaemonSet> =
-        Api::namespaced(client.clone(), namespace);
-    let ds = daemonsets.get_opt("ambit-node").await.ok().flatten();
-    let ready_nodes = ds
-        .as_ref()
-        .and_then(|d| d.status.as_ref())
-        .map_or(0, |s| s.number_ready);
-    out.push(check(
-        "a node proxy ready on every node",
-        ds.is_some() && node_count > 0 && ready_nodes as usize >= node_count,
-        match &ds {
-            None => "no DaemonSet ambit-node".to_owned(),
-            Some(_) => format!("{ready_nodes} of {node_count} nodes"),
-        },
-        &format!("see `kubectl -n {namespace} get pods -l app.kubernetes.io/component=ambit-node -o wide`"),
-    ));
-    out.push(check(
-        "node agent (pod capture)",
-        false,
-        "Ambit's node agent does not run in a cluster yet: pods are not captured",
-        "run Ambit's node agent (`ambit cni`) on each node, or Istio's istio-cni agent with the node proxy's --zds-socket set to its socket",
-    ));
+    out.push(
+        daemonset_check(
+            client,
+            namespace,
+            "ambit-node",
+            "a node proxy ready on every node",
+            node_count,
+        )
+        .await,
+    );
+    out.push(
+        daemonset_check(
+            client,
+            namespace,
+            "ambit-cni",
+            "a node agent ready on every node (pod capture)",
+            node_count,
+        )
+        .await,
+    );
     // The mesh root.
     let config_maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
         Api::namespaced(client.clone(), namespace);
@@ -740,6 +862,34 @@ pub async fn run_checks(client: &kube::Client, namespace: &str, pre: bool) -> Ve
         },
     });
     out
+}
+
+/// One ready pod of a DaemonSet on every node.
+async fn daemonset_check(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    what: &str,
+    node_count: usize,
+) -> Check {
+    let daemonsets: Api<k8s_openapi::api::apps::v1::DaemonSet> =
+        Api::namespaced(client.clone(), namespace);
+    let ds = daemonsets.get_opt(name).await.ok().flatten();
+    let ready = ds
+        .as_ref()
+        .and_then(|d| d.status.as_ref())
+        .map_or(0, |s| s.number_ready);
+    check(
+        what,
+        ds.is_some() && node_count > 0 && ready as usize >= node_count,
+        match &ds {
+            None => format!("no DaemonSet {name}"),
+            Some(_) => format!("{ready} of {node_count} nodes"),
+        },
+        &format!(
+            "see `kubectl -n {namespace} get pods -l app.kubernetes.io/component={name} -o wide`"
+        ),
+    )
 }
 
 fn root_not_after(pem: &str) -> Result<std::time::SystemTime, String> {

@@ -383,3 +383,23 @@ pub mod capture;
 
 #[cfg(test)]
 mod tests;
+
+/// Starts (or finds running) the project's test Kubernetes API server and etcd with
+/// `tests/k8s/apiserver.sh` (which builds them from Debian's sources the first time) and
+/// returns its kubeconfig. Panics with what is needed when it cannot.
+pub fn kube_apiserver() -> PathBuf {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/k8s/apiserver.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("start")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "this test needs a Kubernetes API server, which {} builds from Debian's sources and starts (as root, with apt-get access to Debian's archive); it failed:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}

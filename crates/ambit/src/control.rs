@@ -55,7 +55,7 @@ struct RunArgs {
     token_audiences: Vec<String>,
     /// With --kubernetes: a service account (NAMESPACE/NAME) node proxies run as; its
     /// pod-bound tokens may obtain identities of the pods on their pod's node (repeatable;
-    /// default: ztunnel and ambit-node in the root namespace).
+    /// default: ztunnel, ambit-node and ambit-cni in the root namespace).
     #[arg(long = "node-proxy-account", value_name = "NAMESPACE/NAME")]
     node_proxy_accounts: Vec<String>,
     /// With --kubernetes: the namespace of the leader-election Lease (`ambit-control`);
@@ -187,6 +187,7 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         vec![
             format!("{}/ztunnel", args.root_namespace),
             format!("{}/ambit-node", args.root_namespace),
+            format!("{}/ambit-cni", args.root_namespace),
         ]
     } else {
         args.node_proxy_accounts.clone()

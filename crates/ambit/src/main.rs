@@ -61,6 +61,9 @@ enum Command {
     /// installing redirection rules in their network namespaces and handing them to the
     /// node proxy; un-enrolls them the same way. Pods are never restarted.
     Cni(Box<cni::CniArgs>),
+    /// The CNI plugin the node agent installs (`ambit-cni`): run it, or install it into
+    /// or remove it from a node's CNI configuration by hand.
+    CniPlugin(cni::PluginArgs),
     /// The waypoint (L7 proxy, optional and shared): run one; HTTP/1.1, HTTP/2 and gRPC
     /// for the services and workloads bound to it.
     Waypoint(Box<waypoint::WaypointArgs>),
@@ -77,10 +80,19 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Installed as the CNI plugin, this binary is run by the container runtime under
+    // the plugin's name, with no arguments.
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_owned()));
+    if invoked_as.as_deref() == Some(std::ffi::OsStr::new(ambit_cni::plugin::PLUGIN_TYPE)) {
+        return cni::run_plugin();
+    }
     let cli = Cli::parse();
     let default_level = match &cli.command {
         Command::Control(args) if args.is_tool() => "error",
-        Command::Config(_) => "error",
+        Command::Config(_) | Command::CniPlugin(_) => "error",
         Command::Waypoint(args) if args.is_tool() => "error",
         Command::Demo(_) => "warn",
         Command::Install(_) | Command::Uninstall(_) | Command::Check(_) => "warn",
@@ -95,6 +107,7 @@ fn main() -> ExitCode {
         Command::Node(args) => node::run(*args),
         Command::Config(args) => config_cmd::run(args),
         Command::Cni(args) => cni::run(*args),
+        Command::CniPlugin(args) => cni::plugin(args),
         Command::Waypoint(args) => waypoint::run(*args),
         Command::Demo(args) => demo::run(*args),
         Command::Install(args) => install_cmd::install(*args),

@@ -4,23 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 fn apiserver() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/k8s/apiserver.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg("start")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "this test needs a Kubernetes API server, which {} builds from Debian's sources and starts (as root, with apt-get access to Debian's archive); it failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    ambit_testenv::kube_apiserver()
 }
 
 fn ambit(args: &[&str]) -> Output {
@@ -110,6 +98,7 @@ fn install_check_and_uninstall_against_an_api_server() {
     for line in [
         &format!("applied Deployment {ns}/ambit-control"),
         &format!("applied DaemonSet {ns}/ambit-node"),
+        &format!("applied DaemonSet {ns}/ambit-cni"),
         &format!("applied PodDisruptionBudget {ns}/ambit-control"),
     ] {
         assert!(out.contains(line), "{line}:\n{out}");
@@ -126,7 +115,7 @@ fn install_check_and_uninstall_against_an_api_server() {
         "ok   mesh root certificate valid",
         "FAIL control plane ready: 0 of 2 replicas ready",
         "FAIL a node proxy ready on every node",
-        "FAIL node agent (pod capture)",
+        "FAIL a node agent ready on every node (pod capture)",
     ] {
         assert!(out.contains(line), "{line}:\n{out}");
     }

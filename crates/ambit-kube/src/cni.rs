@@ -1,0 +1,158 @@
+//! The node agent's and the CNI plugin's questions to the API server: is this pod in the
+//! mesh (its labels and its namespace's, the rule discovery uses), does the agent's
+//! DaemonSet still exist (on shutdown: an uninstall removes the plugin, an upgrade keeps
+//! it), and the kubeconfig the plugin uses when the agent is away.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use ambit_core::enrollment::{DATAPLANE_MODE_LABEL, is_enrolled};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::Api;
+
+/// How long one question to the API server may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads a pod's and its namespace's labels from the API server.
+#[derive(Clone)]
+pub struct PodLabels {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for PodLabels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodLabels").finish_non_exhaustive()
+    }
+}
+
+impl PodLabels {
+    pub fn new(client: kube::Client) -> Self {
+        Self { client }
+    }
+
+    /// Whether the pod is in the mesh, by the same rule discovery uses.
+    pub async fn enrolled(&self, namespace: &str, name: &str) -> Result<bool, String> {
+        let ask = async {
+            let pod = Api::<Pod>::namespaced(self.client.clone(), namespace)
+                .get(name)
+                .await
+                .map_err(|e| format!("reading pod {namespace}/{name}: {e}"))?;
+            let ns = Api::<Namespace>::all(self.client.clone())
+                .get(namespace)
+                .await
+                .map_err(|e| format!("reading namespace {namespace}: {e}"))?;
+            let label = |labels: &Option<std::collections::BTreeMap<String, String>>| {
+                labels
+                    .as_ref()
+                    .and_then(|l| l.get(DATAPLANE_MODE_LABEL))
+                    .cloned()
+            };
+            let host_network = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            Ok(is_enrolled(
+                label(&pod.metadata.labels).as_deref(),
+                label(&ns.metadata.labels).as_deref(),
+                host_network,
+            ))
+        };
+        tokio::time::timeout(ASK_TIMEOUT, ask)
+            .await
+            .unwrap_or_else(|_| Err("the API server did not answer within 5s".into()))
+    }
+}
+
+impl ambit_cni::agent::PodEnrollment for PodLabels {
+    fn is_enrolled<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>> {
+        Box::pin(self.enrolled(namespace, name))
+    }
+}
+
+/// The plugin's lookup when the agent is away: a client from the kubeconfig the agent
+/// wrote, on a runtime of its own (the plugin is a short-lived process).
+#[derive(Debug, Default)]
+pub struct PluginLookup;
+
+impl ambit_cni::plugin::EnrollmentLookup for PluginLookup {
+    fn is_enrolled(&self, kubeconfig: &Path, namespace: &str, name: &str) -> Result<bool, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let (client, _) = crate::client(Some(kubeconfig))
+                .await
+                .map_err(|e| e.to_string())?;
+            PodLabels::new(client).enrolled(namespace, name).await
+        })
+    }
+}
+
+/// Whether a DaemonSet exists and is not being deleted.
+pub async fn daemonset_present(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<bool, String> {
+    let api = Api::<DaemonSet>::namespaced(client.clone(), namespace);
+    match tokio::time::timeout(ASK_TIMEOUT, api.get_opt(name)).await {
+        Err(_) => Err("the API server did not answer within 5s".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(None)) => Ok(false),
+        Ok(Ok(Some(ds))) => Ok(ds.metadata.deletion_timestamp.is_none()),
+    }
+}
+
+/// Where a pod's service-account credentials are mounted.
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// A kubeconfig for the CNI plugin (which runs on the host, outside any pod) carrying
+/// the agent's own service-account token and the cluster's CA, or none when the agent
+/// does not run in a pod. The token rotates: write it again when it changes.
+pub fn plugin_kubeconfig() -> Option<String> {
+    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+    let dir = PathBuf::from(SA_DIR);
+    let token = std::fs::read_to_string(dir.join("token")).ok()?;
+    let ca = std::fs::read(dir.join("ca.crt")).ok()?;
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    Some(render_kubeconfig(
+        &format!("https://{host}:{port}"),
+        &ca,
+        token.trim(),
+    ))
+}
+
+fn render_kubeconfig(server: &str, ca_pem: &[u8], token: &str) -> String {
+    use base64::Engine;
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: ambit-cni\n  user:\n    token: {token}\ncontexts:\n- name: ambit-cni\n  context:\n    cluster: local\n    user: ambit-cni\ncurrent-context: ambit-cni\n",
+        ca = base64::engine::general_purpose::STANDARD.encode(ca_pem),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plugin_kubeconfig_names_server_ca_and_token() {
+        let k = render_kubeconfig("https://198.18.0.1:443", b"foo", "tok.en");
+        assert!(k.contains("server: https://198.18.0.1:443"));
+        assert!(k.contains("certificate-authority-data: Zm9v"));
+        assert!(k.contains("token: tok.en"));
+        assert!(k.contains("current-context: ambit-cni"));
+    }
+}
