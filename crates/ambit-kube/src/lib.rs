@@ -39,6 +39,7 @@ use kube::runtime::watcher;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 
+pub mod chart;
 pub mod cni;
 pub mod install;
 pub mod leader;

@@ -34,6 +34,14 @@ pub struct InstallArgs {
     /// A setting, KEY=VALUE (repeatable): image, controlPlane.replicas, trustDomain, logLevel.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Write the Helm chart of this version (the same objects, as templates) to DIR
+    /// instead of installing.
+    #[arg(long, value_name = "DIR", conflicts_with = "dry_run")]
+    write_chart: Option<PathBuf>,
+    /// Write a new mesh root (root-cert.pem, root-key.pem, mode 0600) to DIR instead of
+    /// installing: the CA values the Helm chart needs.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["dry_run", "write_chart"])]
+    write_ca: Option<PathBuf>,
     /// How long to wait for the control plane and node proxies to be ready (0: do not wait).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     wait: Duration,
@@ -105,6 +113,55 @@ fn new_ca(trust_domain: &str) -> anyhow::Result<CaFiles> {
 
 pub fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
     let o = options(&args)?;
+    if let Some(dir) = &args.write_chart {
+        for (path, text) in ambit_kube::chart::chart(env!("CARGO_PKG_VERSION")) {
+            let target = dir.join(path);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            std::fs::write(&target, text)
+                .with_context(|| format!("writing {}", target.display()))?;
+        }
+        eprintln!(
+            "wrote the Helm chart to {}; install it with a mesh root of your own:\n  ambit install --write-ca ./ambit-ca\n  helm install ambit {} -n istio-system --create-namespace --set-file ca.rootCert=./ambit-ca/root-cert.pem --set-file ca.rootKey=./ambit-ca/root-key.pem",
+            dir.display(),
+            dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(dir) = &args.write_ca {
+        let ca = new_ca(&o.trust_domain)?;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+        for (name, text) in [
+            ("root-cert.pem", &ca.root_cert),
+            ("root-key.pem", &ca.root_key),
+        ] {
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(text.as_bytes()))
+                .with_context(|| {
+                    format!(
+                        "writing {} (an existing file is never overwritten)",
+                        path.display()
+                    )
+                })?;
+        }
+        eprintln!(
+            "wrote a new mesh root to {}; keep root-key.pem secret",
+            dir.display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     runtime()?.block_on(async move {
         let client = ambit_kube::client(args.cluster.kubeconfig.as_deref()).await;
         // Reuse the installed CA: replacing it would orphan every workload certificate.
@@ -136,7 +193,7 @@ pub fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         eprintln!(
-            "waiting up to {} for the control plane and node proxies",
+            "waiting up to {} for the control plane, node proxies and node agents",
             humantime::format_duration(args.wait)
         );
         let started = Instant::now();
@@ -145,7 +202,10 @@ pub fn install(args: InstallArgs) -> anyhow::Result<ExitCode> {
             let pending: Vec<&install::Check> = checks
                 .iter()
                 .filter(|c| {
-                    !c.ok && (c.name == "control plane ready" || c.name.starts_with("a node proxy"))
+                    !c.ok
+                        && (c.name == "control plane ready"
+                            || c.name.starts_with("a node proxy")
+                            || c.name.starts_with("a node agent"))
                 })
                 .collect();
             if pending.is_empty() {
