@@ -43,6 +43,7 @@ pub mod chart;
 pub mod cni;
 pub mod install;
 pub mod leader;
+pub mod status;
 mod tokenreview;
 pub mod waypoints;
 pub use tokenreview::TokenReviewAuthenticator;

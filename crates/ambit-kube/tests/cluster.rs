@@ -1091,3 +1091,87 @@ async fn a_waypoint_subscribes_with_its_own_token_as_itself_only() {
     env.cleanup().await;
     env.cp.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_writes_each_policys_status() {
+    let env = Env::start().await;
+    let lease = unique("lease");
+    let (leading, election) = ambit_kube::leader::elect(
+        env.client.clone(),
+        ambit_kube::leader::LeaderOptions {
+            name: lease,
+            ..ambit_kube::leader::LeaderOptions::new(&env.ns, "status-test")
+        },
+    );
+    let writer = tokio::spawn(ambit_kube::status::run(
+        env.client.clone(),
+        env.cp.snapshots(),
+        env.cp.model(),
+        env.cp.source_status(),
+        leading,
+    ));
+    let api = policies(&env.client, &env.ns);
+    let create = |name: &str, spec: serde_json::Value| {
+        serde_json::from_value::<DynamicObject>(json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": env.ns}, "spec": spec
+        }))
+        .unwrap()
+    };
+    api.create(
+        &PostParams::default(),
+        &create(
+            "plain",
+            json!({"action": "ALLOW", "rules": [{"from": [{"source": {"namespaces": ["a"]}}]}]}),
+        ),
+    )
+    .await
+    .unwrap();
+    api.create(
+        &PostParams::default(),
+        &create(
+            "l7",
+            json!({"action": "ALLOW", "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+        ),
+    )
+    .await
+    .unwrap();
+    api.create(
+        &PostParams::default(),
+        &create(
+            "unreadable",
+            json!({"action": "ALLOW", "rules": "not a list"}),
+        ),
+    )
+    .await
+    .unwrap();
+    let condition = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            let o = api.get(name).await.ok()?;
+            ambit_kube::status::condition_of(&serde_json::to_value(&o).unwrap(), "ZtunnelAccepted")
+        }
+    };
+    let plain = eventually("the plain policy's status", || condition("plain")).await;
+    assert_eq!(
+        (plain.0.as_str(), plain.1.as_str()),
+        ("True", "Accepted"),
+        "{plain:?}"
+    );
+    let l7 = eventually("the L7 policy's status", || condition("l7")).await;
+    assert_eq!(
+        (l7.0.as_str(), l7.1.as_str()),
+        ("False", "UnsupportedValue"),
+        "{l7:?}"
+    );
+    assert!(l7.2.contains("waypoint"), "says what to do: {l7:?}");
+    let bad = eventually("the unreadable policy's status", || condition("unreadable")).await;
+    assert_eq!(
+        (bad.0.as_str(), bad.1.as_str()),
+        ("False", "Invalid"),
+        "{bad:?}"
+    );
+    assert!(bad.2.contains("denying all traffic"), "{bad:?}");
+    writer.abort();
+    election.abort();
+}

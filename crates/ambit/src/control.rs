@@ -259,6 +259,13 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
                 client.clone(),
                 ambit_kube::leader::LeaderOptions::new(lease_namespace, identity),
             );
+            tokio::spawn(ambit_kube::status::run(
+                client.clone(),
+                cp.snapshots(),
+                cp.model(),
+                cp.source_status(),
+                leading.clone(),
+            ));
             tokio::spawn(ambit_kube::waypoints::run(
                 client,
                 model,

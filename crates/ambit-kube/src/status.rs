@@ -1,0 +1,254 @@
+//! Policy status written back to the cluster, as Istio's control plane writes it in
+//! ambient mode: each AuthorizationPolicy gets a `ZtunnelAccepted` condition (enforced
+//! by the node proxies) or, when it targets a Service or Gateway, `WaypointAccepted`
+//! (enforced by a waypoint). `True`/`Accepted` when it is enforced as written; `False`
+//! with the reason when it is not: `UnsupportedValue` (part of it cannot be enforced
+//! there, the message says which and what Ambit does instead, e.g. a service not bound
+//! to a waypoint) or `Invalid` (Ambit could not read it; a denying stand-in or its last
+//! good version is in force, the message says which). Only the leader writes, and only
+//! what changed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_control::model::{Kind, Model, Object};
+use ambit_control::source::SourceStatus;
+use ambit_control::xds::snapshot::Snapshot;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::discovery::Discovery;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+/// One condition as Ambit decides it (the time is added when written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyCondition {
+    pub kind: &'static str,
+    pub accepted: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The conditions every AuthorizationPolicy should carry, by `(namespace, name)`.
+pub fn desired(
+    model: &Model,
+    warnings: &BTreeMap<String, Vec<String>>,
+    source: &SourceStatus,
+) -> BTreeMap<(String, String), PolicyCondition> {
+    let refused: BTreeMap<String, String> = source
+        .file_errors
+        .iter()
+        .filter_map(|f| {
+            let key = f.file.strip_prefix("AuthorizationPolicy ")?;
+            let why = f
+                .errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            Some((key.to_owned(), why))
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for object in model.of_kind(Kind::AuthorizationPolicy) {
+        let Object::AuthorizationPolicy(p) = object else {
+            continue;
+        };
+        let ns = p.metadata.namespace().to_owned();
+        let name = p.metadata.name.to_string();
+        let key = format!("{ns}/{name}");
+        let waypoint = p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty();
+        let kind = if waypoint {
+            "WaypointAccepted"
+        } else {
+            "ZtunnelAccepted"
+        };
+        let condition = if let Some(why) = refused.get(&key) {
+            let in_force = if p.metadata.annotations.get("ambit.io/stand-in").is_some() {
+                "a policy denying all traffic to its targets is enforced in its place"
+            } else {
+                "its last readable version stays in force"
+            };
+            PolicyCondition {
+                kind,
+                accepted: false,
+                reason: "Invalid",
+                message: format!("Ambit cannot read this policy ({why}); {in_force}"),
+            }
+        } else {
+            match warnings.get(&key) {
+                Some(w) if !w.is_empty() => PolicyCondition {
+                    kind,
+                    accepted: false,
+                    reason: "UnsupportedValue",
+                    message: if waypoint {
+                        w.join("; ")
+                    } else {
+                        format!(
+                            "{}. The node proxies work at L4: to enforce HTTP conditions, bind the service to a waypoint and target the policy at it with targetRefs",
+                            w.join("; ")
+                        )
+                    },
+                },
+                _ => PolicyCondition {
+                    kind,
+                    accepted: true,
+                    reason: "Accepted",
+                    message: if waypoint {
+                        "enforced by the waypoint of its targets".into()
+                    } else {
+                        "enforced by the node proxies".into()
+                    },
+                },
+            }
+        };
+        out.insert((ns, name), condition);
+    }
+    out
+}
+
+/// Writes policy status while this replica leads: on every new snapshot, a change of
+/// leadership, and every minute (a status someone else overwrote is written again).
+pub async fn run(
+    client: kube::Client,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    model: watch::Receiver<Arc<Model>>,
+    source: watch::Receiver<Arc<SourceStatus>>,
+    mut leading: watch::Receiver<bool>,
+) {
+    let mut written: BTreeMap<(String, String), PolicyCondition> = BTreeMap::new();
+    let mut resource: Option<ApiResource> = None;
+    let mut since_full = tokio::time::Instant::now();
+    loop {
+        if *leading.borrow_and_update() {
+            if resource.is_none() {
+                resource = find_resource(&client).await;
+            }
+            if since_full.elapsed() >= Duration::from_secs(60) {
+                written.clear();
+                since_full = tokio::time::Instant::now();
+            }
+            if let Some(r) = &resource {
+                let snapshot = snapshots.borrow_and_update().clone();
+                let want = desired(&model.borrow(), &snapshot.warnings, &source.borrow());
+                write(&client, r, &want, &mut written).await;
+            }
+        } else {
+            written.clear();
+        }
+        tokio::select! {
+            r = snapshots.changed() => if r.is_err() { return },
+            r = leading.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+        }
+        // Fold a burst of changes.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn find_resource(client: &kube::Client) -> Option<ApiResource> {
+    let discovery = Discovery::new(client.clone())
+        .filter(&["security.istio.io"])
+        .run()
+        .await
+        .ok()?;
+    discovery
+        .get("security.istio.io")?
+        .recommended_kind("AuthorizationPolicy")
+        .map(|(r, _)| r)
+}
+
+async fn write(
+    client: &kube::Client,
+    resource: &ApiResource,
+    want: &BTreeMap<(String, String), PolicyCondition>,
+    written: &mut BTreeMap<(String, String), PolicyCondition>,
+) {
+    written.retain(|k, _| want.contains_key(k));
+    for (key, condition) in want {
+        if written.get(key) == Some(condition) {
+            continue;
+        }
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, resource);
+        let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let body = json!({"status": {"conditions": [{
+            "type": condition.kind,
+            "status": if condition.accepted { "True" } else { "False" },
+            "reason": condition.reason,
+            "message": condition.message,
+            "lastTransitionTime": now,
+        }]}});
+        let mut result = api
+            .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&body))
+            .await;
+        if matches!(&result, Err(kube::Error::Api(e)) if e.code == 404) {
+            // A CRD without the status subresource keeps status in the object itself.
+            result = api
+                .patch(&key.1, &PatchParams::default(), &Patch::Merge(&body))
+                .await;
+        }
+        match result {
+            Ok(_) => {
+                written.insert(key.clone(), condition.clone());
+            }
+            // Deleted meanwhile: the next model drops it.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                tracing::warn!(policy = %format!("{}/{}", key.0, key.1), error = %e, "cannot write the policy's status; retrying");
+            }
+        }
+    }
+}
+
+/// The condition as it appears in `status.conditions` (for tests and the CLI).
+pub fn condition_of(object: &Value, kind: &str) -> Option<(String, String, String)> {
+    object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == kind)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or_default().to_owned(),
+                c["reason"].as_str().unwrap_or_default().to_owned(),
+                c["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ambit_control::model::Model;
+
+    fn model(yaml: &str) -> Model {
+        let objects = ambit_control::model::parse::parse_manifest(yaml).unwrap();
+        Model::from_objects(1, objects)
+    }
+
+    #[test]
+    fn accepted_unsupported_and_waypoint_conditions() {
+        let m = model(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a, namespace: shop}\nspec: {action: ALLOW, rules: [{}]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: b, namespace: shop}\nspec: {action: ALLOW, rules: [{to: [{operation: {methods: [GET]}}]}]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: c, namespace: shop}\nspec: {targetRefs: [{kind: Service, group: \"\", name: web}], action: ALLOW, rules: [{}]}\n",
+        );
+        let warnings: BTreeMap<String, Vec<String>> = [(
+            "shop/b".to_owned(),
+            vec!["methods need a waypoint".to_owned()],
+        )]
+        .into();
+        let d = desired(&m, &warnings, &SourceStatus::default());
+        let a = &d[&("shop".to_owned(), "a".to_owned())];
+        assert_eq!(
+            (a.kind, a.accepted, a.reason),
+            ("ZtunnelAccepted", true, "Accepted")
+        );
+        let b = &d[&("shop".to_owned(), "b".to_owned())];
+        assert_eq!((b.accepted, b.reason), (false, "UnsupportedValue"));
+        assert!(
+            b.message.starts_with("methods need a waypoint. "),
+            "{}",
+            b.message
+        );
+        let c = &d[&("shop".to_owned(), "c".to_owned())];
+        assert_eq!((c.kind, c.accepted), ("WaypointAccepted", true));
+    }
+}
