@@ -396,6 +396,14 @@ impl Translator {
                     return None;
                 };
                 let s = translate_service(model, svc, &self.options);
+                if !has_endpoint_source(svc) && s.waypoint.is_none() {
+                    // Its endpoints are not pods (the API server's `kubernetes` Service,
+                    // EndpointSlices written by hand), which the mesh does not model:
+                    // published without endpoints, every connection to it would be
+                    // refused. Left out, the node proxy passes it to its original
+                    // destination, as without a mesh.
+                    return None;
+                }
                 let name = format!("{}/{}", s.namespace, s.hostname);
                 let address = pb::Address {
                     r#type: Some(pb::address::Type::Service(s)),
@@ -888,6 +896,13 @@ pub fn translate_service(model: &Model, svc: &Service, o: &TranslateOptions) -> 
         waypoint: waypoint(model, &svc.metadata, WaypointFor::Service, o),
         ..Default::default()
     }
+}
+
+/// Whether the mesh knows a Service's endpoints: its selector picks pods. A Service
+/// without one (or with an empty one, which Kubernetes treats the same) has its endpoints
+/// written by someone else.
+pub fn has_endpoint_source(svc: &Service) -> bool {
+    svc.spec.selector.as_ref().is_some_and(|s| !s.is_empty())
 }
 
 /// How the node proxy treats a policy.

@@ -593,3 +593,40 @@ fn targeted_policies_become_waypoint_policies_with_their_request_fields() {
         "{warnings:?}"
     );
 }
+
+#[test]
+fn a_service_without_a_selector_is_left_to_its_original_destination() {
+    let text = format!(
+        "{BASE}---
+apiVersion: v1
+kind: Service
+metadata: {{name: kubernetes, namespace: default}}
+spec:
+  clusterIP: 198.19.0.1
+  ports: [{{name: https, port: 443, targetPort: 6443}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: empty, namespace: demo}}
+spec:
+  selector: {{}}
+  clusterIP: 198.19.0.2
+  ports: [{{port: 80}}]
+"
+    );
+    let m = model(1, &text);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let names: Vec<String> = t
+        .resources(ResourceType::Address)
+        .keys()
+        .map(|k| k.to_string())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains("kubernetes.default") && !n.contains("empty.demo")),
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n.contains("echo.demo")), "{names:?}");
+}
