@@ -59,7 +59,7 @@ pub struct Watched {
 }
 
 /// Everything the model holds, in the order it is listed at start.
-pub const WATCHED: [Watched; 11] = [
+pub const WATCHED: [Watched; 12] = [
     Watched {
         group: "",
         kind: Kind::Namespace,
@@ -113,6 +113,11 @@ pub const WATCHED: [Watched; 11] = [
     Watched {
         group: "gateway.networking.k8s.io",
         kind: Kind::HTTPRoute,
+        optional: true,
+    },
+    Watched {
+        group: "discovery.k8s.io",
+        kind: Kind::EndpointSlice,
         optional: true,
     },
 ];

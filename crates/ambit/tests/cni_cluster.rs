@@ -125,13 +125,14 @@ impl Cluster {
         let cp = ControlPlane::start_with_source(config, Box::new(source), Some(tokens))
             .await
             .unwrap();
-        // Addresses other tests on this API server never use (they take 198.18.0-108.x).
-        let subnet = 120
+        // Addresses other tests on this API server never use: they take 198.18.0-108.x,
+        // and Services get theirs from 198.18.128.0/17.
+        let subnet = 109
             + (std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .subsec_nanos()
-                % 120) as u8;
+                % 11) as u8;
         Cluster {
             kubeconfig,
             client,
@@ -478,6 +479,56 @@ async fn the_node_agent_enrolls_by_label_and_the_cni_plugin_captures_new_pods() 
         .unwrap();
     wait_for("the policy's removal to allow again", async || {
         exchange(&sleep, to_echo, b"allowed").await.ok()
+    })
+    .await;
+
+    // A Service without a selector, its endpoint written in an EndpointSlice (outside
+    // the mesh, as the API server's own `kubernetes` Service is): reached by its VIP.
+    let outside = topo.pod(&node_b, env.ip(50)).unwrap();
+    echo(&outside);
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let svc = services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "external"},
+                "spec": {"ports": [{"name": "app", "port": 9000, "protocol": "TCP"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let vip: std::net::IpAddr = svc.spec.unwrap().cluster_ip.unwrap().parse().unwrap();
+    let slices: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.ns,
+        &ApiResource {
+            group: "discovery.k8s.io".into(),
+            version: "v1beta1".into(),
+            api_version: "discovery.k8s.io/v1beta1".into(),
+            kind: "EndpointSlice".into(),
+            plural: "endpointslices".into(),
+        },
+    );
+    slices
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+                "metadata": {"name": "external-1", "labels": {"kubernetes.io/service-name": "external"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [outside.ip.to_string()], "conditions": {"ready": true}}],
+                "ports": [{"name": "app", "port": APP_PORT, "protocol": "TCP"}]
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    wait_for("the selectorless service reached by its VIP", async || {
+        exchange(&sleep, SocketAddr::new(vip, 9000), b"to the outside")
+            .await
+            .ok()
     })
     .await;
 

@@ -39,10 +39,11 @@ pub enum Kind {
     WorkloadEntry,
     Gateway,
     HTTPRoute,
+    EndpointSlice,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -54,6 +55,7 @@ impl Kind {
         Kind::WorkloadEntry,
         Kind::Gateway,
         Kind::HTTPRoute,
+        Kind::EndpointSlice,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -69,6 +71,7 @@ impl Kind {
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::Gateway => "Gateway",
             Kind::HTTPRoute => "HTTPRoute",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
 
@@ -117,6 +120,7 @@ pub enum Object {
     WorkloadEntry(Arc<WorkloadEntry>),
     Gateway(Arc<Gateway>),
     HttpRoute(Arc<HttpRoute>),
+    EndpointSlice(Arc<EndpointSlice>),
 }
 
 impl Object {
@@ -133,6 +137,7 @@ impl Object {
             Object::WorkloadEntry(_) => Kind::WorkloadEntry,
             Object::Gateway(_) => Kind::Gateway,
             Object::HttpRoute(_) => Kind::HTTPRoute,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
         }
     }
 
@@ -149,6 +154,7 @@ impl Object {
             Object::WorkloadEntry(o) => &o.metadata,
             Object::Gateway(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
         }
     }
 

@@ -1046,3 +1046,82 @@ pub struct HttpBackendRef {
     #[serde(default)]
     pub filters: Vec<serde_json::Value>,
 }
+
+/// `discovery.k8s.io/v1` (and `v1beta1`) `EndpointSlice`: the endpoints of a Service,
+/// named by its label `kubernetes.io/service-name`. Only those of Services without a
+/// selector matter to the mesh (a selector's endpoints are its pods). Slices are written
+/// by controllers, not people, and gain fields between Kubernetes versions: unknown
+/// fields inside endpoints and ports are ignored rather than refused.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointSlice {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub address_type: Option<String>,
+    #[serde(default)]
+    pub endpoints: Vec<SliceEndpoint>,
+    #[serde(default)]
+    pub ports: Vec<SlicePort>,
+}
+
+/// The label naming an EndpointSlice's Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+impl EndpointSlice {
+    /// The Service these endpoints belong to.
+    pub fn service(&self) -> Option<&str> {
+        self.metadata.labels.get(SERVICE_NAME_LABEL)
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceEndpoint {
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    #[serde(default)]
+    pub conditions: SliceConditions,
+    #[serde(default)]
+    pub target_ref: Option<SliceTargetRef>,
+    #[serde(default)]
+    pub node_name: Option<String>,
+}
+
+impl SliceEndpoint {
+    /// A pod's endpoint: the pod is a workload of its own already.
+    pub fn is_pod(&self) -> bool {
+        self.target_ref.as_ref().and_then(|t| t.kind.as_deref()) == Some("Pod")
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceConditions {
+    /// Absent means ready (as Kubernetes reads it).
+    #[serde(default)]
+    pub ready: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SliceTargetRef {
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub port: Option<Port>,
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+}

@@ -37,8 +37,8 @@ use crate::model::fields::{IntOrString, Labels};
 use crate::model::resources::ObjectMeta;
 use crate::model::resources::{Condition, Operation, Protocol, Rule as ApRule, Source};
 use crate::model::{
-    AuthorizationAction, AuthorizationPolicy, Change, Kind, Model, Object, ObjectRef, Pod,
-    PodPhase, Service, ServiceType,
+    AuthorizationAction, AuthorizationPolicy, Change, EndpointSlice, Kind, Model, Object,
+    ObjectRef, Pod, PodPhase, Service, ServiceType,
 };
 
 /// The label that enrolls a namespace or pod.
@@ -150,6 +150,8 @@ enum Unit {
     PeerAuthn(String, String),
     /// The L4 policy a waypoint's Gateway asks for with [`WAYPOINT_ONLY_ANNOTATION`].
     WaypointOnly(String, String),
+    /// One workload per endpoint address of a Service without a selector.
+    EndpointSlice(String, String),
 }
 
 /// Incremental translator.
@@ -159,8 +161,8 @@ pub struct Translator {
     /// Resource name -> its encoding, per type. Persistent maps: a snapshot of them is a
     /// cheap clone.
     resources: [OrdMap<Str, Arc<Encoded>>; TYPES],
-    /// Which resource each unit produced (so its removal or rename can be undone).
-    produced: BTreeMap<Unit, (ResourceType, String)>,
+    /// Which resources each unit produced (so their removal or rename can be undone).
+    produced: BTreeMap<Unit, Vec<(ResourceType, String)>>,
     /// Warnings from the last translation of each policy.
     warnings: BTreeMap<String, Vec<String>>,
     /// Policies published with an `ambit.io/*` extension (AUDIT, not enforced): only
@@ -242,9 +244,20 @@ impl Translator {
             }
             // A service's selection and ports appear in its pods' workloads.
             Kind::Service => {
-                out.insert(Unit::Service(ns.clone(), name));
+                out.insert(Unit::Service(ns.clone(), name.clone()));
                 pods_in(model, &ns, out);
                 pods_in(old, &ns, out);
+                // Its selector and ports decide its slices' workloads.
+                for m in [model, old] {
+                    for o in m.in_namespace(Kind::EndpointSlice, &ns) {
+                        if let Object::EndpointSlice(slice) = o
+                            && slice.service() == Some(name.as_str())
+                        {
+                            let k = o.key();
+                            out.insert(Unit::EndpointSlice(k.namespace, k.name));
+                        }
+                    }
+                }
                 // Whether a waypoint serves the service decides its policies' warnings.
                 targeted_policies_in(model, Some(&ns), out);
                 targeted_policies_in(old, Some(&ns), out);
@@ -321,6 +334,18 @@ impl Translator {
                     }
                 }
             }
+            // A slice makes workloads, and whether its Service has any endpoints.
+            Kind::EndpointSlice => {
+                out.insert(Unit::EndpointSlice(ns.clone(), name.clone()));
+                for m in [model, old] {
+                    if let Some(Object::EndpointSlice(slice)) =
+                        m.lookup(Kind::EndpointSlice, &ns, &name)
+                        && let Some(svc) = slice.service()
+                    {
+                        out.insert(Unit::Service(ns.clone(), svc.to_owned()));
+                    }
+                }
+            }
             Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry | Kind::HTTPRoute => {}
         }
     }
@@ -329,25 +354,20 @@ impl Translator {
         let mut delta = Delta::default();
         for unit in units {
             let produced = self.translate_unit(model, &unit);
-            let previous = self.produced.remove(&unit);
-            match (previous, produced) {
-                (Some((t, old_name)), Some((nt, new_name, enc))) => {
-                    if (t, &old_name) != (nt, &new_name) {
-                        self.resources[t.index()].remove(old_name.as_str());
-                        delta.removed[t.index()].insert(old_name);
-                    }
-                    self.put(nt, new_name.clone(), enc, &mut delta);
-                    self.produced.insert(unit, (nt, new_name));
-                }
-                (None, Some((nt, new_name, enc))) => {
-                    self.put(nt, new_name.clone(), enc, &mut delta);
-                    self.produced.insert(unit, (nt, new_name));
-                }
-                (Some((t, old_name)), None) => {
+            let previous = self.produced.remove(&unit).unwrap_or_default();
+            for (t, old_name) in previous {
+                if !produced.iter().any(|(nt, n, _)| (*nt, n) == (t, &old_name)) {
                     self.resources[t.index()].remove(old_name.as_str());
                     delta.removed[t.index()].insert(old_name);
                 }
-                (None, None) => {}
+            }
+            let mut names = Vec::with_capacity(produced.len());
+            for (nt, new_name, enc) in produced {
+                self.put(nt, new_name.clone(), enc, &mut delta);
+                names.push((nt, new_name));
+            }
+            if !names.is_empty() {
+                self.produced.insert(unit, names);
             }
         }
         // A name both removed and re-added within one batch is a change, not a removal.
@@ -378,8 +398,33 @@ impl Translator {
         &mut self,
         model: &Model,
         unit: &Unit,
+    ) -> Vec<(ResourceType, String, Encoded)> {
+        if let Unit::EndpointSlice(ns, name) = unit {
+            return match model.lookup(Kind::EndpointSlice, ns, name) {
+                Some(Object::EndpointSlice(slice)) => translate_slice(model, slice, &self.options)
+                    .into_iter()
+                    .map(|w| {
+                        let name = w.uid.clone();
+                        let address = pb::Address {
+                            r#type: Some(pb::address::Type::Workload(w)),
+                        };
+                        (ResourceType::Address, name, Encoded::of(&address))
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+        }
+        self.translate_one(model, unit).into_iter().collect()
+    }
+
+    fn translate_one(
+        &mut self,
+        model: &Model,
+        unit: &Unit,
     ) -> Option<(ResourceType, String, Encoded)> {
         match unit {
+            // Several resources: [`Translator::translate_unit`].
+            Unit::EndpointSlice(..) => None,
             Unit::Pod(ns, name) => {
                 let Some(Object::Pod(pod)) = model.lookup(Kind::Pod, ns, name) else {
                     return None;
@@ -396,7 +441,7 @@ impl Translator {
                     return None;
                 };
                 let s = translate_service(model, svc, &self.options);
-                if !has_endpoint_source(svc) && s.waypoint.is_none() {
+                if !has_endpoint_source(model, svc) && s.waypoint.is_none() {
                     // Its endpoints are not pods (the API server's `kubernetes` Service,
                     // EndpointSlices written by hand), which the mesh does not model:
                     // published without endpoints, every connection to it would be
@@ -515,6 +560,7 @@ fn units_of(object: &Object) -> Option<Unit> {
         Kind::AuthorizationPolicy => Some(Unit::Policy(k.namespace, k.name)),
         Kind::PeerAuthentication => Some(Unit::PeerAuthn(k.namespace, k.name)),
         Kind::Gateway => Some(Unit::WaypointOnly(k.namespace, k.name)),
+        Kind::EndpointSlice => Some(Unit::EndpointSlice(k.namespace, k.name)),
         _ => None,
     }
 }
@@ -898,11 +944,93 @@ pub fn translate_service(model: &Model, svc: &Service, o: &TranslateOptions) -> 
     }
 }
 
-/// Whether the mesh knows a Service's endpoints: its selector picks pods. A Service
-/// without one (or with an empty one, which Kubernetes treats the same) has its endpoints
-/// written by someone else.
-pub fn has_endpoint_source(svc: &Service) -> bool {
+/// Whether the mesh knows a Service's endpoints: its selector picks pods, or (without
+/// one, or with an empty one, which Kubernetes treats the same) EndpointSlices name it.
+pub fn has_endpoint_source(model: &Model, svc: &Service) -> bool {
+    selects_pods(svc)
+        || model
+            .in_namespace(Kind::EndpointSlice, svc.metadata.namespace())
+            .any(|o| matches!(o, Object::EndpointSlice(s) if s.service() == Some(svc.metadata.name.as_str())))
+}
+
+fn selects_pods(svc: &Service) -> bool {
     svc.spec.selector.as_ref().is_some_and(|s| !s.is_empty())
+}
+
+/// The workloads of an EndpointSlice of a Service without a selector: one per endpoint
+/// address that is not a pod's, outside the mesh (tunnel NONE), listing the Service with
+/// the slice's port for each service port (matched by port name, as kube-proxy does).
+pub fn translate_slice(
+    model: &Model,
+    slice: &EndpointSlice,
+    o: &TranslateOptions,
+) -> Vec<pb::Workload> {
+    let ns = slice.metadata.namespace();
+    let Some(Object::Service(svc)) = slice
+        .service()
+        .and_then(|s| model.lookup(Kind::Service, ns, s))
+    else {
+        return Vec::new();
+    };
+    if selects_pods(svc) {
+        return Vec::new();
+    }
+    let ports: Vec<pb::Port> = svc
+        .spec
+        .ports
+        .iter()
+        .filter(|p| p.protocol.unwrap_or(Protocol::Tcp) == Protocol::Tcp)
+        .filter_map(|p| {
+            let target = slice
+                .ports
+                .iter()
+                .find(|sp| {
+                    sp.name == p.name && sp.protocol.unwrap_or(Protocol::Tcp) == Protocol::Tcp
+                })?
+                .port?;
+            Some(pb::Port {
+                service_port: u32::from(p.port.0),
+                target_port: u32::from(target.0),
+            })
+        })
+        .collect();
+    let key = format!("{ns}/{}", service_hostname(svc, o));
+    let slice_name = slice.metadata.name.as_str();
+    slice
+        .endpoints
+        .iter()
+        .filter(|e| !e.is_pod())
+        .flat_map(|e| e.addresses.iter().map(move |ip| (e, ip)))
+        .map(|(e, ip)| pb::Workload {
+            uid: format!(
+                "{}/discovery.k8s.io/EndpointSlice/{ns}/{slice_name}/{ip}",
+                o.cluster_id
+            ),
+            name: slice_name.to_owned(),
+            namespace: ns.to_owned(),
+            addresses: vec![ip_bytes(*ip)],
+            tunnel_protocol: pb::TunnelProtocol::None as i32,
+            trust_domain: o.trust_domain.clone(),
+            node: e.node_name.clone().unwrap_or_default(),
+            canonical_name: svc.metadata.name.as_str().to_owned(),
+            canonical_revision: "latest".to_owned(),
+            workload_name: svc.metadata.name.as_str().to_owned(),
+            services: [(
+                key.clone(),
+                pb::PortList {
+                    ports: ports.clone(),
+                },
+            )]
+            .into(),
+            status: if e.conditions.ready == Some(false) {
+                pb::WorkloadStatus::Unhealthy as i32
+            } else {
+                pb::WorkloadStatus::Healthy as i32
+            },
+            cluster_id: o.cluster_id.clone(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// How the node proxy treats a policy.

@@ -630,3 +630,87 @@ spec:
     );
     assert!(names.iter().any(|n| n.contains("echo.demo")), "{names:?}");
 }
+
+#[test]
+fn endpoint_slices_of_a_service_without_a_selector_become_its_endpoints() {
+    let slice = |addresses: &str| {
+        format!(
+            "---
+apiVersion: discovery.k8s.io/v1beta1
+kind: EndpointSlice
+metadata: {{name: db-abc, namespace: demo, labels: {{kubernetes.io/service-name: db}}}}
+addressType: IPv4
+endpoints:
+- addresses: [{addresses}]
+  conditions: {{ready: true}}
+  topology: {{kubernetes.io/hostname: node-a}}
+- addresses: [198.18.0.10]
+  targetRef: {{kind: Pod, name: echo-1, namespace: demo}}
+ports: [{{name: sql, port: 5432, protocol: TCP}}]
+"
+        )
+    };
+    let service = "---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: demo}
+spec:
+  clusterIP: 198.19.0.30
+  ports: [{name: sql, port: 15432}]
+";
+    let m1 = model(1, &format!("{BASE}{service}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m1);
+    let svc_name = "demo/db.demo.svc.cluster.local";
+    assert!(
+        t.resources(ResourceType::Address).get(svc_name).is_none(),
+        "no endpoints yet: left to its original destination"
+    );
+
+    // The slice arrives: the service is published with one workload per address that is
+    // not a pod's, its port mapped by name.
+    let m2 = model(
+        2,
+        &format!("{BASE}{service}{}", slice("198.18.7.1, 198.18.7.2")),
+    );
+    let delta = t.apply(&m2, &m1, &m2.changes_since(&m1));
+    let uid = "Kubernetes/discovery.k8s.io/EndpointSlice/demo/db-abc/198.18.7.1";
+    assert!(delta.changed[0].contains(svc_name), "{delta:?}");
+    assert!(delta.changed[0].contains(uid), "{delta:?}");
+    let w = workload(&t, uid);
+    assert_eq!(w.tunnel_protocol, pb::TunnelProtocol::None as i32);
+    assert_eq!(w.addresses, vec![vec![198, 18, 7, 1]]);
+    assert_eq!(
+        w.services[svc_name].ports,
+        vec![pb::Port {
+            service_port: 15432,
+            target_port: 5432
+        }]
+    );
+    let slice_workloads = t
+        .resources(ResourceType::Address)
+        .keys()
+        .filter(|k| k.contains("EndpointSlice"))
+        .count();
+    assert_eq!(
+        slice_workloads, 2,
+        "the pod's endpoint is the pod's workload"
+    );
+
+    // An address leaves the slice: its workload is removed, the other stays.
+    let m3 = model(3, &format!("{BASE}{service}{}", slice("198.18.7.2")));
+    let delta = t.apply(&m3, &m2, &m3.changes_since(&m2));
+    assert!(delta.removed[0].contains(uid), "{delta:?}");
+    assert!(t.resources(ResourceType::Address).get(svc_name).is_some());
+
+    // The slice goes: so do its workloads and the service.
+    let delta = t.apply(&m1, &m3, &m1.changes_since(&m3));
+    assert!(delta.removed[0].contains(svc_name), "{delta:?}");
+    assert_eq!(
+        t.resources(ResourceType::Address)
+            .keys()
+            .filter(|k| k.contains("EndpointSlice"))
+            .count(),
+        0
+    );
+}
