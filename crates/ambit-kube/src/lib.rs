@@ -241,6 +241,8 @@ enum Msg {
     WatchError(Kind, String),
     /// A kind the API server did not serve at start now is (its CRD was installed).
     Served(Kind),
+    /// The objects of a kind Ambit reads but does not enforce yet, by `<ns>/<name>`.
+    Unmodelled(&'static str, BTreeSet<String>),
 }
 
 /// One object as read: its key and the parsed object, or why it could not be read.
@@ -304,6 +306,15 @@ impl KubeSource {
                 tx.clone(),
             )));
         }
+        for (group, kind) in UNMODELLED {
+            tasks.push(tokio::spawn(watch_unmodelled(
+                client.clone(),
+                group,
+                kind,
+                options.rediscover,
+                tx.clone(),
+            )));
+        }
         if !absent.is_empty() {
             tasks.push(tokio::spawn(rediscover(
                 client.clone(),
@@ -342,6 +353,7 @@ impl KubeSource {
             refused: BTreeMap::new(),
             watch_errors: BTreeMap::new(),
             absent,
+            unmodelled: BTreeMap::new(),
             events: 0,
         };
         tasks.push(tokio::spawn(run(state, rx, model_tx, status_tx, synced_tx)));
@@ -377,6 +389,78 @@ impl KubeSource {
             }
         }
         Ok(source)
+    }
+}
+
+/// Kinds of the mesh's API groups that users write and Ambit does not enforce yet: they
+/// are watched (names only) so that each one is reported, never silently ignored.
+pub const UNMODELLED: [(&str, &str); 4] = [
+    ("security.istio.io", "RequestAuthentication"),
+    ("networking.istio.io", "DestinationRule"),
+    ("networking.istio.io", "VirtualService"),
+    ("gateway.networking.k8s.io", "GRPCRoute"),
+];
+
+/// Watches the names of one unmodelled kind (looking for it every `every` while the API
+/// server does not serve it) and sends the full set whenever it changes.
+async fn watch_unmodelled(
+    client: kube::Client,
+    group: &'static str,
+    kind: &'static str,
+    every: Duration,
+    tx: mpsc::Sender<Msg>,
+) {
+    let resource = loop {
+        let found = Discovery::new(client.clone())
+            .filter(&[group])
+            .run()
+            .await
+            .ok()
+            .and_then(|d| d.get(group).and_then(|g| g.recommended_kind(kind)))
+            .map(|(r, _)| r);
+        if let Some(r) = found {
+            break r;
+        }
+        tokio::time::sleep(every).await;
+    };
+    let api: Api<kube::core::PartialObjectMeta<DynamicObject>> = Api::all_with(client, &resource);
+    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    tokio::pin!(stream);
+    let mut names = BTreeSet::new();
+    let mut listing: Option<BTreeSet<String>> = None;
+    while let Some(item) = stream.next().await {
+        let name = |m: &kube::api::ObjectMeta| {
+            format!(
+                "{}/{}",
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default()
+            )
+        };
+        let before = names.clone();
+        match item {
+            Ok(watcher::Event::Init) => listing = Some(BTreeSet::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                if let Some(l) = listing.as_mut() {
+                    l.insert(name(&o.metadata));
+                }
+            }
+            Ok(watcher::Event::InitDone) => names = listing.take().unwrap_or_default(),
+            Ok(watcher::Event::Apply(o)) => {
+                names.insert(name(&o.metadata));
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                names.remove(&name(&o.metadata));
+            }
+            Err(_) => {}
+        }
+        if names != before {
+            for added in names.difference(&before) {
+                tracing::warn!(kind, object = %added, "Ambit does not enforce this kind yet: the object is read and reported, and has no effect");
+            }
+            if tx.send(Msg::Unmodelled(kind, names.clone())).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -514,6 +598,8 @@ struct State {
     watch_errors: BTreeMap<Kind, String>,
     /// Optional kinds the API server does not serve, with what to tell the operator.
     absent: BTreeMap<Kind, String>,
+    /// Objects of kinds Ambit does not enforce yet, by kind.
+    unmodelled: BTreeMap<&'static str, BTreeSet<String>>,
     events: u64,
 }
 
@@ -619,6 +705,9 @@ impl State {
             Msg::Served(kind) => {
                 self.absent.remove(&kind);
             }
+            Msg::Unmodelled(kind, names) => {
+                self.unmodelled.insert(kind, names);
+            }
             Msg::WatchError(kind, message) => {
                 tracing::warn!(%kind, error = %message, "watch failed; relisting with backoff, the objects in force stay");
                 self.watch_errors.insert(kind, message);
@@ -687,7 +776,16 @@ impl State {
                 .iter()
                 .map(|k| format!("{k} not listed yet"))
                 .collect(),
-            ignored: self.absent.values().cloned().collect(),
+            ignored: self
+                .absent
+                .values()
+                .cloned()
+                .chain(self.unmodelled.iter().flat_map(|(kind, names)| {
+                    names.iter().map(move |n| {
+                        format!("{kind} {n}: not enforced by Ambit yet (it has no effect)")
+                    })
+                }))
+                .collect(),
             generation: self.model.generation,
             rescans: self.events,
             failing: None,
@@ -866,6 +964,7 @@ mod tests {
             refused: BTreeMap::new(),
             watch_errors: BTreeMap::new(),
             absent: BTreeMap::new(),
+            unmodelled: BTreeMap::new(),
             events: 0,
         }
     }

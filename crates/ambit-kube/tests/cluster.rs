@@ -1175,3 +1175,57 @@ async fn the_leader_writes_each_policys_status() {
     writer.abort();
     election.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinds_ambit_does_not_enforce_yet_are_reported_not_ignored() {
+    let kubeconfig = apiserver();
+    let (client, _) = ambit_kube::client(Some(&kubeconfig)).await.unwrap();
+    install_crd(
+        &client,
+        "networking.istio.io",
+        "VirtualService",
+        "virtualservices",
+    )
+    .await;
+    served(&client, "networking.istio.io", "VirtualService").await;
+    let env = Env::start().await;
+    let resource = ApiResource {
+        group: "networking.istio.io".into(),
+        version: "v1".into(),
+        api_version: "networking.istio.io/v1".into(),
+        kind: "VirtualService".into(),
+        plural: "virtualservices".into(),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &resource);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "reviews"},
+            "spec": {"hosts": ["reviews"], "http": [{"fault": {"abort": {"httpStatus": 500, "percentage": {"value": 100}}}}]}
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let wanted = format!(
+        "VirtualService {}/reviews: not enforced by Ambit yet",
+        env.ns
+    );
+    let mut status = env.cp.source_status();
+    eventually("the VirtualService reported", || {
+        let ignored = status.borrow_and_update().ignored.clone();
+        let wanted = wanted.clone();
+        async move { ignored.iter().any(|i| i.starts_with(&wanted)).then_some(()) }
+    })
+    .await;
+    api.delete("reviews", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the report gone with it", || {
+        let ignored = status.borrow_and_update().ignored.clone();
+        let wanted = wanted.clone();
+        async move { (!ignored.iter().any(|i| i.starts_with(&wanted))).then_some(()) }
+    })
+    .await;
+}
