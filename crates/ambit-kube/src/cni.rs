@@ -156,3 +156,53 @@ mod tests {
         assert!(k.contains("current-context: ambit-cni"));
     }
 }
+
+/// A byte stream to port `port` of the node proxy running on `node` (a pod of the
+/// `ambit-node` DaemonSet in `namespace`), forwarded through the API server like
+/// `kubectl port-forward`: the node proxy's admin port listens on localhost only.
+pub async fn node_proxy_port(
+    client: &kube::Client,
+    namespace: &str,
+    node: &str,
+    port: u16,
+) -> Result<
+    (
+        String,
+        impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    ),
+    String,
+> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let params = kube::api::ListParams::default()
+        .labels("app.kubernetes.io/component=ambit-node")
+        .fields(&format!("spec.nodeName={node}"));
+    let list = tokio::time::timeout(ASK_TIMEOUT, pods.list(&params))
+        .await
+        .map_err(|_| "the API server did not answer within 5s".to_owned())?
+        .map_err(|e| format!("listing the node proxy pods in {namespace}: {e}"))?;
+    let running = list.items.into_iter().find(|p| {
+        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+            && p.metadata.deletion_timestamp.is_none()
+    });
+    let Some(pod) = running else {
+        return Err(format!(
+            "no running node proxy pod on node {node} in namespace {namespace} (see `kubectl -n {namespace} get pods -l app.kubernetes.io/component=ambit-node -o wide`)"
+        ));
+    };
+    let name = pod.metadata.name.unwrap_or_default();
+    let mut forward =
+        tokio::time::timeout(Duration::from_secs(10), pods.portforward(&name, &[port]))
+            .await
+            .map_err(|_| {
+                format!("port-forward to {namespace}/{name}:{port} did not start within 10s")
+            })?
+            .map_err(|e| format!("port-forward to {namespace}/{name}:{port}: {e}"))?;
+    let stream = forward
+        .take_stream(port)
+        .ok_or_else(|| format!("port-forward to {namespace}/{name}:{port} gave no stream"))?;
+    // The forwarder runs as long as its stream is used.
+    tokio::spawn(async move {
+        let _ = forward.join().await;
+    });
+    Ok((name, stream))
+}

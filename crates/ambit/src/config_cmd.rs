@@ -30,6 +30,20 @@ pub struct ConfigArgs {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Format,
+    /// Ask the node proxy of a cluster's node (--node) through the API server, like
+    /// `kubectl port-forward` to its admin port; with KUBECONFIG, ~/.kube/config or the
+    /// pod's service account.
+    #[arg(long, global = true)]
+    kubernetes: bool,
+    /// The kubeconfig for --kubernetes (implies it).
+    #[arg(long, global = true, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the namespace Ambit is installed in.
+    #[arg(long, short = 'n', global = true, default_value = "istio-system")]
+    namespace: String,
+    /// With --kubernetes: the node proxy's admin port inside its pod.
+    #[arg(long, global = true, default_value_t = 15000)]
+    admin_port: u16,
 }
 
 #[derive(Debug, Clone, Copy, Subcommand)]
@@ -54,7 +68,43 @@ enum Format {
 }
 
 pub fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
-    let admin = match &args.node {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (source, (status, body)) = if args.kubernetes || args.kubeconfig.is_some() {
+        let Some(node) = args.node.clone() else {
+            anyhow::bail!("name the cluster node whose proxy to ask: --node NAME");
+        };
+        runtime.block_on(async {
+            let (client, _) = ambit_kube::client(args.kubeconfig.as_deref()).await?;
+            let (pod, stream) =
+                ambit_kube::cni::node_proxy_port(&client, &args.namespace, &node, args.admin_port)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+            let source = format!("{}/{pod}:{}", args.namespace, args.admin_port);
+            let answer = ambit_admin::Connection::open(stream)
+                .await?
+                .get("localhost", "/config_dump")
+                .await
+                .with_context(|| format!("cannot read the node proxy's admin port ({source})"))?;
+            anyhow::Ok((source, answer))
+        })?
+    } else {
+        let admin = local_admin(&args)?;
+        let answer = runtime
+            .block_on(ambit_admin::get(admin, "/config_dump"))
+            .with_context(|| format!("cannot read the node proxy's admin port at {admin}"))?;
+        (admin.to_string(), answer)
+    };
+    if !status.is_success() {
+        anyhow::bail!("{source}/config_dump answered {status}: {body}");
+    }
+    print(&args, &body)
+}
+
+/// The admin address of a local node proxy: from its announcement, or --admin.
+fn local_admin(args: &ConfigArgs) -> anyhow::Result<SocketAddr> {
+    Ok(match &args.node {
         Some(node) => {
             let path = ambit_node::announcement_path(&args.run_dir, node);
             let text = std::fs::read_to_string(&path).with_context(|| {
@@ -69,17 +119,11 @@ pub fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
             a.admin
         }
         None => args.admin,
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (status, body) = runtime
-        .block_on(ambit_admin::get(admin, "/config_dump"))
-        .with_context(|| format!("cannot read the node proxy's admin port at {admin}"))?;
-    if !status.is_success() {
-        anyhow::bail!("{admin}/config_dump answered {status}: {body}");
-    }
-    let dump: Value = serde_json::from_str(&body).context("the admin port sent invalid JSON")?;
+    })
+}
+
+fn print(args: &ConfigArgs, body: &str) -> anyhow::Result<ExitCode> {
+    let dump: Value = serde_json::from_str(body).context("the admin port sent invalid JSON")?;
     let section = match args.what {
         What::Workloads => dump["workloads"].clone(),
         What::Services => dump["services"].clone(),

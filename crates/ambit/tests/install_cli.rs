@@ -149,3 +149,96 @@ fn install_check_and_uninstall_against_an_api_server() {
         text(&o)
     );
 }
+
+fn obj<T: for<'de> k8s_openapi::serde::Deserialize<'de>>(v: serde_json::Value) -> T {
+    serde_json::from_value(v).unwrap()
+}
+
+#[test]
+fn config_reaches_a_cluster_nodes_proxy_through_the_api_server() {
+    let kubeconfig = apiserver();
+    let k = kubeconfig.to_str().unwrap();
+    let ns = format!("ambit-cfg-{}", std::process::id());
+    let node = format!("cfg-node-{}", std::process::id());
+
+    // No node named: said so.
+    let o = ambit(&["config", "workloads", "--kubeconfig", k, "-n", &ns]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--node NAME"), "{}", text(&o));
+
+    // No node proxy on that node.
+    let o = ambit(&[
+        "config",
+        "workloads",
+        "--kubeconfig",
+        k,
+        "-n",
+        &ns,
+        "--node",
+        &node,
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains(&format!(
+            "no running node proxy pod on node {node} in namespace {ns}"
+        )),
+        "{}",
+        text(&o)
+    );
+
+    // A running node proxy pod there: the port-forward is asked of the API server, which
+    // (with no kubelet here) cannot reach the node; the error names the pod and port.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+        use kube::api::{Api, Patch, PatchParams, PostParams};
+        let (client, _) = ambit_kube::client(Some(&kubeconfig)).await.unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &obj(serde_json::json!({"metadata": {"name": ns}})))
+            .await
+            .unwrap();
+        Api::<Node>::all(client.clone())
+            .create(&PostParams::default(), &obj(serde_json::json!({"metadata": {"name": node}})))
+            .await
+            .unwrap();
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let _ = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &obj(serde_json::json!({"metadata": {"name": "default"}})))
+            .await;
+        pods.create(
+            &PostParams::default(),
+            &obj(serde_json::json!({
+                "metadata": {"name": "ambit-node-x", "labels": {"app.kubernetes.io/component": "ambit-node"}},
+                "spec": {"nodeName": node, "containers": [{"name": "node", "image": "example.invalid/ambit"}]}
+            })),
+        )
+        .await
+        .unwrap();
+        pods.patch_status(
+            "ambit-node-x",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"phase": "Running", "podIP": "198.18.99.1"}})),
+        )
+        .await
+        .unwrap();
+    });
+    let o = ambit(&[
+        "config",
+        "workloads",
+        "--kubeconfig",
+        k,
+        "-n",
+        &ns,
+        "--node",
+        &node,
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains(&format!("port-forward to {ns}/ambit-node-x:15000")),
+        "{}",
+        text(&o)
+    );
+}
