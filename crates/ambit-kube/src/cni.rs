@@ -143,20 +143,6 @@ fn render_kubeconfig(server: &str, ca_pem: &[u8], token: &str) -> String {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_plugin_kubeconfig_names_server_ca_and_token() {
-        let k = render_kubeconfig("https://198.18.0.1:443", b"foo", "tok.en");
-        assert!(k.contains("server: https://198.18.0.1:443"));
-        assert!(k.contains("certificate-authority-data: Zm9v"));
-        assert!(k.contains("token: tok.en"));
-        assert!(k.contains("current-context: ambit-cni"));
-    }
-}
-
 /// A byte stream to port `port` of the node proxy running on `node` (a pod of the
 /// `ambit-node` DaemonSet in `namespace`), forwarded through the API server like
 /// `kubectl port-forward`: the node proxy's admin port listens on localhost only.
@@ -205,4 +191,18 @@ pub async fn node_proxy_port(
         let _ = forward.join().await;
     });
     Ok((name, stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plugin_kubeconfig_names_server_ca_and_token() {
+        let k = render_kubeconfig("https://198.18.0.1:443", b"foo", "tok.en");
+        assert!(k.contains("server: https://198.18.0.1:443"));
+        assert!(k.contains("certificate-authority-data: Zm9v"));
+        assert!(k.contains("token: tok.en"));
+        assert!(k.contains("current-context: ambit-cni"));
+    }
 }
