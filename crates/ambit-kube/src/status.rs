@@ -7,6 +7,10 @@
 //! to a waypoint) or `Invalid` (Ambit could not read it; a denying stand-in or its last
 //! good version is in force, the message says which). Only the leader writes, and only
 //! what changed.
+//!
+//! Each HTTPRoute gets, per parent it names, `Accepted: False` with reason
+//! `UnsupportedValue` and why (Ambit does not route by HTTPRoute yet), under controller
+//! `ambit.io/mesh-controller`, so nobody mistakes an unenforced route for a working one.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -107,6 +111,64 @@ pub fn desired(
     out
 }
 
+/// The controller name Ambit writes route status under.
+pub const CONTROLLER: &str = "ambit.io/mesh-controller";
+
+/// The `status.parents` each HTTPRoute should carry (without times), by `(ns, name)`.
+pub fn desired_routes(
+    model: &Model,
+    warnings: &BTreeMap<String, Vec<String>>,
+) -> BTreeMap<(String, String), Value> {
+    let mut out = BTreeMap::new();
+    for object in model.of_kind(Kind::HTTPRoute) {
+        let Object::HttpRoute(r) = object else {
+            continue;
+        };
+        let ns = r.metadata.namespace().to_owned();
+        let name = r.metadata.name.to_string();
+        let message = warnings
+            .get(&format!(
+                "{}{ns}/{name}",
+                ambit_control::xds::translate::ROUTE_WARNING_PREFIX
+            ))
+            .map(|w| w.join("; "));
+        let Some(message) = message else { continue };
+        let parents: Vec<Value> = r
+            .spec
+            .parent_refs
+            .iter()
+            .map(|p| {
+                let mut parent = json!({
+                    "group": p.group.clone().unwrap_or_else(|| "gateway.networking.k8s.io".into()),
+                    "kind": p.kind.clone().unwrap_or_else(|| "Gateway".into()),
+                    "name": p.name.to_string(),
+                });
+                if let Some(n) = &p.namespace {
+                    parent["namespace"] = json!(n.to_string());
+                }
+                if let Some(port) = &p.port {
+                    parent["port"] = json!(port.0);
+                }
+                if let Some(section) = &p.section_name {
+                    parent["sectionName"] = json!(section);
+                }
+                json!({
+                    "parentRef": parent,
+                    "controllerName": CONTROLLER,
+                    "conditions": [{
+                        "type": "Accepted",
+                        "status": "False",
+                        "reason": "UnsupportedValue",
+                        "message": message,
+                    }],
+                })
+            })
+            .collect();
+        out.insert((ns, name), Value::Array(parents));
+    }
+    out
+}
+
 /// Writes policy status while this replica leads: on every new snapshot, a change of
 /// leadership, and every minute (a status someone else overwrote is written again).
 pub async fn run(
@@ -117,24 +179,36 @@ pub async fn run(
     mut leading: watch::Receiver<bool>,
 ) {
     let mut written: BTreeMap<(String, String), PolicyCondition> = BTreeMap::new();
+    let mut routes_written: BTreeMap<(String, String), Value> = BTreeMap::new();
     let mut resource: Option<ApiResource> = None;
+    let mut route_resource: Option<ApiResource> = None;
     let mut since_full = tokio::time::Instant::now();
     loop {
         if *leading.borrow_and_update() {
             if resource.is_none() {
-                resource = find_resource(&client).await;
+                resource = find_resource(&client, "security.istio.io", "AuthorizationPolicy").await;
+            }
+            if route_resource.is_none() {
+                route_resource =
+                    find_resource(&client, "gateway.networking.k8s.io", "HTTPRoute").await;
             }
             if since_full.elapsed() >= Duration::from_secs(60) {
                 written.clear();
+                routes_written.clear();
                 since_full = tokio::time::Instant::now();
             }
+            let snapshot = snapshots.borrow_and_update().clone();
             if let Some(r) = &resource {
-                let snapshot = snapshots.borrow_and_update().clone();
                 let want = desired(&model.borrow(), &snapshot.warnings, &source.borrow());
                 write(&client, r, &want, &mut written).await;
             }
+            if let Some(r) = &route_resource {
+                let want = desired_routes(&model.borrow(), &snapshot.warnings);
+                write_routes(&client, r, &want, &mut routes_written).await;
+            }
         } else {
             written.clear();
+            routes_written.clear();
         }
         tokio::select! {
             r = snapshots.changed() => if r.is_err() { return },
@@ -146,16 +220,54 @@ pub async fn run(
     }
 }
 
-async fn find_resource(client: &kube::Client) -> Option<ApiResource> {
+async fn find_resource(client: &kube::Client, group: &str, kind: &str) -> Option<ApiResource> {
     let discovery = Discovery::new(client.clone())
-        .filter(&["security.istio.io"])
+        .filter(&[group])
         .run()
         .await
         .ok()?;
-    discovery
-        .get("security.istio.io")?
-        .recommended_kind("AuthorizationPolicy")
-        .map(|(r, _)| r)
+    discovery.get(group)?.recommended_kind(kind).map(|(r, _)| r)
+}
+
+/// Merge-patches `status.parents` of the routes whose wanted status changed.
+async fn write_routes(
+    client: &kube::Client,
+    resource: &ApiResource,
+    want: &BTreeMap<(String, String), Value>,
+    written: &mut BTreeMap<(String, String), Value>,
+) {
+    written.retain(|k, _| want.contains_key(k));
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    for (key, parents) in want {
+        if written.get(key) == Some(parents) {
+            continue;
+        }
+        let mut timed = parents.clone();
+        for p in timed.as_array_mut().into_iter().flatten() {
+            for c in p["conditions"].as_array_mut().into_iter().flatten() {
+                c["lastTransitionTime"] = json!(now);
+            }
+        }
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, resource);
+        let body = json!({"status": {"parents": timed}});
+        let mut result = api
+            .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&body))
+            .await;
+        if matches!(&result, Err(kube::Error::Api(e)) if e.code == 404) {
+            result = api
+                .patch(&key.1, &PatchParams::default(), &Patch::Merge(&body))
+                .await;
+        }
+        match result {
+            Ok(_) => {
+                written.insert(key.clone(), parents.clone());
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                tracing::warn!(route = %format!("{}/{}", key.0, key.1), error = %e, "cannot write the route's status; retrying");
+            }
+        }
+    }
 }
 
 async fn write(

@@ -1094,6 +1094,11 @@ async fn a_waypoint_subscribes_with_its_own_token_as_itself_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_writes_each_policys_status() {
+    {
+        let (client, _) = ambit_kube::client(Some(&apiserver())).await.unwrap();
+        install_crd(&client, GATEWAY_GROUP, "HTTPRoute", "httproutes").await;
+        served(&client, GATEWAY_GROUP, "HTTPRoute").await;
+    }
     let env = Env::start().await;
     let lease = unique("lease");
     let (leading, election) = ambit_kube::leader::elect(
@@ -1172,6 +1177,60 @@ async fn the_leader_writes_each_policys_status() {
         "{bad:?}"
     );
     assert!(bad.2.contains("denying all traffic"), "{bad:?}");
+
+    // An HTTPRoute: each parent is told the route is not enforced.
+    let routes: Api<DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.ns,
+        &ApiResource {
+            group: GATEWAY_GROUP.into(),
+            version: "v1".into(),
+            api_version: format!("{GATEWAY_GROUP}/v1"),
+            kind: "HTTPRoute".into(),
+            plural: "httproutes".into(),
+        },
+    );
+    routes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": format!("{GATEWAY_GROUP}/v1"), "kind": "HTTPRoute",
+                "metadata": {"name": "canary", "namespace": env.ns},
+                "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "web", "port": 80}],
+                         "rules": [{"backendRefs": [{"name": "web-v2", "port": 80}]}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let parent = eventually("the route's status", || {
+        let routes = routes.clone();
+        async move {
+            let o = serde_json::to_value(routes.get("canary").await.ok()?).unwrap();
+            let p = o["status"]["parents"].get(0)?.clone();
+            Some(p)
+        }
+    })
+    .await;
+    assert_eq!(parent["controllerName"], "ambit.io/mesh-controller");
+    assert_eq!(parent["parentRef"]["kind"], "Service");
+    assert_eq!(parent["parentRef"]["name"], "web");
+    let c = &parent["conditions"][0];
+    assert_eq!(
+        (&c["type"], &c["status"], &c["reason"]),
+        (
+            &json!("Accepted"),
+            &json!("False"),
+            &json!("UnsupportedValue")
+        )
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not route by HTTPRoute yet"),
+        "{c}"
+    );
     writer.abort();
     election.abort();
 }

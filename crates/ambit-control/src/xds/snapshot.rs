@@ -223,12 +223,16 @@ pub async fn publish(
             delta
         };
         failures = 0;
-        if delta.is_empty() && current.failing.is_none() {
+        // Warnings can change without any resource (an HTTPRoute is reported, say): the
+        // same resources are republished with them, at the same generation.
+        let warnings_changed = *current.warnings != *translator.warnings();
+        if delta.is_empty() && current.failing.is_none() && !warnings_changed {
             continue;
         }
         let next = if delta.is_empty() {
             let mut same = (*current).clone();
             same.failing = None;
+            same.warnings = Arc::new(translator.warnings().clone());
             same
         } else {
             current.next(&translator, delta)

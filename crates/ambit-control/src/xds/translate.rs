@@ -43,6 +43,11 @@ use crate::model::{
 
 /// The label that enrolls a namespace or pod.
 pub use ambit_core::enrollment::DATAPLANE_MODE_LABEL;
+/// How the warnings of HTTPRoutes are keyed (policies' are `<ns>/<name>`).
+pub const ROUTE_WARNING_PREFIX: &str = "HTTPRoute ";
+/// What an HTTPRoute does today.
+pub const ROUTE_NOT_ENFORCED: &str = "Ambit does not route by HTTPRoute yet; requests to its parents go to them as if the route did not exist";
+
 /// The annotation that makes a policy log-only.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
@@ -152,6 +157,8 @@ enum Unit {
     WaypointOnly(String, String),
     /// One workload per endpoint address of a Service without a selector.
     EndpointSlice(String, String),
+    /// An HTTPRoute: nothing is published for it yet, it is reported as not enforced.
+    Route(String, String),
 }
 
 /// Incremental translator.
@@ -346,7 +353,10 @@ impl Translator {
                     }
                 }
             }
-            Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry | Kind::HTTPRoute => {}
+            Kind::HTTPRoute => {
+                out.insert(Unit::Route(ns, name));
+            }
+            Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry => {}
         }
     }
 
@@ -425,6 +435,17 @@ impl Translator {
         match unit {
             // Several resources: [`Translator::translate_unit`].
             Unit::EndpointSlice(..) => None,
+            Unit::Route(ns, name) => {
+                let key = format!("{ROUTE_WARNING_PREFIX}{ns}/{name}");
+                if model.lookup(Kind::HTTPRoute, ns, name).is_some() {
+                    tracing::warn!(route = %format!("{ns}/{name}"), "HTTPRoute is not enforced: {ROUTE_NOT_ENFORCED}");
+                    self.warnings
+                        .insert(key, vec![format!("NOT ENFORCED: {ROUTE_NOT_ENFORCED}")]);
+                } else {
+                    self.warnings.remove(&key);
+                }
+                None
+            }
             Unit::Pod(ns, name) => {
                 let Some(Object::Pod(pod)) = model.lookup(Kind::Pod, ns, name) else {
                     return None;
@@ -561,6 +582,7 @@ fn units_of(object: &Object) -> Option<Unit> {
         Kind::PeerAuthentication => Some(Unit::PeerAuthn(k.namespace, k.name)),
         Kind::Gateway => Some(Unit::WaypointOnly(k.namespace, k.name)),
         Kind::EndpointSlice => Some(Unit::EndpointSlice(k.namespace, k.name)),
+        Kind::HTTPRoute => Some(Unit::Route(k.namespace, k.name)),
         _ => None,
     }
 }
@@ -1078,8 +1100,9 @@ pub fn unenforced_reason(p: &AuthorizationPolicy) -> String {
 /// How many policies in a translator's warnings are not enforced.
 pub fn unenforced_count(warnings: &BTreeMap<String, Vec<String>>) -> usize {
     warnings
-        .values()
-        .filter(|w| w.iter().any(|m| m.starts_with("NOT ENFORCED")))
+        .iter()
+        .filter(|(k, _)| !k.starts_with(ROUTE_WARNING_PREFIX))
+        .filter(|(_, w)| w.iter().any(|m| m.starts_with("NOT ENFORCED")))
         .count()
 }
 

@@ -714,3 +714,24 @@ spec:
         0
     );
 }
+
+#[test]
+fn an_httproute_is_reported_as_not_enforced_until_it_is_gone() {
+    let route = "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary, namespace: demo}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: echo}]
+  rules: [{backendRefs: [{name: echo, port: 80}]}]
+";
+    let m1 = model(1, &format!("{BASE}{route}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m1);
+    let w = &t.warnings()["HTTPRoute demo/canary"];
+    assert!(w[0].starts_with("NOT ENFORCED"), "{w:?}");
+    assert_eq!(unenforced_count(t.warnings()), 0, "not counted as a policy");
+    let m2 = model(2, BASE);
+    t.apply(&m2, &m1, &m2.changes_since(&m1));
+    assert!(!t.warnings().contains_key("HTTPRoute demo/canary"));
+}
