@@ -12,6 +12,7 @@
 
 pub mod discovery;
 pub mod enrollment;
+pub mod http_route;
 pub mod identity;
 pub mod policy;
 pub mod route;

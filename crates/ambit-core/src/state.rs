@@ -93,6 +93,11 @@ pub struct State {
     refused_targeted: OrdSet<Str>,
     /// Changes whenever a policy, or the policies a workload lists, may have changed.
     policy_epoch: u64,
+    /// HTTPRoutes for waypoints (`<namespace>/<name>`), and their keys by parent service.
+    http_routes: OrdMap<Str, Arc<crate::http_route::HttpRoute>>,
+    routes_by_service: OrdMap<Str, OrdSet<Str>>,
+    /// Routes discovery sent and this proxy could not read.
+    refused_routes: OrdSet<Str>,
 }
 
 impl State {
@@ -296,6 +301,61 @@ impl State {
     /// Every waypoint policy.
     pub fn targeted_policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
         self.targeted.values()
+    }
+
+    /// Adds or replaces an HTTPRoute.
+    pub fn upsert_http_route(&mut self, route: crate::http_route::HttpRoute) {
+        let key = route.key.clone();
+        self.remove_http_route(&key);
+        for p in &route.parents {
+            self.routes_by_service
+                .entry(p.service.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.http_routes.insert(key, Arc::new(route));
+    }
+
+    pub fn remove_http_route(&mut self, key: &str) -> bool {
+        let Some(old) = self.http_routes.remove(key) else {
+            return false;
+        };
+        for p in &old.parents {
+            if let Some(set) = self.routes_by_service.get_mut(p.service.as_ref()) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.routes_by_service.remove(p.service.as_ref());
+                }
+            }
+        }
+        true
+    }
+
+    /// The routes naming `service` (`<namespace>/<hostname>`) as a parent.
+    pub fn routes_for<'a>(
+        &'a self,
+        service: &str,
+    ) -> impl Iterator<Item = &'a Arc<crate::http_route::HttpRoute>> + 'a {
+        self.routes_by_service
+            .get(service)
+            .into_iter()
+            .flat_map(|keys| keys.iter())
+            .filter_map(|k| self.http_routes.get(k))
+    }
+
+    /// Every HTTPRoute.
+    pub fn http_routes(&self) -> impl Iterator<Item = &Arc<crate::http_route::HttpRoute>> {
+        self.http_routes.values()
+    }
+
+    /// Records which routes could not be read (replacing the previous list).
+    pub fn set_refused_routes(&mut self, keys: Vec<String>) {
+        self.refused_routes = keys.into_iter().map(Str::from).collect();
+    }
+
+    /// Routes that could not be read: where their requests should go is unknown.
+    pub fn refused_routes(&self) -> impl Iterator<Item = &Str> {
+        self.refused_routes.iter()
     }
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {

@@ -461,7 +461,11 @@ async fn a_pod_the_node_proxy_cannot_serve_is_redirected_and_refused_never_bypas
 async fn a_new_node_proxy_takes_over_while_the_old_one_still_runs() {
     let mut mesh = Mesh::start_agents(in_mesh(cast()), true, |_| {}).await;
     mesh.echo_app("echo-1", APP_PORT);
+    // Both ends served before the first connection (the client's rules refuse
+    // connections until its node proxy listens in it).
+    mesh.wait_phase("sleep", Some(PodPhase::Enrolled)).await;
     mesh.wait_phase("echo-1", Some(PodPhase::Enrolled)).await;
+    wait_ready(mesh.node("node-a")).await;
     wait_ready(mesh.node("node-b")).await;
     let back = exchange(mesh.pod("sleep"), ECHO_VIP, b"old").await.unwrap();
     assert_eq!(back, b"old");

@@ -1391,3 +1391,136 @@ spec:
         let _ = text(resp).await;
     }
 }
+
+/// A second server in echo-1, on `port`, that answers every request with `name`.
+fn named_server(mesh: &Mesh, port: u16, name: &'static str) {
+    let listener = mesh.pod("echo-1").listen(port).unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |_req: Request<Incoming>| async move {
+                        Ok::<_, Infallible>(Response::new(full(name)))
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(conn), service)
+                    .await;
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_matches_splits_modifies_and_times_out() {
+    let s = setup().await;
+    named_server(&s.mesh, 8081, "v2");
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/routes.yaml"),
+        "apiVersion: v1
+kind: Service
+metadata: {name: echo-v2, namespace: demo}
+spec:
+  selector: {app: echo}
+  clusterIP: 198.19.0.11
+  ports: [{name: http, port: 80, targetPort: 8081}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo, port: 80}]
+  rules:
+  - name: to-v2
+    matches: [{headers: [{name: x-canary, value: 'yes'}]}]
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {set: [{name: x-route, value: canary}]}
+    backendRefs: [{name: echo-v2, port: 80}]
+  - name: slow
+    matches: [{path: {type: Exact, value: /slow}}]
+    timeouts: {request: 500ms}
+    backendRefs: [{name: echo, port: 80}]
+  - name: split
+    matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-forwarded-for, value: rewritten}]}
+    backendRefs: [{name: echo, port: 80, weight: 0}, {name: echo-v2, port: 80, weight: 3}]
+  - name: plain
+    matches: [{path: {type: PathPrefix, value: /plain}}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: x-forwarded-for, value: rewritten}]}
+    backendRefs: [{name: echo, port: 80}]
+",
+    )
+    .unwrap();
+    eventually("the route at the waypoint", || {
+        s.waypoint.state().http_routes().count() == 1
+            && s.waypoint
+                .state()
+                .services()
+                .any(|s| s.name.as_ref() == "echo-v2")
+    })
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    let mut ask = async |path: &str, canary: bool| {
+        send.ready().await.unwrap();
+        let mut req = Request::builder().uri(path).header("host", "echo.demo");
+        if canary {
+            req = req.header("x-canary", "yes");
+        }
+        let resp = send
+            .send_request(req.body(full("")).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let route = resp
+            .headers()
+            .get("x-route")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, route, text(resp).await)
+    };
+    // No rule matches: 404, as the specification says.
+    let (status, _, _) = ask("/", false).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A header match: to the other backend, with the response header set.
+    let (status, route, body) = ask("/", true).await;
+    assert_eq!(
+        (status, route.as_deref(), body.as_str()),
+        (StatusCode::OK, Some("canary"), "v2")
+    );
+    // Weights: 0 to echo, 3 to echo-v2: every request to v2.
+    for _ in 0..5 {
+        assert_eq!(ask("/api/items", false).await.2, "v2");
+    }
+    // The request header filter reaches the endpoint.
+    let (status, _, body) = ask("/plain/x", false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(field(&body, "xff"), "rewritten", "{body}");
+    // The rule's timeout: 504 well before the endpoint's 2 s answer.
+    let started = std::time::Instant::now();
+    let (status, _, _) = ask("/slow", false).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    let line = logs::wait_access("the timed-out request", |v| {
+        v["path"] == "/slow" && v["status"] == 504
+    })
+    .await;
+    assert_eq!(line["flags"], "UT", "{line}");
+    assert_eq!(line["route"], "demo/canary", "{line}");
+    assert_eq!(line["route_rule"], "slow", "{line}");
+    let line = logs::wait_access("the routed request", |v| {
+        v["path"] == "/" && v["status"] == 200
+    })
+    .await;
+    assert_eq!(line["route_rule"], "to-v2", "{line}");
+    assert_eq!(
+        line["dst.service"], "echo-v2.demo.svc.cluster.local",
+        "{line}"
+    );
+}

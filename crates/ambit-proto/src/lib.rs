@@ -58,6 +58,8 @@ pub mod waypoint {
 
     /// Type URL of [`Policy`] resources.
     pub const POLICY_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.Policy";
+    /// Type URL of [`Route`] resources.
+    pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.Route";
 }
 
 /// `envoy.service.discovery.v3`: delta aggregated discovery.

@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
 use crate::headers::{annotate_request, is_upgrade, remove_hop_by_hop};
+use crate::routing::{self, Choice};
 use crate::serve::{Client, Target, facts, pick};
 use crate::upstream::{self, Lease, Protocol, UpstreamError};
 
@@ -137,6 +138,9 @@ struct Report {
     destination: String,
     destination_workload: String,
     service: String,
+    /// The HTTPRoute (`<namespace>/<name>`) and rule that routed the request, if any.
+    route: String,
+    rule: String,
     error: Option<String>,
     /// What the policies said, when it is worth a line: a denial, a dry-run verdict, a
     /// matching AUDIT policy.
@@ -209,6 +213,8 @@ impl Report {
             dst.identity = %self.destination,
             dst.workload = %self.destination_workload,
             dst.service = %self.service,
+            route = %self.route,
+            route_rule = %self.rule,
             request_id = %self.request_id,
             trace_id = %self.trace_id,
             authz = %self.authz,
@@ -360,7 +366,42 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
     // First, before the waypoint adds its own headers (a `Connection` header naming them
     // must not remove them).
     remove_hop_by_hop(req.headers_mut(), upgrade);
-    let route = pick(&shared, &conn.target, conn.client.peer.local);
+    let sent_path = req
+        .uri()
+        .path_and_query()
+        .map_or_else(|| "/".to_owned(), |p| p.to_string());
+    // Routes, policies and the endpoint see the same, normalized path.
+    let normalized = crate::headers::normalize_path(&sent_path);
+    let path = normalized.clone().unwrap_or_else(|_| sent_path.clone());
+    let choice = if normalized.is_ok() {
+        routing::choose(
+            &shared,
+            &conn.client,
+            &conn.target,
+            &ambit_core::http_route::RequestFacts {
+                method: req.method().as_str(),
+                path_and_query: &path,
+                headers: req.headers(),
+            },
+        )
+    } else {
+        Choice::AsAddressed
+    };
+    // A request the routes refuse is still reported against the service addressed.
+    let mut refusal = None;
+    let (routed, route) = match choice {
+        Choice::Backend(r) => {
+            let path = r.path.clone();
+            (Some(r), path)
+        }
+        other => {
+            if !matches!(other, Choice::AsAddressed) {
+                refusal = Some(other);
+            }
+            (None, pick(&shared, &conn.target, conn.client.peer.local))
+        }
+    };
+    let target = routed.as_ref().map_or(&conn.target, |r| &r.target);
     let (destination, upstream_addr) = match &route {
         Route::Hbone {
             workload, target, ..
@@ -371,7 +412,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         _ => (None, "-".to_owned()),
     };
     let labels = ConnLabels::new(
-        &facts(&conn.client, &conn.target, destination.as_deref(), protocol),
+        &facts(&conn.client, target, destination.as_deref(), protocol),
         "-",
     );
     let authority = req
@@ -385,13 +426,6 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    let sent_path = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| "/".to_owned(), |p| p.to_string());
-    // Policies and the endpoint see the same, normalized path.
-    let normalized = crate::headers::normalize_path(&sent_path);
-    let path = normalized.clone().unwrap_or_else(|_| sent_path.clone());
     // One host: the request target's authority when it has one, else `Host`; the
     // endpoint gets the same.
     if let Some(a) = req.uri().authority().cloned() {
@@ -435,11 +469,14 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         source: conn.client.peer.identity.to_string(),
         source_workload: workload_name(conn.client.workload.as_deref()),
         destination_workload: workload_name(destination.as_deref()),
-        service: conn
-            .target
+        service: target
             .service
             .as_ref()
             .map_or_else(String::new, |s| s.hostname.to_string()),
+        route: routed
+            .as_ref()
+            .map_or_else(String::new, |r| r.route.clone()),
+        rule: routed.as_ref().map_or_else(String::new, |r| r.rule.clone()),
         destination: destination
             .as_ref()
             .and_then(|w| w.identity())
@@ -498,7 +535,36 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         );
     }
 
+    match refusal {
+        Some(Choice::NoMatch) => {
+            return local(
+                report,
+                StatusCode::NOT_FOUND,
+                "",
+                "NR",
+                Some("no rule of the service's routes matches the request".into()),
+            );
+        }
+        Some(Choice::Invalid { route, rule, why }) => {
+            report.route = route;
+            report.rule = rule;
+            return local(
+                report,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "",
+                "-",
+                Some(why),
+            );
+        }
+        _ => {}
+    }
+
     let (mut parts, body) = req.into_parts();
+    if let Some(r) = &routed {
+        for m in &r.request_headers {
+            m.apply(&mut parts.headers);
+        }
+    }
     // The waypoint answers `Expect: 100-continue` itself (hyper sends the 100 when the
     // body is first read, that is when the endpoint is ready to take it).
     parts.headers.remove(EXPECT);
@@ -528,7 +594,25 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             counted: request_bytes,
         },
     );
-    match upstream::send(&shared, &route, conn.protocol, upstream_req).await {
+    let sent = upstream::send(&shared, &route, conn.protocol, upstream_req);
+    let sent = match routed.as_ref().and_then(|r| r.timeout) {
+        Some(limit) => match tokio::time::timeout(limit, sent).await {
+            Ok(r) => r,
+            Err(_) => {
+                return local(
+                    report,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    "UT",
+                    Some(format!(
+                        "no response within the route's timeout ({limit:?})"
+                    )),
+                );
+            }
+        },
+        None => sent.await,
+    };
+    match sent {
         Ok((mut resp, lease)) => {
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
             let mut lease = lease;
@@ -553,6 +637,11 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             }
             let (mut parts, body) = resp.into_parts();
             remove_hop_by_hop(&mut parts.headers, switching);
+            if let Some(r) = &routed {
+                for m in &r.response_headers {
+                    m.apply(&mut parts.headers);
+                }
+            }
             report.status = Some(parts.status);
             report.upstream_time = Some(started.elapsed());
             report.grpc_status = grpc_status(&parts.headers);

@@ -25,6 +25,7 @@ pub mod authz;
 pub mod headers;
 pub mod http;
 pub mod metrics;
+mod routing;
 pub mod serve;
 pub mod upstream;
 

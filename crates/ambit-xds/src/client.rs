@@ -41,16 +41,19 @@ pub enum ResourceKind {
     Authorization,
     /// Ambit's waypoint policies (`ambit.waypoint.v1.Policy`).
     WaypointPolicy,
+    /// Ambit's waypoint routes (`ambit.waypoint.v1.Route`).
+    WaypointRoute,
 }
 
 impl ResourceKind {
     /// What a node proxy follows (Istio's two types).
     pub const NODE: [ResourceKind; 2] = [ResourceKind::Address, ResourceKind::Authorization];
     /// What a waypoint follows.
-    pub const WAYPOINT: [ResourceKind; 3] = [
+    pub const WAYPOINT: [ResourceKind; 4] = [
         ResourceKind::Address,
         ResourceKind::Authorization,
         ResourceKind::WaypointPolicy,
+        ResourceKind::WaypointRoute,
     ];
 
     pub fn type_url(self) -> &'static str {
@@ -58,6 +61,7 @@ impl ResourceKind {
             ResourceKind::Address => pb::ADDRESS_TYPE_URL,
             ResourceKind::Authorization => pb_sec::AUTHORIZATION_TYPE_URL,
             ResourceKind::WaypointPolicy => ambit_proto::waypoint::POLICY_TYPE_URL,
+            ResourceKind::WaypointRoute => ambit_proto::waypoint::ROUTE_TYPE_URL,
         }
     }
 
@@ -69,6 +73,11 @@ impl ResourceKind {
                 let p = ambit_proto::waypoint::Policy::decode(body)
                     .map_err(|e| format!("undecodable waypoint Policy: {e}"))?;
                 convert::waypoint_policy(name, p, i).map(|p| Update::Targeted(Box::new(p)))
+            }
+            ResourceKind::WaypointRoute => {
+                let r = ambit_proto::waypoint::Route::decode(body)
+                    .map_err(|e| format!("undecodable waypoint Route: {e}"))?;
+                convert::waypoint_route(name, r).map(|r| Update::Route(Box::new(r)))
             }
         }
     }
@@ -83,6 +92,9 @@ impl ResourceKind {
             // Its targets cannot be trusted; a waypoint refuses the requests of a
             // service whose policies it could not read (see the waypoint).
             ResourceKind::WaypointPolicy => None,
+            // Where its requests should go is unknown; the waypoint answers 500 while
+            // any route is refused (see the waypoint).
+            ResourceKind::WaypointRoute => None,
         }
     }
 
@@ -96,6 +108,9 @@ impl ResourceKind {
             }
             ResourceKind::WaypointPolicy => {
                 st.remove_targeted_policy(name);
+            }
+            ResourceKind::WaypointRoute => {
+                st.remove_http_route(name);
             }
         }
     }
@@ -142,9 +157,10 @@ pub struct XdsClient {
     kinds: Vec<ResourceKind>,
     versions: Vec<HashMap<Str, Version>>,
     synced: Vec<bool>,
-    /// Waypoint policies the last push could not read, by name: until a readable version
-    /// arrives the waypoint cannot enforce them (it refuses what they may apply to).
-    refused: std::collections::BTreeMap<Str, String>,
+    /// Per type, waypoint policies and routes the last push could not read, by name:
+    /// until a readable version arrives the waypoint cannot apply them (it refuses what
+    /// they may apply to).
+    refused: Vec<std::collections::BTreeMap<Str, String>>,
     /// Per type, the resources held as denying stand-ins because their last version
     /// could not be read. A reconnect lists them (with an empty version) so the control
     /// plane either sends them again or says they are gone: a stand-in for a resource
@@ -190,7 +206,7 @@ impl XdsClient {
                 kinds: kinds.to_vec(),
                 versions: vec![HashMap::new(); kinds.len()],
                 synced: vec![false; kinds.len()],
-                refused: Default::default(),
+                refused: vec![Default::default(); kinds.len()],
                 stand_ins: vec![Default::default(); kinds.len()],
                 waypoint: None,
                 interner: Interner::default(),
@@ -355,7 +371,7 @@ impl XdsClient {
             let kind = self.kinds[index];
             match kind.decode(&name, body, &mut self.interner) {
                 Ok(update) => {
-                    self.refused.remove(&name);
+                    self.refused[index].remove(&name);
                     self.stand_ins[index].remove(&name);
                     accepted.push((name, Version::parse(&resource.version)));
                     updates.push(update);
@@ -367,8 +383,11 @@ impl XdsClient {
                         updates.push(stand_in);
                         self.stand_ins[index].insert(name.clone());
                     }
-                    if kind == ResourceKind::WaypointPolicy {
-                        self.refused.insert(name.clone(), reason.clone());
+                    if matches!(
+                        kind,
+                        ResourceKind::WaypointPolicy | ResourceKind::WaypointRoute
+                    ) {
+                        self.refused[index].insert(name.clone(), reason.clone());
                         self.stand_ins[index].insert(name.clone());
                     }
                     errors.push(format!("{}: {reason}", resource.name));
@@ -379,10 +398,10 @@ impl XdsClient {
         let changes = accepted.len() + removed.len();
         let kind = self.kinds[index];
         for name in &removed {
-            self.refused.remove(name.as_str());
+            self.refused[index].remove(name.as_str());
             self.stand_ins[index].remove(name.as_str());
         }
-        let refused: Vec<String> = self.refused.keys().map(|k| k.to_string()).collect();
+        let refused: Vec<String> = self.refused[index].keys().map(|k| k.to_string()).collect();
         self.store.update(|st| {
             for update in updates {
                 match update {
@@ -390,6 +409,7 @@ impl XdsClient {
                     Update::Service(s) => st.upsert_service(*s),
                     Update::Policy(p) => st.upsert_policy(*p),
                     Update::Targeted(p) => st.upsert_targeted_policy(*p),
+                    Update::Route(r) => st.upsert_http_route(*r),
                 }
             }
             for name in &removed {
@@ -397,6 +417,8 @@ impl XdsClient {
             }
             if kind == ResourceKind::WaypointPolicy {
                 st.set_refused_targeted(refused);
+            } else if kind == ResourceKind::WaypointRoute {
+                st.set_refused_routes(refused);
             }
         });
         for (name, version) in accepted {
@@ -487,6 +509,7 @@ enum Update {
     Service(Box<ambit_core::discovery::Service>),
     Policy(Box<ambit_core::policy::Authorization>),
     Targeted(Box<ambit_core::policy::Authorization>),
+    Route(Box<ambit_core::http_route::HttpRoute>),
 }
 
 fn decode_address(name: &Str, body: &[u8], i: &mut Interner) -> Result<Update, String> {

@@ -527,6 +527,141 @@ pub fn waypoint_policy(
     })
 }
 
+/// The most rules, matches, backends or header changes a route may carry: a bound on
+/// what one resource costs a waypoint.
+pub const MAX_ROUTE_ITEMS: usize = 256;
+
+/// A waypoint route (`ambit.waypoint.v1.Route`) as the core type; refused (`Err`) when
+/// any part cannot be read faithfully (a bad expression, header, or an unknown kind).
+pub fn waypoint_route(
+    key: &str,
+    r: pb_wp::Route,
+) -> Result<ambit_core::http_route::HttpRoute, String> {
+    use ambit_core::http_route as hr;
+    if format!("{}/{}", r.namespace, r.name) != key {
+        return Err(format!("the route's key {key:?} is not its resource name"));
+    }
+    let too_many = |what: &str, n: usize| -> Result<(), String> {
+        if n > MAX_ROUTE_ITEMS {
+            Err(format!("{n} {what}; at most {MAX_ROUTE_ITEMS}"))
+        } else {
+            Ok(())
+        }
+    };
+    too_many("parents", r.parents.len())?;
+    too_many("rules", r.rules.len())?;
+    let port = |p: u32, what: &str| {
+        u16::try_from(p).map_err(|_| format!("{what} port {p} is out of range"))
+    };
+    let parents = r
+        .parents
+        .into_iter()
+        .map(|p| {
+            Ok(hr::Parent {
+                service: p.service.as_str().into(),
+                port: port(p.port, "parent")?,
+                consumer: p.consumer,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let modifier =
+        |m: Option<pb_wp::HeaderModifier>| -> Result<Option<hr::HeaderModifier>, String> {
+            let Some(m) = m else { return Ok(None) };
+            too_many("header changes", m.set.len() + m.add.len() + m.remove.len())?;
+            let pair = |h: pb_wp::Header| -> Result<(http::HeaderName, http::HeaderValue), String> {
+                let name = http::HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| format!("{:?} is not a header name", h.name))?;
+                let value = http::HeaderValue::from_str(&h.value)
+                    .map_err(|_| format!("the value of {} is not a header value", h.name))?;
+                Ok((name, value))
+            };
+            Ok(Some(hr::HeaderModifier {
+                set: m.set.into_iter().map(pair).collect::<Result<_, _>>()?,
+                add: m.add.into_iter().map(pair).collect::<Result<_, _>>()?,
+                remove: m
+                    .remove
+                    .into_iter()
+                    .map(|n| {
+                        http::HeaderName::from_bytes(n.as_bytes())
+                            .map_err(|_| format!("{n:?} is not a header name"))
+                    })
+                    .collect::<Result<_, _>>()?,
+            }))
+        };
+    let value = |v: pb_wp::ValueMatch| -> Result<hr::ValueMatch, String> {
+        Ok(hr::ValueMatch {
+            value: if v.regex {
+                hr::Value::Regex(
+                    hr::full_match(&v.value)
+                        .map_err(|e| format!("expression {:?}: {e}", v.value))?,
+                )
+            } else {
+                hr::Value::Exact(v.value)
+            },
+            name: v.name,
+        })
+    };
+    let ms = |n: u64| (n > 0).then(|| std::time::Duration::from_millis(n));
+    let mut rules = Vec::with_capacity(r.rules.len());
+    for rule in r.rules {
+        too_many("matches", rule.matches.len())?;
+        too_many("backends", rule.backends.len())?;
+        let mut matches = Vec::with_capacity(rule.matches.len());
+        for m in rule.matches {
+            let p = m.path.unwrap_or_default();
+            let path = match pb_wp::path_match::Kind::try_from(p.kind) {
+                Ok(pb_wp::path_match::Kind::Prefix) => {
+                    let v = p.value.trim_end_matches('/');
+                    hr::PathMatch::Prefix(if v.is_empty() {
+                        "/".into()
+                    } else {
+                        v.to_owned()
+                    })
+                }
+                Ok(pb_wp::path_match::Kind::Exact) => hr::PathMatch::Exact(p.value),
+                Ok(pb_wp::path_match::Kind::Regex) => hr::PathMatch::Regex(
+                    hr::full_match(&p.value)
+                        .map_err(|e| format!("expression {:?}: {e}", p.value))?,
+                ),
+                Err(_) => return Err(format!("unknown path match kind {}", p.kind)),
+            };
+            too_many("header matches", m.headers.len())?;
+            too_many("query matches", m.query.len())?;
+            matches.push(hr::Match {
+                path,
+                headers: m.headers.into_iter().map(value).collect::<Result<_, _>>()?,
+                query: m.query.into_iter().map(value).collect::<Result<_, _>>()?,
+                method: (!m.method.is_empty()).then_some(m.method),
+            });
+        }
+        let mut backends = Vec::with_capacity(rule.backends.len());
+        for b in rule.backends {
+            backends.push(hr::Backend {
+                service: (!b.service.is_empty()).then(|| b.service.as_str().into()),
+                port: port(b.port, "backend")?,
+                weight: b.weight,
+                request_headers: modifier(b.request_headers)?,
+                response_headers: modifier(b.response_headers)?,
+            });
+        }
+        rules.push(hr::Rule {
+            name: rule.name,
+            matches,
+            backends,
+            request_headers: modifier(rule.request_headers)?,
+            response_headers: modifier(rule.response_headers)?,
+            request_timeout: ms(rule.request_timeout_ms),
+            backend_timeout: ms(rule.backend_timeout_ms),
+        });
+    }
+    Ok(hr::HttpRoute {
+        key: key.into(),
+        namespace: r.namespace.as_str().into(),
+        parents,
+        rules,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,6 +121,7 @@ fn type_name(t: ResourceType) -> &'static str {
         ResourceType::Address => "Address",
         ResourceType::Authorization => "Authorization",
         ResourceType::WaypointPolicy => "WaypointPolicy",
+        ResourceType::WaypointRoute => "WaypointRoute",
     }
 }
 
@@ -456,8 +457,10 @@ impl Subscriber {
         // Waypoint policies the same way: added or changed before the addresses (a
         // service never becomes bound to a waypoint ahead of its policies), removed
         // after them.
-        if let Some((send, removed)) = take(&plans[ResourceType::WaypointPolicy.index()]) {
-            let t = ResourceType::WaypointPolicy;
+        for t in [ResourceType::WaypointRoute, ResourceType::WaypointPolicy] {
+            let Some((send, removed)) = take(&plans[t.index()]) else {
+                continue;
+            };
             if !send.is_empty() || removed.is_empty() {
                 let first = build_responses(&snapshot, t, &send, &empty, &mut self.nonce);
                 round.insert(0, (t, first));
@@ -578,18 +581,27 @@ impl Subscriber {
                 removed.insert(n);
             }
         }
-        // A waypoint is sent the waypoint policies that apply to it; one that stopped
-        // applying is removed from it.
-        if t == ResourceType::WaypointPolicy
-            && let Some(w) = &self.waypoint
+        // A waypoint is sent the waypoint policies and routes that apply to it; one that
+        // stopped applying is removed from it.
+        if matches!(
+            t,
+            ResourceType::WaypointPolicy | ResourceType::WaypointRoute
+        ) && let Some(w) = &self.waypoint
         {
+            let applies = |body: &[u8]| -> bool {
+                match t {
+                    ResourceType::WaypointRoute => ambit_proto::waypoint::Route::decode(body)
+                        .is_ok_and(|r| r.waypoints.iter().any(|x| x == w)),
+                    _ => ambit_proto::waypoint::Policy::decode(body)
+                        .is_ok_and(|p| p.waypoints.iter().any(|x| x == w)),
+                }
+            };
             let elsewhere: Vec<Str> = send
                 .iter()
                 .filter(|n| {
-                    resources.get(n.as_ref()).is_some_and(|enc| {
-                        ambit_proto::waypoint::Policy::decode(&*enc.body)
-                            .map_or(true, |p| !p.waypoints.iter().any(|x| x == w))
-                    })
+                    resources
+                        .get(n.as_ref())
+                        .is_some_and(|enc| !applies(&enc.body))
                 })
                 .cloned()
                 .collect();

@@ -31,6 +31,7 @@ use imbl::OrdMap;
 
 use super::peer_authn;
 
+pub mod routes;
 pub mod waypoint_policy;
 
 use crate::model::fields::{IntOrString, Labels};
@@ -45,6 +46,8 @@ use crate::model::{
 pub use ambit_core::enrollment::DATAPLANE_MODE_LABEL;
 /// How the warnings of HTTPRoutes are keyed (policies' are `<ns>/<name>`).
 pub const ROUTE_WARNING_PREFIX: &str = "HTTPRoute ";
+/// Whether waypoints apply the routes they are sent.
+pub const ROUTES_APPLIED: bool = true;
 /// What an HTTPRoute does today.
 pub const ROUTE_NOT_ENFORCED: &str = "Ambit does not route by HTTPRoute yet; requests to its parents go to them as if the route did not exist";
 
@@ -81,16 +84,19 @@ pub enum ResourceType {
     Authorization,
     /// Ambit's own: AuthorizationPolicies bound to waypoints (only waypoints ask).
     WaypointPolicy,
+    /// Ambit's own: HTTPRoutes for waypoints (only waypoints ask).
+    WaypointRoute,
 }
 
 /// How many discovery types there are.
-pub const TYPES: usize = 3;
+pub const TYPES: usize = 4;
 
 impl ResourceType {
     pub const ALL: [ResourceType; TYPES] = [
         ResourceType::Address,
         ResourceType::Authorization,
         ResourceType::WaypointPolicy,
+        ResourceType::WaypointRoute,
     ];
 
     pub fn type_url(self) -> &'static str {
@@ -98,6 +104,7 @@ impl ResourceType {
             ResourceType::Address => pb::ADDRESS_TYPE_URL,
             ResourceType::Authorization => pb_sec::AUTHORIZATION_TYPE_URL,
             ResourceType::WaypointPolicy => ambit_proto::waypoint::POLICY_TYPE_URL,
+            ResourceType::WaypointRoute => ambit_proto::waypoint::ROUTE_TYPE_URL,
         }
     }
 
@@ -237,6 +244,16 @@ impl Translator {
 
     /// Units whose translation may depend on object `key` (in either model version).
     fn affected(&self, model: &Model, old: &Model, key: &ObjectRef, out: &mut BTreeSet<Unit>) {
+        // Routes resolve Services (parents, backends) and their waypoints (namespace
+        // labels, Gateways): they are few, so any such change looks at all of them.
+        if matches!(key.kind, Kind::Service | Kind::Namespace | Kind::Gateway) {
+            for m in [model, old] {
+                for o in m.of_kind(Kind::HTTPRoute) {
+                    let k = o.key();
+                    out.insert(Unit::Route(k.namespace, k.name));
+                }
+            }
+        }
         let ns = key.namespace.clone();
         let name = key.name.clone();
         let pods_in = |m: &Model, ns: &str, out: &mut BTreeSet<Unit>| {
@@ -437,14 +454,28 @@ impl Translator {
             Unit::EndpointSlice(..) => None,
             Unit::Route(ns, name) => {
                 let key = format!("{ROUTE_WARNING_PREFIX}{ns}/{name}");
-                if model.lookup(Kind::HTTPRoute, ns, name).is_some() {
-                    tracing::warn!(route = %format!("{ns}/{name}"), "HTTPRoute is not enforced: {ROUTE_NOT_ENFORCED}");
-                    self.warnings
-                        .insert(key, vec![format!("NOT ENFORCED: {ROUTE_NOT_ENFORCED}")]);
-                } else {
+                let Some(Object::HttpRoute(r)) = model.lookup(Kind::HTTPRoute, ns, name) else {
                     self.warnings.remove(&key);
+                    return None;
+                };
+                let (route, mut warnings) = routes::translate(model, r, &self.options);
+                if !ROUTES_APPLIED {
+                    warnings.insert(0, format!("NOT ENFORCED: {ROUTE_NOT_ENFORCED}"));
                 }
-                None
+                for w in &warnings {
+                    tracing::warn!(route = %format!("{ns}/{name}"), warning = %w, "HTTPRoute");
+                }
+                if warnings.is_empty() {
+                    self.warnings.remove(&key);
+                } else {
+                    self.warnings.insert(key, warnings);
+                }
+                let route = route?;
+                Some((
+                    ResourceType::WaypointRoute,
+                    format!("{ns}/{name}"),
+                    Encoded::of(&route),
+                ))
             }
             Unit::Pod(ns, name) => {
                 let Some(Object::Pod(pod)) = model.lookup(Kind::Pod, ns, name) else {

@@ -1,0 +1,429 @@
+//! Gateway API HTTPRoutes for waypoints (the mesh profile, GAMMA): a route whose parent
+//! is a Service applies to requests for that Service at the waypoint serving it; a
+//! producer route (in the Service's namespace) to every caller, a consumer route (in
+//! another namespace) to callers from its own namespace, before producer routes.
+//!
+//! The control plane resolves what it can, so every waypoint reads a route the same way
+//! and every mistake is reported here (warnings, shown by `ambit control validate`,
+//! `/debug/config` and the route's status): parents and backends become service keys,
+//! durations milliseconds, and a part Ambit cannot do is made to fail visibly (a rule
+//! with a filter it does not implement, or a backend that does not resolve, answers its
+//! share of requests 500, as Envoy does for an invalid backend) rather than behave
+//! differently from what was written.
+
+use ambit_proto::waypoint as pb;
+
+use super::{TranslateOptions, WaypointFor, service_hostname, waypoint};
+use crate::model::{HttpRoute, Kind, Model, Object};
+
+use super::waypoint_policy::{WAYPOINT_CLASS, gateway_of};
+
+/// The route for the waypoints, or none when no parent is served by one; with warnings.
+pub fn translate(
+    model: &Model,
+    r: &HttpRoute,
+    o: &TranslateOptions,
+) -> (Option<pb::Route>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let ns = r.metadata.namespace();
+    let mut parents = Vec::new();
+    let mut waypoints = Vec::new();
+    for p in &r.spec.parent_refs {
+        let group = p.group.as_deref().unwrap_or("gateway.networking.k8s.io");
+        let kind = p.kind.as_deref().unwrap_or("Gateway");
+        let parent_ns = p.namespace.as_ref().map_or(ns, |n| n.as_str());
+        let name = p.name.as_str();
+        match (group, kind) {
+            ("" | "core", "Service") => {
+                let Some(Object::Service(svc)) = model.lookup(Kind::Service, parent_ns, name) else {
+                    warnings.push(format!(
+                        "NOT ENFORCED for Service {parent_ns}/{name}: no such Service"
+                    ));
+                    continue;
+                };
+                let bound = waypoint(model, &svc.metadata, WaypointFor::Service, o);
+                match bound.as_ref().and_then(|g| gateway_of(g, o)) {
+                    Some(w) => waypoints.push(w),
+                    None => {
+                        warnings.push(format!(
+                            "NOT ENFORCED for Service {parent_ns}/{name}: it is not bound to a waypoint (label it istio.io/use-waypoint=<waypoint>); routes need one"
+                        ));
+                        continue;
+                    }
+                }
+                parents.push(pb::RouteParent {
+                    service: format!("{parent_ns}/{}", service_hostname(svc, o)),
+                    port: p.port.map_or(0, |p| u32::from(p.0)),
+                    consumer: parent_ns != ns,
+                });
+            }
+            ("gateway.networking.k8s.io", "Gateway") => {
+                let is_waypoint = matches!(
+                    model.lookup(Kind::Gateway, parent_ns, name),
+                    Some(Object::Gateway(g)) if g.spec.gateway_class_name.as_str() == WAYPOINT_CLASS
+                );
+                warnings.push(if is_waypoint {
+                    format!("NOT ENFORCED for Gateway {parent_ns}/{name}: routes attached to a waypoint's Gateway are not supported yet; attach it to the Service (parentRefs kind Service)")
+                } else {
+                    format!("NOT ENFORCED for Gateway {parent_ns}/{name}: not a waypoint (class {WAYPOINT_CLASS}); Ambit runs no ingress gateways")
+                });
+            }
+            _ => warnings.push(format!(
+                "NOT ENFORCED for {group}/{kind} {parent_ns}/{name}: a route's parent must be a Service (or a waypoint Gateway)"
+            )),
+        }
+    }
+    let mut rules = Vec::new();
+    for (i, rule) in r.spec.rules.iter().enumerate() {
+        let (rule, w) = translate_rule(model, ns, i, rule, o);
+        warnings.extend(w);
+        rules.push(rule);
+    }
+    if parents.is_empty() {
+        return (None, warnings);
+    }
+    waypoints.sort();
+    waypoints.dedup();
+    let route = pb::Route {
+        name: r.metadata.name.as_str().to_owned(),
+        namespace: ns.to_owned(),
+        parents,
+        hostnames: r
+            .spec
+            .hostnames
+            .iter()
+            .map(|h| h.as_str().to_lowercase())
+            .collect(),
+        rules,
+        waypoints,
+        created: 0,
+    };
+    (Some(route), warnings)
+}
+
+fn translate_rule(
+    model: &Model,
+    ns: &str,
+    index: usize,
+    rule: &crate::model::HttpRouteRule,
+    o: &TranslateOptions,
+) -> (pb::RouteRule, Vec<String>) {
+    let mut warnings = Vec::new();
+    let label = rule
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("rules[{index}]"));
+    let mut out = pb::RouteRule {
+        name: rule.name.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    for m in &rule.matches {
+        match translate_match(m) {
+            Ok(m) => out.matches.push(m),
+            Err(e) => {
+                // A match that cannot be read must not widen the rule: it matches
+                // nothing, and the rule keeps its other matches.
+                warnings.push(format!(
+                    "{label}: a match is ignored (it matches nothing): {e}"
+                ));
+                out.matches.push(never());
+            }
+        }
+    }
+    let mut broken = None;
+    for f in &rule.filters {
+        match header_filter(f) {
+            Ok(Some((response, modifier))) => {
+                if response {
+                    out.response_headers = Some(modifier);
+                } else {
+                    out.request_headers = Some(modifier);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => broken = Some(e),
+        }
+    }
+    if let Some(t) = &rule.timeouts {
+        for (field, slot) in [
+            ("request", &mut out.request_timeout_ms),
+            ("backendRequest", &mut out.backend_timeout_ms),
+        ] {
+            if let Some(v) = t.get(field) {
+                match v.as_str().map(parse_duration) {
+                    Some(Ok(ms)) => *slot = ms,
+                    Some(Err(e)) => {
+                        warnings.push(format!("{label}: timeouts.{field}: {e}; not applied"))
+                    }
+                    None => warnings.push(format!(
+                        "{label}: timeouts.{field} must be a duration string; not applied"
+                    )),
+                }
+            }
+        }
+    }
+    if rule.retry.is_some() {
+        warnings.push(format!(
+            "{label}: retry is not supported yet; requests are tried once"
+        ));
+    }
+    if rule.session_persistence.is_some() {
+        warnings.push(format!(
+            "{label}: sessionPersistence is not supported yet; ignored"
+        ));
+    }
+    if let Some(e) = broken {
+        warnings.push(format!(
+            "{label}: {e}; the rule answers its requests 500 until it is fixed"
+        ));
+        return (out, warnings);
+    }
+    for b in &rule.backend_refs {
+        let weight = b.weight.unwrap_or(1);
+        let resolved = resolve_backend(model, ns, b, o);
+        let mut backend = pb::RouteBackend {
+            weight,
+            ..Default::default()
+        };
+        match resolved {
+            Ok((service, port)) => {
+                backend.service = service;
+                backend.port = port;
+            }
+            Err(e) => warnings.push(format!(
+                "{label}: backend {}: {e}; its share of requests is answered 500",
+                b.name
+            )),
+        }
+        for f in &b.filters {
+            match header_filter(f) {
+                Ok(Some((true, m))) => backend.response_headers = Some(m),
+                Ok(Some((false, m))) => backend.request_headers = Some(m),
+                Ok(None) => {}
+                Err(e) => {
+                    warnings.push(format!(
+                        "{label}: backend {}: {e}; its share of requests is answered 500",
+                        b.name
+                    ));
+                    backend.service.clear();
+                }
+            }
+        }
+        out.backends.push(backend);
+    }
+    (out, warnings)
+}
+
+/// A match that matches no request (a method no request has).
+fn never() -> pb::RouteMatch {
+    pb::RouteMatch {
+        method: "-".into(),
+        ..Default::default()
+    }
+}
+
+fn translate_match(m: &crate::model::HttpRouteMatch) -> Result<pb::RouteMatch, String> {
+    let path = match &m.path {
+        None => pb::PathMatch {
+            kind: pb::path_match::Kind::Prefix as i32,
+            value: "/".into(),
+        },
+        Some(p) => {
+            let value = p.value.clone().unwrap_or_else(|| "/".into());
+            let kind = match p.kind.as_deref().unwrap_or("PathPrefix") {
+                "PathPrefix" => pb::path_match::Kind::Prefix,
+                "Exact" => pb::path_match::Kind::Exact,
+                "RegularExpression" => pb::path_match::Kind::Regex,
+                other => {
+                    return Err(format!(
+                        "path type {other:?} (known: Exact, PathPrefix, RegularExpression)"
+                    ));
+                }
+            };
+            if kind == pb::path_match::Kind::Regex {
+                check_regex(&value)?;
+            } else if !value.starts_with('/') {
+                return Err(format!("path {value:?} must start with /"));
+            }
+            pb::PathMatch {
+                kind: kind as i32,
+                value,
+            }
+        }
+    };
+    let values = |list: &[crate::model::HttpHeaderMatch],
+                  lower: bool|
+     -> Result<Vec<pb::ValueMatch>, String> {
+        list.iter()
+            .map(|h| {
+                let regex = match h.kind.as_deref().unwrap_or("Exact") {
+                    "Exact" => false,
+                    "RegularExpression" => true,
+                    other => {
+                        return Err(format!(
+                            "match type {other:?} (known: Exact, RegularExpression)"
+                        ));
+                    }
+                };
+                if regex {
+                    check_regex(&h.value)?;
+                }
+                let name = h.name.as_str().to_owned();
+                Ok(pb::ValueMatch {
+                    name: if lower { name.to_lowercase() } else { name },
+                    regex,
+                    value: h.value.clone(),
+                })
+            })
+            .collect()
+    };
+    Ok(pb::RouteMatch {
+        path: Some(path),
+        headers: values(&m.headers, true)?,
+        query: values(&m.query_params, false)?,
+        method: m.method.clone().unwrap_or_default().to_uppercase(),
+    })
+}
+
+fn check_regex(r: &str) -> Result<(), String> {
+    regex::Regex::new(&format!("^(?:{r})$"))
+        .map(|_| ())
+        .map_err(|e| format!("regular expression {r:?}: {e}"))
+}
+
+/// A RequestHeaderModifier (`false`) or ResponseHeaderModifier (`true`); `Err` for a
+/// filter Ambit does not implement or cannot read.
+fn header_filter(f: &serde_json::Value) -> Result<Option<(bool, pb::HeaderModifier)>, String> {
+    let kind = f.get("type").and_then(|t| t.as_str()).unwrap_or_default();
+    let (response, field) = match kind {
+        "RequestHeaderModifier" => (false, "requestHeaderModifier"),
+        "ResponseHeaderModifier" => (true, "responseHeaderModifier"),
+        other => return Err(format!("filter {other:?} is not supported yet")),
+    };
+    let spec = f.get(field).cloned().unwrap_or_default();
+    let headers = |key: &str| -> Result<Vec<pb::Header>, String> {
+        spec.get(key)
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .map(|h| {
+                let name = h.get("name").and_then(|n| n.as_str()).unwrap_or_default();
+                let value = h.get("value").and_then(|n| n.as_str()).unwrap_or_default();
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(format!("{kind}: {key}: {name:?} is not a header name"));
+                }
+                if http::HeaderValue::from_str(value).is_err() {
+                    return Err(format!(
+                        "{kind}: {key}: the value of {name} is not a header value"
+                    ));
+                }
+                Ok(pb::Header {
+                    name: name.to_lowercase(),
+                    value: value.to_owned(),
+                })
+            })
+            .collect()
+    };
+    let remove = spec
+        .get("remove")
+        .and_then(|v| v.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str())
+        .map(str::to_lowercase)
+        .collect();
+    Ok(Some((
+        response,
+        pb::HeaderModifier {
+            set: headers("set")?,
+            add: headers("add")?,
+            remove,
+        },
+    )))
+}
+
+fn resolve_backend(
+    model: &Model,
+    ns: &str,
+    b: &crate::model::HttpBackendRef,
+    o: &TranslateOptions,
+) -> Result<(String, u32), String> {
+    let group = b.group.as_deref().unwrap_or("");
+    let kind = b.kind.as_deref().unwrap_or("Service");
+    if !matches!(group, "" | "core") || kind != "Service" {
+        return Err(format!(
+            "kind {group}/{kind} is not supported (only Service)"
+        ));
+    }
+    let backend_ns = b.namespace.as_ref().map_or(ns, |n| n.as_str());
+    if backend_ns != ns {
+        return Err(format!(
+            "a backend in another namespace ({backend_ns}) needs a ReferenceGrant, which Ambit does not read yet"
+        ));
+    }
+    let Some(port) = b.port else {
+        return Err("a Service backend needs a port".into());
+    };
+    match model.lookup(Kind::Service, backend_ns, b.name.as_str()) {
+        Some(Object::Service(svc)) => Ok((
+            format!("{backend_ns}/{}", service_hostname(svc, o)),
+            u32::from(port.0),
+        )),
+        _ => Err(format!("no Service {backend_ns}/{}", b.name)),
+    }
+}
+
+/// Gateway API durations (GEP-2257): one to four `<number><unit>` parts, units h, m, s,
+/// ms; to milliseconds. `0s` means none.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a duration (examples: 10s, 1m30s, 500ms)");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else {
+            return Err(bad());
+        };
+        rest = &rest[len..];
+        total = total.saturating_add(n.saturating_mul(unit));
+        parts += 1;
+        if parts > 4 {
+            return Err(bad());
+        }
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_follow_gep_2257() {
+        assert_eq!(parse_duration("10s"), Ok(10_000));
+        assert_eq!(parse_duration("1m30s"), Ok(90_000));
+        assert_eq!(parse_duration("500ms"), Ok(500));
+        assert_eq!(parse_duration("1h2m3s4ms"), Ok(3_723_004));
+        assert_eq!(parse_duration("0s"), Ok(0));
+        for bad in ["", "10", "s", "1.5s", "1d", "123456s", "1h1h1h1h1h", "-1s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

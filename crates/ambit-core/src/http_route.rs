@@ -1,0 +1,546 @@
+//! HTTP routes at the waypoint (Gateway API HTTPRoute, mesh profile): which rule a
+//! request matches, by the specification's precedence, and which backend it goes to.
+//!
+//! A route applies to the services it names as parents. For a caller in namespace N,
+//! consumer routes of N (routes in N whose parent Service is elsewhere) are used when
+//! there are any for the service; otherwise the producer routes (in the Service's own
+//! namespace). Among all rules of the routes used, the request takes the one whose
+//! matching clause ranks first: an exact path before any prefix; a longer prefix before
+//! a shorter one; a method match before none; more header matches before fewer; more
+//! query matches before fewer; then the route's name (`<namespace>/<name>`,
+//! alphabetically; the specification's creation time first is not known to Ambit) and
+//! the rule's order in the route. A request no rule matches is answered 404.
+//!
+//! Paths are compared without the query string. A prefix matches whole segments:
+//! `/foo` matches `/foo`, `/foo/` and `/foo/bar`, not `/foobar`. Regular expressions
+//! (RE2-like syntax, the `regex` crate's) must match the whole value. Header names are
+//! case-insensitive; a repeated header matches when any of its values does. A repeated
+//! query parameter is read at its first occurrence, as the specification says.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+
+use crate::discovery::Str;
+
+/// One HTTPRoute as a waypoint uses it.
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    /// `<namespace>/<name>`.
+    pub key: Str,
+    pub namespace: Str,
+    pub parents: Vec<Parent>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parent {
+    /// `<namespace>/<hostname>` of the Service.
+    pub service: Str,
+    /// 0: every port.
+    pub port: u16,
+    pub consumer: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Rule {
+    pub name: String,
+    /// Empty: every request.
+    pub matches: Vec<Match>,
+    /// Empty: every request is answered 500.
+    pub backends: Vec<Backend>,
+    pub request_headers: Option<HeaderModifier>,
+    pub response_headers: Option<HeaderModifier>,
+    pub request_timeout: Option<Duration>,
+    pub backend_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Match {
+    pub path: PathMatch,
+    pub headers: Vec<ValueMatch>,
+    pub query: Vec<ValueMatch>,
+    /// Upper case.
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    /// Without a trailing slash (`/` stays `/`).
+    Prefix(String),
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+#[derive(Debug, Clone)]
+pub struct ValueMatch {
+    pub name: String,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone)]
+pub enum Value {
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+impl Value {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            Value::Exact(e) => e == v,
+            Value::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// `<namespace>/<hostname>`; `None` when the reference did not resolve.
+    pub service: Option<Str>,
+    pub port: u16,
+    pub weight: u32,
+    pub request_headers: Option<HeaderModifier>,
+    pub response_headers: Option<HeaderModifier>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderModifier {
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub remove: Vec<http::HeaderName>,
+}
+
+impl HeaderModifier {
+    /// Applies the filter: `set` replaces, `add` appends, `remove` drops.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+        for name in &self.remove {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Compiles a Gateway API regular expression to match whole values.
+pub fn full_match(pattern: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(1 << 20)
+        .build()
+}
+
+/// What is known of a request when its route is chosen.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    /// Path and query, as received (normalized).
+    pub path_and_query: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// The routing decision for one request.
+#[derive(Debug, Clone, Copy)]
+pub enum Selected<'a> {
+    /// No route applies to the service: the request goes to it as addressed.
+    NoRoutes,
+    /// Routes apply but no rule matches: 404.
+    NoMatch,
+    Rule {
+        route: &'a HttpRoute,
+        rule: &'a Rule,
+    },
+}
+
+/// How a matching clause ranks (greater first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    exact: bool,
+    prefix_len: usize,
+    method: bool,
+    headers: usize,
+    query: usize,
+}
+
+fn path_of(path_and_query: &str) -> &str {
+    path_and_query
+        .split_once('?')
+        .map_or(path_and_query, |(p, _)| p)
+}
+
+fn query_value<'a>(path_and_query: &'a str, name: &str) -> Option<&'a str> {
+    let (_, query) = path_and_query.split_once('?')?;
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return path.starts_with('/');
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+impl Match {
+    /// The rank of this clause if it matches the request.
+    fn rank(&self, req: &RequestFacts<'_>) -> Option<Rank> {
+        let path = path_of(req.path_and_query);
+        let (exact, prefix_len) = match &self.path {
+            PathMatch::Exact(p) => (p == path).then_some((true, p.len()))?,
+            PathMatch::Prefix(p) => prefix_matches(p, path).then_some((false, p.len()))?,
+            PathMatch::Regex(r) => r.is_match(path).then_some((false, 0))?,
+        };
+        if let Some(m) = &self.method
+            && m != req.method
+        {
+            return None;
+        }
+        for h in &self.headers {
+            let mut values = req.headers.get_all(h.name.as_str()).iter();
+            if !values.any(|v| v.to_str().is_ok_and(|v| h.value.matches(v))) {
+                return None;
+            }
+        }
+        for q in &self.query {
+            if !query_value(req.path_and_query, &q.name).is_some_and(|v| q.value.matches(v)) {
+                return None;
+            }
+        }
+        Some(Rank {
+            exact,
+            prefix_len,
+            method: self.method.is_some(),
+            headers: self.headers.len(),
+            query: self.query.len(),
+        })
+    }
+}
+
+impl Rule {
+    fn rank(&self, req: &RequestFacts<'_>) -> Option<Rank> {
+        if self.matches.is_empty() {
+            // No matches: a prefix match on `/`.
+            return Some(Rank {
+                exact: false,
+                prefix_len: 1,
+                method: false,
+                headers: 0,
+                query: 0,
+            });
+        }
+        self.matches.iter().filter_map(|m| m.rank(req)).max()
+    }
+}
+
+impl HttpRoute {
+    fn parent_for(&self, service: &str, port: u16) -> Option<&Parent> {
+        self.parents
+            .iter()
+            .find(|p| p.service.as_ref() == service && (p.port == 0 || p.port == port))
+    }
+}
+
+/// Picks the rule for a request to `service` on `port` from a caller in
+/// `client_namespace`, among `routes` (in any order).
+pub fn select<'a>(
+    routes: impl IntoIterator<Item = &'a HttpRoute>,
+    service: &str,
+    port: u16,
+    client_namespace: &str,
+    req: &RequestFacts<'_>,
+) -> Selected<'a> {
+    let mut producer: Vec<&HttpRoute> = Vec::new();
+    let mut consumer: Vec<&HttpRoute> = Vec::new();
+    for r in routes {
+        match r.parent_for(service, port) {
+            Some(p) if p.consumer && r.namespace.as_ref() == client_namespace => consumer.push(r),
+            Some(p) if p.consumer => {}
+            Some(_) => producer.push(r),
+            None => {}
+        }
+    }
+    let mut used = if consumer.is_empty() {
+        producer
+    } else {
+        consumer
+    };
+    if used.is_empty() {
+        return Selected::NoRoutes;
+    }
+    used.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut best: Option<(Rank, &HttpRoute, &Rule)> = None;
+    for route in used {
+        for rule in &route.rules {
+            if let Some(rank) = rule.rank(req)
+                && best.as_ref().is_none_or(|(b, _, _)| rank > *b)
+            {
+                best = Some((rank, route, rule));
+            }
+        }
+    }
+    match best {
+        Some((_, route, rule)) => Selected::Rule { route, rule },
+        None => Selected::NoMatch,
+    }
+}
+
+/// Picks a backend by weight with `roll` (uniform in `0..u32::MAX`); `None` when every
+/// weight is 0.
+pub fn pick_backend(backends: &[Backend], roll: u32) -> Option<&Backend> {
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = u64::from(roll) * total / (u64::from(u32::MAX) + 1);
+    for b in backends {
+        let w = u64::from(b.weight);
+        if point < w {
+            return Some(b);
+        }
+        point -= w;
+    }
+    backends.iter().rev().find(|b| b.weight > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, matches: Vec<Match>) -> Rule {
+        Rule {
+            name: name.into(),
+            matches,
+            ..Rule::default()
+        }
+    }
+
+    fn route(key: &str, ns: &str, consumer: bool, rules: Vec<Rule>) -> HttpRoute {
+        HttpRoute {
+            key: key.into(),
+            namespace: ns.into(),
+            parents: vec![Parent {
+                service: "shop/web.shop.svc.cluster.local".into(),
+                port: 0,
+                consumer,
+            }],
+            rules,
+        }
+    }
+
+    fn chosen(
+        routes: &[HttpRoute],
+        ns: &str,
+        method: &str,
+        pq: &str,
+        headers: &[(&str, &str)],
+    ) -> String {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let req = RequestFacts {
+            method,
+            path_and_query: pq,
+            headers: &h,
+        };
+        match select(routes, "shop/web.shop.svc.cluster.local", 80, ns, &req) {
+            Selected::NoRoutes => "none".into(),
+            Selected::NoMatch => "404".into(),
+            Selected::Rule { route, rule } => format!("{}:{}", route.key, rule.name),
+        }
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        assert!(prefix_matches("/foo", "/foo"));
+        assert!(prefix_matches("/foo", "/foo/"));
+        assert!(prefix_matches("/foo", "/foo/bar"));
+        assert!(!prefix_matches("/foo", "/foobar"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn precedence_follows_the_specification() {
+        let exact = Match {
+            path: PathMatch::Exact("/api/v1".into()),
+            headers: vec![],
+            query: vec![],
+            method: None,
+        };
+        let long = Match {
+            path: PathMatch::Prefix("/api/v1".into()),
+            ..exact.clone()
+        };
+        let short = Match {
+            path: PathMatch::Prefix("/api".into()),
+            ..exact.clone()
+        };
+        let get = Match {
+            method: Some("GET".into()),
+            ..short.clone()
+        };
+        let header = Match {
+            headers: vec![ValueMatch {
+                name: "x-canary".into(),
+                value: Value::Exact("1".into()),
+            }],
+            ..short.clone()
+        };
+        let two_headers = Match {
+            headers: vec![
+                ValueMatch {
+                    name: "x-canary".into(),
+                    value: Value::Exact("1".into()),
+                },
+                ValueMatch {
+                    name: "x-user".into(),
+                    value: Value::Regex(full_match("a.*").unwrap()),
+                },
+            ],
+            ..short.clone()
+        };
+        let query = Match {
+            query: vec![ValueMatch {
+                name: "v".into(),
+                value: Value::Exact("2".into()),
+            }],
+            ..short.clone()
+        };
+        let routes = vec![
+            route(
+                "shop/b",
+                "shop",
+                false,
+                vec![rule("short", vec![short.clone()]), rule("get", vec![get])],
+            ),
+            route(
+                "shop/a",
+                "shop",
+                false,
+                vec![
+                    rule("exact", vec![exact]),
+                    rule("long", vec![long]),
+                    rule("header", vec![header]),
+                    rule("two", vec![two_headers]),
+                    rule("query", vec![query]),
+                ],
+            ),
+            route("shop/c", "shop", false, vec![rule("short-c", vec![short])]),
+        ];
+        assert_eq!(
+            chosen(&routes, "any", "POST", "/api/v1", &[]),
+            "shop/a:exact"
+        );
+        assert_eq!(
+            chosen(&routes, "any", "POST", "/api/v1/x", &[]),
+            "shop/a:long"
+        );
+        assert_eq!(chosen(&routes, "any", "GET", "/api/x", &[]), "shop/b:get");
+        assert_eq!(
+            chosen(&routes, "any", "POST", "/api/x", &[("x-canary", "1")]),
+            "shop/a:header"
+        );
+        assert_eq!(
+            chosen(
+                &routes,
+                "any",
+                "POST",
+                "/api/x",
+                &[("X-Canary", "1"), ("x-user", "alice")]
+            ),
+            "shop/a:two"
+        );
+        assert_eq!(
+            chosen(&routes, "any", "POST", "/api/x?a=1&v=2&v=3", &[]),
+            "shop/a:query"
+        );
+        assert_eq!(
+            chosen(&routes, "any", "POST", "/api/x?v=3&v=2", &[]),
+            "shop/b:short",
+            "the first v only"
+        );
+        // A tie: the route first by name, then the rule first in it.
+        assert_eq!(
+            chosen(&routes, "any", "POST", "/api/x", &[]),
+            "shop/b:short"
+        );
+        assert_eq!(chosen(&routes, "any", "POST", "/other", &[]), "404");
+        // The regex must match the whole value.
+        assert_eq!(
+            chosen(
+                &routes,
+                "any",
+                "POST",
+                "/api/x",
+                &[("x-canary", "1"), ("x-user", "bob-a")]
+            ),
+            "shop/a:header"
+        );
+    }
+
+    #[test]
+    fn consumer_routes_come_first_for_their_namespace_only() {
+        let routes = vec![
+            route("shop/producer", "shop", false, vec![rule("p", vec![])]),
+            route("front/consumer", "front", true, vec![rule("c", vec![])]),
+        ];
+        assert_eq!(
+            chosen(&routes, "front", "GET", "/", &[]),
+            "front/consumer:c"
+        );
+        assert_eq!(chosen(&routes, "other", "GET", "/", &[]), "shop/producer:p");
+        assert_eq!(chosen(&[], "other", "GET", "/", &[]), "none");
+    }
+
+    #[test]
+    fn backends_are_picked_by_weight() {
+        let b = |w: u32| Backend {
+            service: Some("shop/x".into()),
+            port: 80,
+            weight: w,
+            request_headers: None,
+            response_headers: None,
+        };
+        let list = vec![b(90), b(10)];
+        let mut counts = [0u32; 2];
+        for i in 0..1000u32 {
+            let roll = ((u64::from(2 * i + 1) << 32) / 2000) as u32;
+            let picked = pick_backend(&list, roll).unwrap();
+            let idx = list.iter().position(|x| std::ptr::eq(x, picked)).unwrap();
+            counts[idx] += 1;
+        }
+        assert_eq!(counts, [900, 100]);
+        assert!(pick_backend(&[b(0), b(0)], 5).is_none());
+        let only = vec![b(0), b(3)];
+        assert!(std::ptr::eq(
+            pick_backend(&only, u32::MAX).unwrap(),
+            &only[1]
+        ));
+    }
+
+    #[test]
+    fn header_modifiers_set_add_and_remove() {
+        let mut h = HeaderMap::new();
+        h.insert("x-a", "1".parse().unwrap());
+        h.insert("x-gone", "1".parse().unwrap());
+        let m = HeaderModifier {
+            set: vec![(http::HeaderName::from_static("x-a"), "2".parse().unwrap())],
+            add: vec![(http::HeaderName::from_static("x-b"), "3".parse().unwrap())],
+            remove: vec![http::HeaderName::from_static("x-gone")],
+        };
+        m.apply(&mut h);
+        assert_eq!(h["x-a"], "2");
+        assert_eq!(h["x-b"], "3");
+        assert!(!h.contains_key("x-gone"));
+    }
+}

@@ -1,0 +1,148 @@
+//! Which backend a request goes to when HTTPRoutes apply to its service
+//! ([`ambit_core::http_route`] has the matching and precedence).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ambit_core::discovery::Service;
+use ambit_core::http_route::{self, HeaderModifier, RequestFacts, Selected};
+use ambit_core::route::Route;
+
+use crate::Shared;
+use crate::serve::{Client, Target};
+
+/// What the routes say about one request.
+#[derive(Debug)]
+pub(crate) enum Choice {
+    /// No route applies: to the service as addressed.
+    AsAddressed,
+    /// Routes apply and none matches: 404.
+    NoMatch,
+    /// The matched rule cannot send the request anywhere: 500, with why.
+    Invalid {
+        route: String,
+        rule: String,
+        why: String,
+    },
+    /// To a backend service.
+    Backend(Box<Routed>),
+}
+
+#[derive(Debug)]
+pub(crate) struct Routed {
+    pub route: String,
+    pub rule: String,
+    /// The backend as a target (its VIP and port), and where that leads.
+    pub target: Target,
+    pub path: Route,
+    pub request_headers: Vec<HeaderModifier>,
+    pub response_headers: Vec<HeaderModifier>,
+    /// The shorter of the rule's request and backend timeouts.
+    pub timeout: Option<Duration>,
+}
+
+/// Decides the route of a request for `target` from `client`.
+pub(crate) fn choose(
+    shared: &Shared,
+    client: &Client,
+    target: &Target,
+    req: &RequestFacts<'_>,
+) -> Choice {
+    let state = shared.store.load();
+    if let Some(refused) = state.refused_routes().next() {
+        // Where requests should go is unknown while a route cannot be read: none is
+        // sent anywhere the routes might not allow.
+        return Choice::Invalid {
+            route: refused.to_string(),
+            rule: String::new(),
+            why: format!(
+                "the waypoint could not read route {refused}; it answers 500 until a readable version arrives"
+            ),
+        };
+    }
+    let Some(service) = &target.service else {
+        return Choice::AsAddressed;
+    };
+    let key = service.key();
+    let routes: Vec<_> = state.routes_for(&key).cloned().collect();
+    if routes.is_empty() {
+        return Choice::AsAddressed;
+    }
+    let selected = http_route::select(
+        routes.iter().map(|r| r.as_ref()),
+        &key,
+        target.authority.port(),
+        client.peer.identity.namespace(),
+        req,
+    );
+    let (route, rule) = match selected {
+        Selected::NoRoutes => return Choice::AsAddressed,
+        Selected::NoMatch => return Choice::NoMatch,
+        Selected::Rule { route, rule } => (route, rule),
+    };
+    let route_key = route.key.to_string();
+    let rule_name = rule.name.clone();
+    let invalid = |why: String| Choice::Invalid {
+        route: route_key.clone(),
+        rule: rule_name.clone(),
+        why,
+    };
+    let Some(backend) = http_route::pick_backend(&rule.backends, fastrand::u32(..)) else {
+        return invalid(
+            "the rule has no backend with a weight (or a filter Ambit does not implement)".into(),
+        );
+    };
+    let Some(backend_key) = &backend.service else {
+        return invalid("the backend did not resolve (see the route's status)".into());
+    };
+    let Some(backend_service) = state.service(backend_key).cloned() else {
+        return invalid(format!(
+            "the backend service {backend_key} is not known to the waypoint"
+        ));
+    };
+    let Some(vip) = vip(shared, &backend_service) else {
+        return invalid(format!("the backend service {backend_key} has no address"));
+    };
+    let authority = SocketAddr::new(vip, backend.port);
+    let backend_target = Target {
+        authority,
+        service: Some(backend_service),
+        workload: None,
+    };
+    let path = crate::serve::pick(shared, &backend_target, client.peer.local);
+    let timeout = match (rule.request_timeout, rule.backend_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Choice::Backend(Box::new(Routed {
+        route: route_key,
+        rule: rule_name,
+        target: backend_target,
+        path,
+        request_headers: rule
+            .request_headers
+            .iter()
+            .chain(&backend.request_headers)
+            .cloned()
+            .collect(),
+        response_headers: backend
+            .response_headers
+            .iter()
+            .chain(&rule.response_headers)
+            .cloned()
+            .collect(),
+        timeout,
+    }))
+}
+
+/// The service's VIP on the waypoint's network.
+fn vip(shared: &Shared, service: &Arc<Service>) -> Option<std::net::IpAddr> {
+    let network = &shared.config.network;
+    service
+        .vips
+        .iter()
+        .find(|v| v.network.as_ref() == network.as_str())
+        .or_else(|| service.vips.first())
+        .map(|v| v.address)
+}
