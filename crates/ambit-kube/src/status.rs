@@ -8,9 +8,9 @@
 //! good version is in force, the message says which). Only the leader writes, and only
 //! what changed.
 //!
-//! Each HTTPRoute gets, per parent it names, `Accepted: False` with reason
-//! `UnsupportedValue` and why (Ambit does not route by HTTPRoute yet), under controller
-//! `ambit.io/mesh-controller`, so nobody mistakes an unenforced route for a working one.
+//! Each HTTPRoute gets, per parent it names and under controller
+//! `ambit.io/mesh-controller`, the Gateway API's `Accepted` and `ResolvedRefs`
+//! conditions, with the reason and what to do when one is `False`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -114,7 +114,11 @@ pub fn desired(
 /// The controller name Ambit writes route status under.
 pub const CONTROLLER: &str = "ambit.io/mesh-controller";
 
-/// The `status.parents` each HTTPRoute should carry (without times), by `(ns, name)`.
+/// The `status.parents` each HTTPRoute should carry (without times), by `(ns, name)`,
+/// read from the translation's warnings: per parent `Accepted` (`False` with
+/// `NoMatchingParent` for a Service that does not exist, `UnsupportedValue` for a parent
+/// Ambit cannot serve or a filter it does not implement) and `ResolvedRefs` (`False`
+/// with `BackendNotFound`, `RefNotPermitted` or `InvalidKind`).
 pub fn desired_routes(
     model: &Model,
     warnings: &BTreeMap<String, Vec<String>>,
@@ -126,25 +130,49 @@ pub fn desired_routes(
         };
         let ns = r.metadata.namespace().to_owned();
         let name = r.metadata.name.to_string();
-        let message = warnings
+        let empty = Vec::new();
+        let w = warnings
             .get(&format!(
                 "{}{ns}/{name}",
                 ambit_control::xds::translate::ROUTE_WARNING_PREFIX
             ))
-            .map(|w| w.join("; "));
-        let Some(message) = message else { continue };
+            .unwrap_or(&empty);
+        let unsupported: Vec<&String> = w
+            .iter()
+            .filter(|m| m.contains("is not supported yet; the rule answers"))
+            .collect();
+        let backends: Vec<&String> = w.iter().filter(|m| m.contains(": backend ")).collect();
+        let resolved = if backends.is_empty() {
+            condition(
+                "ResolvedRefs",
+                true,
+                "ResolvedRefs",
+                "every backend resolved".into(),
+            )
+        } else {
+            let reason = if backends.iter().any(|m| m.contains("ReferenceGrant")) {
+                "RefNotPermitted"
+            } else if backends.iter().any(|m| m.contains("only Service")) {
+                "InvalidKind"
+            } else {
+                "BackendNotFound"
+            };
+            condition("ResolvedRefs", false, reason, join(&backends))
+        };
         let parents: Vec<Value> = r
             .spec
             .parent_refs
             .iter()
             .map(|p| {
+                let kind = p.kind.clone().unwrap_or_else(|| "Gateway".into());
+                let parent_ns = p.namespace.as_ref().map_or(ns.clone(), |n| n.to_string());
                 let mut parent = json!({
                     "group": p.group.clone().unwrap_or_else(|| "gateway.networking.k8s.io".into()),
-                    "kind": p.kind.clone().unwrap_or_else(|| "Gateway".into()),
+                    "kind": kind,
                     "name": p.name.to_string(),
                 });
-                if let Some(n) = &p.namespace {
-                    parent["namespace"] = json!(n.to_string());
+                if p.namespace.is_some() {
+                    parent["namespace"] = json!(parent_ns);
                 }
                 if let Some(port) = &p.port {
                     parent["port"] = json!(port.0);
@@ -152,21 +180,53 @@ pub fn desired_routes(
                 if let Some(section) = &p.section_name {
                     parent["sectionName"] = json!(section);
                 }
+                let refused = format!("NOT ENFORCED for {kind} {parent_ns}/{}", p.name);
+                let not_accepted: Vec<&String> =
+                    w.iter().filter(|m| m.starts_with(&refused)).collect();
+                let accepted = if let Some(first) = not_accepted.first() {
+                    let reason = if first.contains("no such Service") {
+                        "NoMatchingParent"
+                    } else {
+                        "UnsupportedValue"
+                    };
+                    condition("Accepted", false, reason, join(&not_accepted))
+                } else if !unsupported.is_empty() {
+                    condition("Accepted", false, "UnsupportedValue", join(&unsupported))
+                } else {
+                    condition(
+                        "Accepted",
+                        true,
+                        "Accepted",
+                        "routed by the waypoint serving the parent".into(),
+                    )
+                };
                 json!({
                     "parentRef": parent,
                     "controllerName": CONTROLLER,
-                    "conditions": [{
-                        "type": "Accepted",
-                        "status": "False",
-                        "reason": "UnsupportedValue",
-                        "message": message,
-                    }],
+                    "conditions": [accepted, resolved.clone()],
                 })
             })
             .collect();
         out.insert((ns, name), Value::Array(parents));
     }
     out
+}
+
+fn condition(kind: &str, ok: bool, reason: &str, message: String) -> Value {
+    json!({
+        "type": kind,
+        "status": if ok { "True" } else { "False" },
+        "reason": reason,
+        "message": message,
+    })
+}
+
+fn join(messages: &[&String]) -> String {
+    messages
+        .iter()
+        .map(|m| m.as_str())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Writes policy status while this replica leads: on every new snapshot, a change of
@@ -362,5 +422,42 @@ mod tests {
         );
         let c = &d[&("shop".to_owned(), "c".to_owned())];
         assert_eq!((c.kind, c.accepted), ("WaypointAccepted", true));
+    }
+
+    #[test]
+    fn a_route_on_a_service_with_a_waypoint_is_accepted_and_resolved() {
+        let m = model(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: wp}}
+spec: {selector: {app: web}, clusterIP: 198.19.0.5, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  rules: [{backendRefs: [{name: web, port: 80}, {name: nope, port: 80}]}]
+",
+        );
+        let mut t = ambit_control::xds::translate::Translator::new(Default::default());
+        t.full(&m);
+        let d = desired_routes(&m, t.warnings());
+        let parents = &d[&("shop".to_owned(), "r".to_owned())];
+        let c = &parents[0]["conditions"];
+        assert_eq!(c[0]["status"], "True", "{c}");
+        assert_eq!(c[1]["reason"], "BackendNotFound", "{c}");
+        assert!(
+            c[1]["message"]
+                .as_str()
+                .unwrap()
+                .contains("no Service shop/nope"),
+            "{c}"
+        );
     }
 }

@@ -1178,7 +1178,7 @@ async fn the_leader_writes_each_policys_status() {
     );
     assert!(bad.2.contains("denying all traffic"), "{bad:?}");
 
-    // An HTTPRoute: each parent is told the route is not enforced.
+    // An HTTPRoute whose parent and backend do not exist: each condition says so.
     let routes: Api<DynamicObject> = Api::namespaced_with(
         env.client.clone(),
         &env.ns,
@@ -1221,14 +1221,22 @@ async fn the_leader_writes_each_policys_status() {
         (
             &json!("Accepted"),
             &json!("False"),
-            &json!("UnsupportedValue")
-        )
+            &json!("NoMatchingParent")
+        ),
+        "{c}"
     );
     assert!(
-        c["message"]
-            .as_str()
-            .unwrap()
-            .contains("does not route by HTTPRoute yet"),
+        c["message"].as_str().unwrap().contains("no such Service"),
+        "{c}"
+    );
+    let c = &parent["conditions"][1];
+    assert_eq!(
+        (&c["type"], &c["status"], &c["reason"]),
+        (
+            &json!("ResolvedRefs"),
+            &json!("False"),
+            &json!("BackendNotFound")
+        ),
         "{c}"
     );
     writer.abort();
