@@ -450,14 +450,22 @@ struct Reconciler {
     swept: bool,
     /// Requests from the CNI plugin.
     events: tokio::sync::mpsc::Receiver<Event>,
-    /// Network namespaces the CNI plugin reported, by `(namespace, name)`.
-    reported: HashMap<(String, String), PathBuf>,
+    /// Network namespaces the CNI plugin reported, by `(namespace, name)`, with the
+    /// sandbox (container id) that reported them.
+    reported: HashMap<(String, String), Reported>,
     /// Pods captured when the runtime created them, before discovery listed them.
     precaptured: BTreeMap<(String, String), Precaptured>,
     /// Pods the runtime deleted that discovery still lists (not enrolled again).
     deleted: HashSet<(String, String)>,
     /// The last scan of the node's network namespaces, and when it was taken.
     index: Option<(Arc<AddressIndex>, Instant)>,
+}
+
+/// The sandbox the runtime last created for a pod.
+#[derive(Debug, Clone)]
+struct Reported {
+    netns: PathBuf,
+    container_id: String,
 }
 
 /// A pod whose redirection rules went in at creation (its traffic refused until the node
@@ -586,13 +594,15 @@ impl Reconciler {
     /// node holding its addresses.
     async fn locate(&mut self, want: &Want) -> Result<PathBuf, PodError> {
         let pod = &want.pod;
+        // The runtime's word first: a pod re-created under the same name has a new
+        // sandbox while the old one may still exist.
+        if let Some(r) = self.reported.get(&key(pod)) {
+            return Ok(r.netns.clone());
+        }
         if let Some(t) = self.pods.get(&pod.uid)
             && t.netns.exists()
         {
             return Ok(t.netns.clone());
-        }
-        if let Some(p) = self.reported.get(&key(pod)) {
-            return Ok(p.clone());
         }
         let named = self.netns_path(&pod.namespace, &pod.name);
         let Some(search) = self.config.netns_search.clone() else {
@@ -602,8 +612,10 @@ impl Reconciler {
             return Ok(named);
         }
         let fresh_enough = |at: &Instant| at.elapsed() < RESCAN_AFTER;
+        // A cached answer is used only while its namespace still exists.
         if let Some((index, _)) = &self.index
             && let Ok(p) = index.lookup(&want.addresses)
+            && p.exists()
         {
             return Ok(p);
         }
@@ -652,7 +664,27 @@ impl Reconciler {
                         event.netns
                     ));
                 }
-                self.reported.insert(k.clone(), path.clone());
+                self.reported.insert(
+                    k.clone(),
+                    Reported {
+                        netns: path.clone(),
+                        container_id: event.container_id.clone(),
+                    },
+                );
+                // A new sandbox for a pod the node proxy serves in another namespace (the
+                // old sandbox's DEL missed): the proxy lets go of the old one, and the pod
+                // is enrolled again in the new one.
+                let moved: Vec<String> = self
+                    .pods
+                    .iter()
+                    .filter(|(_, t)| key(&t.pod) == k && t.netns != path)
+                    .map(|(uid, _)| uid.clone())
+                    .collect();
+                for uid in moved {
+                    tracing::info!(pod = %label, netns = %path.display(), "the pod has a new sandbox; moving it");
+                    self.tell_del(&uid).await;
+                    self.pods.remove(&uid);
+                }
                 let known = self
                     .discovered(&k.0, &k.1)
                     .map(|w| w.tunnel == TunnelProtocol::Hbone);
@@ -762,6 +794,26 @@ impl Reconciler {
                 }
             }
             EventCommand::Del => {
+                // Runtimes repeat DEL, and an old sandbox's may come after the new one's
+                // ADD: a DEL for another sandbox than the pod's current one changes
+                // nothing.
+                let stale = match self.reported.get(&k) {
+                    Some(r) => r.container_id != event.container_id,
+                    None => {
+                        !event.netns.is_empty()
+                            && self
+                                .pods
+                                .values()
+                                .any(|t| key(&t.pod) == k && t.netns != Path::new(&event.netns))
+                    }
+                };
+                if stale {
+                    tracing::debug!(pod = %label, container = %event.container_id, "DEL of an older sandbox; the pod stays");
+                    return EventReply {
+                        captured: false,
+                        error: None,
+                    };
+                }
                 self.reported.remove(&k);
                 self.precaptured.remove(&k);
                 let uids: Vec<String> = self

@@ -30,7 +30,8 @@ pub const PLUGIN_TYPE: &str = "ambit-cni";
 /// Where the agent listens for the plugin by default.
 pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/ambit/cni.sock";
 /// The CNI specification versions this plugin speaks.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+/// (1.1.0 is not claimed: it adds STATUS and GC, which this plugin does not implement.)
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 /// The largest network configuration read from stdin.
 const MAX_STDIN: u64 = 1 << 20;
 /// The largest answer read from the agent.
@@ -572,26 +573,57 @@ pub fn uninstall(conf_dir: &Path, bin_dir: &Path) -> Result<Vec<PathBuf>, Instal
 /// runs a half-written plugin).
 fn install_binary(binary: &Path, bin_dir: &Path) -> Result<(), InstallError> {
     let target = bin_dir.join(PLUGIN_TYPE);
+    use std::os::unix::fs::PermissionsExt;
     let new = std::fs::read(binary).map_err(io(binary))?;
-    if std::fs::read(&target).ok().as_deref() == Some(new.as_slice()) {
+    let executable = std::fs::metadata(&target).is_ok_and(|m| m.permissions().mode() & 0o111 != 0);
+    if executable && std::fs::read(&target).ok().as_deref() == Some(new.as_slice()) {
         return Ok(());
     }
-    write_atomically(&target, &new)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).map_err(io(&target))
+    write_atomically_mode(&target, &new, 0o755)
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), InstallError> {
+    // A configuration keeps its mode.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).map_or(0o644, |m| m.permissions().mode() & 0o777);
+    write_atomically_mode(path, bytes, mode)
+}
+
+/// Writes a temporary file with its final mode, flushes it to disk, renames it over
+/// `path` and flushes the folder: a reader (or a crash) sees the old file or the new
+/// one, never a partial or non-executable one.
+fn write_atomically_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_file_name(format!(
         ".{}.ambit-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("tmp"),
         std::process::id()
     ));
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    let _ = std::fs::remove_file(&tmp);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&tmp)(e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io(path)(e)
-    })
+    })?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -771,6 +803,28 @@ mod tests {
             std::fs::read(bin_dir.join(PLUGIN_TYPE)).unwrap(),
             b"#!binary"
         );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(bin_dir.join(PLUGIN_TYPE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o755,
+            "executable from the moment it is in place"
+        );
+        // A copy that lost its mode is installed again.
+        std::fs::set_permissions(
+            bin_dir.join(PLUGIN_TYPE),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        install(&spec).unwrap();
+        let mode = std::fs::metadata(bin_dir.join(PLUGIN_TYPE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o755);
         // Again: nothing to do.
         assert_eq!(install(&spec).unwrap(), (path.clone(), false));
         // Someone rewrote the file without us: chained again, once.

@@ -114,26 +114,72 @@ pub async fn daemonset_present(
 /// Where a pod's service-account credentials are mounted.
 const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
-/// A kubeconfig for the CNI plugin (which runs on the host, outside any pod) carrying
-/// the agent's own service-account token and the cluster's CA, or none when the agent
-/// does not run in a pod. The token rotates: write it again when it changes.
-pub fn plugin_kubeconfig() -> Option<String> {
-    let host = std::env::var("KUBERNETES_SERVICE_HOST").ok()?;
+/// A kubeconfig for the CNI plugin (which runs on the host, outside any pod), or none
+/// when the agent does not run in a pod. Its token is requested for the agent's service
+/// account (`POD_NAMESPACE`/`POD_SERVICE_ACCOUNT`) without binding it to the agent's pod,
+/// so it outlives a restart or upgrade of the agent (when the plugin needs it), for two
+/// hours: write it again well before.
+pub async fn plugin_kubeconfig(client: &kube::Client) -> Result<Option<String>, String> {
+    let (Ok(host), Ok(namespace), Ok(account)) = (
+        std::env::var("KUBERNETES_SERVICE_HOST"),
+        std::env::var("POD_NAMESPACE"),
+        std::env::var("POD_SERVICE_ACCOUNT"),
+    ) else {
+        return Ok(None);
+    };
     let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-    let dir = PathBuf::from(SA_DIR);
-    let token = std::fs::read_to_string(dir.join("token")).ok()?;
-    let ca = std::fs::read(dir.join("ca.crt")).ok()?;
+    let ca = std::fs::read(PathBuf::from(SA_DIR).join("ca.crt"))
+        .map_err(|e| format!("reading the cluster CA: {e}"))?;
     let host = if host.contains(':') {
         format!("[{host}]")
     } else {
         host
     };
-    Some(render_kubeconfig(
+    plugin_kubeconfig_for(
+        client,
         &format!("https://{host}:{port}"),
         &ca,
-        token.trim(),
-    ))
+        &namespace,
+        &account,
+    )
+    .await
+    .map(Some)
 }
+
+/// A kubeconfig reaching `server` (trusting `ca_pem`) with a new token, not bound to any
+/// pod, of service account `namespace/account`.
+pub async fn plugin_kubeconfig_for(
+    client: &kube::Client,
+    server: &str,
+    ca_pem: &[u8],
+    namespace: &str,
+    account: &str,
+) -> Result<String, String> {
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), namespace);
+    let request = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            expiration_seconds: Some(PLUGIN_TOKEN_LIFETIME.as_secs() as i64),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = tokio::time::timeout(
+        ASK_TIMEOUT,
+        accounts.create_token_request(account, &Default::default(), &request),
+    )
+    .await
+    .map_err(|_| "the API server did not answer within 5s".to_owned())?
+    .map_err(|e| format!("requesting a token for {namespace}/{account}: {e}"))?;
+    let token = answer
+        .status
+        .map(|s| s.token)
+        .ok_or("the token request had no token")?;
+    Ok(render_kubeconfig(server, ca_pem, &token))
+}
+
+/// How long the plugin's token lives; the agent renews it at half that.
+pub const PLUGIN_TOKEN_LIFETIME: Duration = Duration::from_secs(2 * 3600);
 
 fn render_kubeconfig(server: &str, ca_pem: &[u8], token: &str) -> String {
     use base64::Engine;

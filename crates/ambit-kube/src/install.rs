@@ -206,7 +206,9 @@ pub fn render(o: &InstallOptions, ca: &CaFiles) -> Vec<Value> {
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": {"name": "ambit-cni", "namespace": ns, "labels": labels("ambit-cni")},
-        "rules": [{"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["ambit-cni"], "verbs": ["get"]}]
+        "rules": [{"apiGroups": ["apps"], "resources": ["daemonsets"], "resourceNames": ["ambit-cni"], "verbs": ["get"]},
+                  // A token for the CNI plugin, not bound to the agent's pod.
+                  {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["ambit-cni"], "verbs": ["create"]}]
     }));
     out.push(json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
@@ -359,6 +361,7 @@ pub fn render(o: &InstallOptions, ca: &CaFiles) -> Vec<Value> {
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            {"name": "POD_SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
                             {"name": "AMBIT_CONTROL_PLANE", "value": format!("ambit-control.{ns}.svc:15012")},
                             {"name": "AMBIT_CA_ROOT", "value": "/var/run/ambit/ca/root-cert.pem"},
                             {"name": "AMBIT_TOKEN_FILE", "value": "/var/run/secrets/tokens/istio-token"}

@@ -46,6 +46,7 @@ pub mod leader;
 pub mod status;
 mod tokenreview;
 pub mod waypoints;
+pub use kube::Client;
 pub use tokenreview::TokenReviewAuthenticator;
 
 /// One kind the source watches: where the API serves it and which model kind it is.

@@ -64,6 +64,10 @@ pub struct CniArgs {
     /// plugin is chained into its first configuration and kept there. Needs --cni-bin-dir.
     #[arg(long, requires = "cni_bin_dir")]
     cni_conf_dir: Option<PathBuf>,
+    /// Where --cni-conf-dir is on the host (the plugin, run by the host's container
+    /// runtime, reads its kubeconfig there).
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_host_conf_dir: PathBuf,
     /// The node's CNI plugin folder (the host's /opt/cni/bin, mounted): the plugin binary
     /// is installed there as `ambit-cni`.
     #[arg(long, requires = "cni_conf_dir")]
@@ -184,33 +188,35 @@ fn install_spec(
 }
 
 /// Keeps the plugin chained (the node's network plugin may rewrite its configuration)
-/// and the plugin's kubeconfig current (the token rotates).
-async fn keep_plugin_installed(spec: ambit_cni::plugin::InstallSpec) {
+/// and the plugin's kubeconfig current (its token is renewed at half its lifetime).
+async fn keep_plugin_installed(
+    spec: ambit_cni::plugin::InstallSpec,
+    client: Option<ambit_kube::Client>,
+) {
     let mut last_error = String::new();
+    let mut token_written: Option<tokio::time::Instant> = None;
     loop {
-        let s = spec.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            if let Some(k) = ambit_kube::cni::plugin_kubeconfig() {
-                let path = s.conf_dir.join(PLUGIN_KUBECONFIG);
-                if std::fs::read_to_string(&path).ok().as_deref() != Some(k.as_str()) {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let tmp = s.conf_dir.join(format!(".{PLUGIN_KUBECONFIG}.tmp"));
-                    let _ = std::fs::remove_file(&tmp);
-                    let written = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&tmp)
-                        .and_then(|mut f| std::io::Write::write_all(&mut f, k.as_bytes()))
-                        .and_then(|()| std::fs::rename(&tmp, &path));
-                    if let Err(e) = written {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot write the CNI plugin's kubeconfig");
+        let renew = token_written
+            .is_none_or(|at| at.elapsed() >= ambit_kube::cni::PLUGIN_TOKEN_LIFETIME / 2);
+        if renew && let Some(client) = &client {
+            match ambit_kube::cni::plugin_kubeconfig(client).await {
+                Ok(Some(k)) => {
+                    let path = spec.conf_dir.join(PLUGIN_KUBECONFIG);
+                    match write_private(&path, k.as_bytes()) {
+                        Ok(()) => token_written = Some(tokio::time::Instant::now()),
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "cannot write the CNI plugin's kubeconfig")
+                        }
                     }
                 }
+                Ok(None) => token_written = Some(tokio::time::Instant::now()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot get a token for the CNI plugin; it cannot ask the API server while the agent is away")
+                }
             }
-            ambit_cni::plugin::install(&s)
-        })
-        .await;
+        }
+        let s = spec.clone();
+        let done = tokio::task::spawn_blocking(move || ambit_cni::plugin::install(&s)).await;
         match done {
             Ok(Ok((path, true))) => {
                 last_error.clear();
@@ -228,6 +234,23 @@ async fn keep_plugin_installed(spec: ambit_cni::plugin::InstallSpec) {
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
+}
+
+/// Writes a secret file: mode 0600 from its creation, replaced by rename.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_file_name(format!(".{PLUGIN_KUBECONFIG}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path))
 }
 
 pub fn run(args: CniArgs) -> anyhow::Result<ExitCode> {
@@ -266,7 +289,9 @@ pub fn run(args: CniArgs) -> anyhow::Result<ExitCode> {
                     "--cni-conf-dir needs the agent's socket: pass --cni-socket or --kubernetes"
                 )
             })?;
-            let kubeconfig = ambit_kube::in_cluster().then(|| conf.join(PLUGIN_KUBECONFIG));
+            // The plugin runs on the host: it reads the kubeconfig at the host's path.
+            let kubeconfig =
+                ambit_kube::in_cluster().then(|| args.cni_host_conf_dir.join(PLUGIN_KUBECONFIG));
             Some(install_spec(conf, bin, &socket, &exclude, kubeconfig)?)
         }
         _ => None,
@@ -298,7 +323,7 @@ pub fn run(args: CniArgs) -> anyhow::Result<ExitCode> {
         let agent = Agent::start(config).await?;
         let keeper = plugin
             .clone()
-            .map(|spec| tokio::spawn(keep_plugin_installed(spec)));
+            .map(|spec| tokio::spawn(keep_plugin_installed(spec, client.clone())));
         crate::signal::wait().await;
         if let Some(k) = keeper {
             k.abort();

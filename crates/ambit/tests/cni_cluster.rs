@@ -576,12 +576,43 @@ async fn the_node_agent_enrolls_by_label_and_the_cni_plugin_captures_new_pods() 
         exchange(&late, to_echo, b"late").await.ok()
     })
     .await;
-    // DEL: never fails, the agent lets go of the pod.
+    // The pod gets a new sandbox (its old one's DEL missed): the agent moves it there.
+    let again = topo.pod(&node_a, env.ip(31)).unwrap();
+    let mut add_again = cni_env("ADD", &again.netns_path(), &env.ns, "late");
+    add_again[1].1 = "c-late-2".into();
+    let (out, result) = plugin(env.dir.path(), &add_again, &conf(&socket, None, again.ip));
+    assert!(out.status.success(), "{result}");
+    assert!(rules_in(&again));
+    env.pod_ip(&env.ns, "late", again.ip).await;
+    wait_for("the pod served in its new sandbox", async || {
+        agents[0]
+            .status()
+            .pods
+            .iter()
+            .any(|p| {
+                p.name == "late" && p.phase == PodPhase::Enrolled && p.netns == again.netns_path()
+            })
+            .then_some(())
+    })
+    .await;
+    // The old sandbox's DEL, late: nothing changes for the pod.
     let (out, _) = plugin(
         env.dir.path(),
         &cni_env("DEL", &late.netns_path(), &env.ns, "late"),
         &conf(&socket, None, late.ip),
     );
+    assert!(out.status.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        phase(&agents[0], "late"),
+        Some(PodPhase::Enrolled),
+        "a stale DEL is ignored"
+    );
+    assert!(rules_in(&again));
+    // The current sandbox's DEL: never fails, the agent lets go of the pod.
+    let mut del = cni_env("DEL", &again.netns_path(), &env.ns, "late");
+    del[1].1 = "c-late-2".into();
+    let (out, _) = plugin(env.dir.path(), &del, &conf(&socket, None, again.ip));
     assert!(out.status.success());
     wait_for("the deleted pod released", async || {
         (phase(&agents[0], "late") != Some(PodPhase::Enrolled)).then_some(())
@@ -630,6 +661,52 @@ async fn the_node_agent_enrolls_by_label_and_the_cni_plugin_captures_new_pods() 
         &conf(&gone, Some(&env.kubeconfig), plain.ip),
     );
     assert!(out.status.success(), "{result}");
+
+    // The kubeconfig the agent keeps for the plugin: a token of the agent's account, not
+    // bound to its pod, that the plugin can use on its own.
+    let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    sas.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": "ambit-cni"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let admin = std::fs::read_to_string(&env.kubeconfig).unwrap();
+    let server = admin
+        .split("server: \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_owned();
+    let ca_b64 = admin
+        .split("certificate-authority-data: ")
+        .nth(1)
+        .and_then(|r| r.split(['}', '\n', ' ']).next())
+        .unwrap()
+        .trim_matches('"')
+        .to_owned();
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD
+        .decode(ca_b64)
+        .unwrap();
+    let kubeconfig =
+        ambit_kube::cni::plugin_kubeconfig_for(&env.client, &server, &ca, &env.ns, "ambit-cni")
+            .await
+            .unwrap();
+    let plugin_kubeconfig = env.dir.path().join("plugin-kubeconfig");
+    std::fs::write(&plugin_kubeconfig, kubeconfig).unwrap();
+    let (out, err) = plugin(
+        env.dir.path(),
+        &cni_env("ADD", &late.netns_path(), &env.ns, "late"),
+        &conf(&gone, Some(&plugin_kubeconfig), late.ip),
+    );
+    assert!(!out.status.success());
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("is in the mesh"),
+        "the token read the pod's labels: {err}"
+    );
 
     env.cleanup().await;
     for a in agents {
