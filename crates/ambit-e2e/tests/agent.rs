@@ -205,7 +205,10 @@ async fn an_agent_restart_reconciles_without_disturbing_traffic() {
 async fn a_restarted_node_proxy_gets_the_snapshot_back() {
     let mut mesh = Mesh::start_agents(in_mesh(cast()), true, |_| {}).await;
     mesh.echo_app("echo-1", APP_PORT);
+    // Both ends served before the first connection.
+    mesh.wait_phase("sleep", Some(PodPhase::Enrolled)).await;
     mesh.wait_phase("echo-1", Some(PodPhase::Enrolled)).await;
+    wait_ready(mesh.node("node-a")).await;
     wait_ready(mesh.node("node-b")).await;
     let back = exchange(mesh.pod("sleep"), ECHO_VIP, b"one").await.unwrap();
     assert_eq!(back, b"one");

@@ -1524,3 +1524,79 @@ spec:
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcroute_sends_one_method_to_another_backend() {
+    let s = setup().await;
+    named_server(&s.mesh, 8081, "v2");
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/routes.yaml"),
+        "apiVersion: v1
+kind: Service
+metadata: {name: echo-v2, namespace: demo}
+spec:
+  selector: {app: echo}
+  clusterIP: 198.19.0.11
+  ports: [{name: grpc, port: 80, targetPort: 8081}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: methods, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo}]
+  rules:
+  - matches: [{method: {service: test.Echo, method: Say}}]
+    backendRefs: [{name: echo-v2, port: 80}]
+  - matches: [{method: {service: test.Echo}}]
+    backendRefs: [{name: echo, port: 80}]
+",
+    )
+    .unwrap();
+    eventually("the gRPC route at the waypoint", || {
+        s.waypoint.state().http_routes().count() == 1
+            && s.waypoint
+                .state()
+                .services()
+                .any(|s| s.name.as_ref() == "echo-v2")
+    })
+    .await;
+    let mut send = h2(&s.mesh, ECHO_VIP).await;
+    let mut call = async |method: &str| {
+        let resp = send
+            .send_request(
+                Request::post(format!("http://echo.demo/test.Echo/{method}"))
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(full(&b"\0\0\0\0\x02hi"[..]))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, resp.into_body().collect().await.unwrap().to_bytes())
+    };
+    // The exact method to v2; the rest of the service to echo (which answers gRPC status 7
+    // with the body back); another service: no rule, 404.
+    let (status, body) = call("Say").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"v2"[..]));
+    let (status, body) = call("Other").await;
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::OK, &b"\0\0\0\0\x02hi"[..])
+    );
+    let resp = send
+        .send_request(
+            Request::post("http://echo.demo/other.Service/Say")
+                .header("content-type", "application/grpc")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    let line = logs::wait_access("the routed gRPC call", |v| {
+        v["path"] == "/test.Echo/Say" && v["status"] == 200
+    })
+    .await;
+    assert_eq!(line["route"], "demo/grpc:methods", "{line}");
+}

@@ -175,7 +175,7 @@ pub fn render(o: &InstallOptions, ca: &CaFiles) -> Vec<Value> {
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways/status"], "verbs": ["get", "patch", "update"]},
             {"apiGroups": ["security.istio.io"], "resources": ["authorizationpolicies/status"], "verbs": ["get", "patch", "update"]},
-            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status"], "verbs": ["get", "patch", "update"]},
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["httproutes/status", "grpcroutes/status"], "verbs": ["get", "patch", "update"]},
             {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
             // Waypoint Deployments and what goes with them.
             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"]},

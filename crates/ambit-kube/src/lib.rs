@@ -60,7 +60,7 @@ pub struct Watched {
 }
 
 /// Everything the model holds, in the order it is listed at start.
-pub const WATCHED: [Watched; 12] = [
+pub const WATCHED: [Watched; 13] = [
     Watched {
         group: "",
         kind: Kind::Namespace,
@@ -119,6 +119,11 @@ pub const WATCHED: [Watched; 12] = [
     Watched {
         group: "discovery.k8s.io",
         kind: Kind::EndpointSlice,
+        optional: true,
+    },
+    Watched {
+        group: "gateway.networking.k8s.io",
+        kind: Kind::GRPCRoute,
         optional: true,
     },
 ];
@@ -395,11 +400,10 @@ impl KubeSource {
 
 /// Kinds of the mesh's API groups that users write and Ambit does not enforce yet: they
 /// are watched (names only) so that each one is reported, never silently ignored.
-pub const UNMODELLED: [(&str, &str); 4] = [
+pub const UNMODELLED: [(&str, &str); 3] = [
     ("security.istio.io", "RequestAuthentication"),
     ("networking.istio.io", "DestinationRule"),
     ("networking.istio.io", "VirtualService"),
-    ("gateway.networking.k8s.io", "GRPCRoute"),
 ];
 
 /// Watches the names of one unmodelled kind (looking for it every `every` while the API

@@ -122,20 +122,21 @@ pub const CONTROLLER: &str = "ambit.io/mesh-controller";
 pub fn desired_routes(
     model: &Model,
     warnings: &BTreeMap<String, Vec<String>>,
+    kind: Kind,
 ) -> BTreeMap<(String, String), Value> {
+    use ambit_control::xds::translate::{GRPC_ROUTE_WARNING_PREFIX, ROUTE_WARNING_PREFIX};
     let mut out = BTreeMap::new();
-    for object in model.of_kind(Kind::HTTPRoute) {
-        let Object::HttpRoute(r) = object else {
-            continue;
+    for object in model.of_kind(kind) {
+        let (metadata, parent_refs, prefix) = match object {
+            Object::HttpRoute(r) => (&r.metadata, &r.spec.parent_refs, ROUTE_WARNING_PREFIX),
+            Object::GrpcRoute(r) => (&r.metadata, &r.spec.parent_refs, GRPC_ROUTE_WARNING_PREFIX),
+            _ => continue,
         };
-        let ns = r.metadata.namespace().to_owned();
-        let name = r.metadata.name.to_string();
+        let ns = metadata.namespace().to_owned();
+        let name = metadata.name.to_string();
         let empty = Vec::new();
         let w = warnings
-            .get(&format!(
-                "{}{ns}/{name}",
-                ambit_control::xds::translate::ROUTE_WARNING_PREFIX
-            ))
+            .get(&format!("{prefix}{ns}/{name}"))
             .unwrap_or(&empty);
         let unsupported: Vec<&String> = w
             .iter()
@@ -159,9 +160,7 @@ pub fn desired_routes(
             };
             condition("ResolvedRefs", false, reason, join(&backends))
         };
-        let parents: Vec<Value> = r
-            .spec
-            .parent_refs
+        let parents: Vec<Value> = parent_refs
             .iter()
             .map(|p| {
                 let kind = p.kind.clone().unwrap_or_else(|| "Gateway".into());
@@ -240,8 +239,10 @@ pub async fn run(
 ) {
     let mut written: BTreeMap<(String, String), PolicyCondition> = BTreeMap::new();
     let mut routes_written: BTreeMap<(String, String), Value> = BTreeMap::new();
+    let mut grpc_written: BTreeMap<(String, String), Value> = BTreeMap::new();
     let mut resource: Option<ApiResource> = None;
     let mut route_resource: Option<ApiResource> = None;
+    let mut grpc_resource: Option<ApiResource> = None;
     let mut since_full = tokio::time::Instant::now();
     loop {
         if *leading.borrow_and_update() {
@@ -252,9 +253,14 @@ pub async fn run(
                 route_resource =
                     find_resource(&client, "gateway.networking.k8s.io", "HTTPRoute").await;
             }
+            if grpc_resource.is_none() {
+                grpc_resource =
+                    find_resource(&client, "gateway.networking.k8s.io", "GRPCRoute").await;
+            }
             if since_full.elapsed() >= Duration::from_secs(60) {
                 written.clear();
                 routes_written.clear();
+                grpc_written.clear();
                 since_full = tokio::time::Instant::now();
             }
             let snapshot = snapshots.borrow_and_update().clone();
@@ -263,12 +269,17 @@ pub async fn run(
                 write(&client, r, &want, &mut written).await;
             }
             if let Some(r) = &route_resource {
-                let want = desired_routes(&model.borrow(), &snapshot.warnings);
+                let want = desired_routes(&model.borrow(), &snapshot.warnings, Kind::HTTPRoute);
                 write_routes(&client, r, &want, &mut routes_written).await;
+            }
+            if let Some(r) = &grpc_resource {
+                let want = desired_routes(&model.borrow(), &snapshot.warnings, Kind::GRPCRoute);
+                write_routes(&client, r, &want, &mut grpc_written).await;
             }
         } else {
             written.clear();
             routes_written.clear();
+            grpc_written.clear();
         }
         tokio::select! {
             r = snapshots.changed() => if r.is_err() { return },
@@ -447,7 +458,7 @@ spec:
         );
         let mut t = ambit_control::xds::translate::Translator::new(Default::default());
         t.full(&m);
-        let d = desired_routes(&m, t.warnings());
+        let d = desired_routes(&m, t.warnings(), Kind::HTTPRoute);
         let parents = &d[&("shop".to_owned(), "r".to_owned())];
         let c = &parents[0]["conditions"];
         assert_eq!(c[0]["status"], "True", "{c}");

@@ -40,10 +40,11 @@ pub enum Kind {
     Gateway,
     HTTPRoute,
     EndpointSlice,
+    GRPCRoute,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 13] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -56,6 +57,7 @@ impl Kind {
         Kind::Gateway,
         Kind::HTTPRoute,
         Kind::EndpointSlice,
+        Kind::GRPCRoute,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +74,7 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::HTTPRoute => "HTTPRoute",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::GRPCRoute => "GRPCRoute",
         }
     }
 
@@ -121,6 +124,7 @@ pub enum Object {
     Gateway(Arc<Gateway>),
     HttpRoute(Arc<HttpRoute>),
     EndpointSlice(Arc<EndpointSlice>),
+    GrpcRoute(Arc<GrpcRoute>),
 }
 
 impl Object {
@@ -138,6 +142,7 @@ impl Object {
             Object::Gateway(_) => Kind::Gateway,
             Object::HttpRoute(_) => Kind::HTTPRoute,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::GrpcRoute(_) => Kind::GRPCRoute,
         }
     }
 
@@ -155,6 +160,7 @@ impl Object {
             Object::Gateway(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
+            Object::GrpcRoute(o) => &o.metadata,
         }
     }
 

@@ -324,6 +324,7 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
         ("gateway.networking.k8s.io", "Gateway") => (Some(Kind::Gateway), &["v1", "v1beta1"]),
         ("gateway.networking.k8s.io", "HTTPRoute") => (Some(Kind::HTTPRoute), &["v1", "v1beta1"]),
         ("discovery.k8s.io", "EndpointSlice") => (Some(Kind::EndpointSlice), &["v1", "v1beta1"]),
+        ("gateway.networking.k8s.io", "GRPCRoute") => (Some(Kind::GRPCRoute), &["v1", "v1alpha2"]),
         _ => (None, &[]),
     };
     let Some(model_kind) = model_kind else {
@@ -452,6 +453,11 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
             }
             checked(doc, problems)?;
             Object::Gateway(Arc::new(o))
+        }
+        Kind::GRPCRoute => {
+            let mut o: GrpcRoute = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::GrpcRoute(Arc::new(o))
         }
         Kind::EndpointSlice => {
             let mut o: EndpointSlice = typed(doc)?;

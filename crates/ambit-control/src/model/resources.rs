@@ -1125,3 +1125,67 @@ pub struct SlicePort {
     #[serde(default)]
     pub protocol: Option<Protocol>,
 }
+
+/// Gateway API `GRPCRoute`: routing by gRPC service and method, which Ambit translates to
+/// the HTTP paths gRPC uses (`/<service>/<method>`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcRoute {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
+    #[serde(default)]
+    pub spec: GrpcRouteSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteSpec {
+    #[serde(default)]
+    pub parent_refs: Vec<ParentReference>,
+    #[serde(default)]
+    pub hostnames: Vec<NonEmpty>,
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteRule {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    /// Kept as written; interpreted by the translation.
+    #[serde(default)]
+    pub filters: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub backend_refs: Vec<HttpBackendRef>,
+    /// Kept as written; reported as not supported.
+    #[serde(default)]
+    pub session_persistence: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcRouteMatch {
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default)]
+    pub headers: Vec<HttpHeaderMatch>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcMethodMatch {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+}

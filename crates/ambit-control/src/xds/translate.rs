@@ -46,6 +46,8 @@ use crate::model::{
 pub use ambit_core::enrollment::DATAPLANE_MODE_LABEL;
 /// How the warnings of HTTPRoutes are keyed (policies' are `<ns>/<name>`).
 pub const ROUTE_WARNING_PREFIX: &str = "HTTPRoute ";
+/// How the warnings of GRPCRoutes are keyed.
+pub const GRPC_ROUTE_WARNING_PREFIX: &str = "GRPCRoute ";
 /// Whether waypoints apply the routes they are sent.
 pub const ROUTES_APPLIED: bool = true;
 /// What an HTTPRoute does today.
@@ -164,8 +166,10 @@ enum Unit {
     WaypointOnly(String, String),
     /// One workload per endpoint address of a Service without a selector.
     EndpointSlice(String, String),
-    /// An HTTPRoute: nothing is published for it yet, it is reported as not enforced.
+    /// An HTTPRoute for waypoints.
     Route(String, String),
+    /// A GRPCRoute for waypoints.
+    GrpcRoute(String, String),
 }
 
 /// Incremental translator.
@@ -251,6 +255,10 @@ impl Translator {
                 for o in m.of_kind(Kind::HTTPRoute) {
                     let k = o.key();
                     out.insert(Unit::Route(k.namespace, k.name));
+                }
+                for o in m.of_kind(Kind::GRPCRoute) {
+                    let k = o.key();
+                    out.insert(Unit::GrpcRoute(k.namespace, k.name));
                 }
             }
         }
@@ -373,6 +381,9 @@ impl Translator {
             Kind::HTTPRoute => {
                 out.insert(Unit::Route(ns, name));
             }
+            Kind::GRPCRoute => {
+                out.insert(Unit::GrpcRoute(ns, name));
+            }
             Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry => {}
         }
     }
@@ -452,13 +463,28 @@ impl Translator {
         match unit {
             // Several resources: [`Translator::translate_unit`].
             Unit::EndpointSlice(..) => None,
-            Unit::Route(ns, name) => {
-                let key = format!("{ROUTE_WARNING_PREFIX}{ns}/{name}");
-                let Some(Object::HttpRoute(r)) = model.lookup(Kind::HTTPRoute, ns, name) else {
-                    self.warnings.remove(&key);
-                    return None;
+            Unit::Route(ns, name) | Unit::GrpcRoute(ns, name) => {
+                let grpc = matches!(unit, Unit::GrpcRoute(..));
+                let prefix = if grpc {
+                    GRPC_ROUTE_WARNING_PREFIX
+                } else {
+                    ROUTE_WARNING_PREFIX
                 };
-                let (route, mut warnings) = routes::translate(model, r, &self.options);
+                let key = format!("{prefix}{ns}/{name}");
+                let kind = if grpc {
+                    Kind::GRPCRoute
+                } else {
+                    Kind::HTTPRoute
+                };
+                let translated = match model.lookup(kind, ns, name) {
+                    Some(Object::HttpRoute(r)) => routes::translate(model, r, &self.options),
+                    Some(Object::GrpcRoute(r)) => routes::translate_grpc(model, r, &self.options),
+                    _ => {
+                        self.warnings.remove(&key);
+                        return None;
+                    }
+                };
+                let (route, mut warnings) = translated;
                 if !ROUTES_APPLIED {
                     warnings.insert(0, format!("NOT ENFORCED: {ROUTE_NOT_ENFORCED}"));
                 }
@@ -473,7 +499,7 @@ impl Translator {
                 let route = route?;
                 Some((
                     ResourceType::WaypointRoute,
-                    format!("{ns}/{name}"),
+                    format!("{ns}/{}", route.name),
                     Encoded::of(&route),
                 ))
             }
@@ -614,6 +640,7 @@ fn units_of(object: &Object) -> Option<Unit> {
         Kind::Gateway => Some(Unit::WaypointOnly(k.namespace, k.name)),
         Kind::EndpointSlice => Some(Unit::EndpointSlice(k.namespace, k.name)),
         Kind::HTTPRoute => Some(Unit::Route(k.namespace, k.name)),
+        Kind::GRPCRoute => Some(Unit::GrpcRoute(k.namespace, k.name)),
         _ => None,
     }
 }
@@ -1132,7 +1159,9 @@ pub fn unenforced_reason(p: &AuthorizationPolicy) -> String {
 pub fn unenforced_count(warnings: &BTreeMap<String, Vec<String>>) -> usize {
     warnings
         .iter()
-        .filter(|(k, _)| !k.starts_with(ROUTE_WARNING_PREFIX))
+        .filter(|(k, _)| {
+            !k.starts_with(ROUTE_WARNING_PREFIX) && !k.starts_with(GRPC_ROUTE_WARNING_PREFIX)
+        })
         .filter(|(_, w)| w.iter().any(|m| m.starts_with("NOT ENFORCED")))
         .count()
 }

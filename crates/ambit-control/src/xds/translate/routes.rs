@@ -26,9 +26,169 @@ pub fn translate(
 ) -> (Option<pb::Route>, Vec<String>) {
     let mut warnings = Vec::new();
     let ns = r.metadata.namespace();
+    let (parents, waypoints) = parents_of(model, ns, &r.spec.parent_refs, o, &mut warnings);
+    let mut rules = Vec::new();
+    for (i, rule) in r.spec.rules.iter().enumerate() {
+        let (rule, w) = translate_rule(model, ns, i, rule, o);
+        warnings.extend(w);
+        rules.push(rule);
+    }
+    if parents.is_empty() {
+        return (None, warnings);
+    }
+    let route = pb::Route {
+        name: r.metadata.name.as_str().to_owned(),
+        namespace: ns.to_owned(),
+        parents,
+        hostnames: r
+            .spec
+            .hostnames
+            .iter()
+            .map(|h| h.as_str().to_lowercase())
+            .collect(),
+        rules,
+        waypoints,
+        created: 0,
+    };
+    (Some(route), warnings)
+}
+
+/// The prefix of a GRPCRoute's resource name (`<ns>/grpc:<name>`), so it never shares
+/// one with an HTTPRoute of the same name (route names cannot hold a colon).
+pub const GRPC_NAME_PREFIX: &str = "grpc:";
+
+/// A GRPCRoute as the same route resource: each method match becomes the HTTP path gRPC
+/// uses (`/<service>/<method>`: service and method exact, an exact path; service alone,
+/// a prefix; method alone or a regular expression, a path expression). gRPC precedence
+/// (GEP-1016: the longest service, then the longest method, then the most headers)
+/// follows from the HTTP order: exact paths, then the longest prefix, then headers.
+pub fn translate_grpc(
+    model: &Model,
+    r: &crate::model::GrpcRoute,
+    o: &TranslateOptions,
+) -> (Option<pb::Route>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let ns = r.metadata.namespace();
+    let (parents, waypoints) = parents_of(model, ns, &r.spec.parent_refs, o, &mut warnings);
+    let mut rules = Vec::new();
+    for (i, rule) in r.spec.rules.iter().enumerate() {
+        let label = rule.name.clone().unwrap_or_else(|| format!("rules[{i}]"));
+        let mut matches = Vec::new();
+        for m in &rule.matches {
+            match grpc_path(m.method.as_ref()) {
+                Ok(path) => matches.push(crate::model::HttpRouteMatch {
+                    path: Some(path),
+                    headers: m.headers.clone(),
+                    query_params: Vec::new(),
+                    method: None,
+                }),
+                Err(e) => {
+                    warnings.push(format!(
+                        "{label}: a match is ignored (it matches nothing): {e}"
+                    ));
+                    matches.push(crate::model::HttpRouteMatch {
+                        path: Some(crate::model::HttpPathMatch {
+                            kind: Some("Exact".into()),
+                            value: Some("/-".into()),
+                        }),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        if rule.session_persistence.is_some() {
+            warnings.push(format!(
+                "{label}: sessionPersistence is not supported yet; ignored"
+            ));
+        }
+        let as_http = crate::model::HttpRouteRule {
+            name: rule.name.clone(),
+            matches,
+            filters: rule.filters.clone(),
+            backend_refs: rule.backend_refs.clone(),
+            timeouts: None,
+            retry: None,
+            session_persistence: None,
+        };
+        let (rule, w) = translate_rule(model, ns, i, &as_http, o);
+        warnings.extend(w);
+        rules.push(rule);
+    }
+    if parents.is_empty() {
+        return (None, warnings);
+    }
+    let route = pb::Route {
+        name: format!("{GRPC_NAME_PREFIX}{}", r.metadata.name.as_str()),
+        namespace: ns.to_owned(),
+        parents,
+        hostnames: r
+            .spec
+            .hostnames
+            .iter()
+            .map(|h| h.as_str().to_lowercase())
+            .collect(),
+        rules,
+        waypoints,
+        created: 0,
+    };
+    (Some(route), warnings)
+}
+
+/// The HTTP path match of a gRPC method match.
+fn grpc_path(
+    m: Option<&crate::model::GrpcMethodMatch>,
+) -> Result<crate::model::HttpPathMatch, String> {
+    let path = |kind: &str, value: String| crate::model::HttpPathMatch {
+        kind: Some(kind.into()),
+        value: Some(value),
+    };
+    let Some(m) = m else {
+        return Ok(path("PathPrefix", "/".into()));
+    };
+    let service = m.service.as_deref().filter(|s| !s.is_empty());
+    let method = m.method.as_deref().filter(|s| !s.is_empty());
+    match m.kind.as_deref().unwrap_or("Exact") {
+        "Exact" => {
+            for part in service.iter().chain(method.iter()) {
+                if part.contains('/') {
+                    return Err(format!("{part:?} cannot hold a /"));
+                }
+            }
+            Ok(match (service, method) {
+                (Some(s), Some(m)) => path("Exact", format!("/{s}/{m}")),
+                (Some(s), None) => path("PathPrefix", format!("/{s}")),
+                (None, Some(m)) => {
+                    path("RegularExpression", format!("/[^/]+/{}", regex::escape(m)))
+                }
+                (None, None) => path("PathPrefix", "/".into()),
+            })
+        }
+        "RegularExpression" => Ok(path(
+            "RegularExpression",
+            format!(
+                "/(?:{})/(?:{})",
+                service.unwrap_or("[^/]+"),
+                method.unwrap_or("[^/]+")
+            ),
+        )),
+        other => Err(format!(
+            "method match type {other:?} (known: Exact, RegularExpression)"
+        )),
+    }
+}
+
+/// The parents a route names that Ambit can serve (Services bound to a waypoint), and
+/// those waypoints; a warning for each other parent.
+fn parents_of(
+    model: &Model,
+    ns: &str,
+    refs: &[crate::model::ParentReference],
+    o: &TranslateOptions,
+    warnings: &mut Vec<String>,
+) -> (Vec<pb::RouteParent>, Vec<String>) {
     let mut parents = Vec::new();
     let mut waypoints = Vec::new();
-    for p in &r.spec.parent_refs {
+    for p in refs {
         let group = p.group.as_deref().unwrap_or("gateway.networking.k8s.io");
         let kind = p.kind.as_deref().unwrap_or("Gateway");
         let parent_ns = p.namespace.as_ref().map_or(ns, |n| n.as_str());
@@ -73,32 +233,9 @@ pub fn translate(
             )),
         }
     }
-    let mut rules = Vec::new();
-    for (i, rule) in r.spec.rules.iter().enumerate() {
-        let (rule, w) = translate_rule(model, ns, i, rule, o);
-        warnings.extend(w);
-        rules.push(rule);
-    }
-    if parents.is_empty() {
-        return (None, warnings);
-    }
     waypoints.sort();
     waypoints.dedup();
-    let route = pb::Route {
-        name: r.metadata.name.as_str().to_owned(),
-        namespace: ns.to_owned(),
-        parents,
-        hostnames: r
-            .spec
-            .hostnames
-            .iter()
-            .map(|h| h.as_str().to_lowercase())
-            .collect(),
-        rules,
-        waypoints,
-        created: 0,
-    };
-    (Some(route), warnings)
+    (parents, waypoints)
 }
 
 fn translate_rule(

@@ -735,3 +735,67 @@ spec:
     t.apply(&m2, &m1, &m2.changes_since(&m1));
     assert!(!t.warnings().contains_key("HTTPRoute demo/canary"));
 }
+
+#[test]
+fn a_grpcroute_becomes_paths_of_its_own_resource() {
+    let text = format!(
+        "{BASE}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: wp, namespace: demo}}
+spec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: grpc, namespace: demo, labels: {{istio.io/use-waypoint: wp}}}}
+spec: {{selector: {{app: echo}}, clusterIP: 198.19.0.40, ports: [{{name: grpc, port: 9000}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: canary, namespace: demo}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: grpc}}]
+  rules:
+  - matches: [{{method: {{service: pkg.Echo, method: Say}}}}]
+    backendRefs: [{{name: grpc, port: 9000}}]
+  - matches: [{{method: {{service: pkg.Echo}}}}, {{method: {{method: Ping}}}}]
+    backendRefs: [{{name: grpc, port: 9000}}]
+  - matches: [{{method: {{type: RegularExpression, service: 'pkg\\..*', method: 'Get.*'}}}}]
+    backendRefs: [{{name: grpc, port: 9000}}]
+  - matches: [{{method: {{service: 'bad/name'}}}}]
+    backendRefs: [{{name: grpc, port: 9000}}]
+"
+    );
+    let m = model(1, &text);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let enc = t
+        .resources(ResourceType::WaypointRoute)
+        .get("demo/grpc:canary")
+        .expect("a resource of its own, not colliding with an HTTPRoute of the same name");
+    let r = ambit_proto::waypoint::Route::decode(&*enc.body).unwrap();
+    let paths: Vec<(i32, String)> = r
+        .rules
+        .iter()
+        .flat_map(|rule| rule.matches.iter())
+        .map(|m| {
+            let p = m.path.clone().unwrap();
+            (p.kind, p.value)
+        })
+        .collect();
+    use ambit_proto::waypoint::path_match::Kind as K;
+    assert_eq!(paths[0], (K::Exact as i32, "/pkg.Echo/Say".into()));
+    assert_eq!(paths[1], (K::Prefix as i32, "/pkg.Echo".into()));
+    assert_eq!(paths[2], (K::Regex as i32, "/[^/]+/Ping".into()));
+    assert_eq!(
+        paths[3],
+        (K::Regex as i32, "/(?:pkg\\..*)/(?:Get.*)".into())
+    );
+    assert_eq!(
+        paths[4],
+        (K::Exact as i32, "/-".into()),
+        "an unreadable match matches nothing"
+    );
+    let w = &t.warnings()["GRPCRoute demo/canary"];
+    assert!(w.iter().any(|w| w.contains("cannot hold a /")), "{w:?}");
+}
