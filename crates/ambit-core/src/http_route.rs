@@ -53,6 +53,121 @@ pub struct Rule {
     pub response_headers: Option<HeaderModifier>,
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
+    /// RequestRedirect: answered with a redirect, sent nowhere.
+    pub redirect: Option<Redirect>,
+    /// URLRewrite: host and path as the backend sees them.
+    pub rewrite: Option<Rewrite>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// `None`: the request's.
+    pub scheme: Option<String>,
+    /// `None`: the request's host.
+    pub hostname: Option<String>,
+    pub path: Option<PathRewrite>,
+    /// `None`: the scheme's port when `scheme` is set, else the request's.
+    pub port: Option<u16>,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrite {
+    pub hostname: Option<String>,
+    pub path: Option<PathRewrite>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathRewrite {
+    Full(String),
+    /// Replaces the prefix the request matched.
+    Prefix(String),
+}
+
+impl PathRewrite {
+    /// The new path and query for `path_and_query`, which matched `matched_prefix`
+    /// (without a trailing slash; `/` for every path). The query is kept.
+    pub fn apply(&self, path_and_query: &str, matched_prefix: Option<&str>) -> String {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let new = match self {
+            PathRewrite::Full(p) => p.clone(),
+            PathRewrite::Prefix(replacement) => {
+                let prefix = matched_prefix.unwrap_or("/");
+                let rest = if prefix == "/" {
+                    path
+                } else {
+                    path.strip_prefix(prefix).unwrap_or(path)
+                };
+                let base = replacement.trim_end_matches('/');
+                let joined = if base.is_empty() {
+                    if rest.is_empty() {
+                        "/".to_owned()
+                    } else {
+                        rest.to_owned()
+                    }
+                } else if rest.is_empty() {
+                    base.to_owned()
+                } else if rest.starts_with('/') {
+                    format!("{base}{rest}")
+                } else {
+                    format!("{base}/{rest}")
+                };
+                if joined.starts_with('/') {
+                    joined
+                } else {
+                    format!("/{joined}")
+                }
+            }
+        };
+        match query {
+            Some(q) => format!("{new}?{q}"),
+            None => new,
+        }
+    }
+}
+
+/// A `Host` without its port (`[::1]:80` -> `[::1]`, `web:8080` -> `web`).
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => h,
+        _ => host,
+    }
+}
+
+impl Redirect {
+    /// The `Location` for a request with `scheme`, `host` (its `Host`, maybe with a port),
+    /// `port` (where it was sent) and `path_and_query`, whose rule matched
+    /// `matched_prefix`. A scheme's default port is left out.
+    pub fn location(
+        &self,
+        scheme: &str,
+        host: &str,
+        port: u16,
+        path_and_query: &str,
+        matched_prefix: Option<&str>,
+    ) -> String {
+        let out_scheme = self.scheme.as_deref().unwrap_or(scheme);
+        let request_host = strip_port(host);
+        let out_host = self.hostname.as_deref().unwrap_or(request_host);
+        let default = |s: &str| if s == "https" { 443 } else { 80 };
+        let out_port = match (self.port, &self.scheme) {
+            (Some(p), _) => p,
+            (None, Some(s)) => default(s),
+            (None, None) => port,
+        };
+        let path = match &self.path {
+            Some(p) => p.apply(path_and_query, matched_prefix),
+            None => path_and_query.to_owned(),
+        };
+        if out_port == default(out_scheme) {
+            format!("{out_scheme}://{out_host}{path}")
+        } else {
+            format!("{out_scheme}://{out_host}:{out_port}{path}")
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -151,6 +266,9 @@ pub enum Selected<'a> {
     Rule {
         route: &'a HttpRoute,
         rule: &'a Rule,
+        /// The path prefix of the clause that matched (`/` for a rule without matches),
+        /// for `ReplacePrefixMatch`.
+        matched_prefix: Option<&'a str>,
     },
 }
 
@@ -224,18 +342,28 @@ impl Match {
 }
 
 impl Rule {
-    fn rank(&self, req: &RequestFacts<'_>) -> Option<Rank> {
+    fn rank(&self, req: &RequestFacts<'_>) -> Option<(Rank, Option<&str>)> {
         if self.matches.is_empty() {
             // No matches: a prefix match on `/`.
-            return Some(Rank {
+            let rank = Rank {
                 exact: false,
                 prefix_len: 1,
                 method: false,
                 headers: 0,
                 query: 0,
-            });
+            };
+            return Some((rank, Some("/")));
         }
-        self.matches.iter().filter_map(|m| m.rank(req)).max()
+        self.matches
+            .iter()
+            .filter_map(|m| {
+                let prefix = match &m.path {
+                    PathMatch::Prefix(p) => Some(p.as_str()),
+                    _ => None,
+                };
+                m.rank(req).map(|r| (r, prefix))
+            })
+            .max_by_key(|(r, _)| *r)
     }
 }
 
@@ -275,18 +403,22 @@ pub fn select<'a>(
         return Selected::NoRoutes;
     }
     used.sort_by(|a, b| a.key.cmp(&b.key));
-    let mut best: Option<(Rank, &HttpRoute, &Rule)> = None;
+    let mut best: Option<(Rank, &HttpRoute, &Rule, Option<&str>)> = None;
     for route in used {
         for rule in &route.rules {
-            if let Some(rank) = rule.rank(req)
-                && best.as_ref().is_none_or(|(b, _, _)| rank > *b)
+            if let Some((rank, prefix)) = rule.rank(req)
+                && best.as_ref().is_none_or(|(b, _, _, _)| rank > *b)
             {
-                best = Some((rank, route, rule));
+                best = Some((rank, route, rule, prefix));
             }
         }
     }
     match best {
-        Some((_, route, rule)) => Selected::Rule { route, rule },
+        Some((_, route, rule, matched_prefix)) => Selected::Rule {
+            route,
+            rule,
+            matched_prefix,
+        },
         None => Selected::NoMatch,
     }
 }
@@ -356,7 +488,7 @@ mod tests {
         match select(routes, "shop/web.shop.svc.cluster.local", 80, ns, &req) {
             Selected::NoRoutes => "none".into(),
             Selected::NoMatch => "404".into(),
-            Selected::Rule { route, rule } => format!("{}:{}", route.key, rule.name),
+            Selected::Rule { route, rule, .. } => format!("{}:{}", route.key, rule.name),
         }
     }
 
@@ -542,5 +674,58 @@ mod tests {
         assert_eq!(h["x-a"], "2");
         assert_eq!(h["x-b"], "3");
         assert!(!h.contains_key("x-gone"));
+    }
+
+    #[test]
+    fn prefix_rewrites_replace_the_matched_segments() {
+        let p = |v: &str| PathRewrite::Prefix(v.into());
+        assert_eq!(
+            p("/xyz").apply("/foo/bar?a=1", Some("/foo")),
+            "/xyz/bar?a=1"
+        );
+        assert_eq!(p("/xyz").apply("/foo", Some("/foo")), "/xyz");
+        assert_eq!(p("/xyz/").apply("/foo/bar", Some("/foo")), "/xyz/bar");
+        assert_eq!(p("/").apply("/foo/bar", Some("/foo")), "/bar");
+        assert_eq!(p("/").apply("/foo", Some("/foo")), "/");
+        assert_eq!(p("/v2").apply("/any", Some("/")), "/v2/any");
+        assert_eq!(
+            PathRewrite::Full("/new".into()).apply("/old/x?q", Some("/old")),
+            "/new?q"
+        );
+    }
+
+    #[test]
+    fn redirects_keep_what_they_do_not_change_and_elide_default_ports() {
+        let r = |scheme: Option<&str>, host: Option<&str>, port: Option<u16>| Redirect {
+            scheme: scheme.map(str::to_owned),
+            hostname: host.map(str::to_owned),
+            path: None,
+            port,
+            status: 302,
+        };
+        assert_eq!(
+            r(Some("https"), None, None).location("http", "web.shop:8080", 8080, "/a?b", None),
+            "https://web.shop/a?b"
+        );
+        assert_eq!(
+            r(None, Some("new.example"), None).location("http", "web.shop:8080", 8080, "/a", None),
+            "http://new.example:8080/a"
+        );
+        assert_eq!(
+            r(None, None, Some(80)).location("http", "web.shop:8080", 8080, "/a", None),
+            "http://web.shop/a"
+        );
+        assert_eq!(
+            r(Some("https"), None, Some(8443)).location("http", "web.shop", 80, "/", None),
+            "https://web.shop:8443/"
+        );
+        let with_path = Redirect {
+            path: Some(PathRewrite::Prefix("/v2".into())),
+            ..r(None, None, None)
+        };
+        assert_eq!(
+            with_path.location("http", "web.shop", 80, "/v1/items", Some("/v1")),
+            "http://web.shop/v2/items"
+        );
     }
 }

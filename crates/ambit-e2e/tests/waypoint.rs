@@ -1446,6 +1446,17 @@ spec:
     - type: RequestHeaderModifier
       requestHeaderModifier: {set: [{name: x-forwarded-for, value: rewritten}]}
     backendRefs: [{name: echo, port: 80, weight: 0}, {name: echo-v2, port: 80, weight: 3}]
+  - name: moved
+    matches: [{path: {type: PathPrefix, value: /old}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}
+  - name: rewritten
+    matches: [{path: {type: PathPrefix, value: /v1}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {hostname: rewritten.demo, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    backendRefs: [{name: echo, port: 80}]
   - name: plain
     matches: [{path: {type: PathPrefix, value: /plain}}]
     filters:
@@ -1498,6 +1509,24 @@ spec:
     let (status, _, body) = ask("/plain/x", false).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(field(&body, "xff"), "rewritten", "{body}");
+    // URLRewrite: the endpoint sees the new host and the prefix replaced.
+    let (status, _, body) = ask("/v1/items?x=1", false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(field(&body, "path"), "/v2/items", "{body}");
+    assert_eq!(field(&body, "host"), "rewritten.demo", "{body}");
+    // RequestRedirect: answered by the waypoint, the prefix replaced, the query kept.
+    let mut redirect = h1(&s.mesh, ECHO_VIP).await;
+    let resp = redirect
+        .send_request(
+            Request::get("/old/page?y=2")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(resp.headers()["location"], "http://echo.demo/new/page?y=2");
     // The rule's timeout: 504 well before the endpoint's 2 s answer.
     let started = std::time::Instant::now();
     let (status, _, _) = ask("/slow", false).await;

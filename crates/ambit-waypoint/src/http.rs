@@ -373,11 +373,23 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
     // Routes, policies and the endpoint see the same, normalized path.
     let normalized = crate::headers::normalize_path(&sent_path);
     let path = normalized.clone().unwrap_or_else(|_| sent_path.clone());
+    let request_host = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
     let choice = if normalized.is_ok() {
         routing::choose(
             &shared,
             &conn.client,
             &conn.target,
+            &request_host,
             &ambit_core::http_route::RequestFacts {
                 method: req.method().as_str(),
                 path_and_query: &path,
@@ -415,17 +427,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         &facts(&conn.client, target, destination.as_deref(), protocol),
         "-",
     );
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            req.headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let authority = request_host.clone();
     // One host: the request target's authority when it has one, else `Host`; the
     // endpoint gets the same.
     if let Some(a) = req.uri().authority().cloned() {
@@ -545,6 +547,24 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                 Some("no rule of the service's routes matches the request".into()),
             );
         }
+        Some(Choice::Redirect {
+            route,
+            rule,
+            status,
+            location,
+        }) => {
+            report.route = route;
+            report.rule = rule;
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND);
+            let mut resp = local(report, status, "", "-", None);
+            match HeaderValue::from_str(&location) {
+                Ok(v) => {
+                    resp.headers_mut().insert(http::header::LOCATION, v);
+                }
+                Err(_) => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
+            }
+            return resp;
+        }
         Some(Choice::Invalid { route, rule, why }) => {
             report.route = route;
             report.rule = rule;
@@ -560,9 +580,32 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
     }
 
     let (mut parts, body) = req.into_parts();
+    // URLRewrite: the backend sees the rewritten host and path.
+    let path = routed
+        .as_ref()
+        .and_then(|r| r.path_and_query.clone())
+        .unwrap_or(path);
     if let Some(r) = &routed {
         for m in &r.request_headers {
             m.apply(&mut parts.headers);
+        }
+        if let Some(h) = &r.host
+            && let Ok(v) = HeaderValue::from_str(h)
+        {
+            match conn.protocol {
+                Protocol::Http1 => {
+                    parts.headers.insert(HOST, v);
+                }
+                Protocol::Http2 => {
+                    parts.headers.remove(HOST);
+                    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+                    uri.authority = h.parse().ok();
+                    if uri.scheme.is_none() {
+                        uri.scheme = Some(http::uri::Scheme::HTTP);
+                    }
+                    parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
+                }
+            }
         }
     }
     // The waypoint answers `Expect: 100-continue` itself (hyper sends the 100 when the

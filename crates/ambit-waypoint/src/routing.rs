@@ -27,6 +27,13 @@ pub(crate) enum Choice {
     },
     /// To a backend service.
     Backend(Box<Routed>),
+    /// Answered with a redirect (RequestRedirect).
+    Redirect {
+        route: String,
+        rule: String,
+        status: u16,
+        location: String,
+    },
 }
 
 #[derive(Debug)]
@@ -40,6 +47,9 @@ pub(crate) struct Routed {
     pub response_headers: Vec<HeaderModifier>,
     /// The shorter of the rule's request and backend timeouts.
     pub timeout: Option<Duration>,
+    /// URLRewrite: the host and the path (with query) the backend is sent.
+    pub host: Option<String>,
+    pub path_and_query: Option<String>,
 }
 
 /// Decides the route of a request for `target` from `client`.
@@ -47,6 +57,7 @@ pub(crate) fn choose(
     shared: &Shared,
     client: &Client,
     target: &Target,
+    host: &str,
     req: &RequestFacts<'_>,
 ) -> Choice {
     let state = shared.store.load();
@@ -76,13 +87,40 @@ pub(crate) fn choose(
         client.peer.identity.namespace(),
         req,
     );
-    let (route, rule) = match selected {
+    let (route, rule, matched_prefix) = match selected {
         Selected::NoRoutes => return Choice::AsAddressed,
         Selected::NoMatch => return Choice::NoMatch,
-        Selected::Rule { route, rule } => (route, rule),
+        Selected::Rule {
+            route,
+            rule,
+            matched_prefix,
+        } => (route, rule, matched_prefix),
     };
     let route_key = route.key.to_string();
     let rule_name = rule.name.clone();
+    if let Some(r) = &rule.redirect {
+        return Choice::Redirect {
+            route: route_key,
+            rule: rule_name,
+            status: r.status,
+            location: r.location(
+                "http",
+                host,
+                target.authority.port(),
+                req.path_and_query,
+                matched_prefix,
+            ),
+        };
+    }
+    let (host, path_and_query) = match &rule.rewrite {
+        Some(w) => (
+            w.hostname.clone(),
+            w.path
+                .as_ref()
+                .map(|p| p.apply(req.path_and_query, matched_prefix)),
+        ),
+        None => (None, None),
+    };
     let invalid = |why: String| Choice::Invalid {
         route: route_key.clone(),
         rule: rule_name.clone(),
@@ -133,6 +171,8 @@ pub(crate) fn choose(
             .cloned()
             .collect(),
         timeout,
+        host,
+        path_and_query,
     }))
 }
 

@@ -644,6 +644,59 @@ pub fn waypoint_route(
                 response_headers: modifier(b.response_headers)?,
             });
         }
+        let path_rewrite =
+            |p: Option<pb_wp::PathRewrite>| -> Result<Option<hr::PathRewrite>, String> {
+                let Some(p) = p else { return Ok(None) };
+                if !p.value.starts_with('/') || p.value.contains(['?', '#']) {
+                    return Err(format!(
+                        "path {:?} must start with / and hold no query",
+                        p.value
+                    ));
+                }
+                match pb_wp::path_rewrite::Kind::try_from(p.kind) {
+                    Ok(pb_wp::path_rewrite::Kind::Full) => Ok(Some(hr::PathRewrite::Full(p.value))),
+                    Ok(pb_wp::path_rewrite::Kind::Prefix) => {
+                        Ok(Some(hr::PathRewrite::Prefix(p.value)))
+                    }
+                    Err(_) => Err(format!("unknown path rewrite kind {}", p.kind)),
+                }
+            };
+        let hostname = |h: String| -> Result<Option<String>, String> {
+            if h.is_empty() {
+                return Ok(None);
+            }
+            http::HeaderValue::from_str(&h).map_err(|_| format!("{h:?} is not a hostname"))?;
+            Ok(Some(h))
+        };
+        let redirect = match rule.redirect {
+            None => None,
+            Some(r) => {
+                if !matches!(r.status_code, 301 | 302 | 303 | 307 | 308) {
+                    return Err(format!("redirect status {}", r.status_code));
+                }
+                Some(hr::Redirect {
+                    scheme: match r.scheme.as_str() {
+                        "" => None,
+                        "http" | "https" => Some(r.scheme),
+                        other => return Err(format!("redirect scheme {other:?}")),
+                    },
+                    hostname: hostname(r.hostname)?,
+                    path: path_rewrite(r.path)?,
+                    port: match r.port {
+                        0 => None,
+                        p => Some(port(p, "redirect")?),
+                    },
+                    status: r.status_code as u16,
+                })
+            }
+        };
+        let rewrite = match rule.rewrite {
+            None => None,
+            Some(r) => Some(hr::Rewrite {
+                hostname: hostname(r.hostname)?,
+                path: path_rewrite(r.path)?,
+            }),
+        };
         rules.push(hr::Rule {
             name: rule.name,
             matches,
@@ -652,6 +705,8 @@ pub fn waypoint_route(
             response_headers: modifier(rule.response_headers)?,
             request_timeout: ms(rule.request_timeout_ms),
             backend_timeout: ms(rule.backend_timeout_ms),
+            redirect,
+            rewrite,
         });
     }
     Ok(hr::HttpRoute {

@@ -268,7 +268,30 @@ fn translate_rule(
         }
     }
     let mut broken = None;
+    let prefix_matched = !rule.matches.is_empty()
+        && rule.matches.iter().all(|m| {
+            m.path
+                .as_ref()
+                .is_none_or(|p| p.kind.as_deref().unwrap_or("PathPrefix") == "PathPrefix")
+        });
     for f in &rule.filters {
+        match f.get("type").and_then(|t| t.as_str()) {
+            Some("RequestRedirect") => {
+                match redirect_filter(f.get("requestRedirect"), prefix_matched) {
+                    Ok(r) => out.redirect = Some(r),
+                    Err(e) => broken = Some(e),
+                }
+                continue;
+            }
+            Some("URLRewrite") => {
+                match rewrite_filter(f.get("urlRewrite"), prefix_matched) {
+                    Ok(r) => out.rewrite = Some(r),
+                    Err(e) => broken = Some(e),
+                }
+                continue;
+            }
+            _ => {}
+        }
         match header_filter(f) {
             Ok(Some((response, modifier))) => {
                 if response {
@@ -426,6 +449,108 @@ fn check_regex(r: &str) -> Result<(), String> {
     regex::Regex::new(&format!("^(?:{r})$"))
         .map(|_| ())
         .map_err(|e| format!("regular expression {r:?}: {e}"))
+}
+
+/// A path modifier of a redirect or rewrite: `ReplaceFullPath` or `ReplacePrefixMatch`
+/// (only on rules whose every match is a path prefix, as the specification requires).
+fn path_modifier(
+    v: Option<&serde_json::Value>,
+    filter: &str,
+    prefix_matched: bool,
+) -> Result<Option<pb::PathRewrite>, String> {
+    let Some(v) = v else { return Ok(None) };
+    use pb::path_rewrite::Kind;
+    let (kind, field) = match v.get("type").and_then(|t| t.as_str()) {
+        Some("ReplaceFullPath") => (Kind::Full, "replaceFullPath"),
+        Some("ReplacePrefixMatch") => (Kind::Prefix, "replacePrefixMatch"),
+        other => {
+            return Err(format!(
+                "{filter}: path type {other:?} (known: ReplaceFullPath, ReplacePrefixMatch)"
+            ));
+        }
+    };
+    if kind == Kind::Prefix && !prefix_matched {
+        return Err(format!(
+            "{filter}: ReplacePrefixMatch needs every match of the rule to be a PathPrefix"
+        ));
+    }
+    let value = v
+        .get(field)
+        .and_then(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    if !value.starts_with('/') || value.contains(['?', '#']) || value.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "{filter}: path {value:?} must start with / and hold no query"
+        ));
+    }
+    Ok(Some(pb::PathRewrite {
+        kind: kind as i32,
+        value,
+    }))
+}
+
+fn hostname_of(v: Option<&serde_json::Value>, filter: &str) -> Result<String, String> {
+    let h = v.and_then(|h| h.as_str()).unwrap_or_default();
+    if h.is_empty()
+        || http::uri::Authority::try_from(h).is_ok_and(|a| a.port().is_none() && a.as_str() == h)
+    {
+        Ok(h.to_lowercase())
+    } else {
+        Err(format!("{filter}: {h:?} is not a hostname"))
+    }
+}
+
+fn redirect_filter(
+    spec: Option<&serde_json::Value>,
+    prefix_matched: bool,
+) -> Result<pb::Redirect, String> {
+    let empty = serde_json::Value::Null;
+    let spec = spec.unwrap_or(&empty);
+    let scheme = spec
+        .get("scheme")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_lowercase();
+    if !matches!(scheme.as_str(), "" | "http" | "https") {
+        return Err(format!(
+            "RequestRedirect: scheme {scheme:?} (known: http, https)"
+        ));
+    }
+    let status_code = match spec.get("statusCode").and_then(|v| v.as_u64()) {
+        None => 302,
+        Some(c @ (301 | 302 | 303 | 307 | 308)) => c as u32,
+        Some(c) => {
+            return Err(format!(
+                "RequestRedirect: statusCode {c} (known: 301, 302, 303, 307, 308)"
+            ));
+        }
+    };
+    let port = match spec.get("port").and_then(|v| v.as_u64()) {
+        None => 0,
+        Some(p @ 1..=65535) => p as u32,
+        Some(p) => return Err(format!("RequestRedirect: port {p} is out of range")),
+    };
+    Ok(pb::Redirect {
+        scheme,
+        hostname: hostname_of(spec.get("hostname"), "RequestRedirect")?,
+        path: path_modifier(spec.get("path"), "RequestRedirect", prefix_matched)?,
+        port,
+        status_code,
+    })
+}
+
+fn rewrite_filter(
+    spec: Option<&serde_json::Value>,
+    prefix_matched: bool,
+) -> Result<pb::Rewrite, String> {
+    let empty = serde_json::Value::Null;
+    let spec = spec.unwrap_or(&empty);
+    Ok(pb::Rewrite {
+        hostname: hostname_of(spec.get("hostname"), "URLRewrite")?,
+        path: path_modifier(spec.get("path"), "URLRewrite", prefix_matched)?,
+    })
 }
 
 /// A RequestHeaderModifier (`false`) or ResponseHeaderModifier (`true`); `Err` for a

@@ -799,3 +799,42 @@ spec:
     let w = &t.warnings()["GRPCRoute demo/canary"];
     assert!(w.iter().any(|w| w.contains("cannot hold a /")), "{w:?}");
 }
+
+#[test]
+fn redirects_and_rewrites_are_checked_where_they_are_written() {
+    let text = format!(
+        "{BASE}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r, namespace: demo}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: echo}}]
+  rules:
+  - name: ok
+    matches: [{{path: {{type: PathPrefix, value: /old}}}}]
+    filters: [{{type: RequestRedirect, requestRedirect: {{scheme: https, statusCode: 308, path: {{type: ReplacePrefixMatch, replacePrefixMatch: /new}}}}}}]
+  - name: exact-prefix
+    matches: [{{path: {{type: Exact, value: /x}}}}]
+    filters: [{{type: URLRewrite, urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /y}}}}}}]
+    backendRefs: [{{name: echo, port: 80}}]
+  - name: bad-status
+    filters: [{{type: RequestRedirect, requestRedirect: {{statusCode: 200}}}}]
+"
+    );
+    let m = model(1, &text);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let w = &t.warnings()["HTTPRoute demo/r"];
+    assert!(
+        w.iter().any(
+            |w| w.starts_with("exact-prefix: URLRewrite: ReplacePrefixMatch needs every match")
+        ),
+        "{w:?}"
+    );
+    assert!(
+        w.iter()
+            .any(|w| w.starts_with("bad-status: RequestRedirect: statusCode 200")),
+        "{w:?}"
+    );
+    assert!(!w.iter().any(|w| w.starts_with("ok:")), "{w:?}");
+}
