@@ -57,6 +57,28 @@ pub struct Rule {
     pub redirect: Option<Redirect>,
     /// URLRewrite: host and path as the backend sees them.
     pub rewrite: Option<Rewrite>,
+    pub retry: Option<Retry>,
+}
+
+/// When a request is tried again (only requests without a body: nothing to replay).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retry {
+    /// Response codes that are retried.
+    pub codes: Vec<u16>,
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    /// Before the first retry; doubled after each, at most 10 s.
+    pub backoff: Duration,
+}
+
+impl Retry {
+    /// The wait before retry number `n` (1-based).
+    pub fn wait(&self, n: u32) -> Duration {
+        let factor = 1u32 << n.saturating_sub(1).min(10);
+        self.backoff
+            .saturating_mul(factor)
+            .min(Duration::from_secs(10))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -727,5 +749,18 @@ mod tests {
             with_path.location("http", "web.shop", 80, "/v1/items", Some("/v1")),
             "http://web.shop/v2/items"
         );
+    }
+
+    #[test]
+    fn retry_waits_double_and_are_capped() {
+        let r = Retry {
+            codes: vec![503],
+            attempts: 3,
+            backoff: Duration::from_millis(100),
+        };
+        assert_eq!(r.wait(1), Duration::from_millis(100));
+        assert_eq!(r.wait(2), Duration::from_millis(200));
+        assert_eq!(r.wait(3), Duration::from_millis(400));
+        assert_eq!(r.wait(30), Duration::from_secs(10));
     }
 }

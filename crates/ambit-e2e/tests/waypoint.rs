@@ -1629,3 +1629,121 @@ spec:
     .await;
     assert_eq!(line["route"], "demo/grpc:methods", "{line}");
 }
+
+/// A server in echo-1 on `port` that answers its first `failures` requests 503, then
+/// `ok`; returns the count of requests it got.
+fn flaky_server(
+    mesh: &Mesh,
+    port: u16,
+    failures: usize,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let listener = mesh.pod("echo-1").listen(port).unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        let n = seen.fetch_add(1, Ordering::SeqCst);
+                        let mut resp =
+                            Response::new(full(if n < failures { "busy" } else { "ok" }));
+                        if n < failures {
+                            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(conn), service)
+                    .await;
+            });
+        }
+    });
+    count
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_retries_what_it_may_and_nothing_else() {
+    use std::sync::atomic::Ordering;
+    let s = setup().await;
+    let count = flaky_server(&s.mesh, 8082, 4);
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/routes.yaml"),
+        "apiVersion: v1
+kind: Service
+metadata: {name: flaky, namespace: demo}
+spec:
+  selector: {app: echo}
+  clusterIP: 198.19.0.12
+  ports: [{name: http, port: 80, targetPort: 8082}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: retries, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo}]
+  rules:
+  - retry: {codes: [503], attempts: 2, backoff: 10ms}
+    backendRefs: [{name: flaky, port: 80}]
+",
+    )
+    .unwrap();
+    eventually("the route at the waypoint", || {
+        s.waypoint.state().http_routes().count() == 1
+            && s.waypoint
+                .state()
+                .services()
+                .any(|s| s.name.as_ref() == "flaky")
+    })
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    // A request with a body cannot be replayed: tried once, the 503 goes back.
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(
+            Request::post("/write")
+                .header("host", "echo.demo")
+                .body(full("payload"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    // Without a body: tried, then retried twice, each answered 503 (the server fails
+    // its first four requests): the last 503 goes back after three attempts.
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(
+            Request::get("/read")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(count.load(Ordering::SeqCst), 4, "three attempts");
+    // The next one succeeds at once.
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(
+            Request::get("/read")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let line = logs::wait_access("the retried request", |v| {
+        v["path"] == "/read" && v["status"] == 503
+    })
+    .await;
+    assert_eq!(line["retries"], 2, "{line}");
+}

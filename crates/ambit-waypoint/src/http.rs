@@ -81,9 +81,10 @@ pub(crate) async fn serve<S>(
     }
 }
 
-/// The request body, counted as it streams upstream.
+/// The request body, counted as it streams upstream; `None` for a request without one
+/// (which can be sent again when retried).
 pub struct RequestBody {
-    inner: Incoming,
+    inner: Option<Incoming>,
     counted: Arc<AtomicU64>,
 }
 
@@ -95,7 +96,10 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
@@ -105,11 +109,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 
@@ -141,6 +147,8 @@ struct Report {
     /// The HTTPRoute (`<namespace>/<name>`) and rule that routed the request, if any.
     route: String,
     rule: String,
+    /// Times the request was sent again under the route's retry policy.
+    retries: u32,
     error: Option<String>,
     /// What the policies said, when it is worth a line: a denial, a dry-run verdict, a
     /// matching AUDIT policy.
@@ -215,6 +223,7 @@ impl Report {
             dst.service = %self.service,
             route = %self.route,
             route_rule = %self.rule,
+            retries = self.retries,
             request_id = %self.request_id,
             trace_id = %self.trace_id,
             authz = %self.authz,
@@ -479,6 +488,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             .as_ref()
             .map_or_else(String::new, |r| r.route.clone()),
         rule: routed.as_ref().map_or_else(String::new, |r| r.rule.clone()),
+        retries: 0,
         destination: destination
             .as_ref()
             .and_then(|w| w.identity())
@@ -630,16 +640,74 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
         }
     }
-    let upstream_req = Request::from_parts(
+    // A request without a body can be sent again: a route's retry applies to it.
+    let retry = routed
+        .as_ref()
+        .and_then(|r| r.retry.clone())
+        .filter(|_| body.is_end_stream() && downstream_upgrade.is_none());
+    let template = retry.as_ref().map(|_| {
+        let mut again = Request::new(());
+        *again.method_mut() = parts.method.clone();
+        *again.uri_mut() = parts.uri.clone();
+        *again.version_mut() = parts.version;
+        *again.headers_mut() = parts.headers.clone();
+        again.into_parts().0
+    });
+    let first = Request::from_parts(
         parts,
         RequestBody {
-            inner: body,
-            counted: request_bytes,
+            inner: Some(body),
+            counted: request_bytes.clone(),
         },
     );
-    let sent = upstream::send(&shared, &route, conn.protocol, upstream_req);
-    let sent = match routed.as_ref().and_then(|r| r.timeout) {
-        Some(limit) => match tokio::time::timeout(limit, sent).await {
+    let limit = routed.as_ref().and_then(|r| r.timeout);
+    let attempts = async {
+        let mut result = upstream::send(&shared, &route, conn.protocol, first).await;
+        let (Some(policy), Some(template)) = (&retry, &template) else {
+            return (result, 0);
+        };
+        let method_is_idempotent = matches!(
+            template.method,
+            http::Method::GET
+                | http::Method::HEAD
+                | http::Method::OPTIONS
+                | http::Method::PUT
+                | http::Method::DELETE
+        );
+        let mut retried = 0;
+        while retried < policy.attempts {
+            let again = match &result {
+                Ok((resp, _)) => policy.codes.contains(&resp.status().as_u16()),
+                // Never reached: safe to try elsewhere.
+                Err(UpstreamError::NoHealthy)
+                | Err(UpstreamError::Connect(_))
+                | Err(UpstreamError::Refused(_))
+                | Err(UpstreamError::Timeout(_)) => true,
+                // The endpoint may have acted on it: only what is safe to repeat.
+                Err(UpstreamError::Reset(_)) => method_is_idempotent,
+            };
+            if !again {
+                break;
+            }
+            retried += 1;
+            drop(result);
+            tokio::time::sleep(policy.wait(retried)).await;
+            let target = routed.as_ref().map_or(&conn.target, |r| &r.target);
+            let next = crate::serve::pick(&shared, target, conn.client.peer.local);
+            let mut req = Request::new(RequestBody {
+                inner: None,
+                counted: request_bytes.clone(),
+            });
+            *req.method_mut() = template.method.clone();
+            *req.uri_mut() = template.uri.clone();
+            *req.version_mut() = template.version;
+            *req.headers_mut() = template.headers.clone();
+            result = upstream::send(&shared, &next, conn.protocol, req).await;
+        }
+        (result, retried)
+    };
+    let (sent, retried) = match limit {
+        Some(limit) => match tokio::time::timeout(limit, attempts).await {
             Ok(r) => r,
             Err(_) => {
                 return local(
@@ -653,8 +721,11 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                 );
             }
         },
-        None => sent.await,
+        None => attempts.await,
     };
+    if retried > 0 {
+        report.retries = retried;
+    }
     match sent {
         Ok((mut resp, lease)) => {
             let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;

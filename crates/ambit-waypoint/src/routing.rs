@@ -50,6 +50,7 @@ pub(crate) struct Routed {
     /// URLRewrite: the host and the path (with query) the backend is sent.
     pub host: Option<String>,
     pub path_and_query: Option<String>,
+    pub retry: Option<ambit_core::http_route::Retry>,
 }
 
 /// Decides the route of a request for `target` from `client`.
@@ -173,6 +174,7 @@ pub(crate) fn choose(
         timeout,
         host,
         path_and_query,
+        retry: rule.retry.clone(),
     }))
 }
 

@@ -697,6 +697,27 @@ pub fn waypoint_route(
                 path: path_rewrite(r.path)?,
             }),
         };
+        let retry = match rule.retry {
+            None => None,
+            Some(r) => {
+                if r.attempts > 10 {
+                    return Err(format!("{} retries; at most 10", r.attempts));
+                }
+                too_many("retry codes", r.codes.len())?;
+                Some(hr::Retry {
+                    codes: r
+                        .codes
+                        .into_iter()
+                        .map(|c| match c {
+                            400..=599 => Ok(c as u16),
+                            _ => Err(format!("retry code {c}")),
+                        })
+                        .collect::<Result<_, _>>()?,
+                    attempts: r.attempts,
+                    backoff: std::time::Duration::from_millis(r.backoff_ms.min(10_000)),
+                })
+            }
+        };
         rules.push(hr::Rule {
             name: rule.name,
             matches,
@@ -707,6 +728,7 @@ pub fn waypoint_route(
             backend_timeout: ms(rule.backend_timeout_ms),
             redirect,
             rewrite,
+            retry,
         });
     }
     Ok(hr::HttpRoute {

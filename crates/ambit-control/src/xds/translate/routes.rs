@@ -322,10 +322,11 @@ fn translate_rule(
             }
         }
     }
-    if rule.retry.is_some() {
-        warnings.push(format!(
-            "{label}: retry is not supported yet; requests are tried once"
-        ));
+    if let Some(r) = &rule.retry {
+        match retry(r) {
+            Ok(r) => out.retry = Some(r),
+            Err(e) => warnings.push(format!("{label}: retry: {e}; requests are tried once")),
+        }
     }
     if rule.session_persistence.is_some() {
         warnings.push(format!(
@@ -449,6 +450,36 @@ fn check_regex(r: &str) -> Result<(), String> {
     regex::Regex::new(&format!("^(?:{r})$"))
         .map(|_| ())
         .map_err(|e| format!("regular expression {r:?}: {e}"))
+}
+
+/// The most retries a rule may ask for.
+pub const MAX_RETRIES: u64 = 10;
+
+/// `retry` (GEP-1731): `codes` (400-599), `attempts` (retries, default 1, at most 10),
+/// `backoff` (a duration).
+fn retry(v: &serde_json::Value) -> Result<pb::Retry, String> {
+    let mut out = pb::Retry {
+        attempts: 1,
+        ..Default::default()
+    };
+    if let Some(codes) = v.get("codes") {
+        for c in codes.as_array().ok_or("codes must be a list")? {
+            match c.as_u64() {
+                Some(c @ 400..=599) => out.codes.push(c as u32),
+                _ => return Err(format!("code {c} is not an HTTP error status (400-599)")),
+            }
+        }
+    }
+    if let Some(a) = v.get("attempts") {
+        match a.as_u64() {
+            Some(a) if a <= MAX_RETRIES => out.attempts = a as u32,
+            _ => return Err(format!("attempts {a}: 0 to {MAX_RETRIES}")),
+        }
+    }
+    if let Some(b) = v.get("backoff") {
+        out.backoff_ms = parse_duration(b.as_str().ok_or("backoff must be a duration string")?)?;
+    }
+    Ok(out)
 }
 
 /// A path modifier of a redirect or rewrite: `ReplaceFullPath` or `ReplacePrefixMatch`
