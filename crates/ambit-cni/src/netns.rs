@@ -141,6 +141,12 @@ fn candidates(search: &Search) -> Vec<PathBuf> {
     if let Some(proc) = &search.proc
         && let Ok(entries) = std::fs::read_dir(proc)
     {
+        // Only processes of the agent's own user namespace (the host's): anyone may make
+        // a network namespace inside a user namespace of their own, and put a pod's
+        // address in it to be taken for that pod. Pod sandboxes belong to the host's.
+        let own_user = std::fs::metadata("/proc/self/ns/user")
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
         let mut pids: Vec<u32> = entries
             .flatten()
             .filter_map(|e| e.file_name().to_str()?.parse().ok())
@@ -148,7 +154,14 @@ fn candidates(search: &Search) -> Vec<PathBuf> {
         pids.sort_unstable();
         out.extend(
             pids.into_iter()
-                .map(|pid| proc.join(pid.to_string()).join("ns/net")),
+                .map(|pid| proc.join(pid.to_string()))
+                .filter(|dir| {
+                    let user = std::fs::metadata(dir.join("ns/user"))
+                        .ok()
+                        .map(|m| (m.dev(), m.ino()));
+                    user.is_some() && user == own_user
+                })
+                .map(|dir| dir.join("ns/net")),
         );
     }
     out
@@ -237,5 +250,51 @@ mod tests {
         let e = i.lookup(&ips(&["198.18.0.9"])).unwrap_err();
         assert!(e.to_string().contains("refusing to guess"), "{e}");
         assert_eq!(i.lookup(&[]), Err(LookupError::NoAddress));
+    }
+
+    /// Runs `script` in new namespaces made by `unshare` with `flags`; it writes "ready"
+    /// when set up, then sleeps until killed.
+    fn spawn_in(flags: &[&str], script: &str) -> std::process::Child {
+        let mut child = std::process::Command::new("unshare")
+            .args(flags)
+            .args(["sh", "-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("this test needs root and util-linux's unshare (CI runs it as root)");
+        let mut out = child.stdout.take().unwrap();
+        let mut buf = [0u8; 5];
+        std::io::Read::read_exact(&mut out, &mut buf).expect("the namespace was not set up");
+        child
+    }
+
+    #[test]
+    fn a_network_namespace_of_a_foreign_user_namespace_is_never_taken_for_a_pod() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test needs root (network and user namespaces); CI runs it as root"
+        );
+        let ip = |last: u8| -> IpAddr { format!("198.18.251.{last}").parse().unwrap() };
+        let script = |last: u8| {
+            format!(
+                "ip link set lo up && ip addr add 198.18.251.{last}/32 dev lo && echo ready && exec sleep 60"
+            )
+        };
+        // A process in a network namespace of the host's user namespace: found.
+        let mut host_owned = spawn_in(&["--net"], &script(7));
+        // One whose network namespace belongs to a user namespace of its own: not found.
+        let mut foreign = spawn_in(&["--user", "--map-root-user", "--net"], &script(8));
+        let search = Search {
+            dirs: vec![],
+            proc: Some(PathBuf::from("/proc")),
+        };
+        let index = AddressIndex::scan(&search);
+        let found = index.lookup(&[ip(7)]);
+        let hidden = index.lookup(&[ip(8)]);
+        let _ = host_owned.kill();
+        let _ = foreign.kill();
+        let _ = host_owned.wait();
+        let _ = foreign.wait();
+        assert!(found.is_ok(), "{found:?}");
+        assert_eq!(hidden, Err(LookupError::NotFound("198.18.251.8".into())));
     }
 }
