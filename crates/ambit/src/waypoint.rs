@@ -438,6 +438,9 @@ struct Shown {
     services: Vec<String>,
     workloads: Vec<String>,
     policies: Vec<String>,
+    /// Routes it applies (`HTTPRoute ns/name`, `GRPCRoute ns/name`), each with what the
+    /// control plane found wrong in it.
+    routes: Vec<(String, Vec<String>)>,
 }
 
 /// The mesh as a control plane would read it from a cluster (every kind listed once).
@@ -470,6 +473,8 @@ fn list(args: ListArgs, detail: bool) -> anyhow::Result<ExitCode> {
         (None, kubeconfig) => cluster_model(kubeconfig.as_deref())?,
     };
     let options = translate::TranslateOptions::default();
+    let mut translator = translate::Translator::new(options.clone());
+    translator.full(&model);
     let mut shown = Vec::new();
     for o in model.of_kind(Kind::Gateway) {
         let Object::Gateway(g) = o else { continue };
@@ -551,7 +556,9 @@ fn list(args: ListArgs, detail: bool) -> anyhow::Result<ExitCode> {
             })
             .map(|p| format!("{}/{}", ns, p.metadata.name.as_str()))
             .collect();
+        let routes = routes_of(&translator, &format!("{ns}/{name}"));
         shown.push(Shown {
+            routes,
             takes: g
                 .metadata
                 .labels
@@ -638,6 +645,49 @@ fn list(args: ListArgs, detail: bool) -> anyhow::Result<ExitCode> {
         writeln!(out, "  services:  {}", list(&w.services))?;
         writeln!(out, "  workloads: {}", list(&w.workloads))?;
         writeln!(out, "  policies:  {}", list(&w.policies))?;
+        if w.routes.is_empty() {
+            writeln!(out, "  routes:    none")?;
+        }
+        for (route, findings) in &w.routes {
+            writeln!(out, "  route:     {route}")?;
+            for f in findings {
+                writeln!(out, "             ! {f}")?;
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The routes the control plane would send waypoint `key` (`<ns>/<name>`), with their
+/// warnings.
+fn routes_of(
+    translator: &ambit_control::xds::translate::Translator,
+    key: &str,
+) -> Vec<(String, Vec<String>)> {
+    use ambit_control::xds::translate::routes::GRPC_NAME_PREFIX;
+    use ambit_control::xds::translate::{
+        GRPC_ROUTE_WARNING_PREFIX, ROUTE_WARNING_PREFIX, ResourceType,
+    };
+    use ambit_proto::prost::Message;
+    let mut out = Vec::new();
+    for enc in translator.resources(ResourceType::WaypointRoute).values() {
+        let Ok(r) = ambit_proto::waypoint::Route::decode(&*enc.body) else {
+            continue;
+        };
+        if !r.waypoints.iter().any(|w| w == key) {
+            continue;
+        }
+        let (prefix, name) = match r.name.strip_prefix(GRPC_NAME_PREFIX) {
+            Some(n) => (GRPC_ROUTE_WARNING_PREFIX, n.to_owned()),
+            None => (ROUTE_WARNING_PREFIX, r.name.clone()),
+        };
+        let label = format!("{prefix}{}/{name}", r.namespace);
+        let findings = translator
+            .warnings()
+            .get(&label)
+            .cloned()
+            .unwrap_or_default();
+        out.push((label, findings));
+    }
+    out
 }

@@ -100,6 +100,28 @@ fn apply_declares_a_waypoint_the_control_plane_accepts_and_list_shows_it() {
     );
     assert!(text.contains("services:  demo/echo"), "{text}");
     assert!(text.contains("refused until a ready pod runs it"), "{text}");
+    assert!(text.contains("routes:    none"), "{text}");
+
+    // A route on the echo service: shown with what is wrong in it.
+    std::fs::write(
+        dir.path().join("route.yaml"),
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo}]
+  rules: [{name: split, backendRefs: [{name: echo, port: 80}, {name: echo-v9, port: 80}]}]
+",
+    )
+    .unwrap();
+    let status = ambit(&["waypoint", "status", "-n", "demo"], dir.path());
+    let text = stdout(&status);
+    assert!(text.contains("route:     HTTPRoute demo/canary"), "{text}");
+    assert!(
+        text.contains("! split: backend echo-v9: no Service demo/echo-v9"),
+        "{text}"
+    );
+    std::fs::remove_file(dir.path().join("route.yaml")).unwrap();
 
     // Applying again changes nothing.
     let again = ambit(
