@@ -384,10 +384,35 @@ fn handle(
     }
 }
 
+/// Connects to a unix socket, waiting (until `deadline`) while its listener's backlog is
+/// full rather than blocking without end as a plain connect does.
+fn connect_before(path: &Path, deadline: std::time::Instant) -> std::io::Result<UnixStream> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let addr = SockAddr::unix(path)?;
+    loop {
+        let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+        socket.set_nonblocking(true)?;
+        match socket.connect(&addr) {
+            Ok(()) => {
+                socket.set_nonblocking(false)?;
+                return Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)));
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// One request and one answer over the agent's socket.
 fn ask_agent(socket: &Path, pod: &PodEvent) -> Result<EventReply, String> {
     let unreachable = |e: std::io::Error| format!("node agent at {}: {e}", socket.display());
-    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    let mut stream =
+        connect_before(socket, std::time::Instant::now() + AGENT_TIMEOUT).map_err(unreachable)?;
     stream
         .set_read_timeout(Some(AGENT_TIMEOUT))
         .map_err(unreachable)?;
@@ -870,5 +895,31 @@ mod tests {
             std::fs::read_to_string(dir.path().join("10-x.conflist")).unwrap(),
             "garbage"
         );
+    }
+
+    #[test]
+    fn a_full_agent_backlog_is_waited_for_then_given_up_on() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        listener.listen(0).unwrap();
+        // Fill the backlog: the listener never accepts.
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            if let Ok(c) = connect_before(&path, std::time::Instant::now()) {
+                held.push(c);
+            }
+        }
+        let started = std::time::Instant::now();
+        let r = connect_before(&path, started + Duration::from_millis(300));
+        assert!(r.is_err(), "a full backlog is an error, not a hang");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(listener);
     }
 }

@@ -4,6 +4,7 @@
 // report to the operator there too.
 #![allow(clippy::print_stdout)]
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -123,7 +124,10 @@ pub fn run_plugin() -> ExitCode {
         &mut std::io::stdin().lock(),
         &ambit_kube::cni::PluginLookup,
     );
-    println!("{}", out.stdout);
+    // The runtime may have gone away: a closed stdout is not worth a panic.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{}", out.stdout);
+    let _ = stdout.flush();
     if out.success {
         ExitCode::SUCCESS
     } else {
