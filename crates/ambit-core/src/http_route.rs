@@ -31,6 +31,9 @@ pub struct HttpRoute {
     pub namespace: Str,
     pub parents: Vec<Parent>,
     pub rules: Vec<Rule>,
+    /// The first rule that matches is taken, in order (Istio's VirtualService), instead
+    /// of the Gateway API's precedence.
+    pub ordered: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +61,28 @@ pub struct Rule {
     /// URLRewrite: host and path as the backend sees them.
     pub rewrite: Option<Rewrite>,
     pub retry: Option<Retry>,
+    pub fault: Option<Fault>,
+}
+
+/// Fault injection: a share of requests delayed, a share answered with an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub delay: Option<(Duration, u32)>,
+    /// The status and share (per million); gRPC aborts answer the gRPC way.
+    pub abort: Option<(Abort, u32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    Http(u16),
+    Grpc(u32),
+}
+
+impl Fault {
+    /// Whether a request with `roll` (uniform in `0..1_000_000`) falls in a share.
+    pub fn hits(per_million: u32, roll: u32) -> bool {
+        roll < per_million
+    }
 }
 
 /// When a request is tried again (only requests without a body: nothing to replay).
@@ -205,6 +230,8 @@ pub struct Match {
 pub enum PathMatch {
     /// Without a trailing slash (`/` stays `/`).
     Prefix(String),
+    /// A plain string prefix (Istio's `uri.prefix`): `/api` also matches `/apis`.
+    StringPrefix(String),
     Exact(String),
     Regex(regex::Regex),
 }
@@ -335,6 +362,9 @@ impl Match {
         let (exact, prefix_len) = match &self.path {
             PathMatch::Exact(p) => (p == path).then_some((true, p.len()))?,
             PathMatch::Prefix(p) => prefix_matches(p, path).then_some((false, p.len()))?,
+            PathMatch::StringPrefix(p) => {
+                path.starts_with(p.as_str()).then_some((false, p.len()))?
+            }
             PathMatch::Regex(r) => r.is_match(path).then_some((false, 0))?,
         };
         if let Some(m) = &self.method
@@ -380,7 +410,7 @@ impl Rule {
             .iter()
             .filter_map(|m| {
                 let prefix = match &m.path {
-                    PathMatch::Prefix(p) => Some(p.as_str()),
+                    PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => Some(p.as_str()),
                     _ => None,
                 };
                 m.rank(req).map(|r| (r, prefix))
@@ -425,6 +455,21 @@ pub fn select<'a>(
         return Selected::NoRoutes;
     }
     used.sort_by(|a, b| a.key.cmp(&b.key));
+    if used.iter().any(|r| r.ordered) {
+        // In order: the first rule whose any clause matches.
+        for route in used {
+            for rule in &route.rules {
+                if let Some((_, matched_prefix)) = rule.rank(req) {
+                    return Selected::Rule {
+                        route,
+                        rule,
+                        matched_prefix,
+                    };
+                }
+            }
+        }
+        return Selected::NoMatch;
+    }
     let mut best: Option<(Rank, &HttpRoute, &Rule, Option<&str>)> = None;
     for route in used {
         for rule in &route.rules {
@@ -485,6 +530,7 @@ mod tests {
                 consumer,
             }],
             rules,
+            ordered: false,
         }
     }
 
@@ -762,5 +808,32 @@ mod tests {
         assert_eq!(r.wait(2), Duration::from_millis(200));
         assert_eq!(r.wait(3), Duration::from_millis(400));
         assert_eq!(r.wait(30), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn ordered_routes_take_the_first_matching_rule_and_plain_prefixes() {
+        let m = |p: PathMatch| Match {
+            path: p,
+            headers: vec![],
+            query: vec![],
+            method: None,
+        };
+        let mut r = route(
+            "shop/vs:web",
+            "shop",
+            false,
+            vec![
+                rule("first", vec![m(PathMatch::StringPrefix("/api".into()))]),
+                rule("exact", vec![m(PathMatch::Exact("/apis/x".into()))]),
+            ],
+        );
+        r.ordered = true;
+        let routes = vec![r];
+        // In order: the plain prefix `/api` matches `/apis/x` before the exact rule.
+        assert_eq!(
+            chosen(&routes, "any", "GET", "/apis/x", &[]),
+            "shop/vs:web:first"
+        );
+        assert_eq!(chosen(&routes, "any", "GET", "/other", &[]), "404");
     }
 }

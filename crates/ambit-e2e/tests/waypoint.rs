@@ -1747,3 +1747,106 @@ spec:
     .await;
     assert_eq!(line["retries"], 2, "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtualservice_injects_faults_and_routes_in_order() {
+    let s = setup().await;
+    named_server(&s.mesh, 8081, "v2");
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/routes.yaml"),
+        "apiVersion: v1
+kind: Service
+metadata: {name: echo-v2, namespace: demo}
+spec:
+  selector: {app: echo}
+  clusterIP: 198.19.0.11
+  ports: [{name: http, port: 80, targetPort: 8081}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: demo}
+spec:
+  hosts: [echo]
+  http:
+  - name: broken
+    match: [{uri: {prefix: /broken}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: echo}}]
+  - name: grpc-broken
+    match: [{uri: {prefix: /test.Echo/Fail}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE}}
+    route: [{destination: {host: echo}}]
+  - name: slow
+    match: [{uri: {prefix: /slowly}}]
+    fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}
+    route: [{destination: {host: echo}}]
+  - name: to-v2
+    match: [{uri: {prefix: /v}}]
+    route: [{destination: {host: echo-v2}}]
+  - name: default
+    route: [{destination: {host: echo}}]
+",
+    )
+    .unwrap();
+    eventually("the VirtualService at the waypoint", || {
+        s.waypoint.state().http_routes().count() == 1
+            && s.waypoint
+                .state()
+                .services()
+                .any(|s| s.name.as_ref() == "echo-v2")
+    })
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    let mut get = async |path: &str| {
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(
+                Request::get(path)
+                    .header("host", "echo.demo")
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = resp.status();
+        (status, text(resp).await)
+    };
+    // Aborted by the fault, never sent on.
+    let (status, body) = get("/broken/x").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::IM_A_TEAPOT, "fault filter abort")
+    );
+    // Delayed, then answered.
+    let started = std::time::Instant::now();
+    assert_eq!(get("/slowly").await.0, StatusCode::OK);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+    // In order, with plain prefixes: `/v` takes `/very/long` to v2.
+    assert_eq!(get("/very/long").await.1, "v2");
+    assert_eq!(field(&get("/other").await.1, "path"), "/other");
+    let line = logs::wait_access("the aborted request", |v| {
+        v["path"] == "/broken/x" && v["status"] == 418
+    })
+    .await;
+    assert_eq!(line["flags"], "FI", "{line}");
+    assert_eq!(line["route"], "demo/vs:echo", "{line}");
+    let line = logs::wait_access("the delayed request", |v| v["path"] == "/slowly").await;
+    assert_eq!(line["flags"], "DI", "{line}");
+    // A gRPC abort answers the gRPC way.
+    let mut h2send = h2(&s.mesh, ECHO_VIP).await;
+    let resp = h2send
+        .send_request(
+            Request::post("http://echo.demo/test.Echo/Fail")
+                .header("content-type", "application/grpc")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["grpc-status"], "14");
+}

@@ -60,7 +60,7 @@ pub struct Watched {
 }
 
 /// Everything the model holds, in the order it is listed at start.
-pub const WATCHED: [Watched; 13] = [
+pub const WATCHED: [Watched; 14] = [
     Watched {
         group: "",
         kind: Kind::Namespace,
@@ -124,6 +124,11 @@ pub const WATCHED: [Watched; 13] = [
     Watched {
         group: "gateway.networking.k8s.io",
         kind: Kind::GRPCRoute,
+        optional: true,
+    },
+    Watched {
+        group: "networking.istio.io",
+        kind: Kind::VirtualService,
         optional: true,
     },
 ];
@@ -400,10 +405,9 @@ impl KubeSource {
 
 /// Kinds of the mesh's API groups that users write and Ambit does not enforce yet: they
 /// are watched (names only) so that each one is reported, never silently ignored.
-pub const UNMODELLED: [(&str, &str); 3] = [
+pub const UNMODELLED: [(&str, &str); 2] = [
     ("security.istio.io", "RequestAuthentication"),
     ("networking.istio.io", "DestinationRule"),
-    ("networking.istio.io", "VirtualService"),
 ];
 
 /// Watches the names of one unmodelled kind (looking for it every `every` while the API

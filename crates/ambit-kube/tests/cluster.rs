@@ -1250,37 +1250,37 @@ async fn kinds_ambit_does_not_enforce_yet_are_reported_not_ignored() {
     install_crd(
         &client,
         "networking.istio.io",
-        "VirtualService",
-        "virtualservices",
+        "DestinationRule",
+        "destinationrules",
     )
     .await;
-    served(&client, "networking.istio.io", "VirtualService").await;
+    served(&client, "networking.istio.io", "DestinationRule").await;
     let env = Env::start().await;
     let resource = ApiResource {
         group: "networking.istio.io".into(),
         version: "v1".into(),
         api_version: "networking.istio.io/v1".into(),
-        kind: "VirtualService".into(),
-        plural: "virtualservices".into(),
+        kind: "DestinationRule".into(),
+        plural: "destinationrules".into(),
     };
     let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &resource);
     api.create(
         &PostParams::default(),
         &serde_json::from_value(json!({
-            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
             "metadata": {"name": "reviews"},
-            "spec": {"hosts": ["reviews"], "http": [{"fault": {"abort": {"httpStatus": 500, "percentage": {"value": 100}}}}]}
+            "spec": {"host": "reviews", "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}}}
         }))
         .unwrap(),
     )
     .await
     .unwrap();
     let wanted = format!(
-        "VirtualService {}/reviews: not enforced by Ambit yet",
+        "DestinationRule {}/reviews: not enforced by Ambit yet",
         env.ns
     );
     let mut status = env.cp.source_status();
-    eventually("the VirtualService reported", || {
+    eventually("the DestinationRule reported", || {
         let ignored = status.borrow_and_update().ignored.clone();
         let wanted = wanted.clone();
         async move { ignored.iter().any(|i| i.starts_with(&wanted)).then_some(()) }

@@ -589,6 +589,45 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         _ => {}
     }
 
+    // Fault injection: a share of requests delayed, a share answered with an error.
+    if let Some(fault) = routed.as_ref().and_then(|r| r.fault.clone()) {
+        use ambit_core::http_route::{Abort, Fault};
+        if let Some((delay, share)) = fault.delay
+            && Fault::hits(share, fastrand::u32(..1_000_000))
+        {
+            tokio::time::sleep(delay).await;
+            report.flags = "DI";
+        }
+        if let Some((abort, share)) = fault.abort
+            && Fault::hits(share, fastrand::u32(..1_000_000))
+        {
+            let why = Some("fault injection: aborted by the route".to_owned());
+            return match abort {
+                Abort::Http(code) => local(
+                    report,
+                    StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    "fault filter abort",
+                    "FI",
+                    why,
+                ),
+                Abort::Grpc(code) => {
+                    report.grpc_status = Some(Value::from(code.to_string().as_str()));
+                    let mut resp = local(report, StatusCode::OK, "", "FI", why);
+                    let headers = resp.headers_mut();
+                    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+                    if let Ok(v) = HeaderValue::from_str(&code.to_string()) {
+                        headers.insert("grpc-status", v);
+                    }
+                    headers.insert(
+                        "grpc-message",
+                        HeaderValue::from_static("fault filter abort"),
+                    );
+                    resp
+                }
+            };
+        }
+    }
+
     let (mut parts, body) = req.into_parts();
     // URLRewrite: the backend sees the rewritten host and path.
     let path = routed

@@ -51,6 +51,7 @@ pub(crate) struct Routed {
     pub host: Option<String>,
     pub path_and_query: Option<String>,
     pub retry: Option<ambit_core::http_route::Retry>,
+    pub fault: Option<ambit_core::http_route::Fault>,
 }
 
 /// Decides the route of a request for `target` from `client`.
@@ -175,6 +176,7 @@ pub(crate) fn choose(
         host,
         path_and_query,
         retry: rule.retry.clone(),
+        fault: rule.fault.clone(),
     }))
 }
 

@@ -619,6 +619,7 @@ pub fn waypoint_route(
                     })
                 }
                 Ok(pb_wp::path_match::Kind::Exact) => hr::PathMatch::Exact(p.value),
+                Ok(pb_wp::path_match::Kind::StringPrefix) => hr::PathMatch::StringPrefix(p.value),
                 Ok(pb_wp::path_match::Kind::Regex) => hr::PathMatch::Regex(
                     hr::full_match(&p.value)
                         .map_err(|e| format!("expression {:?}: {e}", p.value))?,
@@ -718,6 +719,48 @@ pub fn waypoint_route(
                 })
             }
         };
+        let fault = match rule.fault {
+            None => None,
+            Some(f) => {
+                let share = |n: u32| {
+                    if n > 1_000_000 {
+                        Err(format!("a fault share of {n} per million"))
+                    } else {
+                        Ok(n)
+                    }
+                };
+                let delay = (f.delay_ms > 0)
+                    .then(|| {
+                        share(f.delay_per_million).map(|s| {
+                            (
+                                std::time::Duration::from_millis(f.delay_ms.min(3_600_000)),
+                                s,
+                            )
+                        })
+                    })
+                    .transpose()?;
+                let abort = if f.abort_is_grpc {
+                    if f.abort_grpc_status > 16 {
+                        return Err(format!("gRPC status {}", f.abort_grpc_status));
+                    }
+                    Some((
+                        hr::Abort::Grpc(f.abort_grpc_status),
+                        share(f.abort_per_million)?,
+                    ))
+                } else if f.abort_http_status != 0 {
+                    if !(200..=599).contains(&f.abort_http_status) {
+                        return Err(format!("abort status {}", f.abort_http_status));
+                    }
+                    Some((
+                        hr::Abort::Http(f.abort_http_status as u16),
+                        share(f.abort_per_million)?,
+                    ))
+                } else {
+                    None
+                };
+                Some(hr::Fault { delay, abort })
+            }
+        };
         rules.push(hr::Rule {
             name: rule.name,
             matches,
@@ -729,6 +772,7 @@ pub fn waypoint_route(
             redirect,
             rewrite,
             retry,
+            fault,
         });
     }
     Ok(hr::HttpRoute {
@@ -736,6 +780,7 @@ pub fn waypoint_route(
         namespace: r.namespace.as_str().into(),
         parents,
         rules,
+        ordered: r.ordered,
     })
 }
 

@@ -41,10 +41,11 @@ pub enum Kind {
     HTTPRoute,
     EndpointSlice,
     GRPCRoute,
+    VirtualService,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -58,6 +59,7 @@ impl Kind {
         Kind::HTTPRoute,
         Kind::EndpointSlice,
         Kind::GRPCRoute,
+        Kind::VirtualService,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +77,7 @@ impl Kind {
             Kind::HTTPRoute => "HTTPRoute",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::GRPCRoute => "GRPCRoute",
+            Kind::VirtualService => "VirtualService",
         }
     }
 
@@ -125,6 +128,7 @@ pub enum Object {
     HttpRoute(Arc<HttpRoute>),
     EndpointSlice(Arc<EndpointSlice>),
     GrpcRoute(Arc<GrpcRoute>),
+    VirtualService(Arc<VirtualService>),
 }
 
 impl Object {
@@ -143,6 +147,7 @@ impl Object {
             Object::HttpRoute(_) => Kind::HTTPRoute,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::GrpcRoute(_) => Kind::GRPCRoute,
+            Object::VirtualService(_) => Kind::VirtualService,
         }
     }
 
@@ -161,6 +166,7 @@ impl Object {
             Object::HttpRoute(o) => &o.metadata,
             Object::EndpointSlice(o) => &o.metadata,
             Object::GrpcRoute(o) => &o.metadata,
+            Object::VirtualService(o) => &o.metadata,
         }
     }
 

@@ -325,6 +325,9 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
         ("gateway.networking.k8s.io", "HTTPRoute") => (Some(Kind::HTTPRoute), &["v1", "v1beta1"]),
         ("discovery.k8s.io", "EndpointSlice") => (Some(Kind::EndpointSlice), &["v1", "v1beta1"]),
         ("gateway.networking.k8s.io", "GRPCRoute") => (Some(Kind::GRPCRoute), &["v1", "v1alpha2"]),
+        ("networking.istio.io", "VirtualService") => {
+            (Some(Kind::VirtualService), &["v1", "v1beta1", "v1alpha3"])
+        }
         _ => (None, &[]),
     };
     let Some(model_kind) = model_kind else {
@@ -453,6 +456,11 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
             }
             checked(doc, problems)?;
             Object::Gateway(Arc::new(o))
+        }
+        Kind::VirtualService => {
+            let mut o: VirtualService = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::VirtualService(Arc::new(o))
         }
         Kind::GRPCRoute => {
             let mut o: GrpcRoute = typed(doc)?;

@@ -1189,3 +1189,38 @@ pub struct GrpcMethodMatch {
     #[serde(default)]
     pub method: Option<String>,
 }
+
+/// Istio `VirtualService`, for services bound to a waypoint: its `http` routes (matches,
+/// destinations, timeouts, retries, fault injection) are interpreted by the translation;
+/// what it cannot apply is reported.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualService {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
+    #[serde(default)]
+    pub spec: VirtualServiceSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// Kept as written; interpreted by the translation.
+    #[serde(default)]
+    pub http: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub tcp: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub tls: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+}

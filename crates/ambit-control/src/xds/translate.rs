@@ -48,6 +48,8 @@ pub use ambit_core::enrollment::DATAPLANE_MODE_LABEL;
 pub const ROUTE_WARNING_PREFIX: &str = "HTTPRoute ";
 /// How the warnings of GRPCRoutes are keyed.
 pub const GRPC_ROUTE_WARNING_PREFIX: &str = "GRPCRoute ";
+/// How the warnings of VirtualServices are keyed.
+pub const VS_WARNING_PREFIX: &str = "VirtualService ";
 /// Whether waypoints apply the routes they are sent.
 pub const ROUTES_APPLIED: bool = true;
 /// What an HTTPRoute does today.
@@ -170,6 +172,8 @@ enum Unit {
     Route(String, String),
     /// A GRPCRoute for waypoints.
     GrpcRoute(String, String),
+    /// A VirtualService for waypoints.
+    VirtualService(String, String),
 }
 
 /// Incremental translator.
@@ -250,6 +254,18 @@ impl Translator {
     fn affected(&self, model: &Model, old: &Model, key: &ObjectRef, out: &mut BTreeSet<Unit>) {
         // Routes resolve Services (parents, backends) and their waypoints (namespace
         // labels, Gateways): they are few, so any such change looks at all of them.
+        if matches!(
+            key.kind,
+            Kind::Service | Kind::Namespace | Kind::Gateway | Kind::HTTPRoute | Kind::GRPCRoute
+        ) {
+            // A VirtualService is refused where a route already routes its host.
+            for m in [model, old] {
+                for o in m.of_kind(Kind::VirtualService) {
+                    let k = o.key();
+                    out.insert(Unit::VirtualService(k.namespace, k.name));
+                }
+            }
+        }
         if matches!(key.kind, Kind::Service | Kind::Namespace | Kind::Gateway) {
             for m in [model, old] {
                 for o in m.of_kind(Kind::HTTPRoute) {
@@ -384,6 +400,9 @@ impl Translator {
             Kind::GRPCRoute => {
                 out.insert(Unit::GrpcRoute(ns, name));
             }
+            Kind::VirtualService => {
+                out.insert(Unit::VirtualService(ns, name));
+            }
             Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry => {}
         }
     }
@@ -463,22 +482,19 @@ impl Translator {
         match unit {
             // Several resources: [`Translator::translate_unit`].
             Unit::EndpointSlice(..) => None,
-            Unit::Route(ns, name) | Unit::GrpcRoute(ns, name) => {
-                let grpc = matches!(unit, Unit::GrpcRoute(..));
-                let prefix = if grpc {
-                    GRPC_ROUTE_WARNING_PREFIX
-                } else {
-                    ROUTE_WARNING_PREFIX
+            Unit::Route(ns, name) | Unit::GrpcRoute(ns, name) | Unit::VirtualService(ns, name) => {
+                let (prefix, kind) = match unit {
+                    Unit::GrpcRoute(..) => (GRPC_ROUTE_WARNING_PREFIX, Kind::GRPCRoute),
+                    Unit::VirtualService(..) => (VS_WARNING_PREFIX, Kind::VirtualService),
+                    _ => (ROUTE_WARNING_PREFIX, Kind::HTTPRoute),
                 };
                 let key = format!("{prefix}{ns}/{name}");
-                let kind = if grpc {
-                    Kind::GRPCRoute
-                } else {
-                    Kind::HTTPRoute
-                };
                 let translated = match model.lookup(kind, ns, name) {
                     Some(Object::HttpRoute(r)) => routes::translate(model, r, &self.options),
                     Some(Object::GrpcRoute(r)) => routes::translate_grpc(model, r, &self.options),
+                    Some(Object::VirtualService(r)) => {
+                        routes::translate_vs(model, r, &self.options)
+                    }
                     _ => {
                         self.warnings.remove(&key);
                         return None;
@@ -489,7 +505,7 @@ impl Translator {
                     warnings.insert(0, format!("NOT ENFORCED: {ROUTE_NOT_ENFORCED}"));
                 }
                 for w in &warnings {
-                    tracing::warn!(route = %format!("{ns}/{name}"), warning = %w, "HTTPRoute");
+                    tracing::warn!(route = %format!("{prefix}{ns}/{name}"), warning = %w, "route");
                 }
                 if warnings.is_empty() {
                     self.warnings.remove(&key);
@@ -641,6 +657,7 @@ fn units_of(object: &Object) -> Option<Unit> {
         Kind::EndpointSlice => Some(Unit::EndpointSlice(k.namespace, k.name)),
         Kind::HTTPRoute => Some(Unit::Route(k.namespace, k.name)),
         Kind::GRPCRoute => Some(Unit::GrpcRoute(k.namespace, k.name)),
+        Kind::VirtualService => Some(Unit::VirtualService(k.namespace, k.name)),
         _ => None,
     }
 }
@@ -1160,7 +1177,9 @@ pub fn unenforced_count(warnings: &BTreeMap<String, Vec<String>>) -> usize {
     warnings
         .iter()
         .filter(|(k, _)| {
-            !k.starts_with(ROUTE_WARNING_PREFIX) && !k.starts_with(GRPC_ROUTE_WARNING_PREFIX)
+            !k.starts_with(ROUTE_WARNING_PREFIX)
+                && !k.starts_with(GRPC_ROUTE_WARNING_PREFIX)
+                && !k.starts_with(VS_WARNING_PREFIX)
         })
         .filter(|(_, w)| w.iter().any(|m| m.starts_with("NOT ENFORCED")))
         .count()

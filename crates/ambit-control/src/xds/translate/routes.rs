@@ -49,6 +49,7 @@ pub fn translate(
         rules,
         waypoints,
         created: 0,
+        ordered: false,
     };
     (Some(route), warnings)
 }
@@ -130,8 +131,447 @@ pub fn translate_grpc(
         rules,
         waypoints,
         created: 0,
+        ordered: false,
     };
     (Some(route), warnings)
+}
+
+/// The prefix of a VirtualService's resource name (`<ns>/vs:<name>`).
+pub const VS_NAME_PREFIX: &str = "vs:";
+
+/// The Service a VirtualService host names (`reviews`, `reviews.shop`,
+/// `reviews.shop.svc.cluster.local`), looked up from namespace `ns`.
+fn vs_host<'a>(
+    model: &'a Model,
+    ns: &str,
+    host: &str,
+    o: &TranslateOptions,
+) -> Option<&'a crate::model::Service> {
+    let suffix = format!(".svc.{}", o.domain_suffix);
+    let short = host.strip_suffix(&suffix).unwrap_or(host);
+    let (name, namespace) = match short.split_once('.') {
+        Some((n, rest)) if !rest.contains('.') => (n, rest),
+        Some(_) => return None,
+        None => (short, ns),
+    };
+    match model.lookup(Kind::Service, namespace, name) {
+        Some(Object::Service(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// An Istio StringMatch (`exact`, `prefix`, `regex`) as a value match.
+fn vs_string(v: &serde_json::Value) -> Result<(bool, String), String> {
+    if let Some(e) = v.get("exact").and_then(|x| x.as_str()) {
+        return Ok((false, e.to_owned()));
+    }
+    if let Some(p) = v.get("prefix").and_then(|x| x.as_str()) {
+        return Ok((true, format!("{}.*", regex::escape(p))));
+    }
+    if let Some(r) = v.get("regex").and_then(|x| x.as_str()) {
+        check_regex(r)?;
+        return Ok((true, r.to_owned()));
+    }
+    Err(format!("{v} is not an exact, prefix or regex match"))
+}
+
+/// A VirtualService for waypoints: its `http` routes in order (the first that matches
+/// is taken, as in Istio) as the same route resource, with Istio's `timeout`, `retries`
+/// and `fault`. A service also routed by an HTTPRoute or GRPCRoute keeps those: mixing
+/// both on one host is refused, as Istio's ambient mode does.
+pub fn translate_vs(
+    model: &Model,
+    vs: &crate::model::VirtualService,
+    o: &TranslateOptions,
+) -> (Option<pb::Route>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let ns = vs.metadata.namespace();
+    if vs.spec.gateways.iter().any(|g| g != "mesh") {
+        warnings.push(
+            "NOT ENFORCED: Ambit serves `gateways: [mesh]` only (no ingress gateways)".to_owned(),
+        );
+        return (None, warnings);
+    }
+    if !vs.spec.tcp.is_empty() || !vs.spec.tls.is_empty() {
+        warnings
+            .push("tcp and tls routes are not supported; only http routes are applied".to_owned());
+    }
+    let mut parents = Vec::new();
+    let mut waypoints = Vec::new();
+    for host in &vs.spec.hosts {
+        let Some(svc) = vs_host(model, ns, host, o) else {
+            warnings.push(format!("NOT ENFORCED for host {host}: no such Service"));
+            continue;
+        };
+        let svc_ns = svc.metadata.namespace();
+        let routed_by_gateway_api = model
+            .of_kind(Kind::HTTPRoute)
+            .chain(model.of_kind(Kind::GRPCRoute))
+            .any(|r| {
+                let refs = match r {
+                    Object::HttpRoute(r) => &r.spec.parent_refs,
+                    Object::GrpcRoute(r) => &r.spec.parent_refs,
+                    _ => return false,
+                };
+                let route_ns = r.metadata().namespace();
+                refs.iter().any(|p| {
+                    p.kind.as_deref() == Some("Service")
+                        && p.name.as_str() == svc.metadata.name.as_str()
+                        && p.namespace.as_ref().map_or(route_ns, |n| n.as_str()) == svc_ns
+                })
+            });
+        if routed_by_gateway_api {
+            warnings.push(format!(
+                "NOT ENFORCED for host {host}: an HTTPRoute or GRPCRoute also routes Service {svc_ns}/{}; use one or the other",
+                svc.metadata.name
+            ));
+            continue;
+        }
+        let bound = waypoint(model, &svc.metadata, WaypointFor::Service, o);
+        let Some(w) = bound.as_ref().and_then(|g| gateway_of(g, o)) else {
+            warnings.push(format!(
+                "NOT ENFORCED for host {host}: Service {svc_ns}/{} is not bound to a waypoint (label it istio.io/use-waypoint=<waypoint>)",
+                svc.metadata.name
+            ));
+            continue;
+        };
+        waypoints.push(w);
+        parents.push(pb::RouteParent {
+            service: format!("{svc_ns}/{}", service_hostname(svc, o)),
+            port: 0,
+            consumer: svc_ns != ns,
+        });
+    }
+    let mut rules = Vec::new();
+    for (i, http) in vs.spec.http.iter().enumerate() {
+        let label = http
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map_or_else(|| format!("http[{i}]"), str::to_owned);
+        let (rule, w) = translate_vs_http(model, ns, &label, http, o);
+        warnings.extend(w);
+        rules.push(rule);
+    }
+    if parents.is_empty() {
+        return (None, warnings);
+    }
+    waypoints.sort();
+    waypoints.dedup();
+    let route = pb::Route {
+        name: format!("{VS_NAME_PREFIX}{}", vs.metadata.name.as_str()),
+        namespace: ns.to_owned(),
+        parents,
+        hostnames: Vec::new(),
+        rules,
+        waypoints,
+        created: 0,
+        ordered: true,
+    };
+    (Some(route), warnings)
+}
+
+/// Fields of an `http` route Ambit applies; any other makes the rule answer 500.
+const VS_HTTP_FIELDS: &[&str] = &["name", "match", "route", "timeout", "retries", "fault"];
+
+fn translate_vs_http(
+    model: &Model,
+    ns: &str,
+    label: &str,
+    http: &serde_json::Value,
+    o: &TranslateOptions,
+) -> (pb::RouteRule, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut out = pb::RouteRule {
+        name: http
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or_default()
+            .to_owned(),
+        ..Default::default()
+    };
+    let unsupported: Vec<&String> = http
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.keys())
+        .filter(|k| !VS_HTTP_FIELDS.contains(&k.as_str()))
+        .collect();
+    for m in http
+        .get("match")
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+    {
+        match vs_match(m) {
+            Ok(m) => out.matches.push(m),
+            Err(e) => {
+                warnings.push(format!(
+                    "{label}: a match is ignored (it matches nothing): {e}"
+                ));
+                out.matches.push(never());
+            }
+        }
+    }
+    if let Some(t) = http.get("timeout") {
+        match t.as_str().map(istio_duration) {
+            Some(Ok(ms)) => out.request_timeout_ms = ms,
+            _ => warnings.push(format!(
+                "{label}: timeout {t} is not a duration; not applied"
+            )),
+        }
+    }
+    if let Some(r) = http.get("retries") {
+        let attempts = r
+            .get("attempts")
+            .and_then(|a| a.as_u64())
+            .unwrap_or(2)
+            .min(MAX_RETRIES);
+        let mut codes = Vec::new();
+        for on in r
+            .get("retryOn")
+            .and_then(|x| x.as_str())
+            .unwrap_or("gateway-error,connect-failure,refused-stream")
+            .split(',')
+        {
+            match on.trim() {
+                "5xx" => codes.extend(500..=599),
+                "gateway-error" => codes.extend([502, 503, 504]),
+                "retriable-4xx" => codes.push(409),
+                "connect-failure" | "refused-stream" | "reset" | "" => {}
+                other => warnings.push(format!(
+                    "{label}: retryOn {other} is not supported; ignored"
+                )),
+            }
+        }
+        codes.sort_unstable();
+        codes.dedup();
+        if r.get("perTryTimeout").is_some() {
+            warnings.push(format!("{label}: retries.perTryTimeout is not supported; the route's timeout bounds every try"));
+        }
+        out.retry = Some(pb::Retry {
+            codes,
+            attempts: attempts as u32,
+            backoff_ms: 25,
+        });
+    }
+    if let Some(f) = http.get("fault") {
+        match vs_fault(f) {
+            Ok(f) => out.fault = Some(f),
+            Err(e) => {
+                warnings.push(format!(
+                    "{label}: fault: {e}; the rule answers its requests 500 until it is fixed"
+                ));
+                return (out, warnings);
+            }
+        }
+    }
+    if !unsupported.is_empty() {
+        warnings.push(format!(
+            "{label}: {} not supported yet; the rule answers its requests 500 until it is fixed",
+            unsupported
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        return (out, warnings);
+    }
+    let destinations: Vec<&serde_json::Value> = http
+        .get("route")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .collect();
+    let single = destinations.len() == 1;
+    for d in destinations {
+        let mut backend = pb::RouteBackend {
+            weight: d
+                .get("weight")
+                .and_then(|w| w.as_u64())
+                .map_or(if single { 100 } else { 0 }, |w| {
+                    w.min(u64::from(u32::MAX)) as u32
+                }),
+            ..Default::default()
+        };
+        let dest = d.get("destination").cloned().unwrap_or_default();
+        let host = dest
+            .get("host")
+            .and_then(|h| h.as_str())
+            .unwrap_or_default();
+        if dest.get("subset").is_some() {
+            warnings.push(format!("{label}: destination {host}: subsets (DestinationRule) are not supported yet; its share of requests is answered 500"));
+        } else {
+            match vs_host(model, ns, host, o) {
+                Some(svc) => {
+                    let port = dest
+                        .get("port")
+                        .and_then(|p| p.get("number"))
+                        .and_then(|n| n.as_u64())
+                        .and_then(|n| u32::try_from(n).ok())
+                        .or_else(|| (svc.spec.ports.len() == 1).then(|| u32::from(svc.spec.ports[0].port.0)));
+                    match port {
+                        Some(p) => {
+                            backend.service = format!("{}/{}", svc.metadata.namespace(), service_hostname(svc, o));
+                            backend.port = p;
+                        }
+                        None => warnings.push(format!("{label}: destination {host}: the Service has several ports; name one (port.number); its share of requests is answered 500")),
+                    }
+                }
+                None => warnings.push(format!("{label}: destination {host}: no such Service; its share of requests is answered 500")),
+            }
+        }
+        out.backends.push(backend);
+    }
+    (out, warnings)
+}
+
+fn vs_match(m: &serde_json::Value) -> Result<pb::RouteMatch, String> {
+    let mut out = pb::RouteMatch {
+        path: Some(pb::PathMatch {
+            kind: pb::path_match::Kind::StringPrefix as i32,
+            value: "/".into(),
+        }),
+        ..Default::default()
+    };
+    if let Some(uri) = m.get("uri") {
+        out.path = Some(if let Some(e) = uri.get("exact").and_then(|x| x.as_str()) {
+            pb::PathMatch {
+                kind: pb::path_match::Kind::Exact as i32,
+                value: e.to_owned(),
+            }
+        } else if let Some(p) = uri.get("prefix").and_then(|x| x.as_str()) {
+            pb::PathMatch {
+                kind: pb::path_match::Kind::StringPrefix as i32,
+                value: p.to_owned(),
+            }
+        } else if let Some(r) = uri.get("regex").and_then(|x| x.as_str()) {
+            check_regex(r)?;
+            pb::PathMatch {
+                kind: pb::path_match::Kind::Regex as i32,
+                value: r.to_owned(),
+            }
+        } else {
+            return Err(format!("uri {uri} is not an exact, prefix or regex match"));
+        });
+    }
+    for (field, lower, into) in [("headers", true, 0), ("queryParams", false, 1)] {
+        if let Some(map) = m.get(field).and_then(|h| h.as_object()) {
+            for (name, v) in map {
+                let (regex, value) = vs_string(v)?;
+                let vm = pb::ValueMatch {
+                    name: if lower {
+                        name.to_lowercase()
+                    } else {
+                        name.clone()
+                    },
+                    regex,
+                    value,
+                };
+                if into == 0 {
+                    out.headers.push(vm);
+                } else {
+                    out.query.push(vm);
+                }
+            }
+        }
+    }
+    if let Some(method) = m.get("method") {
+        match vs_string(method)? {
+            (false, e) => out.method = e.to_uppercase(),
+            (true, _) => return Err("a method match must be exact".into()),
+        }
+    }
+    for k in m.as_object().into_iter().flat_map(|m| m.keys()) {
+        if !matches!(
+            k.as_str(),
+            "name" | "uri" | "headers" | "queryParams" | "method"
+        ) {
+            return Err(format!("match field {k} is not supported"));
+        }
+    }
+    Ok(out)
+}
+
+/// Istio's `percentage.value` (0-100, fractions allowed) per million.
+fn per_million(v: Option<&serde_json::Value>) -> Result<u32, String> {
+    let pct = match v.and_then(|p| p.get("value")) {
+        None => 100.0,
+        Some(x) => x.as_f64().ok_or("percentage.value must be a number")?,
+    };
+    if !(0.0..=100.0).contains(&pct) {
+        return Err(format!("percentage {pct} is not between 0 and 100"));
+    }
+    Ok((pct * 10_000.0).round() as u32)
+}
+
+fn vs_fault(f: &serde_json::Value) -> Result<pb::Fault, String> {
+    let mut out = pb::Fault::default();
+    if let Some(d) = f.get("delay") {
+        let fixed = d
+            .get("fixedDelay")
+            .and_then(|x| x.as_str())
+            .ok_or("delay needs fixedDelay")?;
+        out.delay_ms = istio_duration(fixed)?;
+        out.delay_per_million = per_million(d.get("percentage"))?;
+    }
+    if let Some(a) = f.get("abort") {
+        out.abort_per_million = per_million(a.get("percentage"))?;
+        if let Some(s) = a.get("httpStatus").and_then(|s| s.as_u64()) {
+            if !(200..=599).contains(&s) {
+                return Err(format!("abort httpStatus {s}"));
+            }
+            out.abort_http_status = s as u32;
+        } else if let Some(g) = a.get("grpcStatus") {
+            let code = match g.as_str() {
+                Some(name) => grpc_code(name).ok_or(format!("unknown gRPC status {name}"))?,
+                None => g
+                    .as_u64()
+                    .filter(|c| *c <= 16)
+                    .ok_or("abort grpcStatus 0-16 or its name")? as u32,
+            };
+            out.abort_is_grpc = true;
+            out.abort_grpc_status = code;
+        } else {
+            return Err("abort needs httpStatus or grpcStatus".into());
+        }
+    }
+    Ok(out)
+}
+
+fn grpc_code(name: &str) -> Option<u32> {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    NAMES.iter().position(|n| *n == name).map(|i| i as u32)
+}
+
+/// Istio durations (protobuf Duration as a string: `5s`, `0.5s`, `100ms`, `1m`) to
+/// milliseconds.
+fn istio_duration(s: &str) -> Result<u64, String> {
+    if let Ok(ms) = parse_duration(s) {
+        return Ok(ms);
+    }
+    let secs = s
+        .strip_suffix('s')
+        .and_then(|n| n.parse::<f64>().ok())
+        .filter(|n| n.is_finite() && *n >= 0.0 && *n < 1e9)
+        .ok_or_else(|| format!("{s:?} is not a duration (examples: 5s, 0.5s, 100ms)"))?;
+    Ok((secs * 1000.0).round() as u64)
 }
 
 /// The HTTP path match of a gRPC method match.

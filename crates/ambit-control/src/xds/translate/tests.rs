@@ -838,3 +838,120 @@ spec:
     );
     assert!(!w.iter().any(|w| w.starts_with("ok:")), "{w:?}");
 }
+
+#[test]
+fn a_virtualservice_becomes_an_ordered_route_with_faults_and_is_refused_next_to_an_httproute() {
+    let gateway = "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo, labels: {istio.io/use-waypoint: wp}}
+spec: {selector: {app: echo}, clusterIP: 198.19.0.50, ports: [{name: http, port: 80}]}
+";
+    let vs = "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: demo}
+spec:
+  hosts: [web]
+  http:
+  - name: faulty
+    match: [{uri: {prefix: /api}, headers: {x-user: {exact: test}}}]
+    fault:
+      abort: {httpStatus: 503, percentage: {value: 50}}
+      delay: {fixedDelay: 0.5s, percentage: {value: 10.5}}
+    route: [{destination: {host: web}}]
+  - name: rest
+    timeout: 2s
+    retries: {attempts: 3, retryOn: 5xx,connect-failure}
+    route: [{destination: {host: web.demo.svc.cluster.local, port: {number: 80}}, weight: 90}, {destination: {host: web, subset: v2}, weight: 10}]
+  - name: mirrored
+    mirror: {host: web}
+    route: [{destination: {host: web}}]
+";
+    let m = model(1, &format!("{BASE}{gateway}{vs}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let enc = t
+        .resources(ResourceType::WaypointRoute)
+        .get("demo/vs:web")
+        .expect("the VirtualService's route");
+    let r = ambit_proto::waypoint::Route::decode(&*enc.body).unwrap();
+    assert!(r.ordered);
+    let faulty = &r.rules[0];
+    let path = faulty.matches[0].path.clone().unwrap();
+    assert_eq!(
+        (path.kind, path.value.as_str()),
+        (
+            ambit_proto::waypoint::path_match::Kind::StringPrefix as i32,
+            "/api"
+        )
+    );
+    let fault = faulty.fault.unwrap();
+    assert_eq!(
+        (fault.abort_http_status, fault.abort_per_million),
+        (503, 500_000)
+    );
+    assert_eq!((fault.delay_ms, fault.delay_per_million), (500, 105_000));
+    assert_eq!(
+        faulty.backends[0].weight, 100,
+        "a single destination takes every request"
+    );
+    let rest = &r.rules[1];
+    assert_eq!(rest.request_timeout_ms, 2000);
+    let retry = rest.retry.clone().unwrap();
+    assert_eq!(retry.attempts, 3);
+    assert!(retry.codes.contains(&503) && retry.codes.len() == 100);
+    assert_eq!(rest.backends[0].service, "demo/web.demo.svc.cluster.local");
+    assert!(
+        rest.backends[1].service.is_empty(),
+        "subsets need a DestinationRule"
+    );
+    assert!(
+        r.rules[2].backends.is_empty(),
+        "an unsupported field answers 500"
+    );
+    let w = &t.warnings()["VirtualService demo/web"];
+    assert!(
+        w.iter()
+            .any(|w| w.contains("subsets (DestinationRule) are not supported yet")),
+        "{w:?}"
+    );
+    assert!(
+        w.iter()
+            .any(|w| w.starts_with("mirrored: mirror not supported yet")),
+        "{w:?}"
+    );
+
+    // An HTTPRoute on the same Service: the VirtualService is refused for that host.
+    let route = "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+";
+    let m2 = model(2, &format!("{BASE}{gateway}{vs}{route}"));
+    t.apply(&m2, &m, &m2.changes_since(&m));
+    assert!(
+        t.resources(ResourceType::WaypointRoute)
+            .get("demo/vs:web")
+            .is_none()
+    );
+    assert!(
+        t.resources(ResourceType::WaypointRoute)
+            .get("demo/r")
+            .is_some()
+    );
+    let w = &t.warnings()["VirtualService demo/web"];
+    assert!(
+        w.iter()
+            .any(|w| w.contains("an HTTPRoute or GRPCRoute also routes")),
+        "{w:?}"
+    );
+}
