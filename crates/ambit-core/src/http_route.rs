@@ -62,6 +62,56 @@ pub struct Rule {
     pub rewrite: Option<Rewrite>,
     pub retry: Option<Retry>,
     pub fault: Option<Fault>,
+    pub cors: Option<Cors>,
+}
+
+/// The CORS filter (Gateway API GEP-1767).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cors {
+    pub allow_origins: Vec<String>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub allow_credentials: bool,
+    pub max_age: u32,
+}
+
+impl Cors {
+    /// Whether `origin` (a request's `Origin`) is allowed.
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allow_origins.iter().any(|o| {
+            if o == "*" {
+                return true;
+            }
+            if o.eq_ignore_ascii_case(origin) {
+                return true;
+            }
+            // `https://*.example`: one or more labels in front of `.example`.
+            let (Some((scheme, pattern)), Some((oscheme, host))) =
+                (o.split_once("://"), origin.split_once("://"))
+            else {
+                return false;
+            };
+            let Some(suffix) = pattern.strip_prefix('*') else {
+                return false;
+            };
+            scheme.eq_ignore_ascii_case(oscheme)
+                && host.len() > suffix.len()
+                && host
+                    .to_ascii_lowercase()
+                    .ends_with(&suffix.to_ascii_lowercase())
+        })
+    }
+
+    /// The `Access-Control-Allow-Origin` for an allowed `origin`: the origin itself,
+    /// unless any origin is allowed and credentials are not (then `*`).
+    pub fn allow_origin_value<'a>(&self, origin: &'a str) -> &'a str {
+        if !self.allow_credentials && self.allow_origins.iter().any(|o| o == "*") {
+            "*"
+        } else {
+            origin
+        }
+    }
 }
 
 /// Fault injection: a share of requests delayed, a share answered with an error.
@@ -835,5 +885,41 @@ mod tests {
             "shop/vs:web:first"
         );
         assert_eq!(chosen(&routes, "any", "GET", "/other", &[]), "404");
+    }
+
+    #[test]
+    fn cors_origins_match_exactly_by_wildcard_label_or_all() {
+        let c = Cors {
+            allow_origins: vec![
+                "https://app.example".into(),
+                "https://*.shop.example".into(),
+            ],
+            ..Cors::default()
+        };
+        assert!(c.allows("https://app.example"));
+        assert!(c.allows("https://a.shop.example"));
+        assert!(c.allows("https://a.b.shop.example"));
+        assert!(!c.allows("https://shop.example"));
+        assert!(!c.allows("http://a.shop.example"), "the scheme counts");
+        assert!(!c.allows("https://evil.example"));
+        assert!(!c.allows("https://app.example.evil"));
+        assert_eq!(
+            c.allow_origin_value("https://app.example"),
+            "https://app.example"
+        );
+        let any = Cors {
+            allow_origins: vec!["*".into()],
+            ..Cors::default()
+        };
+        assert!(any.allows("https://x.y"));
+        assert_eq!(any.allow_origin_value("https://x.y"), "*");
+        let with_credentials = Cors {
+            allow_credentials: true,
+            ..any
+        };
+        assert_eq!(
+            with_credentials.allow_origin_value("https://x.y"),
+            "https://x.y"
+        );
     }
 }

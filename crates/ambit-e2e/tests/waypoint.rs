@@ -1850,3 +1850,72 @@ spec:
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["grpc-status"], "14");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cors_filter_answers_preflights_and_marks_allowed_responses() {
+    let s = setup().await;
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/routes.yaml"),
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: cors, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo}]
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ['https://app.example', 'https://*.shop.example']
+        allowMethods: [GET, POST]
+        allowHeaders: [x-token]
+        exposeHeaders: [x-trace]
+        maxAge: 600
+        allowCredentials: true
+    backendRefs: [{name: echo, port: 80}]
+",
+    )
+    .unwrap();
+    eventually("the route at the waypoint", || {
+        s.waypoint.state().http_routes().count() == 1
+    })
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    let mut ask = async |method: &str, origin: &str, preflight: bool| {
+        send.ready().await.unwrap();
+        let mut req = Request::builder()
+            .method(method)
+            .uri("/items")
+            .header("host", "echo.demo")
+            .header("origin", origin);
+        if preflight {
+            req = req.header("access-control-request-method", "POST");
+        }
+        let resp = send
+            .send_request(req.body(full("")).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let h = resp.headers().clone();
+        let body = text(resp).await;
+        (status, h, body)
+    };
+    // An allowed origin's preflight: answered by the waypoint, never sent on.
+    let (status, h, body) = ask("OPTIONS", "https://a.shop.example", true).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "", "answered by the waypoint");
+    assert_eq!(h["access-control-allow-origin"], "https://a.shop.example");
+    assert_eq!(h["access-control-allow-methods"], "GET, POST");
+    assert_eq!(h["access-control-allow-headers"], "x-token");
+    assert_eq!(h["access-control-max-age"], "600");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    // Another origin: no CORS headers, so the browser refuses.
+    let (status, h, _) = ask("OPTIONS", "https://evil.example", true).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!h.contains_key("access-control-allow-origin"));
+    // A request from an allowed origin reaches the echo server and is marked.
+    let (status, h, body) = ask("GET", "https://app.example", false).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(field(&body, "path"), "/items");
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    assert_eq!(h["access-control-expose-headers"], "x-trace");
+}

@@ -589,6 +589,68 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         _ => {}
     }
 
+    // CORS: a preflight is answered here; an allowed origin's response gets the headers.
+    let mut cors_reply: Option<(ambit_core::http_route::Cors, String)> = None;
+    if let Some(cors) = routed.as_ref().and_then(|r| r.cors.clone())
+        && let Some(origin) = req
+            .headers()
+            .get(http::header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .map(str::to_owned)
+    {
+        let requested_method = req
+            .headers()
+            .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| m.to_str().ok())
+            .map(str::to_owned);
+        let allowed = cors.allows(&origin);
+        if req.method() == http::Method::OPTIONS
+            && let Some(method) = requested_method
+        {
+            let mut resp = local(report, StatusCode::OK, "", "-", None);
+            if allowed {
+                let requested_headers = req
+                    .headers()
+                    .get(http::header::ACCESS_CONTROL_REQUEST_HEADERS)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let h = resp.headers_mut();
+                cors_headers(h, &cors, &origin);
+                let methods = if cors.allow_methods.iter().any(|m| m == "*") {
+                    method
+                } else {
+                    cors.allow_methods.join(", ")
+                };
+                let headers = if cors.allow_headers.iter().any(|m| m == "*") {
+                    requested_headers
+                } else {
+                    cors.allow_headers.join(", ")
+                };
+                for (name, value) in [
+                    (http::header::ACCESS_CONTROL_ALLOW_METHODS, methods),
+                    (http::header::ACCESS_CONTROL_ALLOW_HEADERS, headers),
+                ] {
+                    if !value.is_empty()
+                        && let Ok(v) = HeaderValue::from_str(&value)
+                    {
+                        h.insert(name, v);
+                    }
+                }
+                if cors.max_age > 0 {
+                    h.insert(
+                        http::header::ACCESS_CONTROL_MAX_AGE,
+                        HeaderValue::from(cors.max_age),
+                    );
+                }
+            }
+            return resp;
+        }
+        if allowed {
+            cors_reply = Some((cors, origin));
+        }
+    }
+
     // Fault injection: a share of requests delayed, a share answered with an error.
     if let Some(fault) = routed.as_ref().and_then(|r| r.fault.clone()) {
         use ambit_core::http_route::{Abort, Fault};
@@ -795,6 +857,16 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                     m.apply(&mut parts.headers);
                 }
             }
+            if let Some((cors, origin)) = &cors_reply {
+                cors_headers(&mut parts.headers, cors, origin);
+                if !cors.expose_headers.is_empty()
+                    && let Ok(v) = HeaderValue::from_str(&cors.expose_headers.join(", "))
+                {
+                    parts
+                        .headers
+                        .insert(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+                }
+            }
             report.status = Some(parts.status);
             report.upstream_time = Some(started.elapsed());
             report.grpc_status = grpc_status(&parts.headers);
@@ -814,6 +886,24 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             e.flags(),
             Some(e.to_string()),
         ),
+    }
+}
+
+/// `Access-Control-Allow-Origin` (and `Vary: Origin` when it names the origin) and
+/// `Access-Control-Allow-Credentials` for an allowed origin.
+fn cors_headers(h: &mut HeaderMap, cors: &ambit_core::http_route::Cors, origin: &str) {
+    let value = cors.allow_origin_value(origin);
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(http::header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    if value != "*" {
+        h.append(http::header::VARY, HeaderValue::from_static("Origin"));
+    }
+    if cors.allow_credentials {
+        h.insert(
+            http::header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
     }
 }
 

@@ -52,6 +52,7 @@ pub(crate) struct Routed {
     pub path_and_query: Option<String>,
     pub retry: Option<ambit_core::http_route::Retry>,
     pub fault: Option<ambit_core::http_route::Fault>,
+    pub cors: Option<ambit_core::http_route::Cors>,
 }
 
 /// Decides the route of a request for `target` from `client`.
@@ -177,6 +178,7 @@ pub(crate) fn choose(
         path_and_query,
         retry: rule.retry.clone(),
         fault: rule.fault.clone(),
+        cors: rule.cors.clone(),
     }))
 }
 

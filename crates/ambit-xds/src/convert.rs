@@ -761,6 +761,36 @@ pub fn waypoint_route(
                 Some(hr::Fault { delay, abort })
             }
         };
+        let cors = match rule.cors {
+            None => None,
+            Some(c) => {
+                too_many(
+                    "CORS entries",
+                    c.allow_origins.len()
+                        + c.allow_methods.len()
+                        + c.allow_headers.len()
+                        + c.expose_headers.len(),
+                )?;
+                for v in c
+                    .allow_origins
+                    .iter()
+                    .chain(&c.allow_methods)
+                    .chain(&c.allow_headers)
+                    .chain(&c.expose_headers)
+                {
+                    http::HeaderValue::from_str(v)
+                        .map_err(|_| format!("CORS: {v:?} is not a header value"))?;
+                }
+                Some(hr::Cors {
+                    allow_origins: c.allow_origins,
+                    allow_methods: c.allow_methods,
+                    allow_headers: c.allow_headers,
+                    expose_headers: c.expose_headers,
+                    allow_credentials: c.allow_credentials,
+                    max_age: c.max_age,
+                })
+            }
+        };
         rules.push(hr::Rule {
             name: rule.name,
             matches,
@@ -773,6 +803,7 @@ pub fn waypoint_route(
             rewrite,
             retry,
             fault,
+            cors,
         });
     }
     Ok(hr::HttpRoute {

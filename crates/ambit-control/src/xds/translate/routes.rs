@@ -723,6 +723,13 @@ fn translate_rule(
                 }
                 continue;
             }
+            Some("CORS") => {
+                match cors_filter(f.get("cors")) {
+                    Ok(c) => out.cors = Some(c),
+                    Err(e) => broken = Some(e),
+                }
+                continue;
+            }
             Some("URLRewrite") => {
                 match rewrite_filter(f.get("urlRewrite"), prefix_matched) {
                     Ok(r) => out.rewrite = Some(r),
@@ -920,6 +927,57 @@ fn retry(v: &serde_json::Value) -> Result<pb::Retry, String> {
         out.backoff_ms = parse_duration(b.as_str().ok_or("backoff must be a duration string")?)?;
     }
     Ok(out)
+}
+
+/// The CORS filter (GEP-1767): origins exact, `*`, or with a wildcard first label.
+fn cors_filter(spec: Option<&serde_json::Value>) -> Result<pb::Cors, String> {
+    let empty = serde_json::Value::Null;
+    let spec = spec.unwrap_or(&empty);
+    let list = |key: &str| -> Result<Vec<String>, String> {
+        spec.get(key)
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .map(|v| {
+                v.as_str()
+                    .filter(|s| http::HeaderValue::from_str(s).is_ok() && !s.contains(','))
+                    .map(str::to_owned)
+                    .ok_or_else(|| format!("CORS: {key}: {v} is not a single header value"))
+            })
+            .collect()
+    };
+    let origins = list("allowOrigins")?;
+    for o in &origins {
+        let ok = o == "*"
+            || o.split_once("://").is_some_and(|(scheme, host)| {
+                matches!(scheme, "http" | "https")
+                    && !host.is_empty()
+                    && (!host.contains('*') || (host.starts_with("*.") && !host[2..].contains('*')))
+            });
+        if !ok {
+            return Err(format!(
+                "CORS: origin {o:?} (examples: https://a.example, https://*.example, *)"
+            ));
+        }
+    }
+    let max_age = match spec.get("maxAge") {
+        None => 0,
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| format!("CORS: maxAge {v} is not a number of seconds"))?,
+    };
+    Ok(pb::Cors {
+        allow_origins: origins,
+        allow_methods: list("allowMethods")?,
+        allow_headers: list("allowHeaders")?,
+        expose_headers: list("exposeHeaders")?,
+        allow_credentials: spec
+            .get("allowCredentials")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
+        max_age,
+    })
 }
 
 /// A path modifier of a redirect or rewrite: `ReplaceFullPath` or `ReplacePrefixMatch`
