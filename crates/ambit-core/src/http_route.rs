@@ -63,6 +63,17 @@ pub struct Rule {
     pub retry: Option<Retry>,
     pub fault: Option<Fault>,
     pub cors: Option<Cors>,
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A RequestMirror: a copy of a share of requests sent to another Service, its answer
+/// ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    /// `<namespace>/<hostname>`.
+    pub service: Str,
+    pub port: u16,
+    pub per_million: u32,
 }
 
 /// The CORS filter (Gateway API GEP-1767).

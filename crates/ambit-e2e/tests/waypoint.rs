@@ -1919,3 +1919,84 @@ spec:
     assert_eq!(h["access-control-allow-origin"], "https://app.example");
     assert_eq!(h["access-control-expose-headers"], "x-trace");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_mirror_copies_body_less_requests_in_the_background() {
+    use std::sync::atomic::Ordering;
+    let s = setup().await;
+    let mirrored = flaky_server(&s.mesh, 8082, 0);
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/routes.yaml"),
+        "apiVersion: v1
+kind: Service
+metadata: {name: shadow, namespace: demo}
+spec:
+  selector: {app: echo}
+  clusterIP: 198.19.0.12
+  ports: [{name: http, port: 80, targetPort: 8082}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirror, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo}]
+  rules:
+  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: shadow, port: 80}}
+    backendRefs: [{name: echo, port: 80}]
+",
+    )
+    .unwrap();
+    eventually("the route at the waypoint", || {
+        s.waypoint.state().http_routes().count() == 1
+            && s.waypoint
+                .state()
+                .services()
+                .any(|s| s.name.as_ref() == "shadow")
+    })
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(
+            Request::get("/seen")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(field(&text(resp).await, "path"), "/seen", "the main answer");
+    eventually("the copy at the mirror", || {
+        mirrored.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(
+            Request::post("/write")
+                .header("host", "echo.demo")
+                .body(full("data"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let page = s.waypoint.metrics_text();
+    assert_eq!(
+        sum(
+            &page,
+            "ambit_waypoint_mirrored_requests_total",
+            &[("reason", "skipped_body")]
+        ),
+        1.0,
+        "{page}"
+    );
+    assert_eq!(
+        mirrored.load(Ordering::SeqCst),
+        1,
+        "a request with a body is not mirrored"
+    );
+}

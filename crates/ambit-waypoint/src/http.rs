@@ -741,6 +741,52 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
         }
     }
+    // RequestMirror: a copy of a body-less request to each mirror, in the background,
+    // its answer dropped; never waited for.
+    if let Some(r) = &routed
+        && !r.mirrors.is_empty()
+    {
+        for m in &r.mirrors {
+            if !ambit_core::http_route::Fault::hits(m.per_million, fastrand::u32(..1_000_000)) {
+                continue;
+            }
+            if !body.is_end_stream() {
+                shared.metrics.mirrored("skipped_body");
+                continue;
+            }
+            let Some(to) = routing::mirror_target(&shared, &conn.client, m) else {
+                shared.metrics.mirrored("failed");
+                continue;
+            };
+            let mut copy = Request::new(RequestBody {
+                inner: None,
+                counted: Arc::new(AtomicU64::new(0)),
+            });
+            *copy.method_mut() = parts.method.clone();
+            *copy.uri_mut() = parts.uri.clone();
+            *copy.version_mut() = parts.version;
+            *copy.headers_mut() = parts.headers.clone();
+            // As Envoy marks a shadow: the host with `-shadow`.
+            if let Some(h) = copy.headers().get(HOST).and_then(|h| h.to_str().ok())
+                && let Ok(v) = HeaderValue::from_str(&format!("{h}-shadow"))
+            {
+                copy.headers_mut().insert(HOST, v);
+            }
+            let shared = shared.clone();
+            let protocol = conn.protocol;
+            tokio::spawn(async move {
+                let sent = tokio::time::timeout(
+                    std::time::Duration::from_secs(10),
+                    upstream::send(&shared, &to, protocol, copy),
+                )
+                .await;
+                shared.metrics.mirrored(match sent {
+                    Ok(Ok(_)) => "sent",
+                    _ => "failed",
+                });
+            });
+        }
+    }
     // A request without a body can be sent again: a route's retry applies to it.
     let retry = routed
         .as_ref()

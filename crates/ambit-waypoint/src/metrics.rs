@@ -48,6 +48,7 @@ pub struct Metrics {
     tcp_sent: Family<ConnLabels, Counter>,
     tcp_received: Family<ConnLabels, Counter>,
     refused: Family<ReasonLabel, Counter>,
+    mirrors: Family<ReasonLabel, Counter>,
     pub active_requests: Gauge,
     pub upstream_connections: Gauge,
     registry: Registry,
@@ -65,11 +66,17 @@ impl Default for Metrics {
             tcp_sent: Family::default(),
             tcp_received: Family::default(),
             refused: Family::default(),
+            mirrors: Family::default(),
             active_requests: Gauge::default(),
             upstream_connections: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut m.registry;
+        r.register(
+            "ambit_waypoint_mirrored_requests",
+            "Requests copied by a RequestMirror, by outcome: sent, failed, skipped_body (requests with a body are not mirrored)",
+            m.mirrors.clone(),
+        );
         r.register(
             "istio_requests",
             "Requests the waypoint proxied",
@@ -161,6 +168,10 @@ impl Metrics {
     }
 
     /// A tunnel refused before any byte reached a destination.
+    pub fn mirrored(&self, reason: &'static str) {
+        self.mirrors.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
     pub fn refused(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabel { reason }).inc();
     }

@@ -53,6 +53,7 @@ pub(crate) struct Routed {
     pub retry: Option<ambit_core::http_route::Retry>,
     pub fault: Option<ambit_core::http_route::Fault>,
     pub cors: Option<ambit_core::http_route::Cors>,
+    pub mirrors: Vec<ambit_core::http_route::Mirror>,
 }
 
 /// Decides the route of a request for `target` from `client`.
@@ -179,6 +180,7 @@ pub(crate) fn choose(
         retry: rule.retry.clone(),
         fault: rule.fault.clone(),
         cors: rule.cors.clone(),
+        mirrors: rule.mirrors.clone(),
     }))
 }
 
@@ -191,4 +193,22 @@ fn vip(shared: &Shared, service: &Arc<Service>) -> Option<std::net::IpAddr> {
         .find(|v| v.network.as_ref() == network.as_str())
         .or_else(|| service.vips.first())
         .map(|v| v.address)
+}
+
+/// Where a mirrored copy goes: the mirror Service's VIP and port, and the endpoint
+/// chosen there; `None` when the waypoint does not know the Service.
+pub(crate) fn mirror_target(
+    shared: &Shared,
+    client: &Client,
+    mirror: &ambit_core::http_route::Mirror,
+) -> Option<Route> {
+    let state = shared.store.load();
+    let service = state.service(&mirror.service).cloned()?;
+    let vip = vip(shared, &service)?;
+    let target = Target {
+        authority: SocketAddr::new(vip, mirror.port),
+        service: Some(service),
+        workload: None,
+    };
+    Some(crate::serve::pick(shared, &target, client.peer.local))
 }

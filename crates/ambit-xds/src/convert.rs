@@ -791,6 +791,21 @@ pub fn waypoint_route(
                 })
             }
         };
+        too_many("mirrors", rule.mirrors.len())?;
+        let mirrors = rule
+            .mirrors
+            .into_iter()
+            .map(|m| {
+                if m.per_million > 1_000_000 || m.service.is_empty() {
+                    return Err(format!("mirror to {:?}", m.service));
+                }
+                Ok(hr::Mirror {
+                    service: m.service.as_str().into(),
+                    port: port(m.port, "mirror")?,
+                    per_million: m.per_million,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
         rules.push(hr::Rule {
             name: rule.name,
             matches,
@@ -804,6 +819,7 @@ pub fn waypoint_route(
             retry,
             fault,
             cors,
+            mirrors,
         });
     }
     Ok(hr::HttpRoute {

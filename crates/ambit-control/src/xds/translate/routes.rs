@@ -723,6 +723,13 @@ fn translate_rule(
                 }
                 continue;
             }
+            Some("RequestMirror") => {
+                match mirror_filter(model, ns, f.get("requestMirror"), o) {
+                    Ok(m) => out.mirrors.push(m),
+                    Err(e) => warnings.push(format!("{label}: RequestMirror: {e}; not mirrored")),
+                }
+                continue;
+            }
             Some("CORS") => {
                 match cors_filter(f.get("cors")) {
                     Ok(c) => out.cors = Some(c),
@@ -927,6 +934,44 @@ fn retry(v: &serde_json::Value) -> Result<pb::Retry, String> {
         out.backoff_ms = parse_duration(b.as_str().ok_or("backoff must be a duration string")?)?;
     }
     Ok(out)
+}
+
+/// A RequestMirror: its backend (a Service of the route's namespace) and its share
+/// (`percent`, or `fraction` numerator/denominator; all by default).
+fn mirror_filter(
+    model: &Model,
+    ns: &str,
+    spec: Option<&serde_json::Value>,
+    o: &TranslateOptions,
+) -> Result<pb::Mirror, String> {
+    let spec = spec.ok_or("no requestMirror")?;
+    let b = spec.get("backendRef").ok_or("no backendRef")?;
+    let backend: crate::model::HttpBackendRef =
+        serde_json::from_value(b.clone()).map_err(|e| format!("backendRef: {e}"))?;
+    let (service, port) = resolve_backend(model, ns, &backend, o)?;
+    let per_million = if let Some(p) = spec.get("percent") {
+        match p.as_u64() {
+            Some(p @ 0..=100) => (p * 10_000) as u32,
+            _ => return Err(format!("percent {p} is not 0 to 100")),
+        }
+    } else if let Some(f) = spec.get("fraction") {
+        let num = f
+            .get("numerator")
+            .and_then(|n| n.as_u64())
+            .ok_or("fraction without numerator")?;
+        let den = f.get("denominator").and_then(|n| n.as_u64()).unwrap_or(100);
+        if den == 0 || num > den {
+            return Err(format!("fraction {num}/{den}"));
+        }
+        (num * 1_000_000 / den) as u32
+    } else {
+        1_000_000
+    };
+    Ok(pb::Mirror {
+        service,
+        port,
+        per_million,
+    })
 }
 
 /// The CORS filter (GEP-1767): origins exact, `*`, or with a wildcard first label.
