@@ -300,6 +300,25 @@ async fn find_resource(client: &kube::Client, group: &str, kind: &str) -> Option
     discovery.get(group)?.recommended_kind(kind).map(|(r, _)| r)
 }
 
+/// Merge-patches an object's status: through the status subresource, or the object
+/// itself for a CRD without one (it keeps status in the object).
+async fn merge_status(
+    api: &Api<DynamicObject>,
+    name: &str,
+    body: &Value,
+) -> Result<DynamicObject, kube::Error> {
+    let result = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(body))
+        .await;
+    match result {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            api.patch(name, &PatchParams::default(), &Patch::Merge(body))
+                .await
+        }
+        other => other,
+    }
+}
+
 /// Merge-patches `status.parents` of the routes whose wanted status changed.
 async fn write_routes(
     client: &kube::Client,
@@ -321,15 +340,7 @@ async fn write_routes(
         }
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, resource);
         let body = json!({"status": {"parents": timed}});
-        let mut result = api
-            .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&body))
-            .await;
-        if matches!(&result, Err(kube::Error::Api(e)) if e.code == 404) {
-            result = api
-                .patch(&key.1, &PatchParams::default(), &Patch::Merge(&body))
-                .await;
-        }
-        match result {
+        match merge_status(&api, &key.1, &body).await {
             Ok(_) => {
                 written.insert(key.clone(), parents.clone());
             }
@@ -361,16 +372,7 @@ async fn write(
             "message": condition.message,
             "lastTransitionTime": now,
         }]}});
-        let mut result = api
-            .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&body))
-            .await;
-        if matches!(&result, Err(kube::Error::Api(e)) if e.code == 404) {
-            // A CRD without the status subresource keeps status in the object itself.
-            result = api
-                .patch(&key.1, &PatchParams::default(), &Patch::Merge(&body))
-                .await;
-        }
-        match result {
+        match merge_status(&api, &key.1, &body).await {
             Ok(_) => {
                 written.insert(key.clone(), condition.clone());
             }

@@ -33,25 +33,45 @@ pub fn translate(
         warnings.extend(w);
         rules.push(rule);
     }
+    finish(
+        r.metadata.name.as_str().to_owned(),
+        ns,
+        hostnames(&r.spec.hostnames),
+        (parents, waypoints),
+        rules,
+        false,
+        warnings,
+    )
+}
+
+/// The route resource, or none when no parent is served by a waypoint.
+fn finish(
+    name: String,
+    ns: &str,
+    hostnames: Vec<String>,
+    (parents, waypoints): (Vec<pb::RouteParent>, Vec<String>),
+    rules: Vec<pb::RouteRule>,
+    ordered: bool,
+    warnings: Vec<String>,
+) -> (Option<pb::Route>, Vec<String>) {
     if parents.is_empty() {
         return (None, warnings);
     }
     let route = pb::Route {
-        name: r.metadata.name.as_str().to_owned(),
+        name,
         namespace: ns.to_owned(),
         parents,
-        hostnames: r
-            .spec
-            .hostnames
-            .iter()
-            .map(|h| h.as_str().to_lowercase())
-            .collect(),
+        hostnames,
         rules,
         waypoints,
         created: 0,
-        ordered: false,
+        ordered,
     };
     (Some(route), warnings)
+}
+
+fn hostnames(h: &[crate::model::fields::NonEmpty]) -> Vec<String> {
+    h.iter().map(|h| h.as_str().to_lowercase()).collect()
 }
 
 /// The prefix of a GRPCRoute's resource name (`<ns>/grpc:<name>`), so it never shares
@@ -115,25 +135,15 @@ pub fn translate_grpc(
         warnings.extend(w);
         rules.push(rule);
     }
-    if parents.is_empty() {
-        return (None, warnings);
-    }
-    let route = pb::Route {
-        name: format!("{GRPC_NAME_PREFIX}{}", r.metadata.name.as_str()),
-        namespace: ns.to_owned(),
-        parents,
-        hostnames: r
-            .spec
-            .hostnames
-            .iter()
-            .map(|h| h.as_str().to_lowercase())
-            .collect(),
+    finish(
+        format!("{GRPC_NAME_PREFIX}{}", r.metadata.name.as_str()),
+        ns,
+        hostnames(&r.spec.hostnames),
+        (parents, waypoints),
         rules,
-        waypoints,
-        created: 0,
-        ordered: false,
-    };
-    (Some(route), warnings)
+        false,
+        warnings,
+    )
 }
 
 /// The prefix of a VirtualService's resource name (`<ns>/vs:<name>`).
@@ -252,22 +262,17 @@ pub fn translate_vs(
         warnings.extend(w);
         rules.push(rule);
     }
-    if parents.is_empty() {
-        return (None, warnings);
-    }
     waypoints.sort();
     waypoints.dedup();
-    let route = pb::Route {
-        name: format!("{VS_NAME_PREFIX}{}", vs.metadata.name.as_str()),
-        namespace: ns.to_owned(),
-        parents,
-        hostnames: Vec::new(),
+    finish(
+        format!("{VS_NAME_PREFIX}{}", vs.metadata.name.as_str()),
+        ns,
+        Vec::new(),
+        (parents, waypoints),
         rules,
-        waypoints,
-        created: 0,
-        ordered: true,
-    };
-    (Some(route), warnings)
+        true,
+        warnings,
+    )
 }
 
 /// Fields of an `http` route Ambit applies; any other makes the rule answer 500.
