@@ -1414,17 +1414,10 @@ fn named_server(mesh: &Mesh, port: u16, name: &'static str) {
 async fn an_httproute_matches_splits_modifies_and_times_out() {
     let s = setup().await;
     named_server(&s.mesh, 8081, "v2");
-    std::fs::write(
-        s.mesh.dir.path().join("manifests/routes.yaml"),
-        "apiVersion: v1
-kind: Service
-metadata: {name: echo-v2, namespace: demo}
-spec:
-  selector: {app: echo}
-  clusterIP: 198.19.0.11
-  ports: [{name: http, port: 80, targetPort: 8081}]
----
-apiVersion: gateway.networking.k8s.io/v1
+    apply_routes(
+        &s,
+        Some(("echo-v2", "198.19.0.11", "http", 8081)),
+        "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: canary, namespace: demo}
 spec:
@@ -1465,14 +1458,6 @@ spec:
     backendRefs: [{name: echo, port: 80}]
 ",
     )
-    .unwrap();
-    eventually("the route at the waypoint", || {
-        s.waypoint.state().http_routes().count() == 1
-            && s.waypoint
-                .state()
-                .services()
-                .any(|s| s.name.as_ref() == "echo-v2")
-    })
     .await;
     let mut send = h1(&s.mesh, ECHO_VIP).await;
     let mut ask = async |path: &str, canary: bool| {
@@ -1558,17 +1543,10 @@ spec:
 async fn a_grpcroute_sends_one_method_to_another_backend() {
     let s = setup().await;
     named_server(&s.mesh, 8081, "v2");
-    std::fs::write(
-        s.mesh.dir.path().join("manifests/routes.yaml"),
-        "apiVersion: v1
-kind: Service
-metadata: {name: echo-v2, namespace: demo}
-spec:
-  selector: {app: echo}
-  clusterIP: 198.19.0.11
-  ports: [{name: grpc, port: 80, targetPort: 8081}]
----
-apiVersion: gateway.networking.k8s.io/v1
+    apply_routes(
+        &s,
+        Some(("echo-v2", "198.19.0.11", "grpc", 8081)),
+        "apiVersion: gateway.networking.k8s.io/v1
 kind: GRPCRoute
 metadata: {name: methods, namespace: demo}
 spec:
@@ -1580,14 +1558,6 @@ spec:
     backendRefs: [{name: echo, port: 80}]
 ",
     )
-    .unwrap();
-    eventually("the gRPC route at the waypoint", || {
-        s.waypoint.state().http_routes().count() == 1
-            && s.waypoint
-                .state()
-                .services()
-                .any(|s| s.name.as_ref() == "echo-v2")
-    })
     .await;
     let mut send = h2(&s.mesh, ECHO_VIP).await;
     let mut call = async |method: &str| {
@@ -1672,17 +1642,10 @@ async fn a_route_retries_what_it_may_and_nothing_else() {
     use std::sync::atomic::Ordering;
     let s = setup().await;
     let count = flaky_server(&s.mesh, 8082, 4);
-    std::fs::write(
-        s.mesh.dir.path().join("manifests/routes.yaml"),
-        "apiVersion: v1
-kind: Service
-metadata: {name: flaky, namespace: demo}
-spec:
-  selector: {app: echo}
-  clusterIP: 198.19.0.12
-  ports: [{name: http, port: 80, targetPort: 8082}]
----
-apiVersion: gateway.networking.k8s.io/v1
+    apply_routes(
+        &s,
+        Some(("flaky", "198.19.0.12", "http", 8082)),
+        "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: retries, namespace: demo}
 spec:
@@ -1692,14 +1655,6 @@ spec:
     backendRefs: [{name: flaky, port: 80}]
 ",
     )
-    .unwrap();
-    eventually("the route at the waypoint", || {
-        s.waypoint.state().http_routes().count() == 1
-            && s.waypoint
-                .state()
-                .services()
-                .any(|s| s.name.as_ref() == "flaky")
-    })
     .await;
     let mut send = h1(&s.mesh, ECHO_VIP).await;
     // A request with a body cannot be replayed: tried once, the 503 goes back.
@@ -1752,17 +1707,10 @@ spec:
 async fn a_virtualservice_injects_faults_and_routes_in_order() {
     let s = setup().await;
     named_server(&s.mesh, 8081, "v2");
-    std::fs::write(
-        s.mesh.dir.path().join("manifests/routes.yaml"),
-        "apiVersion: v1
-kind: Service
-metadata: {name: echo-v2, namespace: demo}
-spec:
-  selector: {app: echo}
-  clusterIP: 198.19.0.11
-  ports: [{name: http, port: 80, targetPort: 8081}]
----
-apiVersion: networking.istio.io/v1
+    apply_routes(
+        &s,
+        Some(("echo-v2", "198.19.0.11", "http", 8081)),
+        "apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: echo, namespace: demo}
 spec:
@@ -1787,14 +1735,6 @@ spec:
     route: [{destination: {host: echo}}]
 ",
     )
-    .unwrap();
-    eventually("the VirtualService at the waypoint", || {
-        s.waypoint.state().http_routes().count() == 1
-            && s.waypoint
-                .state()
-                .services()
-                .any(|s| s.name.as_ref() == "echo-v2")
-    })
     .await;
     let mut send = h1(&s.mesh, ECHO_VIP).await;
     let mut get = async |path: &str| {
@@ -1854,8 +1794,9 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cors_filter_answers_preflights_and_marks_allowed_responses() {
     let s = setup().await;
-    std::fs::write(
-        s.mesh.dir.path().join("manifests/routes.yaml"),
+    apply_routes(
+        &s,
+        None,
         "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: cors, namespace: demo}
@@ -1874,10 +1815,6 @@ spec:
     backendRefs: [{name: echo, port: 80}]
 ",
     )
-    .unwrap();
-    eventually("the route at the waypoint", || {
-        s.waypoint.state().http_routes().count() == 1
-    })
     .await;
     let mut send = h1(&s.mesh, ECHO_VIP).await;
     let mut ask = async |method: &str, origin: &str, preflight: bool| {
@@ -1925,17 +1862,10 @@ async fn a_request_mirror_copies_body_less_requests_in_the_background() {
     use std::sync::atomic::Ordering;
     let s = setup().await;
     let mirrored = flaky_server(&s.mesh, 8082, 0);
-    std::fs::write(
-        s.mesh.dir.path().join("manifests/routes.yaml"),
-        "apiVersion: v1
-kind: Service
-metadata: {name: shadow, namespace: demo}
-spec:
-  selector: {app: echo}
-  clusterIP: 198.19.0.12
-  ports: [{name: http, port: 80, targetPort: 8082}]
----
-apiVersion: gateway.networking.k8s.io/v1
+    apply_routes(
+        &s,
+        Some(("shadow", "198.19.0.12", "http", 8082)),
+        "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: mirror, namespace: demo}
 spec:
@@ -1947,14 +1877,6 @@ spec:
     backendRefs: [{name: echo, port: 80}]
 ",
     )
-    .unwrap();
-    eventually("the route at the waypoint", || {
-        s.waypoint.state().http_routes().count() == 1
-            && s.waypoint
-                .state()
-                .services()
-                .any(|s| s.name.as_ref() == "shadow")
-    })
     .await;
     let mut send = h1(&s.mesh, ECHO_VIP).await;
     send.ready().await.unwrap();
@@ -1999,4 +1921,25 @@ spec:
         1,
         "a request with a body is not mirrored"
     );
+}
+
+/// Writes a route manifest, with a Service in front selecting echo-1 on another port
+/// (`name`, VIP, port name, target port) when given, and waits until the waypoint has
+/// both.
+async fn apply_routes(s: &Setup, backend: Option<(&str, &str, &str, u16)>, route: &str) {
+    let mut yaml = String::new();
+    if let Some((name, ip, port, target)) = backend {
+        yaml.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: demo}}\nspec:\n  selector: {{app: echo}}\n  clusterIP: {ip}\n  ports: [{{name: {port}, port: 80, targetPort: {target}}}]\n---\n"
+        ));
+    }
+    yaml.push_str(route);
+    std::fs::write(s.mesh.dir.path().join("manifests/routes.yaml"), yaml).unwrap();
+    let service = backend.map(|b| b.0);
+    eventually("the route (and its backend) at the waypoint", || {
+        let state = s.waypoint.state();
+        state.http_routes().count() == 1
+            && service.is_none_or(|n| state.services().any(|s| s.name.as_ref() == n))
+    })
+    .await;
 }
