@@ -7,9 +7,10 @@
 //! namespace). Among all rules of the routes used, the request takes the one whose
 //! matching clause ranks first: an exact path before any prefix; a longer prefix before
 //! a shorter one; a method match before none; more header matches before fewer; more
-//! query matches before fewer; then the route's name (`<namespace>/<name>`,
-//! alphabetically; the specification's creation time first is not known to Ambit) and
-//! the rule's order in the route. A request no rule matches is answered 404.
+//! query matches before fewer; then the older route (by `metadata.creationTimestamp`,
+//! which files usually leave out), then the route's name (`<namespace>/<name>`,
+//! alphabetically) and the rule's order in the route. A request no rule matches is
+//! answered 404.
 //!
 //! Paths are compared without the query string. A prefix matches whole segments:
 //! `/foo` matches `/foo`, `/foo/` and `/foo/bar`, not `/foobar`. Regular expressions
@@ -34,6 +35,9 @@ pub struct HttpRoute {
     /// The first rule that matches is taken, in order (Istio's VirtualService), instead
     /// of the Gateway API's precedence.
     pub ordered: bool,
+    /// Seconds since the epoch of its creation (0: unknown): between two routes ranking
+    /// the same, the older wins, then the one first by `<namespace>/<name>`.
+    pub created: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -515,7 +519,7 @@ pub fn select<'a>(
     if used.is_empty() {
         return Selected::NoRoutes;
     }
-    used.sort_by(|a, b| a.key.cmp(&b.key));
+    used.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
     if used.iter().any(|r| r.ordered) {
         // In order: the first rule whose any clause matches.
         for route in used {
@@ -592,6 +596,7 @@ mod tests {
             }],
             rules,
             ordered: false,
+            created: 0,
         }
     }
 
@@ -761,6 +766,23 @@ mod tests {
         );
         assert_eq!(chosen(&routes, "other", "GET", "/", &[]), "shop/producer:p");
         assert_eq!(chosen(&[], "other", "GET", "/", &[]), "none");
+    }
+
+    #[test]
+    fn between_equal_rules_the_older_route_wins_then_the_name() {
+        let mut older = route("shop/zeta", "shop", false, vec![rule("z", vec![])]);
+        older.created = 1_700_000_000;
+        let mut newer = route("shop/alpha", "shop", false, vec![rule("a", vec![])]);
+        newer.created = 1_800_000_000;
+        assert_eq!(
+            chosen(&[newer.clone(), older.clone()], "x", "GET", "/", &[]),
+            "shop/zeta:z"
+        );
+        newer.created = older.created;
+        assert_eq!(
+            chosen(&[older, newer], "x", "GET", "/", &[]),
+            "shop/alpha:a"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`policy`]: L4 authorization policies as the node proxy receives them.
 //! - [`route`]: where a connection (or a waypoint's request) to an address goes.
 //! - [`telemetry`]: Istio's metric label sets.
+//! - [`traffic`]: DestinationRule and LocalRateLimit settings at the waypoint.
 //! - [`state`]: the indexed view the node proxy's data path reads without locks.
 //!
 //! Nothing here opens a socket or a file, so everything is testable in isolation and
@@ -20,5 +21,6 @@ pub mod state;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod traffic;
 
 pub use identity::{DEFAULT_TRUST_DOMAIN, IdentityError, SpiffeId};

@@ -64,18 +64,33 @@ pub fn route(
 /// Requests in flight to a workload, as a waypoint counts them.
 pub type Load<'a> = &'a dyn Fn(&Workload) -> usize;
 
+/// How a waypoint chooses among the endpoints of a service (a DestinationRule's
+/// `loadBalancer` and `outlierDetection`).
+pub struct Balancer<'a> {
+    /// Requests in flight per endpoint (least request).
+    pub load: Load<'a>,
+    pub balance: &'a crate::traffic::Balance,
+    /// The request's key for consistent hashing; `None` (the header, cookie or address
+    /// is missing): least request.
+    pub hash: Option<u64>,
+    /// Endpoints ejected by outlier detection: never chosen.
+    pub excluded: &'a dyn Fn(&Workload) -> bool,
+    /// The service's round-robin position.
+    pub turn: &'a std::sync::atomic::AtomicUsize,
+}
+
 /// Where a waypoint sends a request (or connection) for `original` it accepted: like
 /// [`route`], past any waypoint (a request crosses at most one), so the waypoint and
 /// the node proxy pick endpoints the same way; among the endpoints the service's
-/// locality preferences rank first, the less loaded of two picked at random (least
-/// request, "power of two choices"), by `load`.
+/// locality preferences rank first, one chosen as `balancer` says (by default the less
+/// loaded of two picked at random: least request, "power of two choices").
 pub fn route_from_waypoint(
     state: &State,
     network: &str,
     source: Option<&Workload>,
     original: SocketAddr,
     hbone_port: u16,
-    load: Load<'_>,
+    balancer: &Balancer<'_>,
 ) -> Route {
     decide(
         state,
@@ -84,7 +99,7 @@ pub fn route_from_waypoint(
         original,
         hbone_port,
         false,
-        Some(load),
+        Some(balancer),
     )
 }
 
@@ -95,7 +110,7 @@ fn decide(
     original: SocketAddr,
     hbone_port: u16,
     use_waypoints: bool,
-    load: Option<Load<'_>>,
+    balancer: Option<&Balancer<'_>>,
 ) -> Route {
     if let Some(service) = state.service_by_vip(network, original.ip()) {
         if use_waypoints
@@ -128,6 +143,7 @@ fn decide(
             .endpoints(&key)
             .filter(|w| include_unhealthy || w.status == Health::Healthy)
             .filter(|w| !w.addresses.is_empty() && w.profile.network.as_ref() == network)
+            .filter(|w| balancer.is_none_or(|b| !(b.excluded)(w)))
             .filter_map(|w| {
                 let own = w
                     .profile
@@ -142,7 +158,7 @@ fn decide(
                 Some((w, target))
             })
             .collect();
-        let Some((workload, target_port)) = pick(service, source, &candidates, load) else {
+        let Some((workload, target_port)) = pick(service, source, &candidates, balancer) else {
             return Route::NoEndpoint {
                 service: service.clone(),
             };
@@ -320,7 +336,7 @@ fn pick<'a>(
     service: &Service,
     source: Option<&Workload>,
     candidates: &[(&'a Arc<Workload>, u16)],
-    load: Option<Load<'_>>,
+    balancer: Option<&Balancer<'_>>,
 ) -> Option<(&'a Arc<Workload>, u16)> {
     if candidates.is_empty() {
         return None;
@@ -333,7 +349,7 @@ fn pick<'a>(
     });
     let (Some(lb), Some(source)) = (preference, source) else {
         let all: Vec<usize> = (0..candidates.len()).collect();
-        return Some(candidates[choose(candidates, &all, load)]);
+        return Some(candidates[choose(candidates, &all, balancer)]);
     };
     let ranks: Vec<usize> = candidates
         .iter()
@@ -346,16 +362,35 @@ fn pick<'a>(
     let top: Vec<usize> = (0..candidates.len())
         .filter(|i| ranks[*i] == best)
         .collect();
-    Some(candidates[choose(candidates, &top, load)])
+    Some(candidates[choose(candidates, &top, balancer)])
 }
 
-/// One of `among` (indexes into `candidates`, not empty): at random, or with `load`, the
+/// One of `among` (indexes into `candidates`, not empty): at random; or as the
+/// balancer says: round robin, at random, by consistent hash, or (least request) the
 /// less loaded of two distinct ones drawn at random (ties: the first drawn).
-fn choose(candidates: &[(&Arc<Workload>, u16)], among: &[usize], load: Option<Load<'_>>) -> usize {
+fn choose(
+    candidates: &[(&Arc<Workload>, u16)],
+    among: &[usize],
+    balancer: Option<&Balancer<'_>>,
+) -> usize {
+    use crate::traffic::Balance;
     let first = among[fastrand::usize(..among.len())];
-    let Some(load) = load else {
+    let Some(b) = balancer else {
         return first;
     };
+    match (b.balance, b.hash) {
+        (Balance::Random, _) => return first,
+        (Balance::RoundRobin, _) => {
+            let turn = b.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return among[turn % among.len()];
+        }
+        (Balance::Hash(_), Some(key)) => {
+            let ids = among.iter().map(|i| (*i, candidates[*i].0.uid.as_ref()));
+            return crate::traffic::rendezvous(key, ids).unwrap_or(first);
+        }
+        (Balance::Hash(_) | Balance::LeastRequest, _) => {}
+    }
+    let load = b.load;
     if among.len() < 2 {
         return first;
     }
@@ -698,13 +733,14 @@ mod tests {
         ));
     }
 
-    /// A waypoint sends a request to the less loaded of the endpoints it draws; with two,
-    /// always the less loaded one, and both when they are equal.
-    #[test]
-    fn a_waypoint_balances_by_requests_in_flight() {
+    fn three_endpoints() -> State {
         let mut st = State::default();
         st.upsert_service(service(None));
-        for (name, ip) in [("busy", "198.18.2.10"), ("idle", "198.18.2.11")] {
+        for (name, ip) in [
+            ("busy", "198.18.2.10"),
+            ("idle", "198.18.2.11"),
+            ("third", "198.18.2.12"),
+        ] {
             st.upsert_workload(workload(
                 name,
                 ip,
@@ -714,22 +750,90 @@ mod tests {
                 &[(KEY, 80, 8080)],
             ));
         }
+        st
+    }
+
+    fn via(st: &State, b: &Balancer<'_>) -> String {
+        match route_from_waypoint(st, "", None, addr("198.19.0.10:80"), 15008, b) {
+            Route::Hbone { workload, .. } => workload.name.to_string(),
+            Route::NoEndpoint { .. } => "none".into(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A waypoint sends a request to the less loaded of the endpoints it draws; with two,
+    /// always the less loaded one, and both when they are equal.
+    #[test]
+    fn a_waypoint_balances_by_requests_in_flight() {
+        let st = three_endpoints();
+        let turn = std::sync::atomic::AtomicUsize::new(0);
+        let third_out = |w: &Workload| w.name.as_ref() == "third";
         let load = |w: &Workload| if w.name.as_ref() == "busy" { 100 } else { 0 };
+        let b = Balancer {
+            load: &load,
+            balance: &crate::traffic::Balance::LeastRequest,
+            hash: None,
+            excluded: &third_out,
+            turn: &turn,
+        };
         for _ in 0..50 {
-            match route_from_waypoint(&st, "", None, addr("198.19.0.10:80"), 15008, &load) {
-                Route::Hbone { workload, .. } => assert_eq!(workload.name.as_ref(), "idle"),
-                other => panic!("{other:?}"),
-            }
+            assert_eq!(via(&st, &b), "idle");
         }
         let even = |_: &Workload| 0;
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..200 {
-            if let Route::Hbone { workload, .. } =
-                route_from_waypoint(&st, "", None, addr("198.19.0.10:80"), 15008, &even)
-            {
-                seen.insert(workload.name.to_string());
+        let b = Balancer { load: &even, ..b };
+        let seen: std::collections::BTreeSet<String> = (0..200).map(|_| via(&st, &b)).collect();
+        assert_eq!(
+            seen.len(),
+            2,
+            "equal loads spread, the excluded never: {seen:?}"
+        );
+        let all_out = |_: &Workload| true;
+        let b = Balancer {
+            excluded: &all_out,
+            ..b
+        };
+        assert_eq!(via(&st, &b), "none");
+    }
+
+    #[test]
+    fn a_waypoint_balances_round_robin_random_or_by_hash() {
+        use crate::traffic::{Balance, HashOn};
+        let st = three_endpoints();
+        let turn = std::sync::atomic::AtomicUsize::new(0);
+        let none = |_: &Workload| false;
+        let even = |_: &Workload| 0;
+        let rr = Balancer {
+            load: &even,
+            balance: &Balance::RoundRobin,
+            hash: None,
+            excluded: &none,
+            turn: &turn,
+        };
+        let names: Vec<String> = (0..6).map(|_| via(&st, &rr)).collect();
+        assert_eq!(names[..3], names[3..], "a cycle: {names:?}");
+        let distinct: std::collections::BTreeSet<_> = names[..3].iter().collect();
+        assert_eq!(distinct.len(), 3, "{names:?}");
+        let random = Balancer {
+            balance: &Balance::Random,
+            ..rr
+        };
+        let seen: std::collections::BTreeSet<String> =
+            (0..300).map(|_| via(&st, &random)).collect();
+        assert_eq!(seen.len(), 3);
+        // The same key, the same endpoint; keys spread.
+        let hashed = |key| Balancer {
+            balance: &Balance::Hash(HashOn::SourceIp),
+            hash: Some(key),
+            ..random
+        };
+        let mut spread = std::collections::BTreeSet::new();
+        for key in 0..60u64 {
+            let first = via(&st, &hashed(key));
+            for _ in 0..5 {
+                assert_eq!(via(&st, &hashed(key)), first);
             }
+            spread.insert(first);
         }
-        assert_eq!(seen.len(), 2, "equal loads spread: {seen:?}");
+        assert_eq!(spread.len(), 3);
     }
 }

@@ -98,6 +98,12 @@ pub struct State {
     routes_by_service: OrdMap<Str, OrdSet<Str>>,
     /// Routes discovery sent and this proxy could not read.
     refused_routes: OrdSet<Str>,
+    /// Traffic policies (`<namespace>/dr:<name>`, `<namespace>/rl:<name>`), and their
+    /// keys by service and by waypoint Gateway.
+    traffic: OrdMap<Str, Arc<crate::traffic::TrafficPolicy>>,
+    traffic_by_target: OrdMap<Str, OrdSet<Str>>,
+    /// Traffic policies discovery sent and this proxy could not read.
+    refused_traffic: OrdSet<Str>,
 }
 
 impl State {
@@ -356,6 +362,70 @@ impl State {
     /// Routes that could not be read: where their requests should go is unknown.
     pub fn refused_routes(&self) -> impl Iterator<Item = &Str> {
         self.refused_routes.iter()
+    }
+
+    /// Adds or replaces a traffic policy.
+    pub fn upsert_traffic_policy(&mut self, policy: crate::traffic::TrafficPolicy) {
+        let key = policy.key.clone();
+        self.remove_traffic_policy(&key);
+        for t in policy.services.iter().chain(&policy.gateways) {
+            self.traffic_by_target
+                .entry(t.clone())
+                .or_default()
+                .insert(key.clone());
+        }
+        self.traffic.insert(key, Arc::new(policy));
+    }
+
+    pub fn remove_traffic_policy(&mut self, key: &str) -> bool {
+        let Some(old) = self.traffic.remove(key) else {
+            return false;
+        };
+        for t in old.services.iter().chain(&old.gateways) {
+            if let Some(set) = self.traffic_by_target.get_mut(t.as_ref()) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.traffic_by_target.remove(t.as_ref());
+                }
+            }
+        }
+        true
+    }
+
+    /// The traffic policies naming `target`: a service (`<namespace>/<hostname>`) or a
+    /// waypoint Gateway (`<namespace>/<name>`).
+    pub fn traffic_for<'a>(
+        &'a self,
+        target: &str,
+    ) -> impl Iterator<Item = &'a Arc<crate::traffic::TrafficPolicy>> + 'a {
+        self.traffic_by_target
+            .get(target)
+            .into_iter()
+            .flat_map(|keys| keys.iter())
+            .filter_map(|k| self.traffic.get(k))
+    }
+
+    /// The DestinationRule for `service` (its `backend` is set): the oldest (then by
+    /// name), should the control plane have sent two.
+    pub fn backend_policy(&self, service: &str) -> Option<&Arc<crate::traffic::TrafficPolicy>> {
+        self.traffic_for(service)
+            .filter(|p| p.backend.is_some())
+            .min_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)))
+    }
+
+    /// Every traffic policy.
+    pub fn traffic_policies(&self) -> impl Iterator<Item = &Arc<crate::traffic::TrafficPolicy>> {
+        self.traffic.values()
+    }
+
+    /// Records which traffic policies could not be read (replacing the previous list).
+    pub fn set_refused_traffic(&mut self, keys: Vec<String>) {
+        self.refused_traffic = keys.into_iter().map(Str::from).collect();
+    }
+
+    /// Traffic policies that could not be read.
+    pub fn refused_traffic(&self) -> impl Iterator<Item = &Str> {
+        self.refused_traffic.iter()
     }
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {

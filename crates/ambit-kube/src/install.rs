@@ -82,7 +82,7 @@ pub struct CaFiles {
 }
 
 /// Istio's CRDs Ambit reads: (group, kind, plural, versions, storage version).
-const CRDS: [(&str, &str, &str, &[&str]); 7] = [
+const CRDS: [(&str, &str, &str, &[&str]); 8] = [
     (
         "security.istio.io",
         "AuthorizationPolicy",
@@ -124,6 +124,12 @@ const CRDS: [(&str, &str, &str, &[&str]); 7] = [
         "VirtualService",
         "virtualservices",
         &["v1", "v1beta1", "v1alpha3"],
+    ),
+    (
+        "networking.ambit.io",
+        "LocalRateLimit",
+        "localratelimits",
+        &["v1alpha1"],
     ),
 ];
 
@@ -170,7 +176,7 @@ pub fn render(o: &InstallOptions, ca: &CaFiles) -> Vec<Value> {
             {"apiGroups": [""], "resources": ["namespaces", "nodes", "pods", "services", "serviceaccounts"],
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["security.istio.io", "networking.istio.io"], "resources": ["*"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": ["security.istio.io", "networking.istio.io", "networking.ambit.io"], "resources": ["*"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways", "httproutes", "grpcroutes"],
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways/status"], "verbs": ["get", "patch", "update"]},
@@ -1020,7 +1026,7 @@ mod tests {
             .iter()
             .map(|o| o["kind"].as_str().unwrap())
             .collect();
-        assert!(kinds.starts_with(&["CustomResourceDefinition"; 7]));
+        assert!(kinds.starts_with(&["CustomResourceDefinition"; 8]));
         assert!(kinds.contains(&"DaemonSet") && kinds.contains(&"PodDisruptionBudget"));
         // The node proxy has no cluster permissions: its token only proves its node.
         assert!(

@@ -60,7 +60,7 @@ pub struct Watched {
 }
 
 /// Everything the model holds, in the order it is listed at start.
-pub const WATCHED: [Watched; 14] = [
+pub const WATCHED: [Watched; 16] = [
     Watched {
         group: "",
         kind: Kind::Namespace,
@@ -129,6 +129,16 @@ pub const WATCHED: [Watched; 14] = [
     Watched {
         group: "networking.istio.io",
         kind: Kind::VirtualService,
+        optional: true,
+    },
+    Watched {
+        group: "networking.istio.io",
+        kind: Kind::DestinationRule,
+        optional: true,
+    },
+    Watched {
+        group: "networking.ambit.io",
+        kind: Kind::LocalRateLimit,
         optional: true,
     },
 ];
@@ -405,10 +415,7 @@ impl KubeSource {
 
 /// Kinds of the mesh's API groups that users write and Ambit does not enforce yet: they
 /// are watched (names only) so that each one is reported, never silently ignored.
-pub const UNMODELLED: [(&str, &str); 2] = [
-    ("security.istio.io", "RequestAuthentication"),
-    ("networking.istio.io", "DestinationRule"),
-];
+pub const UNMODELLED: [(&str, &str); 1] = [("security.istio.io", "RequestAuthentication")];
 
 /// Watches the names of one unmodelled kind (looking for it every `every` while the API
 /// server does not serve it) and sends the full set whenever it changes.

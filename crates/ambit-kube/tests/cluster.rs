@@ -1249,38 +1249,38 @@ async fn kinds_ambit_does_not_enforce_yet_are_reported_not_ignored() {
     let (client, _) = ambit_kube::client(Some(&kubeconfig)).await.unwrap();
     install_crd(
         &client,
-        "networking.istio.io",
-        "DestinationRule",
-        "destinationrules",
+        "security.istio.io",
+        "RequestAuthentication",
+        "requestauthentications",
     )
     .await;
-    served(&client, "networking.istio.io", "DestinationRule").await;
+    served(&client, "security.istio.io", "RequestAuthentication").await;
     let env = Env::start().await;
     let resource = ApiResource {
-        group: "networking.istio.io".into(),
+        group: "security.istio.io".into(),
         version: "v1".into(),
-        api_version: "networking.istio.io/v1".into(),
-        kind: "DestinationRule".into(),
-        plural: "destinationrules".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: "RequestAuthentication".into(),
+        plural: "requestauthentications".into(),
     };
     let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &resource);
     api.create(
         &PostParams::default(),
         &serde_json::from_value(json!({
-            "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
             "metadata": {"name": "reviews"},
-            "spec": {"host": "reviews", "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"}}}
+            "spec": {"jwtRules": [{"issuer": "https://issuer.example", "jwksUri": "https://issuer.example/jwks"}]}
         }))
         .unwrap(),
     )
     .await
     .unwrap();
     let wanted = format!(
-        "DestinationRule {}/reviews: not enforced by Ambit yet",
+        "RequestAuthentication {}/reviews: not enforced by Ambit yet",
         env.ns
     );
     let mut status = env.cp.source_status();
-    eventually("the DestinationRule reported", || {
+    eventually("the RequestAuthentication reported", || {
         let ignored = status.borrow_and_update().ignored.clone();
         let wanted = wanted.clone();
         async move { ignored.iter().any(|i| i.starts_with(&wanted)).then_some(()) }

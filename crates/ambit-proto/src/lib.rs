@@ -60,6 +60,8 @@ pub mod waypoint {
     pub const POLICY_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.Policy";
     /// Type URL of [`Route`] resources.
     pub const ROUTE_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.Route";
+    /// Type URL of [`TrafficPolicy`] resources.
+    pub const TRAFFIC_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.TrafficPolicy";
 }
 
 /// `envoy.service.discovery.v3`: delta aggregated discovery.

@@ -157,6 +157,9 @@ struct Report {
     finished: bool,
     /// Counts the request against its endpoint until the report goes.
     _in_flight: Option<crate::upstream::InFlightGuard>,
+    /// Counts it against its service's connection pool (DestinationRule) until then.
+    _request_slot: Option<crate::traffic::RequestSlot>,
+    _connection_slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Report {
@@ -419,7 +422,18 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             if !matches!(other, Choice::AsAddressed) {
                 refusal = Some(other);
             }
-            (None, pick(&shared, &conn.target, conn.client.peer.local))
+            (
+                None,
+                pick(
+                    &shared,
+                    &conn.target,
+                    conn.client.peer.local,
+                    &crate::serve::PickKey {
+                        headers: Some(req.headers()),
+                        source: conn.client.peer.addr.ip(),
+                    },
+                ),
+            )
         }
     };
     let target = routed.as_ref().map_or(&conn.target, |r| &r.target);
@@ -498,6 +512,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         finished: false,
         upstream_time: None,
         _in_flight: destination.as_ref().map(|w| shared.in_flight.enter(&w.uid)),
+        _request_slot: None,
+        _connection_slot: None,
     };
     if let Err(e) = &normalized {
         return local(
@@ -587,6 +603,23 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             );
         }
         _ => {}
+    }
+
+    // LocalRateLimit: of the service addressed, and of the waypoint as a whole.
+    let rate = rate_limit(&shared, &conn, req.headers());
+    if let Some((verdict, policy)) = &rate
+        && !verdict.allowed
+    {
+        shared.metrics.rate_limited(policy);
+        let mut resp = local(
+            report,
+            StatusCode::TOO_MANY_REQUESTS,
+            "local_rate_limited",
+            "RL",
+            Some(format!("over the rate limit of {policy}")),
+        );
+        ratelimit_headers(resp.headers_mut(), verdict);
+        return resp;
     }
 
     // CORS: a preflight is answered here; an allowed origin's response gets the headers.
@@ -690,6 +723,75 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         }
     }
 
+    // DestinationRule: the connection pool of the service the request goes to.
+    let target = routed.as_ref().map_or(&conn.target, |r| &r.target);
+    let backend_key = target.service.as_ref().map(|s| s.key());
+    let dr = backend_key
+        .as_deref()
+        .and_then(|k| shared.store.load().backend_policy(k).cloned());
+    let settings = dr
+        .as_ref()
+        .and_then(|p| p.backend.as_ref())
+        .map(|b| b.for_port(target.authority.port()));
+    let no_pool = ambit_core::traffic::Pool::default();
+    let pool = settings.map_or(&no_pool, |s| &s.pool);
+    let service_traffic = backend_key
+        .as_deref()
+        .filter(|_| settings.is_some())
+        .map(|k| shared.traffic.service(k));
+    if let (Some(t), Some(key)) = (&service_traffic, &backend_key) {
+        let admitted = match t.admit(pool) {
+            Ok(slot) => {
+                report._request_slot = slot;
+                if conn.protocol == Protocol::Http1 {
+                    t.connection(pool)
+                        .await
+                        .map(|p| report._connection_slot = p)
+                } else {
+                    Ok(())
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(crate::traffic::Overflow(why)) = admitted {
+            shared.metrics.overflowed(key);
+            return local(
+                report,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                "UO",
+                Some(format!("{why} (DestinationRule of {key})")),
+            );
+        }
+    }
+    // Outlier detection: each endpoint's answer counts for or against it.
+    let outlier = settings.and_then(|s| s.outlier.as_ref());
+    let observe = |route: &Route, status: Option<Option<u16>>| {
+        let (Some(outlier), Some(t), Some(key), Some(status)) =
+            (outlier, &service_traffic, &backend_key, status)
+        else {
+            return;
+        };
+        let uid = match route {
+            Route::Hbone { workload, .. } => &workload.uid,
+            Route::Direct {
+                workload: Some(w), ..
+            } => &w.uid,
+            _ => return,
+        };
+        let endpoints = || shared.store.load().endpoints(key).count();
+        if t.record(outlier, uid, status, endpoints, shared.traffic.now_ms()) {
+            shared.metrics.ejected(key);
+            tracing::warn!(service = %key, endpoint = %uid, "outlier detection ejected an endpoint");
+        }
+    };
+    let outcome = |r: &Result<(Response<Incoming>, Option<Lease>), UpstreamError>| match r {
+        Ok((resp, _)) => Some(Some(resp.status().as_u16())),
+        // Nothing was tried.
+        Err(UpstreamError::NoHealthy) => None,
+        Err(_) => Some(None),
+    };
+
     let (mut parts, body) = req.into_parts();
     // URLRewrite: the backend sees the rewritten host and path.
     let path = routed
@@ -777,7 +879,13 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             tokio::spawn(async move {
                 let sent = tokio::time::timeout(
                     std::time::Duration::from_secs(10),
-                    upstream::send(&shared, &to, protocol, copy),
+                    upstream::send(
+                        &shared,
+                        &to,
+                        protocol,
+                        copy,
+                        &ambit_core::traffic::Pool::default(),
+                    ),
                 )
                 .await;
                 shared.metrics.mirrored(match sent {
@@ -809,7 +917,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
     );
     let limit = routed.as_ref().and_then(|r| r.timeout);
     let attempts = async {
-        let mut result = upstream::send(&shared, &route, conn.protocol, first).await;
+        let mut result = upstream::send(&shared, &route, conn.protocol, first, pool).await;
+        observe(&route, outcome(&result));
         let (Some(policy), Some(template)) = (&retry, &template) else {
             return (result, 0);
         };
@@ -840,7 +949,15 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             drop(result);
             tokio::time::sleep(policy.wait(retried)).await;
             let target = routed.as_ref().map_or(&conn.target, |r| &r.target);
-            let next = crate::serve::pick(&shared, target, conn.client.peer.local);
+            let next = crate::serve::pick(
+                &shared,
+                target,
+                conn.client.peer.local,
+                &crate::serve::PickKey {
+                    headers: Some(&template.headers),
+                    source: conn.client.peer.addr.ip(),
+                },
+            );
             let mut req = Request::new(RequestBody {
                 inner: None,
                 counted: request_bytes.clone(),
@@ -849,7 +966,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             *req.uri_mut() = template.uri.clone();
             *req.version_mut() = template.version;
             *req.headers_mut() = template.headers.clone();
-            result = upstream::send(&shared, &next, conn.protocol, req).await;
+            result = upstream::send(&shared, &next, conn.protocol, req, pool).await;
+            observe(&next, outcome(&result));
         }
         (result, retried)
     };
@@ -913,6 +1031,9 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                         .insert(http::header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
                 }
             }
+            if let Some((verdict, _)) = &rate {
+                ratelimit_headers(&mut parts.headers, verdict);
+            }
             report.status = Some(parts.status);
             report.upstream_time = Some(started.elapsed());
             report.grpc_status = grpc_status(&parts.headers);
@@ -933,6 +1054,58 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             Some(e.to_string()),
         ),
     }
+}
+
+/// The LocalRateLimits of the service addressed and of the waypoint itself: the
+/// verdict (refused if any bucket refused) and the policy that decided.
+fn rate_limit(
+    shared: &Shared,
+    conn: &Conn,
+    headers: &HeaderMap,
+) -> Option<(crate::traffic::Verdict, String)> {
+    let state = shared.store.load();
+    let waypoint = format!("{}/{}", shared.config.namespace, shared.config.name);
+    let service = conn.target.service.as_ref().map(|s| s.key());
+    let principal = conn.client.peer.identity.to_string();
+    let facts = crate::traffic::LimitFacts {
+        headers,
+        principal: &principal,
+    };
+    let now = shared.traffic.elapsed();
+    let mut out: Option<(crate::traffic::Verdict, String)> = None;
+    let policies = service
+        .as_deref()
+        .into_iter()
+        .chain(std::iter::once(waypoint.as_str()))
+        .flat_map(|t| state.traffic_for(t));
+    for p in policies {
+        let Some(limiter) = shared.traffic.limiter(p) else {
+            continue;
+        };
+        let Some(v) = limiter.check(&facts, now) else {
+            continue;
+        };
+        let replace = match &out {
+            None => true,
+            Some((o, _)) => {
+                (!v.allowed, std::cmp::Reverse(v.remaining))
+                    > (!o.allowed, std::cmp::Reverse(o.remaining))
+            }
+        };
+        if replace {
+            out = Some((v, p.key.to_string()));
+        }
+    }
+    out
+}
+
+/// `x-ratelimit-limit`, `-remaining` and `-reset` (seconds, rounded up), as Envoy's
+/// local rate limit writes them.
+fn ratelimit_headers(h: &mut HeaderMap, v: &crate::traffic::Verdict) {
+    let reset = v.reset.as_millis().div_ceil(1000) as u64;
+    h.insert("x-ratelimit-limit", HeaderValue::from(v.limit));
+    h.insert("x-ratelimit-remaining", HeaderValue::from(v.remaining));
+    h.insert("x-ratelimit-reset", HeaderValue::from(reset));
 }
 
 /// `Access-Control-Allow-Origin` (and `Vary: Origin` when it names the origin) and

@@ -27,6 +27,7 @@ pub mod http;
 pub mod metrics;
 mod routing;
 pub mod serve;
+pub mod traffic;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -173,6 +174,8 @@ pub(crate) struct Shared {
     pub pool: Pool,
     pub upstreams: upstream::Upstreams,
     pub in_flight: upstream::InFlight,
+    /// DestinationRule and LocalRateLimit state.
+    pub traffic: traffic::Traffic,
     pub metrics: Arc<Metrics>,
     /// Connections are refused until discovery has synced: before that the waypoint
     /// cannot tell what it serves.
@@ -301,6 +304,7 @@ impl Waypoint {
             pool: Pool::new(PoolConfig::default(), bundle.clone()),
             upstreams: upstream::Upstreams::default(),
             in_flight: upstream::InFlight::default(),
+            traffic: traffic::Traffic::default(),
             identity: identity.clone(),
             store,
             cert: cert.clone(),

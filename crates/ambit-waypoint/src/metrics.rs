@@ -36,6 +36,11 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabel {
+    name: String,
+}
+
 /// Every metric the waypoint exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -49,6 +54,9 @@ pub struct Metrics {
     tcp_received: Family<ConnLabels, Counter>,
     refused: Family<ReasonLabel, Counter>,
     mirrors: Family<ReasonLabel, Counter>,
+    ejections: Family<NameLabel, Counter>,
+    rate_limited: Family<NameLabel, Counter>,
+    overflows: Family<NameLabel, Counter>,
     pub active_requests: Gauge,
     pub upstream_connections: Gauge,
     registry: Registry,
@@ -67,6 +75,9 @@ impl Default for Metrics {
             tcp_received: Family::default(),
             refused: Family::default(),
             mirrors: Family::default(),
+            ejections: Family::default(),
+            rate_limited: Family::default(),
+            overflows: Family::default(),
             active_requests: Gauge::default(),
             upstream_connections: Gauge::default(),
             registry: Registry::default(),
@@ -76,6 +87,21 @@ impl Default for Metrics {
             "ambit_waypoint_mirrored_requests",
             "Requests copied by a RequestMirror, by outcome: sent, failed, skipped_body (requests with a body are not mirrored)",
             m.mirrors.clone(),
+        );
+        r.register(
+            "ambit_waypoint_outlier_ejections",
+            "Endpoints ejected by a DestinationRule's outlier detection, by service (name = <namespace>/<hostname>)",
+            m.ejections.clone(),
+        );
+        r.register(
+            "ambit_waypoint_rate_limited_requests",
+            "Requests answered 429 by a LocalRateLimit, by policy (name = <namespace>/rl:<name>)",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "ambit_waypoint_overflow_requests",
+            "Requests answered 503 UO by a DestinationRule's connection pool, by service",
+            m.overflows.clone(),
         );
         r.register(
             "istio_requests",
@@ -170,6 +196,30 @@ impl Metrics {
     /// A tunnel refused before any byte reached a destination.
     pub fn mirrored(&self, reason: &'static str) {
         self.mirrors.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn ejected(&self, service: &str) {
+        self.ejections
+            .get_or_create(&NameLabel {
+                name: service.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn rate_limited(&self, policy: &str) {
+        self.rate_limited
+            .get_or_create(&NameLabel {
+                name: policy.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn overflowed(&self, service: &str) {
+        self.overflows
+            .get_or_create(&NameLabel {
+                name: service.to_owned(),
+            })
+            .inc();
     }
 
     pub fn refused(&self, reason: &'static str) {

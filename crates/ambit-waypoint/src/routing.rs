@@ -76,6 +76,16 @@ pub(crate) fn choose(
             ),
         };
     }
+    if let Some(refused) = state.refused_traffic().next() {
+        // Which limits, breakers and balancing apply is unknown: nothing is sent on.
+        return Choice::Invalid {
+            route: String::new(),
+            rule: String::new(),
+            why: format!(
+                "the waypoint could not read traffic policy {refused}; it answers 500 until a readable version arrives"
+            ),
+        };
+    }
     let Some(service) = &target.service else {
         return Choice::AsAddressed;
     };
@@ -152,7 +162,15 @@ pub(crate) fn choose(
         service: Some(backend_service),
         workload: None,
     };
-    let path = crate::serve::pick(shared, &backend_target, client.peer.local);
+    let path = crate::serve::pick(
+        shared,
+        &backend_target,
+        client.peer.local,
+        &crate::serve::PickKey {
+            headers: Some(req.headers),
+            source: client.peer.addr.ip(),
+        },
+    );
     let timeout = match (rule.request_timeout, rule.backend_timeout) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -210,5 +228,13 @@ pub(crate) fn mirror_target(
         service: Some(service),
         workload: None,
     };
-    Some(crate::serve::pick(shared, &target, client.peer.local))
+    Some(crate::serve::pick(
+        shared,
+        &target,
+        client.peer.local,
+        &crate::serve::PickKey {
+            headers: None,
+            source: client.peer.addr.ip(),
+        },
+    ))
 }

@@ -289,22 +289,83 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     }
 }
 
-/// Where the waypoint sends traffic for `target`: the chosen endpoint (the less loaded
-/// of two, by requests in flight), the upstream authority and HBONE address, or why
+/// Where the waypoint sends traffic for `target`: the endpoint chosen as the service's
+/// DestinationRule says (by default the less loaded of two, by requests in flight; never
+/// one outlier detection ejected), the upstream authority and HBONE address, or why
 /// there is none.
-pub(crate) fn pick(shared: &Shared, target: &Target, local: SocketAddr) -> Route {
+pub(crate) fn pick(
+    shared: &Shared,
+    target: &Target,
+    local: SocketAddr,
+    key: &PickKey<'_>,
+) -> Route {
+    use ambit_core::traffic::Balance;
     let state = shared.store.load();
     let network = &shared.config.network;
     let me = state.workload_by_ip(network, local.ip()).cloned();
     let load = |w: &Workload| shared.in_flight.load(&w.uid);
+    let service = target.service.as_ref().map(|s| s.key());
+    let settings = service
+        .as_deref()
+        .and_then(|k| state.backend_policy(k))
+        .and_then(|p| p.backend.as_ref())
+        .map(|b| b.for_port(target.authority.port()));
+    let traffic = service.as_deref().map(|k| shared.traffic.service(k));
+    let now = shared.traffic.now_ms();
+    let outliers = settings.is_some_and(|s| s.outlier.is_some());
+    let ejected =
+        |w: &Workload| outliers && traffic.as_ref().is_some_and(|t| t.is_ejected(&w.uid, now));
+    let default = Balance::LeastRequest;
+    let balance = settings.map_or(&default, |s| &s.balance);
+    let hash = match balance {
+        Balance::Hash(on) => key.hash(on),
+        _ => None,
+    };
+    let no_turn = std::sync::atomic::AtomicUsize::new(0);
+    let balancer = ambit_core::route::Balancer {
+        load: &load,
+        balance,
+        hash,
+        excluded: &ejected,
+        turn: traffic.as_ref().map_or(&no_turn, |t| &t.turn),
+    };
     route_from_waypoint(
         &state,
         network,
         me.as_deref(),
         target.authority,
         ambit_hbone::HBONE_PORT,
-        &load,
+        &balancer,
     )
+}
+
+/// What consistent hashing may key a request on.
+pub(crate) struct PickKey<'a> {
+    pub headers: Option<&'a http::HeaderMap>,
+    pub source: std::net::IpAddr,
+}
+
+impl PickKey<'_> {
+    fn hash(&self, on: &ambit_core::traffic::HashOn) -> Option<u64> {
+        use ambit_core::traffic::{HashOn, fnv};
+        match on {
+            HashOn::SourceIp => Some(match self.source {
+                std::net::IpAddr::V4(a) => fnv(&a.octets()),
+                std::net::IpAddr::V6(a) => fnv(&a.octets()),
+            }),
+            HashOn::Header(h) => self.headers?.get(h.as_str()).map(|v| fnv(v.as_bytes())),
+            HashOn::Cookie(name) => self
+                .headers?
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|c| {
+                    let (k, v) = c.trim().split_once('=')?;
+                    (k == name).then(|| fnv(v.as_bytes()))
+                }),
+        }
+    }
 }
 
 /// Labels for what the waypoint reports about a connection or request.
@@ -331,7 +392,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let started = Instant::now();
-    let route = pick(&shared, &target, client.peer.local);
+    let route = pick(
+        &shared,
+        &target,
+        client.peer.local,
+        &PickKey {
+            headers: None,
+            source: client.peer.addr.ip(),
+        },
+    );
     let destination = match &route {
         Route::Hbone { workload, .. } => Some(workload.clone()),
         Route::Direct { workload, .. } => workload.clone(),
@@ -366,7 +435,7 @@ where
         );
         return;
     }
-    let upstream = crate::upstream::open(&shared, &route).await;
+    let upstream = crate::upstream::open(&shared, &route, None).await;
     let upstream = match upstream {
         Ok(u) => u,
         Err(e) => {

@@ -115,8 +115,12 @@ impl AsyncWrite for Tunnel {
 }
 
 /// Opens a tunnel to where `route` says, with the waypoint's identity.
-pub(crate) async fn open(shared: &Shared, route: &Route) -> Result<Tunnel, UpstreamError> {
-    let timeout = shared.config.limits.connect_timeout;
+pub(crate) async fn open(
+    shared: &Shared,
+    route: &Route,
+    connect_timeout: Option<Duration>,
+) -> Result<Tunnel, UpstreamError> {
+    let timeout = connect_timeout.unwrap_or(shared.config.limits.connect_timeout);
     match route {
         Route::Hbone {
             workload,
@@ -184,10 +188,19 @@ fn key_of(route: &Route, protocol: Protocol) -> Option<Key> {
     }
 }
 
+/// An idle HTTP/1.1 connection: how many requests it carried, and since when it idles.
+struct Idle {
+    sender: http1::SendRequest<RequestBody>,
+    uses: u32,
+    since: Instant,
+}
+
 /// The connections to one endpoint.
 struct Entry {
     h2: ArcSwapOption<http2::SendRequest<RequestBody>>,
-    h1_idle: Mutex<Vec<http1::SendRequest<RequestBody>>>,
+    /// Requests sent on the current HTTP/2 connection.
+    h2_uses: std::sync::atomic::AtomicU32,
+    h1_idle: Mutex<Vec<Idle>>,
     /// Seconds since [`Upstreams::epoch`] of the last use.
     last_used: AtomicU64,
 }
@@ -224,6 +237,7 @@ impl Upstreams {
                 .get_or_insert_with(|| {
                     Arc::new(Entry {
                         h2: ArcSwapOption::empty(),
+                        h2_uses: std::sync::atomic::AtomicU32::new(0),
                         h1_idle: Mutex::new(Vec::new()),
                         last_used: AtomicU64::new(now),
                     })
@@ -255,17 +269,24 @@ pub struct Lease {
     entry: Arc<Entry>,
     sender: http1::SendRequest<RequestBody>,
     max_idle: usize,
+    uses: u32,
+    /// `maxRequestsPerConnection`: closed rather than given back after this many.
+    max_uses: Option<u32>,
 }
 
 impl Lease {
     pub fn give_back(self) {
-        if self.sender.is_closed() {
+        if self.sender.is_closed() || self.max_uses.is_some_and(|m| self.uses >= m) {
             return;
         }
         if let Ok(mut idle) = self.entry.h1_idle.try_lock()
             && idle.len() < self.max_idle
         {
-            idle.push(self.sender);
+            idle.push(Idle {
+                sender: self.sender,
+                uses: self.uses,
+                since: Instant::now(),
+            });
         }
     }
 }
@@ -278,6 +299,7 @@ pub(crate) async fn send(
     route: &Route,
     protocol: Protocol,
     req: http::Request<RequestBody>,
+    pool: &ambit_core::traffic::Pool,
 ) -> Result<(http::Response<Incoming>, Option<Lease>), UpstreamError> {
     let Some(key) = key_of(route, protocol) else {
         return Err(UpstreamError::NoHealthy);
@@ -285,15 +307,17 @@ pub(crate) async fn send(
     let entry = shared.upstreams.entry(key);
     match protocol {
         Protocol::Http2 => {
+            let worn = |uses: u32| pool.max_requests_per_connection.is_some_and(|m| uses >= m);
             let pooled = entry
                 .h2
                 .load_full()
                 .filter(|s| !s.is_closed())
+                .filter(|_| !worn(entry.h2_uses.fetch_add(1, Ordering::Relaxed)))
                 .map(|s| http2::SendRequest::clone(&s));
             let mut sender = match pooled {
                 Some(s) => s,
                 None => {
-                    let tunnel = open(shared, route).await?;
+                    let tunnel = open(shared, route, pool.connect_timeout).await?;
                     let (s, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(hyper_util::rt::TokioTimer::new())
                         .handshake(TokioIo::new(tunnel))
@@ -301,6 +325,7 @@ pub(crate) async fn send(
                         .map_err(|e| UpstreamError::Connect(format!("HTTP/2 handshake: {e}")))?;
                     spawn_connection(shared, conn);
                     entry.h2.store(Some(Arc::new(s.clone())));
+                    entry.h2_uses.store(1, Ordering::Relaxed);
                     s
                 }
             };
@@ -312,10 +337,17 @@ pub(crate) async fn send(
         }
         Protocol::Http1 => {
             let mut sender = None;
-            while let Some(mut s) = entry.h1_idle.try_lock().ok().and_then(|mut v| v.pop()) {
-                if s.is_closed() {
+            let mut uses = 0;
+            while let Some(idle) = entry.h1_idle.try_lock().ok().and_then(|mut v| v.pop()) {
+                let Idle {
+                    sender: mut s,
+                    uses: used,
+                    since,
+                } = idle;
+                if s.is_closed() || pool.idle_timeout.is_some_and(|t| since.elapsed() > t) {
                     continue;
                 }
+                uses = used;
                 // A connection goes back once its response has ended; it is ready at
                 // once or about to be.
                 if tokio::time::timeout(Duration::from_millis(50), s.ready())
@@ -329,7 +361,8 @@ pub(crate) async fn send(
             let mut sender = match sender {
                 Some(s) => s,
                 None => {
-                    let tunnel = open(shared, route).await?;
+                    uses = 0;
+                    let tunnel = open(shared, route, pool.connect_timeout).await?;
                     let (s, conn) = http1::Builder::new()
                         .handshake(TokioIo::new(tunnel))
                         .await
@@ -348,6 +381,8 @@ pub(crate) async fn send(
                     entry,
                     sender,
                     max_idle: shared.config.limits.max_idle_per_endpoint,
+                    uses: uses + 1,
+                    max_uses: pool.max_requests_per_connection,
                 }),
             ))
         }

@@ -43,17 +43,20 @@ pub enum ResourceKind {
     WaypointPolicy,
     /// Ambit's waypoint routes (`ambit.waypoint.v1.Route`).
     WaypointRoute,
+    /// Ambit's waypoint traffic policies (`ambit.waypoint.v1.TrafficPolicy`).
+    WaypointTraffic,
 }
 
 impl ResourceKind {
     /// What a node proxy follows (Istio's two types).
     pub const NODE: [ResourceKind; 2] = [ResourceKind::Address, ResourceKind::Authorization];
     /// What a waypoint follows.
-    pub const WAYPOINT: [ResourceKind; 4] = [
+    pub const WAYPOINT: [ResourceKind; 5] = [
         ResourceKind::Address,
         ResourceKind::Authorization,
         ResourceKind::WaypointPolicy,
         ResourceKind::WaypointRoute,
+        ResourceKind::WaypointTraffic,
     ];
 
     pub fn type_url(self) -> &'static str {
@@ -62,6 +65,7 @@ impl ResourceKind {
             ResourceKind::Authorization => pb_sec::AUTHORIZATION_TYPE_URL,
             ResourceKind::WaypointPolicy => ambit_proto::waypoint::POLICY_TYPE_URL,
             ResourceKind::WaypointRoute => ambit_proto::waypoint::ROUTE_TYPE_URL,
+            ResourceKind::WaypointTraffic => ambit_proto::waypoint::TRAFFIC_TYPE_URL,
         }
     }
 
@@ -79,6 +83,11 @@ impl ResourceKind {
                     .map_err(|e| format!("undecodable waypoint Route: {e}"))?;
                 convert::waypoint_route(name, r).map(|r| Update::Route(Box::new(r)))
             }
+            ResourceKind::WaypointTraffic => {
+                let t = ambit_proto::waypoint::TrafficPolicy::decode(body)
+                    .map_err(|e| format!("undecodable waypoint TrafficPolicy: {e}"))?;
+                convert::waypoint_traffic(name, t).map(|t| Update::Traffic(Box::new(t)))
+            }
         }
     }
 
@@ -95,6 +104,9 @@ impl ResourceKind {
             // Where its requests should go is unknown; the waypoint answers 500 while
             // any route is refused (see the waypoint).
             ResourceKind::WaypointRoute => None,
+            // Which limits and breakers apply is unknown; the waypoint answers 500 while
+            // any traffic policy is refused (see the waypoint).
+            ResourceKind::WaypointTraffic => None,
         }
     }
 
@@ -111,6 +123,9 @@ impl ResourceKind {
             }
             ResourceKind::WaypointRoute => {
                 st.remove_http_route(name);
+            }
+            ResourceKind::WaypointTraffic => {
+                st.remove_traffic_policy(name);
             }
         }
     }
@@ -385,7 +400,9 @@ impl XdsClient {
                     }
                     if matches!(
                         kind,
-                        ResourceKind::WaypointPolicy | ResourceKind::WaypointRoute
+                        ResourceKind::WaypointPolicy
+                            | ResourceKind::WaypointRoute
+                            | ResourceKind::WaypointTraffic
                     ) {
                         self.refused[index].insert(name.clone(), reason.clone());
                         self.stand_ins[index].insert(name.clone());
@@ -410,6 +427,7 @@ impl XdsClient {
                     Update::Policy(p) => st.upsert_policy(*p),
                     Update::Targeted(p) => st.upsert_targeted_policy(*p),
                     Update::Route(r) => st.upsert_http_route(*r),
+                    Update::Traffic(t) => st.upsert_traffic_policy(*t),
                 }
             }
             for name in &removed {
@@ -419,6 +437,8 @@ impl XdsClient {
                 st.set_refused_targeted(refused);
             } else if kind == ResourceKind::WaypointRoute {
                 st.set_refused_routes(refused);
+            } else if kind == ResourceKind::WaypointTraffic {
+                st.set_refused_traffic(refused);
             }
         });
         for (name, version) in accepted {
@@ -510,6 +530,7 @@ enum Update {
     Policy(Box<ambit_core::policy::Authorization>),
     Targeted(Box<ambit_core::policy::Authorization>),
     Route(Box<ambit_core::http_route::HttpRoute>),
+    Traffic(Box<ambit_core::traffic::TrafficPolicy>),
 }
 
 fn decode_address(name: &Str, body: &[u8], i: &mut Interner) -> Result<Update, String> {

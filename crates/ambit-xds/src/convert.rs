@@ -828,6 +828,139 @@ pub fn waypoint_route(
         parents,
         rules,
         ordered: r.ordered,
+        created: r.created,
+    })
+}
+
+/// A waypoint traffic policy (`ambit.waypoint.v1.TrafficPolicy`) as the core type;
+/// refused (`Err`) when any part cannot be read faithfully.
+pub fn waypoint_traffic(
+    key: &str,
+    t: pb_wp::TrafficPolicy,
+) -> Result<ambit_core::traffic::TrafficPolicy, String> {
+    use ambit_core::traffic as tr;
+    use std::time::Duration;
+    if format!("{}/{}", t.namespace, t.name) != key {
+        return Err(format!(
+            "the traffic policy's key {key:?} is not its resource name"
+        ));
+    }
+    if t.services.len() + t.gateways.len() > MAX_ROUTE_ITEMS
+        || t.ports.len() > MAX_ROUTE_ITEMS
+        || t.rate_limit
+            .as_ref()
+            .is_some_and(|r| r.descriptors.len() > MAX_ROUTE_ITEMS)
+    {
+        return Err(format!("more than {MAX_ROUTE_ITEMS} items in one list"));
+    }
+    let limit = |n: u32| (n > 0).then_some(n);
+    let millis = |n: u64| (n > 0).then(|| Duration::from_millis(n));
+    let settings = |s: pb_wp::BackendSettings| -> Result<tr::Settings, String> {
+        use pb_wp::backend_settings::Balance as B;
+        let balance = match B::try_from(s.balance) {
+            Ok(B::LeastRequest) => tr::Balance::LeastRequest,
+            Ok(B::RoundRobin) => tr::Balance::RoundRobin,
+            Ok(B::Random) => tr::Balance::Random,
+            Ok(B::HashHeader) => {
+                if http::HeaderName::from_bytes(s.hash_key.as_bytes()).is_err() {
+                    return Err(format!("{:?} is not a header name", s.hash_key));
+                }
+                tr::Balance::Hash(tr::HashOn::Header(s.hash_key.to_ascii_lowercase()))
+            }
+            Ok(B::HashCookie) if !s.hash_key.is_empty() => {
+                tr::Balance::Hash(tr::HashOn::Cookie(s.hash_key.clone()))
+            }
+            Ok(B::HashSourceIp) => tr::Balance::Hash(tr::HashOn::SourceIp),
+            _ => return Err(format!("unknown load balancing {}", s.balance)),
+        };
+        let outlier = s.outlier.map(|o| tr::Outlier {
+            consecutive_5xx: o.consecutive_5xx,
+            consecutive_gateway: o.consecutive_gateway,
+            interval: Duration::from_millis(o.interval_ms.max(1)),
+            base_ejection: Duration::from_millis(o.base_ejection_ms.max(1)),
+            max_ejection_percent: o.max_ejection_percent.min(100),
+        });
+        Ok(tr::Settings {
+            balance,
+            pool: tr::Pool {
+                max_connections: limit(s.max_connections),
+                max_pending: limit(s.max_pending),
+                max_requests: limit(s.max_requests),
+                max_requests_per_connection: limit(s.max_requests_per_connection),
+                idle_timeout: millis(s.idle_timeout_ms),
+                connect_timeout: millis(s.connect_timeout_ms),
+            },
+            outlier,
+        })
+    };
+    let backend = match t.backend {
+        Some(b) => Some(tr::BackendPolicy {
+            default: settings(b)?,
+            ports: t
+                .ports
+                .into_iter()
+                .map(|p| {
+                    let port = u16::try_from(p.port)
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .ok_or_else(|| format!("port {} is out of range", p.port))?;
+                    Ok((port, settings(p.settings.unwrap_or_default())?))
+                })
+                .collect::<Result<Vec<_>, String>>()?,
+        }),
+        None if !t.ports.is_empty() => {
+            return Err("port settings without default settings".into());
+        }
+        None => None,
+    };
+    let bucket = |b: Option<pb_wp::TokenBucket>| -> Result<tr::BucketSpec, String> {
+        let b = b.ok_or("a descriptor without a token bucket")?;
+        if b.max_tokens == 0 || b.tokens_per_fill == 0 || b.fill_interval_ms == 0 {
+            return Err("a token bucket with no tokens or no fill interval".into());
+        }
+        Ok(tr::BucketSpec {
+            max_tokens: b.max_tokens,
+            tokens_per_fill: b.tokens_per_fill,
+            fill_interval: Duration::from_millis(b.fill_interval_ms),
+        })
+    };
+    let rate_limit = match t.rate_limit {
+        Some(r) => Some(tr::RateLimit {
+            bucket: r.bucket.map(|b| bucket(Some(b))).transpose()?,
+            descriptors: r
+                .descriptors
+                .into_iter()
+                .map(|d| {
+                    let key = match (d.header.is_empty(), d.source_principal) {
+                        (false, false) => {
+                            if http::HeaderName::from_bytes(d.header.as_bytes()).is_err() {
+                                return Err(format!("{:?} is not a header name", d.header));
+                            }
+                            tr::DescriptorKey::Header(d.header.to_ascii_lowercase())
+                        }
+                        (true, true) => tr::DescriptorKey::SourcePrincipal,
+                        _ => return Err("a descriptor needs one key".into()),
+                    };
+                    Ok(tr::Descriptor {
+                        key,
+                        value: d.value,
+                        bucket: bucket(d.bucket)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?,
+        }),
+        None => None,
+    };
+    if backend.is_none() && rate_limit.is_none() {
+        return Err("neither backend settings nor a rate limit".into());
+    }
+    Ok(tr::TrafficPolicy {
+        key: key.into(),
+        services: t.services.iter().map(|s| Str::from(s.as_str())).collect(),
+        gateways: t.gateways.iter().map(|s| Str::from(s.as_str())).collect(),
+        created: t.created,
+        backend,
+        rate_limit,
     })
 }
 

@@ -42,10 +42,12 @@ pub enum Kind {
     EndpointSlice,
     GRPCRoute,
     VirtualService,
+    DestinationRule,
+    LocalRateLimit,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -60,6 +62,8 @@ impl Kind {
         Kind::EndpointSlice,
         Kind::GRPCRoute,
         Kind::VirtualService,
+        Kind::DestinationRule,
+        Kind::LocalRateLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +82,8 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::GRPCRoute => "GRPCRoute",
             Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::LocalRateLimit => "LocalRateLimit",
         }
     }
 
@@ -129,6 +135,8 @@ pub enum Object {
     EndpointSlice(Arc<EndpointSlice>),
     GrpcRoute(Arc<GrpcRoute>),
     VirtualService(Arc<VirtualService>),
+    DestinationRule(Arc<DestinationRule>),
+    LocalRateLimit(Arc<LocalRateLimit>),
 }
 
 impl Object {
@@ -148,6 +156,8 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::GrpcRoute(_) => Kind::GRPCRoute,
             Object::VirtualService(_) => Kind::VirtualService,
+            Object::DestinationRule(_) => Kind::DestinationRule,
+            Object::LocalRateLimit(_) => Kind::LocalRateLimit,
         }
     }
 
@@ -167,6 +177,8 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::GrpcRoute(o) => &o.metadata,
             Object::VirtualService(o) => &o.metadata,
+            Object::DestinationRule(o) => &o.metadata,
+            Object::LocalRateLimit(o) => &o.metadata,
         }
     }
 

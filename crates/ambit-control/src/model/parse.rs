@@ -162,10 +162,11 @@ fn options() -> serde_saphyr::Options {
 }
 
 /// The API groups a mesh is configured with.
-const MESH_GROUPS: [&str; 3] = [
+const MESH_GROUPS: [&str; 4] = [
     "security.istio.io",
     "networking.istio.io",
     "gateway.networking.k8s.io",
+    "networking.ambit.io",
 ];
 
 /// Every kind of the API groups a mesh is configured with (Istio's and the Gateway
@@ -200,6 +201,7 @@ fn mesh_group_kinds(group: &str) -> Option<&'static [&'static str]> {
             "TLSRoute",
             "UDPRoute",
         ],
+        "networking.ambit.io" => &["LocalRateLimit"],
         _ => return None,
     })
 }
@@ -328,6 +330,10 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
         ("networking.istio.io", "VirtualService") => {
             (Some(Kind::VirtualService), &["v1", "v1beta1", "v1alpha3"])
         }
+        ("networking.istio.io", "DestinationRule") => {
+            (Some(Kind::DestinationRule), &["v1", "v1beta1", "v1alpha3"])
+        }
+        ("networking.ambit.io", "LocalRateLimit") => (Some(Kind::LocalRateLimit), &["v1alpha1"]),
         _ => (None, &[]),
     };
     let Some(model_kind) = model_kind else {
@@ -461,6 +467,16 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
             let mut o: VirtualService = typed(doc)?;
             default_namespace(&mut o.metadata);
             Object::VirtualService(Arc::new(o))
+        }
+        Kind::DestinationRule => {
+            let mut o: DestinationRule = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::DestinationRule(Arc::new(o))
+        }
+        Kind::LocalRateLimit => {
+            let mut o: LocalRateLimit = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::LocalRateLimit(Arc::new(o))
         }
         Kind::GRPCRoute => {
             let mut o: GrpcRoute = typed(doc)?;

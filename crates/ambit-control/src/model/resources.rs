@@ -46,8 +46,9 @@ pub struct ObjectMeta {
     pub resource_version: Ignored,
     #[serde(default, skip_serializing)]
     pub generation: Ignored,
-    #[serde(default, skip_serializing)]
-    pub creation_timestamp: Ignored,
+    /// RFC 3339; decides precedence between routes (the older first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
     #[serde(default, skip_serializing)]
     pub deletion_timestamp: Ignored,
     #[serde(default, skip_serializing)]
@@ -64,6 +65,15 @@ impl ObjectMeta {
     /// The namespace, for namespaced objects (set by the parser).
     pub fn namespace(&self) -> &str {
         self.namespace.as_ref().map_or("default", |n| n.as_str())
+    }
+
+    /// Seconds since the epoch of `creationTimestamp`; 0 when absent or unreadable.
+    pub fn created(&self) -> i64 {
+        self.creation_timestamp
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
     }
 }
 
@@ -1223,4 +1233,99 @@ pub struct VirtualServiceSpec {
     pub tls: Vec<serde_json::Value>,
     #[serde(default)]
     pub export_to: Vec<String>,
+}
+
+/// Istio `DestinationRule`: its `trafficPolicy` (load balancing, connection pool,
+/// outlier detection, per-port settings) applies at the waypoint serving its host;
+/// interpreted by the translation, which reports what it cannot apply.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationRule {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
+    #[serde(default)]
+    pub spec: DestinationRuleSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRuleSpec {
+    #[serde(default)]
+    pub host: String,
+    /// Kept as written; interpreted by the translation.
+    #[serde(default)]
+    pub traffic_policy: Option<serde_json::Value>,
+    #[serde(default)]
+    pub subsets: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub export_to: Vec<String>,
+    #[serde(default)]
+    pub workload_selector: Option<serde_json::Value>,
+}
+
+/// Ambit's `LocalRateLimit` (`networking.ambit.io/v1alpha1`): a token bucket per
+/// waypoint replica for the requests to the Services (or every Service of the waypoint
+/// Gateways) it targets, with optional descriptors that have buckets of their own.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalRateLimit {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
+    #[serde(default)]
+    pub spec: LocalRateLimitSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalRateLimitSpec {
+    #[serde(default)]
+    pub target_refs: Vec<RateLimitTargetRef>,
+    #[serde(default)]
+    pub token_bucket: Option<TokenBucketSpec>,
+    #[serde(default)]
+    pub descriptors: Vec<RateLimitDescriptorSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitTargetRef {
+    #[serde(default)]
+    pub group: Option<String>,
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenBucketSpec {
+    pub max_tokens: u32,
+    /// Default: `maxTokens`.
+    #[serde(default)]
+    pub tokens_per_fill: Option<u32>,
+    /// A duration (`1s`, `500ms`, `1m`).
+    pub fill_interval: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitDescriptorSpec {
+    /// A request header's name; or set `sourcePrincipal`.
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub source_principal: bool,
+    /// Only requests with this value; absent: each distinct value its own bucket.
+    #[serde(default)]
+    pub value: Option<String>,
+    pub token_bucket: TokenBucketSpec,
 }

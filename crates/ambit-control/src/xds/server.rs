@@ -122,6 +122,7 @@ fn type_name(t: ResourceType) -> &'static str {
         ResourceType::Authorization => "Authorization",
         ResourceType::WaypointPolicy => "WaypointPolicy",
         ResourceType::WaypointRoute => "WaypointRoute",
+        ResourceType::WaypointTraffic => "WaypointTraffic",
     }
 }
 
@@ -457,7 +458,11 @@ impl Subscriber {
         // Waypoint policies the same way: added or changed before the addresses (a
         // service never becomes bound to a waypoint ahead of its policies), removed
         // after them.
-        for t in [ResourceType::WaypointRoute, ResourceType::WaypointPolicy] {
+        for t in [
+            ResourceType::WaypointTraffic,
+            ResourceType::WaypointRoute,
+            ResourceType::WaypointPolicy,
+        ] {
             let Some((send, removed)) = take(&plans[t.index()]) else {
                 continue;
             };
@@ -585,13 +590,19 @@ impl Subscriber {
         // stopped applying is removed from it.
         if matches!(
             t,
-            ResourceType::WaypointPolicy | ResourceType::WaypointRoute
+            ResourceType::WaypointPolicy
+                | ResourceType::WaypointRoute
+                | ResourceType::WaypointTraffic
         ) && let Some(w) = &self.waypoint
         {
             let applies = |body: &[u8]| -> bool {
                 match t {
                     ResourceType::WaypointRoute => ambit_proto::waypoint::Route::decode(body)
                         .is_ok_and(|r| r.waypoints.iter().any(|x| x == w)),
+                    ResourceType::WaypointTraffic => {
+                        ambit_proto::waypoint::TrafficPolicy::decode(body)
+                            .is_ok_and(|r| r.waypoints.iter().any(|x| x == w))
+                    }
                     _ => ambit_proto::waypoint::Policy::decode(body)
                         .is_ok_and(|p| p.waypoints.iter().any(|x| x == w)),
                 }

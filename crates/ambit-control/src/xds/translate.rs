@@ -32,6 +32,7 @@ use imbl::OrdMap;
 use super::peer_authn;
 
 pub mod routes;
+pub mod traffic;
 pub mod waypoint_policy;
 
 use crate::model::fields::{IntOrString, Labels};
@@ -50,6 +51,10 @@ pub const ROUTE_WARNING_PREFIX: &str = "HTTPRoute ";
 pub const GRPC_ROUTE_WARNING_PREFIX: &str = "GRPCRoute ";
 /// How the warnings of VirtualServices are keyed.
 pub const VS_WARNING_PREFIX: &str = "VirtualService ";
+/// How the warnings of DestinationRules are keyed.
+pub const DR_WARNING_PREFIX: &str = "DestinationRule ";
+/// How the warnings of LocalRateLimits are keyed.
+pub const RL_WARNING_PREFIX: &str = "LocalRateLimit ";
 /// Whether waypoints apply the routes they are sent.
 pub const ROUTES_APPLIED: bool = true;
 /// What an HTTPRoute does today.
@@ -90,10 +95,12 @@ pub enum ResourceType {
     WaypointPolicy,
     /// Ambit's own: HTTPRoutes for waypoints (only waypoints ask).
     WaypointRoute,
+    /// Ambit's own: DestinationRules and LocalRateLimits for waypoints.
+    WaypointTraffic,
 }
 
 /// How many discovery types there are.
-pub const TYPES: usize = 4;
+pub const TYPES: usize = 5;
 
 impl ResourceType {
     pub const ALL: [ResourceType; TYPES] = [
@@ -101,6 +108,7 @@ impl ResourceType {
         ResourceType::Authorization,
         ResourceType::WaypointPolicy,
         ResourceType::WaypointRoute,
+        ResourceType::WaypointTraffic,
     ];
 
     pub fn type_url(self) -> &'static str {
@@ -109,6 +117,7 @@ impl ResourceType {
             ResourceType::Authorization => pb_sec::AUTHORIZATION_TYPE_URL,
             ResourceType::WaypointPolicy => ambit_proto::waypoint::POLICY_TYPE_URL,
             ResourceType::WaypointRoute => ambit_proto::waypoint::ROUTE_TYPE_URL,
+            ResourceType::WaypointTraffic => ambit_proto::waypoint::TRAFFIC_TYPE_URL,
         }
     }
 
@@ -174,6 +183,10 @@ enum Unit {
     GrpcRoute(String, String),
     /// A VirtualService for waypoints.
     VirtualService(String, String),
+    /// A DestinationRule for waypoints.
+    DestinationRule(String, String),
+    /// A LocalRateLimit for waypoints.
+    RateLimit(String, String),
 }
 
 /// Incremental translator.
@@ -263,6 +276,23 @@ impl Translator {
                 for o in m.of_kind(Kind::VirtualService) {
                     let k = o.key();
                     out.insert(Unit::VirtualService(k.namespace, k.name));
+                }
+            }
+        }
+        // Traffic policies resolve Services and their waypoints too; DestinationRules
+        // also each other (the oldest for a host applies).
+        if matches!(
+            key.kind,
+            Kind::Service | Kind::Namespace | Kind::Gateway | Kind::DestinationRule
+        ) {
+            for m in [model, old] {
+                for o in m.of_kind(Kind::DestinationRule) {
+                    let k = o.key();
+                    out.insert(Unit::DestinationRule(k.namespace, k.name));
+                }
+                for o in m.of_kind(Kind::LocalRateLimit) {
+                    let k = o.key();
+                    out.insert(Unit::RateLimit(k.namespace, k.name));
                 }
             }
         }
@@ -403,6 +433,12 @@ impl Translator {
             Kind::VirtualService => {
                 out.insert(Unit::VirtualService(ns, name));
             }
+            Kind::DestinationRule => {
+                out.insert(Unit::DestinationRule(ns, name));
+            }
+            Kind::LocalRateLimit => {
+                out.insert(Unit::RateLimit(ns, name));
+            }
             Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry => {}
         }
     }
@@ -482,6 +518,39 @@ impl Translator {
         match unit {
             // Several resources: [`Translator::translate_unit`].
             Unit::EndpointSlice(..) => None,
+            Unit::DestinationRule(ns, name) | Unit::RateLimit(ns, name) => {
+                let (prefix, kind) = match unit {
+                    Unit::RateLimit(..) => (RL_WARNING_PREFIX, Kind::LocalRateLimit),
+                    _ => (DR_WARNING_PREFIX, Kind::DestinationRule),
+                };
+                let key = format!("{prefix}{ns}/{name}");
+                let (policy, warnings) = match model.lookup(kind, ns, name) {
+                    Some(Object::DestinationRule(d)) => {
+                        traffic::translate_dr(model, d, &self.options)
+                    }
+                    Some(Object::LocalRateLimit(r)) => {
+                        traffic::translate_rl(model, r, &self.options)
+                    }
+                    _ => {
+                        self.warnings.remove(&key);
+                        return None;
+                    }
+                };
+                for w in &warnings {
+                    tracing::warn!(resource = %key, warning = %w, "traffic policy");
+                }
+                if warnings.is_empty() {
+                    self.warnings.remove(&key);
+                } else {
+                    self.warnings.insert(key, warnings);
+                }
+                let policy = policy?;
+                Some((
+                    ResourceType::WaypointTraffic,
+                    format!("{ns}/{}", policy.name),
+                    Encoded::of(&policy),
+                ))
+            }
             Unit::Route(ns, name) | Unit::GrpcRoute(ns, name) | Unit::VirtualService(ns, name) => {
                 let (prefix, kind) = match unit {
                     Unit::GrpcRoute(..) => (GRPC_ROUTE_WARNING_PREFIX, Kind::GRPCRoute),
@@ -658,6 +727,8 @@ fn units_of(object: &Object) -> Option<Unit> {
         Kind::HTTPRoute => Some(Unit::Route(k.namespace, k.name)),
         Kind::GRPCRoute => Some(Unit::GrpcRoute(k.namespace, k.name)),
         Kind::VirtualService => Some(Unit::VirtualService(k.namespace, k.name)),
+        Kind::DestinationRule => Some(Unit::DestinationRule(k.namespace, k.name)),
+        Kind::LocalRateLimit => Some(Unit::RateLimit(k.namespace, k.name)),
         _ => None,
     }
 }
@@ -1180,6 +1251,8 @@ pub fn unenforced_count(warnings: &BTreeMap<String, Vec<String>>) -> usize {
             !k.starts_with(ROUTE_WARNING_PREFIX)
                 && !k.starts_with(GRPC_ROUTE_WARNING_PREFIX)
                 && !k.starts_with(VS_WARNING_PREFIX)
+                && !k.starts_with(DR_WARNING_PREFIX)
+                && !k.starts_with(RL_WARNING_PREFIX)
         })
         .filter(|(_, w)| w.iter().any(|m| m.starts_with("NOT ENFORCED")))
         .count()

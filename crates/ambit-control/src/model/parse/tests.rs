@@ -346,7 +346,7 @@ fn labels_are_validated() {
 #[test]
 fn unknown_kinds_are_skipped_and_listed() {
     let parsed = parse_file(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: v}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: v}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n",
     )
     .unwrap();
     assert!(parsed.objects.is_empty());
@@ -354,7 +354,7 @@ fn unknown_kinds_are_skipped_and_listed() {
         parsed.ignored,
         [
             "apps/v1 Deployment (line 1)",
-            "networking.istio.io/v1 DestinationRule (line 5)",
+            "networking.istio.io/v1 Sidecar (line 5)",
             "v1 ConfigMap (line 9)"
         ]
     );

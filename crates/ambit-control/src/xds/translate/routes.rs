@@ -35,7 +35,7 @@ pub fn translate(
     }
     finish(
         r.metadata.name.as_str().to_owned(),
-        ns,
+        (ns, r.metadata.created()),
         hostnames(&r.spec.hostnames),
         (parents, waypoints),
         rules,
@@ -47,7 +47,7 @@ pub fn translate(
 /// The route resource, or none when no parent is served by a waypoint.
 fn finish(
     name: String,
-    ns: &str,
+    (ns, created): (&str, i64),
     hostnames: Vec<String>,
     (parents, waypoints): (Vec<pb::RouteParent>, Vec<String>),
     rules: Vec<pb::RouteRule>,
@@ -64,7 +64,7 @@ fn finish(
         hostnames,
         rules,
         waypoints,
-        created: 0,
+        created,
         ordered,
     };
     (Some(route), warnings)
@@ -137,7 +137,7 @@ pub fn translate_grpc(
     }
     finish(
         format!("{GRPC_NAME_PREFIX}{}", r.metadata.name.as_str()),
-        ns,
+        (ns, r.metadata.created()),
         hostnames(&r.spec.hostnames),
         (parents, waypoints),
         rules,
@@ -151,7 +151,7 @@ pub const VS_NAME_PREFIX: &str = "vs:";
 
 /// The Service a VirtualService host names (`reviews`, `reviews.shop`,
 /// `reviews.shop.svc.cluster.local`), looked up from namespace `ns`.
-fn vs_host<'a>(
+pub(super) fn service_for_host<'a>(
     model: &'a Model,
     ns: &str,
     host: &str,
@@ -209,7 +209,7 @@ pub fn translate_vs(
     let mut parents = Vec::new();
     let mut waypoints = Vec::new();
     for host in &vs.spec.hosts {
-        let Some(svc) = vs_host(model, ns, host, o) else {
+        let Some(svc) = service_for_host(model, ns, host, o) else {
             warnings.push(format!("NOT ENFORCED for host {host}: no such Service"));
             continue;
         };
@@ -266,7 +266,7 @@ pub fn translate_vs(
     waypoints.dedup();
     finish(
         format!("{VS_NAME_PREFIX}{}", vs.metadata.name.as_str()),
-        ns,
+        (ns, vs.metadata.created()),
         Vec::new(),
         (parents, waypoints),
         rules,
@@ -405,7 +405,7 @@ fn translate_vs_http(
         if dest.get("subset").is_some() {
             warnings.push(format!("{label}: destination {host}: subsets (DestinationRule) are not supported yet; its share of requests is answered 500"));
         } else {
-            match vs_host(model, ns, host, o) {
+            match service_for_host(model, ns, host, o) {
                 Some(svc) => {
                     let port = dest
                         .get("port")

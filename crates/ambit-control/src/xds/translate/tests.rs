@@ -955,3 +955,180 @@ spec:
         "{w:?}"
     );
 }
+
+fn traffic_policy(t: &Translator, name: &str) -> Option<ambit_proto::waypoint::TrafficPolicy> {
+    t.resources(ResourceType::WaypointTraffic)
+        .get(name)
+        .map(|enc| ambit_proto::waypoint::TrafficPolicy::decode(&*enc.body).unwrap())
+}
+
+const TRAFFIC_BASE: &str = "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: demo}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo, labels: {istio.io/use-waypoint: wp}}
+spec: {selector: {app: echo}, clusterIP: 198.19.0.50, ports: [{name: http, port: 80}, {name: alt, port: 8080}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: demo}
+spec: {selector: {app: echo}, clusterIP: 198.19.0.51, ports: [{port: 80}]}
+";
+
+#[test]
+fn a_destinationrule_becomes_backend_settings_for_the_waypoint_of_its_host() {
+    let dr = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo, creationTimestamp: '2026-01-01T00:00:00Z'}
+spec:
+  host: web
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: X-User}}
+    connectionPool:
+      tcp: {maxConnections: 2, connectTimeout: 250ms}
+      http: {http1MaxPendingRequests: 1, http2MaxRequests: 10, maxRequestsPerConnection: 5, idleTimeout: 30s, maxRetries: 3}
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 50}
+    portLevelSettings:
+    - port: {number: 8080}
+      loadBalancer: {simple: ROUND_ROBIN}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-later, namespace: demo, creationTimestamp: '2026-02-01T00:00:00Z'}
+spec: {host: web.demo.svc.cluster.local, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: plain, namespace: demo}
+spec: {host: plain, trafficPolicy: {loadBalancer: {simple: RANDOM}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: bad, namespace: other}
+spec: {host: web.demo, trafficPolicy: {loadBalancer: {simple: FASTEST}}}
+";
+    let m = model(1, &format!("{BASE}{TRAFFIC_BASE}{dr}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let p = traffic_policy(&t, "demo/dr:web").expect("the DestinationRule's resource");
+    assert_eq!(p.services, ["demo/web.demo.svc.cluster.local"]);
+    assert_eq!(p.waypoints, ["demo/wp"]);
+    assert_eq!(p.created, 1_767_225_600);
+    let b = p.backend.unwrap();
+    use ambit_proto::waypoint::backend_settings::Balance;
+    assert_eq!(
+        (b.balance, b.hash_key.as_str()),
+        (Balance::HashHeader as i32, "x-user")
+    );
+    assert_eq!(
+        (
+            b.max_connections,
+            b.max_pending,
+            b.max_requests,
+            b.max_requests_per_connection
+        ),
+        (2, 1, 10, 5)
+    );
+    assert_eq!((b.connect_timeout_ms, b.idle_timeout_ms), (250, 30_000));
+    let o = b.outlier.unwrap();
+    assert_eq!(
+        (
+            o.consecutive_5xx,
+            o.interval_ms,
+            o.base_ejection_ms,
+            o.max_ejection_percent
+        ),
+        (2, 1000, 3000, 50)
+    );
+    assert_eq!(p.ports[0].port, 8080);
+    assert_eq!(
+        p.ports[0].settings.as_ref().unwrap().balance,
+        Balance::RoundRobin as i32
+    );
+    let w = &t.warnings()["DestinationRule demo/web"];
+    assert!(
+        w.iter().any(|w| w.contains("maxRetries is not supported")),
+        "{w:?}"
+    );
+    // The younger one for the same host, the one for a Service without a waypoint, and
+    // an unreadable one: not published, and each says why.
+    for (name, why) in [
+        ("demo/web-later", "is older and applies to the same host"),
+        ("demo/plain", "not bound to a waypoint"),
+        ("other/bad", "FASTEST"),
+    ] {
+        let (ns, n) = name.split_once('/').unwrap();
+        assert!(
+            traffic_policy(&t, &format!("{ns}/dr:{n}")).is_none(),
+            "{name}"
+        );
+        let w = &t.warnings()[&format!("DestinationRule {name}")];
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("NOT ENFORCED") && w.contains(why)),
+            "{name}: {w:?}"
+        );
+    }
+    // The older one gone, the younger applies.
+    let without = m.apply(vec![crate::model::Event::Delete(crate::model::ObjectRef {
+        kind: Kind::DestinationRule,
+        namespace: "demo".into(),
+        name: "web".into(),
+    })]);
+    let changes = without.changes_since(&m);
+    t.apply(&without, &m, &changes);
+    assert!(traffic_policy(&t, "demo/dr:web").is_none());
+    assert!(traffic_policy(&t, "demo/dr:web-later").is_some());
+}
+
+#[test]
+fn a_local_rate_limit_becomes_buckets_for_its_services_and_waypoints() {
+    let rl = "---
+apiVersion: networking.ambit.io/v1alpha1
+kind: LocalRateLimit
+metadata: {name: web, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, name: web}, {kind: Service, name: plain}, {group: gateway.networking.k8s.io, kind: Gateway, name: wp}]
+  tokenBucket: {maxTokens: 10, fillInterval: 1s}
+  descriptors:
+  - {header: X-User, tokenBucket: {maxTokens: 2, tokensPerFill: 1, fillInterval: 1m}}
+  - {sourcePrincipal: true, value: 'spiffe://cluster.local/ns/demo/sa/batch', tokenBucket: {maxTokens: 1, fillInterval: 10s}}
+---
+apiVersion: networking.ambit.io/v1alpha1
+kind: LocalRateLimit
+metadata: {name: broken, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, name: web}]
+  tokenBucket: {maxTokens: 0, fillInterval: 1s}
+";
+    let m = model(1, &format!("{BASE}{TRAFFIC_BASE}{rl}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let p = traffic_policy(&t, "demo/rl:web").expect("the rate limit's resource");
+    assert_eq!(p.services, ["demo/web.demo.svc.cluster.local"]);
+    assert_eq!(p.gateways, ["demo/wp"]);
+    assert_eq!(p.waypoints, ["demo/wp"]);
+    let r = p.rate_limit.unwrap();
+    let b = r.bucket.unwrap();
+    assert_eq!(
+        (b.max_tokens, b.tokens_per_fill, b.fill_interval_ms),
+        (10, 10, 1000)
+    );
+    assert_eq!(r.descriptors[0].header, "x-user");
+    assert_eq!(r.descriptors[0].bucket.unwrap().fill_interval_ms, 60_000);
+    assert!(r.descriptors[1].source_principal);
+    let w = &t.warnings()["LocalRateLimit demo/web"];
+    assert!(
+        w.iter()
+            .any(|w| w.contains("Service plain") && w.contains("not bound to a waypoint")),
+        "{w:?}"
+    );
+    assert!(traffic_policy(&t, "demo/rl:broken").is_none());
+    let w = &t.warnings()["LocalRateLimit demo/broken"];
+    assert!(w.iter().any(|w| w.contains("maxTokens")), "{w:?}");
+}

@@ -1,0 +1,467 @@
+//! Traffic policies for waypoints: Istio's DestinationRule `trafficPolicy` and Ambit's
+//! LocalRateLimit, resolved to the services (and waypoints) they apply to.
+//!
+//! A setting Ambit applies is translated; one it does not is named in a warning (shown
+//! by `ambit control validate`, `/debug/config` and the log), never dropped without a
+//! word. A value that cannot be read refuses the whole resource: a half-applied circuit
+//! breaker or rate limit would be worse than a visible refusal.
+
+use ambit_proto::waypoint as pb;
+
+use super::routes::{parse_duration, service_for_host};
+use super::waypoint_policy::{WAYPOINT_CLASS, gateway_of};
+use super::{TranslateOptions, WaypointFor, service_hostname, waypoint};
+use crate::model::{DestinationRule, Kind, LocalRateLimit, Model, Object, TokenBucketSpec};
+
+/// Resource names: `<namespace>/dr:<name>` and `<namespace>/rl:<name>`.
+pub const DR_NAME_PREFIX: &str = "dr:";
+pub const RL_NAME_PREFIX: &str = "rl:";
+
+/// The DestinationRule as a waypoint resource, or none (every warning says why).
+pub fn translate_dr(
+    model: &Model,
+    dr: &DestinationRule,
+    o: &TranslateOptions,
+) -> (Option<pb::TrafficPolicy>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let ns = dr.metadata.namespace();
+    let host = dr.spec.host.as_str();
+    if dr.spec.workload_selector.is_some() {
+        warnings.push(
+            "NOT ENFORCED: workloadSelector applies a DestinationRule to sidecars; a waypoint applies it by host"
+                .to_owned(),
+        );
+        return (None, warnings);
+    }
+    let Some(svc) = service_for_host(model, ns, host, o) else {
+        warnings.push(format!(
+            "NOT ENFORCED: host {host:?} is not a Service Ambit knows (wildcards and ServiceEntry hosts are not supported)"
+        ));
+        return (None, warnings);
+    };
+    let svc_ns = svc.metadata.namespace();
+    let svc_key = format!("{svc_ns}/{}", service_hostname(svc, o));
+    // One DestinationRule per host: the oldest applies, as Istio keeps the first.
+    let mine = (dr.metadata.created(), ns, dr.metadata.name.as_str());
+    for other in model.of_kind(Kind::DestinationRule) {
+        if let Object::DestinationRule(d) = other {
+            let theirs = (
+                d.metadata.created(),
+                d.metadata.namespace(),
+                d.metadata.name.as_str(),
+            );
+            if theirs < mine
+                && d.spec.workload_selector.is_none()
+                && readable(d)
+                && service_for_host(model, d.metadata.namespace(), &d.spec.host, o)
+                    .is_some_and(|s| std::ptr::eq(s, svc))
+            {
+                warnings.push(format!(
+                    "NOT ENFORCED: DestinationRule {}/{} is older and applies to the same host",
+                    theirs.1, theirs.2
+                ));
+                return (None, warnings);
+            }
+        }
+    }
+    if !dr.spec.subsets.is_empty() {
+        warnings.push(
+            "subsets are not supported yet: routes naming one answer their share 500".to_owned(),
+        );
+    }
+    let bound = waypoint(model, &svc.metadata, WaypointFor::Service, o);
+    let Some(w) = bound.as_ref().and_then(|g| gateway_of(g, o)) else {
+        warnings.push(format!(
+            "NOT ENFORCED: Service {svc_ns}/{} is not bound to a waypoint (label it istio.io/use-waypoint=<waypoint>); traffic policies apply at waypoints",
+            svc.metadata.name
+        ));
+        return (None, warnings);
+    };
+    let empty = serde_json::Value::Null;
+    let policy = dr.spec.traffic_policy.as_ref().unwrap_or(&empty);
+    let mut out = pb::TrafficPolicy {
+        name: format!("{DR_NAME_PREFIX}{}", dr.metadata.name.as_str()),
+        namespace: ns.to_owned(),
+        services: vec![svc_key],
+        gateways: Vec::new(),
+        waypoints: vec![w],
+        created: dr.metadata.created(),
+        ..Default::default()
+    };
+    match settings(policy, "trafficPolicy", &mut warnings) {
+        Ok(s) => out.backend = Some(s),
+        Err(e) => {
+            warnings.push(format!("NOT ENFORCED: {e}"));
+            return (None, warnings);
+        }
+    }
+    if let Some(ports) = policy.get("portLevelSettings") {
+        let Some(list) = ports.as_array() else {
+            warnings.push("NOT ENFORCED: trafficPolicy.portLevelSettings must be a list".into());
+            return (None, warnings);
+        };
+        for (i, p) in list.iter().enumerate() {
+            let at = format!("trafficPolicy.portLevelSettings[{i}]");
+            let number = p
+                .get("port")
+                .and_then(|p| p.get("number"))
+                .and_then(serde_json::Value::as_u64)
+                .filter(|n| (1..=65535).contains(n));
+            let Some(number) = number else {
+                warnings.push(format!(
+                    "NOT ENFORCED: {at}.port.number must be a port (1-65535)"
+                ));
+                return (None, warnings);
+            };
+            match settings(p, &at, &mut warnings) {
+                Ok(s) => out.ports.push(pb::PortBackendSettings {
+                    port: number as u32,
+                    settings: Some(s),
+                }),
+                Err(e) => {
+                    warnings.push(format!("NOT ENFORCED: {e}"));
+                    return (None, warnings);
+                }
+            }
+        }
+    }
+    (Some(out), warnings)
+}
+
+/// Whether a DestinationRule's settings can be read (so it applies where it is older).
+fn readable(dr: &DestinationRule) -> bool {
+    let empty = serde_json::Value::Null;
+    let policy = dr.spec.traffic_policy.as_ref().unwrap_or(&empty);
+    let mut ignored = Vec::new();
+    settings(policy, "", &mut ignored).is_ok()
+        && match policy.get("portLevelSettings") {
+            None => true,
+            Some(p) => p
+                .as_array()
+                .is_some_and(|list| list.iter().all(|p| settings(p, "", &mut ignored).is_ok())),
+        }
+}
+
+fn known_fields(v: &serde_json::Value, at: &str, known: &[&str], warnings: &mut Vec<String>) {
+    if let Some(map) = v.as_object() {
+        for k in map.keys() {
+            if !known.contains(&k.as_str()) {
+                warnings.push(format!("{at}.{k} is not supported; ignored"));
+            }
+        }
+    }
+}
+
+fn count(v: &serde_json::Value, field: &str, at: &str) -> Result<u32, String> {
+    match v.get(field) {
+        None => Ok(0),
+        Some(n) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| format!("{at}.{field} must be a whole number, not {n}")),
+    }
+}
+
+fn duration(v: &serde_json::Value, field: &str, at: &str) -> Result<u64, String> {
+    match v.get(field) {
+        None => Ok(0),
+        Some(d) => d
+            .as_str()
+            .ok_or_else(|| format!("{at}.{field} must be a duration like 10s"))
+            .and_then(|s| parse_duration(s).map_err(|e| format!("{at}.{field}: {e}"))),
+    }
+}
+
+/// One `trafficPolicy` (or port's settings).
+fn settings(
+    p: &serde_json::Value,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Result<pb::BackendSettings, String> {
+    use pb::backend_settings::Balance;
+    let mut out = pb::BackendSettings::default();
+    known_fields(
+        p,
+        at,
+        &[
+            "loadBalancer",
+            "connectionPool",
+            "outlierDetection",
+            "portLevelSettings",
+            "port",
+            "tls",
+        ],
+        warnings,
+    );
+    if let Some(tls) = p.get("tls") {
+        let mode = tls.get("mode").and_then(|m| m.as_str()).unwrap_or("");
+        if mode != "ISTIO_MUTUAL" {
+            warnings.push(format!(
+                "{at}.tls is not applied: the waypoint always reaches mesh endpoints with the mesh's mutual TLS"
+            ));
+        }
+    }
+    if let Some(lb) = p.get("loadBalancer") {
+        let at = format!("{at}.loadBalancer");
+        known_fields(lb, &at, &["simple", "consistentHash"], warnings);
+        if let Some(simple) = lb.get("simple") {
+            out.balance = match simple.as_str() {
+                Some("LEAST_REQUEST" | "LEAST_CONN" | "UNSPECIFIED") => Balance::LeastRequest,
+                Some("ROUND_ROBIN") => Balance::RoundRobin,
+                Some("RANDOM") => Balance::Random,
+                _ => {
+                    return Err(format!(
+                        "{at}.simple {simple} is not one of LEAST_REQUEST, ROUND_ROBIN, RANDOM"
+                    ));
+                }
+            } as i32;
+        }
+        if let Some(h) = lb.get("consistentHash") {
+            let at = format!("{at}.consistentHash");
+            known_fields(
+                h,
+                &at,
+                &[
+                    "httpHeaderName",
+                    "httpCookie",
+                    "useSourceIp",
+                    "ringHash",
+                    "maglev",
+                    "minimumRingSize",
+                ],
+                warnings,
+            );
+            if let Some(name) = h.get("httpHeaderName").and_then(|n| n.as_str()) {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(format!("{at}.httpHeaderName {name:?} is not a header name"));
+                }
+                out.balance = Balance::HashHeader as i32;
+                out.hash_key = name.to_ascii_lowercase();
+            } else if let Some(c) = h.get("httpCookie") {
+                let Some(name) = c.get("name").and_then(|n| n.as_str()).filter(|n| {
+                    !n.is_empty()
+                        && n.bytes()
+                            .all(|b| b.is_ascii_graphic() && !b"=;,".contains(&b))
+                }) else {
+                    return Err(format!("{at}.httpCookie.name must be a cookie name"));
+                };
+                if c.get("ttl").is_some() {
+                    warnings.push(format!(
+                        "{at}.httpCookie.ttl: the waypoint does not set the cookie; requests without it are balanced as LEAST_REQUEST"
+                    ));
+                }
+                out.balance = Balance::HashCookie as i32;
+                out.hash_key = name.to_owned();
+            } else if h.get("useSourceIp").and_then(|b| b.as_bool()) == Some(true) {
+                out.balance = Balance::HashSourceIp as i32;
+            } else {
+                return Err(format!(
+                    "{at} needs httpHeaderName, httpCookie or useSourceIp: true"
+                ));
+            }
+        }
+    }
+    if let Some(pool) = p.get("connectionPool") {
+        let at = format!("{at}.connectionPool");
+        known_fields(pool, &at, &["tcp", "http"], warnings);
+        if let Some(tcp) = pool.get("tcp") {
+            let at = format!("{at}.tcp");
+            known_fields(
+                tcp,
+                &at,
+                &["maxConnections", "connectTimeout", "idleTimeout"],
+                warnings,
+            );
+            out.max_connections = count(tcp, "maxConnections", &at)?;
+            out.connect_timeout_ms = duration(tcp, "connectTimeout", &at)?;
+            out.idle_timeout_ms = duration(tcp, "idleTimeout", &at)?;
+        }
+        if let Some(h) = pool.get("http") {
+            let at = format!("{at}.http");
+            known_fields(
+                h,
+                &at,
+                &[
+                    "http1MaxPendingRequests",
+                    "http2MaxRequests",
+                    "maxRequestsPerConnection",
+                    "idleTimeout",
+                ],
+                warnings,
+            );
+            out.max_pending = count(h, "http1MaxPendingRequests", &at)?;
+            out.max_requests = count(h, "http2MaxRequests", &at)?;
+            out.max_requests_per_connection = count(h, "maxRequestsPerConnection", &at)?;
+            let idle = duration(h, "idleTimeout", &at)?;
+            if idle > 0 {
+                out.idle_timeout_ms = idle;
+            }
+        }
+    }
+    if let Some(od) = p.get("outlierDetection") {
+        let at = format!("{at}.outlierDetection");
+        known_fields(
+            od,
+            &at,
+            &[
+                "consecutive5xxErrors",
+                "consecutiveGatewayErrors",
+                "interval",
+                "baseEjectionTime",
+                "maxEjectionPercent",
+                "minHealthPercent",
+            ],
+            warnings,
+        );
+        let defaults = ambit_core::traffic::Outlier::default();
+        let millis = |field: &str, default: std::time::Duration| -> Result<u64, String> {
+            Ok(match duration(od, field, &at)? {
+                0 => default.as_millis() as u64,
+                ms => ms,
+            })
+        };
+        let percent = match od.get("maxEjectionPercent") {
+            None => defaults.max_ejection_percent,
+            Some(_) => count(od, "maxEjectionPercent", &at)?.min(100),
+        };
+        if od
+            .get("minHealthPercent")
+            .and_then(serde_json::Value::as_u64)
+            .is_some_and(|n| n > 0)
+        {
+            warnings.push(format!(
+                "{at}.minHealthPercent: ejection is never suspended (as with 0)"
+            ));
+        }
+        out.outlier = Some(pb::OutlierDetection {
+            consecutive_5xx: match od.get("consecutive5xxErrors") {
+                None => defaults.consecutive_5xx,
+                Some(_) => count(od, "consecutive5xxErrors", &at)?,
+            },
+            consecutive_gateway: count(od, "consecutiveGatewayErrors", &at)?,
+            interval_ms: millis("interval", defaults.interval)?,
+            base_ejection_ms: millis("baseEjectionTime", defaults.base_ejection)?,
+            max_ejection_percent: percent,
+        });
+    }
+    Ok(out)
+}
+
+/// The LocalRateLimit as a waypoint resource, or none (every warning says why).
+pub fn translate_rl(
+    model: &Model,
+    rl: &LocalRateLimit,
+    o: &TranslateOptions,
+) -> (Option<pb::TrafficPolicy>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let ns = rl.metadata.namespace();
+    let mut out = pb::TrafficPolicy {
+        name: format!("{RL_NAME_PREFIX}{}", rl.metadata.name.as_str()),
+        namespace: ns.to_owned(),
+        created: rl.metadata.created(),
+        ..Default::default()
+    };
+    let bucket = |b: &TokenBucketSpec, at: &str| -> Result<pb::TokenBucket, String> {
+        let fill =
+            parse_duration(&b.fill_interval).map_err(|e| format!("{at}.fillInterval: {e}"))?;
+        if fill == 0 {
+            return Err(format!("{at}.fillInterval must be more than 0"));
+        }
+        if b.max_tokens == 0 {
+            return Err(format!("{at}.maxTokens must be at least 1"));
+        }
+        Ok(pb::TokenBucket {
+            max_tokens: b.max_tokens,
+            tokens_per_fill: b.tokens_per_fill.unwrap_or(b.max_tokens).max(1),
+            fill_interval_ms: fill,
+        })
+    };
+    let mut limit = pb::RateLimit::default();
+    if let Some(b) = &rl.spec.token_bucket {
+        match bucket(b, "spec.tokenBucket") {
+            Ok(b) => limit.bucket = Some(b),
+            Err(e) => {
+                warnings.push(format!("NOT ENFORCED: {e}"));
+                return (None, warnings);
+            }
+        }
+    }
+    for (i, d) in rl.spec.descriptors.iter().enumerate() {
+        let at = format!("spec.descriptors[{i}]");
+        let header = d.header.as_deref().map(str::to_ascii_lowercase);
+        let problem = match (&header, d.source_principal) {
+            (Some(_), true) | (None, false) => Some(format!(
+                "{at} needs exactly one of header and sourcePrincipal"
+            )),
+            (Some(h), false) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                Some(format!("{at}.header {h:?} is not a header name"))
+            }
+            _ => None,
+        };
+        let b = bucket(&d.token_bucket, &format!("{at}.tokenBucket"));
+        match (problem, b) {
+            (None, Ok(b)) => limit.descriptors.push(pb::RateLimitDescriptor {
+                header: header.unwrap_or_default(),
+                source_principal: d.source_principal,
+                value: d.value.clone(),
+                bucket: Some(b),
+            }),
+            (Some(e), _) | (None, Err(e)) => {
+                warnings.push(format!("NOT ENFORCED: {e}"));
+                return (None, warnings);
+            }
+        }
+    }
+    if limit.bucket.is_none() && limit.descriptors.is_empty() {
+        warnings.push("NOT ENFORCED: neither tokenBucket nor descriptors is set".to_owned());
+        return (None, warnings);
+    }
+    out.rate_limit = Some(limit);
+    for t in &rl.spec.target_refs {
+        let name = t.name.as_str();
+        match (t.group.as_deref().unwrap_or(""), t.kind.as_str()) {
+            ("" | "core", "Service") => {
+                let Some(Object::Service(svc)) = model.lookup(Kind::Service, ns, name) else {
+                    warnings.push(format!("NOT ENFORCED for Service {name}: no such Service in {ns}"));
+                    continue;
+                };
+                let bound = waypoint(model, &svc.metadata, WaypointFor::Service, o);
+                let Some(w) = bound.as_ref().and_then(|g| gateway_of(g, o)) else {
+                    warnings.push(format!(
+                        "NOT ENFORCED for Service {name}: it is not bound to a waypoint (label it istio.io/use-waypoint=<waypoint>)"
+                    ));
+                    continue;
+                };
+                out.services
+                    .push(format!("{ns}/{}", service_hostname(svc, o)));
+                out.waypoints.push(w);
+            }
+            ("gateway.networking.k8s.io", "Gateway") => {
+                let waypoint_gateway = matches!(
+                    model.lookup(Kind::Gateway, ns, name),
+                    Some(Object::Gateway(g)) if g.spec.gateway_class_name.as_str() == WAYPOINT_CLASS
+                );
+                if !waypoint_gateway {
+                    warnings.push(format!(
+                        "NOT ENFORCED for Gateway {name}: no Gateway of class {WAYPOINT_CLASS} by that name in {ns}"
+                    ));
+                    continue;
+                }
+                out.gateways.push(format!("{ns}/{name}"));
+                out.waypoints.push(format!("{ns}/{name}"));
+            }
+            (group, kind) => warnings.push(format!(
+                "NOT ENFORCED for {kind} {name} (group {group:?}): a LocalRateLimit targets a Service or a waypoint Gateway (group gateway.networking.k8s.io)"
+            )),
+        }
+    }
+    out.waypoints.sort();
+    out.waypoints.dedup();
+    if out.waypoints.is_empty() {
+        if rl.spec.target_refs.is_empty() {
+            warnings.push("NOT ENFORCED: targetRefs is empty".to_owned());
+        }
+        return (None, warnings);
+    }
+    (Some(out), warnings)
+}
