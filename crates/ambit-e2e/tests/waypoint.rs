@@ -74,8 +74,14 @@ async fn setup() -> Setup {
 /// The mesh with a running waypoint that takes `takes` (`istio.io/waypoint-for`),
 /// bound through namespace demo's label (`by_namespace`) or the echo Service's.
 async fn setup_with(takes: &str, by_namespace: bool) -> Setup {
+    setup_with_pods(takes, by_namespace, Vec::new()).await
+}
+
+/// As [`setup_with`], with more pods in the mesh.
+async fn setup_with_pods(takes: &str, by_namespace: bool, extra: Vec<PodSpec>) -> Setup {
     logs::init();
     let mut specs = cast();
+    specs.extend(extra);
     specs.push(PodSpec {
         name: "waypoint-0",
         namespace: "demo",
@@ -1942,4 +1948,286 @@ async fn apply_routes(s: &Setup, backend: Option<(&str, &str, &str, u16)>, route
             && service.is_none_or(|n| state.services().any(|s| s.name.as_ref() == n))
     })
     .await;
+}
+
+/// A second endpoint of the echo app, on node-b.
+fn echo_2() -> PodSpec {
+    PodSpec {
+        name: "echo-2",
+        namespace: "demo",
+        service_account: "echo",
+        app: "echo",
+        node: "node-b",
+        ip: Ipv4Addr::new(198, 18, 2, 11),
+        enrolled: true,
+        in_model: true,
+    }
+}
+
+/// A server in `pod` on `port` answering every request `status` with `body`, after
+/// `delay`.
+fn status_server(
+    mesh: &Mesh,
+    pod: &str,
+    port: u16,
+    status: StatusCode,
+    body: &'static str,
+    delay: Duration,
+) {
+    let listener = mesh.pod(pod).listen(port).unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                        let _ = req.into_body().collect().await;
+                        tokio::time::sleep(delay).await;
+                        let mut resp = Response::new(full(body));
+                        *resp.status_mut() = status;
+                        Ok::<_, Infallible>(resp)
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(conn), service)
+                    .await;
+            });
+        }
+    });
+}
+
+/// Writes traffic policies (and any Services or routes with them) and waits until the
+/// waypoint holds `policies` of them and `routes` routes.
+async fn apply_traffic(s: &Setup, yaml: &str, policies: usize, routes: usize) {
+    std::fs::write(s.mesh.dir.path().join("manifests/traffic.yaml"), yaml).unwrap();
+    eventually("the traffic policies at the waypoint", || {
+        let state = s.waypoint.state();
+        state.traffic_policies().count() == policies && state.http_routes().count() == routes
+    })
+    .await;
+}
+
+async fn get(
+    send: &mut hyper::client::conn::http1::SendRequest<Body>,
+    user: Option<&str>,
+) -> Response<Incoming> {
+    send.ready().await.unwrap();
+    let mut req = Request::get("/limited").header("host", "echo.demo");
+    if let Some(u) = user {
+        req = req.header("x-user", u);
+    }
+    send.send_request(req.body(full("")).unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_endpoint_and_readmits_it() {
+    let s = setup_with_pods("service", false, vec![echo_2()]).await;
+    status_server(
+        &s.mesh,
+        "echo-1",
+        8083,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "bad",
+        Duration::ZERO,
+    );
+    status_server(
+        &s.mesh,
+        "echo-2",
+        8083,
+        StatusCode::OK,
+        "good",
+        Duration::ZERO,
+    );
+    apply_traffic(
+        &s,
+        "apiVersion: v1
+kind: Service
+metadata: {name: pool, namespace: demo}
+spec: {selector: {app: echo}, clusterIP: 198.19.0.13, ports: [{name: http, port: 80, targetPort: 8083}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-pool, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo}]
+  rules: [{backendRefs: [{name: pool, port: 80}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pool, namespace: demo}
+spec:
+  host: pool
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 2s, maxEjectionPercent: 50}
+",
+        1,
+        1,
+    )
+    .await;
+    eventually("both endpoints of pool at the waypoint", || {
+        let state = s.waypoint.state();
+        state.endpoints("demo/pool.demo.svc.cluster.local").count() == 2
+    })
+    .await;
+    // A connection per round: the waypoint closes one idle for a second.
+    let round = async || {
+        let mut send = h1(&s.mesh, ECHO_VIP).await;
+        let mut bad = 0;
+        for _ in 0..20 {
+            let resp = get(&mut send, None).await;
+            if resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+                bad += 1;
+            }
+            let _ = text(resp).await;
+        }
+        bad
+    };
+    // Round robin: echo-1 answers 503 twice in a row, then it is out for 2 s and
+    // echo-2 takes every request.
+    assert_eq!(round().await, 2);
+    let page = s.waypoint.metrics_text();
+    assert!(
+        page.contains(
+            "ambit_waypoint_outlier_ejections_total{name=\"demo/pool.demo.svc.cluster.local\"} 1"
+        ),
+        "{page}"
+    );
+    // Back after its ejection: tried again, failing twice, out again (for 4 s now).
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert_eq!(round().await, 2);
+    assert_eq!(round().await, 0, "still out");
+    let page = s.waypoint.metrics_text();
+    assert!(
+        page.contains(
+            "ambit_waypoint_outlier_ejections_total{name=\"demo/pool.demo.svc.cluster.local\"} 2"
+        ),
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_connection_pool_answers_503_uo() {
+    let s = setup().await;
+    status_server(
+        &s.mesh,
+        "echo-1",
+        8084,
+        StatusCode::OK,
+        "slow",
+        Duration::from_millis(1500),
+    );
+    apply_traffic(
+        &s,
+        "apiVersion: v1
+kind: Service
+metadata: {name: slow, namespace: demo}
+spec: {selector: {app: echo}, clusterIP: 198.19.0.14, ports: [{name: http, port: 80, targetPort: 8084}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: to-slow, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo}]
+  rules: [{backendRefs: [{name: slow, port: 80}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: slow, namespace: demo}
+spec:
+  host: slow
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
+",
+        1,
+        1,
+    )
+    .await;
+    // Three callers at once: one is served, one waits for its connection, one overflows.
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let mut send = h1(&s.mesh, ECHO_VIP).await;
+        calls.push(tokio::spawn(async move {
+            let resp = get(&mut send, None).await;
+            let status = resp.status();
+            let _ = text(resp).await;
+            status.as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for c in calls {
+        statuses.push(c.await.unwrap());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 503]);
+    let line = logs::wait_access("the overflow", |v| {
+        v["status"] == 503 && v["path"] == "/limited"
+    })
+    .await;
+    assert_eq!(line["flags"], "UO", "{line}");
+    let page = s.waypoint.metrics_text();
+    assert!(
+        page.contains(
+            "ambit_waypoint_overflow_requests_total{name=\"demo/slow.demo.svc.cluster.local\"} 1"
+        ),
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_rate_limit_answers_429_past_its_tokens_exactly() {
+    let s = setup().await;
+    apply_traffic(
+        &s,
+        "apiVersion: networking.ambit.io/v1alpha1
+kind: LocalRateLimit
+metadata: {name: echo, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, name: echo}]
+  tokenBucket: {maxTokens: 4, fillInterval: 1h}
+  descriptors:
+  - {header: x-user, tokenBucket: {maxTokens: 1, fillInterval: 1h}}
+",
+        1,
+        0,
+    )
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    let mut seen = Vec::new();
+    for user in ["alice", "alice", "bob", "carol", "dave"] {
+        let resp = get(&mut send, Some(user)).await;
+        let h = |n: &str| {
+            resp.headers()
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        seen.push((
+            resp.status().as_u16(),
+            h("x-ratelimit-limit"),
+            h("x-ratelimit-remaining"),
+        ));
+        let _ = text(resp).await;
+    }
+    let owned = |s: u16, l: &str, r: &str| (s, l.to_owned(), r.to_owned());
+    assert_eq!(
+        seen,
+        [
+            // alice's own bucket (1) is the tighter one.
+            owned(200, "1", "0"),
+            owned(429, "1", "0"),
+            // The shared bucket of 4: two taken by alice, one each now.
+            owned(200, "1", "0"),
+            owned(200, "4", "0"),
+            owned(429, "4", "0"),
+        ]
+    );
+    let line = logs::wait_access("a rate-limited request", |v| v["status"] == 429).await;
+    assert_eq!(line["flags"], "RL", "{line}");
+    let page = s.waypoint.metrics_text();
+    assert!(
+        page.contains("ambit_waypoint_rate_limited_requests_total{name=\"demo/rl:echo\"} 2"),
+        "{page}"
+    );
+    assert!(page.contains("response_flags=\"RL\""), "{page}");
 }

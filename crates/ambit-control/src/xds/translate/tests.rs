@@ -1055,11 +1055,18 @@ spec: {host: web.demo, trafficPolicy: {loadBalancer: {simple: FASTEST}}}
         w.iter().any(|w| w.contains("maxRetries is not supported")),
         "{w:?}"
     );
-    // The younger one for the same host, the one for a Service without a waypoint, and
-    // an unreadable one: not published, and each says why.
+    // For a Service without a waypoint: sent to the waypoints (their routes may send
+    // requests there), with a word.
+    assert!(traffic_policy(&t, "demo/dr:plain").is_some());
+    let w = &t.warnings()["DestinationRule demo/plain"];
+    assert!(
+        w.iter().any(|w| w.contains("not bound to a waypoint")),
+        "{w:?}"
+    );
+    // The younger one for the same host and an unreadable one: not published, and each
+    // says why.
     for (name, why) in [
         ("demo/web-later", "is older and applies to the same host"),
-        ("demo/plain", "not bound to a waypoint"),
         ("other/bad", "FASTEST"),
     ] {
         let (ns, n) = name.split_once('/').unwrap();

@@ -69,14 +69,31 @@ pub fn translate_dr(
             "subsets are not supported yet: routes naming one answer their share 500".to_owned(),
         );
     }
-    let bound = waypoint(model, &svc.metadata, WaypointFor::Service, o);
-    let Some(w) = bound.as_ref().and_then(|g| gateway_of(g, o)) else {
+    // Every waypoint gets it: the one serving the host, and any whose routes send
+    // requests there.
+    let mut waypoints: Vec<String> = model
+        .of_kind(Kind::Gateway)
+        .filter_map(|g| match g {
+            Object::Gateway(g) if g.spec.gateway_class_name.as_str() == WAYPOINT_CLASS => Some(
+                format!("{}/{}", g.metadata.namespace(), g.metadata.name.as_str()),
+            ),
+            _ => None,
+        })
+        .collect();
+    waypoints.sort();
+    if waypoints.is_empty() {
         warnings.push(format!(
-            "NOT ENFORCED: Service {svc_ns}/{} is not bound to a waypoint (label it istio.io/use-waypoint=<waypoint>); traffic policies apply at waypoints",
-            svc.metadata.name
+            "NOT ENFORCED: there is no waypoint (Gateway of class {WAYPOINT_CLASS}); traffic policies apply at waypoints"
         ));
         return (None, warnings);
-    };
+    }
+    let bound = waypoint(model, &svc.metadata, WaypointFor::Service, o);
+    if bound.as_ref().and_then(|g| gateway_of(g, o)).is_none() {
+        warnings.push(format!(
+            "Service {svc_ns}/{} is not bound to a waypoint: these settings apply only to requests a waypoint's route sends to it",
+            svc.metadata.name
+        ));
+    }
     let empty = serde_json::Value::Null;
     let policy = dr.spec.traffic_policy.as_ref().unwrap_or(&empty);
     let mut out = pb::TrafficPolicy {
@@ -84,7 +101,7 @@ pub fn translate_dr(
         namespace: ns.to_owned(),
         services: vec![svc_key],
         gateways: Vec::new(),
-        waypoints: vec![w],
+        waypoints,
         created: dr.metadata.created(),
         ..Default::default()
     };
