@@ -441,6 +441,9 @@ struct Shown {
     /// Routes it applies (`HTTPRoute ns/name`, `GRPCRoute ns/name`), each with what the
     /// control plane found wrong in it.
     routes: Vec<(String, Vec<String>)>,
+    /// Traffic policies it applies (`DestinationRule ns/name`, `LocalRateLimit ns/name`),
+    /// each with its findings.
+    traffic: Vec<(String, Vec<String>)>,
 }
 
 /// The mesh as a control plane would read it from a cluster (every kind listed once).
@@ -557,8 +560,10 @@ fn list(args: ListArgs, detail: bool) -> anyhow::Result<ExitCode> {
             .map(|p| format!("{}/{}", ns, p.metadata.name.as_str()))
             .collect();
         let routes = routes_of(&translator, &format!("{ns}/{name}"));
+        let traffic = traffic_of(&translator, &format!("{ns}/{name}"));
         shown.push(Shown {
             routes,
+            traffic,
             takes: g
                 .metadata
                 .labels
@@ -654,6 +659,12 @@ fn list(args: ListArgs, detail: bool) -> anyhow::Result<ExitCode> {
                 writeln!(out, "             ! {f}")?;
             }
         }
+        for (policy, findings) in &w.traffic {
+            writeln!(out, "  traffic:   {policy}")?;
+            for f in findings {
+                writeln!(out, "             ! {f}")?;
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -664,9 +675,9 @@ fn routes_of(
     translator: &ambit_control::xds::translate::Translator,
     key: &str,
 ) -> Vec<(String, Vec<String>)> {
-    use ambit_control::xds::translate::routes::GRPC_NAME_PREFIX;
+    use ambit_control::xds::translate::routes::{GRPC_NAME_PREFIX, VS_NAME_PREFIX};
     use ambit_control::xds::translate::{
-        GRPC_ROUTE_WARNING_PREFIX, ROUTE_WARNING_PREFIX, ResourceType,
+        GRPC_ROUTE_WARNING_PREFIX, ROUTE_WARNING_PREFIX, ResourceType, VS_WARNING_PREFIX,
     };
     use ambit_proto::prost::Message;
     let mut out = Vec::new();
@@ -677,11 +688,47 @@ fn routes_of(
         if !r.waypoints.iter().any(|w| w == key) {
             continue;
         }
-        let (prefix, name) = match r.name.strip_prefix(GRPC_NAME_PREFIX) {
-            Some(n) => (GRPC_ROUTE_WARNING_PREFIX, n.to_owned()),
-            None => (ROUTE_WARNING_PREFIX, r.name.clone()),
+        let (prefix, name) = if let Some(n) = r.name.strip_prefix(GRPC_NAME_PREFIX) {
+            (GRPC_ROUTE_WARNING_PREFIX, n.to_owned())
+        } else if let Some(n) = r.name.strip_prefix(VS_NAME_PREFIX) {
+            (VS_WARNING_PREFIX, n.to_owned())
+        } else {
+            (ROUTE_WARNING_PREFIX, r.name.clone())
         };
         let label = format!("{prefix}{}/{name}", r.namespace);
+        let findings = translator
+            .warnings()
+            .get(&label)
+            .cloned()
+            .unwrap_or_default();
+        out.push((label, findings));
+    }
+    out
+}
+
+/// The traffic policies the control plane would send waypoint `key`, with their
+/// warnings.
+fn traffic_of(
+    translator: &ambit_control::xds::translate::Translator,
+    key: &str,
+) -> Vec<(String, Vec<String>)> {
+    use ambit_control::xds::translate::traffic::RL_NAME_PREFIX;
+    use ambit_control::xds::translate::{DR_WARNING_PREFIX, RL_WARNING_PREFIX, ResourceType};
+    use ambit_proto::prost::Message;
+    let mut out = Vec::new();
+    for enc in translator.resources(ResourceType::WaypointTraffic).values() {
+        let Ok(t) = ambit_proto::waypoint::TrafficPolicy::decode(&*enc.body) else {
+            continue;
+        };
+        if !t.waypoints.iter().any(|w| w == key) {
+            continue;
+        }
+        let (prefix, name) = match t.name.split_once(':') {
+            Some((_, n)) if t.name.starts_with(RL_NAME_PREFIX) => (RL_WARNING_PREFIX, n),
+            Some((_, n)) => (DR_WARNING_PREFIX, n),
+            None => (DR_WARNING_PREFIX, t.name.as_str()),
+        };
+        let label = format!("{prefix}{}/{name}", t.namespace);
         let findings = translator
             .warnings()
             .get(&label)

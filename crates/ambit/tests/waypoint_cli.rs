@@ -123,6 +123,44 @@ spec:
     );
     std::fs::remove_file(dir.path().join("route.yaml")).unwrap();
 
+    // Traffic policies and a VirtualService: listed by kind, with their findings.
+    std::fs::write(
+        dir.path().join("traffic.yaml"),
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: demo}
+spec:
+  host: echo
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}}
+---
+apiVersion: networking.ambit.io/v1alpha1
+kind: LocalRateLimit
+metadata: {name: echo, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, name: echo}]
+  tokenBucket: {maxTokens: 100, fillInterval: 1s}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: demo}
+spec:
+  hosts: [echo]
+  http: [{route: [{destination: {host: echo}}]}]
+",
+    )
+    .unwrap();
+    let status = ambit(&["waypoint", "status", "-n", "demo"], dir.path());
+    let text = stdout(&status);
+    for line in [
+        "route:     VirtualService demo/echo",
+        "traffic:   DestinationRule demo/echo",
+        "! trafficPolicy.loadBalancer.warmupDurationSecs is not supported; ignored",
+        "traffic:   LocalRateLimit demo/echo",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
+    std::fs::remove_file(dir.path().join("traffic.yaml")).unwrap();
+
     // Applying again changes nothing.
     let again = ambit(
         &[
