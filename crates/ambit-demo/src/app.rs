@@ -136,9 +136,19 @@ impl Client {
 
     /// One GET; the connection stays open for more.
     pub async fn get(&mut self, path: &str) -> Result<Echo, DemoError> {
+        self.get_with(path, &[]).await
+    }
+
+    /// One GET with more headers; the connection stays open for more.
+    pub async fn get_with(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Echo, DemoError> {
         let (status, body) = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            self.conn.get(&self.host, path),
+            self.conn
+                .request_with(http::Method::GET, &self.host, path, headers),
         )
         .await
         .map_err(|_| DemoError::App("no answer within 5 s".into()))?

@@ -825,6 +825,255 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
     }
 }
 
+/// The canary of step 7: Services echo-v1 and echo-v2 (ports 8080 and 8081 of the echo
+/// pods) and an HTTPRoute on echo sending `x-canary: true` to v2 and the rest 90/10.
+fn canary_route() -> String {
+    format!(
+        "# Written by `ambit demo`.
+apiVersion: v1
+kind: Service
+metadata: {{name: echo-v1, namespace: {NAMESPACE}}}
+spec: {{selector: {{app: echo}}, clusterIP: 198.19.0.11, ports: [{{name: http, port: 80, targetPort: {ECHO_PORT}}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo-v2, namespace: {NAMESPACE}}}
+spec: {{selector: {{app: echo}}, clusterIP: 198.19.0.12, ports: [{{name: http, port: 80, targetPort: {CANARY_PORT}}}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: echo-canary, namespace: {NAMESPACE}}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: echo}}]
+  rules:
+  - name: testers
+    matches: [{{headers: [{{name: x-canary, value: 'true'}}]}}]
+    backendRefs: [{{name: echo-v2, port: 80}}]
+  - name: split
+    backendRefs: [{{name: echo-v1, port: 80, weight: 90}}, {{name: echo-v2, port: 80, weight: 10}}]
+"
+    )
+}
+
+/// The canary version's port in the echo pod.
+const CANARY_PORT: u16 = 8081;
+
+/// Step 7, continued: a canary by HTTPRoute (90/10 by weight, then a header that sends
+/// one caller to v2), counted from the echo servers' own answers.
+async fn canary(
+    out: &mut Narrator,
+    cluster: &mut Cluster,
+    dir: &Path,
+    vip: &str,
+) -> Result<(), DemoError> {
+    out.say(&format!(
+        "Canary: version 2 of the echo app starts in echo-1 (port {CANARY_PORT}, named echo-1-v2)."
+    ));
+    cluster.spawn(
+        "echo-v2",
+        Some(&ECHO.netns()),
+        &args(&[
+            "demo",
+            "serve-echo",
+            "--name",
+            "echo-1-v2",
+            "--port",
+            &CANARY_PORT.to_string(),
+        ]),
+    )?;
+    let route = canary_route();
+    let file = dir.join("manifests/canary.yaml");
+    out.say(&format!(
+        "Writing {}: Services echo-v1 and echo-v2, and an HTTPRoute on echo:
+{}",
+        file.display(),
+        route
+            .lines()
+            .skip_while(|l| !l.starts_with("kind: HTTPRoute"))
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
+    write_private(&file, route.as_bytes())?;
+    let sleep_ns = || Netns::open(Cluster::netns_path(&SLEEP));
+    let canary_header = [("x-canary", "true")];
+    // The route is in force once a tester's request reaches v2.
+    let since = Instant::now();
+    let in_force = loop {
+        out.progress("the route at the waypoint", since);
+        let reached = match sleep_ns() {
+            Ok(ns) => match Client::connect(vip, Some(ns)).await {
+                Ok((mut c, path)) => c
+                    .get_with(&path, &canary_header)
+                    .await
+                    .is_ok_and(|e| e.server == "echo-1-v2"),
+                Err(_) => false,
+            },
+            Err(_) => false,
+        };
+        if reached || since.elapsed() > Duration::from_secs(15) {
+            if reached {
+                out.progress_done("the route at the waypoint", since);
+            } else {
+                out.progress_abandoned();
+            }
+            break reached;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    out.check(in_force, "the route is in force at the waypoint", || {
+        "no request with x-canary: true reached echo-1-v2 within 15 s".into()
+    });
+    let ns = sleep_ns().map_err(|e| DemoError::App(format!("sleep: {e}")))?;
+    let (mut client, path) = Client::connect(vip, Some(ns)).await?;
+    let (mut v1, mut v2, mut failed) = (0, 0, 0);
+    for _ in 0..200 {
+        match client.get(&path).await {
+            Ok(e) if e.server == "echo-1-v2" => v2 += 1,
+            Ok(_) => v1 += 1,
+            Err(e) => {
+                if failed == 0 {
+                    out.say(&format!("first failure: {e}"));
+                }
+                failed += 1;
+            }
+        }
+    }
+    out.say(&format!(
+        "200 GETs from sleep: {v1} answered by echo-1 (v1), {v2} by echo-1-v2, {failed} failed"
+    ));
+    // 10% of 200 is 20; fewer than 5 or more than 40 is beyond any honest chance.
+    out.check(
+        failed == 0 && (5..=40).contains(&v2),
+        "about one request in ten goes to v2 (weights 90/10)",
+        || format!("v1 {v1}, v2 {v2}, failed {failed}"),
+    );
+    let other_ns = Netns::open(Cluster::netns_path(&OTHER))
+        .map_err(|e| DemoError::App(format!("other: {e}")))?;
+    let (mut tester, path) = Client::connect(vip, Some(other_ns)).await?;
+    let mut to_v2 = 0;
+    for _ in 0..10 {
+        if tester
+            .get_with(&path, &canary_header)
+            .await
+            .is_ok_and(|e| e.server == "echo-1-v2")
+        {
+            to_v2 += 1;
+        }
+    }
+    out.say(&format!(
+        "10 GETs from other with x-canary: true: {to_v2} answered by echo-1-v2"
+    ));
+    out.check(
+        to_v2 == 10,
+        "the tester's requests (header x-canary: true) all go to v2",
+        || format!("{to_v2} of 10"),
+    );
+    let _ = std::fs::remove_file(&file);
+    cluster.stop("echo-v2");
+    fault(out, dir, vip).await
+}
+
+/// Step 7, continued: fault injection by VirtualService (half of the requests aborted
+/// with 503), seen in the waypoint's metrics.
+async fn fault(out: &mut Narrator, dir: &Path, vip: &str) -> Result<(), DemoError> {
+    let vs = format!(
+        "# Written by `ambit demo`.
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo-faults, namespace: {NAMESPACE}}}
+spec:
+  hosts: [echo]
+  http:
+  - name: half-fail
+    fault: {{abort: {{httpStatus: 503, percentage: {{value: 50}}}}}}
+    route: [{{destination: {{host: echo}}}}]
+"
+    );
+    let file = dir.join("manifests/faults.yaml");
+    out.say(&format!(
+        "Fault injection: writing {} (the canary route removed; a VirtualService and an\nHTTPRoute never route one Service together):\n{}",
+        file.display(),
+        vs.lines()
+            .skip(1)
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    ));
+    write_private(&file, vs.as_bytes())?;
+    let sleep_ns = || {
+        Netns::open(Cluster::netns_path(&SLEEP)).map_err(|e| DemoError::App(format!("sleep: {e}")))
+    };
+    let since = Instant::now();
+    loop {
+        out.progress("the fault at the waypoint", since);
+        let (mut c, path) = Client::connect(vip, Some(sleep_ns()?)).await?;
+        let mut aborted = false;
+        for _ in 0..10 {
+            if let Ok((StatusCode::SERVICE_UNAVAILABLE, _)) = c.send(http::Method::GET, &path).await
+            {
+                aborted = true;
+                break;
+            }
+        }
+        if aborted {
+            out.progress_done("the fault at the waypoint", since);
+            break;
+        }
+        if since.elapsed() > Duration::from_secs(15) {
+            out.progress_abandoned();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = fault_count().await;
+    let (mut client, path) = Client::connect(vip, Some(sleep_ns()?)).await?;
+    let (mut ok, mut aborted, mut other) = (0, 0, 0);
+    for _ in 0..100 {
+        match client.send(http::Method::GET, &path).await {
+            Ok((StatusCode::OK, _)) => ok += 1,
+            Ok((StatusCode::SERVICE_UNAVAILABLE, _)) => aborted += 1,
+            _ => other += 1,
+        }
+    }
+    out.say(&format!(
+        "100 GETs from sleep: {ok} answered 200, {aborted} aborted with 503 at the waypoint, {other} other"
+    ));
+    // Half of 100 is 50; outside 25..=75 is beyond any honest chance.
+    out.check(
+        other == 0 && (25..=75).contains(&aborted),
+        "about half are aborted (percentage 50)",
+        || format!("ok {ok}, aborted {aborted}, other {other}"),
+    );
+    let after = fault_count().await;
+    out.say(&format!(
+        "istio_requests_total{{response_code=\"503\",response_flags=\"FI\"}} at the waypoint: {before} -> {after}"
+    ));
+    out.check(
+        after.saturating_sub(before) == aborted,
+        "the waypoint's metrics count each aborted request with flag FI",
+        || format!("{before} -> {after}, aborted {aborted}"),
+    );
+    let _ = std::fs::remove_file(&file);
+    Ok(())
+}
+
+/// Requests the waypoint aborted by fault injection, from its metrics.
+async fn fault_count() -> u64 {
+    let page = waypoint_page(WAYPOINT_METRICS, "/metrics")
+        .await
+        .map(|(_, p)| p)
+        .unwrap_or_default();
+    page.lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("response_flags=\"FI\"")
+                && l.contains("response_code=\"503\"")
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
 /// The policy of step 7: POST from `other` denied at the waypoint.
 fn l7_policy() -> String {
     format!(
@@ -1077,6 +1326,8 @@ async fn waypoint_step(
         "node-b's proxy sees the waypoint as the caller (its L4 policies apply to it)",
         || "no connection from the waypoint in node-b's metrics".into(),
     );
+
+    canary(out, cluster, dir, vip).await?;
 
     // Back to L4 only, for the next step.
     write_policy(dir, None)?;
