@@ -521,19 +521,7 @@ pub fn select<'a>(
     }
     used.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
     if used.iter().any(|r| r.ordered) {
-        // In order: the first rule whose any clause matches.
-        for route in used {
-            for rule in &route.rules {
-                if let Some((_, matched_prefix)) = rule.rank(req) {
-                    return Selected::Rule {
-                        route,
-                        rule,
-                        matched_prefix,
-                    };
-                }
-            }
-        }
-        return Selected::NoMatch;
+        return select_ordered(used, req);
     }
     let mut best: Option<(Rank, &HttpRoute, &Rule, Option<&str>)> = None;
     for route in used {
@@ -553,6 +541,214 @@ pub fn select<'a>(
         },
         None => Selected::NoMatch,
     }
+}
+
+/// One Service's routes, indexed for choosing a request's rule without looking at every
+/// rule: clauses by exact path and by path prefix (a request's path gives the few keys
+/// that can match it), the rest (regular expressions, plain string prefixes) in a short
+/// list. Built once per change of the Service's routes; [`RouteTable::select`] chooses
+/// exactly as [`select`] does.
+#[derive(Debug)]
+pub struct RouteTable {
+    /// Oldest first, then by `<namespace>/<name>`.
+    routes: Vec<std::sync::Arc<HttpRoute>>,
+    /// Any route is ordered (a VirtualService): rules are tried in order instead.
+    ordered: bool,
+    /// Routes with a consumer parent (looked at to decide which routes a caller uses).
+    consumers: Vec<u32>,
+    clauses: Vec<Clause>,
+    exact: std::collections::HashMap<Box<str>, Vec<u32>>,
+    prefix: std::collections::HashMap<Box<str>, Vec<u32>>,
+    other: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Clause {
+    route: u32,
+    rule: u32,
+    /// The match within the rule; `None` for a rule without matches.
+    clause: Option<u32>,
+}
+
+impl RouteTable {
+    /// Indexes `routes` (all naming one Service as a parent).
+    pub fn new(mut routes: Vec<std::sync::Arc<HttpRoute>>) -> Self {
+        routes.sort_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)));
+        let mut t = RouteTable {
+            ordered: routes.iter().any(|r| r.ordered),
+            consumers: Vec::new(),
+            clauses: Vec::new(),
+            exact: Default::default(),
+            prefix: Default::default(),
+            other: Vec::new(),
+            routes: Vec::new(),
+        };
+        for (ri, route) in routes.iter().enumerate() {
+            let ri = ri as u32;
+            if route.parents.iter().any(|p| p.consumer) {
+                t.consumers.push(ri);
+            }
+            for (ki, rule) in route.rules.iter().enumerate() {
+                let ki = ki as u32;
+                if rule.matches.is_empty() {
+                    let id = t.clauses.len() as u32;
+                    t.clauses.push(Clause {
+                        route: ri,
+                        rule: ki,
+                        clause: None,
+                    });
+                    t.prefix.entry("/".into()).or_default().push(id);
+                }
+                for (ci, m) in rule.matches.iter().enumerate() {
+                    let id = t.clauses.len() as u32;
+                    t.clauses.push(Clause {
+                        route: ri,
+                        rule: ki,
+                        clause: Some(ci as u32),
+                    });
+                    match &m.path {
+                        PathMatch::Exact(p) => {
+                            t.exact.entry(p.as_str().into()).or_default().push(id)
+                        }
+                        PathMatch::Prefix(p) => {
+                            t.prefix.entry(p.as_str().into()).or_default().push(id)
+                        }
+                        PathMatch::StringPrefix(_) | PathMatch::Regex(_) => t.other.push(id),
+                    }
+                }
+            }
+        }
+        t.routes = routes;
+        t
+    }
+
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Picks the rule for a request to `service` on `port` from a caller in
+    /// `client_namespace`, as [`select`] does.
+    pub fn select(
+        &self,
+        service: &str,
+        port: u16,
+        client_namespace: &str,
+        req: &RequestFacts<'_>,
+    ) -> Selected<'_> {
+        // Consumer routes of the caller's namespace, when there are any, else producers.
+        let consumer_mode = self.consumers.iter().any(|ri| {
+            let r = &self.routes[*ri as usize];
+            r.namespace.as_ref() == client_namespace
+                && r.parent_for(service, port).is_some_and(|p| p.consumer)
+        });
+        let used = |r: &HttpRoute| match r.parent_for(service, port) {
+            Some(p) if p.consumer => consumer_mode && r.namespace.as_ref() == client_namespace,
+            Some(_) => !consumer_mode,
+            None => false,
+        };
+        if !self.routes.iter().any(|r| used(r)) {
+            return Selected::NoRoutes;
+        }
+        if self.ordered && self.routes.iter().any(|r| r.ordered && used(r)) {
+            let used: Vec<&HttpRoute> = self
+                .routes
+                .iter()
+                .map(|r| r.as_ref())
+                .filter(|r| used(r))
+                .collect();
+            return select_ordered(used, req);
+        }
+        let path = path_of(req.path_and_query);
+        let bytes = path.as_bytes();
+        // The prefixes that can match `path`: `/`, and `path` cut before each `/` and
+        // at its end.
+        let cuts = (1..=bytes.len()).filter(|i| *i == bytes.len() || bytes[*i] == b'/');
+        let prefix_keys =
+            std::iter::once("/").chain(cuts.map(|i| &path[..i]).filter(|k| *k != "/"));
+        let candidates = self
+            .exact
+            .get(path)
+            .into_iter()
+            .flatten()
+            .chain(prefix_keys.flat_map(|k| self.prefix.get(k).into_iter().flatten()))
+            .chain(&self.other);
+        // Greatest rank; on a tie the earlier route and rule, then (as `max_by_key`
+        // within a rule) the later clause.
+        type Best<'t> = (Rank, std::cmp::Reverse<(u32, u32)>, u32, Option<&'t str>);
+        let mut best: Option<Best<'_>> = None;
+        for id in candidates {
+            let c = self.clauses[*id as usize];
+            let route = &self.routes[c.route as usize];
+            if !used(route) {
+                continue;
+            }
+            let rule = &route.rules[c.rule as usize];
+            let (rank, prefix) = match c.clause {
+                None => (
+                    Rank {
+                        exact: false,
+                        prefix_len: 1,
+                        method: false,
+                        headers: 0,
+                        query: 0,
+                    },
+                    Some("/"),
+                ),
+                Some(ci) => {
+                    let m = &rule.matches[ci as usize];
+                    let Some(rank) = m.rank(req) else {
+                        continue;
+                    };
+                    let prefix = match &m.path {
+                        PathMatch::Prefix(p) | PathMatch::StringPrefix(p) => Some(p.as_str()),
+                        _ => None,
+                    };
+                    (rank, prefix)
+                }
+            };
+            let key = (
+                rank,
+                std::cmp::Reverse((c.route, c.rule)),
+                c.clause.unwrap_or(0),
+                prefix,
+            );
+            if best
+                .as_ref()
+                .is_none_or(|b| (key.0, key.1, key.2) > (b.0, b.1, b.2))
+            {
+                best = Some(key);
+            }
+        }
+        let Some((_, std::cmp::Reverse((ri, ki)), _, matched_prefix)) = best else {
+            return Selected::NoMatch;
+        };
+        let route = &self.routes[ri as usize];
+        Selected::Rule {
+            route,
+            rule: &route.rules[ki as usize],
+            matched_prefix,
+        }
+    }
+}
+
+/// In order: the first rule whose any clause matches (routes already in order).
+fn select_ordered<'a>(used: Vec<&'a HttpRoute>, req: &RequestFacts<'_>) -> Selected<'a> {
+    for route in used {
+        for rule in &route.rules {
+            if let Some((_, matched_prefix)) = rule.rank(req) {
+                return Selected::Rule {
+                    route,
+                    rule,
+                    matched_prefix,
+                };
+            }
+        }
+    }
+    Selected::NoMatch
 }
 
 /// Picks a backend by weight with `roll` (uniform in `0..u32::MAX`); `None` when every
@@ -783,6 +979,101 @@ mod tests {
             chosen(&[older, newer], "x", "GET", "/", &[]),
             "shop/alpha:a"
         );
+    }
+
+    /// The index chooses exactly as the plain scan does, over random tables and
+    /// requests (paths, prefixes with and without trailing slashes, regexes, methods,
+    /// headers, consumer and producer routes, ports, ties).
+    #[test]
+    fn the_route_table_chooses_as_the_plain_scan_does() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let segs = ["", "a", "b", "ab", "a/b", "a/", "b/c"];
+        let path = |rng: &mut fastrand::Rng| {
+            let n = rng.usize(0..3);
+            let mut p = String::from("/");
+            for i in 0..n {
+                if i > 0 {
+                    p.push('/');
+                }
+                p.push_str(segs[rng.usize(..segs.len())]);
+            }
+            p
+        };
+        for round in 0..300 {
+            let mut routes = Vec::new();
+            for r in 0..rng.usize(1..6) {
+                let mut rules = Vec::new();
+                for k in 0..rng.usize(1..4) {
+                    let mut matches = Vec::new();
+                    for _ in 0..rng.usize(0..3) {
+                        let p = path(&mut rng);
+                        matches.push(Match {
+                            path: match rng.u8(0..4) {
+                                0 => PathMatch::Exact(p),
+                                1 => PathMatch::Prefix(p),
+                                2 => PathMatch::StringPrefix(p),
+                                _ => PathMatch::Regex(
+                                    regex::Regex::new(&format!("^{}.*$", regex::escape(&p)))
+                                        .unwrap(),
+                                ),
+                            },
+                            headers: if rng.bool() {
+                                vec![ValueMatch {
+                                    name: "x-h".into(),
+                                    value: Value::Exact("1".into()),
+                                }]
+                            } else {
+                                vec![]
+                            },
+                            query: vec![],
+                            method: rng.bool().then(|| "GET".to_owned()),
+                        });
+                    }
+                    rules.push(rule(&format!("k{k}"), matches));
+                }
+                let ns = if rng.bool() { "shop" } else { "front" };
+                let mut route = route(&format!("{ns}/r{r}"), ns, ns == "front", rules);
+                route.created = i64::from(rng.u8(0..3));
+                route.parents[0].port = if rng.bool() {
+                    0
+                } else {
+                    80 + u16::from(rng.u8(0..2))
+                };
+                routes.push(route);
+            }
+            let table = RouteTable::new(routes.iter().cloned().map(std::sync::Arc::new).collect());
+            for _ in 0..40 {
+                let pq = format!("{}{}", path(&mut rng), if rng.bool() { "?q=1" } else { "" });
+                let mut h = HeaderMap::new();
+                if rng.bool() {
+                    h.insert("x-h", "1".parse().unwrap());
+                }
+                let method = if rng.bool() { "GET" } else { "POST" };
+                let req = RequestFacts {
+                    method,
+                    path_and_query: &pq,
+                    headers: &h,
+                };
+                let ns = if rng.bool() { "front" } else { "other" };
+                let port = 80 + u16::from(rng.u8(0..2));
+                let show = |s: Selected<'_>| match s {
+                    Selected::NoRoutes => "none".to_owned(),
+                    Selected::NoMatch => "404".to_owned(),
+                    Selected::Rule {
+                        route,
+                        rule,
+                        matched_prefix,
+                    } => format!("{}:{}:{matched_prefix:?}", route.key, rule.name),
+                };
+                let service = "shop/web.shop.svc.cluster.local";
+                let plain = show(select(&routes, service, port, ns, &req));
+                let indexed = show(table.select(service, port, ns, &req));
+                assert_eq!(
+                    indexed, plain,
+                    "round {round}: {method} {pq} from {ns} port {port}"
+                );
+            }
+        }
     }
 
     #[test]

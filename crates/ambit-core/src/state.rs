@@ -96,6 +96,9 @@ pub struct State {
     /// HTTPRoutes for waypoints (`<namespace>/<name>`), and their keys by parent service.
     http_routes: OrdMap<Str, Arc<crate::http_route::HttpRoute>>,
     routes_by_service: OrdMap<Str, OrdSet<Str>>,
+    /// Each service's routes indexed for choosing ([`State::route_table`]): built on
+    /// first use, replaced by an empty cell whenever one of its routes changes.
+    route_tables: OrdMap<Str, Arc<std::sync::OnceLock<Arc<crate::http_route::RouteTable>>>>,
     /// Routes discovery sent and this proxy could not read.
     refused_routes: OrdSet<Str>,
     /// Traffic policies (`<namespace>/dr:<name>`, `<namespace>/rl:<name>`), and their
@@ -318,6 +321,8 @@ impl State {
                 .entry(p.service.clone())
                 .or_default()
                 .insert(key.clone());
+            self.route_tables
+                .insert(p.service.clone(), Arc::new(std::sync::OnceLock::new()));
         }
         self.http_routes.insert(key, Arc::new(route));
     }
@@ -333,8 +338,31 @@ impl State {
                     self.routes_by_service.remove(p.service.as_ref());
                 }
             }
+            if self.routes_by_service.contains_key(p.service.as_ref()) {
+                self.route_tables
+                    .insert(p.service.clone(), Arc::new(std::sync::OnceLock::new()));
+            } else {
+                self.route_tables.remove(p.service.as_ref());
+            }
         }
         true
+    }
+
+    /// The routes naming `service` as a parent, indexed for choosing a request's rule
+    /// (built on first use after a change); `None` when it has none.
+    pub fn route_table(&self, service: &str) -> Option<Arc<crate::http_route::RouteTable>> {
+        let build = || {
+            Arc::new(crate::http_route::RouteTable::new(
+                self.routes_for(service).cloned().collect(),
+            ))
+        };
+        if !self.routes_by_service.contains_key(service) {
+            return None;
+        }
+        Some(match self.route_tables.get(service) {
+            Some(cell) => cell.get_or_init(build).clone(),
+            None => build(),
+        })
     }
 
     /// The routes naming `service` (`<namespace>/<hostname>`) as a parent.

@@ -90,12 +90,10 @@ pub(crate) fn choose(
         return Choice::AsAddressed;
     };
     let key = service.key();
-    let routes: Vec<_> = state.routes_for(&key).cloned().collect();
-    if routes.is_empty() {
+    let Some(table) = state.route_table(&key) else {
         return Choice::AsAddressed;
-    }
-    let selected = http_route::select(
-        routes.iter().map(|r| r.as_ref()),
+    };
+    let selected = table.select(
         &key,
         target.authority.port(),
         client.peer.identity.namespace(),
