@@ -71,6 +71,10 @@ struct Args {
     /// things are) before measuring: for looking at it with other tools.
     #[arg(long, default_value_t = 0)]
     hold: u64,
+    /// HTTPRoutes on the waypoint's Service: that many routes on other paths, plus one
+    /// per port taking the measured requests (0: no routes, requests go as addressed).
+    #[arg(long, default_value_t = 0)]
+    routes: usize,
 }
 
 const H1_PORT: u16 = 8080;
@@ -266,6 +270,36 @@ spec: {{nodeName: node-a, serviceAccountName: waypoint}}
 status: {{podIP: {WAYPOINT_IP}}}
 "
     );
+    let mut extra = extra;
+    if args.routes > 0 {
+        use std::fmt::Write as _;
+        for port in [H1_PORT, H2_PORT] {
+            let _ = write!(
+                extra,
+                "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: measured-{port}, namespace: bench}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: l7, port: {port}}}]
+  rules: [{{matches: [{{path: {{type: PathPrefix, value: /}}}}], backendRefs: [{{name: l7, port: {port}}}]}}]
+"
+            );
+        }
+        for i in 0..args.routes {
+            let _ = write!(
+                extra,
+                "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: other-{i}, namespace: bench}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: l7}}]
+  rules: [{{matches: [{{path: {{type: PathPrefix, value: /other-{i}}}, headers: [{{name: x-tenant, value: t{i}}}]}}], backendRefs: [{{name: l4, port: {H1_PORT}}}]}}]
+"
+            );
+        }
+    }
     let mesh = start_ambit(
         &mut procs, &ambit, &dir, "ambit", &a_client, &a_server, &extra,
     )

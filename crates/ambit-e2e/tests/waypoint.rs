@@ -1863,11 +1863,56 @@ spec:
     assert_eq!(h["access-control-expose-headers"], "x-trace");
 }
 
+/// A server in echo-1 on `port` that records what it received (method, path, `Host`,
+/// body) and answers 200.
+fn recording_server(
+    mesh: &Mesh,
+    port: u16,
+) -> std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Bytes)>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let listener = mesh.pod("echo-1").listen(port).unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let host = parts
+                            .headers
+                            .get("host")
+                            .map(|h| h.to_str().unwrap_or("").to_owned())
+                            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+                            .unwrap_or_default();
+                        record.lock().unwrap().push((
+                            parts.method.to_string(),
+                            parts.uri.path().to_owned(),
+                            host,
+                            body,
+                        ));
+                        Ok::<_, Infallible>(Response::new(full("recorded")))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(conn), service)
+                    .await;
+            });
+        }
+    });
+    seen
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_mirror_copies_body_less_requests_in_the_background() {
-    use std::sync::atomic::Ordering;
+async fn a_request_mirror_copies_requests_and_their_bodies_in_the_background() {
     let s = setup().await;
-    let mirrored = flaky_server(&s.mesh, 8082, 0);
+    let mirrored = recording_server(&s.mesh, 8082);
     apply_routes(
         &s,
         Some(("shadow", "198.19.0.12", "http", 8082)),
@@ -1898,34 +1943,58 @@ spec:
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(field(&text(resp).await, "path"), "/seen", "the main answer");
     eventually("the copy at the mirror", || {
-        mirrored.load(Ordering::SeqCst) == 1
+        mirrored.lock().unwrap().len() == 1
     })
     .await;
+    {
+        let seen = mirrored.lock().unwrap();
+        assert_eq!((seen[0].0.as_str(), seen[0].1.as_str()), ("GET", "/seen"));
+        assert_eq!(
+            seen[0].2, "echo.demo-shadow",
+            "the shadow's Host, as Envoy marks it"
+        );
+    }
+    // A body (in several frames) reaches the backend and, whole, the mirror.
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     send.ready().await.unwrap();
     let resp = send
         .send_request(
             Request::post("/write")
                 .header("host", "echo.demo")
-                .body(full("data"))
+                .body(full(payload.clone()))
                 .unwrap(),
         )
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+    let answer = text(resp).await;
+    assert_eq!(
+        field(&answer, "body"),
+        "100000",
+        "the main answer: {answer}"
+    );
+    eventually("the copy with its body at the mirror", || {
+        mirrored.lock().unwrap().len() == 2
+    })
+    .await;
+    {
+        let seen = mirrored.lock().unwrap();
+        assert_eq!((seen[1].0.as_str(), seen[1].1.as_str()), ("POST", "/write"));
+        assert_eq!(
+            seen[1].3.as_ref(),
+            payload.as_slice(),
+            "the whole body, in order"
+        );
+    }
     let page = s.waypoint.metrics_text();
     assert_eq!(
         sum(
             &page,
             "ambit_waypoint_mirrored_requests_total",
-            &[("reason", "skipped_body")]
+            &[("reason", "sent")]
         ),
-        1.0,
+        2.0,
         "{page}"
-    );
-    assert_eq!(
-        mirrored.load(Ordering::SeqCst),
-        1,
-        "a request with a body is not mirrored"
     );
 }
 

@@ -81,41 +81,85 @@ pub(crate) async fn serve<S>(
     }
 }
 
-/// The request body, counted as it streams upstream; `None` for a request without one
-/// (which can be sent again when retried).
+/// The request body, counted as it streams upstream: none (a request without one, which
+/// can be sent again when retried), the client's (copied to its mirrors as it goes), or
+/// a mirror's copy.
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Source,
     counted: Arc<AtomicU64>,
+}
+
+enum Source {
+    Empty,
+    Client {
+        body: Incoming,
+        tee: Option<crate::tee::Tee>,
+    },
+    Mirror(crate::tee::MirrorBody),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl RequestBody {
+    fn empty(counted: Arc<AtomicU64>) -> Self {
+        Self {
+            inner: Source::Empty,
+            counted,
+        }
+    }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let polled = Pin::new(inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &mut this.inner {
+            Source::Empty => Poll::Ready(None),
+            Source::Mirror(m) => Pin::new(m).poll_frame(cx).map_err(BoxError::from),
+            Source::Client { body, tee } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            this.counted.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                        if let Some(t) = tee.as_mut() {
+                            t.frame(frame);
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(t) = tee.as_mut() {
+                            t.end();
+                        }
+                    }
+                    // The mirrors' bodies fail with it.
+                    Poll::Ready(Some(Err(_))) => *tee = None,
+                    Poll::Pending => {}
+                }
+                polled.map_err(BoxError::from)
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        match &self.inner {
+            Source::Empty => true,
+            Source::Client { body, .. } => body.is_end_stream(),
+            Source::Mirror(_) => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Incoming::size_hint)
+        match &self.inner {
+            Source::Empty => SizeHint::with_exact(0),
+            Source::Client { body, .. } => body.size_hint(),
+            Source::Mirror(_) => SizeHint::default(),
+        }
     }
 }
 
@@ -843,8 +887,9 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
         }
     }
-    // RequestMirror: a copy of a body-less request to each mirror, in the background,
-    // its answer dropped; never waited for.
+    // RequestMirror: a copy of the request to each mirror, in the background, its
+    // answer dropped; never waited for. A body is copied as it streams (`tee`).
+    let mut tee: Option<crate::tee::Tee> = None;
     if let Some(r) = &routed
         && !r.mirrors.is_empty()
     {
@@ -852,17 +897,18 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             if !ambit_core::http_route::Fault::hits(m.per_million, fastrand::u32(..1_000_000)) {
                 continue;
             }
-            if !body.is_end_stream() {
-                shared.metrics.mirrored("skipped_body");
-                continue;
-            }
             let Some(to) = routing::mirror_target(&shared, &conn.client, m) else {
                 shared.metrics.mirrored("failed");
                 continue;
             };
-            let mut copy = Request::new(RequestBody {
-                inner: None,
-                counted: Arc::new(AtomicU64::new(0)),
+            let counted = Arc::new(AtomicU64::new(0));
+            let mut copy = Request::new(if body.is_end_stream() {
+                RequestBody::empty(counted)
+            } else {
+                RequestBody {
+                    inner: Source::Mirror(tee.get_or_insert_with(Default::default).mirror()),
+                    counted,
+                }
             });
             *copy.method_mut() = parts.method.clone();
             *copy.uri_mut() = parts.uri.clone();
@@ -911,7 +957,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
     let first = Request::from_parts(
         parts,
         RequestBody {
-            inner: Some(body),
+            inner: Source::Client { body, tee },
             counted: request_bytes.clone(),
         },
     );
@@ -958,10 +1004,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                     source: conn.client.peer.addr.ip(),
                 },
             );
-            let mut req = Request::new(RequestBody {
-                inner: None,
-                counted: request_bytes.clone(),
-            });
+            let mut req = Request::new(RequestBody::empty(request_bytes.clone()));
             *req.method_mut() = template.method.clone();
             *req.uri_mut() = template.uri.clone();
             *req.version_mut() = template.version;

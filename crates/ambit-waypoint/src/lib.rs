@@ -27,6 +27,7 @@ pub mod http;
 pub mod metrics;
 mod routing;
 pub mod serve;
+pub mod tee;
 pub mod traffic;
 pub mod upstream;
 

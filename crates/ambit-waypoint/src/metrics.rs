@@ -85,7 +85,7 @@ impl Default for Metrics {
         let r = &mut m.registry;
         r.register(
             "ambit_waypoint_mirrored_requests",
-            "Requests copied by a RequestMirror, by outcome: sent, failed, skipped_body (requests with a body are not mirrored)",
+            "Requests copied by a RequestMirror, by outcome: sent, failed (including a copy abandoned because its mirror read its body slower than the request was sent)",
             m.mirrors.clone(),
         );
         r.register(
