@@ -1,6 +1,7 @@
 //! Arbitrary bytes as a waypoint route (`ambit.waypoint.v1.Route`), decoded and converted
 //! the way a waypoint does, then used to route a request built from the rest of the
-//! input: never a panic, and a route that converts keeps its name.
+//! input: never a panic, a route that converts keeps its name, and the indexed table
+//! chooses exactly as the plain scan does.
 #![no_main]
 
 use ambit_core::http_route::{RequestFacts, select};
@@ -42,8 +43,26 @@ fuzz_target!(|data: &[u8]| {
         path_and_query: path,
         headers: &headers,
     };
+    let table = ambit_core::http_route::RouteTable::new(vec![std::sync::Arc::new(route.clone())]);
+    // The route and the position of the rule in it (the table holds its own copy).
+    let show = |s: ambit_core::http_route::Selected<'_>| match s {
+        ambit_core::http_route::Selected::NoRoutes => "none".to_owned(),
+        ambit_core::http_route::Selected::NoMatch => "404".to_owned(),
+        ambit_core::http_route::Selected::Rule {
+            route,
+            rule,
+            matched_prefix,
+        } => {
+            let at = route.rules.iter().position(|r| std::ptr::eq(r, rule));
+            format!("{}:{at:?}:{matched_prefix:?}", route.key)
+        }
+    };
     for parent in &route.parents {
-        let _ = select([&route], &parent.service, parent.port, "ns", &facts);
+        for ns in ["ns", route.namespace.as_ref()] {
+            let plain = show(select([&route], &parent.service, parent.port, ns, &facts));
+            let indexed = show(table.select(&parent.service, parent.port, ns, &facts));
+            assert_eq!(plain, indexed, "the index chose differently");
+        }
     }
     for rule in &route.rules {
         let _ = ambit_core::http_route::pick_backend(&rule.backends, u32::from(split) << 24);
