@@ -1863,12 +1863,11 @@ spec:
     assert_eq!(h["access-control-expose-headers"], "x-trace");
 }
 
-/// A server in echo-1 on `port` that records what it received (method, path, `Host`,
-/// body) and answers 200.
-fn recording_server(
-    mesh: &Mesh,
-    port: u16,
-) -> std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Bytes)>>> {
+/// What a recording server received: method, path, `Host`, body.
+type Recorded = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, Bytes)>>>;
+
+/// A server in echo-1 on `port` that records what it received and answers 200.
+fn recording_server(mesh: &Mesh, port: u16) -> Recorded {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = seen.clone();
     let listener = mesh.pod("echo-1").listen(port).unwrap();
