@@ -236,7 +236,7 @@ mod tests {
         }
         assert!(!files["templates/ambit.yaml"].contains("ambit-sentinel"));
         let crds = documents(&files["crds/istio-crds.yaml"]);
-        assert_eq!(crds.len(), 7);
+        assert_eq!(crds.len(), 8);
     }
 
     #[test]

@@ -177,7 +177,7 @@ pub fn render(o: &InstallOptions, ca: &CaFiles) -> Vec<Value> {
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["security.istio.io", "networking.istio.io", "networking.ambit.io"], "resources": ["*"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways", "httproutes", "grpcroutes"],
+            {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways", "httproutes", "grpcroutes", "referencegrants"],
              "verbs": ["get", "list", "watch"]},
             {"apiGroups": ["gateway.networking.k8s.io"], "resources": ["gateways/status"], "verbs": ["get", "patch", "update"]},
             {"apiGroups": ["security.istio.io"], "resources": ["authorizationpolicies/status"], "verbs": ["get", "patch", "update"]},

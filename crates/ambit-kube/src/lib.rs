@@ -60,7 +60,7 @@ pub struct Watched {
 }
 
 /// Everything the model holds, in the order it is listed at start.
-pub const WATCHED: [Watched; 16] = [
+pub const WATCHED: [Watched; 17] = [
     Watched {
         group: "",
         kind: Kind::Namespace,
@@ -139,6 +139,11 @@ pub const WATCHED: [Watched; 16] = [
     Watched {
         group: "networking.ambit.io",
         kind: Kind::LocalRateLimit,
+        optional: true,
+    },
+    Watched {
+        group: "gateway.networking.k8s.io",
+        kind: Kind::ReferenceGrant,
         optional: true,
     },
 ];

@@ -44,10 +44,11 @@ pub enum Kind {
     VirtualService,
     DestinationRule,
     LocalRateLimit,
+    ReferenceGrant,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -64,6 +65,7 @@ impl Kind {
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::LocalRateLimit,
+        Kind::ReferenceGrant,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -84,6 +86,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::LocalRateLimit => "LocalRateLimit",
+            Kind::ReferenceGrant => "ReferenceGrant",
         }
     }
 
@@ -137,6 +140,7 @@ pub enum Object {
     VirtualService(Arc<VirtualService>),
     DestinationRule(Arc<DestinationRule>),
     LocalRateLimit(Arc<LocalRateLimit>),
+    ReferenceGrant(Arc<ReferenceGrant>),
 }
 
 impl Object {
@@ -158,6 +162,7 @@ impl Object {
             Object::VirtualService(_) => Kind::VirtualService,
             Object::DestinationRule(_) => Kind::DestinationRule,
             Object::LocalRateLimit(_) => Kind::LocalRateLimit,
+            Object::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -179,6 +184,7 @@ impl Object {
             Object::VirtualService(o) => &o.metadata,
             Object::DestinationRule(o) => &o.metadata,
             Object::LocalRateLimit(o) => &o.metadata,
+            Object::ReferenceGrant(o) => &o.metadata,
         }
     }
 

@@ -334,6 +334,9 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
             (Some(Kind::DestinationRule), &["v1", "v1beta1", "v1alpha3"])
         }
         ("networking.ambit.io", "LocalRateLimit") => (Some(Kind::LocalRateLimit), &["v1alpha1"]),
+        ("gateway.networking.k8s.io", "ReferenceGrant") => {
+            (Some(Kind::ReferenceGrant), &["v1", "v1beta1", "v1alpha2"])
+        }
         _ => (None, &[]),
     };
     let Some(model_kind) = model_kind else {
@@ -472,6 +475,11 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
             let mut o: DestinationRule = typed(doc)?;
             default_namespace(&mut o.metadata);
             Object::DestinationRule(Arc::new(o))
+        }
+        Kind::ReferenceGrant => {
+            let mut o: ReferenceGrant = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::ReferenceGrant(Arc::new(o))
         }
         Kind::LocalRateLimit => {
             let mut o: LocalRateLimit = typed(doc)?;

@@ -1329,3 +1329,46 @@ pub struct RateLimitDescriptorSpec {
     pub value: Option<String>,
     pub token_bucket: TokenBucketSpec,
 }
+
+/// Gateway API `ReferenceGrant`: lets routes of other namespaces refer to objects
+/// (Services) of its own.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceGrant {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
+    pub metadata: ObjectMeta,
+    #[serde(default, skip_serializing)]
+    pub status: Ignored,
+    #[serde(default)]
+    pub spec: ReferenceGrantSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReferenceGrantSpec {
+    #[serde(default)]
+    pub from: Vec<GrantFrom>,
+    #[serde(default)]
+    pub to: Vec<GrantTo>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantFrom {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrantTo {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    #[serde(default)]
+    pub name: Option<String>,
+}

@@ -296,7 +296,10 @@ impl Translator {
                 }
             }
         }
-        if matches!(key.kind, Kind::Service | Kind::Namespace | Kind::Gateway) {
+        if matches!(
+            key.kind,
+            Kind::Service | Kind::Namespace | Kind::Gateway | Kind::ReferenceGrant
+        ) {
             for m in [model, old] {
                 for o in m.of_kind(Kind::HTTPRoute) {
                     let k = o.key();
@@ -439,6 +442,8 @@ impl Translator {
             Kind::LocalRateLimit => {
                 out.insert(Unit::RateLimit(ns, name));
             }
+            // Routes are looked at above.
+            Kind::ReferenceGrant => {}
             Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry => {}
         }
     }

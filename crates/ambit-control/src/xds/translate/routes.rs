@@ -29,7 +29,16 @@ pub fn translate(
     let (parents, waypoints) = parents_of(model, ns, &r.spec.parent_refs, o, &mut warnings);
     let mut rules = Vec::new();
     for (i, rule) in r.spec.rules.iter().enumerate() {
-        let (rule, w) = translate_rule(model, ns, i, rule, o);
+        let (rule, w) = translate_rule(
+            model,
+            Referrer {
+                ns,
+                kind: "HTTPRoute",
+            },
+            i,
+            rule,
+            o,
+        );
         warnings.extend(w);
         rules.push(rule);
     }
@@ -131,7 +140,16 @@ pub fn translate_grpc(
             retry: None,
             session_persistence: None,
         };
-        let (rule, w) = translate_rule(model, ns, i, &as_http, o);
+        let (rule, w) = translate_rule(
+            model,
+            Referrer {
+                ns,
+                kind: "GRPCRoute",
+            },
+            i,
+            &as_http,
+            o,
+        );
         warnings.extend(w);
         rules.push(rule);
     }
@@ -683,9 +701,16 @@ fn parents_of(
     (parents, waypoints)
 }
 
+/// The route that refers to a backend: its namespace and kind (for ReferenceGrants).
+#[derive(Debug, Clone, Copy)]
+struct Referrer<'a> {
+    ns: &'a str,
+    kind: &'static str,
+}
+
 fn translate_rule(
     model: &Model,
-    ns: &str,
+    from: Referrer<'_>,
     index: usize,
     rule: &crate::model::HttpRouteRule,
     o: &TranslateOptions,
@@ -729,7 +754,7 @@ fn translate_rule(
                 continue;
             }
             Some("RequestMirror") => {
-                match mirror_filter(model, ns, f.get("requestMirror"), o) {
+                match mirror_filter(model, from, f.get("requestMirror"), o) {
                     Ok(m) => out.mirrors.push(m),
                     Err(e) => warnings.push(format!("{label}: RequestMirror: {e}; not mirrored")),
                 }
@@ -800,7 +825,7 @@ fn translate_rule(
     }
     for b in &rule.backend_refs {
         let weight = b.weight.unwrap_or(1);
-        let resolved = resolve_backend(model, ns, b, o);
+        let resolved = resolve_backend(model, from, b, o);
         let mut backend = pb::RouteBackend {
             weight,
             ..Default::default()
@@ -945,7 +970,7 @@ fn retry(v: &serde_json::Value) -> Result<pb::Retry, String> {
 /// (`percent`, or `fraction` numerator/denominator; all by default).
 fn mirror_filter(
     model: &Model,
-    ns: &str,
+    from: Referrer<'_>,
     spec: Option<&serde_json::Value>,
     o: &TranslateOptions,
 ) -> Result<pb::Mirror, String> {
@@ -953,7 +978,7 @@ fn mirror_filter(
     let b = spec.get("backendRef").ok_or("no backendRef")?;
     let backend: crate::model::HttpBackendRef =
         serde_json::from_value(b.clone()).map_err(|e| format!("backendRef: {e}"))?;
-    let (service, port) = resolve_backend(model, ns, &backend, o)?;
+    let (service, port) = resolve_backend(model, from, &backend, o)?;
     let per_million = if let Some(p) = spec.get("percent") {
         match p.as_u64() {
             Some(p @ 0..=100) => (p * 10_000) as u32,
@@ -1185,10 +1210,11 @@ fn header_filter(f: &serde_json::Value) -> Result<Option<(bool, pb::HeaderModifi
 
 fn resolve_backend(
     model: &Model,
-    ns: &str,
+    from: Referrer<'_>,
     b: &crate::model::HttpBackendRef,
     o: &TranslateOptions,
 ) -> Result<(String, u32), String> {
+    let ns = from.ns;
     let group = b.group.as_deref().unwrap_or("");
     let kind = b.kind.as_deref().unwrap_or("Service");
     if !matches!(group, "" | "core") || kind != "Service" {
@@ -1197,9 +1223,10 @@ fn resolve_backend(
         ));
     }
     let backend_ns = b.namespace.as_ref().map_or(ns, |n| n.as_str());
-    if backend_ns != ns {
+    if backend_ns != ns && !granted(model, from, backend_ns, b.name.as_str()) {
         return Err(format!(
-            "a backend in another namespace ({backend_ns}) needs a ReferenceGrant, which Ambit does not read yet"
+            "a backend in another namespace ({backend_ns}) needs a ReferenceGrant there allowing {} from {ns} to refer to Service {}",
+            from.kind, b.name
         ));
     }
     let Some(port) = b.port else {
@@ -1250,6 +1277,24 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         }
     }
     Ok(total)
+}
+
+/// Whether a ReferenceGrant in `to_ns` lets routes of `from` refer to Service `name`
+/// there (Gateway API: `from` group, kind and namespace; `to` group `""`, kind
+/// Service, and the name when it gives one).
+fn granted(model: &Model, from: Referrer<'_>, to_ns: &str, name: &str) -> bool {
+    model.in_namespace(Kind::ReferenceGrant, to_ns).any(|o| {
+        let Object::ReferenceGrant(g) = o else {
+            return false;
+        };
+        g.spec.from.iter().any(|f| {
+            f.group == "gateway.networking.k8s.io" && f.kind == from.kind && f.namespace == from.ns
+        }) && g.spec.to.iter().any(|t| {
+            matches!(t.group.as_str(), "" | "core")
+                && t.kind == "Service"
+                && t.name.as_deref().is_none_or(|n| n == name)
+        })
+    })
 }
 
 #[cfg(test)]

@@ -1139,3 +1139,61 @@ spec:
     let w = &t.warnings()["LocalRateLimit demo/broken"];
     assert!(w.iter().any(|w| w.contains("maxTokens")), "{w:?}");
 }
+
+#[test]
+fn a_backend_in_another_namespace_needs_a_reference_grant_there() {
+    let route = "---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: backends}
+spec: {selector: {app: api}, clusterIP: 198.19.0.60, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: cross, namespace: demo}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web}]
+  rules: [{name: out, backendRefs: [{name: api, namespace: backends, port: 80}]}]
+";
+    let grant = "---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-demo, namespace: backends}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: demo}]
+  to: [{group: '', kind: Service, name: api}]
+";
+    let backend = |t: &Translator| {
+        let enc = t
+            .resources(ResourceType::WaypointRoute)
+            .get("demo/cross")
+            .expect("the route");
+        let r = ambit_proto::waypoint::Route::decode(&*enc.body).unwrap();
+        r.rules[0].backends[0].service.clone()
+    };
+    let without = model(1, &format!("{BASE}{TRAFFIC_BASE}{route}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&without);
+    assert_eq!(backend(&t), "", "not resolved: its share is answered 500");
+    let w = &t.warnings()["HTTPRoute demo/cross"];
+    assert!(
+        w.iter().any(|w| w.contains("needs a ReferenceGrant")),
+        "{w:?}"
+    );
+    // The grant written: the route is translated again and resolves.
+    let with = model(2, &format!("{BASE}{TRAFFIC_BASE}{route}{grant}"));
+    let changes = with.changes_since(&without);
+    t.apply(&with, &without, &changes);
+    assert_eq!(backend(&t), "backends/api.backends.svc.cluster.local");
+    assert!(!t.warnings().contains_key("HTTPRoute demo/cross"));
+    // A grant for GRPCRoutes only, or for another Service, does not do.
+    for other in [
+        grant.replace("kind: HTTPRoute", "kind: GRPCRoute"),
+        grant.replace("name: api}", "name: other}"),
+    ] {
+        let m = model(3, &format!("{BASE}{TRAFFIC_BASE}{route}{other}"));
+        let mut t = Translator::new(TranslateOptions::default());
+        t.full(&m);
+        assert_eq!(backend(&t), "", "{other}");
+    }
+}
