@@ -188,6 +188,8 @@ pub enum DescriptorKey {
 /// Distinct values a descriptor keeps buckets for; further values share one bucket, so
 /// a caller inventing values cannot grow the waypoint's memory or escape the limit.
 pub const MAX_DESCRIPTOR_VALUES: usize = 10_000;
+/// Longer values share that bucket too (memory stays bounded by both).
+pub const MAX_DESCRIPTOR_VALUE_LEN: usize = 256;
 
 /// A token bucket in one atomic word: the tokens left (high 32 bits) and the fill tick
 /// they were counted at (low 32 bits). Taking a token is a compare-and-swap; no lock.
@@ -223,6 +225,18 @@ impl TokenBucket {
     fn tick(&self, now: Duration) -> u64 {
         let interval = self.spec.fill_interval.as_nanos().max(1);
         (now.as_nanos() / interval) as u64
+    }
+
+    /// Whether the bucket is full at `now` (nothing taken for at least a fill): it can be
+    /// forgotten and made anew without changing any answer.
+    pub fn is_full(&self, now: Duration) -> bool {
+        let current = self.state.load(Ordering::Acquire);
+        let tokens = (current >> 32) as u32;
+        let last = current & 0xffff_ffff;
+        let elapsed = (self.tick(now) & 0xffff_ffff).wrapping_sub(last) & 0xffff_ffff;
+        u64::from(tokens)
+            .saturating_add(elapsed.saturating_mul(u64::from(self.spec.tokens_per_fill)))
+            >= u64::from(self.spec.max_tokens)
     }
 
     /// Takes a token at time `now` (since a fixed epoch), if there is one.
@@ -315,6 +329,8 @@ mod tests {
         let t = Duration::from_millis(1100);
         let taken: Vec<bool> = (0..3).map(|_| b.take(t).allowed).collect();
         assert_eq!(taken, [true, true, false]);
+        assert!(!b.is_full(Duration::from_millis(1100)));
+        assert!(b.is_full(Duration::from_millis(3000)));
         // Long idle: full again, never above the maximum.
         let t = Duration::from_secs(100);
         let r = b.take(t);

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use ambit_core::discovery::Str;
 use ambit_core::traffic::{
-    BucketSpec, DescriptorKey, MAX_DESCRIPTOR_VALUES, Outlier, Pool, RateLimit, Taken, TokenBucket,
-    TrafficPolicy,
+    BucketSpec, DescriptorKey, MAX_DESCRIPTOR_VALUE_LEN, MAX_DESCRIPTOR_VALUES, Outlier, Pool,
+    RateLimit, Taken, TokenBucket, TrafficPolicy,
 };
 use arc_swap::ArcSwap;
 use http::HeaderMap;
@@ -92,13 +92,26 @@ impl Traffic {
         }))
     }
 
-    /// Forgets rate limits no longer configured and endpoints nothing counts against.
+    /// Forgets rate limits no longer configured, descriptor values whose bucket is full
+    /// again (idle: a new one answers the same), and endpoints nothing counts against.
     pub fn sweep(&self, live: impl Fn(&str) -> bool) {
         self.limiters.rcu(|m| {
             let mut m = HashMap::clone(m);
             m.retain(|k, _| live(k));
             Arc::new(m)
         });
+        let elapsed = self.elapsed();
+        for l in self.limiters.load().values() {
+            for d in &l.descriptors {
+                if d.per_value.load().values().any(|b| b.is_full(elapsed)) {
+                    d.per_value.rcu(|m| {
+                        let mut m = HashMap::clone(m);
+                        m.retain(|_, b| !b.is_full(elapsed));
+                        Arc::new(m)
+                    });
+                }
+            }
+        }
         let now = self.now_ms();
         for s in self.services.load().values() {
             s.health.rcu(|m| {
@@ -389,7 +402,9 @@ impl Limiter {
                     let found = d.per_value.load().get(value).cloned();
                     let bucket = match found {
                         Some(b) => b,
-                        None if d.per_value.load().len() >= MAX_DESCRIPTOR_VALUES => {
+                        None if d.per_value.load().len() >= MAX_DESCRIPTOR_VALUES
+                            || value.len() > MAX_DESCRIPTOR_VALUE_LEN =>
+                        {
                             verdict = Some(Verdict::merge(verdict, d.spec, d.shared.take(now)));
                             continue;
                         }
@@ -466,6 +481,55 @@ mod tests {
         let v = ask(&none, p);
         assert!(!v.allowed);
         assert_eq!((v.limit, v.remaining), (5, 0));
+    }
+
+    #[test]
+    fn descriptor_values_stay_bounded_and_idle_ones_are_forgotten() {
+        let traffic = Traffic::default();
+        let policy = TrafficPolicy {
+            key: "demo/rl:x".into(),
+            services: vec![],
+            gateways: vec![],
+            created: 0,
+            backend: None,
+            rate_limit: Some(RateLimit {
+                bucket: None,
+                descriptors: vec![Descriptor {
+                    key: DescriptorKey::Header("x-user".into()),
+                    value: None,
+                    bucket: BucketSpec {
+                        max_tokens: 1,
+                        tokens_per_fill: 1,
+                        fill_interval: Duration::from_millis(1),
+                    },
+                }],
+            }),
+        };
+        let limiter = traffic.limiter(&policy).unwrap();
+        let ask = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-user", v.parse().unwrap());
+            limiter.check(
+                &LimitFacts {
+                    headers: &h,
+                    principal: "p",
+                },
+                traffic.elapsed(),
+            )
+        };
+        ask("alice");
+        // A value longer than the cap shares the overflow bucket: not remembered.
+        ask(&"x".repeat(MAX_DESCRIPTOR_VALUE_LEN + 1));
+        assert_eq!(limiter.descriptors[0].per_value.load().len(), 1);
+        std::thread::sleep(Duration::from_millis(5));
+        traffic.sweep(|k| k == "demo/rl:x");
+        assert_eq!(
+            limiter.descriptors[0].per_value.load().len(),
+            0,
+            "alice's bucket is full again: forgotten"
+        );
+        traffic.sweep(|_| false);
+        assert!(traffic.limiters.load().is_empty());
     }
 
     #[test]

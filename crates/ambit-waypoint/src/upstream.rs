@@ -482,5 +482,9 @@ pub(crate) async fn sweep(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) 
             Arc::new(m)
         });
         shared.in_flight.sweep();
+        let state = shared.store.load();
+        shared
+            .traffic
+            .sweep(|k| state.traffic_policies().any(|p| p.key.as_ref() == k));
     }
 }
