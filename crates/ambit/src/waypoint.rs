@@ -680,30 +680,20 @@ fn routes_of(
         GRPC_ROUTE_WARNING_PREFIX, ROUTE_WARNING_PREFIX, ResourceType, VS_WARNING_PREFIX,
     };
     use ambit_proto::prost::Message;
-    let mut out = Vec::new();
-    for enc in translator.resources(ResourceType::WaypointRoute).values() {
-        let Ok(r) = ambit_proto::waypoint::Route::decode(&*enc.body) else {
-            continue;
-        };
-        if !r.waypoints.iter().any(|w| w == key) {
-            continue;
-        }
+    listed_for(translator, ResourceType::WaypointRoute, key, |body| {
+        let r = ambit_proto::waypoint::Route::decode(body).ok()?;
         let (prefix, name) = if let Some(n) = r.name.strip_prefix(GRPC_NAME_PREFIX) {
-            (GRPC_ROUTE_WARNING_PREFIX, n.to_owned())
+            (GRPC_ROUTE_WARNING_PREFIX, n)
         } else if let Some(n) = r.name.strip_prefix(VS_NAME_PREFIX) {
-            (VS_WARNING_PREFIX, n.to_owned())
+            (VS_WARNING_PREFIX, n)
         } else {
-            (ROUTE_WARNING_PREFIX, r.name.clone())
+            (ROUTE_WARNING_PREFIX, r.name.as_str())
         };
-        let label = format!("{prefix}{}/{name}", r.namespace);
-        let findings = translator
-            .warnings()
-            .get(&label)
-            .cloned()
-            .unwrap_or_default();
-        out.push((label, findings));
-    }
-    out
+        Some((
+            r.waypoints.clone(),
+            format!("{prefix}{}/{name}", r.namespace),
+        ))
+    })
 }
 
 /// The traffic policies the control plane would send waypoint `key`, with their
@@ -715,26 +705,41 @@ fn traffic_of(
     use ambit_control::xds::translate::traffic::RL_NAME_PREFIX;
     use ambit_control::xds::translate::{DR_WARNING_PREFIX, RL_WARNING_PREFIX, ResourceType};
     use ambit_proto::prost::Message;
-    let mut out = Vec::new();
-    for enc in translator.resources(ResourceType::WaypointTraffic).values() {
-        let Ok(t) = ambit_proto::waypoint::TrafficPolicy::decode(&*enc.body) else {
-            continue;
+    listed_for(translator, ResourceType::WaypointTraffic, key, |body| {
+        let t = ambit_proto::waypoint::TrafficPolicy::decode(body).ok()?;
+        let name = t.name.split_once(':').map_or(t.name.as_str(), |(_, n)| n);
+        let prefix = if t.name.starts_with(RL_NAME_PREFIX) {
+            RL_WARNING_PREFIX
+        } else {
+            DR_WARNING_PREFIX
         };
-        if !t.waypoints.iter().any(|w| w == key) {
-            continue;
-        }
-        let (prefix, name) = match t.name.split_once(':') {
-            Some((_, n)) if t.name.starts_with(RL_NAME_PREFIX) => (RL_WARNING_PREFIX, n),
-            Some((_, n)) => (DR_WARNING_PREFIX, n),
-            None => (DR_WARNING_PREFIX, t.name.as_str()),
-        };
-        let label = format!("{prefix}{}/{name}", t.namespace);
-        let findings = translator
-            .warnings()
-            .get(&label)
-            .cloned()
-            .unwrap_or_default();
-        out.push((label, findings));
-    }
-    out
+        Some((
+            t.waypoints.clone(),
+            format!("{prefix}{}/{name}", t.namespace),
+        ))
+    })
+}
+
+/// The resources of type `t` that list waypoint `key`, each by its warnings' label
+/// (`read` gives a resource's waypoints and label), with those warnings.
+fn listed_for(
+    translator: &ambit_control::xds::translate::Translator,
+    t: ambit_control::xds::translate::ResourceType,
+    key: &str,
+    read: impl Fn(&[u8]) -> Option<(Vec<String>, String)>,
+) -> Vec<(String, Vec<String>)> {
+    translator
+        .resources(t)
+        .values()
+        .filter_map(|enc| read(&enc.body))
+        .filter(|(waypoints, _)| waypoints.iter().any(|w| w == key))
+        .map(|(_, label)| {
+            let findings = translator
+                .warnings()
+                .get(&label)
+                .cloned()
+                .unwrap_or_default();
+            (label, findings)
+        })
+        .collect()
 }
