@@ -2183,7 +2183,7 @@ async fn a_full_connection_pool_answers_503_uo() {
         8084,
         StatusCode::OK,
         "slow",
-        Duration::from_millis(1500),
+        Duration::from_secs(3),
     );
     apply_traffic(
         &s,
@@ -2211,10 +2211,14 @@ spec:
         1,
     )
     .await;
-    // Three callers at once: one is served, one waits for its connection, one overflows.
-    let mut calls = Vec::new();
+    // Three callers at once (connected first, then sending together): one is served,
+    // one waits for its connection, one overflows.
+    let mut senders = Vec::new();
     for _ in 0..3 {
-        let mut send = h1(&s.mesh, ECHO_VIP).await;
+        senders.push(h1(&s.mesh, ECHO_VIP).await);
+    }
+    let mut calls = Vec::new();
+    for mut send in senders {
         calls.push(tokio::spawn(async move {
             let resp = get(&mut send, None).await;
             let status = resp.status();
