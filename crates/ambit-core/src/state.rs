@@ -107,6 +107,8 @@ pub struct State {
     traffic_by_target: OrdMap<Str, OrdSet<Str>>,
     /// Traffic policies discovery sent and this proxy could not read.
     refused_traffic: OrdSet<Str>,
+    /// How many traffic policies hold a rate limit.
+    rate_limits: usize,
 }
 
 impl State {
@@ -402,6 +404,9 @@ impl State {
                 .or_default()
                 .insert(key.clone());
         }
+        if policy.rate_limit.is_some() {
+            self.rate_limits += 1;
+        }
         self.traffic.insert(key, Arc::new(policy));
     }
 
@@ -409,6 +414,9 @@ impl State {
         let Some(old) = self.traffic.remove(key) else {
             return false;
         };
+        if old.rate_limit.is_some() {
+            self.rate_limits -= 1;
+        }
         for t in old.services.iter().chain(&old.gateways) {
             if let Some(set) = self.traffic_by_target.get_mut(t.as_ref()) {
                 set.remove(key);
@@ -439,6 +447,11 @@ impl State {
         self.traffic_for(service)
             .filter(|p| p.backend.is_some())
             .min_by(|a, b| (a.created, &a.key).cmp(&(b.created, &b.key)))
+    }
+
+    /// Whether any traffic policy holds a rate limit.
+    pub fn has_rate_limits(&self) -> bool {
+        self.rate_limits > 0
     }
 
     /// Every traffic policy.

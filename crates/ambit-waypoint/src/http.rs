@@ -1107,6 +1107,10 @@ fn rate_limit(
     headers: &HeaderMap,
 ) -> Option<(crate::traffic::Verdict, String)> {
     let state = shared.store.load();
+    // Most waypoints have no rate limit: nothing is formatted or looked up for them.
+    if !state.has_rate_limits() {
+        return None;
+    }
     let waypoint = format!("{}/{}", shared.config.namespace, shared.config.name);
     let service = conn.target.service.as_ref().map(|s| s.key());
     let principal = conn.client.peer.identity.to_string();
