@@ -201,13 +201,20 @@ impl ServiceTraffic {
         let Some(max) = pool.max_connections else {
             return Ok(None);
         };
-        let current = self.slots.load();
-        let semaphore = match current.as_ref() {
-            Some((m, s)) if *m == max => s.clone(),
-            _ => {
-                let s = Arc::new(Semaphore::new(max as usize));
-                self.slots.store(Arc::new(Some((max, s.clone()))));
-                s
+        // One semaphore per limit, even when the first requests race to make it.
+        let semaphore = loop {
+            let current = self.slots.load_full();
+            if let Some((m, s)) = current.as_ref()
+                && *m == max
+            {
+                break s.clone();
+            }
+            let s = Arc::new(Semaphore::new(max as usize));
+            let previous = self
+                .slots
+                .compare_and_swap(&current, Arc::new(Some((max, s.clone()))));
+            if Arc::ptr_eq(&previous, &current) {
+                break s;
             }
         };
         if let Ok(p) = semaphore.clone().try_acquire_owned() {
@@ -559,6 +566,48 @@ mod tests {
         }
         assert!(s.is_ejected("a", 3000));
         assert!(!s.is_ejected("a", 3103));
+    }
+
+    /// Racing first requests share one semaphore: with one connection allowed, one
+    /// gets it (two had, each from a semaphore of its own).
+    #[test]
+    fn racing_first_requests_share_one_connection_limit() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_time()
+            .build()
+            .unwrap();
+        for _ in 0..200 {
+            let s = Arc::new(ServiceTraffic::default());
+            let pool = Pool {
+                max_connections: Some(1),
+                max_pending: Some(0),
+                ..Pool::default()
+            };
+            let got: usize = rt.block_on(async {
+                let start = Arc::new(tokio::sync::Barrier::new(4));
+                let tried = Arc::new(tokio::sync::Barrier::new(4));
+                let tasks: Vec<_> = (0..4)
+                    .map(|_| {
+                        let (s, pool) = (s.clone(), pool.clone());
+                        let (start, tried) = (start.clone(), tried.clone());
+                        tokio::spawn(async move {
+                            start.wait().await;
+                            let p = s.connection(&pool).await;
+                            // Held until all have tried.
+                            tried.wait().await;
+                            usize::from(p.is_ok_and(|p| p.is_some()))
+                        })
+                    })
+                    .collect();
+                let mut n = 0;
+                for t in tasks {
+                    n += t.await.unwrap();
+                }
+                n
+            });
+            assert_eq!(got, 1);
+        }
     }
 
     #[tokio::test]
