@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod ca_service;
+pub mod jwks;
 pub mod loglimit;
 pub mod metrics;
 pub mod model;
@@ -104,6 +105,7 @@ impl Config {
             cluster_id: self.cluster_id.clone(),
             domain_suffix: self.domain_suffix.clone(),
             root_namespace: self.root_namespace.clone(),
+            jwks: Default::default(),
         }
     }
 
@@ -273,9 +275,12 @@ impl ControlPlane {
 
         // Discovery: snapshots of the translated model, served over delta ADS.
         let (snapshot_tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        let options = config.translate_options();
+        // RequestAuthentication key sets named by URI, fetched for the translator.
+        tasks.push(tokio::spawn(options.jwks.clone().run(stop_rx.clone())));
         tasks.push(tokio::spawn(xds::snapshot::publish(
             source.model(),
-            config.translate_options(),
+            options,
             config.push_debounce,
             snapshot_tx,
             stop_rx.clone(),

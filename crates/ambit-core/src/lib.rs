@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod enrollment;
 pub mod http_route;
 pub mod identity;
+pub mod jwt;
 pub mod policy;
 pub mod route;
 pub mod state;

@@ -143,6 +143,23 @@ pub struct Match {
     /// The original client (`remote.ip`, `remoteIpBlocks`).
     pub remote_ips: Vec<IpNet>,
     pub not_remote_ips: Vec<IpNet>,
+    /// `requestPrincipals` (`<iss>/<sub>` of a valid token) and their negation; a
+    /// request without a valid token has no principal.
+    pub request_principals: Vec<StringMatch>,
+    pub not_request_principals: Vec<StringMatch>,
+    /// `when: request.auth.*` conditions on the valid token's claims.
+    pub claims: Vec<ClaimMatch>,
+}
+
+/// `when: request.auth.claims[a][b]` (and `request.auth.audiences`, `.presenter`, the
+/// claims `aud` and `azp`): some value of the claim must match one of `values` (when
+/// given) and none may match `not_values`. A list claim offers each of its entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClaimMatch {
+    /// Nested claim names, outermost first.
+    pub path: Vec<Str>,
+    pub values: Vec<StringMatch>,
+    pub not_values: Vec<StringMatch>,
 }
 
 /// `when: request.headers[<name>]`: the header's value must match one of `values`
@@ -174,6 +191,8 @@ pub struct Request<'a> {
     pub headers: &'a dyn RequestHeaders,
     /// The original client's address.
     pub remote_ip: IpAddr,
+    /// What a valid token established (RequestAuthentication); `None` without one.
+    pub auth: Option<&'a crate::jwt::Authenticated>,
 }
 
 impl std::fmt::Debug for Request<'_> {
@@ -325,7 +344,10 @@ impl Match {
             && self.not_paths.is_empty()
             && self.headers.is_empty()
             && self.remote_ips.is_empty()
-            && self.not_remote_ips.is_empty())
+            && self.not_remote_ips.is_empty()
+            && self.request_principals.is_empty()
+            && self.not_request_principals.is_empty()
+            && self.claims.is_empty())
     }
 
     fn request_holds(&self, r: &Request<'_>) -> bool {
@@ -334,6 +356,17 @@ impl Match {
             && strings_hold(&self.paths, &self.not_paths, Some(path))
             && hosts_hold(&self.hosts, &self.not_hosts, Some(r.host))
             && nets_hold(&self.remote_ips, &self.not_remote_ips, r.remote_ip)
+            && strings_hold(
+                &self.request_principals,
+                &self.not_request_principals,
+                r.auth.map(|a| a.principal.as_str()),
+            )
+            && self.claims.iter().all(|c| {
+                let values = r.auth.map(|a| a.claim(&c.path)).unwrap_or_default();
+                let any =
+                    |list: &[StringMatch]| values.iter().any(|v| list.iter().any(|m| m.matches(v)));
+                (c.values.is_empty() || any(&c.values)) && !any(&c.not_values)
+            })
             && self.headers.iter().all(|h| {
                 let value = r.headers.header(&h.name);
                 // `*` asks whether the header is there at all, even empty.
@@ -920,6 +953,7 @@ mod tests {
             path: "/api/items?limit=5",
             headers: &headers,
             remote_ip: "203.0.113.7".parse().unwrap(),
+            auth: None,
         };
         let with = Connection {
             request: Some(request),
@@ -955,6 +989,64 @@ mod tests {
         for (what, m, with_request, at_l4) in table {
             assert_eq!(m.matches(&with), with_request, "{what} (request)");
             assert_eq!(m.matches(&without), at_l4, "{what} (L4)");
+        }
+    }
+
+    /// Request principals and token claims: a request with a valid token against one
+    /// without (Istio: `notRequestPrincipals: ["*"]` is "no valid token").
+    #[test]
+    fn request_principals_and_claims() {
+        let claims = serde_json::json!({"iss": "https://idp", "sub": "alice", "aud": ["api", "web"],
+            "azp": "portal", "groups": ["eng", "ops"], "org": {"team": "mesh"}});
+        let auth = crate::jwt::Authenticated {
+            principal: "https://idp/alice".into(),
+            issuer: "https://idp".into(),
+            subject: "alice".into(),
+            audiences: vec!["api".into(), "web".into()],
+            presenter: Some("portal".into()),
+            claims: claims.as_object().unwrap().clone(),
+            payload_b64: String::new(),
+        };
+        let headers = Hdrs(vec![]);
+        let request = |auth| Request {
+            method: "GET",
+            host: "web",
+            path: "/",
+            headers: &headers,
+            remote_ip: "198.18.1.10".parse().unwrap(),
+            auth,
+        };
+        let with = Connection {
+            request: Some(request(Some(&auth))),
+            ..mtls(SLEEP, "demo")
+        };
+        let without = Connection {
+            request: Some(request(None)),
+            ..mtls(SLEEP, "demo")
+        };
+        let claim = |path: &[&str], values: &[&str], not: &[&str]| ClaimMatch {
+            path: path.iter().map(|p| Str::from(*p)).collect(),
+            values: sm(values),
+            not_values: sm(not),
+        };
+        #[rustfmt::skip]
+        let table: Vec<(&str, Match, bool, bool)> = vec![
+            ("any principal", Match { request_principals: sm(&["*"]), ..Match::default() }, true, false),
+            ("exact principal", Match { request_principals: sm(&["https://idp/alice"]), ..Match::default() }, true, false),
+            ("issuer prefix", Match { request_principals: sm(&["https://idp/*"]), ..Match::default() }, true, false),
+            ("other principal", Match { request_principals: sm(&["https://idp/bob"]), ..Match::default() }, false, false),
+            ("no principal", Match { not_request_principals: sm(&["*"]), ..Match::default() }, false, true),
+            ("not this principal", Match { not_request_principals: sm(&["*/alice"]), ..Match::default() }, false, true),
+            ("list claim entry", Match { claims: vec![claim(&["groups"], &["ops"], &[])], ..Match::default() }, true, false),
+            ("list claim miss", Match { claims: vec![claim(&["groups"], &["admin"], &[])], ..Match::default() }, false, false),
+            ("nested claim", Match { claims: vec![claim(&["org", "team"], &["mesh"], &[])], ..Match::default() }, true, false),
+            ("audience", Match { claims: vec![claim(&["aud"], &["web"], &[])], ..Match::default() }, true, false),
+            ("presenter", Match { claims: vec![claim(&["azp"], &["portal"], &[])], ..Match::default() }, true, false),
+            ("not claim value", Match { claims: vec![claim(&["groups"], &[], &["eng"])], ..Match::default() }, false, true),
+        ];
+        for (what, m, with_token, without_token) in table {
+            assert_eq!(m.matches(&with), with_token, "{what} (token)");
+            assert_eq!(m.matches(&without), without_token, "{what} (no token)");
         }
     }
 
@@ -1000,6 +1092,7 @@ mod tests {
                 path,
                 headers: &headers,
                 remote_ip: "198.18.1.10".parse().unwrap(),
+                auth: None,
             }),
             ..mtls(SLEEP, "demo")
         };
@@ -1019,6 +1112,7 @@ mod tests {
                 path: "/",
                 headers: &headers,
                 remote_ip: "198.18.1.10".parse().unwrap(),
+                auth: None,
             }),
             ..mtls(SLEEP, "demo")
         };

@@ -109,6 +109,8 @@ pub struct State {
     refused_traffic: OrdSet<Str>,
     /// How many traffic policies hold a rate limit.
     rate_limits: usize,
+    /// How many traffic policies hold a RequestAuthentication.
+    authentications: usize,
 }
 
 impl State {
@@ -407,6 +409,9 @@ impl State {
         if policy.rate_limit.is_some() {
             self.rate_limits += 1;
         }
+        if policy.authentication.is_some() {
+            self.authentications += 1;
+        }
         self.traffic.insert(key, Arc::new(policy));
     }
 
@@ -416,6 +421,9 @@ impl State {
         };
         if old.rate_limit.is_some() {
             self.rate_limits -= 1;
+        }
+        if old.authentication.is_some() {
+            self.authentications -= 1;
         }
         for t in old.services.iter().chain(&old.gateways) {
             if let Some(set) = self.traffic_by_target.get_mut(t.as_ref()) {
@@ -452,6 +460,11 @@ impl State {
     /// Whether any traffic policy holds a rate limit.
     pub fn has_rate_limits(&self) -> bool {
         self.rate_limits > 0
+    }
+
+    /// Whether any traffic policy holds a RequestAuthentication.
+    pub fn has_authentications(&self) -> bool {
+        self.authentications > 0
     }
 
     /// Every traffic policy.

@@ -58,3 +58,43 @@ pub fn workload(
         }),
     }
 }
+
+fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// An Ed25519 JWT signer and its key set, to mint tokens in tests.
+pub struct JwtSigner {
+    pair: ring::signature::Ed25519KeyPair,
+    pub kid: String,
+}
+
+impl JwtSigner {
+    pub fn new(kid: &str) -> Self {
+        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap();
+        JwtSigner {
+            pair: ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap(),
+            kid: kid.into(),
+        }
+    }
+
+    pub fn jwks(&self) -> String {
+        use ring::signature::KeyPair;
+        serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": self.kid,
+            "x": b64(self.pair.public_key().as_ref())}]})
+        .to_string()
+    }
+
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        let header = serde_json::json!({"alg": "EdDSA", "kid": self.kid});
+        let signed = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let sig = self.pair.sign(signed.as_bytes());
+        format!("{signed}.{}", b64(sig.as_ref()))
+    }
+}

@@ -15,8 +15,8 @@ use crate::discovery::Str;
 /// One traffic policy as the waypoint uses it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrafficPolicy {
-    /// `<namespace>/dr:<name>` (a DestinationRule) or `<namespace>/rl:<name>` (a
-    /// LocalRateLimit).
+    /// `<namespace>/dr:<name>` (a DestinationRule), `<namespace>/rl:<name>` (a
+    /// LocalRateLimit) or `<namespace>/ra:<name>` (a RequestAuthentication).
     pub key: Str,
     /// The services it applies to (`<namespace>/<hostname>`).
     pub services: Vec<Str>,
@@ -28,6 +28,8 @@ pub struct TrafficPolicy {
     pub created: i64,
     pub backend: Option<BackendPolicy>,
     pub rate_limit: Option<RateLimit>,
+    /// A RequestAuthentication's rules (`<namespace>/ra:<name>`).
+    pub authentication: Option<Vec<crate::jwt::JwtRule>>,
 }
 
 /// DestinationRule `trafficPolicy`: settings for every port, and some ports' own.

@@ -51,6 +51,8 @@ pub struct RequestFacts<'a> {
     pub host: &'a str,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
+    /// What the request's valid token established, if it carried one.
+    pub auth: Option<&'a ambit_core::jwt::Authenticated>,
 }
 
 /// Decides a request (or, with `request: None`, an opaque TCP connection) through the
@@ -110,6 +112,7 @@ pub fn decide(
                 path: r.path,
                 headers: &headers,
                 remote_ip: client.peer.addr.ip(),
+                auth: r.auth,
             })
         }
         None => None,

@@ -569,6 +569,27 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         );
     }
 
+    // RequestAuthentication, before authorization reads what it established.
+    let query = req.uri().query().map(str::to_owned);
+    let auth = match crate::authn::check(&shared, &conn.target, req.headers_mut(), query.as_deref())
+    {
+        Ok(auth) => auth,
+        Err(e) => {
+            report.authz = format!("authentication failed: {e}");
+            let mut resp = local(
+                report,
+                StatusCode::UNAUTHORIZED,
+                e.reason(),
+                "-",
+                Some(e.to_string()),
+            );
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+            return resp;
+        }
+    };
     let decision = {
         let state = shared.store.load();
         crate::authz::decide(
@@ -582,6 +603,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                 host: &authority,
                 path: &path,
                 headers: req.headers(),
+                auth: auth.as_ref(),
             }),
         )
     };

@@ -21,6 +21,7 @@
 //! proxy's routing ([`ambit_core::route`]), so both decide the same way.
 
 pub mod admin;
+mod authn;
 pub mod authz;
 pub mod headers;
 pub mod http;

@@ -499,6 +499,7 @@ mod tests {
             gateways: vec![],
             created: 0,
             backend: None,
+            authentication: None,
             rate_limit: Some(RateLimit {
                 bucket: None,
                 descriptors: vec![Descriptor {

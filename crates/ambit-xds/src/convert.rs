@@ -491,6 +491,18 @@ pub fn waypoint_policy(
                 out.not_paths = strings(&m.not_paths)?;
                 out.remote_ips = nets(&m.remote_ips)?;
                 out.not_remote_ips = nets(&m.not_remote_ips)?;
+                out.request_principals = strings(&m.request_principals)?;
+                out.not_request_principals = strings(&m.not_request_principals)?;
+                for c in &m.claims {
+                    if c.path.is_empty() || c.path.iter().any(String::is_empty) {
+                        return Err("a claim condition without a claim name".into());
+                    }
+                    out.claims.push(ambit_core::policy::ClaimMatch {
+                        path: c.path.iter().map(|p| p.as_str().into()).collect(),
+                        values: strings(&c.values)?,
+                        not_values: strings(&c.not_values)?,
+                    });
+                }
                 for h in &m.headers {
                     let valid = !h.name.is_empty()
                         && h.name.bytes().all(|b| {
@@ -951,8 +963,12 @@ pub fn waypoint_traffic(
         }),
         None => None,
     };
-    if backend.is_none() && rate_limit.is_none() {
-        return Err("neither backend settings nor a rate limit".into());
+    let authentication = match t.authentication {
+        Some(a) => Some(jwt_rules(a)?),
+        None => None,
+    };
+    if backend.is_none() && rate_limit.is_none() && authentication.is_none() {
+        return Err("neither backend settings, a rate limit nor an authentication".into());
     }
     Ok(tr::TrafficPolicy {
         key: key.into(),
@@ -961,7 +977,75 @@ pub fn waypoint_traffic(
         created: t.created,
         backend,
         rate_limit,
+        authentication,
     })
+}
+
+/// A RequestAuthentication's rules. The key set is parsed here, once; one that cannot
+/// be read leaves its issuer's tokens refused (as one the control plane could not fetch).
+fn jwt_rules(a: pb_wp::JwtAuthentication) -> Result<Vec<ambit_core::jwt::JwtRule>, String> {
+    use ambit_core::jwt::{Jwks, JwtRule, Location};
+    if a.rules.is_empty() || a.rules.len() > MAX_ROUTE_ITEMS {
+        return Err(format!(
+            "an authentication has 1 to {MAX_ROUTE_ITEMS} rules, this one {}",
+            a.rules.len()
+        ));
+    }
+    let header = |name: &str| {
+        http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} is not a header name"))
+    };
+    a.rules
+        .into_iter()
+        .map(|r| {
+            if r.issuer.is_empty() {
+                return Err("a JWT rule without an issuer".to_owned());
+            }
+            let mut locations = Vec::new();
+            for h in &r.from_headers {
+                locations.push(Location::Header {
+                    name: header(&h.name)?,
+                    prefix: h.prefix.clone(),
+                });
+            }
+            locations.extend(r.from_params.iter().cloned().map(Location::Param));
+            locations.extend(r.from_cookies.iter().cloned().map(Location::Cookie));
+            if locations.is_empty() {
+                locations = Location::defaults();
+            }
+            let keys = if !r.jwks_error.is_empty() {
+                Err(r.jwks_error.clone())
+            } else {
+                Jwks::parse(&r.jwks).map_err(|e| e.to_string())
+            };
+            let claim_headers = r
+                .output_claim_to_headers
+                .iter()
+                .map(|c| {
+                    if c.claim.is_empty() {
+                        return Err(format!("header {:?} names no claim", c.header));
+                    }
+                    Ok((
+                        header(&c.header)?,
+                        c.claim.split('.').map(str::to_owned).collect(),
+                    ))
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let payload_header = match r.output_payload_to_header.as_str() {
+                "" => None,
+                h => Some(header(h)?),
+            };
+            Ok(JwtRule {
+                issuer: r.issuer,
+                audiences: r.audiences,
+                keys,
+                locations,
+                forward_original_token: r.forward_original_token,
+                claim_headers,
+                payload_header,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

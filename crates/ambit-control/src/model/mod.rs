@@ -44,11 +44,12 @@ pub enum Kind {
     VirtualService,
     DestinationRule,
     LocalRateLimit,
+    RequestAuthentication,
     ReferenceGrant,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 17] = [
+    pub const ALL: [Kind; 18] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -65,6 +66,7 @@ impl Kind {
         Kind::VirtualService,
         Kind::DestinationRule,
         Kind::LocalRateLimit,
+        Kind::RequestAuthentication,
         Kind::ReferenceGrant,
     ];
 
@@ -86,6 +88,7 @@ impl Kind {
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::LocalRateLimit => "LocalRateLimit",
+            Kind::RequestAuthentication => "RequestAuthentication",
             Kind::ReferenceGrant => "ReferenceGrant",
         }
     }
@@ -140,6 +143,7 @@ pub enum Object {
     VirtualService(Arc<VirtualService>),
     DestinationRule(Arc<DestinationRule>),
     LocalRateLimit(Arc<LocalRateLimit>),
+    RequestAuthentication(Arc<RequestAuthentication>),
     ReferenceGrant(Arc<ReferenceGrant>),
 }
 
@@ -162,6 +166,7 @@ impl Object {
             Object::VirtualService(_) => Kind::VirtualService,
             Object::DestinationRule(_) => Kind::DestinationRule,
             Object::LocalRateLimit(_) => Kind::LocalRateLimit,
+            Object::RequestAuthentication(_) => Kind::RequestAuthentication,
             Object::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
@@ -184,6 +189,7 @@ impl Object {
             Object::VirtualService(o) => &o.metadata,
             Object::DestinationRule(o) => &o.metadata,
             Object::LocalRateLimit(o) => &o.metadata,
+            Object::RequestAuthentication(o) => &o.metadata,
             Object::ReferenceGrant(o) => &o.metadata,
         }
     }

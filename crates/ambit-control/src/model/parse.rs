@@ -334,6 +334,9 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
             (Some(Kind::DestinationRule), &["v1", "v1beta1", "v1alpha3"])
         }
         ("networking.ambit.io", "LocalRateLimit") => (Some(Kind::LocalRateLimit), &["v1alpha1"]),
+        ("security.istio.io", "RequestAuthentication") => {
+            (Some(Kind::RequestAuthentication), &["v1", "v1beta1"])
+        }
         ("gateway.networking.k8s.io", "ReferenceGrant") => {
             (Some(Kind::ReferenceGrant), &["v1", "v1beta1", "v1alpha2"])
         }
@@ -485,6 +488,11 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
             let mut o: LocalRateLimit = typed(doc)?;
             default_namespace(&mut o.metadata);
             Object::LocalRateLimit(Arc::new(o))
+        }
+        Kind::RequestAuthentication => {
+            let mut o: RequestAuthentication = typed(doc)?;
+            default_namespace(&mut o.metadata);
+            Object::RequestAuthentication(Arc::new(o))
         }
         Kind::GRPCRoute => {
             let mut o: GrpcRoute = typed(doc)?;

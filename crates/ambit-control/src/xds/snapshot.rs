@@ -158,10 +158,18 @@ pub async fn publish(
 
     // After a failure: translate the whole current model again with a new translator.
     let mut failures = 0u32;
+    // Fetched key sets arriving: the RequestAuthentications are translated again.
+    let mut jwks = options.jwks.subscribe();
+    jwks.borrow_and_update();
+    let mut keys_changed = false;
     loop {
         if failures == 0 {
             tokio::select! {
                 changed = models.changed() => if changed.is_err() { return },
+                changed = jwks.changed() => {
+                    if changed.is_err() { return }
+                    keys_changed = true;
+                }
                 _ = stop.changed() => return,
             }
             // Debounce: fold further changes arriving within `debounce` of each other,
@@ -179,7 +187,8 @@ pub async fn publish(
         let model = models.borrow_and_update().clone();
         let old = translated.clone();
         let changes = model.changes_since(&old);
-        if changes.is_empty() && failures == 0 {
+        let refresh_keys = std::mem::take(&mut keys_changed);
+        if changes.is_empty() && failures == 0 && !refresh_keys {
             continue;
         }
         let m = model.clone();
@@ -188,7 +197,11 @@ pub async fn publish(
             let d = if rebuild {
                 translator.full(&m)
             } else {
-                translator.apply(&m, &old, &changes)
+                let mut d = translator.apply(&m, &old, &changes);
+                if refresh_keys {
+                    d.merge(translator.refresh_authentications(&m));
+                }
+                d
             };
             (translator, d)
         })

@@ -55,6 +55,8 @@ pub const VS_WARNING_PREFIX: &str = "VirtualService ";
 pub const DR_WARNING_PREFIX: &str = "DestinationRule ";
 /// How the warnings of LocalRateLimits are keyed.
 pub const RL_WARNING_PREFIX: &str = "LocalRateLimit ";
+/// How the warnings of RequestAuthentications are keyed.
+pub const RA_WARNING_PREFIX: &str = "RequestAuthentication ";
 /// Whether waypoints apply the routes they are sent.
 pub const ROUTES_APPLIED: bool = true;
 /// What an HTTPRoute does today.
@@ -73,6 +75,8 @@ pub struct TranslateOptions {
     pub domain_suffix: String,
     /// Policies here without a selector apply mesh-wide.
     pub root_namespace: String,
+    /// Key sets fetched for RequestAuthentication `jwksUri`.
+    pub jwks: crate::jwks::JwksCache,
 }
 
 impl Default for TranslateOptions {
@@ -82,6 +86,7 @@ impl Default for TranslateOptions {
             cluster_id: "Kubernetes".to_owned(),
             domain_suffix: "cluster.local".to_owned(),
             root_namespace: "istio-system".to_owned(),
+            jwks: Default::default(),
         }
     }
 }
@@ -161,6 +166,20 @@ pub struct Delta {
 }
 
 impl Delta {
+    /// Adds what `later` changed and removed after this delta.
+    pub fn merge(&mut self, later: Delta) {
+        for i in 0..TYPES {
+            for n in later.changed[i].iter() {
+                self.removed[i].remove(n);
+            }
+            for n in later.removed[i].iter() {
+                self.changed[i].remove(n);
+            }
+            self.changed[i].extend(later.changed[i].iter().cloned());
+            self.removed[i].extend(later.removed[i].iter().cloned());
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.changed.iter().all(BTreeSet::is_empty) && self.removed.iter().all(BTreeSet::is_empty)
     }
@@ -187,6 +206,8 @@ enum Unit {
     DestinationRule(String, String),
     /// A LocalRateLimit for waypoints.
     RateLimit(String, String),
+    /// A RequestAuthentication for waypoints.
+    RequestAuthn(String, String),
 }
 
 /// Incremental translator.
@@ -245,6 +266,19 @@ impl Translator {
         self.retranslate(model, units)
     }
 
+    /// Re-translates every RequestAuthentication (the key sets they name by URI were
+    /// fetched or changed).
+    pub fn refresh_authentications(&mut self, model: &Model) -> Delta {
+        let units = model
+            .of_kind(Kind::RequestAuthentication)
+            .map(|o| {
+                let k = o.key();
+                Unit::RequestAuthn(k.namespace, k.name)
+            })
+            .collect();
+        self.retranslate(model, units)
+    }
+
     /// Re-translates what `changes` can affect.
     pub fn apply(&mut self, model: &Model, old: &Model, changes: &[Change]) -> Delta {
         // Fault injection for the recovery test: a namespace of this name makes the
@@ -293,6 +327,10 @@ impl Translator {
                 for o in m.of_kind(Kind::LocalRateLimit) {
                     let k = o.key();
                     out.insert(Unit::RateLimit(k.namespace, k.name));
+                }
+                for o in m.of_kind(Kind::RequestAuthentication) {
+                    let k = o.key();
+                    out.insert(Unit::RequestAuthn(k.namespace, k.name));
                 }
             }
         }
@@ -442,6 +480,9 @@ impl Translator {
             Kind::LocalRateLimit => {
                 out.insert(Unit::RateLimit(ns, name));
             }
+            Kind::RequestAuthentication => {
+                out.insert(Unit::RequestAuthn(ns, name));
+            }
             // Routes are looked at above.
             Kind::ReferenceGrant => {}
             Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry => {}
@@ -523,9 +564,12 @@ impl Translator {
         match unit {
             // Several resources: [`Translator::translate_unit`].
             Unit::EndpointSlice(..) => None,
-            Unit::DestinationRule(ns, name) | Unit::RateLimit(ns, name) => {
+            Unit::DestinationRule(ns, name)
+            | Unit::RateLimit(ns, name)
+            | Unit::RequestAuthn(ns, name) => {
                 let (prefix, kind) = match unit {
                     Unit::RateLimit(..) => (RL_WARNING_PREFIX, Kind::LocalRateLimit),
+                    Unit::RequestAuthn(..) => (RA_WARNING_PREFIX, Kind::RequestAuthentication),
                     _ => (DR_WARNING_PREFIX, Kind::DestinationRule),
                 };
                 let key = format!("{prefix}{ns}/{name}");
@@ -535,6 +579,9 @@ impl Translator {
                     }
                     Some(Object::LocalRateLimit(r)) => {
                         traffic::translate_rl(model, r, &self.options)
+                    }
+                    Some(Object::RequestAuthentication(r)) => {
+                        traffic::translate_ra(model, r, &self.options)
                     }
                     _ => {
                         self.warnings.remove(&key);
@@ -734,6 +781,7 @@ fn units_of(object: &Object) -> Option<Unit> {
         Kind::VirtualService => Some(Unit::VirtualService(k.namespace, k.name)),
         Kind::DestinationRule => Some(Unit::DestinationRule(k.namespace, k.name)),
         Kind::LocalRateLimit => Some(Unit::RateLimit(k.namespace, k.name)),
+        Kind::RequestAuthentication => Some(Unit::RequestAuthn(k.namespace, k.name)),
         _ => None,
     }
 }

@@ -580,10 +580,12 @@ fn a_misspelt_kind_in_a_mesh_group_is_an_error() {
     );
     // Known kinds Ambit does not model, and other groups, are skipped and listed.
     let parsed = parse_file(
-        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r}\n---\napiVersion: example.com/v1\nkind: Widgit\nmetadata: {name: w}\n",
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r}\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: s}\n---\napiVersion: example.com/v1\nkind: Widgit\nmetadata: {name: w}\n",
     )
     .unwrap();
+    // RequestAuthentication is modelled now; Sidecar and Widgit are not.
     assert_eq!(parsed.ignored.len(), 2);
+    assert_eq!(parsed.objects.len(), 1);
 }
 
 #[test]

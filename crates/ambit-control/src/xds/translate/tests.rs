@@ -556,9 +556,10 @@ fn targeted_policies_become_waypoint_policies_with_their_request_fields() {
         .map(|t| (t.kind.as_str(), t.name.as_str()))
         .collect();
     assert_eq!(targets, [("Service", "web"), ("Gateway", "waypoint")]);
-    // The rule with a request principal matches nothing yet (ALLOW: dropped); the other
-    // keeps every field: from, to, and the header condition.
-    assert_eq!(p.rules.len(), 1, "{p:?}");
+    // Both rules are kept: the request principal is checked at the waypoint, and the
+    // other keeps every field: from, to, and the header condition.
+    assert_eq!(p.rules.len(), 2, "{p:?}");
+    assert_eq!(p.rules[1].clauses[0].matches[0].request_principals.len(), 1);
     let clauses = &p.rules[0].clauses;
     assert_eq!(clauses.len(), 3);
     let from = &clauses[0].matches[0];
@@ -570,13 +571,14 @@ fn targeted_policies_become_waypoint_policies_with_their_request_fields() {
     assert_eq!(to.hosts.len(), 1);
     assert_eq!(to.connection.as_ref().unwrap().destination_ports, [80]);
     assert_eq!(clauses[2].matches[0].headers[0].name, "x-user");
-    let warnings = &t.warnings()["demo/l7"];
-    assert_eq!(warnings.len(), 1, "{warnings:?}");
-    assert!(warnings[0].contains("requestPrincipals") && warnings[0].contains("matches nothing"));
-    // A DENY keeps its other conditions (it denies at least as much as written).
+    assert!(!t.warnings().contains_key("demo/l7"), "{:?}", t.warnings());
+    // A DENY on request principals keeps them, with its other conditions.
     let deny = waypoint_policy(&t, "demo/jwt-deny");
     assert_eq!(deny.rules.len(), 1);
     assert_eq!(deny.rules[0].clauses.len(), 1);
+    let dm = &deny.rules[0].clauses[0].matches[0];
+    assert_eq!(dm.request_principals.len(), 1);
+    assert_eq!(dm.connection.as_ref().unwrap().namespaces.len(), 1);
     // Served by a waypoint: nothing unenforced.
     assert_eq!(unenforced_count(t.warnings()), 0, "{:?}", t.warnings());
 
@@ -1196,4 +1198,168 @@ spec:
         t.full(&m);
         assert_eq!(backend(&t), "", "{other}");
     }
+}
+
+#[test]
+fn request_auth_conditions_become_principal_and_claim_matches() {
+    let text = format!(
+        "{TRAFFIC_BASE}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: jwt, namespace: demo}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: web}}]
+  rules:
+  - from: [{{source: {{notRequestPrincipals: ['https://idp/bob']}}}}]
+    when:
+    - {{key: request.auth.principal, values: ['https://idp/*']}}
+    - {{key: request.auth.audiences, values: [api]}}
+    - {{key: request.auth.presenter, notValues: [evil]}}
+    - {{key: 'request.auth.claims[org][team]', values: [mesh]}}
+  - when: [{{key: 'request.auth.claims[]', values: [x]}}]
+"
+    );
+    let m = model(1, &text);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let p = waypoint_policy(&t, "demo/jwt");
+    // The second rule's claim has no name: an ALLOW rule that cannot be read matches
+    // nothing, and says so.
+    assert_eq!(p.rules.len(), 1, "{p:?}");
+    let warnings = &t.warnings()["demo/jwt"];
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("request.auth.claims[]") && w.contains("matches nothing")),
+        "{warnings:?}"
+    );
+    let c = &p.rules[0].clauses;
+    assert_eq!(c[0].matches[0].not_request_principals.len(), 1);
+    assert_eq!(c[1].matches[0].request_principals.len(), 1);
+    let path = |i: usize| c[i].matches[0].claims[0].path.clone();
+    assert_eq!(path(2), ["aud"]);
+    assert_eq!(path(3), ["azp"]);
+    assert_eq!(c[3].matches[0].claims[0].not_values.len(), 1);
+    assert_eq!(path(4), ["org", "team"]);
+}
+
+#[test]
+fn a_requestauthentication_is_sent_to_the_waypoint_of_its_targets_with_its_keys() {
+    let signer = ambit_core::testing::JwtSigner::new("k1");
+    let jwks = signer.jwks().replace('"', "\\\"");
+    let text = format!(
+        "{TRAFFIC_BASE}---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: demo}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: web}}, {{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}, {{kind: Service, group: '', name: plain}}]
+  jwtRules:
+  - issuer: https://idp
+    audiences: [api]
+    jwks: \"{jwks}\"
+    fromHeaders: [{{name: X-Token, prefix: 'Token '}}]
+    outputClaimToHeaders: [{{header: X-Sub, claim: sub}}]
+    forwardOriginalToken: true
+  - issuer: https://broken
+    jwks: 'not json'
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: sidecar, namespace: demo}}
+spec:
+  selector: {{matchLabels: {{app: echo}}}}
+  jwtRules: [{{issuer: x, jwks: '{{}}'}}]
+"
+    );
+    let m = model(1, &text);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let p = traffic_policy(&t, "demo/ra:jwt").expect("sent");
+    assert_eq!(p.services, ["demo/web.demo.svc.cluster.local"]);
+    assert_eq!(p.gateways, ["demo/wp"]);
+    assert_eq!(p.waypoints, ["demo/wp"]);
+    let a = p.authentication.unwrap();
+    assert_eq!(a.rules.len(), 2);
+    let r = &a.rules[0];
+    assert!(ambit_core::jwt::Jwks::parse(&r.jwks).is_ok());
+    assert_eq!(r.from_headers[0].name, "x-token");
+    assert_eq!(r.output_claim_to_headers[0].header, "x-sub");
+    assert!(r.forward_original_token);
+    // A key set that cannot be read is sent as a reason: that issuer's tokens are refused.
+    assert!(a.rules[1].jwks.is_empty() && a.rules[1].jwks_error.contains("not JSON"));
+    let warnings = &t.warnings()["RequestAuthentication demo/jwt"];
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.starts_with("NOT ENFORCED for Service plain")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("https://broken") && w.contains("refused")),
+        "{warnings:?}"
+    );
+    // A selector is for sidecars: reported, not sent, and counted as unenforced.
+    assert!(traffic_policy(&t, "demo/ra:sidecar").is_none());
+    assert!(t.warnings()["RequestAuthentication demo/sidecar"][0].starts_with("NOT ENFORCED"));
+    assert!(unenforced_count(t.warnings()) >= 2);
+}
+
+#[test]
+fn a_jwks_uri_is_sent_once_fetched_and_refused_until_then() {
+    let signer = ambit_core::testing::JwtSigner::new("k1");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    std::fs::write(&path, signer.jwks()).unwrap();
+    let text = format!(
+        "{TRAFFIC_BASE}---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: demo}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: web}}]
+  jwtRules: [{{issuer: https://idp, jwksUri: 'file://{}'}}]
+",
+        path.display()
+    );
+    let m = model(1, &text);
+    let options = TranslateOptions::default();
+    let cache = options.jwks.clone();
+    let mut t = Translator::new(options);
+    t.full(&m);
+    let rule = |t: &Translator| {
+        traffic_policy(t, "demo/ra:jwt")
+            .unwrap()
+            .authentication
+            .unwrap()
+            .rules[0]
+            .clone()
+    };
+    assert!(rule(&t).jwks.is_empty());
+    assert!(
+        rule(&t).jwks_error.contains("being fetched"),
+        "{:?}",
+        rule(&t)
+    );
+    // The fetcher runs; the translator is told and translates the policy again.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut changed = cache.subscribe();
+        changed.borrow_and_update();
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(cache.clone().run(stop));
+        tokio::time::timeout(std::time::Duration::from_secs(10), changed.changed())
+            .await
+            .expect("the fetch finished")
+            .unwrap();
+    });
+    let delta = t.refresh_authentications(&m);
+    assert!(delta.changed[ResourceType::WaypointTraffic.index()].contains("demo/ra:jwt"));
+    assert_eq!(rule(&t).jwks, signer.jwks());
+    assert!(rule(&t).jwks_error.is_empty());
 }

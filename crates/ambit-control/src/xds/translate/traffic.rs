@@ -11,11 +11,14 @@ use ambit_proto::waypoint as pb;
 use super::routes::{parse_duration, service_for_host};
 use super::waypoint_policy::{WAYPOINT_CLASS, gateway_of};
 use super::{TranslateOptions, WaypointFor, service_hostname, waypoint};
-use crate::model::{DestinationRule, Kind, LocalRateLimit, Model, Object, TokenBucketSpec};
+use crate::model::{
+    DestinationRule, Kind, LocalRateLimit, Model, Object, RequestAuthentication, TokenBucketSpec,
+};
 
 /// Resource names: `<namespace>/dr:<name>` and `<namespace>/rl:<name>`.
 pub const DR_NAME_PREFIX: &str = "dr:";
 pub const RL_NAME_PREFIX: &str = "rl:";
+pub const RA_NAME_PREFIX: &str = "ra:";
 
 /// The DestinationRule as a waypoint resource, or none (every warning says why).
 pub fn translate_dr(
@@ -434,9 +437,47 @@ pub fn translate_rl(
         return (None, warnings);
     }
     out.rate_limit = Some(limit);
-    for t in &rl.spec.target_refs {
-        let name = t.name.as_str();
-        match (t.group.as_deref().unwrap_or(""), t.kind.as_str()) {
+    let refs = rl.spec.target_refs.iter().map(|t| {
+        (
+            t.group.as_deref().unwrap_or(""),
+            t.kind.as_str(),
+            t.name.as_str(),
+        )
+    });
+    resolve_targets(
+        model,
+        ns,
+        refs,
+        "LocalRateLimit",
+        o,
+        &mut out,
+        &mut warnings,
+    );
+    out.waypoints.sort();
+    out.waypoints.dedup();
+    if out.waypoints.is_empty() {
+        if rl.spec.target_refs.is_empty() {
+            warnings.push("NOT ENFORCED: targetRefs is empty".to_owned());
+        }
+        return (None, warnings);
+    }
+    (Some(out), warnings)
+}
+
+/// Resolves `targetRefs` (group, kind, name) of a policy in `ns` to the services and
+/// waypoint Gateways of `out`, and the waypoints it is sent to; each target that no
+/// waypoint serves is named in a `NOT ENFORCED` warning.
+fn resolve_targets<'a>(
+    model: &Model,
+    ns: &str,
+    refs: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
+    what: &str,
+    o: &TranslateOptions,
+    out: &mut pb::TrafficPolicy,
+    warnings: &mut Vec<String>,
+) {
+    for (group, kind, name) in refs {
+        match (group, kind) {
             ("" | "core", "Service") => {
                 let Some(Object::Service(svc)) = model.lookup(Kind::Service, ns, name) else {
                     warnings.push(format!("NOT ENFORCED for Service {name}: no such Service in {ns}"));
@@ -468,14 +509,157 @@ pub fn translate_rl(
                 out.waypoints.push(format!("{ns}/{name}"));
             }
             (group, kind) => warnings.push(format!(
-                "NOT ENFORCED for {kind} {name} (group {group:?}): a LocalRateLimit targets a Service or a waypoint Gateway (group gateway.networking.k8s.io)"
+                "NOT ENFORCED for {kind} {name} (group {group:?}): a {what} targets a Service or a waypoint Gateway (group gateway.networking.k8s.io)"
             )),
         }
     }
+}
+
+/// A RequestAuthentication as a waypoint resource, or none (every warning says why).
+/// Key sets are inlined: `jwks` as written, `jwksUri` as the control plane fetched it;
+/// a rule whose keys cannot be had is still sent, carrying the reason, so the waypoint
+/// refuses that issuer's tokens rather than accept them unchecked.
+pub fn translate_ra(
+    model: &Model,
+    ra: &RequestAuthentication,
+    o: &TranslateOptions,
+) -> (Option<pb::TrafficPolicy>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let ns = ra.metadata.namespace();
+    let mut out = pb::TrafficPolicy {
+        name: format!("{RA_NAME_PREFIX}{}", ra.metadata.name.as_str()),
+        namespace: ns.to_owned(),
+        created: ra.metadata.created(),
+        ..Default::default()
+    };
+    if ra.spec.selector.is_some() && ra.spec.target_ref.is_none() && ra.spec.target_refs.is_empty()
+    {
+        warnings.push("NOT ENFORCED: a selector binds a RequestAuthentication to sidecars; in ambient mode the waypoint checks tokens, so name the Service or the waypoint Gateway in targetRefs".to_owned());
+        return (None, warnings);
+    }
+    let header = |h: &str, at: &str| -> Result<String, String> {
+        let lower = h.to_ascii_lowercase();
+        http::HeaderName::from_bytes(lower.as_bytes())
+            .map(|_| lower.clone())
+            .map_err(|_| format!("{at}: {h:?} is not a header name"))
+    };
+    let mut rules = Vec::new();
+    for (i, r) in ra.spec.jwt_rules.iter().enumerate() {
+        let at = format!("spec.jwtRules[{i}]");
+        let rule = (|| -> Result<pb::JwtRule, String> {
+            if r.issuer.is_empty() {
+                return Err(format!("{at}.issuer is empty"));
+            }
+            let (jwks, jwks_error) = match (&r.jwks, &r.jwks_uri) {
+                (Some(inline), _) => match ambit_core::jwt::Jwks::parse(inline) {
+                    Ok(_) => (inline.clone(), String::new()),
+                    Err(e) => {
+                        warnings.push(format!(
+                            "{at}.jwks cannot be used ({e}); tokens of issuer {} are refused",
+                            r.issuer
+                        ));
+                        (String::new(), e.to_string())
+                    }
+                },
+                (None, Some(uri)) => match o.jwks.lookup(uri) {
+                    Ok(set) => (set, String::new()),
+                    Err(why) => {
+                        warnings.push(format!("{at}.jwksUri: {why}; tokens of issuer {} are refused until the keys arrive", r.issuer));
+                        (String::new(), why)
+                    }
+                },
+                (None, None) => {
+                    return Err(format!(
+                        "{at} has neither jwks nor jwksUri (Ambit does not discover keys through OpenID Connect)"
+                    ));
+                }
+            };
+            let mut from_headers = Vec::new();
+            for (j, h) in r.from_headers.iter().enumerate() {
+                from_headers.push(pb::JwtHeader {
+                    name: header(&h.name, &format!("{at}.fromHeaders[{j}]"))?,
+                    prefix: h.prefix.clone(),
+                });
+            }
+            let mut claims = Vec::new();
+            for (j, c) in r.output_claim_to_headers.iter().enumerate() {
+                if c.claim.is_empty() {
+                    return Err(format!("{at}.outputClaimToHeaders[{j}].claim is empty"));
+                }
+                claims.push(pb::ClaimToHeader {
+                    header: header(&c.header, &format!("{at}.outputClaimToHeaders[{j}]"))?,
+                    claim: c.claim.clone(),
+                });
+            }
+            let payload = match &r.output_payload_to_header {
+                Some(h) => header(h, &format!("{at}.outputPayloadToHeader"))?,
+                None => String::new(),
+            };
+            if r.timeout.is_some() {
+                warnings.push(format!("{at}.timeout is not applied; the control plane fetches keys with its own limit of {:?}", crate::jwks::FETCH_TIMEOUT));
+            }
+            Ok(pb::JwtRule {
+                issuer: r.issuer.clone(),
+                audiences: r.audiences.clone(),
+                jwks,
+                jwks_error,
+                from_headers,
+                from_params: r.from_params.clone(),
+                from_cookies: r.from_cookies.clone(),
+                forward_original_token: r.forward_original_token,
+                output_claim_to_headers: claims,
+                output_payload_to_header: payload,
+            })
+        })();
+        match rule {
+            Ok(rule) => rules.push(rule),
+            Err(e) => {
+                warnings.push(format!("NOT ENFORCED: {e}"));
+                return (None, warnings);
+            }
+        }
+    }
+    if rules.is_empty() {
+        warnings.push("NOT ENFORCED: jwtRules is empty".to_owned());
+        return (None, warnings);
+    }
+    out.authentication = Some(pb::JwtAuthentication { rules });
+    let refs = ra
+        .spec
+        .target_ref
+        .iter()
+        .chain(&ra.spec.target_refs)
+        .map(|t| {
+            let group = match t.group.as_str() {
+                "" => "",
+                g => g,
+            };
+            (group, t.kind.as_str(), t.name.as_str())
+        });
+    resolve_targets(
+        model,
+        ns,
+        refs,
+        "RequestAuthentication",
+        o,
+        &mut out,
+        &mut warnings,
+    );
+    for t in ra.spec.target_ref.iter().chain(&ra.spec.target_refs) {
+        if let Some(other) = t.namespace.as_ref().map(|n| n.as_str())
+            && other != ns
+        {
+            warnings.push(format!("targetRef {} {} names namespace {other}; a policy binds only to targets in its own namespace ({ns})", t.kind.as_str(), t.name.as_str()));
+        }
+    }
+    out.services.sort();
+    out.services.dedup();
+    out.gateways.sort();
+    out.gateways.dedup();
     out.waypoints.sort();
     out.waypoints.dedup();
     if out.waypoints.is_empty() {
-        if rl.spec.target_refs.is_empty() {
+        if ra.spec.target_ref.is_none() && ra.spec.target_refs.is_empty() {
             warnings.push("NOT ENFORCED: targetRefs is empty".to_owned());
         }
         return (None, warnings);

@@ -4,9 +4,11 @@
 //! every field the waypoint can check at L7, the connection fields in Istio's own match
 //! message so the one engine reads them the same way at both layers.
 //!
-//! What the waypoint cannot check yet (request principals and `request.auth.*`, which
-//! need RequestAuthentication) follows Istio's fail-closed rule: an ALLOW rule using them
-//! matches nothing, a DENY rule keeps its other conditions; a warning says so. A target
+//! Request principals and `request.auth.*` read what a RequestAuthentication bound to the
+//! same waypoint established (a request without a valid token has no principal and no
+//! claims). What the waypoint cannot check follows Istio's fail-closed rule: an ALLOW
+//! rule using it matches nothing, a DENY rule keeps its other conditions; a warning says
+//! so. A target
 //! that no waypoint serves (a Service not bound to one, a Gateway that is not an
 //! `istio-waypoint`) leaves the policy unenforced there, and the warning starts with
 //! `NOT ENFORCED` so it is counted and shown.
@@ -236,9 +238,6 @@ fn connection(m: pb_sec::Match) -> Option<pb_sec::Match> {
 }
 
 fn from_match(s: &Source, ns: &str, unsupported: &mut Vec<String>) -> pb_wp::Match {
-    if !s.request_principals.is_empty() || !s.not_request_principals.is_empty() {
-        unsupported.push("source.requestPrincipals".into());
-    }
     // The connection fields as the node proxy reads them; remote addresses are the
     // waypoint's to check.
     let mut l4_unsupported = Vec::new();
@@ -250,6 +249,8 @@ fn from_match(s: &Source, ns: &str, unsupported: &mut Vec<String>) -> pb_wp::Mat
         connection: connection(l4),
         remote_ips: super::addresses(&s.remote_ip_blocks),
         not_remote_ips: super::addresses(&s.not_remote_ip_blocks),
+        request_principals: string_matches(&s.request_principals),
+        not_request_principals: string_matches(&s.not_request_principals),
         ..Default::default()
     }
 }
@@ -294,6 +295,34 @@ fn when_match(c: &Condition, unsupported: &mut Vec<String>) -> Option<pb_wp::Mat
             ..Default::default()
         });
     }
+    if key == "request.auth.principal" {
+        return Some(pb_wp::Match {
+            request_principals: string_matches(&c.values),
+            not_request_principals: string_matches(&c.not_values),
+            ..Default::default()
+        });
+    }
+    let claim_path: Option<Vec<String>> = match key {
+        "request.auth.audiences" => Some(vec!["aud".into()]),
+        "request.auth.presenter" => Some(vec!["azp".into()]),
+        _ => key
+            .strip_prefix("request.auth.claims")
+            .and_then(claim_names),
+    };
+    if let Some(path) = claim_path {
+        return Some(pb_wp::Match {
+            claims: vec![pb_wp::ClaimMatch {
+                path,
+                values: string_matches(&c.values),
+                not_values: string_matches(&c.not_values),
+            }],
+            ..Default::default()
+        });
+    }
+    if key.starts_with("request.auth.") {
+        unsupported.push(format!("when {key}"));
+        return None;
+    }
     if key == "remote.ip" {
         let mut bad = Vec::new();
         let m = pb_wp::Match {
@@ -309,4 +338,20 @@ fn when_match(c: &Condition, unsupported: &mut Vec<String>) -> Option<pb_wp::Mat
         connection: connection(l4),
         ..Default::default()
     })
+}
+
+/// `[a][b]` as `["a", "b"]`; `None` unless it is one or more non-empty bracketed names.
+fn claim_names(brackets: &str) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    let mut rest = brackets;
+    while !rest.is_empty() {
+        let inner = rest.strip_prefix('[')?;
+        let (name, after) = inner.split_once(']')?;
+        if name.is_empty() || name.contains('[') {
+            return None;
+        }
+        names.push(name.to_owned());
+        rest = after;
+    }
+    (!names.is_empty()).then_some(names)
 }
