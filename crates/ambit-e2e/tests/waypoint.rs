@@ -290,7 +290,7 @@ async fn echo(peer: SocketAddr, mut req: Request<Incoming>) -> Result<Response<B
         return Ok(Response::new(body));
     }
     let line = format!(
-        "method={}\nversion={:?}\npath={}\nclient={}\nhost={}\nxff={}\nrequest-id={}\ntraceparent={}\nexpect={}\nconnection={}\n",
+        "method={}\nversion={:?}\npath={}\nclient={}\nhost={}\nxff={}\nrequest-id={}\ntraceparent={}\nexpect={}\nconnection={}\nauthorization={}\nx-jwt-sub={}\n",
         req.method(),
         req.version(),
         req.uri().path(),
@@ -308,6 +308,8 @@ async fn echo(peer: SocketAddr, mut req: Request<Incoming>) -> Result<Response<B
         h("traceparent"),
         h("expect"),
         h("connection"),
+        h("authorization"),
+        h("x-jwt-sub"),
     );
     // Counted as it streams, never held (a gigabyte passes through here).
     let mut body = req.into_body();
@@ -2302,4 +2304,160 @@ spec:
         "{page}"
     );
     assert!(page.contains("response_flags=\"RL\""), "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_tokens_are_checked_and_their_claims_decide_in_policy() {
+    let s = setup().await;
+    let idp = ambit_core::testing::JwtSigner::new("key-1");
+    let impostor = ambit_core::testing::JwtSigner::new("key-1");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    apply_traffic(
+        &s,
+        &format!(
+            "apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: idp, namespace: demo}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: echo}}]
+  jwtRules:
+  - issuer: https://idp.test
+    audiences: [api]
+    jwks: '{}'
+    outputClaimToHeaders: [{{header: x-jwt-sub, claim: sub}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: by-claims, namespace: demo}}
+spec:
+  targetRefs: [{{kind: Service, group: '', name: echo}}]
+  rules:
+  - from: [{{source: {{requestPrincipals: ['https://idp.test/*']}}}}]
+    when: [{{key: 'request.auth.claims[groups]', values: [eng]}}]
+  - to: [{{operation: {{paths: [/public]}}}}]
+",
+            idp.jwks()
+        ),
+        1,
+        0,
+    )
+    .await;
+    eventually("the policy at the waypoint", || {
+        s.waypoint.state().targeted_policies().count() == 1
+    })
+    .await;
+    let token =
+        |signer: &ambit_core::testing::JwtSigner, claims: serde_json::Value| signer.sign(&claims);
+    let good = token(
+        &idp,
+        serde_json::json!({"iss": "https://idp.test", "sub": "alice",
+        "aud": "api", "groups": ["eng"], "exp": now + 3600}),
+    );
+    let sales = token(
+        &idp,
+        serde_json::json!({"iss": "https://idp.test", "sub": "bob",
+        "aud": "api", "groups": ["sales"], "exp": now + 3600}),
+    );
+    let expired = token(
+        &idp,
+        serde_json::json!({"iss": "https://idp.test", "sub": "alice",
+        "aud": "api", "groups": ["eng"], "exp": now - 3600}),
+    );
+    let other_audience = token(
+        &idp,
+        serde_json::json!({"iss": "https://idp.test", "sub": "alice",
+        "aud": "billing", "groups": ["eng"], "exp": now + 3600}),
+    );
+    let forged = token(
+        &impostor,
+        serde_json::json!({"iss": "https://idp.test", "sub": "alice",
+        "aud": "api", "groups": ["eng"], "exp": now + 3600}),
+    );
+    let unknown_issuer = token(
+        &idp,
+        serde_json::json!({"iss": "https://elsewhere", "sub": "x"}),
+    );
+
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    let mut ask = async |path: &str, bearer: Option<&str>, extra: Option<(&str, &str)>| {
+        send.ready().await.unwrap();
+        let mut req = Request::get(path).header("host", "echo.demo");
+        if let Some(t) = bearer {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some((k, v)) = extra {
+            req = req.header(k, v);
+        }
+        let resp = send
+            .send_request(req.body(full("")).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let challenge = resp
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_owned());
+        (status, challenge, text(resp).await)
+    };
+    // A valid token with the claim: allowed; the backend sees the subject, not the token.
+    let (status, _, body) = ask("/private", Some(&good), Some(("x-jwt-sub", "mallory"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(field(&body, "x-jwt-sub"), "alice");
+    assert_eq!(
+        field(&body, "authorization"),
+        "",
+        "the token is not forwarded"
+    );
+    // The same token as the `access_token` query parameter.
+    let (status, _, _) = ask(&format!("/private?access_token={good}"), None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    // Valid, without the claim the policy asks for: 403.
+    let (status, _, body) = ask("/private", Some(&sales), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    // Missing: no principal, so only the public path; a forged claim header is removed.
+    let (status, _, _) = ask("/private", None, None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, body) = ask("/public", None, Some(("x-jwt-sub", "mallory"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        field(&body, "x-jwt-sub"),
+        "",
+        "a client cannot forge a claim header"
+    );
+    // Present and invalid: 401 even on the public path, with the reason.
+    for (what, t, reason) in [
+        ("expired", &expired, "Jwt is expired"),
+        (
+            "wrong audience",
+            &other_audience,
+            "Audiences in Jwt are not allowed",
+        ),
+        ("signed by another key", &forged, "Jwt verification fails"),
+        (
+            "unknown issuer",
+            &unknown_issuer,
+            "Jwt issuer is not configured",
+        ),
+        (
+            "garbage",
+            &"not-a-jwt".to_owned(),
+            "Jwt is not in the form of Header.Payload.Signature",
+        ),
+    ] {
+        let (status, challenge, body) = ask("/public", Some(t), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{what}: {body}");
+        assert_eq!(body, reason, "{what}");
+        assert!(challenge.unwrap().starts_with("Bearer"), "{what}");
+    }
+    let line = logs::wait_access("a 401", |v| v["status"] == 401).await;
+    assert!(
+        line["authz"]
+            .as_str()
+            .unwrap()
+            .contains("authentication failed"),
+        "{line}"
+    );
 }

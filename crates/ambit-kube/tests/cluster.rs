@@ -1244,7 +1244,7 @@ async fn the_leader_writes_each_policys_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinds_ambit_does_not_enforce_yet_are_reported_not_ignored() {
+async fn a_requestauthentication_is_watched_and_one_no_waypoint_can_enforce_is_reported() {
     let kubeconfig = apiserver();
     let (client, _) = ambit_kube::client(Some(&kubeconfig)).await.unwrap();
     install_crd(
@@ -1264,35 +1264,40 @@ async fn kinds_ambit_does_not_enforce_yet_are_reported_not_ignored() {
         plural: "requestauthentications".into(),
     };
     let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &resource);
+    // A selector binds it to sidecars, which ambient mode has none of: reported as not
+    // enforced (and counted), never silently dropped.
     api.create(
         &PostParams::default(),
         &serde_json::from_value(json!({
             "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
             "metadata": {"name": "reviews"},
-            "spec": {"jwtRules": [{"issuer": "https://issuer.example", "jwksUri": "https://issuer.example/jwks"}]}
+            "spec": {"selector": {"matchLabels": {"app": "reviews"}},
+                     "jwtRules": [{"issuer": "https://issuer.example", "jwks": "{}"}]}
         }))
         .unwrap(),
     )
     .await
     .unwrap();
-    let wanted = format!(
-        "RequestAuthentication {}/reviews: not enforced by Ambit yet",
-        env.ns
-    );
-    let mut status = env.cp.source_status();
+    let key = format!("RequestAuthentication {}/reviews", env.ns);
+    let mut snapshots = env.cp.snapshots();
     eventually("the RequestAuthentication reported", || {
-        let ignored = status.borrow_and_update().ignored.clone();
-        let wanted = wanted.clone();
-        async move { ignored.iter().any(|i| i.starts_with(&wanted)).then_some(()) }
+        let warnings = snapshots.borrow_and_update().warnings.clone();
+        let key = key.clone();
+        async move {
+            warnings
+                .get(&key)
+                .is_some_and(|w| w.iter().any(|m| m.starts_with("NOT ENFORCED")))
+                .then_some(())
+        }
     })
     .await;
     api.delete("reviews", &DeleteParams::default())
         .await
         .unwrap();
     eventually("the report gone with it", || {
-        let ignored = status.borrow_and_update().ignored.clone();
-        let wanted = wanted.clone();
-        async move { (!ignored.iter().any(|i| i.starts_with(&wanted))).then_some(()) }
+        let warnings = snapshots.borrow_and_update().warnings.clone();
+        let key = key.clone();
+        async move { (!warnings.contains_key(&key)).then_some(()) }
     })
     .await;
 }

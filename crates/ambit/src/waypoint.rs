@@ -441,7 +441,8 @@ struct Shown {
     /// Routes it applies (`HTTPRoute ns/name`, `GRPCRoute ns/name`), each with what the
     /// control plane found wrong in it.
     routes: Vec<(String, Vec<String>)>,
-    /// Traffic policies it applies (`DestinationRule ns/name`, `LocalRateLimit ns/name`),
+    /// Traffic policies it applies (`DestinationRule ns/name`, `LocalRateLimit ns/name`,
+    /// `RequestAuthentication ns/name`),
     /// each with its findings.
     traffic: Vec<(String, Vec<String>)>,
 }
@@ -702,14 +703,18 @@ fn traffic_of(
     translator: &ambit_control::xds::translate::Translator,
     key: &str,
 ) -> Vec<(String, Vec<String>)> {
-    use ambit_control::xds::translate::traffic::RL_NAME_PREFIX;
-    use ambit_control::xds::translate::{DR_WARNING_PREFIX, RL_WARNING_PREFIX, ResourceType};
+    use ambit_control::xds::translate::traffic::{RA_NAME_PREFIX, RL_NAME_PREFIX};
+    use ambit_control::xds::translate::{
+        DR_WARNING_PREFIX, RA_WARNING_PREFIX, RL_WARNING_PREFIX, ResourceType,
+    };
     use ambit_proto::prost::Message;
     listed_for(translator, ResourceType::WaypointTraffic, key, |body| {
         let t = ambit_proto::waypoint::TrafficPolicy::decode(body).ok()?;
         let name = t.name.split_once(':').map_or(t.name.as_str(), |(_, n)| n);
         let prefix = if t.name.starts_with(RL_NAME_PREFIX) {
             RL_WARNING_PREFIX
+        } else if t.name.starts_with(RA_NAME_PREFIX) {
+            RA_WARNING_PREFIX
         } else {
             DR_WARNING_PREFIX
         };
