@@ -73,9 +73,10 @@ pub struct JwtSigner {
 impl JwtSigner {
     pub fn new(kid: &str) -> Self {
         let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-            .unwrap();
+            .expect("the system's random source works");
         JwtSigner {
-            pair: ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap(),
+            pair: ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref())
+                .expect("a key just generated reads back"),
             kid: kid.into(),
         }
     }

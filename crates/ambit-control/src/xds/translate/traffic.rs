@@ -629,13 +629,7 @@ pub fn translate_ra(
         .target_ref
         .iter()
         .chain(&ra.spec.target_refs)
-        .map(|t| {
-            let group = match t.group.as_str() {
-                "" => "",
-                g => g,
-            };
-            (group, t.kind.as_str(), t.name.as_str())
-        });
+        .map(|t| (t.group.as_str(), t.kind.as_str(), t.name.as_str()));
     resolve_targets(
         model,
         ns,
