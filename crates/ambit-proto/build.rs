@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "istio/authorization.proto",
         "istio/zds.proto",
         "envoy/discovery.proto",
+        "envoy/external_auth.proto",
     ];
     let ambit = ["ambit/waypoint.proto"];
     for file in istio.iter().chain(&ambit) {

@@ -51,6 +51,33 @@ pub struct Authorization {
     /// What a waypoint policy is bound to (`targetRefs`); empty for node-proxy policies.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<PolicyTarget>,
+    /// Action CUSTOM: the external authorizer matching requests are handed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custom: Option<std::sync::Arc<ExtAuthz>>,
+}
+
+/// An external authorizer (Istio's `envoyExtAuthzGrpc`/`envoyExtAuthzHttp` extension
+/// providers), as a CUSTOM policy names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExtAuthz {
+    pub provider: Str,
+    /// Why the provider cannot be used: the requests the policy matches are denied.
+    pub error: Option<Str>,
+    pub grpc: bool,
+    /// `<namespace>/<hostname>` of the authorizer's Service.
+    pub service: Str,
+    pub port: u16,
+    pub timeout: std::time::Duration,
+    pub fail_open: bool,
+    /// Answered when the authorizer fails and `fail_open` is not set.
+    pub status_on_error: u16,
+    pub path_prefix: Str,
+    /// Lower case.
+    pub include_request_headers: Vec<Str>,
+    pub include_additional_headers: Vec<(Str, Str)>,
+    pub headers_to_upstream_on_allow: Vec<Str>,
+    pub headers_to_downstream_on_deny: Vec<Str>,
+    pub headers_to_downstream_on_allow: Vec<Str>,
 }
 
 /// A `targetRefs` entry of a waypoint policy.
@@ -81,6 +108,7 @@ impl Authorization {
             refused: Some(reason),
             unenforced: None,
             targets: Vec::new(),
+            custom: None,
         }
     }
 }
@@ -101,6 +129,9 @@ pub enum PolicyAction {
     Deny,
     /// Reported when it matches; never changes a decision.
     Audit,
+    /// Matching requests are decided by an external authorizer ([`ExtAuthz`]), before
+    /// DENY and ALLOW; [`evaluate`] leaves them to the caller.
+    Custom,
 }
 
 /// Matches when every clause matches.
@@ -551,7 +582,7 @@ impl<'p> Tally<'p> {
                     self.allow = Some(p);
                 }
             }
-            PolicyAction::Audit => {}
+            PolicyAction::Audit | PolicyAction::Custom => {}
         }
     }
 
@@ -618,6 +649,10 @@ pub fn evaluate<'p>(
             continue;
         }
         let mut matched = None;
+        // Decided by its authorizer, by the caller (see [`custom_for`]).
+        if p.action == PolicyAction::Custom {
+            continue;
+        }
         if p.action == PolicyAction::Audit {
             if audit.is_none() && p.matches(c) {
                 audit = Some(p);
@@ -636,6 +671,22 @@ pub fn evaluate<'p>(
         dry_run: any_dry_run.then(|| shadow.verdict()),
         audit,
     }
+}
+
+/// The first enforced CUSTOM policy among `policies` that matches the request: its
+/// authorizer must allow it before DENY and ALLOW policies are read. A request field a
+/// CUSTOM policy cannot check holds, as in a DENY: the authorizer is asked rather than
+/// skipped.
+pub fn custom_for<'p>(
+    policies: impl IntoIterator<Item = &'p Authorization>,
+    c: &Connection<'_>,
+) -> Option<&'p Authorization> {
+    policies.into_iter().find(|p| {
+        p.action == PolicyAction::Custom
+            && p.refused.is_none()
+            && p.unenforced.is_none()
+            && p.matches(c)
+    })
 }
 
 #[cfg(test)]
@@ -679,6 +730,7 @@ mod tests {
             refused: None,
             unenforced: None,
             targets: Vec::new(),
+            custom: None,
         }
     }
 

@@ -703,6 +703,7 @@ mod tests {
             refused: None,
             unenforced: None,
             targets: Vec::new(),
+            custom: None,
             rules: vec![],
         }
     }

@@ -60,7 +60,7 @@ pub struct Watched {
 }
 
 /// Everything the model holds, in the order it is listed at start.
-pub const WATCHED: [Watched; 18] = [
+pub const WATCHED: [Watched; 19] = [
     Watched {
         group: "",
         kind: Kind::Namespace,
@@ -145,6 +145,12 @@ pub const WATCHED: [Watched; 18] = [
         group: "security.istio.io",
         kind: Kind::RequestAuthentication,
         optional: true,
+    },
+    // Istio's mesh config (only ConfigMaps named `istio` are listed: see `watch_kind`).
+    Watched {
+        group: "",
+        kind: Kind::ConfigMap,
+        optional: false,
     },
     Watched {
         group: "gateway.networking.k8s.io",
@@ -554,7 +560,15 @@ async fn watch_kind(
     tx: mpsc::Sender<Msg>,
 ) {
     let api: Api<DynamicObject> = Api::all_with(client, &resource);
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let config = match kind {
+        // Only the mesh config is read: other ConfigMaps are neither listed nor held.
+        Kind::ConfigMap => watcher::Config::default().fields(&format!(
+            "metadata.name={}",
+            ambit_control::model::MESH_CONFIG_MAP
+        )),
+        _ => watcher::Config::default(),
+    };
+    let stream = watcher(api, config).default_backoff();
     tokio::pin!(stream);
     while let Some(item) = stream.next().await {
         let msg = match item {

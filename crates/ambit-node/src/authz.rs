@@ -166,6 +166,7 @@ mod tests {
             refused: None,
             unenforced: None,
             targets: Vec::new(),
+            custom: None,
         }
     }
 

@@ -75,5 +75,14 @@ pub mod discovery {
     pub const PUSH_CONTINUES: &str = "/more";
 }
 
+/// `envoy.service.auth.v3`: external authorization (the `Check` call a waypoint makes
+/// for a CUSTOM AuthorizationPolicy).
+pub mod ext_authz {
+    tonic::include_proto!("envoy.service.auth.v3");
+
+    /// The gRPC method path of `Check`.
+    pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
+}
+
 pub use prost;
 pub use prost_types;

@@ -43,6 +43,9 @@ pub struct Decision {
     pub reason: String,
     pub dry_run: Option<String>,
     pub audit: Option<String>,
+    /// A CUSTOM policy matched: its authorizer must allow the request first (the policy's
+    /// `<namespace>/<name>` and authorizer).
+    pub custom: Option<(String, std::sync::Arc<ambit_core::policy::ExtAuthz>)>,
 }
 
 /// The facts of a request the policies read.
@@ -78,6 +81,7 @@ pub fn decide(
             ),
             dry_run: None,
             audit: None,
+            custom: None,
         };
     }
     let policies: Vec<_> = state
@@ -129,7 +133,10 @@ pub fn decide(
         request,
     };
     let e = evaluate(policies.iter().map(|p| &***p), &conn);
-    describe(&e)
+    let mut d = describe(&e);
+    d.custom = ambit_core::policy::custom_for(policies.iter().map(|p| &***p), &conn)
+        .and_then(|p| Some((p.key(), p.custom.clone()?)));
+    d
 }
 
 fn describe(e: &Evaluation<'_>) -> Decision {
@@ -147,5 +154,6 @@ fn describe(e: &Evaluation<'_>) -> Decision {
         reason: words(&e.verdict),
         dry_run: e.dry_run.as_ref().map(words),
         audit: e.audit.map(|p| format!("{}/{}", p.namespace, p.name)),
+        custom: None,
     }
 }

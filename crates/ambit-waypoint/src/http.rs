@@ -91,6 +91,8 @@ pub struct RequestBody {
 
 enum Source {
     Empty,
+    /// A body made here (an external authorization check).
+    Full(Option<Bytes>),
     Client {
         body: Incoming,
         tee: Option<crate::tee::Tee>,
@@ -107,6 +109,14 @@ impl RequestBody {
             counted,
         }
     }
+
+    /// A body of `bytes`, sent at once.
+    pub(crate) fn full(bytes: Bytes, counted: Arc<AtomicU64>) -> Self {
+        Self {
+            inner: Source::Full((!bytes.is_empty()).then_some(bytes)),
+            counted,
+        }
+    }
 }
 
 impl Body for RequestBody {
@@ -120,6 +130,10 @@ impl Body for RequestBody {
         let this = &mut *self;
         match &mut this.inner {
             Source::Empty => Poll::Ready(None),
+            Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| {
+                this.counted.fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(Frame::data(b))
+            })),
             Source::Mirror(m) => Pin::new(m).poll_frame(cx).map_err(BoxError::from),
             Source::Client { body, tee } => {
                 let polled = Pin::new(body).poll_frame(cx);
@@ -149,6 +163,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Source::Empty => true,
+            Source::Full(bytes) => bytes.is_none(),
             Source::Client { body, .. } => body.is_end_stream(),
             Source::Mirror(_) => false,
         }
@@ -157,6 +172,7 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Source::Empty => SizeHint::with_exact(0),
+            Source::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Source::Client { body, .. } => body.size_hint(),
             Source::Mirror(_) => SizeHint::default(),
         }
@@ -618,6 +634,92 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         notes.insert(0, decision.reason.clone());
     }
     report.authz = notes.join("; ");
+    // CUSTOM: the external authorizer decides first (as Istio orders CUSTOM before DENY
+    // and ALLOW); what it adds to the response is kept for the response.
+    let mut authorizer_response_headers = Vec::new();
+    if let Some((policy, ext)) = &decision.custom {
+        let request_id = report.request_id.clone();
+        let outcome = crate::extauthz::check(
+            &shared,
+            &conn.client,
+            &conn.target,
+            ext,
+            &crate::extauthz::Ask {
+                method: req.method(),
+                path: &path,
+                host: &authority,
+                headers: req.headers(),
+                protocol: conn.protocol,
+                request_id: &request_id,
+            },
+        )
+        .await;
+        use crate::extauthz::Outcome;
+        shared.metrics.ext_authz(
+            &ext.provider,
+            match &outcome {
+                Outcome::Allow { .. } => "allowed",
+                Outcome::Deny { .. } => "denied",
+                Outcome::Failed(_) if ext.fail_open => "failed_open",
+                Outcome::Failed(_) => "failed",
+            },
+        );
+        let said = |what: &str| {
+            if report.authz.is_empty() {
+                what.to_owned()
+            } else {
+                format!("{what}; {}", report.authz)
+            }
+        };
+        match outcome {
+            Outcome::Allow {
+                request_headers,
+                remove,
+                response_headers,
+            } => {
+                let h = req.headers_mut();
+                for name in remove {
+                    h.remove(name);
+                }
+                for (name, value, append) in request_headers {
+                    if append {
+                        h.append(name, value);
+                    } else {
+                        h.insert(name, value);
+                    }
+                }
+                authorizer_response_headers = response_headers;
+                report.authz = said(&format!("allowed by {policy} (authorizer {})", ext.provider));
+            }
+            Outcome::Deny {
+                status,
+                headers,
+                body,
+            } => {
+                report.authz = said(&format!("denied by {policy} (authorizer {})", ext.provider));
+                let mut resp = local_with_body(report, status, body, "UAEX", None);
+                for (name, value) in headers {
+                    if name == CONTENT_TYPE {
+                        resp.headers_mut().insert(name, value);
+                    } else {
+                        resp.headers_mut().append(name, value);
+                    }
+                }
+                return resp;
+            }
+            Outcome::Failed(why) if ext.fail_open => {
+                report.authz = said(&format!(
+                    "allowed by failOpen of {policy}: {why}"
+                ));
+            }
+            Outcome::Failed(why) => {
+                report.authz = said(&format!("denied by {policy}: {why}"));
+                let status =
+                    StatusCode::from_u16(ext.status_on_error).unwrap_or(StatusCode::FORBIDDEN);
+                return local_with_body(report, status, Bytes::new(), "UAEX", Some(why));
+            }
+        }
+    }
     if !decision.allowed {
         // Envoy's RBAC answer, as Istio users know it.
         return local(
@@ -1099,6 +1201,9 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             if let Some((verdict, _)) = &rate {
                 ratelimit_headers(&mut parts.headers, verdict);
             }
+            for (name, value) in &authorizer_response_headers {
+                parts.headers.append(name.clone(), value.clone());
+            }
             report.status = Some(parts.status);
             report.upstream_time = Some(started.elapsed());
             report.grpc_status = grpc_status(&parts.headers);
@@ -1193,6 +1298,19 @@ fn cors_headers(h: &mut HeaderMap, cors: &ambit_core::http_route::Cors, origin: 
             HeaderValue::from_static("true"),
         );
     }
+}
+
+/// The waypoint's own answer with a body made at run time (an authorizer's denial).
+fn local_with_body(
+    report: Report,
+    status: StatusCode,
+    body: Bytes,
+    flags: &'static str,
+    error: Option<String>,
+) -> Response<ResponseBody> {
+    let mut resp = local(report, status, "", flags, error);
+    resp.body_mut().inner = Inner::Local(Some(body));
+    resp
 }
 
 /// The waypoint's own answer (an error or a denial), reported like any response.

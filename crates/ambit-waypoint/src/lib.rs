@@ -22,6 +22,7 @@
 
 pub mod admin;
 mod authn;
+pub mod extauthz;
 pub mod authz;
 pub mod headers;
 pub mod http;

@@ -41,6 +41,12 @@ struct NameLabel {
     name: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExtAuthzLabels {
+    provider: String,
+    result: &'static str,
+}
+
 /// Every metric the waypoint exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -57,6 +63,7 @@ pub struct Metrics {
     ejections: Family<NameLabel, Counter>,
     rate_limited: Family<NameLabel, Counter>,
     overflows: Family<NameLabel, Counter>,
+    ext_authz: Family<ExtAuthzLabels, Counter>,
     pub active_requests: Gauge,
     pub upstream_connections: Gauge,
     registry: Registry,
@@ -78,6 +85,7 @@ impl Default for Metrics {
             ejections: Family::default(),
             rate_limited: Family::default(),
             overflows: Family::default(),
+            ext_authz: Family::default(),
             active_requests: Gauge::default(),
             upstream_connections: Gauge::default(),
             registry: Registry::default(),
@@ -97,6 +105,11 @@ impl Default for Metrics {
             "ambit_waypoint_rate_limited_requests",
             "Requests answered 429 by a LocalRateLimit, by policy (name = <namespace>/rl:<name>)",
             m.rate_limited.clone(),
+        );
+        r.register(
+            "ambit_waypoint_ext_authz_checks",
+            "Requests a CUSTOM policy handed to its external authorizer, by provider and result: allowed, denied, failed (answered statusOnError), failed_open (let through by failOpen)",
+            m.ext_authz.clone(),
         );
         r.register(
             "ambit_waypoint_overflow_requests",
@@ -210,6 +223,15 @@ impl Metrics {
         self.rate_limited
             .get_or_create(&NameLabel {
                 name: policy.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn ext_authz(&self, provider: &str, result: &'static str) {
+        self.ext_authz
+            .get_or_create(&ExtAuthzLabels {
+                provider: provider.to_owned(),
+                result,
             })
             .inc();
     }

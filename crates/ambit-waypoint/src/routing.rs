@@ -218,11 +218,22 @@ pub(crate) fn mirror_target(
     client: &Client,
     mirror: &ambit_core::http_route::Mirror,
 ) -> Option<Route> {
+    service_target(shared, client, &mirror.service, mirror.port)
+}
+
+/// An endpoint of service `key` (`<namespace>/<hostname>`) on `port`, for a request the
+/// waypoint makes itself (a mirror's copy, an authorization check).
+pub(crate) fn service_target(
+    shared: &Shared,
+    client: &Client,
+    key: &str,
+    port: u16,
+) -> Option<Route> {
     let state = shared.store.load();
-    let service = state.service(&mirror.service).cloned()?;
+    let service = state.service(key).cloned()?;
     let vip = vip(shared, &service)?;
     let target = Target {
-        authority: SocketAddr::new(vip, mirror.port),
+        authority: SocketAddr::new(vip, port),
         service: Some(service),
         workload: None,
     };

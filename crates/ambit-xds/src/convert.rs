@@ -411,6 +411,7 @@ pub fn authorization(
         refused: None,
         unenforced,
         targets: Vec::new(),
+        custom: None,
     })
 }
 
@@ -451,7 +452,15 @@ pub fn waypoint_policy(
         Ok(pb_wp::Action::Allow) => PolicyAction::Allow,
         Ok(pb_wp::Action::Deny) => PolicyAction::Deny,
         Ok(pb_wp::Action::Audit) => PolicyAction::Audit,
+        Ok(pb_wp::Action::Custom) => PolicyAction::Custom,
         Err(_) => return Err(format!("unknown action {}", p.action)),
+    };
+    let custom = match (action, p.ext_authz.clone()) {
+        (PolicyAction::Custom, Some(e)) => Some(std::sync::Arc::new(ext_authz(e)?)),
+        (PolicyAction::Custom, None) => {
+            return Err("a CUSTOM policy without its authorizer".into());
+        }
+        _ => None,
     };
     if p.targets.is_empty() || p.targets.len() > MAX_TARGETS {
         return Err(format!(
@@ -536,6 +545,71 @@ pub fn waypoint_policy(
         refused: None,
         unenforced: None,
         targets,
+        custom,
+    })
+}
+
+/// A CUSTOM policy's authorizer. One whose `error` is set is kept as it is: the
+/// waypoint denies what the policy matches.
+fn ext_authz(e: pb_wp::ExtAuthz) -> Result<ambit_core::policy::ExtAuthz, String> {
+    let lower = |list: &[String], what: &str| -> Result<Vec<Str>, String> {
+        if list.len() > MAX_ROUTE_ITEMS {
+            return Err(format!("more than {MAX_ROUTE_ITEMS} {what}"));
+        }
+        list.iter()
+            .map(|h| {
+                http::HeaderName::from_bytes(h.as_bytes())
+                    .map(|n| Str::from(n.as_str()))
+                    .map_err(|_| format!("{what}: {h:?} is not a header name"))
+            })
+            .collect()
+    };
+    let error = (!e.error.is_empty()).then(|| Str::from(e.error.as_str()));
+    if error.is_none() {
+        if e.service.split_once('/').is_none_or(|(ns, h)| ns.is_empty() || h.is_empty()) {
+            return Err(format!("authorizer service {:?} is not <namespace>/<hostname>", e.service));
+        }
+        if e.port == 0 || e.port > u32::from(u16::MAX) {
+            return Err(format!("authorizer port {} is out of range", e.port));
+        }
+    }
+    let status_on_error = match e.status_on_error {
+        0 => 403,
+        s @ 200..=599 => s as u16,
+        s => return Err(format!("status_on_error {s} is not an HTTP status")),
+    };
+    let additional = e
+        .include_additional_headers
+        .iter()
+        .map(|h| {
+            http::HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| format!("{:?} is not a header name", h.name))?;
+            http::HeaderValue::from_str(&h.value)
+                .map_err(|_| format!("header {:?} has a value that is not allowed", h.name))?;
+            Ok((
+                Str::from(h.name.to_ascii_lowercase().as_str()),
+                Str::from(h.value.as_str()),
+            ))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if !e.path_prefix.is_empty() && !e.path_prefix.starts_with('/') {
+        return Err(format!("path prefix {:?} does not start with /", e.path_prefix));
+    }
+    Ok(ambit_core::policy::ExtAuthz {
+        provider: e.provider.as_str().into(),
+        error,
+        grpc: e.grpc,
+        service: e.service.as_str().into(),
+        port: u16::try_from(e.port).unwrap_or(0),
+        timeout: std::time::Duration::from_millis(e.timeout_ms.clamp(1, 600_000)),
+        fail_open: e.fail_open,
+        status_on_error,
+        path_prefix: e.path_prefix.as_str().into(),
+        include_request_headers: lower(&e.include_request_headers, "includeRequestHeadersInCheck")?,
+        include_additional_headers: additional,
+        headers_to_upstream_on_allow: lower(&e.headers_to_upstream_on_allow, "headersToUpstreamOnAllow")?,
+        headers_to_downstream_on_deny: lower(&e.headers_to_downstream_on_deny, "headersToDownstreamOnDeny")?,
+        headers_to_downstream_on_allow: lower(&e.headers_to_downstream_on_allow, "headersToDownstreamOnAllow")?,
     })
 }
 

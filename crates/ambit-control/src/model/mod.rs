@@ -45,11 +45,12 @@ pub enum Kind {
     DestinationRule,
     LocalRateLimit,
     RequestAuthentication,
+    ConfigMap,
     ReferenceGrant,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 18] = [
+    pub const ALL: [Kind; 19] = [
         Kind::Namespace,
         Kind::Node,
         Kind::ServiceAccount,
@@ -67,6 +68,7 @@ impl Kind {
         Kind::DestinationRule,
         Kind::LocalRateLimit,
         Kind::RequestAuthentication,
+        Kind::ConfigMap,
         Kind::ReferenceGrant,
     ];
 
@@ -89,6 +91,7 @@ impl Kind {
             Kind::DestinationRule => "DestinationRule",
             Kind::LocalRateLimit => "LocalRateLimit",
             Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::ConfigMap => "ConfigMap",
             Kind::ReferenceGrant => "ReferenceGrant",
         }
     }
@@ -144,6 +147,7 @@ pub enum Object {
     DestinationRule(Arc<DestinationRule>),
     LocalRateLimit(Arc<LocalRateLimit>),
     RequestAuthentication(Arc<RequestAuthentication>),
+    ConfigMap(Arc<ConfigMap>),
     ReferenceGrant(Arc<ReferenceGrant>),
 }
 
@@ -167,6 +171,7 @@ impl Object {
             Object::DestinationRule(_) => Kind::DestinationRule,
             Object::LocalRateLimit(_) => Kind::LocalRateLimit,
             Object::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Object::ConfigMap(_) => Kind::ConfigMap,
             Object::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
@@ -190,6 +195,7 @@ impl Object {
             Object::DestinationRule(o) => &o.metadata,
             Object::LocalRateLimit(o) => &o.metadata,
             Object::RequestAuthentication(o) => &o.metadata,
+            Object::ConfigMap(o) => &o.metadata,
             Object::ReferenceGrant(o) => &o.metadata,
         }
     }

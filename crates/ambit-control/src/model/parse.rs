@@ -311,6 +311,7 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
         ("", "ServiceAccount") => (Some(Kind::ServiceAccount), &["v1"]),
         ("", "Pod") => (Some(Kind::Pod), &["v1"]),
         ("", "Service") => (Some(Kind::Service), &["v1"]),
+        ("", "ConfigMap") => (Some(Kind::ConfigMap), &["v1"]),
         ("security.istio.io", "AuthorizationPolicy") => {
             (Some(Kind::AuthorizationPolicy), &["v1", "v1beta1"])
         }
@@ -488,6 +489,18 @@ fn parse_document(doc: Document<'_>) -> Result<Parsed, DocErrors> {
             let mut o: LocalRateLimit = typed(doc)?;
             default_namespace(&mut o.metadata);
             Object::LocalRateLimit(Arc::new(o))
+        }
+        Kind::ConfigMap => {
+            let mut o: ConfigMap = typed(doc)?;
+            // Only the mesh config (`istio`) is read; other ConfigMaps are listed.
+            if o.metadata.name.as_str() != MESH_CONFIG_MAP {
+                return Ok(Parsed::Ignored(format!(
+                    "{api_version} {kind} (line {})",
+                    first_content_line(doc)
+                )));
+            }
+            default_namespace(&mut o.metadata);
+            Object::ConfigMap(Arc::new(o))
         }
         Kind::RequestAuthentication => {
             let mut o: RequestAuthentication = typed(doc)?;

@@ -1330,6 +1330,96 @@ pub struct RateLimitDescriptorSpec {
     pub token_bucket: TokenBucketSpec,
 }
 
+/// The name of Istio's mesh config ConfigMap (in the root namespace; key `mesh`).
+pub const MESH_CONFIG_MAP: &str = "istio";
+
+/// `v1/ConfigMap`; only the mesh config (`istio`) is modelled.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigMap {
+    #[serde(default, rename = "apiVersion", skip_serializing)]
+    pub api_version: Ignored,
+    #[serde(default, skip_serializing)]
+    pub kind: Ignored,
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub data: std::collections::BTreeMap<String, String>,
+    #[serde(default, rename = "binaryData", skip_serializing)]
+    pub binary_data: Ignored,
+    #[serde(default, skip_serializing)]
+    pub immutable: Ignored,
+}
+
+/// Istio's mesh config (the `mesh` key of the `istio` ConfigMap): Ambit reads its
+/// `extensionProviders` (the external authorizers of CUSTOM policies); its other fields
+/// configure Envoy-based proxies and are not read.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub extension_providers: Vec<ExtensionProviderSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProviderSpec {
+    pub name: String,
+    #[serde(default)]
+    pub envoy_ext_authz_grpc: Option<ExtAuthzGrpcSpec>,
+    #[serde(default)]
+    pub envoy_ext_authz_http: Option<ExtAuthzHttpSpec>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtAuthzGrpcSpec {
+    pub service: String,
+    pub port: u32,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    /// An HTTP status, written as a string in Istio's API.
+    #[serde(default)]
+    pub status_on_error: Option<String>,
+    #[serde(default)]
+    pub clear_route_cache: bool,
+    #[serde(default)]
+    pub include_request_body_in_check: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtAuthzHttpSpec {
+    pub service: String,
+    pub port: u32,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub fail_open: bool,
+    #[serde(default)]
+    pub status_on_error: Option<String>,
+    #[serde(default)]
+    pub include_request_headers_in_check: Vec<String>,
+    #[serde(default)]
+    pub include_additional_headers_in_check: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub headers_to_upstream_on_allow: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_deny: Vec<String>,
+    #[serde(default)]
+    pub headers_to_downstream_on_allow: Vec<String>,
+    #[serde(default)]
+    pub clear_route_cache: bool,
+    #[serde(default)]
+    pub include_request_body_in_check: Option<serde_json::Value>,
+    /// Deprecated in Istio; reported.
+    #[serde(default)]
+    pub include_headers_in_check: Vec<String>,
+}
+
 /// Istio's `RequestAuthentication` (`security.istio.io`): which JSON Web Tokens a
 /// workload accepts. In ambient mode the waypoint checks them, for the Services and
 /// waypoint Gateways named in `targetRefs`.

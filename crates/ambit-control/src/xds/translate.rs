@@ -349,6 +349,20 @@ impl Translator {
                 }
             }
         }
+        // CUSTOM policies resolve the mesh config's providers and their Services, in any
+        // namespace.
+        if matches!(key.kind, Kind::ConfigMap | Kind::Service) {
+            for m in [model, old] {
+                for o in m.of_kind(Kind::AuthorizationPolicy) {
+                    if let Object::AuthorizationPolicy(p) = o
+                        && p.spec.action == Some(AuthorizationAction::Custom)
+                    {
+                        let k = o.key();
+                        out.insert(Unit::Policy(k.namespace, k.name));
+                    }
+                }
+            }
+        }
         let ns = key.namespace.clone();
         let name = key.name.clone();
         let pods_in = |m: &Model, ns: &str, out: &mut BTreeSet<Unit>| {
@@ -483,6 +497,8 @@ impl Translator {
             Kind::RequestAuthentication => {
                 out.insert(Unit::RequestAuthn(ns, name));
             }
+            // The mesh config: CUSTOM policies are looked at above.
+            Kind::ConfigMap => {}
             // Routes are looked at above.
             Kind::ReferenceGrant => {}
             Kind::ServiceAccount | Kind::ServiceEntry | Kind::WorkloadEntry => {}
@@ -1292,7 +1308,7 @@ pub fn node_proxy_mode(p: &AuthorizationPolicy) -> Option<NodeProxyMode> {
 /// node proxy's `ambit config policies`).
 pub fn unenforced_reason(p: &AuthorizationPolicy) -> String {
     debug_assert!(p.spec.action == Some(AuthorizationAction::Custom));
-    "action CUSTOM needs an external authorizer, and Ambit's waypoint does not call one yet"
+    "action CUSTOM is enforced by waypoints, which call its external authorizer: bind it with targetRefs (a Service bound to a waypoint, or the waypoint's Gateway) instead of a selector"
         .to_owned()
 }
 

@@ -21,7 +21,10 @@ use super::{
     source_match, string_matches, waypoint,
 };
 use crate::model::resources::{Condition, Operation, Rule as ApRule, Source};
-use crate::model::{AuthorizationAction, AuthorizationPolicy, Kind, Model, Object};
+use crate::model::{
+    AuthorizationAction, AuthorizationPolicy, ExtensionProviderSpec, Kind, MESH_CONFIG_MAP,
+    MeshConfig, Model, Object,
+};
 
 /// The most targets one policy may name, as in Istio.
 pub const MAX_TARGETS: usize = 16;
@@ -29,11 +32,9 @@ pub const MAX_TARGETS: usize = 16;
 /// The gateway class of waypoints.
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 
-/// Whether `p` is for waypoints (it names targets and is not CUSTOM, which needs an
-/// external authorizer).
+/// Whether `p` is for waypoints (it names targets).
 pub fn is_waypoint_policy(p: &AuthorizationPolicy) -> bool {
-    (p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty())
-        && p.spec.action != Some(AuthorizationAction::Custom)
+    p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty()
 }
 
 /// The policy as a waypoint resource, with warnings; `None` when no target can be
@@ -150,9 +151,22 @@ pub fn translate(
         None | Some(AuthorizationAction::Allow) => pb_wp::Action::Allow,
         Some(AuthorizationAction::Deny) => pb_wp::Action::Deny,
         Some(AuthorizationAction::Audit) => pb_wp::Action::Audit,
-        // Not a waypoint policy (see is_waypoint_policy).
-        Some(AuthorizationAction::Custom) => return (None, warnings),
+        Some(AuthorizationAction::Custom) => pb_wp::Action::Custom,
     };
+    let ext_authz = (action == pb_wp::Action::Custom).then(|| {
+        let name = p.spec.provider.as_ref().map_or("", |pr| pr.name.as_str());
+        let e = ext_authz(model, name, o);
+        if !e.error.is_empty() {
+            warnings.push(format!(
+                "provider {name:?} cannot be used ({}); the requests this policy matches are denied",
+                e.error
+            ));
+        }
+        if p.metadata.annotations.get(DRY_RUN_ANNOTATION) == Some("true") {
+            warnings.push("dry-run is not supported for CUSTOM (as in Istio); the policy is enforced".to_owned());
+        }
+        e
+    });
     let deny = action != pb_wp::Action::Allow;
     let mut rules = Vec::new();
     for (i, rule) in p.spec.rules.iter().enumerate() {
@@ -177,13 +191,15 @@ pub fn translate(
         namespace: ns.to_owned(),
         targets,
         action: action as i32,
-        dry_run: p.metadata.annotations.get(DRY_RUN_ANNOTATION) == Some("true"),
+        dry_run: action != pb_wp::Action::Custom
+            && p.metadata.annotations.get(DRY_RUN_ANNOTATION) == Some("true"),
         rules,
         waypoints: {
             waypoints.sort();
             waypoints.dedup();
             waypoints
         },
+        ext_authz,
     };
     (Some(policy), warnings)
 }
@@ -354,4 +370,117 @@ fn claim_names(brackets: &str) -> Option<Vec<String>> {
         rest = after;
     }
     (!names.is_empty()).then_some(names)
+}
+
+/// Istio's mesh config: the `mesh` key of the `istio` ConfigMap in the root namespace
+/// (none: an empty config).
+pub fn mesh_config(model: &Model, o: &TranslateOptions) -> Result<MeshConfig, String> {
+    let Some(Object::ConfigMap(cm)) =
+        model.lookup(Kind::ConfigMap, &o.root_namespace, MESH_CONFIG_MAP)
+    else {
+        return Ok(MeshConfig::default());
+    };
+    let Some(text) = cm.data.get("mesh") else {
+        return Ok(MeshConfig::default());
+    };
+    serde_saphyr::from_str(text).map_err(|e| {
+        format!(
+            "the mesh config (ConfigMap {}/{MESH_CONFIG_MAP}, key mesh) cannot be read: {e}",
+            o.root_namespace
+        )
+    })
+}
+
+/// The authorizer named `name` in the mesh config, resolved to its Service; one that
+/// cannot be used carries the reason in `error` (the waypoint then denies).
+fn ext_authz(model: &Model, name: &str, o: &TranslateOptions) -> pb_wp::ExtAuthz {
+    let mut out = pb_wp::ExtAuthz {
+        provider: name.to_owned(),
+        ..Default::default()
+    };
+    let resolved = (|| -> Result<(), String> {
+        let config = mesh_config(model, o)?;
+        let provider: &ExtensionProviderSpec = config
+            .extension_providers
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                format!(
+                    "no extension provider {name:?} in the mesh config (ConfigMap {}/{MESH_CONFIG_MAP}, key mesh)",
+                    o.root_namespace
+                )
+            })?;
+        let (service, port, timeout, fail_open, status) = match (
+            &provider.envoy_ext_authz_grpc,
+            &provider.envoy_ext_authz_http,
+        ) {
+            (Some(g), None) => {
+                out.grpc = true;
+                (&g.service, g.port, &g.timeout, g.fail_open, &g.status_on_error)
+            }
+            (None, Some(h)) => {
+                out.path_prefix = h.path_prefix.clone().unwrap_or_default();
+                if !out.path_prefix.is_empty() && !out.path_prefix.starts_with('/') {
+                    return Err(format!("pathPrefix {:?} must start with /", out.path_prefix));
+                }
+                let lower = |v: &[String]| v.iter().map(|h| h.to_ascii_lowercase()).collect();
+                out.include_request_headers = lower(&h.include_request_headers_in_check);
+                out.include_request_headers
+                    .extend(h.include_headers_in_check.iter().map(|h| h.to_ascii_lowercase()));
+                out.include_additional_headers = h
+                    .include_additional_headers_in_check
+                    .iter()
+                    .map(|(k, v)| pb_wp::ExtAuthzHeader {
+                        name: k.to_ascii_lowercase(),
+                        value: v.clone(),
+                    })
+                    .collect();
+                out.headers_to_upstream_on_allow = lower(&h.headers_to_upstream_on_allow);
+                out.headers_to_downstream_on_deny = lower(&h.headers_to_downstream_on_deny);
+                out.headers_to_downstream_on_allow = lower(&h.headers_to_downstream_on_allow);
+                (&h.service, h.port, &h.timeout, h.fail_open, &h.status_on_error)
+            }
+            _ => {
+                return Err(format!(
+                    "provider {name:?} is neither envoyExtAuthzGrpc nor envoyExtAuthzHttp (exactly one)"
+                ));
+            }
+        };
+        // `<hostname>` or `<namespace>/<hostname>`.
+        let host = service.rsplit('/').next().unwrap_or(service);
+        let svc = super::routes::service_for_host(model, &o.root_namespace, host, o)
+            .ok_or_else(|| format!("no Service for the authorizer's host {service:?}"))?;
+        out.service = format!(
+            "{}/{}",
+            svc.metadata.namespace(),
+            super::service_hostname(svc, o)
+        );
+        if port == 0 || port > 65535 {
+            return Err(format!("port {port} is out of range"));
+        }
+        out.port = port;
+        out.timeout_ms = match timeout {
+            Some(t) => super::routes::parse_duration(t)?.max(1),
+            // Istio's default.
+            None => 600_000,
+        };
+        out.fail_open = fail_open;
+        out.status_on_error = match status {
+            Some(s) => s
+                .parse::<u32>()
+                .ok()
+                .filter(|s| (200..=599).contains(s))
+                .ok_or_else(|| format!("statusOnError {s:?} is not an HTTP status"))?,
+            None => 0,
+        };
+        Ok(())
+    })();
+    if let Err(e) = resolved {
+        out = pb_wp::ExtAuthz {
+            provider: name.to_owned(),
+            error: e,
+            ..Default::default()
+        };
+    }
+    out
 }
