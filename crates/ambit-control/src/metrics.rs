@@ -135,7 +135,7 @@ impl Default for Metrics {
         let policies_unenforced = Gauge::default();
         registry.register(
             "policies_unenforced",
-            "AuthorizationPolicies no node proxy enforces: bound to a waypoint by targetRefs, or action CUSTOM (none runs here)",
+            "AuthorizationPolicies no node proxy enforces: bound to a waypoint by targetRefs, or action CUSTOM with a selector (only waypoints call external authorizers)",
             policies_unenforced.clone(),
         );
         let failing = Family::<ComponentLabel, Gauge>::default();

@@ -290,7 +290,7 @@ async fn echo(peer: SocketAddr, mut req: Request<Incoming>) -> Result<Response<B
         return Ok(Response::new(body));
     }
     let line = format!(
-        "method={}\nversion={:?}\npath={}\nclient={}\nhost={}\nxff={}\nrequest-id={}\ntraceparent={}\nexpect={}\nconnection={}\nauthorization={}\nx-jwt-sub={}\n",
+        "method={}\nversion={:?}\npath={}\nclient={}\nhost={}\nxff={}\nrequest-id={}\ntraceparent={}\nexpect={}\nconnection={}\nauthorization={}\nx-jwt-sub={}\nx-authz-user={}\nx-secret={}\n",
         req.method(),
         req.version(),
         req.uri().path(),
@@ -310,6 +310,8 @@ async fn echo(peer: SocketAddr, mut req: Request<Incoming>) -> Result<Response<B
         h("connection"),
         h("authorization"),
         h("x-jwt-sub"),
+        h("x-authz-user"),
+        h("x-secret"),
     );
     // Counted as it streams, never held (a gigabyte passes through here).
     let mut body = req.into_body();
@@ -2460,4 +2462,301 @@ spec:
             .contains("authentication failed"),
         "{line}"
     );
+}
+
+/// Envoy's ext-authz gRPC API, answered by what the request's `x-authz` header asks
+/// for: `allow` (setting `x-authz-user`, removing `x-secret`, adding `x-authz-checked`
+/// to the response), `slow` (allows after 3 s), anything else denies with 401. Records
+/// each check's path and source principal.
+#[derive(Clone, Default)]
+struct GrpcAuthorizer {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+#[tonic::async_trait]
+impl ambit_proto::ext_authz::authorization_server::Authorization for GrpcAuthorizer {
+    async fn check(
+        &self,
+        request: tonic::Request<ambit_proto::ext_authz::CheckRequest>,
+    ) -> Result<tonic::Response<ambit_proto::ext_authz::CheckResponse>, tonic::Status> {
+        use ambit_proto::ext_authz as pb;
+        let attributes = request.into_inner().attributes.unwrap_or_default();
+        let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
+        let principal = attributes.source.map(|s| s.principal).unwrap_or_default();
+        self.seen
+            .lock()
+            .unwrap()
+            .push((http.path.clone(), principal));
+        let header = |k: &str, v: &str| pb::HeaderValueOption {
+            header: Some(pb::HeaderValue {
+                key: k.into(),
+                value: v.into(),
+                raw_value: Vec::new(),
+            }),
+            append: None,
+        };
+        let ask = http.headers.get("x-authz").cloned().unwrap_or_default();
+        if ask == "slow" {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        let response = if ask == "allow" || ask == "slow" {
+            pb::CheckResponse {
+                status: Some(pb::RpcStatus::default()),
+                http_response: Some(pb::check_response::HttpResponse::OkResponse(
+                    pb::OkHttpResponse {
+                        headers: vec![header("x-authz-user", "alice")],
+                        headers_to_remove: vec!["x-secret".into()],
+                        response_headers_to_add: vec![header("x-authz-checked", "yes")],
+                    },
+                )),
+            }
+        } else {
+            pb::CheckResponse {
+                status: Some(pb::RpcStatus {
+                    code: 7,
+                    message: "denied".into(),
+                }),
+                http_response: Some(pb::check_response::HttpResponse::DeniedResponse(
+                    pb::DeniedHttpResponse {
+                        status: Some(pb::HttpStatus { code: 401 }),
+                        headers: vec![header("x-why", "no x-authz: allow")],
+                        body: "denied by the authorizer".into(),
+                    },
+                )),
+            }
+        };
+        Ok(tonic::Response::new(response))
+    }
+}
+
+/// The HTTP variant: 200 with `x-authz-user: bob` when `x-authz: allow`, 500 when
+/// `x-authz: boom`, else 403 `nope` with `x-why`. Records each check's path.
+fn http_authorizer(mesh: &Mesh, port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let listener = mesh.pod("echo-1").listen(port).unwrap();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        record.lock().unwrap().push(req.uri().path().to_owned());
+                        let ask = req
+                            .headers()
+                            .get("x-authz")
+                            .map(|v| v.to_str().unwrap_or("").to_owned())
+                            .unwrap_or_default();
+                        let resp = match ask.as_str() {
+                            "allow" => Response::builder()
+                                .header("x-authz-user", "bob")
+                                .body(full(""))
+                                .unwrap(),
+                            "boom" => Response::builder().status(500).body(full("")).unwrap(),
+                            _ => Response::builder()
+                                .status(403)
+                                .header("x-why", "not allowed")
+                                .body(full("nope"))
+                                .unwrap(),
+                        };
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(conn), service)
+                    .await;
+            });
+        }
+    });
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_policies_ask_an_external_authorizer_and_fail_closed() {
+    let s = setup().await;
+    let grpc = GrpcAuthorizer::default();
+    let grpc_seen = grpc.seen.clone();
+    let listener = s.mesh.pod("echo-1").listen(9191).unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                ambit_proto::ext_authz::authorization_server::AuthorizationServer::new(grpc),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let http_seen = http_authorizer(&s.mesh, 8181);
+    std::fs::write(
+        s.mesh.dir.path().join("manifests/authz.yaml"),
+        "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    defaultConfig: {discoveryAddress: istiod.istio-system.svc:15012}
+    extensionProviders:
+    - name: grpc-authz
+      envoyExtAuthzGrpc: {service: authz.demo.svc.cluster.local, port: 9000, timeout: 500ms}
+    - name: http-authz
+      envoyExtAuthzHttp:
+        service: authz.demo.svc.cluster.local
+        port: 8000
+        pathPrefix: /check
+        includeRequestHeadersInCheck: [x-authz]
+        headersToUpstreamOnAllow: [x-authz-user]
+        headersToDownstreamOnDeny: [x-why]
+    - name: nobody-home
+      envoyExtAuthzGrpc: {service: authz.demo.svc.cluster.local, port: 7000, timeout: 1s, failOpen: true}
+    - name: nobody-home-closed
+      envoyExtAuthzGrpc: {service: authz.demo.svc.cluster.local, port: 7000, timeout: 1s, statusOnError: '503'}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: authz, namespace: demo}
+spec:
+  selector: {app: echo}
+  clusterIP: 198.19.0.13
+  ports: [{name: grpc, port: 9000, targetPort: 9191, appProtocol: grpc}, {name: http, port: 8000, targetPort: 8181}, {name: dead, port: 7000, targetPort: 7171}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: grpc-check, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: echo}]
+  action: CUSTOM
+  provider: {name: grpc-authz}
+  rules: [{to: [{operation: {paths: ['/grpc/*']}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: http-check, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: echo}]
+  action: CUSTOM
+  provider: {name: http-authz}
+  rules: [{to: [{operation: {paths: ['/http/*']}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: open-check, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: echo}]
+  action: CUSTOM
+  provider: {name: nobody-home}
+  rules: [{to: [{operation: {paths: ['/open/*']}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: closed-check, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: echo}]
+  action: CUSTOM
+  provider: {name: nobody-home-closed}
+  rules: [{to: [{operation: {paths: ['/closed/*']}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: missing-check, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: echo}]
+  action: CUSTOM
+  provider: {name: no-such-provider}
+  rules: [{to: [{operation: {paths: ['/missing/*']}}]}]
+",
+    )
+    .unwrap();
+    eventually(
+        "the CUSTOM policies and the authorizer's service at the waypoint",
+        || {
+            let state = s.waypoint.state();
+            state.targeted_policies().count() == 5
+                && state.services().any(|s| s.name.as_ref() == "authz")
+        },
+    )
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    let mut ask = async |path: &str, authz: Option<&str>| {
+        send.ready().await.unwrap();
+        let mut req = Request::get(path)
+            .header("host", "echo.demo")
+            .header("x-secret", "s3cret");
+        if let Some(a) = authz {
+            req = req.header("x-authz", a);
+        }
+        let resp = send
+            .send_request(req.body(full("")).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        (status, headers, text(resp).await)
+    };
+    // gRPC: allowed, with the authorizer's changes to the request and the response.
+    let (status, headers, body) = ask("/grpc/items?x=1", Some("allow")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(field(&body, "x-authz-user"), "alice");
+    assert_eq!(field(&body, "x-secret"), "", "removed by the authorizer");
+    assert_eq!(headers["x-authz-checked"], "yes");
+    {
+        let seen = grpc_seen.lock().unwrap();
+        assert_eq!(seen[0].0, "/grpc/items?x=1");
+        assert_eq!(seen[0].1, SLEEP_ID, "the caller's SPIFFE ID");
+    }
+    // gRPC: denied with the authorizer's status, headers and body.
+    let (status, headers, body) = ask("/grpc/items", Some("no")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body, "denied by the authorizer");
+    assert_eq!(headers["x-why"], "no x-authz: allow");
+    // gRPC: slower than the provider's 500 ms: 403, fail closed.
+    let started = std::time::Instant::now();
+    let (status, _, _) = ask("/grpc/items", Some("slow")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the timeout applied"
+    );
+    // Paths no CUSTOM policy matches are not checked.
+    let before = grpc_seen.lock().unwrap().len();
+    let (status, _, _) = ask("/other", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(grpc_seen.lock().unwrap().len(), before);
+    // HTTP: allowed (the authorizer's header copied on), denied (its status, body and
+    // chosen headers), and a 5xx is a failure: 403.
+    let (status, _, body) = ask("/http/a", Some("allow")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(field(&body, "x-authz-user"), "bob");
+    let (status, headers, body) = ask("/http/a", Some("no")).await;
+    assert_eq!((status, body.as_str()), (StatusCode::FORBIDDEN, "nope"));
+    assert_eq!(headers["x-why"], "not allowed");
+    let (status, _, _) = ask("/http/a", Some("boom")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        http_seen.lock().unwrap()[0],
+        "/check/http/a",
+        "pathPrefix + path"
+    );
+    // An authorizer nobody answers: failOpen lets it through; otherwise statusOnError.
+    let (status, _, _) = ask("/open/a", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = ask("/closed/a", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // A provider the mesh config does not have: denied.
+    let (status, _, _) = ask("/missing/a", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let line =
+        logs::wait_access("a request denied by the authorizer", |v| v["status"] == 401).await;
+    assert_eq!(line["flags"], "UAEX", "{line}");
+    assert!(
+        line["authz"].as_str().unwrap().contains("demo/grpc-check"),
+        "{line}"
+    );
+    let page = s.waypoint.metrics_text();
+    for want in [
+        "ambit_waypoint_ext_authz_checks_total{provider=\"grpc-authz\",result=\"allowed\"} 1",
+        "ambit_waypoint_ext_authz_checks_total{provider=\"grpc-authz\",result=\"denied\"} 1",
+        "ambit_waypoint_ext_authz_checks_total{provider=\"grpc-authz\",result=\"failed\"} 1",
+        "ambit_waypoint_ext_authz_checks_total{provider=\"nobody-home\",result=\"failed_open\"} 1",
+    ] {
+        assert!(page.contains(want), "{want}\n{page}");
+    }
 }

@@ -104,7 +104,10 @@ pub(crate) async fn check(
 }
 
 fn authority(ext: &ExtAuthz) -> String {
-    let host = ext.service.split_once('/').map_or(&*ext.service, |(_, h)| h);
+    let host = ext
+        .service
+        .split_once('/')
+        .map_or(&*ext.service, |(_, h)| h);
     format!("{host}:{}", ext.port)
 }
 
@@ -143,10 +146,7 @@ async fn grpc(
     };
     let request = pb::CheckRequest {
         attributes: Some(pb::AttributeContext {
-            source: Some(peer(
-                client.peer.addr,
-                format!("spiffe://{}", client.peer.identity),
-            )),
+            source: Some(peer(client.peer.addr, client.peer.identity.to_string())),
             destination: Some(peer(target.authority, String::new())),
             request: Some(pb::attribute_context::Request {
                 http: Some(pb::attribute_context::HttpRequest {
@@ -224,7 +224,9 @@ async fn grpc(
     }
     let mut bytes = collected.to_bytes();
     if bytes.len() < 5 || bytes[0] != 0 {
-        return Outcome::Failed("the authorizer's answer is not one uncompressed gRPC message".into());
+        return Outcome::Failed(
+            "the authorizer's answer is not one uncompressed gRPC message".into(),
+        );
     }
     bytes.advance(1);
     let len = bytes.get_u32() as usize;
@@ -306,10 +308,7 @@ async fn http_check(
     ext: &ExtAuthz,
     ask: &Ask<'_>,
 ) -> Outcome {
-    let mut req = http::Request::new(RequestBody::full(
-        Bytes::new(),
-        Arc::new(AtomicU64::new(0)),
-    ));
+    let mut req = http::Request::new(RequestBody::full(Bytes::new(), Arc::new(AtomicU64::new(0))));
     *req.method_mut() = ask.method.clone();
     let path = format!("{}{}", ext.path_prefix, ask.path);
     match path.parse() {
@@ -332,7 +331,10 @@ async fn http_check(
         }
     }
     for (k, v) in &ext.include_additional_headers {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
             h.insert(n, v);
         }
     }
@@ -416,7 +418,10 @@ mod tests {
             status: Some(pb::RpcStatus::default()),
             http_response: Some(pb::check_response::HttpResponse::OkResponse(
                 pb::OkHttpResponse {
-                    headers: vec![option("x-user", "alice", false), option("bad name", "x", false)],
+                    headers: vec![
+                        option("x-user", "alice", false),
+                        option("bad name", "x", false),
+                    ],
                     headers_to_remove: vec!["authorization".into(), "host".into()],
                     response_headers_to_add: vec![option("x-checked", "yes", false)],
                 },

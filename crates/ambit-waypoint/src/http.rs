@@ -172,7 +172,9 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Source::Empty => SizeHint::with_exact(0),
-            Source::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Source::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
             Source::Client { body, .. } => body.size_hint(),
             Source::Mirror(_) => SizeHint::default(),
         }
@@ -689,7 +691,10 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                     }
                 }
                 authorizer_response_headers = response_headers;
-                report.authz = said(&format!("allowed by {policy} (authorizer {})", ext.provider));
+                report.authz = said(&format!(
+                    "allowed by {policy} (authorizer {})",
+                    ext.provider
+                ));
             }
             Outcome::Deny {
                 status,
@@ -708,9 +713,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                 return resp;
             }
             Outcome::Failed(why) if ext.fail_open => {
-                report.authz = said(&format!(
-                    "allowed by failOpen of {policy}: {why}"
-                ));
+                report.authz = said(&format!("allowed by failOpen of {policy}: {why}"));
             }
             Outcome::Failed(why) => {
                 report.authz = said(&format!("denied by {policy}: {why}"));

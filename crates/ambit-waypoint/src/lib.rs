@@ -22,8 +22,8 @@
 
 pub mod admin;
 mod authn;
-pub mod extauthz;
 pub mod authz;
+pub mod extauthz;
 pub mod headers;
 pub mod http;
 pub mod metrics;

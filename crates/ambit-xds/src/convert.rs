@@ -566,8 +566,14 @@ fn ext_authz(e: pb_wp::ExtAuthz) -> Result<ambit_core::policy::ExtAuthz, String>
     };
     let error = (!e.error.is_empty()).then(|| Str::from(e.error.as_str()));
     if error.is_none() {
-        if e.service.split_once('/').is_none_or(|(ns, h)| ns.is_empty() || h.is_empty()) {
-            return Err(format!("authorizer service {:?} is not <namespace>/<hostname>", e.service));
+        if e.service
+            .split_once('/')
+            .is_none_or(|(ns, h)| ns.is_empty() || h.is_empty())
+        {
+            return Err(format!(
+                "authorizer service {:?} is not <namespace>/<hostname>",
+                e.service
+            ));
         }
         if e.port == 0 || e.port > u32::from(u16::MAX) {
             return Err(format!("authorizer port {} is out of range", e.port));
@@ -593,7 +599,10 @@ fn ext_authz(e: pb_wp::ExtAuthz) -> Result<ambit_core::policy::ExtAuthz, String>
         })
         .collect::<Result<Vec<_>, String>>()?;
     if !e.path_prefix.is_empty() && !e.path_prefix.starts_with('/') {
-        return Err(format!("path prefix {:?} does not start with /", e.path_prefix));
+        return Err(format!(
+            "path prefix {:?} does not start with /",
+            e.path_prefix
+        ));
     }
     Ok(ambit_core::policy::ExtAuthz {
         provider: e.provider.as_str().into(),
@@ -607,9 +616,18 @@ fn ext_authz(e: pb_wp::ExtAuthz) -> Result<ambit_core::policy::ExtAuthz, String>
         path_prefix: e.path_prefix.as_str().into(),
         include_request_headers: lower(&e.include_request_headers, "includeRequestHeadersInCheck")?,
         include_additional_headers: additional,
-        headers_to_upstream_on_allow: lower(&e.headers_to_upstream_on_allow, "headersToUpstreamOnAllow")?,
-        headers_to_downstream_on_deny: lower(&e.headers_to_downstream_on_deny, "headersToDownstreamOnDeny")?,
-        headers_to_downstream_on_allow: lower(&e.headers_to_downstream_on_allow, "headersToDownstreamOnAllow")?,
+        headers_to_upstream_on_allow: lower(
+            &e.headers_to_upstream_on_allow,
+            "headersToUpstreamOnAllow",
+        )?,
+        headers_to_downstream_on_deny: lower(
+            &e.headers_to_downstream_on_deny,
+            "headersToDownstreamOnDeny",
+        )?,
+        headers_to_downstream_on_allow: lower(
+            &e.headers_to_downstream_on_allow,
+            "headersToDownstreamOnAllow",
+        )?,
     })
 }
 

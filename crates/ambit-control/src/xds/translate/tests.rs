@@ -1363,3 +1363,80 @@ spec:
     assert_eq!(rule(&t).jwks, signer.jwks());
     assert!(rule(&t).jwks_error.is_empty());
 }
+
+#[test]
+fn custom_policies_carry_their_authorizer_from_the_mesh_config() {
+    let mesh = "---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |
+    accessLogFile: /dev/stdout
+    extensionProviders:
+    - name: authz
+      envoyExtAuthzHttp: {service: demo/plain.demo.svc.cluster.local, port: 80, timeout: 2s, pathPrefix: /check, statusOnError: '503', includeRequestHeadersInCheck: [X-Auth]}
+    - name: bad
+      envoyExtAuthzGrpc: {service: nowhere.demo.svc.cluster.local, port: 9000}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: web}]
+  action: CUSTOM
+  provider: {name: authz}
+  rules: [{to: [{operation: {paths: ['/admin/*']}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: broken, namespace: demo}
+spec:
+  targetRefs: [{kind: Service, group: '', name: web}]
+  action: CUSTOM
+  provider: {name: bad}
+  rules: [{}]
+";
+    let m = model(1, &format!("{TRAFFIC_BASE}{mesh}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let p = waypoint_policy(&t, "demo/ext");
+    assert_eq!(p.action, ambit_proto::waypoint::Action::Custom as i32);
+    let e = p.ext_authz.unwrap();
+    assert!(e.error.is_empty(), "{e:?}");
+    assert!(!e.grpc);
+    assert_eq!(e.service, "demo/plain.demo.svc.cluster.local");
+    assert_eq!((e.port, e.timeout_ms, e.status_on_error), (80, 2000, 503));
+    assert_eq!(e.path_prefix, "/check");
+    assert_eq!(e.include_request_headers, ["x-auth"]);
+    // A provider whose Service does not exist: sent with the reason (the waypoint denies
+    // what the policy matches), and reported.
+    let b = waypoint_policy(&t, "demo/broken").ext_authz.unwrap();
+    assert!(b.error.contains("no Service"), "{b:?}");
+    assert!(t.warnings()["demo/broken"][0].contains("denied"));
+    // The Service appearing resolves it, without touching the policy.
+    let svc = "---
+apiVersion: v1
+kind: Service
+metadata: {name: nowhere, namespace: demo}
+spec: {selector: {app: x}, clusterIP: 198.19.0.60, ports: [{port: 9000}]}
+";
+    let m2 = model(2, &format!("{TRAFFIC_BASE}{mesh}{svc}"));
+    let changes = m2.diff(&m);
+    t.apply(&m2, &m, &changes);
+    let b = waypoint_policy(&t, "demo/broken").ext_authz.unwrap();
+    assert!(b.error.is_empty() && b.grpc, "{b:?}");
+    assert_eq!(b.timeout_ms, 600_000, "Istio's default timeout");
+    // The mesh config losing the provider: denied again.
+    let m3 = model(
+        3,
+        &format!(
+            "{TRAFFIC_BASE}{}{svc}",
+            mesh.replace("- name: authz", "- name: renamed")
+        ),
+    );
+    let changes = m3.diff(&m2);
+    t.apply(&m3, &m2, &changes);
+    let e = waypoint_policy(&t, "demo/ext").ext_authz.unwrap();
+    assert!(e.error.contains("no extension provider \"authz\""), "{e:?}");
+}

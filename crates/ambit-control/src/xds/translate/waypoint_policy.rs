@@ -416,17 +416,29 @@ fn ext_authz(model: &Model, name: &str, o: &TranslateOptions) -> pb_wp::ExtAuthz
         ) {
             (Some(g), None) => {
                 out.grpc = true;
-                (&g.service, g.port, &g.timeout, g.fail_open, &g.status_on_error)
+                (
+                    &g.service,
+                    g.port,
+                    &g.timeout,
+                    g.fail_open,
+                    &g.status_on_error,
+                )
             }
             (None, Some(h)) => {
                 out.path_prefix = h.path_prefix.clone().unwrap_or_default();
                 if !out.path_prefix.is_empty() && !out.path_prefix.starts_with('/') {
-                    return Err(format!("pathPrefix {:?} must start with /", out.path_prefix));
+                    return Err(format!(
+                        "pathPrefix {:?} must start with /",
+                        out.path_prefix
+                    ));
                 }
                 let lower = |v: &[String]| v.iter().map(|h| h.to_ascii_lowercase()).collect();
                 out.include_request_headers = lower(&h.include_request_headers_in_check);
-                out.include_request_headers
-                    .extend(h.include_headers_in_check.iter().map(|h| h.to_ascii_lowercase()));
+                out.include_request_headers.extend(
+                    h.include_headers_in_check
+                        .iter()
+                        .map(|h| h.to_ascii_lowercase()),
+                );
                 out.include_additional_headers = h
                     .include_additional_headers_in_check
                     .iter()
@@ -438,7 +450,13 @@ fn ext_authz(model: &Model, name: &str, o: &TranslateOptions) -> pb_wp::ExtAuthz
                 out.headers_to_upstream_on_allow = lower(&h.headers_to_upstream_on_allow);
                 out.headers_to_downstream_on_deny = lower(&h.headers_to_downstream_on_deny);
                 out.headers_to_downstream_on_allow = lower(&h.headers_to_downstream_on_allow);
-                (&h.service, h.port, &h.timeout, h.fail_open, &h.status_on_error)
+                (
+                    &h.service,
+                    h.port,
+                    &h.timeout,
+                    h.fail_open,
+                    &h.status_on_error,
+                )
             }
             _ => {
                 return Err(format!(
