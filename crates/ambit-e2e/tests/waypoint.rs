@@ -2760,3 +2760,49 @@ spec:
         assert!(page.contains(want), "{want}\n{page}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_attached_to_the_waypoint_gateway_routes_its_services() {
+    let s = setup().await;
+    apply_routes(
+        &s,
+        None,
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: through-gateway, namespace: demo}
+spec:
+  parentRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+  hostnames: [echo.demo.svc.cluster.local]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /old}}]
+    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}]
+    backendRefs: [{name: echo, port: 80}]
+",
+    )
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(
+            Request::get("/old/page")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(field(&text(resp).await, "path"), "/new/page");
+    // The route's rules are the service's now: a path none matches is 404.
+    send.ready().await.unwrap();
+    let resp = send
+        .send_request(
+            Request::get("/elsewhere")
+                .header("host", "echo.demo")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+}

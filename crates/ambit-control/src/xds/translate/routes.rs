@@ -26,7 +26,8 @@ pub fn translate(
 ) -> (Option<pb::Route>, Vec<String>) {
     let mut warnings = Vec::new();
     let ns = r.metadata.namespace();
-    let (parents, waypoints) = parents_of(model, ns, &r.spec.parent_refs, o, &mut warnings);
+    let names = hostnames(&r.spec.hostnames);
+    let (parents, waypoints) = parents_of(model, ns, &r.spec.parent_refs, &names, o, &mut warnings);
     let mut rules = Vec::new();
     for (i, rule) in r.spec.rules.iter().enumerate() {
         let (rule, w) = translate_rule(
@@ -99,7 +100,8 @@ pub fn translate_grpc(
 ) -> (Option<pb::Route>, Vec<String>) {
     let mut warnings = Vec::new();
     let ns = r.metadata.namespace();
-    let (parents, waypoints) = parents_of(model, ns, &r.spec.parent_refs, o, &mut warnings);
+    let names = hostnames(&r.spec.hostnames);
+    let (parents, waypoints) = parents_of(model, ns, &r.spec.parent_refs, &names, o, &mut warnings);
     let mut rules = Vec::new();
     for (i, rule) in r.spec.rules.iter().enumerate() {
         let label = rule.name.clone().unwrap_or_else(|| format!("rules[{i}]"));
@@ -646,6 +648,7 @@ fn parents_of(
     model: &Model,
     ns: &str,
     refs: &[crate::model::ParentReference],
+    hostnames: &[String],
     o: &TranslateOptions,
     warnings: &mut Vec<String>,
 ) -> (Vec<pb::RouteParent>, Vec<String>) {
@@ -681,15 +684,57 @@ fn parents_of(
                 });
             }
             ("gateway.networking.k8s.io", "Gateway") => {
-                let is_waypoint = matches!(
-                    model.lookup(Kind::Gateway, parent_ns, name),
-                    Some(Object::Gateway(g)) if g.spec.gateway_class_name.as_str() == WAYPOINT_CLASS
-                );
-                warnings.push(if is_waypoint {
-                    format!("NOT ENFORCED for Gateway {parent_ns}/{name}: routes attached to a waypoint's Gateway are not supported yet; attach it to the Service (parentRefs kind Service)")
-                } else {
-                    format!("NOT ENFORCED for Gateway {parent_ns}/{name}: not a waypoint (class {WAYPOINT_CLASS}); Ambit runs no ingress gateways")
-                });
+                let gateway = match model.lookup(Kind::Gateway, parent_ns, name) {
+                    Some(Object::Gateway(g))
+                        if g.spec.gateway_class_name.as_str() == WAYPOINT_CLASS =>
+                    {
+                        g
+                    }
+                    _ => {
+                        warnings.push(format!(
+                            "NOT ENFORCED for Gateway {parent_ns}/{name}: not a waypoint (class {WAYPOINT_CLASS}); Ambit runs no ingress gateways"
+                        ));
+                        continue;
+                    }
+                };
+                if let Err(why) = allowed_from(gateway, parent_ns, ns) {
+                    warnings.push(format!("NOT ENFORCED for Gateway {parent_ns}/{name}: {why}"));
+                    continue;
+                }
+                // The route applies, as a producer route, to every Service the waypoint
+                // serves whose name its `hostnames` match (all of them without any).
+                let key = format!("{parent_ns}/{name}");
+                let before = parents.len();
+                for o2 in model.of_kind(Kind::Service) {
+                    let Object::Service(svc) = o2 else { continue };
+                    let bound = waypoint(model, &svc.metadata, WaypointFor::Service, o);
+                    if bound.as_ref().and_then(|g| gateway_of(g, o)).as_deref() != Some(key.as_str())
+                    {
+                        continue;
+                    }
+                    let fqdn = service_hostname(svc, o);
+                    let short = format!("{}.{}", svc.metadata.name.as_str(), svc.metadata.namespace());
+                    let named = hostnames.is_empty()
+                        || hostnames
+                            .iter()
+                            .any(|h| host_matches(h, &fqdn) || host_matches(h, &short));
+                    if !named {
+                        continue;
+                    }
+                    parents.push(pb::RouteParent {
+                        service: format!("{}/{fqdn}", svc.metadata.namespace()),
+                        port: p.port.map_or(0, |p| u32::from(p.0)),
+                        consumer: false,
+                    });
+                }
+                if parents.len() == before {
+                    warnings.push(format!(
+                        "NOT ENFORCED for Gateway {parent_ns}/{name}: no Service bound to this waypoint matches the route's hostnames ({})",
+                        if hostnames.is_empty() { "none".to_owned() } else { hostnames.join(", ") }
+                    ));
+                    continue;
+                }
+                waypoints.push(key);
             }
             _ => warnings.push(format!(
                 "NOT ENFORCED for {group}/{kind} {parent_ns}/{name}: a route's parent must be a Service (or a waypoint Gateway)"
@@ -699,6 +744,42 @@ fn parents_of(
     waypoints.sort();
     waypoints.dedup();
     (parents, waypoints)
+}
+
+/// Whether a Gateway in `gateway_ns` takes routes from `route_ns` (its listeners'
+/// `allowedRoutes.namespaces.from`: `Same`, the default, or `All`).
+fn allowed_from(g: &crate::model::Gateway, gateway_ns: &str, route_ns: &str) -> Result<(), String> {
+    let mut froms = g.spec.listeners.iter().map(|l| {
+        l.allowed_routes
+            .as_ref()
+            .and_then(|a| a.pointer("/namespaces/from"))
+            .and_then(|f| f.as_str())
+            .unwrap_or("Same")
+            .to_owned()
+    });
+    let all: Vec<String> = froms.by_ref().collect();
+    if all.iter().any(|f| f == "All") || (route_ns == gateway_ns && all.iter().any(|f| f == "Same"))
+    {
+        return Ok(());
+    }
+    if all.iter().any(|f| f == "Selector") {
+        return Err(
+            "allowedRoutes.namespaces.from Selector is not supported; use Same or All".into(),
+        );
+    }
+    Err(format!(
+        "its listeners take routes from its own namespace only (allowedRoutes.namespaces.from: Same), and this route is in {route_ns}"
+    ))
+}
+
+/// Gateway API hostname matching: exact, or `*.suffix` for any name under the suffix.
+fn host_matches(pattern: &str, host: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    let host = host.to_ascii_lowercase();
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(&suffix),
+        None => pattern == host,
+    }
 }
 
 /// The route that refers to a backend: its namespace and kind (for ReferenceGrants).

@@ -1440,3 +1440,66 @@ spec: {selector: {app: x}, clusterIP: 198.19.0.60, ports: [{port: 9000}]}
     let e = waypoint_policy(&t, "demo/ext").ext_authz.unwrap();
     assert!(e.error.contains("no extension provider \"authz\""), "{e:?}");
 }
+
+#[test]
+fn a_route_attached_to_the_waypoint_gateway_applies_to_the_services_it_names() {
+    let route = |name: &str, ns: &str, hostnames: &str| {
+        format!(
+            "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  parentRefs: [{{name: wp, namespace: demo}}]
+  hostnames: {hostnames}
+  rules: [{{backendRefs: [{{name: plain, namespace: demo, port: 80}}]}}]
+"
+        )
+    };
+    let text = format!(
+        "{TRAFFIC_BASE}{}{}{}{}",
+        route("all", "demo", "[]"),
+        route("named", "demo", "['web.demo.svc.cluster.local']"),
+        route("elsewhere", "demo", "['*.example.com']"),
+        route("foreign", "other", "[]"),
+    );
+    let m = model(1, &text);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let parents = |t: &Translator, name: &str| -> Option<Vec<String>> {
+        t.resources(ResourceType::WaypointRoute)
+            .get(name)
+            .map(|enc| {
+                let r = ambit_proto::waypoint::Route::decode(&*enc.body).unwrap();
+                assert_eq!(r.waypoints, ["demo/wp"]);
+                r.parents.into_iter().map(|p| p.service).collect()
+            })
+    };
+    // Only `web` is bound to the waypoint (`plain` is not): it is the route's parent.
+    assert_eq!(
+        parents(&t, "demo/all").unwrap(),
+        ["demo/web.demo.svc.cluster.local"]
+    );
+    assert_eq!(
+        parents(&t, "demo/named").unwrap(),
+        ["demo/web.demo.svc.cluster.local"]
+    );
+    assert!(parents(&t, "demo/elsewhere").is_none());
+    assert!(t.warnings()["HTTPRoute demo/elsewhere"][0].contains("matches the route's hostnames"));
+    // Another namespace's route is refused by the listener's default (Same).
+    assert!(parents(&t, "other/foreign").is_none());
+    assert!(t.warnings()["HTTPRoute other/foreign"][0].contains("allowedRoutes"));
+    // allowedRoutes from All takes it.
+    let open = text.replace(
+        "listeners: [{name: mesh, port: 15008, protocol: HBONE}]",
+        "listeners: [{name: mesh, port: 15008, protocol: HBONE, allowedRoutes: {namespaces: {from: All}}}]",
+    );
+    assert_ne!(open, text);
+    let m2 = model(2, &open);
+    let changes = m2.diff(&m);
+    t.apply(&m2, &m, &changes);
+    assert_eq!(
+        parents(&t, "other/foreign").unwrap(),
+        ["demo/web.demo.svc.cluster.local"]
+    );
+}
