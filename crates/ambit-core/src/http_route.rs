@@ -330,6 +330,8 @@ pub struct Backend {
     pub weight: u32,
     pub request_headers: Option<HeaderModifier>,
     pub response_headers: Option<HeaderModifier>,
+    /// A DestinationRule subset of the service.
+    pub subset: Option<Str>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -1084,6 +1086,7 @@ mod tests {
             weight: w,
             request_headers: None,
             response_headers: None,
+            subset: None,
         };
         let list = vec![b(90), b(10)];
         let mut counts = [0u32; 2];

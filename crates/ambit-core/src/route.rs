@@ -42,6 +42,12 @@ pub enum Route {
     },
     /// A service with no usable endpoint for this port.
     NoEndpoint { service: Arc<Service> },
+    /// A route named a DestinationRule subset the service's rule does not define (a
+    /// waypoint answers 500).
+    NoSubset {
+        service: Option<Arc<Service>>,
+        subset: String,
+    },
     /// The destination must be reached through a waypoint that has no ready endpoint.
     NoWaypoint {
         waypoint: String,

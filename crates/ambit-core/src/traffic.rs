@@ -38,6 +38,26 @@ pub struct BackendPolicy {
     pub default: Settings,
     /// `portLevelSettings`: by service port; they replace the defaults as a whole.
     pub ports: Vec<(u16, Settings)>,
+    /// `subsets`: named groups of the service's endpoints.
+    pub subsets: Vec<Subset>,
+}
+
+/// A DestinationRule subset, resolved by the control plane to workloads.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Subset {
+    pub name: Str,
+    /// Workload uids, sorted.
+    pub workloads: Vec<Str>,
+    /// Its own `trafficPolicy`, replacing the rule's.
+    pub settings: Option<Settings>,
+}
+
+impl Subset {
+    pub fn contains(&self, uid: &str) -> bool {
+        self.workloads
+            .binary_search_by(|w| w.as_ref().cmp(uid))
+            .is_ok()
+    }
 }
 
 impl BackendPolicy {

@@ -2806,3 +2806,141 @@ spec:
         .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destinationrule_subsets_send_a_virtualservice_route_to_their_endpoints() {
+    let s = setup_with_pods("service", false, vec![echo_2()]).await;
+    status_server(
+        &s.mesh,
+        "echo-1",
+        8084,
+        StatusCode::OK,
+        "one",
+        Duration::ZERO,
+    );
+    status_server(
+        &s.mesh,
+        "echo-2",
+        8084,
+        StatusCode::OK,
+        "two",
+        Duration::ZERO,
+    );
+    // Version labels on the two endpoints.
+    let path = s.mesh.dir.path().join("manifests/mesh.yaml");
+    let manifest = std::fs::read_to_string(&path).unwrap();
+    let labelled = manifest
+        .replace(
+            "metadata: {name: echo-1, namespace: demo, labels: {app: echo}}",
+            "metadata: {name: echo-1, namespace: demo, labels: {app: echo, version: v1}}",
+        )
+        .replace(
+            "metadata: {name: echo-2, namespace: demo, labels: {app: echo}}",
+            "metadata: {name: echo-2, namespace: demo, labels: {app: echo, version: v2}}",
+        );
+    assert_eq!(labelled.matches("version: v").count(), 2);
+    std::fs::write(&path, labelled).unwrap();
+    let vs = |subset: &str| {
+        format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: versions, namespace: demo, labels: {{istio.io/use-waypoint: waypoint}}}}
+spec:
+  selector: {{app: echo}}
+  clusterIP: 198.19.0.14
+  ports: [{{name: http, port: 80, targetPort: 8084}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: versions, namespace: demo}}
+spec:
+  host: versions
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: versions, namespace: demo}}
+spec:
+  hosts: [versions]
+  http: [{{route: [{{destination: {{host: versions, subset: {subset}}}}}]}}]
+"
+        )
+    };
+    let vip: SocketAddr = "198.19.0.14:80".parse().unwrap();
+    apply_traffic(&s, &vs("v2"), 1, 1).await;
+    eventually("both subsets resolved at the waypoint", || {
+        let state = s.waypoint.state();
+        state
+            .backend_policy("demo/versions.demo.svc.cluster.local")
+            .and_then(|p| p.backend.clone())
+            .is_some_and(|b| {
+                b.subsets.len() == 2 && b.subsets.iter().all(|s| s.workloads.len() == 1)
+            })
+    })
+    .await;
+    eventually("the service bound to the waypoint at node-a", || {
+        s.mesh
+            .node("node-a")
+            .store()
+            .load()
+            .services()
+            .any(|svc| svc.name.as_ref() == "versions" && svc.waypoint.is_some())
+    })
+    .await;
+    let answers = async |n: usize| {
+        let mut send = h1(&s.mesh, vip).await;
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            send.ready().await.unwrap();
+            let resp = send
+                .send_request(
+                    Request::get("/")
+                        .header("host", "versions.demo")
+                        .body(full(""))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = resp.status();
+            *seen
+                .entry(format!("{} {}", status.as_u16(), text(resp).await))
+                .or_default() += 1;
+        }
+        seen
+    };
+    let only = |label: &str, n: usize| std::collections::BTreeMap::from([(label.to_owned(), n)]);
+    assert_eq!(
+        answers(20).await,
+        only("200 two", 20),
+        "every request to subset v2"
+    );
+    std::fs::write(s.mesh.dir.path().join("manifests/traffic.yaml"), vs("v1")).unwrap();
+    eventually("the route to v1", || {
+        s.waypoint
+            .state()
+            .http_routes()
+            .any(|r| r.rules[0].backends[0].subset.as_deref() == Some("v1"))
+    })
+    .await;
+    assert_eq!(
+        answers(20).await,
+        only("200 one", 20),
+        "every request to subset v1"
+    );
+    // A subset the DestinationRule does not define: 503 NC, as Envoy answers it.
+    std::fs::write(s.mesh.dir.path().join("manifests/traffic.yaml"), vs("v3")).unwrap();
+    eventually("the route to v3", || {
+        s.waypoint
+            .state()
+            .http_routes()
+            .any(|r| r.rules[0].backends[0].subset.as_deref() == Some("v3"))
+    })
+    .await;
+    let got = answers(3).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got.keys().next().unwrap().starts_with("503 "), "{got:?}");
+    let line = logs::wait_access("a request to an undefined subset", |v| v["status"] == 503).await;
+    assert_eq!(line["flags"], "NC", "{line}");
+}

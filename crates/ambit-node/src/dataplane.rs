@@ -861,6 +861,11 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                 "NR",
             );
         }
+        // Only a waypoint's balancer names subsets; a node proxy never gets this.
+        Route::NoSubset { subset, .. } => {
+            tracing::warn!(%subset, %original, "a subset route at the node proxy; refused");
+            reset(&conn);
+        }
         Route::NoWaypoint {
             waypoint,
             service,

@@ -421,6 +421,7 @@ fn is_grpc(headers: &HeaderMap) -> bool {
 fn local_body(e: &UpstreamError) -> &'static str {
     match e {
         UpstreamError::NoHealthy => "no healthy upstream",
+        UpstreamError::NoSubset(_) => "no cluster for the route's subset",
         UpstreamError::Reset(_) => {
             "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
         }
@@ -1114,6 +1115,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
                 | Err(UpstreamError::Timeout(_)) => true,
                 // The endpoint may have acted on it: only what is safe to repeat.
                 Err(UpstreamError::Reset(_)) => method_is_idempotent,
+                // Configuration, not chance: another try gives the same.
+                Err(UpstreamError::NoSubset(_)) => false,
             };
             if !again {
                 break;

@@ -159,6 +159,7 @@ pub(crate) fn choose(
         authority,
         service: Some(backend_service),
         workload: None,
+        subset: backend.subset.clone(),
     };
     let path = crate::serve::pick(
         shared,
@@ -236,6 +237,7 @@ pub(crate) fn service_target(
         authority: SocketAddr::new(vip, port),
         service: Some(service),
         workload: None,
+        subset: None,
     };
     Some(crate::serve::pick(
         shared,

@@ -32,6 +32,8 @@ pub struct Target {
     pub authority: SocketAddr,
     pub service: Option<Arc<Service>>,
     pub workload: Option<Arc<Workload>>,
+    /// A DestinationRule subset a route chose: only its endpoints are picked.
+    pub subset: Option<ambit_core::discovery::Str>,
 }
 
 /// Who sent a tunnel: the client's SPIFFE ID, its address, and its workload when the
@@ -124,6 +126,7 @@ pub fn resolve_in(
             .iter()
             .any(|p| p.service_port == authority.port());
         return (bound && has_port).then(|| Target {
+            subset: None,
             authority,
             service: Some(service.clone()),
             workload: None,
@@ -135,6 +138,7 @@ pub fn resolve_in(
         .as_deref()
         .is_some_and(&mine)
         .then(|| Target {
+            subset: None,
             authority,
             service: None,
             workload: Some(workload.clone()),
@@ -305,16 +309,33 @@ pub(crate) fn pick(
     let me = state.workload_by_ip(network, local.ip()).cloned();
     let load = |w: &Workload| shared.in_flight.load(&w.uid);
     let service = target.service.as_ref().map(|s| s.key());
-    let settings = service
+    let backend = service
         .as_deref()
         .and_then(|k| state.backend_policy(k))
-        .and_then(|p| p.backend.as_ref())
-        .map(|b| b.for_port(target.authority.port()));
+        .and_then(|p| p.backend.as_ref());
+    // A subset's endpoints only, with its own settings when it has them.
+    let subset = match &target.subset {
+        None => None,
+        Some(name) => match backend.and_then(|b| b.subsets.iter().find(|s| &s.name == name)) {
+            Some(s) => Some(s),
+            None => {
+                return Route::NoSubset {
+                    service: target.service.clone(),
+                    subset: name.to_string(),
+                };
+            }
+        },
+    };
+    let settings = subset
+        .and_then(|s| s.settings.as_ref())
+        .or_else(|| backend.map(|b| b.for_port(target.authority.port())));
     let traffic = service.as_deref().map(|k| shared.traffic.service(k));
     let now = shared.traffic.now_ms();
     let outliers = settings.is_some_and(|s| s.outlier.is_some());
-    let ejected =
-        |w: &Workload| outliers && traffic.as_ref().is_some_and(|t| t.is_ejected(&w.uid, now));
+    let ejected = |w: &Workload| {
+        subset.is_some_and(|s| !s.contains(&w.uid))
+            || (outliers && traffic.as_ref().is_some_and(|t| t.is_ejected(&w.uid, now)))
+    };
     let default = Balance::LeastRequest;
     let balance = settings.map_or(&default, |s| &s.balance);
     let hash = match balance {

@@ -47,6 +47,8 @@ pub enum Protocol {
 pub enum UpstreamError {
     #[error("no healthy upstream")]
     NoHealthy,
+    #[error("the service's DestinationRule defines no subset {0:?}")]
+    NoSubset(String),
     #[error("upstream connect error: {0}")]
     Connect(String),
     #[error("upstream connect error: the destination refused the tunnel ({0})")]
@@ -62,6 +64,8 @@ impl UpstreamError {
     pub fn flags(&self) -> &'static str {
         match self {
             UpstreamError::NoHealthy => "UH",
+            // Envoy's "no cluster": a subset that does not exist.
+            UpstreamError::NoSubset(_) => "NC",
             UpstreamError::Reset(_) => "UR",
             _ => "UF",
         }
@@ -162,6 +166,7 @@ pub(crate) async fn open(
             }
         }
         Route::NoEndpoint { .. } | Route::NoWaypoint { .. } => Err(UpstreamError::NoHealthy),
+        Route::NoSubset { subset, .. } => Err(UpstreamError::NoSubset(subset.clone())),
     }
 }
 
@@ -302,7 +307,10 @@ pub(crate) async fn send(
     pool: &ambit_core::traffic::Pool,
 ) -> Result<(http::Response<Incoming>, Option<Lease>), UpstreamError> {
     let Some(key) = key_of(route, protocol) else {
-        return Err(UpstreamError::NoHealthy);
+        return Err(match route {
+            Route::NoSubset { subset, .. } => UpstreamError::NoSubset(subset.clone()),
+            _ => UpstreamError::NoHealthy,
+        });
     };
     let entry = shared.upstreams.entry(key);
     match protocol {

@@ -747,6 +747,7 @@ pub fn waypoint_route(
                 weight: b.weight,
                 request_headers: modifier(b.request_headers)?,
                 response_headers: modifier(b.response_headers)?,
+                subset: (!b.subset.is_empty()).then(|| b.subset.as_str().into()),
             });
         }
         let path_rewrite =
@@ -1011,6 +1012,30 @@ pub fn waypoint_traffic(
                     Ok((port, settings(p.settings.unwrap_or_default())?))
                 })
                 .collect::<Result<Vec<_>, String>>()?,
+            subsets: {
+                if t.subsets.len() > MAX_ROUTE_ITEMS {
+                    return Err(format!("more than {MAX_ROUTE_ITEMS} subsets"));
+                }
+                let mut out = Vec::with_capacity(t.subsets.len());
+                for sub in t.subsets {
+                    if sub.name.is_empty() {
+                        return Err("a subset without a name".into());
+                    }
+                    let mut workloads: Vec<Str> = sub
+                        .workloads
+                        .iter()
+                        .map(|w| Str::from(w.as_str()))
+                        .collect();
+                    workloads.sort();
+                    workloads.dedup();
+                    out.push(tr::Subset {
+                        name: sub.name.as_str().into(),
+                        workloads,
+                        settings: sub.settings.map(settings).transpose()?,
+                    });
+                }
+                out
+            },
         }),
         None if !t.ports.is_empty() => {
             return Err("port settings without default settings".into());

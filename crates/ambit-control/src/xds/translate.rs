@@ -373,6 +373,17 @@ impl Translator {
         };
         match key.kind {
             Kind::Pod => {
+                // Subsets list the pods their labels select.
+                for m in [model, old] {
+                    for o in m.of_kind(Kind::DestinationRule) {
+                        if let Object::DestinationRule(d) = o
+                            && !d.spec.subsets.is_empty()
+                        {
+                            let k = o.key();
+                            out.insert(Unit::DestinationRule(k.namespace, k.name));
+                        }
+                    }
+                }
                 out.insert(Unit::Pod(ns, name));
             }
             // A service's selection and ports appear in its pods' workloads.

@@ -422,9 +422,16 @@ fn translate_vs_http(
             .get("host")
             .and_then(|h| h.as_str())
             .unwrap_or_default();
-        if dest.get("subset").is_some() {
-            warnings.push(format!("{label}: destination {host}: subsets (DestinationRule) are not supported yet; its share of requests is answered 500"));
-        } else {
+        if let Some(subset) = dest.get("subset") {
+            match subset.as_str().filter(|s| !s.is_empty()) {
+                // Resolved at the waypoint, against the host's DestinationRule.
+                Some(s) => backend.subset = s.to_owned(),
+                None => warnings.push(format!(
+                    "{label}: destination {host}: subset must be a name"
+                )),
+            }
+        }
+        {
             match service_for_host(model, ns, host, o) {
                 Some(svc) => {
                     let port = dest

@@ -909,20 +909,19 @@ spec:
     assert_eq!(retry.attempts, 3);
     assert!(retry.codes.contains(&503) && retry.codes.len() == 100);
     assert_eq!(rest.backends[0].service, "demo/web.demo.svc.cluster.local");
-    assert!(
-        rest.backends[1].service.is_empty(),
-        "subsets need a DestinationRule"
+    assert_eq!(
+        (
+            rest.backends[1].service.as_str(),
+            rest.backends[1].subset.as_str()
+        ),
+        ("demo/web.demo.svc.cluster.local", "v2"),
+        "a subset is resolved at the waypoint"
     );
     assert!(
         r.rules[2].backends.is_empty(),
         "an unsupported field answers 500"
     );
     let w = &t.warnings()["VirtualService demo/web"];
-    assert!(
-        w.iter()
-            .any(|w| w.contains("subsets (DestinationRule) are not supported yet")),
-        "{w:?}"
-    );
     assert!(
         w.iter()
             .any(|w| w.starts_with("mirrored: mirror not supported yet")),
@@ -1502,4 +1501,66 @@ spec:
         parents(&t, "other/foreign").unwrap(),
         ["demo/web.demo.svc.cluster.local"]
     );
+}
+
+#[test]
+fn destinationrule_subsets_list_the_workloads_their_labels_select() {
+    let pods = "---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-v1, namespace: demo, labels: {app: echo, version: v1}}
+spec: {nodeName: n, containers: [{name: c}]}
+status: {podIP: 198.18.9.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: echo-v2, namespace: demo, labels: {app: echo, version: v2}}
+spec: {nodeName: n, containers: [{name: c}]}
+status: {podIP: 198.18.9.2}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: demo}
+spec:
+  host: web
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+  - {name: none, labels: {version: v9}}
+";
+    let m = model(1, &format!("{TRAFFIC_BASE}{pods}"));
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&m);
+    let p = traffic_policy(&t, "demo/dr:web").unwrap();
+    let subsets: Vec<(String, Vec<String>, bool)> = p
+        .subsets
+        .iter()
+        .map(|s| (s.name.clone(), s.workloads.clone(), s.settings.is_some()))
+        .collect();
+    assert_eq!(
+        subsets,
+        [
+            (
+                "v1".into(),
+                vec!["Kubernetes//Pod/demo/echo-v1".to_owned()],
+                false
+            ),
+            (
+                "v2".into(),
+                vec!["Kubernetes//Pod/demo/echo-v2".to_owned()],
+                true
+            ),
+            ("none".into(), vec![], false),
+        ]
+    );
+    // A pod relabelled moves between subsets without touching the rule.
+    let moved = pods.replacen("version: v1", "version: v9", 1);
+    let m2 = model(2, &format!("{TRAFFIC_BASE}{moved}"));
+    let changes = m2.diff(&m);
+    t.apply(&m2, &m, &changes);
+    let p = traffic_policy(&t, "demo/dr:web").unwrap();
+    assert!(p.subsets[0].workloads.is_empty());
+    assert_eq!(p.subsets[2].workloads, ["Kubernetes//Pod/demo/echo-v1"]);
 }

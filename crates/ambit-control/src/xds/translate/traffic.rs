@@ -67,11 +67,6 @@ pub fn translate_dr(
             }
         }
     }
-    if !dr.spec.subsets.is_empty() {
-        warnings.push(
-            "subsets are not supported yet: routes naming one answer their share 500".to_owned(),
-        );
-    }
     // Every waypoint gets it: the one serving the host, and any whose routes send
     // requests there.
     let mut waypoints: Vec<String> = model
@@ -110,6 +105,13 @@ pub fn translate_dr(
     };
     match settings(policy, "trafficPolicy", &mut warnings) {
         Ok(s) => out.backend = Some(s),
+        Err(e) => {
+            warnings.push(format!("NOT ENFORCED: {e}"));
+            return (None, warnings);
+        }
+    }
+    match subsets(model, svc, dr, o, &mut warnings) {
+        Ok(list) => out.subsets = list,
         Err(e) => {
             warnings.push(format!("NOT ENFORCED: {e}"));
             return (None, warnings);
@@ -659,4 +661,81 @@ pub fn translate_ra(
         return (None, warnings);
     }
     (Some(out), warnings)
+}
+
+/// A DestinationRule's `subsets`: each named group of the host's pods (the Service's
+/// selector and the subset's `labels`), as workload uids, with its own settings.
+fn subsets(
+    model: &Model,
+    svc: &crate::model::Service,
+    dr: &DestinationRule,
+    o: &TranslateOptions,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<pb::Subset>, String> {
+    let mut out: Vec<pb::Subset> = Vec::new();
+    let selector = svc.spec.selector.as_ref();
+    for (i, sub) in dr.spec.subsets.iter().enumerate() {
+        let at = format!("subsets[{i}]");
+        let name = sub
+            .get("name")
+            .and_then(|n| n.as_str())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| format!("{at} has no name"))?;
+        if out.iter().any(|s| s.name == name) {
+            return Err(format!("{at}: subset {name:?} is defined twice"));
+        }
+        let mut labels = crate::model::fields::Labels::default();
+        if let Some(l) = sub.get("labels") {
+            let map = l
+                .as_object()
+                .ok_or_else(|| format!("{at}.labels must be a map"))?;
+            for (k, v) in map {
+                let v = v
+                    .as_str()
+                    .ok_or_else(|| format!("{at}.labels.{k} must be a string"))?;
+                labels
+                    .insert(k, v)
+                    .map_err(|e| format!("{at}.labels.{k}: {e}"))?;
+            }
+        }
+        for key in sub.as_object().into_iter().flat_map(|m| m.keys()) {
+            if !matches!(key.as_str(), "name" | "labels" | "trafficPolicy") {
+                warnings.push(format!("{at}.{key} is not applied"));
+            }
+        }
+        let settings = match sub.get("trafficPolicy") {
+            Some(p) => Some(settings(p, &format!("{at}.trafficPolicy"), warnings)?),
+            None => None,
+        };
+        let mut workloads: Vec<String> = Vec::new();
+        if let Some(selector) = selector.filter(|s| !s.is_empty()) {
+            for pod in model
+                .in_namespace(Kind::Pod, svc.metadata.namespace())
+                .filter_map(|p| match p {
+                    Object::Pod(p) => Some(p),
+                    _ => None,
+                })
+            {
+                if pod.metadata.labels.matches(selector) && pod.metadata.labels.matches(&labels) {
+                    workloads.push(format!(
+                        "{}//Pod/{}/{}",
+                        o.cluster_id,
+                        pod.metadata.namespace(),
+                        pod.metadata.name.as_str()
+                    ));
+                }
+            }
+        } else {
+            warnings.push(format!(
+                "{at}: the Service has no selector, so the subset selects no endpoint (requests to it are answered 503 UH)"
+            ));
+        }
+        workloads.sort();
+        out.push(pb::Subset {
+            name: name.to_owned(),
+            workloads,
+            settings,
+        });
+    }
+    Ok(out)
 }
