@@ -2944,3 +2944,7 @@ spec:
     let line = logs::wait_access("a request to an undefined subset", |v| v["status"] == 503).await;
     assert_eq!(line["flags"], "NC", "{line}");
 }
+
+/// The HTTPRoute conformance table (its own file).
+#[path = "waypoint/conformance.rs"]
+mod conformance;
