@@ -776,3 +776,73 @@ async fn conformance_weights_timeouts_retries_mirrors() {
         "percent 0 mirrors nothing"
     );
 }
+
+/// VirtualService fault injection by percentage: over many requests the share aborted
+/// and the share delayed fall within a binomial tolerance, each counted by its flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_percentages_fall_within_tolerance() {
+    let s = setup_with_pods("service", false, vec![echo_2()]).await;
+    let _seen = json_echo(&s.mesh);
+    let yaml = format!(
+        "{BACKENDS}---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: demo}}
+spec:
+  hosts: [echo]
+  http:
+  - name: flaky
+    match: [{{uri: {{prefix: /abort}}}}]
+    fault: {{abort: {{httpStatus: 503, percentage: {{value: 30}}}}}}
+    route: [{{destination: {{host: b1}}}}]
+  - name: slow
+    fault: {{delay: {{fixedDelay: 5ms, percentage: {{value: 50}}}}}}
+    route: [{{destination: {{host: b1}}}}]
+"
+    );
+    std::fs::write(s.mesh.dir.path().join("manifests/routes.yaml"), yaml).unwrap();
+    eventually("the VirtualService at the waypoint", || {
+        s.waypoint
+            .state()
+            .http_routes()
+            .any(|r| r.key.as_ref() == "demo/vs:echo")
+    })
+    .await;
+    let n = 300;
+    let mut c = h1(&s.mesh, ECHO_VIP).await;
+    let mut aborted = 0;
+    for i in 0..2 * n {
+        let path = if i < n { "/abort" } else { "/delay" };
+        c.ready().await.unwrap();
+        let resp = c
+            .send_request(
+                Request::get(path)
+                    .header("host", "echo.demo")
+                    .body(full(""))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        if i < n && resp.status() == StatusCode::SERVICE_UNAVAILABLE {
+            aborted += 1;
+        }
+        let _ = text(resp).await;
+    }
+    // 30% of 300 is 90, standard deviation about 8: four of them either way.
+    assert!((58..=122).contains(&aborted), "{aborted} of {n} aborted");
+    let page = s.waypoint.metrics_text();
+    let flagged = |flag: &str| {
+        sum(
+            &page,
+            "istio_requests_total",
+            &[("response_flags", flag), ("reporter", "waypoint")],
+        )
+    };
+    assert_eq!(flagged("FI") as u32, aborted, "each abort counted with FI");
+    // 50% of 300 is 150, standard deviation about 9.
+    let delayed = flagged("DI");
+    assert!(
+        (114.0..=186.0).contains(&delayed),
+        "{delayed} of {n} delayed"
+    );
+}
