@@ -1989,16 +1989,15 @@ spec:
             "the whole body, in order"
         );
     }
-    let page = s.waypoint.metrics_text();
-    assert_eq!(
+    // Counted when the mirror's answer is back, which is after it recorded the copy.
+    eventually("both copies counted as sent", || {
         sum(
-            &page,
+            &s.waypoint.metrics_text(),
             "ambit_waypoint_mirrored_requests_total",
-            &[("reason", "sent")]
-        ),
-        2.0,
-        "{page}"
-    );
+            &[("reason", "sent")],
+        ) == 2.0
+    })
+    .await;
 }
 
 /// Writes a route manifest, with a Service in front selecting echo-1 on another port

@@ -830,14 +830,22 @@ spec:
     }
     // 30% of 300 is 90, standard deviation about 8: four of them either way.
     assert!((58..=122).contains(&aborted), "{aborted} of {n} aborted");
-    let page = s.waypoint.metrics_text();
+    // Each request is reported when its response ends: wait for the last.
     let flagged = |flag: &str| {
         sum(
-            &page,
+            &s.waypoint.metrics_text(),
             "istio_requests_total",
             &[("response_flags", flag), ("reporter", "waypoint")],
         )
     };
+    eventually("every request reported", || {
+        sum(
+            &s.waypoint.metrics_text(),
+            "istio_requests_total",
+            &[("reporter", "waypoint")],
+        ) == f64::from(2 * n)
+    })
+    .await;
     assert_eq!(flagged("FI") as u32, aborted, "each abort counted with FI");
     // 50% of 300 is 150, standard deviation about 9.
     let delayed = flagged("DI");
