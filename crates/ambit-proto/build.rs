@@ -12,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "envoy/discovery.proto",
         "envoy/external_auth.proto",
     ];
-    let ambit = ["ambit/waypoint.proto"];
+    let ambit = ["ambit/waypoint.proto", "ambit/telemetry.proto"];
     for file in istio.iter().chain(&ambit) {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }
@@ -23,8 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Ambit's own types refer to Istio's already generated above (the generated modules
     // are flat: `crate::security`, not nested by package).
     tonic_prost_build::configure()
-        .build_client(false)
-        .build_server(false)
+        .build_client(true)
+        .build_server(true)
         .extern_path(".istio.security", "crate::security")
         .compile_fds(protox::compile(ambit, [&root])?)?;
     Ok(())

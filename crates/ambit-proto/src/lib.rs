@@ -64,6 +64,12 @@ pub mod waypoint {
     pub const TRAFFIC_TYPE_URL: &str = "type.googleapis.com/ambit.waypoint.v1.TrafficPolicy";
 }
 
+/// `ambit.telemetry.v1`: node proxies' and waypoints' reports to the control plane's
+/// mesh console. Not part of Istio's API.
+pub mod telemetry {
+    tonic::include_proto!("ambit.telemetry.v1");
+}
+
 /// `envoy.service.discovery.v3`: delta aggregated discovery.
 pub mod discovery {
     tonic::include_proto!("envoy.service.discovery.v3");
