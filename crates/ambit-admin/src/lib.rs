@@ -25,6 +25,8 @@ pub struct Page {
     pub status: StatusCode,
     pub content_type: &'static str,
     pub body: String,
+    /// More response headers (a cookie, a redirect's location, security headers).
+    pub headers: Vec<(header::HeaderName, header::HeaderValue)>,
 }
 
 impl Page {
@@ -33,6 +35,7 @@ impl Page {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.into(),
+            headers: Vec::new(),
         }
     }
 
@@ -42,6 +45,7 @@ impl Page {
                 status: StatusCode::OK,
                 content_type: "application/json",
                 body,
+                headers: Vec::new(),
             },
             Err(e) => Self::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
@@ -71,10 +75,24 @@ pub const MAX_CONNECTIONS_PER_SOURCE: usize = 8;
 /// A connection is closed after this long, idle or not (clients reconnect).
 pub const MAX_CONNECTION_LIFE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// A handler that reads the whole request head (path, query, headers), for pages that
+/// need more than the path (the mesh console: its query strings and its token).
+pub type RequestHandler = Arc<dyn Fn(&http::request::Parts) -> Option<Page> + Send + Sync>;
+
 /// Serves `handler` on `listener` until `stop` fires: at most [`MAX_CONNECTIONS`]
 /// connections at once and [`MAX_CONNECTIONS_PER_SOURCE`] per source address, each for
 /// at most [`MAX_CONNECTION_LIFE`] and 10 s to send its request headers.
-pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: TcpListener, handler: Handler, stop: watch::Receiver<bool>) {
+    let by_path: RequestHandler = Arc::new(move |req| handler(req.uri.path()));
+    serve_requests(listener, by_path, stop).await
+}
+
+/// [`serve`], with a handler that sees the request head.
+pub async fn serve_requests(
+    listener: TcpListener,
+    handler: RequestHandler,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     // Open connections per source; touched once per connection, on this port only.
     let per_source: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> =
@@ -104,7 +122,7 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut stop: watch::Rec
             let _slots = (slot, source);
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(respond(&handler, &req)) }
+                async move { Ok::<_, Infallible>(respond(&handler, req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -157,17 +175,20 @@ impl Drop for SourceSlot {
     }
 }
 
-fn respond(handler: &Handler, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let page = if req.method() != Method::GET {
+fn respond(handler: &RequestHandler, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, _body) = req.into_parts();
+    let page = if parts.method != Method::GET {
         Page::text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here\n")
     } else {
-        handler(req.uri().path())
-            .unwrap_or_else(|| Page::text(StatusCode::NOT_FOUND, "no such page\n"))
+        handler(&parts).unwrap_or_else(|| Page::text(StatusCode::NOT_FOUND, "no such page\n"))
     };
     let mut response = Response::new(Full::new(Bytes::from(page.body)));
     *response.status_mut() = page.status;
     if let Ok(v) = header::HeaderValue::from_str(page.content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    for (name, value) in page.headers {
+        response.headers_mut().append(name, value);
     }
     response
 }

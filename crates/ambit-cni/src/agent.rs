@@ -359,6 +359,7 @@ fn handler(status: Arc<Mutex<AgentStatus>>, metrics: Arc<Metrics>) -> Handler {
         let status = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
         match path {
             "/metrics" => Some(Page {
+                headers: Vec::new(),
                 status: StatusCode::OK,
                 content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 body: metrics.encode(),

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod ca_service;
+pub mod console;
 pub mod jwks;
 pub mod loglimit;
 pub mod metrics;
@@ -78,6 +79,10 @@ pub struct Config {
     pub domain_suffix: String,
     /// Model changes closer together than this are pushed as one.
     pub push_debounce: Duration,
+    /// The mesh console's port (`None`: no console).
+    pub console_addr: Option<SocketAddr>,
+    /// The console's bearer token: required when it is bound beyond loopback.
+    pub console_token: Option<String>,
 }
 
 impl Config {
@@ -96,6 +101,9 @@ impl Config {
             cluster_id: "Kubernetes".to_owned(),
             domain_suffix: "cluster.local".to_owned(),
             push_debounce: Duration::from_millis(100),
+            // The command line serves it on 127.0.0.1:15080 by default; embedders choose.
+            console_addr: None,
+            console_token: None,
         }
     }
 
@@ -157,6 +165,7 @@ pub enum StartError {
 pub struct ControlPlane {
     grpc_addr: SocketAddr,
     monitoring_addr: SocketAddr,
+    console_addr: Option<SocketAddr>,
     ca: Arc<CertificateAuthority>,
     source: Box<dyn Source>,
     metrics: Arc<Metrics>,
@@ -217,6 +226,23 @@ impl ControlPlane {
         )
         .await
         .map_err(StartError::Listen)?;
+        let console_listener = match config.console_addr {
+            None => None,
+            Some(addr) => {
+                if !console::server::is_local(addr)
+                    && config.console_token.as_deref().is_none_or(str::is_empty)
+                {
+                    return Err(StartError::Config(format!(
+                        "the console would be served on {addr}, beyond this machine, without a token: give it one (--console-token-file) or bind it to 127.0.0.1"
+                    )));
+                }
+                Some(
+                    ambit_admin::bind(addr, "console port", "--console-addr")
+                        .await
+                        .map_err(StartError::Listen)?,
+                )
+            }
+        };
         let source: Box<dyn Source> = match source {
             Some(source) => source,
             None => Box::new(FileSource::start(FileSourceOptions::new(&config.manifests)).await?),
@@ -246,6 +272,10 @@ impl ControlPlane {
         let monitoring_addr = monitoring_listener
             .local_addr()
             .map_err(StartError::Listen)?;
+        let console_addr = match &console_listener {
+            Some(l) => Some(l.local_addr().map_err(StartError::Listen)?),
+            None => None,
+        };
 
         let dns = config.serving_dns_names();
         let ips = server::serving_ips(grpc_addr);
@@ -293,6 +323,21 @@ impl ControlPlane {
                 "the discovery translation stopped before its first result".into(),
             ));
         }
+        // The mesh console, fed by the proxies' reports.
+        let console = Arc::new(console::Console::new(
+            source.model(),
+            snapshots.clone(),
+            config.translate_options(),
+        ));
+        if let Some(listener) = console_listener {
+            tasks.push(tokio::spawn(console::server::serve(
+                listener,
+                console.clone(),
+                config.console_token.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        let telemetry = console::telemetry::TelemetryService::new(console, authenticator.clone());
         let registry = Arc::new(Registry::default());
         let ads = AdsService::new(
             snapshots.clone(),
@@ -321,6 +366,10 @@ impl ControlPlane {
                 .add_service(
                     AggregatedDiscoveryServiceServer::new(ads)
                         .max_decoding_message_size(xds::server::MAX_REQUEST_BYTES),
+                )
+                .add_service(
+                    ambit_proto::telemetry::telemetry_server::TelemetryServer::new(telemetry)
+                        .max_decoding_message_size(console::telemetry::MAX_REPORT_BYTES),
                 )
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = grpc_stop.changed().await;
@@ -380,6 +429,7 @@ impl ControlPlane {
         Ok(Self {
             grpc_addr,
             monitoring_addr,
+            console_addr,
             ca,
             source,
             metrics,
@@ -396,6 +446,11 @@ impl ControlPlane {
 
     pub fn monitoring_addr(&self) -> SocketAddr {
         self.monitoring_addr
+    }
+
+    /// The mesh console's address, when it is served.
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console_addr
     }
 
     /// The trust anchors clients of this control plane (and of its certificates) use.
@@ -457,6 +512,7 @@ fn debug_pages(d: DebugSources) -> ambit_admin::Handler {
     Arc::new(move |path: &str| {
         Some(match path {
             "/metrics" => Page {
+                headers: Vec::new(),
                 status: StatusCode::OK,
                 content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 body: metrics.encode(),

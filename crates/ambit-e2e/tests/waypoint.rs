@@ -3002,7 +3002,10 @@ async fn the_grafana_dashboard_queries_only_metrics_ambit_emits() {
     let registered = regex::Regex::new(r#"register\(\s*"([a-z_]+)""#).unwrap();
     for (source, prefix) in [
         (include_str!("../../ambit-waypoint/src/metrics.rs"), ""),
-        (include_str!("../../ambit-node/src/metrics.rs"), "ambit_node_"),
+        (
+            include_str!("../../ambit-node/src/metrics.rs"),
+            "ambit_node_",
+        ),
         (include_str!("../../ambit-control/src/metrics.rs"), "ambit_"),
     ] {
         for c in registered.captures_iter(source) {

@@ -43,6 +43,7 @@ pub(crate) fn readiness_handler(shared: Arc<Shared>) -> Handler {
 pub(crate) fn metrics_handler(metrics: Arc<Metrics>) -> Handler {
     Arc::new(move |path: &str| match path {
         "/metrics" | "/stats/prometheus" => Some(Page {
+            headers: Vec::new(),
             status: StatusCode::OK,
             content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
             body: metrics.encode(),
