@@ -84,6 +84,8 @@ pub const ECHO_VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 /// Fixed local ports (all on 127.0.0.1), away from the defaults of a real install.
 pub const CONTROL_GRPC: u16 = 25012;
 pub const CONTROL_MONITORING: u16 = 25014;
+/// The mesh console.
+pub const CONTROL_CONSOLE: u16 = 25080;
 
 /// A node's ports: admin, metrics, readiness, agent admin.
 pub fn node_ports(node: &str) -> (u16, u16, u16, u16) {

@@ -14,8 +14,9 @@ use http::StatusCode;
 use crate::DemoError;
 use crate::app::{Client, Echo};
 use crate::cluster::{
-    CONTROL_GRPC, CONTROL_MONITORING, Cluster, ECHO, ECHO_PORT, ECHO_VIP, NAMESPACE, NODES, OTHER,
-    PODS, PodDef, SLEEP, WAYPOINT, WAYPOINT_METRICS, WAYPOINT_READINESS, local, node_ports,
+    CONTROL_CONSOLE, CONTROL_GRPC, CONTROL_MONITORING, Cluster, ECHO, ECHO_PORT, ECHO_VIP,
+    NAMESPACE, NODES, OTHER, PODS, PodDef, SLEEP, WAYPOINT, WAYPOINT_METRICS, WAYPOINT_READINESS,
+    local, node_ports,
 };
 
 /// How the demo runs.
@@ -457,6 +458,8 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
             &local(CONTROL_GRPC).to_string(),
             "--monitoring-addr",
             &local(CONTROL_MONITORING).to_string(),
+            "--console-addr",
+            &local(CONTROL_CONSOLE).to_string(),
         ]),
     )?;
     wait_ok(
@@ -467,6 +470,10 @@ pub async fn run(opts: Options) -> Result<(), DemoError> {
         "/ready",
     )
     .await?;
+    out.say(&format!(
+        "The mesh console (service graph, workloads, policies, waypoints): http://{}/",
+        local(CONTROL_CONSOLE)
+    ));
     let signer = ambit_control::auth::TokenSigner::load_or_create(&state)
         .map_err(|e| DemoError::Setup(format!("node tokens: {e}")))?;
     for node in NODES {
@@ -1434,6 +1441,7 @@ The mesh keeps running. Try:
   curl -s 127.0.0.1:{a_metrics}/metrics    # node-a proxy metrics (node-b: 127.0.0.1:{b_metrics})
   curl -s 127.0.0.1:{a_agent}/debug/pods   # node-a agent (node-b: 127.0.0.1:{b_agent})
   curl -s 127.0.0.1:{CONTROL_MONITORING}/debug/xds     # control plane: discovery subscribers
+  {exe} dashboard --addr 127.0.0.1:{CONTROL_CONSOLE} --open   # the mesh console in a browser
   ip netns exec {ns}.sleep {exe} demo get http://{ECHO_VIP}/      # send your own traffic
   ip netns exec {ns}.other {exe} demo get http://{ip}:{ECHO_PORT}/
   tail -f {d}/logs/node-b.log | grep 'connection complete'   # access log

@@ -216,6 +216,7 @@ impl Mesh {
         config.grpc_addr = "127.0.0.1:0".parse().unwrap();
         config.monitoring_addr = "127.0.0.1:0".parse().unwrap();
         config.push_debounce = Duration::from_millis(20);
+        config.console_addr = Some("127.0.0.1:0".parse().unwrap());
         let cp = ControlPlane::start(config).await.unwrap();
 
         let mut mesh = Mesh {

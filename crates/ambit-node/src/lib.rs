@@ -286,6 +286,21 @@ impl NodeProxy {
 
         let (client, xds) = XdsClient::new(config.xds.clone(), store.clone());
         let mut tasks = vec![ch.spawn(client.run(stop_rx.clone()))];
+        // Reports for the control plane's mesh console (on the control thread).
+        {
+            let metrics = metrics.clone();
+            let certs = certs.clone();
+            tasks.push(ch.spawn(ambit_xds::telemetry::report(
+                config.xds.clone(),
+                ambit_xds::telemetry::Source {
+                    component: "node",
+                    name: node.clone(),
+                    metrics: Arc::new(move || metrics.encode()),
+                    certificates: Arc::new(move || cert_infos(&certs)),
+                },
+                stop_rx.clone(),
+            )));
+        }
         if let Some(path) = &config.trust_bundle_file {
             tasks.push(ch.spawn(ambit_tls::bundle::follow_file(
                 bundle.clone(),
@@ -499,4 +514,19 @@ fn announce(
     .map_err(|e| err(std::io::Error::other(e)))?;
     std::fs::write(&path, body).map_err(err)?;
     Ok(path)
+}
+
+/// The certificates a manager holds, for a telemetry report.
+pub fn cert_infos(certs: &CertManager) -> Vec<ambit_proto::telemetry::CertificateInfo> {
+    certs
+        .status()
+        .into_iter()
+        .filter_map(|c| {
+            Some(ambit_proto::telemetry::CertificateInfo {
+                identity: c.identity,
+                serial: c.serial?,
+                not_after: c.not_after.unwrap_or_default(),
+            })
+        })
+        .collect()
 }

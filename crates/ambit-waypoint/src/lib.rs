@@ -349,6 +349,34 @@ impl Waypoint {
             admin::readiness_handler(shared.clone()),
             stop_rx.clone(),
         )));
+        // Reports for the control plane's mesh console.
+        {
+            let metrics = shared.metrics.clone();
+            let shared2 = shared.clone();
+            tasks.push(tokio::spawn(ambit_xds::telemetry::report(
+                shared.config.xds.clone(),
+                ambit_xds::telemetry::Source {
+                    component: "waypoint",
+                    name: format!("{}/{}", shared.config.namespace, shared.config.name),
+                    metrics: Arc::new(move || metrics.encode()),
+                    certificates: Arc::new(move || {
+                        shared2
+                            ._certs
+                            .status()
+                            .into_iter()
+                            .filter_map(|c| {
+                                Some(ambit_proto::telemetry::CertificateInfo {
+                                    identity: c.identity,
+                                    serial: c.serial?,
+                                    not_after: c.not_after.unwrap_or_default(),
+                                })
+                            })
+                            .collect()
+                    }),
+                },
+                stop_rx.clone(),
+            )));
+        }
         tasks.push(tokio::spawn(upstream::sweep(shared.clone(), stop_rx)));
         tracing::info!(
             identity = %identity,

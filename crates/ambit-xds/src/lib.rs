@@ -7,5 +7,6 @@
 
 pub mod client;
 pub mod convert;
+pub mod telemetry;
 
 pub use client::{ResourceKind, XdsClient, XdsConfig, XdsState};

@@ -87,6 +87,14 @@ struct RunArgs {
     /// Address of the monitoring port (/metrics, /ready, /debug/*).
     #[arg(long, default_value = "127.0.0.1:15014", value_parser = crate::addr::socket_addr)]
     monitoring_addr: SocketAddr,
+    /// Address of the mesh console (web UI and JSON API, read-only); `off` for none.
+    /// Beyond loopback it needs --console-token-file.
+    #[arg(long, default_value = "127.0.0.1:15080", value_parser = console_addr)]
+    console_addr: ConsoleAddr,
+    /// A file holding the console's bearer token (required when the console is bound
+    /// beyond loopback). Browsers sign in once at /login?token=<token>.
+    #[arg(long, env = "AMBIT_CONSOLE_TOKEN_FILE")]
+    console_token_file: Option<PathBuf>,
     /// SPIFFE trust domain of the mesh.
     #[arg(long, default_value = ambit_core::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -203,12 +211,30 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| format!("ambit-control.{}.svc:15012", args.root_namespace));
     let trust_domain = args.trust_domain.clone();
+    let console_token = match &args.console_token_file {
+        None => None,
+        Some(path) => {
+            let token = std::fs::read_to_string(path).with_context(|| {
+                format!("cannot read the console token file {}", path.display())
+            })?;
+            let token = token.trim().to_owned();
+            if token.len() < 16 {
+                anyhow::bail!(
+                    "the console token in {} is shorter than 16 characters; use a long random one (e.g. `head -c 24 /dev/urandom | base64`)",
+                    path.display()
+                );
+            }
+            Some(token)
+        }
+    };
     let config = Config {
         manifests: args.manifests.unwrap_or_default(),
         state_dir: args.state_dir,
         plugin_ca_dir: args.plugin_ca,
         grpc_addr: args.grpc_addr,
         monitoring_addr: args.monitoring_addr,
+        console_addr: args.console_addr.0,
+        console_token,
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
         default_cert_ttl: args.cert_ttl,
@@ -403,4 +429,15 @@ fn validate(args: ValidateArgs) -> anyhow::Result<ExitCode> {
 /// `1 file`, `2 files`: a count with its noun in the right number.
 fn counted(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `--console-addr`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsoleAddr(Option<SocketAddr>);
+
+fn console_addr(s: &str) -> Result<ConsoleAddr, String> {
+    if s == "off" {
+        return Ok(ConsoleAddr(None));
+    }
+    crate::addr::socket_addr(s).map(|a| ConsoleAddr(Some(a)))
 }

@@ -4,6 +4,7 @@ mod addr;
 mod cni;
 mod config_cmd;
 mod control;
+mod dashboard;
 mod demo;
 mod discovery_args;
 mod install_cmd;
@@ -77,6 +78,9 @@ enum Command {
     Uninstall(Box<install_cmd::UninstallArgs>),
     /// Check a cluster: before an install (--pre) or the installed mesh, a line per check.
     Check(Box<install_cmd::CheckArgs>),
+    /// Print the address of the mesh console (the control plane's web UI), open it, or
+    /// forward a local port to it in a cluster.
+    Dashboard(Box<dashboard::DashboardArgs>),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +100,7 @@ fn main() -> ExitCode {
         Command::Waypoint(args) if args.is_tool() => "error",
         Command::Demo(_) => "warn",
         Command::Install(_) | Command::Uninstall(_) | Command::Check(_) => "warn",
+        Command::Dashboard(_) => "warn",
         _ => "info",
     };
     if let Err(e) = logging::init(&cli.log, default_level) {
@@ -104,6 +109,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Control(args) => control::run(*args),
+        Command::Dashboard(args) => dashboard::run(*args),
         Command::Node(args) => node::run(*args),
         Command::Config(args) => config_cmd::run(args),
         Command::Cni(args) => cni::run(*args),

@@ -146,10 +146,8 @@ impl Console {
                         c.opened_plain += v;
                     }
                 }
-                "istio_tcp_connections_closed_total" => {
-                    if s.label("response_flags") == "DENY" {
-                        c.denied += v;
-                    }
+                "istio_tcp_connections_closed_total" if s.label("response_flags") == "DENY" => {
+                    c.denied += v;
                 }
                 "istio_tcp_sent_bytes_total" | "istio_tcp_received_bytes_total" => c.bytes += v,
                 "istio_requests_total" => {
@@ -485,7 +483,7 @@ impl Console {
                 .resources(crate::xds::translate::ResourceType::WaypointRoute)
                 .values()
                 .filter_map(|enc| ambit_proto::waypoint::Route::decode(&*enc.body).ok())
-                .filter(|r| r.waypoints.iter().any(|w| *w == key))
+                .filter(|r| r.waypoints.contains(&key))
                 .map(|r| {
                     let backends: Vec<String> = r
                         .rules

@@ -52,7 +52,7 @@ function drawGraph(g) {
   const byNs = {};
   for (const n of g.nodes) (byNs[n.namespace] = byNs[n.namespace] || []).push(n);
   const namespaces = Object.keys(byNs).sort();
-  const colW = 260, rowH = 90, pad = 60;
+  const colW = 360, rowH = 150, pad = 120;
   const pos = {};
   namespaces.forEach((ns, c) => {
     byNs[ns].sort((a, b) => a.name.localeCompare(b.name)).forEach((n, r) => {
@@ -80,13 +80,25 @@ function drawGraph(g) {
     if (!a || !b) continue;
     const grp = svg("g", { class: `edge ${e.security}`, "data-source": e.source, "data-target": e.destination, "data-security": e.security });
     grp.append(svg("line", { x1: a.x, y1: a.y, x2: b.x, y2: b.y, "marker-end": `url(#arrow-${e.security})` }));
-    const parts = [security(e.security)];
-    if (e.requests_total > 0) parts.push(`${num(e.requests_per_s)} req/s`, `${num((e.error_rate || 0) * 100)}% err`, `p50 ${num(e.p50_ms)} / p99 ${num(e.p99_ms)} ms`);
-    else parts.push(`${num(e.connections_per_s, 2)} conn/s`);
-    parts.push(`${bytes(e.bytes_per_s)}/s`);
-    if (e.denied_total > 0) parts.push(`${e.denied_total} denied`);
-    const label = svg("text", { x: (a.x + b.x) / 2, y: (a.y + b.y) / 2 - 6, "text-anchor": "middle" });
-    label.textContent = parts.join(" · ");
+    const lines = [security(e.security)];
+    if (e.requests_total > 0) {
+      lines.push(`${num(e.requests_per_s)} req/s · ${num((e.error_rate || 0) * 100)}% errors`);
+      lines.push(`p50 ${num(e.p50_ms)} ms · p99 ${num(e.p99_ms)} ms`);
+    } else if (e.connections_per_s > 0) {
+      lines.push(`${num(e.connections_per_s, 2)} conn/s · ${bytes(e.bytes_per_s)}/s`);
+    } else {
+      lines.push(`${e.connections_total} connections · ${bytes(e.bytes_total)}`);
+    }
+    if (e.denied_total > 0) lines.push(`${e.denied_total} denied`);
+    // The label beside the middle of the edge, off the line.
+    const mx = (a.x + b.x) / 2, my = (a.y + b.y) / 2;
+    const vertical = Math.abs(b.x - a.x) < Math.abs(b.y - a.y);
+    const label = svg("text", { x: vertical ? mx + 14 : mx, y: vertical ? my - 8 * lines.length : my - 14 * lines.length, "text-anchor": vertical ? "start" : "middle" });
+    lines.forEach((line, i) => {
+      const span = svg("tspan", { x: vertical ? mx + 14 : mx, dy: i ? "1.2em" : "0" });
+      span.textContent = line;
+      label.append(span);
+    });
     const title = svg("title");
     title.textContent = `${e.source} → ${e.destination} (${e.service || "no service"})\n${security(e.security)}` +
       (e.source_principal ? `\nfrom ${e.source_principal}` : "") + (e.destination_principal ? `\nto ${e.destination_principal}` : "") +
@@ -98,7 +110,7 @@ function drawGraph(g) {
     const p = pos[n.id];
     const grp = svg("g", { class: `node ${n.kind}`, "data-id": n.id, tabindex: 0 });
     grp.append(svg("circle", { cx: p.x, cy: p.y, r: 16 }));
-    const t = svg("text", { x: p.x + 22, y: p.y + 4 });
+    const t = svg("text", { x: p.x, y: p.y + 34, "text-anchor": "middle" });
     t.textContent = n.name;
     grp.append(t);
     if (n.kind === "workload") grp.addEventListener("click", () => { location.hash = `#/workload/${n.namespace}/${n.name}`; });
