@@ -89,7 +89,7 @@ struct RunArgs {
     monitoring_addr: SocketAddr,
     /// Address of the mesh console (web UI and JSON API, read-only); `off` for none.
     /// Beyond loopback it needs --console-token-file.
-    #[arg(long, default_value = "127.0.0.1:15080", value_parser = console_addr)]
+    #[arg(long, env = "AMBIT_CONSOLE_ADDR", default_value = "127.0.0.1:15080", value_parser = console_addr)]
     console_addr: ConsoleAddr,
     /// A file holding the console's bearer token (required when the console is bound
     /// beyond loopback). Browsers sign in once at /login?token=<token>.

@@ -50,6 +50,7 @@ fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
 
 fn start(manifests: &Path, state: &Path) -> Control {
     let mut child = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args([
             "--log-format",
             "json",
@@ -97,6 +98,7 @@ fn start(manifests: &Path, state: &Path) -> Control {
 
 fn token(state: &Path, node: &str) -> String {
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args([
             "control",
             "token",
@@ -212,6 +214,7 @@ fn corrupt_key_material_stops_the_start_with_a_clear_error() {
     )
     .unwrap();
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args([
             "control",
             "--grpc-addr",
@@ -244,6 +247,7 @@ fn validate_reports_file_line_and_field() {
     )
     .unwrap();
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "validate", "--manifests"])
         .arg(&manifests)
         .output()
@@ -278,6 +282,7 @@ spec:
     .unwrap();
     // The folder as a positional argument.
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "validate"])
         .arg(&manifests)
         .output()
@@ -309,6 +314,7 @@ spec:
     // Clean: 0.
     std::fs::remove_file(manifests.join("policy.yaml")).unwrap();
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "validate"])
         .arg(&manifests)
         .output()
@@ -336,7 +342,11 @@ spec:
             dir.path().join("missing").display().to_string(),
         ],
     ] {
-        let out = Command::new(BIN).args(&args).output().unwrap();
+        let out = Command::new(BIN)
+            .env("AMBIT_CONSOLE_ADDR", "off")
+            .args(&args)
+            .output()
+            .unwrap();
         assert_eq!(
             out.status.code(),
             Some(2),
@@ -345,6 +355,7 @@ spec:
         );
     }
     let help = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "validate", "--help"])
         .output()
         .unwrap();
@@ -370,6 +381,7 @@ spec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}
     )
     .unwrap();
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "validate", "--manifests"])
         .arg(&manifests)
         .output()
@@ -394,6 +406,7 @@ fn token_to_a_file_is_private() {
     let (dir, _manifests, state) = dirs();
     let file = dir.path().join("node.token");
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "token", "--node", "node-a", "--state-dir"])
         .arg(&state)
         .arg("--output")
@@ -413,6 +426,7 @@ fn token_to_a_file_is_private() {
     assert_eq!(written.split('.').count(), 3);
     assert_eq!(written.trim(), written, "{written:?}");
     let bad = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "token", "--node", "Not_A_Node", "--state-dir"])
         .arg(&state)
         .output()
@@ -427,6 +441,7 @@ fn the_waypoint_refuses_a_bad_identity_before_starting() {
     let (root, token) = (dir.path().join("root.pem"), dir.path().join("token"));
     std::fs::write(&token, "x").unwrap();
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args([
             "waypoint",
             "run",
@@ -451,6 +466,7 @@ fn the_waypoint_refuses_a_bad_identity_before_starting() {
 #[test]
 fn the_node_agent_names_missing_tools() {
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args([
             "cni",
             "--node-name",
@@ -479,6 +495,7 @@ fn a_failed_start_leaves_no_keys_and_names_the_flag() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "--grpc-addr", &format!("localhost:{port}")])
         .args(["--monitoring-addr", "127.0.0.1:0", "--manifests"])
         .arg(&manifests)
@@ -501,6 +518,7 @@ fn a_failed_start_leaves_no_keys_and_names_the_flag() {
 
     // A default lifetime above the maximum is refused, before anything is created.
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "--grpc-addr", "localhost:0", "--cert-ttl", "48h"])
         .args(["--monitoring-addr", "127.0.0.1:0", "--manifests"])
         .arg(&manifests)
@@ -518,6 +536,7 @@ fn a_failed_start_leaves_no_keys_and_names_the_flag() {
 
     // So is a token lifetime out of range.
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args([
             "control",
             "token",

@@ -43,6 +43,7 @@ impl Drop for Proc {
 impl Proc {
     fn spawn(args: &[&str]) -> Proc {
         let mut child = Command::new(BIN)
+            .env("AMBIT_CONSOLE_ADDR", "off")
             .args(["--log-format", "json"])
             .args(args)
             .stdout(Stdio::null())
@@ -80,6 +81,7 @@ impl Proc {
 
 fn config(run_dir: &Path, what: &str, output: &str) -> String {
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args([
             "config",
             what,
@@ -124,6 +126,7 @@ fn a_node_proxy_process_syncs_and_ambit_config_shows_it() {
         .to_owned();
     let token = dir.path().join("node-a.token");
     let minted = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "token", "--node", "node-a", "--state-dir"])
         .arg(&state)
         .arg("--output")
@@ -186,6 +189,7 @@ fn a_node_proxy_process_syncs_and_ambit_config_shows_it() {
 
     // An unknown node is a clear error.
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["config", "workloads", "--node", "nope", "--run-dir"])
         .arg(&run_dir)
         .output()
@@ -200,6 +204,7 @@ fn ambit_node_refuses_a_missing_token_file_clearly() {
     let root = dir.path().join("root.pem");
     std::fs::write(&root, "").unwrap();
     let out = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["node", "--node-name", "n", "--ca-root"])
         .arg(&root)
         .args(["--token-file", "/nonexistent/token"])
@@ -272,6 +277,7 @@ status: {{podIP: {}}}
         .to_owned();
     let token = dir.path().join("node-a.token");
     let minted = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "token", "--node", "node-a", "--state-dir"])
         .arg(&state)
         .arg("--output")

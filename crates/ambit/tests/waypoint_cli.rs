@@ -17,6 +17,7 @@ fn copy_examples(to: &Path) {
 
 fn ambit(args: &[&str], manifests: &Path) -> Output {
     Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(args)
         .arg("--manifests")
         .arg(manifests)
@@ -71,6 +72,7 @@ fn apply_declares_a_waypoint_the_control_plane_accepts_and_list_shows_it() {
 
     // The folder is still valid, with a Gateway and the waypoint's Service.
     let v = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "off")
         .args(["control", "validate"])
         .arg(dir.path())
         .output()
