@@ -112,6 +112,12 @@ async fn the_console_api_shows_the_graph_workloads_policies_and_search() {
     assert_eq!(policy["name"], "echo-from-demo");
     assert_eq!(policy["enforced"], true);
     assert_eq!(policy["selects"], "pods in demo labelled app=echo");
+    // Its decisions, as echo-1's node proxy counted them: sleep's three connections.
+    eventually_async("the policy's decisions", || async {
+        let p = api(console, "/api/policies").await;
+        p["policies"][0]["decisions"]["allow"].as_f64() == Some(3.0)
+    })
+    .await;
     // Search.
     let found = api(console, "/api/search?q=ECHO").await;
     let names: Vec<&str> = found["results"]

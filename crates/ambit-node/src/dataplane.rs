@@ -1093,6 +1093,7 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
         source_identity: None,
     });
     access.decided(&decision);
+    dp.metrics.decided(&decision);
     if !decision.verdict.allowed {
         reset(&conn);
         metrics.close(0, 0, Some("DENY"));
@@ -1241,6 +1242,7 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
         source_identity: Some(&c.peer.identity),
     });
     access.decided(&decision);
+    dp.metrics.decided(&decision);
     if !decision.verdict.allowed {
         metrics.close(0, 0, Some("DENY"));
         access.log(0, 0, Some(&decision.verdict.to_string()));

@@ -28,6 +28,8 @@ pub struct Metrics {
     /// Connections refused by authorization, by where the policy was enforced: `inbound`
     /// (this proxy's policy) or `outbound` (the destination's proxy answered 401).
     policy_denials: Family<DirectionLabel, Counter>,
+    /// Inbound connections decided, by the policy that decided (or was reported) and how.
+    policy_decisions: Family<DecisionLabels, Counter>,
     /// Connections refused because their destination, or its waypoint, had no ready
     /// endpoint (flag NR).
     no_route: Counter,
@@ -47,6 +49,12 @@ pub struct Metrics {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabel {
     limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    policy: String,
+    decision: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +112,12 @@ impl Default for Metrics {
         for direction in ["inbound", "outbound"] {
             let _ = policy_denials.get_or_create(&DirectionLabel { direction });
         }
+        let policy_decisions = Family::<DecisionLabels, Counter>::default();
+        own.register(
+            "policy_decisions",
+            "Inbound connections decided by this proxy's policies, by policy (<namespace>/<name>; no-allow-matched when ALLOW policies apply and none matched) and decision: allow, deny, dry_run_deny (a dry-run policy would have denied), audit",
+            policy_decisions.clone(),
+        );
         let no_route = Counter::default();
         own.register(
             "no_route",
@@ -149,6 +163,7 @@ impl Default for Metrics {
             pods,
             connect_failures,
             policy_denials,
+            policy_decisions,
             no_route,
             unsynced_refusals,
             unavailable_policies,
@@ -242,6 +257,34 @@ impl Metrics {
         self.hbone_refused
             .get_or_create(&LimitLabel { limit })
             .inc();
+    }
+
+    /// Counts how policies decided a new inbound connection (once per connection; the
+    /// re-checks after a policy change are not counted).
+    pub fn decided(&self, e: &ambit_core::policy::Evaluation<'_>) {
+        use ambit_core::policy::Decider;
+        let count = |policy: String, decision: &'static str| {
+            self.policy_decisions
+                .get_or_create(&DecisionLabels { policy, decision })
+                .inc();
+        };
+        let allowed = e.verdict.allowed;
+        match e.verdict.by {
+            Decider::Policy(p) => count(p.key(), if allowed { "allow" } else { "deny" }),
+            Decider::Refused(p) => count(p.key(), "deny"),
+            Decider::MissingPolicy(k) => count(k.to_owned(), "deny"),
+            Decider::NoAllowMatched => count("no-allow-matched".to_owned(), "deny"),
+            _ => {}
+        }
+        if let Some(v) = &e.dry_run
+            && !v.allowed
+            && let Decider::Policy(p) = v.by
+        {
+            count(p.key(), "dry_run_deny");
+        }
+        if let Some(p) = e.audit {
+            count(p.key(), "audit");
+        }
     }
 
     pub fn encode(&self) -> String {

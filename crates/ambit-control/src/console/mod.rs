@@ -38,7 +38,8 @@ pub const MAX_REPORTERS: usize = 10_000;
 pub const MAX_EDGES_PER_REPORT: usize = 50_000;
 
 /// The families a report is read for.
-const FAMILIES: [&str; 6] = [
+const FAMILIES: [&str; 7] = [
+    "ambit_node_policy_decisions_total",
     "istio_tcp_connections_opened_total",
     "istio_tcp_connections_closed_total",
     "istio_tcp_sent_bytes_total",
@@ -79,6 +80,8 @@ struct Reporter {
     edges: HashMap<EdgeKey, Counters>,
     previous: Option<(Instant, HashMap<EdgeKey, Counters>)>,
     certificates: Vec<ambit_proto::telemetry::CertificateInfo>,
+    /// Decisions by policy (`<ns>/<name>`) and kind (allow, deny, dry_run_deny, audit).
+    decisions: HashMap<String, BTreeMap<String, f64>>,
 }
 
 /// The console's state: reports, and the control plane's own model and snapshot.
@@ -115,9 +118,18 @@ impl Console {
     ) -> Result<(), promtext::ParseError> {
         let samples = promtext::parse(&report.metrics, |n| FAMILIES.contains(&n))?;
         let mut edges: HashMap<EdgeKey, Counters> = HashMap::new();
+        let mut decisions: HashMap<String, BTreeMap<String, f64>> = HashMap::new();
         for s in &samples {
-            if edges.len() >= MAX_EDGES_PER_REPORT {
+            if edges.len() >= MAX_EDGES_PER_REPORT || decisions.len() >= MAX_EDGES_PER_REPORT {
                 break;
+            }
+            if s.name == "ambit_node_policy_decisions_total" {
+                *decisions
+                    .entry(s.label("policy").to_owned())
+                    .or_default()
+                    .entry(s.label("decision").to_owned())
+                    .or_default() += if s.value.is_finite() { s.value } else { 0.0 };
+                continue;
             }
             let key = EdgeKey {
                 source: workload_id(
@@ -189,6 +201,7 @@ impl Console {
                 edges,
                 previous,
                 certificates: report.certificates,
+                decisions,
             },
         );
         Ok(())
@@ -342,6 +355,19 @@ impl Console {
 
     fn policy_list(&self, model: &Model) -> Vec<Value> {
         let snapshot = self.snapshots.borrow().clone();
+        // Decisions summed over every node proxy.
+        let mut decided: HashMap<String, BTreeMap<String, f64>> = HashMap::new();
+        {
+            let reporters = self.reporters.lock().unwrap_or_else(|p| p.into_inner());
+            for r in reporters.values() {
+                for (policy, kinds) in &r.decisions {
+                    let into = decided.entry(policy.clone()).or_default();
+                    for (k, v) in kinds {
+                        *into.entry(k.clone()).or_default() += v;
+                    }
+                }
+            }
+        }
         let mut out = Vec::new();
         for o in model
             .of_kind(Kind::AuthorizationPolicy)
@@ -417,8 +443,10 @@ impl Console {
                 .or_else(|| snapshot.warnings.get(&format!("{kind} {key}")))
                 .cloned()
                 .unwrap_or_default();
+            let counts = decided.get(&key).cloned().unwrap_or_default();
             out.push(json!({
                 "kind": kind, "namespace": ns, "name": name, "action": action,
+                "decisions": counts,
                 "selects": scope, "targets": targets,
                 "selector": selector,
                 "enforced": !findings.iter().any(|f| f.starts_with("NOT ENFORCED")),

@@ -156,8 +156,12 @@ async function showWorkload(ns, name) {
 
 async function showPolicies() {
   const { policies } = await api("/api/policies");
-  const t = el("table", { id: "policies" }, el("tr", {}, el("th", { text: "Policy" }), el("th", { text: "Action" }), el("th", { text: "Selects" }), el("th", { text: "Enforced" }), el("th", { text: "Findings" })));
-  for (const p of policies) t.append(el("tr", {}, el("td", { text: `${p.kind} ${p.namespace}/${p.name}${p.dry_run ? " (dry run)" : ""}` }), el("td", { text: p.action }), el("td", { text: p.selects }), el("td", { class: p.enforced ? "" : "bad", text: p.enforced ? "yes" : "NO" }), el("td", { class: "warn", text: p.findings.join("; ") })));
+  const t = el("table", { id: "policies" }, el("tr", {}, el("th", { text: "Policy" }), el("th", { text: "Action" }), el("th", { text: "Selects" }), el("th", { text: "Enforced" }), el("th", { text: "Allowed" }), el("th", { text: "Denied" }), el("th", { text: "Dry-run would deny" }), el("th", { text: "Findings" })));
+  for (const p of policies) {
+    const d = p.decisions || {};
+    t.append(el("tr", { "data-policy": `${p.namespace}/${p.name}` }, el("td", { text: `${p.kind} ${p.namespace}/${p.name}${p.dry_run ? " (dry run)" : ""}` }), el("td", { text: p.action }), el("td", { text: p.selects }), el("td", { class: p.enforced ? "" : "bad", text: p.enforced ? "yes" : "NO" }),
+      el("td", { class: "allowed", text: d.allow || 0 }), el("td", { class: "denied-count", text: d.deny || 0 }), el("td", { text: d.dry_run_deny || 0 }), el("td", { class: "warn", text: p.findings.join("; ") })));
+  }
   view().replaceChildren(el("section", {}, el("h2", { text: "Policies" }), t));
   status(`updated ${new Date().toLocaleTimeString()}`);
 }
