@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "istio/zds.proto",
         "envoy/discovery.proto",
         "envoy/external_auth.proto",
+        "otel/trace.proto",
     ];
     let ambit = ["ambit/waypoint.proto", "ambit/telemetry.proto"];
     for file in istio.iter().chain(&ambit) {

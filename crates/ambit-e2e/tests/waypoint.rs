@@ -79,6 +79,16 @@ async fn setup_with(takes: &str, by_namespace: bool) -> Setup {
 
 /// As [`setup_with`], with more pods in the mesh.
 async fn setup_with_pods(takes: &str, by_namespace: bool, extra: Vec<PodSpec>) -> Setup {
+    setup_tuned(takes, by_namespace, extra, |_| {}).await
+}
+
+/// As [`setup_with_pods`], with the waypoint's configuration adjusted by `tune`.
+async fn setup_tuned(
+    takes: &str,
+    by_namespace: bool,
+    extra: Vec<PodSpec>,
+    tune: impl Fn(&mut WaypointConfig),
+) -> Setup {
     logs::init();
     let mut specs = cast();
     specs.extend(extra);
@@ -155,6 +165,7 @@ async fn setup_with_pods(takes: &str, by_namespace: bool, extra: Vec<PodSpec>) -
     config.readiness_addr = "127.0.0.1:0".parse().unwrap();
     config.limits.header_timeout = Duration::from_secs(1);
     config.limits.connect_timeout = Duration::from_secs(2);
+    tune(&mut config);
     let waypoint = Waypoint::start(config).await.unwrap();
     eventually("the waypoint to be ready", || waypoint.is_ready()).await;
     eventually("the bindings at the waypoint", || {
@@ -3050,5 +3061,122 @@ async fn the_grafana_dashboard_queries_only_metrics_ambit_emits() {
     assert!(
         missing.is_empty(),
         "not emitted: {missing:#?}\nemitted: {emitted:?}"
+    );
+}
+
+/// An OTLP/gRPC collector on loopback that keeps every span it is sent.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<ambit_proto::otlp::Span>>>,
+    resources: std::sync::Arc<std::sync::Mutex<Vec<ambit_proto::otlp::Resource>>>,
+}
+
+#[tonic::async_trait]
+impl ambit_proto::otlp::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ambit_proto::otlp::ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ambit_proto::otlp::ExportTraceServiceResponse>, tonic::Status> {
+        for rs in request.into_inner().resource_spans {
+            if let Some(r) = rs.resource {
+                self.resources.lock().unwrap().push(r);
+            }
+            for ss in rs.scope_spans {
+                self.spans.lock().unwrap().extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waypoint_exports_spans_with_the_callers_span_as_parent() {
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                ambit_proto::otlp::trace_service_server::TraceServiceServer::new(collector.clone()),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // Traces started at the waypoint are never sampled here: only the caller decides.
+    let s = setup_tuned("service", false, Vec::new(), |c| {
+        c.otlp_endpoint = Some(endpoint.clone());
+        c.trace_sampling = 0.0;
+    })
+    .await;
+    let mut send = h1(&s.mesh, ECHO_VIP).await;
+    let mut ask = async |traceparent: Option<&str>| {
+        send.ready().await.unwrap();
+        let mut req = Request::get("/traced?x=1").header("host", "echo.demo");
+        if let Some(t) = traceparent {
+            req = req.header("traceparent", t);
+        }
+        let resp = send
+            .send_request(req.body(full("")).unwrap())
+            .await
+            .unwrap();
+        text(resp).await
+    };
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    // Sampled by the caller: one span, child of the caller's, parent of the backend's.
+    let body = ask(Some(&format!("00-{trace}-{caller}-01"))).await;
+    let seen = field(&body, "traceparent").to_owned();
+    // Not sampled by the caller, and a trace started here (sampling 0%): no span.
+    ask(Some(&format!("00-{trace}-{caller}-00"))).await;
+    ask(None).await;
+    eventually("the span at the collector", || {
+        !collector.spans.lock().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let spans = collector.spans.lock().unwrap().clone();
+    assert_eq!(spans.len(), 1, "only the sampled request: {spans:?}");
+    let span = &spans[0];
+    assert_eq!(hex(&span.trace_id), trace);
+    assert_eq!(
+        hex(&span.parent_span_id),
+        caller,
+        "the caller's span is the parent"
+    );
+    assert_eq!(
+        seen,
+        format!("00-{trace}-{}-01", hex(&span.span_id)),
+        "the backend's parent is the waypoint's span, still sampled"
+    );
+    assert_eq!(span.name, "echo.demo/traced");
+    assert_eq!(span.kind, ambit_proto::otlp::span::SpanKind::Server as i32);
+    assert!(span.end_time_unix_nano >= span.start_time_unix_nano && span.start_time_unix_nano > 0);
+    let tag = |k: &str| {
+        span.attributes
+            .iter()
+            .find(|a| a.key == k)
+            .and_then(|a| a.value.as_ref())
+            .and_then(|v| match &v.value {
+                Some(ambit_proto::otlp::any_value::Value::StringValue(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(tag("http.method"), "GET");
+    assert_eq!(tag("http.status_code"), "200");
+    assert_eq!(tag("http.url"), "http://echo.demo/traced?x=1");
+    assert_eq!(tag("upstream_cluster"), "echo.demo.svc.cluster.local");
+    assert_eq!(tag("peer.address"), SLEEP_ID);
+    assert_eq!(tag("component"), "proxy");
+    assert!(!tag("guid:x-request-id").is_empty());
+    let resources = collector.resources.lock().unwrap().clone();
+    assert!(
+        resources[0]
+            .attributes
+            .iter()
+            .any(|a| a.key == "service.name")
     );
 }

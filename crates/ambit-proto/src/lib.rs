@@ -90,5 +90,11 @@ pub mod ext_authz {
     pub const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 }
 
+/// OTLP trace export (`opentelemetry.proto.collector.trace.v1`): the spans a waypoint
+/// sends to a collector.
+pub mod otlp {
+    tonic::include_proto!("opentelemetry.proto.collector.trace.v1");
+}
+
 pub use prost;
 pub use prost_types;

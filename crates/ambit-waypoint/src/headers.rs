@@ -168,6 +168,38 @@ pub fn normalize_path(path_and_query: &str) -> Result<String, PathError> {
 /// What the waypoint adds to a request it forwards; returns the request id and the
 /// trace id (hex) for the access log.
 pub fn annotate_request(headers: &mut HeaderMap, client: Option<IpAddr>) -> (String, String) {
+    let (id, span) = annotate_request_traced(headers, client, 0);
+    (id, span.trace_hex())
+}
+
+/// This hop's place in a trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanIds {
+    pub trace_id: [u8; 16],
+    /// The waypoint's span (the backend's parent).
+    pub span_id: [u8; 8],
+    /// The caller's span, when it sent one.
+    pub parent_id: Option<[u8; 8]>,
+    pub sampled: bool,
+}
+
+impl SpanIds {
+    pub fn trace_hex(&self) -> String {
+        let mut trace = String::with_capacity(32);
+        for b in self.trace_id {
+            trace.push_str(&format!("{b:02x}"));
+        }
+        trace
+    }
+}
+
+/// [`annotate_request`], with this hop's span: a trace started here is sampled with
+/// probability `sample_per_million` / 1,000,000; a continued one keeps its flag.
+pub fn annotate_request_traced(
+    headers: &mut HeaderMap,
+    client: Option<IpAddr>,
+    sample_per_million: u32,
+) -> (String, SpanIds) {
     if let Some(ip) = client {
         let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
@@ -196,19 +228,27 @@ pub fn annotate_request(headers: &mut HeaderMap, client: Option<IpAddr>) -> (Str
         .get(ambit_hbone::headers::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse);
+    let flags = match &parent {
+        Some(p) => p.flags,
+        None => u8::from(sample_per_million > 0 && fastrand::u32(..1_000_000) < sample_per_million),
+    };
     let span = TraceParent {
         trace_id: parent.as_ref().map_or_else(random_id, |p| p.trace_id),
         parent_id: random_id(),
-        flags: parent.as_ref().map_or(0, |p| p.flags),
+        flags,
     };
     if let Ok(v) = HeaderValue::from_str(&span.to_header()) {
         headers.insert(ambit_hbone::headers::TRACEPARENT, v);
     }
-    let mut trace = String::with_capacity(32);
-    for b in span.trace_id {
-        trace.push_str(&format!("{b:02x}"));
-    }
-    (request_id, trace)
+    (
+        request_id,
+        SpanIds {
+            trace_id: span.trace_id,
+            span_id: span.parent_id,
+            parent_id: parent.map(|p| p.parent_id),
+            sampled: flags & 1 == 1,
+        },
+    )
 }
 
 /// Random bytes, never all zero (W3C forbids a zero trace or span id).
@@ -353,5 +393,43 @@ mod tests {
         assert!(TraceParent::parse(h["traceparent"].to_str().unwrap()).is_some());
         assert_eq!(h["x-forwarded-proto"], "http");
         assert!(!h.contains_key("x-forwarded-for"));
+    }
+
+    #[test]
+    fn sampling_is_the_callers_decision_or_the_configured_rate() {
+        let tp = |flags: &str| {
+            map(&[(
+                "traceparent",
+                if flags == "01" {
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                } else {
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+                },
+            )])
+        };
+        // The caller's flag wins over any rate.
+        let (_, s) = annotate_request_traced(&mut tp("01"), None, 0);
+        assert!(s.sampled);
+        assert_eq!(
+            s.parent_id,
+            Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7])
+        );
+        let (_, s) = annotate_request_traced(&mut tp("00"), None, 1_000_000);
+        assert!(!s.sampled);
+        // A trace started here: always at 100%, never at 0%; the header says so.
+        let mut h = HeaderMap::new();
+        let (_, s) = annotate_request_traced(&mut h, None, 1_000_000);
+        assert!(s.sampled && s.parent_id.is_none());
+        assert!(h["traceparent"].to_str().unwrap().ends_with("-01"));
+        let mut h = HeaderMap::new();
+        let (_, s) = annotate_request_traced(&mut h, None, 0);
+        assert!(!s.sampled);
+        assert!(h["traceparent"].to_str().unwrap().ends_with("-00"));
+        // The span id sent on is this hop's, not the caller's.
+        let mut h = tp("01");
+        let (_, s) = annotate_request_traced(&mut h, None, 0);
+        let sent = TraceParent::parse(h["traceparent"].to_str().unwrap()).unwrap();
+        assert_eq!(sent.parent_id, s.span_id);
+        assert_ne!(Some(s.span_id), s.parent_id);
     }
 }

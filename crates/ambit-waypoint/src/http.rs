@@ -26,7 +26,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
-use crate::headers::{annotate_request, is_upgrade, remove_hop_by_hop};
+use crate::headers::{is_upgrade, remove_hop_by_hop};
 use crate::routing::{self, Choice};
 use crate::serve::{Client, Target, facts, pick};
 use crate::upstream::{self, Lease, Protocol, UpstreamError};
@@ -200,6 +200,8 @@ struct Report {
     protocol: &'static str,
     request_id: String,
     trace_id: String,
+    /// This hop's span (exported when sampled and traces are on).
+    span: crate::headers::SpanIds,
     upstream: String,
     source: String,
     source_workload: String,
@@ -295,6 +297,84 @@ impl Report {
             error = self.error.as_deref().unwrap_or(""),
             "request"
         );
+        if self.span.sampled
+            && let Some(tracer) = &self.shared.tracer
+        {
+            tracer.record(self.otlp_span(duration, request_bytes, &grpc.0));
+        }
+    }
+
+    /// This request as an OTLP span, with Istio's span tags.
+    fn otlp_span(
+        &self,
+        duration: std::time::Duration,
+        request_bytes: u64,
+        grpc: &str,
+    ) -> ambit_proto::otlp::Span {
+        use crate::trace::attr;
+        use ambit_proto::otlp::{Span, Status, span, status};
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let end = now.as_nanos() as u64;
+        let start = end.saturating_sub(duration.as_nanos() as u64);
+        let code = self.status.map_or(0, |s| s.as_u16());
+        let config = &self.shared.config;
+        let mut attributes = vec![
+            attr("component", "proxy"),
+            attr(
+                "node_id",
+                format!("waypoint~{}/{}", config.namespace, config.name),
+            ),
+            attr("guid:x-request-id", self.request_id.clone()),
+            attr("http.method", self.method.as_str()),
+            attr(
+                "http.url",
+                format!("http://{}{}", self.authority, self.path),
+            ),
+            attr("http.protocol", self.protocol),
+            attr("http.status_code", code.to_string()),
+            attr("response_flags", self.flags),
+            attr("request_size", request_bytes.to_string()),
+            attr("response_size", self.response_bytes.to_string()),
+            attr("upstream_cluster", self.service.clone()),
+            attr("upstream_cluster.name", self.service.clone()),
+            attr("peer.address", self.source.clone()),
+            attr("istio.namespace", config.namespace.clone()),
+            attr("istio.canonical_service", config.name.clone()),
+            attr("istio.mesh_id", config.trust_domain.clone()),
+        ];
+        if grpc != "-" {
+            attributes.push(attr("grpc.status_code", grpc));
+        }
+        if !self.route.is_empty() {
+            attributes.push(attr("route_name", self.route.clone()));
+        }
+        let failed = code >= 500 || code == 0;
+        Span {
+            trace_id: self.span.trace_id.to_vec(),
+            span_id: self.span.span_id.to_vec(),
+            parent_span_id: self.span.parent_id.map_or_else(Vec::new, |p| p.to_vec()),
+            name: format!(
+                "{}{}",
+                self.authority,
+                self.path.split('?').next().unwrap_or("")
+            ),
+            kind: span::SpanKind::Server as i32,
+            start_time_unix_nano: start,
+            end_time_unix_nano: end,
+            attributes,
+            status: Some(Status {
+                message: self.error.clone().unwrap_or_default(),
+                code: if failed {
+                    status::StatusCode::Error
+                } else {
+                    status::StatusCode::Unset
+                } as i32,
+            }),
+            flags: 0x100 | u32::from(self.span.parent_id.is_some()) << 9,
+            trace_state: String::new(),
+        }
     }
 }
 
@@ -534,8 +614,12 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             }
         }
     }
-    let (request_id, trace_id) =
-        annotate_request(req.headers_mut(), Some(conn.client.peer.addr.ip()));
+    let (request_id, span) = crate::headers::annotate_request_traced(
+        req.headers_mut(),
+        Some(conn.client.peer.addr.ip()),
+        shared.sample_per_million,
+    );
+    let trace_id = span.trace_hex();
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let request_bytes = Arc::new(AtomicU64::new(0));
     let mut report = Report {
@@ -553,6 +637,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
         protocol,
         request_id,
         trace_id,
+        span,
         upstream: upstream_addr,
         source: conn.client.peer.identity.to_string(),
         source_workload: workload_name(conn.client.workload.as_deref()),

@@ -30,6 +30,7 @@ pub mod metrics;
 mod routing;
 pub mod serve;
 pub mod tee;
+pub mod trace;
 pub mod traffic;
 pub mod upstream;
 
@@ -80,6 +81,11 @@ pub struct WaypointConfig {
     /// The PEM file `xds.roots` came from, re-read every 10 s.
     pub trust_bundle_file: Option<PathBuf>,
     pub limits: Limits,
+    /// `host:port` of an OTLP/gRPC collector for the waypoint's spans; `None`: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// The share of requests starting a trace here that are sampled, in percent
+    /// (Istio's default: 1). A request that arrives in a trace keeps its sampled flag.
+    pub trace_sampling: f64,
 }
 
 /// Bounds on what one client can make the waypoint hold.
@@ -130,6 +136,8 @@ impl WaypointConfig {
             netns: None,
             trust_bundle_file: None,
             limits: Limits::default(),
+            otlp_endpoint: None,
+            trace_sampling: 1.0,
         }
     }
 
@@ -164,6 +172,8 @@ pub enum StartError {
     Bundle(String),
     #[error("certificate authority client: {0}")]
     Ca(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 /// What every connection and request of the waypoint reads.
@@ -185,6 +195,10 @@ pub(crate) struct Shared {
     pub synced: watch::Receiver<XdsState>,
     /// The mesh's trust domain, then its aliases.
     pub trust_domains: Vec<String>,
+    /// The span exporter, when traces are on.
+    pub tracer: Option<Arc<trace::Tracer>>,
+    /// Traces started here are sampled at this rate (per million).
+    pub sample_per_million: u32,
 }
 
 /// A running waypoint.
@@ -303,7 +317,30 @@ impl Waypoint {
             )));
         }
         let metrics = Arc::new(Metrics::default());
+        if !(0.0..=100.0).contains(&config.trace_sampling) || config.trace_sampling.is_nan() {
+            return Err(StartError::Config(format!(
+                "trace sampling {} is not a percentage (0 to 100)",
+                config.trace_sampling
+            )));
+        }
+        let sample_per_million = (config.trace_sampling * 10_000.0).round() as u32;
+        let tracer = config.otlp_endpoint.as_deref().map(|endpoint| {
+            trace::Tracer::start(
+                endpoint,
+                vec![
+                    trace::attr(
+                        "service.name",
+                        format!("{}.{}", config.name, config.namespace),
+                    ),
+                    trace::attr("k8s.namespace.name", config.namespace.clone()),
+                    trace::attr("istio.mesh_id", config.trust_domain.clone()),
+                ],
+                stop_rx.clone(),
+            )
+        });
         let shared = Arc::new(Shared {
+            tracer,
+            sample_per_million,
             pool: Pool::new(PoolConfig::default(), bundle.clone()),
             upstreams: upstream::Upstreams::default(),
             in_flight: upstream::InFlight::default(),

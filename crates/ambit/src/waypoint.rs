@@ -145,6 +145,14 @@ pub struct RunArgs {
     /// Largest request head in bytes (request line and headers); larger gets 431.
     #[arg(long, default_value_t = 65_536)]
     max_header_bytes: usize,
+    /// Send a span per request to this OTLP/gRPC collector (`host:port`, e.g. an
+    /// OpenTelemetry Collector's 4317); no traces without it.
+    #[arg(long, env = "AMBIT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Percent of the requests that start a trace here to sample (0 to 100); a request
+    /// that arrives in a trace keeps its caller's decision.
+    #[arg(long, default_value_t = 1.0)]
+    trace_sampling: f64,
 }
 
 impl WaypointArgs {
@@ -197,6 +205,8 @@ fn run_waypoint(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     config.limits.header_timeout = args.header_timeout;
     config.limits.max_header_bytes = args.max_header_bytes;
+    config.otlp_endpoint = args.otlp_endpoint.clone();
+    config.trace_sampling = args.trace_sampling;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.worker_threads {
         runtime.worker_threads(n.max(1));
