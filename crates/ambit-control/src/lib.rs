@@ -420,6 +420,7 @@ impl ControlPlane {
         tracing::info!(
             grpc = %grpc_addr,
             monitoring = %monitoring_addr,
+            console = %console_addr.map_or_else(|| "off".to_owned(), |a| format!("http://{a}/")),
             trust_domain = %config.trust_domain,
             ca = ?ca.kind(),
             manifests = %config.manifests.display(),

@@ -554,3 +554,67 @@ fn a_failed_start_leaves_no_keys_and_names_the_flag() {
     drop(taken);
     drop(dir);
 }
+
+/// `ambit dashboard` finds a running console and prints its address; with none there it
+/// says what to do.
+#[test]
+fn ambit_dashboard_prints_the_consoles_address_or_says_what_to_start() {
+    let (_dir, manifests, state) = dirs();
+    let mut child = Command::new(BIN)
+        .env("AMBIT_CONSOLE_ADDR", "127.0.0.1:0")
+        .args([
+            "--log-format",
+            "json",
+            "control",
+            "--grpc-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--monitoring-addr", "127.0.0.1:0", "--manifests"])
+        .arg(&manifests)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut console = None;
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "control plane ready" {
+            console = v["console"].as_str().map(str::to_owned);
+            break;
+        }
+    }
+    let url = console.expect("the control plane said where its console is");
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let out = Command::new(BIN)
+        .args(["dashboard", "--addr", &addr])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("The mesh console: {url}")
+    );
+    // Nothing there now: a clear error that names what to run.
+    let out = Command::new(BIN)
+        .args(["dashboard", "--addr", &addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no console at") && err.contains("ambit control"),
+        "{err}"
+    );
+}
