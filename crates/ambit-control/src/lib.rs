@@ -83,6 +83,8 @@ pub struct Config {
     pub console_addr: Option<SocketAddr>,
     /// The console's bearer token: required when it is bound beyond loopback.
     pub console_token: Option<String>,
+    /// A trace viewer's URL with `{trace_id}`, for the console's trace links.
+    pub console_trace_url: Option<String>,
 }
 
 impl Config {
@@ -104,6 +106,7 @@ impl Config {
             // The command line serves it on 127.0.0.1:15080 by default; embedders choose.
             console_addr: None,
             console_token: None,
+            console_trace_url: None,
         }
     }
 
@@ -324,11 +327,14 @@ impl ControlPlane {
             ));
         }
         // The mesh console, fed by the proxies' reports.
-        let console = Arc::new(console::Console::new(
-            source.model(),
-            snapshots.clone(),
-            config.translate_options(),
-        ));
+        let console = Arc::new(
+            console::Console::new(
+                source.model(),
+                snapshots.clone(),
+                config.translate_options(),
+            )
+            .with_trace_url(config.console_trace_url.clone()),
+        );
         if let Some(listener) = console_listener {
             tasks.push(tokio::spawn(console::server::serve(
                 listener,

@@ -3179,4 +3179,16 @@ async fn the_waypoint_exports_spans_with_the_callers_span_as_parent() {
             .iter()
             .any(|a| a.key == "service.name")
     );
+    // The console lists the traced request on the workload behind the service.
+    let console = s.mesh.cp.console_addr().unwrap();
+    eventually_async("the trace on the console's workload page", || async {
+        let (_, body) = ambit_admin::get(console, "/api/workload?namespace=demo&name=echo-1")
+            .await
+            .unwrap();
+        let w: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        w["traces"].as_array().is_some_and(|t| {
+            t.len() == 1 && t[0]["trace_id"] == trace && t[0]["path"] == "/traced?x=1"
+        })
+    })
+    .await;
 }

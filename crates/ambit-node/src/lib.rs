@@ -297,6 +297,7 @@ impl NodeProxy {
                     name: node.clone(),
                     metrics: Arc::new(move || metrics.encode()),
                     certificates: Arc::new(move || cert_infos(&certs)),
+                    traces: None,
                 },
                 stop_rx.clone(),
             )));

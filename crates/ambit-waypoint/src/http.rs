@@ -300,7 +300,20 @@ impl Report {
         if self.span.sampled
             && let Some(tracer) = &self.shared.tracer
         {
-            tracer.record(self.otlp_span(duration, request_bytes, &grpc.0));
+            let span = self.otlp_span(duration, request_bytes, &grpc.0);
+            tracer.record(
+                span,
+                ambit_proto::telemetry::TracedRequest {
+                    trace_id: self.trace_id.clone(),
+                    source: self.source.clone(),
+                    service: self.service.clone(),
+                    method: self.method.to_string(),
+                    path: self.path.clone(),
+                    status: u32::from(self.status.map_or(0, |s| s.as_u16())),
+                    duration_ms: duration.as_millis() as u64,
+                    at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                },
+            );
         }
     }
 

@@ -410,6 +410,14 @@ impl Waypoint {
                             })
                             .collect()
                     }),
+                    traces: shared.tracer.clone().map(|t| {
+                        Arc::new(move || t.recent())
+                            as Arc<
+                                dyn Fn() -> Vec<ambit_proto::telemetry::TracedRequest>
+                                    + Send
+                                    + Sync,
+                            >
+                    }),
                 },
                 stop_rx.clone(),
             )));

@@ -27,11 +27,17 @@ pub const QUEUE: usize = 8192;
 /// Spans per export at most.
 pub const BATCH: usize = 512;
 
+/// Recent traced requests kept for the console.
+pub const RECENT: usize = 100;
+
 /// The waypoint's span exporter.
 pub struct Tracer {
     tx: mpsc::Sender<Span>,
     pub dropped: AtomicU64,
     pub exported: AtomicU64,
+    /// The last [`RECENT`] traced requests, for the console (a request that finds it
+    /// busy skips it: never waits).
+    recent: std::sync::Mutex<std::collections::VecDeque<ambit_proto::telemetry::TracedRequest>>,
 }
 
 /// A string attribute.
@@ -57,6 +63,7 @@ impl Tracer {
             tx,
             dropped: AtomicU64::new(0),
             exported: AtomicU64::new(0),
+            recent: std::sync::Mutex::new(std::collections::VecDeque::with_capacity(RECENT)),
         });
         tokio::spawn(export(
             endpoint.to_owned(),
@@ -68,11 +75,25 @@ impl Tracer {
         tracer
     }
 
-    /// Queues a span; never waits.
-    pub fn record(&self, span: Span) {
+    /// Queues a span and remembers the request; never waits.
+    pub fn record(&self, span: Span, request: ambit_proto::telemetry::TracedRequest) {
+        if let Ok(mut recent) = self.recent.try_lock() {
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(request);
+        }
         if self.tx.try_send(span).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The recent traced requests, oldest first.
+    pub fn recent(&self) -> Vec<ambit_proto::telemetry::TracedRequest> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
     }
 }
 

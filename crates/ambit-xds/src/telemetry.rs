@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_proto::telemetry::telemetry_client::TelemetryClient;
-use ambit_proto::telemetry::{CertificateInfo, TelemetryReport};
+use ambit_proto::telemetry::{CertificateInfo, TelemetryReport, TracedRequest};
 use tokio::sync::watch;
 
 use crate::client::XdsConfig;
@@ -21,6 +21,8 @@ pub struct Source {
     pub name: String,
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
     pub certificates: Arc<dyn Fn() -> Vec<CertificateInfo> + Send + Sync>,
+    /// Recent traced requests (waypoints); `None` for none.
+    pub traces: Option<Arc<dyn Fn() -> Vec<TracedRequest> + Send + Sync>>,
 }
 
 /// The first report waits this long (the proxy has started and has something to say).
@@ -54,6 +56,7 @@ pub async fn report(config: XdsConfig, source: Source, mut stop: watch::Receiver
             name: source.name.clone(),
             metrics: (source.metrics)(),
             certificates: (source.certificates)(),
+            traces: source.traces.as_ref().map(|t| t()).unwrap_or_default(),
         };
         let mut request = tonic::Request::new(body);
         request.set_timeout(Duration::from_secs(5));

@@ -95,6 +95,10 @@ struct RunArgs {
     /// beyond loopback). Browsers sign in once at /login?token=<token>.
     #[arg(long, env = "AMBIT_CONSOLE_TOKEN_FILE")]
     console_token_file: Option<PathBuf>,
+    /// Link the console's trace ids to a trace viewer: a URL with `{trace_id}` in it
+    /// (e.g. `http://jaeger:16686/trace/{trace_id}`).
+    #[arg(long)]
+    console_trace_url: Option<String>,
     /// SPIFFE trust domain of the mesh.
     #[arg(long, default_value = ambit_core::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -235,6 +239,7 @@ fn serve(args: RunArgs) -> anyhow::Result<ExitCode> {
         monitoring_addr: args.monitoring_addr,
         console_addr: args.console_addr.0,
         console_token,
+        console_trace_url: args.console_trace_url.clone(),
         trust_domain: args.trust_domain,
         root_namespace: args.root_namespace,
         default_cert_ttl: args.cert_ttl,

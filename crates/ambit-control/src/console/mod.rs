@@ -36,6 +36,8 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(5);
 pub const MAX_REPORTERS: usize = 10_000;
 /// The most edges kept from one report.
 pub const MAX_EDGES_PER_REPORT: usize = 50_000;
+/// The most traced requests kept from one report (the newest).
+pub const MAX_TRACES: usize = 100;
 
 /// The families a report is read for.
 const FAMILIES: [&str; 7] = [
@@ -82,6 +84,8 @@ struct Reporter {
     certificates: Vec<ambit_proto::telemetry::CertificateInfo>,
     /// Decisions by policy (`<ns>/<name>`) and kind (allow, deny, dry_run_deny, audit).
     decisions: HashMap<String, BTreeMap<String, f64>>,
+    /// A waypoint's recent traced requests.
+    traces: Vec<ambit_proto::telemetry::TracedRequest>,
 }
 
 /// The console's state: reports, and the control plane's own model and snapshot.
@@ -90,6 +94,8 @@ pub struct Console {
     model: watch::Receiver<Arc<Model>>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
     options: TranslateOptions,
+    /// A trace viewer's address for a trace id (`{trace_id}` in it is replaced).
+    trace_url: Option<String>,
 }
 
 /// `<namespace>/<name>` of a workload as the metrics name it (`unknown` parts kept).
@@ -108,7 +114,14 @@ impl Console {
             model,
             snapshots,
             options,
+            trace_url: None,
         }
+    }
+
+    /// Links trace ids to a trace viewer: `template` with `{trace_id}` replaced.
+    pub fn with_trace_url(mut self, template: Option<String>) -> Self {
+        self.trace_url = template;
+        self
     }
 
     /// Reads one report. Errors say what was wrong with it; the previous report stays.
@@ -202,6 +215,7 @@ impl Console {
                 previous,
                 certificates: report.certificates,
                 decisions,
+                traces: report.traces.into_iter().rev().take(MAX_TRACES).collect(),
             },
         );
         Ok(())
@@ -344,12 +358,35 @@ impl Console {
                 .find(|c| c.identity == identity)
                 .map(|c| json!({"serial": c.serial, "not_after": c.not_after}))
         };
+        // Traced requests to its services or from it, newest first.
+        let hostnames: Vec<String> = services
+            .iter()
+            .map(|s| format!("{s}.{ns}.svc.{}", self.options.domain_suffix))
+            .collect();
+        let traces: Vec<Value> = {
+            let reporters = self.reporters.lock().unwrap_or_else(|p| p.into_inner());
+            let mut all: Vec<&ambit_proto::telemetry::TracedRequest> = reporters
+                .values()
+                .flat_map(|r| &r.traces)
+                .filter(|t| hostnames.contains(&t.service) || t.source == identity)
+                .collect();
+            all.sort_by(|a, b| b.at.cmp(&a.at));
+            all.into_iter()
+                .take(MAX_TRACES)
+                .map(|t| {
+                    json!({"trace_id": t.trace_id, "source": t.source, "service": t.service,
+                           "method": t.method, "path": t.path, "status": t.status,
+                           "duration_ms": t.duration_ms, "at": t.at,
+                           "url": self.trace_url.as_ref().map(|u| u.replace("{trace_id}", &t.trace_id))})
+                })
+                .collect()
+        };
         Some(json!({
             "namespace": ns, "name": name, "identity": identity,
             "node": pod.node(), "ips": pod.ips(), "service_account": pod.service_account(),
             "enrolled": crate::xds::translate::is_enrolled(&model, pod),
             "services": services, "waypoint": waypoint, "policies": policies,
-            "traffic": edges, "certificate": certificate,
+            "traffic": edges, "certificate": certificate, "traces": traces,
         }))
     }
 

@@ -61,6 +61,7 @@ fn report(name: &str, metrics: String) -> ambit_proto::telemetry::TelemetryRepor
             serial: "0abc".into(),
             not_after: "2026-12-02T00:00:00Z".into(),
         }],
+        traces: Vec::new(),
     }
 }
 

@@ -149,8 +149,14 @@ async function showWorkload(ns, name) {
   for (const p of w.policies) policies.append(el("tr", {}, el("td", { text: `${p.kind} ${p.namespace}/${p.name}` }), el("td", { text: p.action }), el("td", { text: p.selects }), el("td", { text: p.findings.join("; ") })));
   const traffic = el("table", { id: "traffic" }, el("tr", {}, el("th", { text: "From" }), el("th", { text: "To" }), el("th", { text: "Security" }), el("th", { text: "Connections" }), el("th", { text: "Denied" }), el("th", { text: "Requests" })));
   for (const e of w.traffic) traffic.append(el("tr", {}, el("td", { text: e.source }), el("td", { text: e.destination }), el("td", { class: e.security, text: security(e.security) }), el("td", { text: e.connections_total }), el("td", { text: e.denied_total }), el("td", { text: e.requests_total })));
+  const traces = el("table", { id: "traces" }, el("tr", {}, el("th", { text: "Trace" }), el("th", { text: "When" }), el("th", { text: "Request" }), el("th", { text: "From" }), el("th", { text: "Status" }), el("th", { text: "Duration" })));
+  for (const t of w.traces || []) {
+    const id = t.url ? el("a", { href: t.url, target: "_blank", rel: "noopener", text: t.trace_id }) : el("code", { text: t.trace_id });
+    traces.append(el("tr", {}, el("td", {}, id), el("td", { text: t.at }), el("td", { text: `${t.method} ${t.service}${t.path}` }), el("td", { text: t.source }), el("td", { text: t.status }), el("td", { text: `${t.duration_ms} ms` })));
+  }
   view().replaceChildren(el("section", {}, el("h2", { text: `Workload ${w.namespace}/${w.name}` }), dl,
-    el("h3", { text: "Policies that apply" }), policies, el("h3", { text: "Recent traffic and decisions" }), traffic));
+    el("h3", { text: "Policies that apply" }), policies, el("h3", { text: "Recent traffic and decisions" }), traffic,
+    el("h3", { text: "Recent traces (sampled requests through a waypoint)" }), (w.traces || []).length ? traces : el("p", { text: "None sampled." })));
   status(`updated ${new Date().toLocaleTimeString()}`);
 }
 
