@@ -296,7 +296,7 @@ impl NodeProxy {
                     component: "node",
                     name: node.clone(),
                     metrics: Arc::new(move || metrics.encode()),
-                    certificates: Arc::new(move || cert_infos(&certs)),
+                    certificates: Arc::new(move || ambit_xds::telemetry::cert_infos(&certs)),
                     traces: None,
                 },
                 stop_rx.clone(),
@@ -515,19 +515,4 @@ fn announce(
     .map_err(|e| err(std::io::Error::other(e)))?;
     std::fs::write(&path, body).map_err(err)?;
     Ok(path)
-}
-
-/// The certificates a manager holds, for a telemetry report.
-pub fn cert_infos(certs: &CertManager) -> Vec<ambit_proto::telemetry::CertificateInfo> {
-    certs
-        .status()
-        .into_iter()
-        .filter_map(|c| {
-            Some(ambit_proto::telemetry::CertificateInfo {
-                identity: c.identity,
-                serial: c.serial?,
-                not_after: c.not_after.unwrap_or_default(),
-            })
-        })
-        .collect()
 }

@@ -397,18 +397,7 @@ impl Waypoint {
                     name: format!("{}/{}", shared.config.namespace, shared.config.name),
                     metrics: Arc::new(move || metrics.encode()),
                     certificates: Arc::new(move || {
-                        shared2
-                            ._certs
-                            .status()
-                            .into_iter()
-                            .filter_map(|c| {
-                                Some(ambit_proto::telemetry::CertificateInfo {
-                                    identity: c.identity,
-                                    serial: c.serial?,
-                                    not_after: c.not_after.unwrap_or_default(),
-                                })
-                            })
-                            .collect()
+                        ambit_xds::telemetry::cert_infos(&shared2._certs)
                     }),
                     traces: shared.tracer.clone().map(|t| {
                         Arc::new(move || t.recent())

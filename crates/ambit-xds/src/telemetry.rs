@@ -97,3 +97,18 @@ fn note(last: &mut Option<String>, failure: String) {
         *last = Some(failure);
     }
 }
+
+/// The certificates a manager holds, for a report.
+pub fn cert_infos(certs: &ambit_tls::CertManager) -> Vec<CertificateInfo> {
+    certs
+        .status()
+        .into_iter()
+        .filter_map(|c| {
+            Some(CertificateInfo {
+                identity: c.identity,
+                serial: c.serial?,
+                not_after: c.not_after.unwrap_or_default(),
+            })
+        })
+        .collect()
+}

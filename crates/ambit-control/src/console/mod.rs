@@ -428,12 +428,7 @@ impl Console {
                         .selector
                         .as_ref()
                         .map(|s| selector_text(&s.match_labels)),
-                    p.spec
-                        .target_ref
-                        .iter()
-                        .chain(&p.spec.target_refs)
-                        .map(|t| format!("{} {}", t.kind.as_str(), t.name.as_str()))
-                        .collect::<Vec<_>>(),
+                    targets_text(p.spec.target_ref.as_ref(), &p.spec.target_refs),
                 ),
                 Object::PeerAuthentication(p) => (
                     "PeerAuthentication",
@@ -455,12 +450,7 @@ impl Console {
                         .selector
                         .as_ref()
                         .map(|s| selector_text(&s.match_labels)),
-                    p.spec
-                        .target_ref
-                        .iter()
-                        .chain(&p.spec.target_refs)
-                        .map(|t| format!("{} {}", t.kind.as_str(), t.name.as_str()))
-                        .collect::<Vec<_>>(),
+                    targets_text(p.spec.target_ref.as_ref(), &p.spec.target_refs),
                 ),
                 _ => continue,
             };
@@ -638,6 +628,17 @@ fn applies_to(
                 })
         }
     }
+}
+
+/// `targetRef` and `targetRefs` as `Kind name` each.
+fn targets_text(
+    one: Option<&crate::model::PolicyTargetReference>,
+    many: &[crate::model::PolicyTargetReference],
+) -> Vec<String> {
+    one.into_iter()
+        .chain(many)
+        .map(|t| format!("{} {}", t.kind.as_str(), t.name.as_str()))
+        .collect()
 }
 
 /// A selector as `k=v,k=v`.
