@@ -1,7 +1,7 @@
 //! What checking a JSON Web Token costs the waypoint per request: the whole
 //! `ambit_core::jwt::authenticate` (find the token, decode it, pick the rule by issuer,
-//! verify the signature, check time and audience) for EdDSA and ES256 tokens, and for a
-//! request without a token.
+//! verify the signature, check time and audience) for EdDSA and ES256 tokens, for a
+//! token the waypoint verified before (its cache), and for a request without a token.
 //!
 //! ```sh
 //! cargo run --release -p ambit-bench --bin jwt-cost
@@ -12,7 +12,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ambit_core::jwt::{Jwks, JwtRule, Location, authenticate};
+use ambit_core::jwt::{Jwks, JwtRule, Location, TokenCache, authenticate, authenticate_cached};
 use base64::Engine;
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
@@ -39,7 +39,13 @@ fn rule(jwks: String) -> JwtRule {
     }
 }
 
-fn time(label: &str, rule: &JwtRule, token: Option<&str>, n: u32) -> (String, Duration) {
+fn time(
+    label: &str,
+    rule: &JwtRule,
+    token: Option<&str>,
+    n: u32,
+    cache: Option<&TokenCache>,
+) -> (String, Duration) {
     let mut headers = http::HeaderMap::new();
     if let Some(t) = token {
         headers.insert(
@@ -56,7 +62,12 @@ fn time(label: &str, rule: &JwtRule, token: Option<&str>, n: u32) -> (String, Du
     assert_eq!(ok.is_some(), token.is_some());
     let start = Instant::now();
     for _ in 0..n {
-        black_box(authenticate(black_box(&rules), black_box(&headers), None, now).ok());
+        match cache {
+            Some(c) => black_box(
+                authenticate_cached(black_box(&rules), black_box(&headers), None, now, c, 1).ok(),
+            ),
+            None => black_box(authenticate(black_box(&rules), black_box(&headers), None, now).ok()),
+        };
     }
     (label.to_owned(), start.elapsed() / n)
 }
@@ -107,9 +118,28 @@ fn main() {
     let ed_rule = rule(ed_jwks);
     let ec_rule = rule(ec_jwks);
     let rows = [
-        time("no token (passes unauthenticated)", &ed_rule, None, n),
-        time("EdDSA (Ed25519) token", &ed_rule, Some(&ed_token), n),
-        time("ES256 (P-256) token", &ec_rule, Some(&ec_token), n),
+        time("no token (passes unauthenticated)", &ed_rule, None, n, None),
+        time(
+            "EdDSA (Ed25519) token, verified",
+            &ed_rule,
+            Some(&ed_token),
+            n,
+            None,
+        ),
+        time(
+            "ES256 (P-256) token, verified",
+            &ec_rule,
+            Some(&ec_token),
+            n,
+            None,
+        ),
+        time(
+            "EdDSA token seen before (from the verified-token cache)",
+            &ed_rule,
+            Some(&ed_token),
+            n,
+            Some(&TokenCache::default()),
+        ),
     ];
     println!("| Request | Cost per request |\n|---|---|");
     for (label, d) in rows {

@@ -568,6 +568,29 @@ pub fn authenticate<'r>(
     query: Option<&str>,
     now: Duration,
 ) -> Result<Option<Authentication<'r>>, JwtError> {
+    authenticate_with(rules, headers, query, now, None)
+}
+
+/// [`authenticate`], remembering verified tokens in `cache` for the rules of `epoch`
+/// (a number that changes whenever the rules may have).
+pub fn authenticate_cached<'r>(
+    rules: &[&'r JwtRule],
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+    now: Duration,
+    cache: &TokenCache,
+    epoch: u64,
+) -> Result<Option<Authentication<'r>>, JwtError> {
+    authenticate_with(rules, headers, query, now, Some((cache, epoch)))
+}
+
+fn authenticate_with<'r>(
+    rules: &[&'r JwtRule],
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+    now: Duration,
+    cache: Option<(&TokenCache, u64)>,
+) -> Result<Option<Authentication<'r>>, JwtError> {
     let mut first: Option<Authentication<'r>> = None;
     let mut seen: Vec<&Location> = Vec::new();
     for rule in rules {
@@ -576,14 +599,29 @@ pub fn authenticate<'r>(
                 continue;
             }
             seen.push(location);
+            let slot = seen.len() - 1;
             let Some(raw) = location.find(headers, query) else {
                 continue;
             };
+            if let Some((cache, epoch)) = cache
+                && let Some((i, authenticated)) = cache.get(slot, raw, epoch, now)
+                && let Some(owner) = rules.get(i)
+            {
+                if first.is_none() {
+                    first = Some(Authentication {
+                        authenticated,
+                        rule: owner,
+                        location,
+                    });
+                }
+                continue;
+            }
             let token = Token::parse(raw)?;
             let issuer = token.issuer().ok_or(JwtError::NoIssuer)?;
-            let Some(owner) = rules
+            let Some((i, owner)) = rules
                 .iter()
-                .find(|r| r.issuer == issuer && r.locations.contains(location))
+                .enumerate()
+                .find(|(_, r)| r.issuer == issuer && r.locations.contains(location))
             else {
                 return Err(JwtError::UnknownIssuer);
             };
@@ -592,6 +630,9 @@ pub fn authenticate<'r>(
                 .as_ref()
                 .map_err(|why| JwtError::KeysUnavailable(why.clone()))?;
             let authenticated = token.verify(keys, &owner.audiences, now)?;
+            if let Some((cache, epoch)) = cache {
+                cache.put(slot, raw, epoch, now, i, &authenticated);
+            }
             if first.is_none() {
                 first = Some(Authentication {
                     authenticated,
@@ -602,6 +643,95 @@ pub fn authenticate<'r>(
         }
     }
     Ok(first)
+}
+
+/// Tokens verified recently, so a client that sends the same token again is not
+/// verified again (the signature check is nearly all of a token's cost). An entry is
+/// keyed by the whole token (never a hash alone) and where it was found; it holds only
+/// for the rules it was verified under (`epoch`) and until the token's `exp` or
+/// [`CACHE_FOR`], whichever is sooner. Only valid tokens are kept. Shards are taken
+/// with `try_lock`: a request never waits for the cache (a busy shard is a miss).
+pub struct TokenCache {
+    shards: Vec<Shard>,
+}
+
+/// Verified tokens by (where found, token).
+type Shard = std::sync::Mutex<std::collections::HashMap<(usize, Box<str>), Cached>>;
+
+struct Cached {
+    epoch: u64,
+    until: Duration,
+    rule: usize,
+    authenticated: Authenticated,
+}
+
+/// How long a verified token is trusted without checking it again, at most.
+pub const CACHE_FOR: Duration = Duration::from_secs(60);
+const CACHE_SHARDS: usize = 16;
+/// Entries per shard; a full shard is emptied (simple, and bounded).
+const CACHE_PER_SHARD: usize = 64;
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        Self {
+            shards: (0..CACHE_SHARDS).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+impl TokenCache {
+    fn shard(
+        &self,
+        token: &str,
+    ) -> &std::sync::Mutex<std::collections::HashMap<(usize, Box<str>), Cached>> {
+        let h = crate::traffic::fnv(token.as_bytes()) as usize;
+        &self.shards[h % self.shards.len()]
+    }
+
+    fn get(
+        &self,
+        slot: usize,
+        token: &str,
+        epoch: u64,
+        now: Duration,
+    ) -> Option<(usize, Authenticated)> {
+        let shard = self.shard(token).try_lock().ok()?;
+        let c = shard.get(&(slot, Box::from(token)))?;
+        (c.epoch == epoch && now < c.until).then(|| (c.rule, c.authenticated.clone()))
+    }
+
+    fn put(
+        &self,
+        slot: usize,
+        token: &str,
+        epoch: u64,
+        now: Duration,
+        rule: usize,
+        a: &Authenticated,
+    ) {
+        let mut until = now + CACHE_FOR;
+        if let Some(exp) = a.claims.get("exp").and_then(Value::as_f64) {
+            until = until.min(Duration::from_secs_f64(exp.max(0.0)));
+        }
+        if until <= now {
+            return;
+        }
+        let Ok(mut shard) = self.shard(token).try_lock() else {
+            return;
+        };
+        if shard.len() >= CACHE_PER_SHARD {
+            shard.clear();
+        }
+        shard.insert(
+            (slot, Box::from(token)),
+            Cached {
+                epoch,
+                until,
+                rule,
+                authenticated: a.clone(),
+            },
+        );
+    }
 }
 
 /// Rewrites a request's headers after [`authenticate`]: the output headers of every
@@ -978,5 +1108,44 @@ mod tests {
             authenticate(&[&r], &h, None, NOW),
             Err(JwtError::KeysUnavailable(_))
         ));
+    }
+
+    #[test]
+    fn verified_tokens_are_cached_for_their_rules_and_life_only() {
+        let s = Signer::new("k");
+        let r = rule(&s, "a", Location::defaults());
+        let cache = TokenCache::default();
+        let t = s.sign(&serde_json::json!({"iss": "a", "sub": "c", "exp": NOW.as_secs() + 30}));
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {t}").parse().unwrap(),
+        );
+        let first = authenticate_cached(&[&r], &h, None, NOW, &cache, 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.authenticated.principal, "a/c");
+        // The same token again: from the cache (its keys could be gone and it still is).
+        let mut gone = r.clone();
+        gone.keys = Err("rotated".into());
+        let again = authenticate_cached(&[&gone], &h, None, NOW, &cache, 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.authenticated.principal, "a/c");
+        // Other rules (a new epoch): verified again, and refused with the keys gone.
+        assert!(authenticate_cached(&[&gone], &h, None, NOW, &cache, 2).is_err());
+        // Past its exp: verified again (and refused: expired beyond the skew too).
+        let later = NOW + Duration::from_secs(31);
+        assert!(authenticate_cached(&[&gone], &h, None, later, &cache, 1).is_err());
+        // A token that differs in one byte is not the cached one.
+        let mut forged = t.clone();
+        forged.pop();
+        forged.push(if t.ends_with('A') { 'B' } else { 'A' });
+        let mut h2 = http::HeaderMap::new();
+        h2.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {forged}").parse().unwrap(),
+        );
+        assert!(authenticate_cached(&[&r], &h2, None, NOW, &cache, 1).is_err());
     }
 }

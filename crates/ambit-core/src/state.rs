@@ -111,6 +111,8 @@ pub struct State {
     rate_limits: usize,
     /// How many traffic policies hold a RequestAuthentication.
     authentications: usize,
+    /// Changes whenever a traffic policy is added, replaced or removed.
+    traffic_epoch: u64,
 }
 
 impl State {
@@ -398,6 +400,7 @@ impl State {
 
     /// Adds or replaces a traffic policy.
     pub fn upsert_traffic_policy(&mut self, policy: crate::traffic::TrafficPolicy) {
+        self.traffic_epoch += 1;
         let key = policy.key.clone();
         self.remove_traffic_policy(&key);
         for t in policy.services.iter().chain(&policy.gateways) {
@@ -419,6 +422,7 @@ impl State {
         let Some(old) = self.traffic.remove(key) else {
             return false;
         };
+        self.traffic_epoch += 1;
         if old.rate_limit.is_some() {
             self.rate_limits -= 1;
         }
@@ -460,6 +464,12 @@ impl State {
     /// Whether any traffic policy holds a rate limit.
     pub fn has_rate_limits(&self) -> bool {
         self.rate_limits > 0
+    }
+
+    /// A number that changes whenever a traffic policy does (caches of what they
+    /// decided key on it).
+    pub fn traffic_epoch(&self) -> u64 {
+        self.traffic_epoch
     }
 
     /// Whether any traffic policy holds a RequestAuthentication.

@@ -10,7 +10,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ambit_core::jwt::{Authenticated, JwtError, JwtRule, apply, authenticate};
+use ambit_core::jwt::{Authenticated, JwtError, JwtRule, apply, authenticate_cached};
 use http::HeaderMap;
 
 use crate::Shared;
@@ -45,7 +45,14 @@ pub(crate) fn check(
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let outcome = authenticate(&rules, headers, query, now)?;
+    let outcome = authenticate_cached(
+        &rules,
+        headers,
+        query,
+        now,
+        &shared.tokens,
+        state.traffic_epoch(),
+    )?;
     apply(&rules, outcome.as_ref(), headers);
     Ok(outcome.map(|o| o.authenticated))
 }

@@ -199,6 +199,8 @@ pub(crate) struct Shared {
     pub tracer: Option<Arc<trace::Tracer>>,
     /// Traces started here are sampled at this rate (per million).
     pub sample_per_million: u32,
+    /// JSON Web Tokens verified recently (RequestAuthentication).
+    pub tokens: ambit_core::jwt::TokenCache,
 }
 
 /// A running waypoint.
@@ -341,6 +343,7 @@ impl Waypoint {
         let shared = Arc::new(Shared {
             tracer,
             sample_per_million,
+            tokens: Default::default(),
             pool: Pool::new(PoolConfig::default(), bundle.clone()),
             upstreams: upstream::Upstreams::default(),
             in_flight: upstream::InFlight::default(),
