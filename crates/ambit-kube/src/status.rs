@@ -33,10 +33,14 @@ pub struct PolicyCondition {
     pub message: String,
 }
 
-/// The conditions every AuthorizationPolicy should carry, by `(namespace, name)`.
+/// The conditions every AuthorizationPolicy should carry, by `(namespace, name)`. A
+/// policy the translation has not reached yet (`translated` says no, and it has no
+/// warnings) gets none: the model can be newer than the snapshot, and a status must
+/// not say Accepted before the control plane has read the policy.
 pub fn desired(
     model: &Model,
     warnings: &BTreeMap<String, Vec<String>>,
+    translated: &dyn Fn(&str) -> bool,
     source: &SourceStatus,
 ) -> BTreeMap<(String, String), PolicyCondition> {
     let refused: BTreeMap<String, String> = source
@@ -79,6 +83,8 @@ pub fn desired(
                 reason: "Invalid",
                 message: format!("Ambit cannot read this policy ({why}); {in_force}"),
             }
+        } else if !warnings.contains_key(&key) && !translated(&key) {
+            continue;
         } else {
             match warnings.get(&key) {
                 Some(w) if !w.is_empty() => PolicyCondition {
@@ -265,7 +271,21 @@ pub async fn run(
             }
             let snapshot = snapshots.borrow_and_update().clone();
             if let Some(r) = &resource {
-                let want = desired(&model.borrow(), &snapshot.warnings, &source.borrow());
+                let translated = |key: &str| {
+                    use ambit_control::xds::translate::ResourceType;
+                    snapshot
+                        .resources(ResourceType::Authorization)
+                        .contains_key(key)
+                        || snapshot
+                            .resources(ResourceType::WaypointPolicy)
+                            .contains_key(key)
+                };
+                let want = desired(
+                    &model.borrow(),
+                    &snapshot.warnings,
+                    &translated,
+                    &source.borrow(),
+                );
                 write(&client, r, &want, &mut written).await;
             }
             if let Some(r) = &route_resource {
@@ -420,7 +440,14 @@ mod tests {
             vec!["methods need a waypoint".to_owned()],
         )]
         .into();
-        let d = desired(&m, &warnings, &SourceStatus::default());
+        // Not translated yet (no resource, no warnings): no condition, not Accepted.
+        let d = desired(&m, &warnings, &|_| false, &SourceStatus::default());
+        assert!(!d.contains_key(&("shop".to_owned(), "a".to_owned())));
+        assert!(
+            d.contains_key(&("shop".to_owned(), "b".to_owned())),
+            "warned: translated"
+        );
+        let d = desired(&m, &warnings, &|_| true, &SourceStatus::default());
         let a = &d[&("shop".to_owned(), "a".to_owned())];
         assert_eq!(
             (a.kind, a.accepted, a.reason),
