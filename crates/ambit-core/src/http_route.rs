@@ -771,6 +771,16 @@ pub fn pick_backend(backends: &[Backend], roll: u32) -> Option<&Backend> {
     backends.iter().rev().find(|b| b.weight > 0)
 }
 
+/// Every `name=value` pair of a request's `Cookie` headers, in order (values as sent).
+pub fn cookies(headers: &http::HeaderMap) -> impl Iterator<Item = (&str, &str)> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

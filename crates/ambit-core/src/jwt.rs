@@ -523,15 +523,8 @@ impl Location {
                 let (k, v) = pair.split_once('=')?;
                 (k == name && !v.is_empty()).then_some(v)
             }),
-            Location::Cookie(name) => headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .find_map(|c| {
-                    let (k, v) = c.trim().split_once('=')?;
-                    (k == name && !v.is_empty()).then_some(v)
-                }),
+            Location::Cookie(name) => crate::http_route::cookies(headers)
+                .find_map(|(k, v)| (k == name && !v.is_empty()).then_some(v)),
         }
     }
 }

@@ -375,16 +375,8 @@ impl PickKey<'_> {
                 std::net::IpAddr::V6(a) => fnv(&a.octets()),
             }),
             HashOn::Header(h) => self.headers?.get(h.as_str()).map(|v| fnv(v.as_bytes())),
-            HashOn::Cookie(name) => self
-                .headers?
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .find_map(|c| {
-                    let (k, v) = c.trim().split_once('=')?;
-                    (k == name).then(|| fnv(v.as_bytes()))
-                }),
+            HashOn::Cookie(name) => ambit_core::http_route::cookies(self.headers?)
+                .find_map(|(k, v)| (k == name).then(|| fnv(v.as_bytes()))),
         }
     }
 }

@@ -87,15 +87,8 @@ fn presented(req: &http::request::Parts) -> Option<String> {
     {
         return Some(t.trim().to_owned());
     }
-    req.headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| {
-            let (k, v) = c.trim().split_once('=')?;
-            (k == COOKIE).then(|| v.to_owned())
-        })
+    ambit_core::http_route::cookies(&req.headers)
+        .find_map(|(k, v)| (k == COOKIE).then(|| v.to_owned()))
 }
 
 /// A query parameter, percent-decoded.
