@@ -19,6 +19,7 @@ pub mod authz;
 pub mod dataplane;
 pub mod metrics;
 pub mod pods;
+pub mod sniff;
 pub mod zds;
 
 /// Where an outbound connection goes (shared with the waypoint).

@@ -1,0 +1,393 @@
+use super::*;
+
+/// Which side sent a piece of a conversation.
+#[derive(Clone, Copy)]
+enum Side {
+    C,
+    S,
+}
+
+/// Plays a conversation through a sniffer, `step` bytes at a time, and returns what it
+/// reported and how it ended.
+fn play(conversation: &[(Side, &[u8])], step: usize, close: bool) -> (Vec<Exchange>, Protocol) {
+    let mut s = Sniffer::new();
+    let mut seen = Vec::new();
+    let now = Instant::now();
+    for (side, bytes) in conversation {
+        for chunk in bytes.chunks(step.max(1)) {
+            match side {
+                Side::C => s.client(chunk, now),
+                Side::S => s.server(chunk, now, &mut |e| seen.push(e)),
+            }
+        }
+    }
+    let protocol = s.protocol();
+    if close {
+        s.server_closed(now, &mut |e| seen.push(e));
+    }
+    (seen, protocol)
+}
+
+/// The same conversation must give the same result however it is split.
+fn play_all_splits(conversation: &[(Side, &[u8])], close: bool) -> (Vec<Exchange>, Protocol) {
+    let whole = play(conversation, usize::MAX, close);
+    for step in [1, 2, 3, 7, 64] {
+        let split = play(conversation, step, close);
+        assert_eq!(split, whole, "split into {step}-byte pieces");
+    }
+    whole
+}
+
+fn statuses(e: &[Exchange]) -> Vec<u16> {
+    e.iter().map(|e| e.status).collect()
+}
+
+#[test]
+fn keep_alive_requests_each_counted_with_their_sizes() {
+    let req = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+    let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    let req2 = b"POST /b HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc";
+    let resp2 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n";
+    let (seen, protocol) = play_all_splits(
+        &[
+            (Side::C, req),
+            (Side::S, resp),
+            (Side::C, req2),
+            (Side::S, resp2),
+        ],
+        false,
+    );
+    assert_eq!(protocol, Protocol::Http1);
+    assert_eq!(statuses(&seen), [200, 503]);
+    assert_eq!(seen[0].request_bytes, req.len() as u64);
+    assert_eq!(seen[0].response_bytes, resp.len() as u64);
+    assert_eq!(seen[1].request_bytes, req2.len() as u64);
+    assert_eq!(seen[1].response_bytes, resp2.len() as u64);
+    assert!(seen.iter().all(|e| !e.grpc && e.grpc_status.is_none()));
+}
+
+#[test]
+fn pipelined_requests_are_matched_to_responses_in_order() {
+    let reqs = b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nHEAD /2 HTTP/1.1\r\nHost: x\r\n\r\nGET /3 HTTP/1.1\r\nHost: x\r\n\r\n";
+    // The HEAD response announces a length but carries no body.
+    let resps = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n";
+    let (seen, _) = play_all_splits(&[(Side::C, reqs), (Side::S, resps)], false);
+    assert_eq!(statuses(&seen), [200, 404, 204]);
+}
+
+#[test]
+fn chunked_bodies_with_extensions_and_trailers() {
+    let req = b"POST /up HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4;ext=1\r\nwiki\r\n5\r\npedia\r\n0\r\nx-trailer: 1\r\n\r\n";
+    let resp =
+        b"HTTP/1.1 201 Created\r\ntransfer-encoding: chunked\r\n\r\nA\r\n0123456789\r\n0\r\n\r\n";
+    let again = b"GET / HTTP/1.1\r\n\r\n";
+    let resp2 = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let (seen, _) = play_all_splits(
+        &[
+            (Side::C, req),
+            (Side::S, resp),
+            (Side::C, again),
+            (Side::S, resp2),
+        ],
+        false,
+    );
+    assert_eq!(statuses(&seen), [201, 200]);
+    assert_eq!(seen[0].request_bytes, req.len() as u64);
+    assert_eq!(seen[0].response_bytes, resp.len() as u64);
+}
+
+#[test]
+fn interim_responses_do_not_end_the_exchange() {
+    let req = b"PUT /x HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n";
+    let (seen, _) = play_all_splits(
+        &[
+            (Side::C, req),
+            (Side::S, b"HTTP/1.1 100 Continue\r\n\r\n"),
+            (Side::C, b"hi"),
+            (Side::S, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+        ],
+        false,
+    );
+    assert_eq!(statuses(&seen), [200]);
+}
+
+#[test]
+fn a_response_delimited_by_the_close_counts_when_the_server_closes() {
+    let (seen, _) = play_all_splits(
+        &[
+            (Side::C, b"GET / HTTP/1.0\r\n\r\n"),
+            (Side::S, b"HTTP/1.0 200 OK\r\n\r\nall of this is the body"),
+        ],
+        true,
+    );
+    assert_eq!(statuses(&seen), [200]);
+    let (seen, _) = play(
+        &[
+            (Side::C, b"GET / HTTP/1.0\r\n\r\n"),
+            (Side::S, b"HTTP/1.0 200 OK\r\n\r\nbody"),
+        ],
+        usize::MAX,
+        false,
+    );
+    assert!(seen.is_empty(), "not complete before the close");
+}
+
+#[test]
+fn an_upgrade_is_counted_then_followed_no_further() {
+    let (seen, protocol) = play_all_splits(
+        &[
+            (
+                Side::C,
+                b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            ),
+            (
+                Side::S,
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello",
+            ),
+            (Side::C, b"\x81\x85\0\0\0\0hello"),
+        ],
+        false,
+    );
+    assert_eq!(statuses(&seen), [101]);
+    assert_eq!(protocol, Protocol::Opaque);
+}
+
+#[test]
+fn garbage_turns_sniffing_off_without_reporting() {
+    let cases: &[&[(Side, &[u8])]] = &[
+        // TLS from the application: a ClientHello record.
+        &[(Side::C, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")],
+        // A binary protocol.
+        &[(Side::C, b"\x00\x00\x00\x08\x04\xd2\x16\x2f")],
+        // A server that speaks first (SMTP, MySQL, ...).
+        &[(Side::S, b"220 mail.example ESMTP\r\n")],
+        // A response without a request.
+        &[
+            (Side::C, b"GET / HTTP/1.1\r\n\r\n"),
+            (Side::S, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            (Side::S, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+        ],
+        // Folded header lines, an unknown version, conflicting lengths, a bad length.
+        &[(Side::C, b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n")],
+        &[(Side::C, b"GET / HTTP/3.0\r\n\r\n")],
+        &[(
+            Side::C,
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        )],
+        &[(Side::C, b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n")],
+        &[(
+            Side::C,
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        )],
+        &[(Side::C, b"CONNECT a:443 HTTP/1.1\r\n\r\n")],
+        // A bad chunk size.
+        &[(
+            Side::C,
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        )],
+        // A status line that is not one.
+        &[
+            (Side::C, b"GET / HTTP/1.1\r\n\r\n"),
+            (Side::S, b"HTTP/1.1 2x0 OK\r\n\r\n"),
+        ],
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let (seen, protocol) = play_all_splits(case, true);
+        assert!(seen.is_empty() || i == 3, "case {i} reported {seen:?}");
+        assert_eq!(protocol, Protocol::Opaque, "case {i}");
+    }
+}
+
+#[test]
+fn a_half_request_reports_nothing() {
+    let (seen, protocol) = play_all_splits(&[(Side::C, b"GET /only-half HTTP/1.1\r\nHo")], true);
+    assert!(seen.is_empty());
+    assert_eq!(protocol, Protocol::Http1);
+}
+
+#[test]
+fn limits_end_sniffing() {
+    let mut long = b"GET /".to_vec();
+    long.extend(std::iter::repeat_n(b'a', MAX_LINE as usize + 1));
+    long.extend_from_slice(b" HTTP/1.1\r\n\r\n");
+    let (_, protocol) = play(&[(Side::C, &long)], usize::MAX, false);
+    assert_eq!(protocol, Protocol::Opaque);
+
+    let mut many = Vec::new();
+    for _ in 0..=MAX_PIPELINED {
+        many.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+    }
+    let (_, protocol) = play(&[(Side::C, &many)], usize::MAX, false);
+    assert_eq!(protocol, Protocol::Opaque);
+}
+
+#[test]
+fn methods_starting_like_the_http2_preface_are_http1() {
+    let (seen, protocol) = play_all_splits(
+        &[
+            (Side::C, b"PRIVATE / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n"),
+            (
+                Side::S,
+                b"HTTP/1.1 405 No\r\ncontent-length: 0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            ),
+        ],
+        false,
+    );
+    assert_eq!(protocol, Protocol::Http1);
+    assert_eq!(statuses(&seen), [405, 200]);
+}
+
+// HTTP/2 ---------------------------------------------------------------------------------
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.push(kind);
+    f.push(flags);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn settings() -> Vec<u8> {
+    frame(4, 0, 0, &[0, 3, 0, 0, 0, 100])
+}
+
+#[test]
+fn http2_concurrent_streams_and_grpc_status() {
+    let mut client_enc = loona_hpack::Encoder::new();
+    let mut server_enc = loona_hpack::Encoder::new();
+    let req = |enc: &mut loona_hpack::Encoder<'_>, path: &[u8], grpc: bool| {
+        let mut h: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":authority", b"svc"),
+            (b":path", path),
+        ];
+        if grpc {
+            h.push((b"content-type", b"application/grpc"));
+        }
+        enc.encode(h)
+    };
+    let mut c = PREFACE.to_vec();
+    c.extend(settings());
+    // Streams 1 (gRPC, ends later with grpc-status 5), 3 (plain, 404) and 5 (reset).
+    c.extend(frame(
+        1,
+        END_HEADERS,
+        1,
+        &req(&mut client_enc, b"/pkg.S/M", true),
+    ));
+    c.extend(frame(
+        1,
+        END_HEADERS,
+        3,
+        &req(&mut client_enc, b"/x", false),
+    ));
+    c.extend(frame(0, END_STREAM, 1, &[0, 0, 0, 0, 2, 8, 1]));
+    c.extend(frame(0, END_STREAM, 3, b"body"));
+    c.extend(frame(
+        1,
+        END_HEADERS | END_STREAM,
+        5,
+        &req(&mut client_enc, b"/y", false),
+    ));
+    let mut s = settings();
+    s.extend(frame(4, 1, 0, &[]));
+    // Stream 3's headers arrive split over a HEADERS and a CONTINUATION, padded with priority.
+    let h3 = server_enc.encode([(&b":status"[..], &b"404"[..])]);
+    let (a, b) = h3.split_at(1);
+    let mut padded = vec![2u8];
+    padded.extend_from_slice(&[0, 0, 0, 0, 16]);
+    padded.extend_from_slice(a);
+    padded.extend_from_slice(&[0, 0]);
+    s.extend(frame(1, PADDED | PRIORITY, 3, &padded));
+    s.extend(frame(CONTINUATION, END_HEADERS, 3, b));
+    s.extend(frame(
+        1,
+        END_HEADERS,
+        1,
+        &server_enc.encode([
+            (&b":status"[..], &b"200"[..]),
+            (b"content-type", b"application/grpc"),
+        ]),
+    ));
+    s.extend(frame(0, 0, 1, &[0, 0, 0, 0, 0]));
+    s.extend(frame(0, END_STREAM, 3, b"nope"));
+    s.extend(frame(3, 0, 5, &[0, 0, 0, 8]));
+    s.extend(frame(
+        1,
+        END_HEADERS | END_STREAM,
+        1,
+        &server_enc.encode([(&b"grpc-status"[..], &b"5"[..])]),
+    ));
+    let (seen, protocol) = play_all_splits(&[(Side::C, &c), (Side::S, &s)], false);
+    assert_eq!(protocol, Protocol::Http2);
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        (seen[0].status, seen[0].grpc, seen[0].grpc_status),
+        (404, false, None)
+    );
+    assert_eq!(
+        (seen[1].status, seen[1].grpc, seen[1].grpc_status),
+        (200, true, Some(5))
+    );
+    assert!(seen[1].response_bytes > 5);
+}
+
+#[test]
+fn http2_server_speaking_first_is_followed() {
+    let mut enc = loona_hpack::Encoder::new();
+    let mut server = settings();
+    let mut c = PREFACE.to_vec();
+    c.extend(settings());
+    c.extend(frame(
+        1,
+        END_HEADERS | END_STREAM,
+        1,
+        &enc.encode([(&b":method"[..], &b"GET"[..]), (b":path", b"/")]),
+    ));
+    let mut senc = loona_hpack::Encoder::new();
+    let mut resp = frame(
+        1,
+        END_HEADERS | END_STREAM,
+        1,
+        &senc.encode([(&b":status"[..], &b"204"[..])]),
+    );
+    server.append(&mut resp);
+    let s1 = settings();
+    let (seen, _) = play_all_splits(
+        &[
+            (Side::S, &s1),
+            (Side::C, &c),
+            (Side::S, &server[s1.len()..]),
+        ],
+        false,
+    );
+    assert_eq!(statuses(&seen), [204]);
+}
+
+#[test]
+fn broken_http2_turns_sniffing_off() {
+    let mut c = PREFACE.to_vec();
+    // A HEADERS block that is not HPACK (an index past both tables).
+    c.extend(frame(1, END_HEADERS, 1, &[0xff, 0xff, 0xff, 0x7f]));
+    let (_, protocol) = play(&[(Side::C, &c)], usize::MAX, false);
+    assert_eq!(protocol, Protocol::Opaque);
+
+    // A frame other than CONTINUATION inside a header block.
+    let mut c = PREFACE.to_vec();
+    c.extend(frame(1, 0, 1, &[0x82]));
+    c.extend(frame(0, 0, 1, b"x"));
+    let (_, protocol) = play(&[(Side::C, &c)], usize::MAX, false);
+    assert_eq!(protocol, Protocol::Opaque);
+
+    // A header block past the limit.
+    let mut c = PREFACE.to_vec();
+    c.extend(frame(1, 0, 1, &vec![0x82; 16_000]));
+    for _ in 0..5 {
+        c.extend(frame(CONTINUATION, 0, 1, &vec![0x82; 16_000]));
+    }
+    let (_, protocol) = play(&[(Side::C, &c)], usize::MAX, false);
+    assert_eq!(protocol, Protocol::Opaque);
+}
