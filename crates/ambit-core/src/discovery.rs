@@ -57,7 +57,13 @@ pub struct WorkloadProfile {
     pub services: Box<[(Str, Box<[PortMapping]>)]>,
     /// Selector-based policies that apply (`<namespace>/<name>`).
     pub authorization_policies: Box<[Str]>,
+    /// The node proxy records request metrics for these workloads' plaintext HTTP
+    /// (opted in by annotation; see [`L7_METRICS_EXTENSION`]).
+    pub l7_metrics: bool,
 }
+
+/// The workload extension that turns on request metrics at the node proxy.
+pub const L7_METRICS_EXTENSION: &str = "ambit.io/l7-metrics";
 
 impl Workload {
     /// The workload's SPIFFE ID, if its parts are valid.

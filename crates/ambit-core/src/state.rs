@@ -681,6 +681,7 @@ mod tests {
                 })
                 .collect(),
             authorization_policies: policies.iter().map(|p| s(p)).collect(),
+            l7_metrics: false,
         }
     }
 

@@ -176,3 +176,134 @@ pub struct RequestLabels {
     /// The gRPC status (`grpc-status`), `-` for other protocols.
     pub grpc_response_status: Value,
 }
+
+/// Istio's buckets for `istio_request_duration_milliseconds`.
+pub const DURATION_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Istio's buckets for the request and response sizes: powers of ten, 1 B to 100 MB.
+pub const BYTES_BUCKETS: [f64; 9] = [1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+/// A Prometheus histogram whose observations take no lock: a counter per bucket, the sum
+/// kept as the bits of an `f64` (updated by compare-and-swap). Connections that share a
+/// series never wait on one another. Clones share the same series.
+#[derive(Debug, Clone)]
+pub struct AtomicHistogram(std::sync::Arc<HistogramCells>);
+
+#[derive(Debug)]
+pub struct HistogramCells {
+    bounds: &'static [f64],
+    /// One per bound, then the `+Inf` bucket; not cumulative.
+    counts: Box<[std::sync::atomic::AtomicU64]>,
+    count: std::sync::atomic::AtomicU64,
+    sum_bits: std::sync::atomic::AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// A histogram with these (ascending) upper bounds, plus `+Inf`.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self(std::sync::Arc::new(HistogramCells {
+            bounds,
+            counts: (0..=bounds.len())
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            count: std::sync::atomic::AtomicU64::new(0),
+            sum_bits: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
+        }))
+    }
+
+    pub fn observe(&self, v: f64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.0;
+        // The first bucket whose bound is at least `v` (`le` semantics).
+        let i = c.bounds.partition_point(|b| *b < v);
+        c.counts[i].fetch_add(1, Relaxed);
+        c.count.fetch_add(1, Relaxed);
+        let _ = c.sum_bits.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((f64::from_bits(bits) + v).to_bits())
+        });
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.0.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for AtomicHistogram {
+    const TYPE: prometheus_client::metrics::MetricType =
+        prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for AtomicHistogram {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::MetricEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.0;
+        let buckets: Vec<(f64, u64)> = c
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(c.counts.iter().map(|n| n.load(Relaxed)))
+            .collect();
+        // The count is the buckets' total, so the two always agree in one scrape.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            f64::from_bits(c.sum_bits.load(Relaxed)),
+            count,
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
+#[cfg(test)]
+mod histogram_tests {
+    use super::*;
+
+    #[test]
+    fn observations_land_in_le_buckets_and_encode_cumulatively() {
+        use prometheus_client::metrics::family::Family;
+        let family: Family<RequestLabelsForTest, AtomicHistogram, fn() -> AtomicHistogram> =
+            Family::new_with_constructor(|| AtomicHistogram::new(&[1.0, 10.0]));
+        let h = family
+            .get_or_create(&RequestLabelsForTest { code: 200 })
+            .clone();
+        for v in [0.5, 1.0, 1.5, 10.0, 11.0] {
+            h.observe(v);
+        }
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("t", "test", family);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("t_sum{code=\"200\"} 24.0"), "{text}");
+        assert!(text.contains("t_count{code=\"200\"} 5"), "{text}");
+        assert!(
+            text.contains("t_bucket{le=\"1.0\",code=\"200\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_bucket{le=\"10.0\",code=\"200\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t_bucket{le=\"+Inf\",code=\"200\"} 5"),
+            "{text}"
+        );
+        assert_eq!(h.count(), 5);
+    }
+
+    #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct RequestLabelsForTest {
+        code: u16,
+    }
+}

@@ -55,6 +55,7 @@ pub fn workload(
                 })
                 .collect(),
             authorization_policies: Box::new([]),
+            l7_metrics: false,
         }),
     }
 }

@@ -324,9 +324,15 @@ impl Mesh {
 
     /// Rewrites the manifests with or without the ambient label on namespace `demo`.
     pub fn write_manifests(&self, ambient: bool) {
+        self.write_manifests_edited(ambient, |m| m);
+    }
+
+    /// Rewrites the mesh's manifests, changed by `edit` (for example to annotate a
+    /// namespace).
+    pub fn write_manifests_edited(&self, ambient: bool, edit: impl FnOnce(String) -> String) {
         let path = self.dir.path().join("manifests/mesh.yaml");
         let tmp = self.dir.path().join("mesh.yaml.tmp");
-        std::fs::write(&tmp, manifests(&self.specs, ambient)).unwrap();
+        std::fs::write(&tmp, edit(manifests(&self.specs, ambient))).unwrap();
         std::fs::rename(tmp, path).unwrap();
     }
 

@@ -299,13 +299,72 @@ where
     copy_bidirectional_until(reader, writer, stream, std::future::pending()).await
 }
 
+/// Watches what a copy moves, for observers such as request metrics: shown every chunk
+/// in order, after it was read and before it is written on. It can neither change nor
+/// hold back a byte, and must not block.
+pub trait Tap {
+    /// Bytes read from the socket, on their way into the tunnel.
+    fn read_socket(&self, bytes: &[u8]);
+    /// Bytes from the tunnel, on their way to the socket.
+    fn write_socket(&self, bytes: &[u8]);
+    /// The socket's sender finished (EOF).
+    fn socket_closed(&self) {}
+    /// The tunnel's sender finished (END_STREAM).
+    fn tunnel_closed(&self) {}
+}
+
+/// No observer.
+impl Tap for () {
+    fn read_socket(&self, _: &[u8]) {}
+    fn write_socket(&self, _: &[u8]) {}
+}
+
+/// An observer for some connections only.
+impl<T: Tap> Tap for Option<T> {
+    fn read_socket(&self, bytes: &[u8]) {
+        if let Some(t) = self {
+            t.read_socket(bytes);
+        }
+    }
+    fn write_socket(&self, bytes: &[u8]) {
+        if let Some(t) = self {
+            t.write_socket(bytes);
+        }
+    }
+    fn socket_closed(&self) {
+        if let Some(t) = self {
+            t.socket_closed();
+        }
+    }
+    fn tunnel_closed(&self) {
+        if let Some(t) = self {
+            t.tunnel_closed();
+        }
+    }
+}
+
 /// [`copy_bidirectional`] that also ends, with [`CopyError::Stopped`] and a reset
 /// stream, when `stop` completes (with the reason).
 pub async fn copy_bidirectional_until<R, W>(
+    reader: R,
+    writer: W,
+    stream: H2Stream,
+    stop: impl std::future::Future<Output = String>,
+) -> (CopyStats, Result<(), CopyError>)
+where
+    R: AsyncRead + AsRef<TcpStream> + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    copy_bidirectional_tapped(reader, writer, stream, stop, &()).await
+}
+
+/// [`copy_bidirectional_until`] that shows every chunk to `tap`.
+pub async fn copy_bidirectional_tapped<R, W>(
     mut reader: R,
     mut writer: W,
     stream: H2Stream,
     stop: impl std::future::Future<Output = String>,
+    tap: &impl Tap,
 ) -> (CopyStats, Result<(), CopyError>)
 where
     R: AsyncRead + AsRef<TcpStream> + Unpin,
@@ -347,6 +406,7 @@ where
                 .await
                 .map_err(CopyError::LocalRead)?;
             if n == 0 {
+                tap.socket_closed();
                 send.send_data(Bytes::new(), true)
                     .map_err(|e| CopyError::Tunnel(h2_to_io(e)))?;
                 return Ok(());
@@ -355,6 +415,7 @@ where
                 target *= 2;
             }
             let mut chunk = buf.split().freeze();
+            tap.read_socket(&chunk);
             while !chunk.is_empty() {
                 let cap = poll_fn(|cx| poll_send_capacity(&mut send, chunk.len(), cx))
                     .await
@@ -370,6 +431,7 @@ where
     let downstream = async {
         if !read_buf.is_empty() {
             let n = read_buf.len();
+            tap.write_socket(&read_buf);
             writer
                 .write_all(&read_buf)
                 .await
@@ -383,6 +445,7 @@ where
             match recv.data().await {
                 Some(Ok(chunk)) => {
                     let n = chunk.len();
+                    tap.write_socket(&chunk);
                     writer
                         .write_all(&chunk)
                         .await
@@ -394,6 +457,7 @@ where
                 }
                 Some(Err(e)) => return Err(CopyError::Tunnel(h2_to_io(e))),
                 None => {
+                    tap.tunnel_closed();
                     // The peer finished sending: pass the half-close on. A socket whose
                     // peer already went away may refuse; that is not a failure of the copy.
                     let _ = writer.shutdown().await;

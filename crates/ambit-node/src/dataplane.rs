@@ -32,7 +32,9 @@ use ambit_core::policy::Evaluation;
 use ambit_core::state::{State, Store};
 use ambit_hbone::server::{ServerConfig, ServerHandle};
 use ambit_hbone::socket::{Netns, PROXY_MARK, SocketOptions};
-use ambit_hbone::stream::{CopyError, copy_bidirectional, copy_bidirectional_until};
+use ambit_hbone::stream::{CopyError, copy_bidirectional_tapped};
+
+use crate::l7::RequestTap;
 use ambit_hbone::{
     ConnectHandler, ConnectHeaders, ConnectRequest, IncomingConnect, Pool, PoolConfig, Server,
     Workers,
@@ -788,8 +790,10 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                         return;
                     }
                 };
+            let tap = request_tap(dp, source.as_deref(), &metrics, true);
             let (r, w) = conn.split();
-            let (stats, result) = copy_bidirectional(r, w, stream).await;
+            let (stats, result) =
+                copy_bidirectional_tapped(r, w, stream, std::future::pending(), &tap).await;
             let error = result.err().and_then(|e| {
                 if e.is_peer_reset() || matches!(e, CopyError::Tunnel(_)) {
                     reset(&conn);
@@ -839,7 +843,9 @@ async fn outbound(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) {
                     return;
                 }
             };
-            let (from_source, to_source, error) = copy_plain(&mut conn, &mut upstream).await;
+            let tap = request_tap(dp, source.as_deref(), &metrics, true);
+            let (from_source, to_source, error) =
+                copy_plain(&mut conn, &mut upstream, tap.as_ref()).await;
             metrics.close(from_source, to_source, None);
             access.log(from_source, to_source, error.as_deref());
         }
@@ -947,10 +953,31 @@ fn fail_with(
     access.log(0, 0, Some(error));
 }
 
-/// Copies both ways between two plain sockets; returns bytes (a -> b, b -> a).
-async fn copy_plain(a: &mut TcpStream, b: &mut TcpStream) -> (u64, u64, Option<String>) {
-    match tokio::io::copy_bidirectional(a, b).await {
-        Ok((ab, ba)) => (ab, ba, None),
+/// A request tap for a connection of this pod, if the pod turned request metrics on.
+/// `socket_is_client`: the pod's socket is the client side (outbound).
+fn request_tap(
+    dp: &DataPlane,
+    pod: Option<&Workload>,
+    metrics: &ConnMetrics,
+    socket_is_client: bool,
+) -> Option<RequestTap> {
+    pod.filter(|w| w.profile.l7_metrics)
+        .map(|_| RequestTap::new(dp.metrics.clone(), metrics.labels(), socket_is_client))
+}
+
+/// Copies both ways between two plain sockets (`a` the client's); returns bytes
+/// (a -> b, b -> a).
+async fn copy_plain(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    tap: Option<&RequestTap>,
+) -> (u64, u64, Option<String>) {
+    let mut from = Counted::new(a, tap, true);
+    let mut to = Counted::new(b, tap, false);
+    let result = tokio::io::copy_bidirectional(&mut from, &mut to).await;
+    let (ab, ba) = (from.read, to.read);
+    match result {
+        Ok(_) => (ab, ba, None),
         Err(e) => {
             if e.kind() == io::ErrorKind::ConnectionReset {
                 reset(a);
@@ -958,7 +985,7 @@ async fn copy_plain(a: &mut TcpStream, b: &mut TcpStream) -> (u64, u64, Option<S
             }
             // An end that resets is an ordinary close (see CopyError::is_reset_by_an_end).
             let error = (!ambit_hbone::stream::is_reset(&e)).then(|| e.to_string());
-            (0, 0, error)
+            (ab, ba, error)
         }
     }
 }
@@ -996,10 +1023,24 @@ async fn revoked(
 }
 
 /// A socket that counts what is read from it (so the bytes of a copy that is cut short
-/// are still known).
+/// are still known), and shows it to a request tap if there is one.
 struct Counted<'a> {
     inner: &'a mut TcpStream,
     read: u64,
+    tap: Option<&'a RequestTap>,
+    /// This socket's reads are the client's (else the server's).
+    client: bool,
+}
+
+impl<'a> Counted<'a> {
+    fn new(inner: &'a mut TcpStream, tap: Option<&'a RequestTap>, client: bool) -> Self {
+        Self {
+            inner,
+            read: 0,
+            tap,
+            client,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for Counted<'_> {
@@ -1009,8 +1050,24 @@ impl tokio::io::AsyncRead for Counted<'_> {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<io::Result<()>> {
         let before = buf.filled().len();
+        let room = buf.remaining();
         let r = std::pin::Pin::new(&mut *self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let new = &buf.filled()[before..];
+        self.read += new.len() as u64;
+        if let Some(tap) = self.tap
+            && let std::task::Poll::Ready(Ok(())) = r
+        {
+            if new.is_empty() {
+                if room > 0 && !self.client {
+                    // EOF from the server: ends a response delimited by the close.
+                    tap.server_closed();
+                }
+            } else if self.client {
+                tap.client(new);
+            } else {
+                tap.server(new);
+            }
+        }
         r
     }
 }
@@ -1112,14 +1169,9 @@ async fn inbound_plaintext(ctx: &PodCtx, mut conn: TcpStream, peer: SocketAddr) 
             return;
         }
     };
-    let mut from = Counted {
-        inner: &mut conn,
-        read: 0,
-    };
-    let mut to = Counted {
-        inner: &mut app,
-        read: 0,
-    };
+    let tap = request_tap(dp, destination.as_deref(), &metrics, false);
+    let mut from = Counted::new(&mut conn, tap.as_ref(), true);
+    let mut to = Counted::new(&mut app, tap.as_ref(), false);
     let outcome = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut from, &mut to) => Ok(r),
         reason = revoked(ctx, changes, peer, None, original) => Err(reason),
@@ -1274,9 +1326,10 @@ async fn inbound_hbone(ctx: &PodCtx, c: IncomingConnect) {
         }
     };
     let mut app = app;
+    let tap = request_tap(dp, destination.as_deref(), &metrics, false);
     let (r, w) = app.split();
     let revocation = revoked(ctx, changes, peer_addr, Some(peer_identity), authority);
-    let (stats, result) = copy_bidirectional_until(r, w, stream, revocation).await;
+    let (stats, result) = copy_bidirectional_tapped(r, w, stream, revocation, &tap).await;
     let mut flag = None;
     let error = result.err().and_then(|e| {
         if matches!(e, CopyError::Tunnel(_) | CopyError::Stopped(_)) {

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod authz;
 pub mod dataplane;
+pub mod l7;
 pub mod metrics;
 pub mod pods;
 pub mod sniff;

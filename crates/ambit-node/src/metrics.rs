@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambit_core::discovery::Workload;
-pub use ambit_core::telemetry::{ConnFacts, ConnLabels, Reporter, Value, WorkloadKey};
+pub use ambit_core::telemetry::{
+    AtomicHistogram, ConnFacts, ConnLabels, Reporter, RequestLabels, Value, WorkloadKey,
+};
+use ambit_core::telemetry::{BYTES_BUCKETS, DURATION_BUCKETS};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -21,6 +24,15 @@ pub struct Metrics {
     pub closed: Family<ConnLabels, Counter>,
     pub sent: Family<ConnLabels, Counter>,
     pub received: Family<ConnLabels, Counter>,
+    /// Istio's request metrics, for the pods that opted in (see [`crate::l7`]).
+    requests: Family<RequestLabels, Counter>,
+    durations: Histograms,
+    request_bytes: Histograms,
+    response_bytes: Histograms,
+    /// Connections whose bytes were sniffed for requests, by what they turned out to be.
+    sniffed: Family<ProtocolLabel, Counter>,
+    /// Every label set of the request families (removed with their connection series).
+    request_series: std::sync::Mutex<std::collections::HashSet<RequestLabels>>,
     pub pods: Gauge,
     /// Connections whose destination could not be reached (flag CONNECT). Counted when
     /// a connection's metrics close with that flag, like the two below.
@@ -44,6 +56,32 @@ pub struct Metrics {
     /// workload discovery no longer knows (see [`Metrics::forget_gone`]). Locked only
     /// when a new series appears and by the sweep, never per byte.
     series: std::sync::Mutex<std::collections::HashMap<ConnLabels, Option<std::time::Instant>>>,
+}
+
+type Histograms = Family<RequestLabels, AtomicHistogram, fn() -> AtomicHistogram>;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
+/// The shared series of one request label set, held by a connection so each request
+/// it records costs no lookup.
+#[derive(Debug, Clone)]
+pub struct RequestSeries {
+    pub requests: Counter,
+    pub duration: AtomicHistogram,
+    pub request_bytes: AtomicHistogram,
+    pub response_bytes: AtomicHistogram,
+}
+
+impl RequestSeries {
+    pub fn record(&self, duration: Duration, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(duration.as_secs_f64() * 1000.0);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,7 +132,40 @@ impl Default for Metrics {
             "Bytes received from the source by the destination",
             received.clone(),
         );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "istio_requests",
+            "HTTP requests seen in the plaintext of connections this node proxy carries, for pods that turned request metrics on",
+            requests.clone(),
+        );
+        let durations: Histograms =
+            Family::new_with_constructor(|| AtomicHistogram::new(&DURATION_BUCKETS));
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Time from a request's first byte to its response's last",
+            durations.clone(),
+        );
+        let request_bytes: Histograms =
+            Family::new_with_constructor(|| AtomicHistogram::new(&BYTES_BUCKETS));
+        registry.register(
+            "istio_request_bytes",
+            "Request sizes as carried (head and body)",
+            request_bytes.clone(),
+        );
+        let response_bytes: Histograms =
+            Family::new_with_constructor(|| AtomicHistogram::new(&BYTES_BUCKETS));
+        registry.register(
+            "istio_response_bytes",
+            "Response sizes as carried (head and body)",
+            response_bytes.clone(),
+        );
         let own = registry.sub_registry_with_prefix("ambit_node");
+        let sniffed = Family::<ProtocolLabel, Counter>::default();
+        own.register(
+            "sniffed_connections",
+            "Connections watched for request metrics, by what they turned out to be when they closed: http1, http2, opaque (not HTTP, or HTTP the node proxy does not follow, such as an upgrade; counted at L4 only), unknown (closed before it could tell)",
+            sniffed.clone(),
+        );
         let pods = Gauge::default();
         own.register("pods", "Pods the node proxy serves", pods.clone());
         let connect_failures = Counter::default();
@@ -160,6 +231,12 @@ impl Default for Metrics {
             closed,
             sent,
             received,
+            requests,
+            durations,
+            request_bytes,
+            response_bytes,
+            sniffed,
+            request_series: std::sync::Mutex::new(std::collections::HashSet::new()),
             pods,
             connect_failures,
             policy_denials,
@@ -244,7 +321,53 @@ impl Metrics {
                 family.remove(labels);
             }
         }
+        if !gone.is_empty() {
+            let gone: std::collections::HashSet<&ConnLabels> = gone.iter().collect();
+            let mut requests = self
+                .request_series
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            requests.retain(|r| {
+                if !gone.contains(&r.conn) {
+                    return true;
+                }
+                self.requests.remove(r);
+                for h in [&self.durations, &self.request_bytes, &self.response_bytes] {
+                    h.remove(r);
+                }
+                false
+            });
+        }
         gone.len()
+    }
+
+    /// The series of a request label set, created if new (and then tracked, so it goes
+    /// with its workloads).
+    pub fn request_series(&self, labels: &RequestLabels) -> RequestSeries {
+        if self.requests.get(labels).is_none() {
+            self.series
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(labels.conn.clone())
+                .or_insert(None);
+            self.request_series
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(labels.clone());
+        }
+        RequestSeries {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.durations.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
+        }
+    }
+
+    /// Counts a sniffed connection by what it turned out to be.
+    pub fn sniffed(&self, protocol: &'static str) {
+        self.sniffed
+            .get_or_create(&ProtocolLabel { protocol })
+            .inc();
     }
 
     /// Label sets currently tracked.
@@ -315,6 +438,11 @@ impl ConnMetrics {
             labels,
             closed: false,
         }
+    }
+
+    /// The connection's labels.
+    pub fn labels(&self) -> &ConnLabels {
+        &self.labels
     }
 
     /// Records the close: `from_source` bytes went source -> destination, `to_source`

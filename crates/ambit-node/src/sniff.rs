@@ -70,6 +70,8 @@ pub enum Protocol {
 /// Watches one connection's two directions. See the module documentation.
 pub struct Sniffer {
     mode: Mode,
+    /// What the connection was when sniffing ended (meaningful once `mode` is `Off`).
+    ended: Protocol,
 }
 
 enum Mode {
@@ -106,6 +108,7 @@ impl Sniffer {
                 matched: 0,
                 server: None,
             },
+            ended: Protocol::Opaque,
         }
     }
 
@@ -114,7 +117,7 @@ impl Sniffer {
             Mode::Detect { .. } => Protocol::Unknown,
             Mode::Http1(_) => Protocol::Http1,
             Mode::Http2(_) => Protocol::Http2,
-            Mode::Off => Protocol::Opaque,
+            Mode::Off => self.ended,
         }
     }
 
@@ -159,7 +162,7 @@ impl Sniffer {
         let result = match &mut self.mode {
             Mode::Http1(h1) => h1.client(bytes, now),
             Mode::Http2(h2) => h2.client(bytes, now),
-            Mode::Detect { .. } | Mode::Off => Ok(()),
+            Mode::Detect { .. } | Mode::Off => return,
         };
         if result.is_err() {
             self.mode = Mode::Off;
@@ -186,6 +189,7 @@ impl Sniffer {
         if let Mode::Http1(h1) = &mut self.mode {
             h1.server_closed(now, out);
         }
+        self.ended = self.protocol();
         self.mode = Mode::Off;
     }
 }
@@ -1028,7 +1032,7 @@ impl H2Dir {
 
     fn start_frame(&mut self, mut f: Frame, on: &mut impl FnMut(H2Event) -> Step) -> Step {
         if self.expect_settings {
-            if f.kind != SETTINGS || f.stream != 0 || f.len % 6 != 0 {
+            if f.kind != SETTINGS || f.stream != 0 || !f.len.is_multiple_of(6) {
                 return Err(GiveUp);
             }
             self.expect_settings = false;
@@ -1049,11 +1053,7 @@ impl H2Dir {
                 self.block_kind = f.kind;
                 self.block_end_stream = f.kind == HEADERS && f.flags & END_STREAM != 0;
             }
-            CONTINUATION => {
-                if self.block_stream == 0 {
-                    return Err(GiveUp);
-                }
-            }
+            CONTINUATION if self.block_stream == 0 => return Err(GiveUp),
             RST_STREAM => on(H2Event::Reset { stream: f.stream })?,
             _ => {}
         }
@@ -1111,35 +1111,33 @@ impl H2Dir {
         let f = self.frame.take().ok_or(GiveUp)?;
         match f.kind {
             DATA if f.flags & END_STREAM != 0 => on(H2Event::End { stream: f.stream })?,
-            HEADERS | PUSH_PROMISE | CONTINUATION => {
-                if f.flags & END_HEADERS != 0 {
-                    let stream = self.block_stream;
-                    self.block_stream = 0;
-                    let mut status = None;
-                    let mut grpc_status = None;
-                    let mut grpc = false;
-                    self.decoder
-                        .decode_with_cb(&self.block, |name, value| match &*name {
-                            b":status" => status = parse_u32(&value),
-                            b"grpc-status" => grpc_status = parse_u32(&value),
-                            b"content-type" => grpc = value.starts_with(b"application/grpc"),
-                            _ => {}
-                        })
-                        .map_err(|_| GiveUp)?;
-                    if self.block_kind == HEADERS {
-                        on(H2Event::Headers {
-                            stream,
-                            bytes: self.block.len() as u64,
-                            status,
-                            grpc_status,
-                            grpc,
-                            end_stream: self.block_end_stream,
-                        })?;
-                    }
-                    self.block.clear();
-                    if self.block.capacity() > 4096 {
-                        self.block = Vec::new();
-                    }
+            HEADERS | PUSH_PROMISE | CONTINUATION if f.flags & END_HEADERS != 0 => {
+                let stream = self.block_stream;
+                self.block_stream = 0;
+                let mut status = None;
+                let mut grpc_status = None;
+                let mut grpc = false;
+                self.decoder
+                    .decode_with_cb(&self.block, |name, value| match &*name {
+                        b":status" => status = parse_u32(&value),
+                        b"grpc-status" => grpc_status = parse_u32(&value),
+                        b"content-type" => grpc = value.starts_with(b"application/grpc"),
+                        _ => {}
+                    })
+                    .map_err(|_| GiveUp)?;
+                if self.block_kind == HEADERS {
+                    on(H2Event::Headers {
+                        stream,
+                        bytes: self.block.len() as u64,
+                        status,
+                        grpc_status,
+                        grpc,
+                        end_stream: self.block_end_stream,
+                    })?;
+                }
+                self.block.clear();
+                if self.block.capacity() > 4096 {
+                    self.block = Vec::new();
                 }
             }
             _ => {}

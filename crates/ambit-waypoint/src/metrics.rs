@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ambit_core::telemetry::{ConnLabels, RequestLabels};
+use ambit_core::telemetry::{BYTES_BUCKETS, ConnLabels, DURATION_BUCKETS, RequestLabels};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,21 +12,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Istio's buckets for `istio_request_duration_milliseconds`.
-const DURATION_BUCKETS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
-    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
-];
-
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
 
-/// Istio's buckets for the request and response sizes: powers of ten, 1 B to 100 MB.
 fn bytes_histogram() -> Histogram {
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        1.0, 10.0, 9,
-    ))
+    Histogram::new(BYTES_BUCKETS)
 }
 
 type Histograms = Family<RequestLabels, Histogram, fn() -> Histogram>;

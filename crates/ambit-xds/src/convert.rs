@@ -182,6 +182,10 @@ pub fn workload(name: &Str, w: pb::Workload, i: &mut Interner) -> Result<Workloa
         },
         services: services.into_boxed_slice(),
         authorization_policies: w.authorization_policies.iter().map(|p| i.get(p)).collect(),
+        l7_metrics: w
+            .extensions
+            .iter()
+            .any(|e| e.name == ambit_core::discovery::L7_METRICS_EXTENSION),
     };
     let uid: Str = name.clone();
     let pod_name: Str = w.name.as_str().into();

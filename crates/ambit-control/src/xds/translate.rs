@@ -62,6 +62,22 @@ pub const ROUTES_APPLIED: bool = true;
 /// What an HTTPRoute does today.
 pub const ROUTE_NOT_ENFORCED: &str = "Ambit does not route by HTTPRoute yet; requests to its parents go to them as if the route did not exist";
 
+/// The annotation (on a pod or its namespace; the pod's wins) that turns on request
+/// metrics at the node proxy: `enabled` or `disabled`.
+pub const L7_METRICS_ANNOTATION: &str = "ambit.io/l7-metrics";
+
+/// Whether a pod's node proxy records request metrics for it.
+fn l7_metrics(model: &Model, pod: &Pod) -> bool {
+    let own = pod.metadata.annotations.get(L7_METRICS_ANNOTATION);
+    let ns = model.namespace(pod.metadata.namespace()).and_then(|n| {
+        n.metadata
+            .annotations
+            .get(L7_METRICS_ANNOTATION)
+            .map(str::to_owned)
+    });
+    own.or(ns.as_deref()) == Some("enabled")
+}
+
 /// The annotation that makes a policy log-only.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
@@ -1124,6 +1140,14 @@ pub fn translate_pod(model: &Model, pod: &Pod, o: &TranslateOptions) -> Option<p
         },
         cluster_id: o.cluster_id.clone(),
         locality,
+        extensions: if l7_metrics(model, pod) {
+            vec![pb::Extension {
+                name: ambit_core::discovery::L7_METRICS_EXTENSION.to_owned(),
+                config: None,
+            }]
+        } else {
+            Vec::new()
+        },
         network_mode: if pod.spec.host_network {
             pb::NetworkMode::HostNetwork as i32
         } else {

@@ -1564,3 +1564,40 @@ spec:
     assert!(p.subsets[0].workloads.is_empty());
     assert_eq!(p.subsets[2].workloads, ["Kubernetes//Pod/demo/echo-v1"]);
 }
+
+#[test]
+fn the_l7_metrics_annotation_marks_workloads_by_namespace_or_pod() {
+    let has = |t: &Translator, pod: &str| {
+        workload(t, &format!("Kubernetes//Pod/{pod}"))
+            .extensions
+            .iter()
+            .any(|e| e.name == ambit_core::discovery::L7_METRICS_EXTENSION)
+    };
+    let before = model(1, BASE);
+    let mut t = Translator::new(TranslateOptions::default());
+    t.full(&before);
+    assert!(!has(&t, "demo/echo-1"), "off by default");
+
+    // Turned on for the namespace: its pods are re-sent with the extension...
+    let enabled = BASE.replace(
+        "metadata: {name: demo, labels:",
+        "metadata: {name: demo, annotations: {ambit.io/l7-metrics: enabled}, labels:",
+    );
+    let after = model(2, &enabled);
+    let delta = t.apply(&after, &before, &after.diff(&before));
+    assert!(delta.changed[ResourceType::Address.index()].contains("Kubernetes//Pod/demo/echo-1"));
+    assert!(has(&t, "demo/echo-1"));
+    assert!(!has(&t, "plain/outside"));
+
+    // ...and a pod can turn it off for itself.
+    let opted_out = model(
+        3,
+        &enabled.replace(
+            "metadata: {name: echo-1, namespace: demo,",
+            "metadata: {name: echo-1, namespace: demo, annotations: {ambit.io/l7-metrics: disabled},",
+        ),
+    );
+    let delta = t.apply(&opted_out, &after, &opted_out.diff(&after));
+    assert!(delta.changed[ResourceType::Address.index()].contains("Kubernetes//Pod/demo/echo-1"));
+    assert!(!has(&t, "demo/echo-1"));
+}
