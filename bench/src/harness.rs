@@ -338,6 +338,15 @@ pub struct AmbitMesh {
 /// Starts an Ambit mesh (control plane, a node proxy and an agent per node) with
 /// `binary`, enrolling `client` (node-a) and `server` (node-b); `extra` is more of the
 /// manifest (YAML documents, each starting with `---`).
+/// What a benchmark adds to the mesh's manifests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeshExtras<'a> {
+    /// More objects (YAML documents, each starting with `---`).
+    pub manifests: &'a str,
+    /// Annotations of namespace `bench`, as YAML flow entries (`key: value, ...`).
+    pub namespace_annotations: &'a str,
+}
+
 pub async fn start_ambit(
     procs: &mut Procs,
     ambit: &Path,
@@ -345,8 +354,12 @@ pub async fn start_ambit(
     tag: &str,
     client: &Pod,
     server: &Pod,
-    extra: &str,
+    more: MeshExtras<'_>,
 ) -> anyhow::Result<AmbitMesh> {
+    let MeshExtras {
+        manifests: extra,
+        namespace_annotations,
+    } = more;
     let dir = dir.join(tag);
     std::fs::create_dir(&dir)?;
     let manifests = dir.join("manifests");
@@ -356,7 +369,7 @@ pub async fn start_ambit(
         format!(
             "apiVersion: v1
 kind: Namespace
-metadata: {{name: bench, labels: {{istio.io/dataplane-mode: ambient}}}}
+metadata: {{name: bench, annotations: {{{namespace_annotations}}}, labels: {{istio.io/dataplane-mode: ambient}}}}
 ---
 apiVersion: v1
 kind: Pod

@@ -78,6 +78,11 @@ struct Args {
     /// change without the noise between separate runs.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// Measure, in the same run, a second Ambit mesh whose pods turned request metrics on
+    /// (`ambit.io/l7-metrics: enabled`): the cost of sniffing HTTP at the node proxies
+    /// against L4 only. Takes the place of `--baseline`.
+    #[arg(long, conflicts_with = "baseline")]
+    l7_metrics: bool,
     /// Build the topology, start everything, print where things are, and wait for
     /// Ctrl-C instead of measuring (for profiling by hand: perf, iperf3, wrk).
     #[arg(long)]
@@ -191,7 +196,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let d_server = topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 20))?;
     let n_client = topo.pod("node-a", Ipv4Addr::new(198, 18, 1, 30))?;
     let n_server = topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 30))?;
-    let baseline = match &args.baseline {
+    let second = if args.l7_metrics {
+        Some(&args.ambit)
+    } else {
+        args.baseline.as_ref()
+    };
+    let baseline = match second {
         Some(bin) => Some((
             std::fs::canonicalize(bin)
                 .with_context(|| format!("the baseline binary {}", bin.display()))?,
@@ -278,12 +288,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Ambit: control plane, then a node proxy and a node agent per node.
     eprintln!("starting Ambit");
-    let ambit_mesh =
-        start_ambit(&mut procs, &ambit, &dir, "ambit", &a_client, &a_server, "").await?;
+    let ambit_mesh = start_ambit(
+        &mut procs,
+        &ambit,
+        &dir,
+        "ambit",
+        &a_client,
+        &a_server,
+        MeshExtras::default(),
+    )
+    .await?;
     let baseline_mesh = match &baseline {
+        Some((bin, client, server)) if args.l7_metrics => {
+            eprintln!("starting a second Ambit mesh with request metrics at the node proxies");
+            let on = MeshExtras {
+                namespace_annotations: "ambit.io/l7-metrics: enabled",
+                ..Default::default()
+            };
+            Some(start_ambit(&mut procs, bin, &dir, "baseline", client, server, on).await?)
+        }
         Some((bin, client, server)) => {
             eprintln!("starting the baseline Ambit ({})", bin.display());
-            Some(start_ambit(&mut procs, bin, &dir, "baseline", client, server, "").await?)
+            let none = MeshExtras::default();
+            Some(start_ambit(&mut procs, bin, &dir, "baseline", client, server, none).await?)
         }
         None => None,
     };
@@ -332,6 +359,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 && l.contains("mutual_tls")
         }) {
             bail!("the ambit pair's traffic did not go through node-b's proxy in mTLS");
+        }
+    }
+    if args.l7_metrics
+        && let Some(mesh) = &baseline_mesh
+    {
+        let page = ambit_admin::get(mesh.metrics_b, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        if !page
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{reporter=\"destination\""))
+        {
+            bail!("the mesh with request metrics on recorded no request at node-b's proxy");
         }
     }
 
@@ -692,7 +733,9 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
         ),
     ];
     let with_baseline = samples.len() > 3;
-    let (extra_head, extra_rule) = if with_baseline {
+    let (extra_head, extra_rule) = if with_baseline && args.l7_metrics {
+        (" Ambit, L7 metrics on | L7 on/off |", "---|---|")
+    } else if with_baseline {
         (" Ambit baseline | Ambit/baseline |", "---|---|")
     } else {
         ("", "")
@@ -728,7 +771,12 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
         let (fa, fne) = (get(1), get(2));
         let extra = if with_baseline {
             let fb = get(3);
-            format!(" {} MB | {} |", fmt(fb), ratio(fa, fb))
+            let r = if args.l7_metrics {
+                ratio(fb, fa)
+            } else {
+                ratio(fa, fb)
+            };
+            format!(" {} MB | {} |", fmt(fb), r)
         } else {
             String::new()
         };
@@ -758,7 +806,11 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
         let (n, nm) = cell(2);
         let extra = if with_baseline {
             let (b, bm) = cell(3);
-            format!(" {b} | {} |", ratio(am, bm))
+            if args.l7_metrics {
+                format!(" {b} | {} |", ratio(bm, am))
+            } else {
+                format!(" {b} | {} |", ratio(am, bm))
+            }
         } else {
             String::new()
         };

@@ -301,7 +301,16 @@ spec:
         }
     }
     let mesh = start_ambit(
-        &mut procs, &ambit, &dir, "ambit", &a_client, &a_server, &extra,
+        &mut procs,
+        &ambit,
+        &dir,
+        "ambit",
+        &a_client,
+        &a_server,
+        MeshExtras {
+            manifests: &extra,
+            ..Default::default()
+        },
     )
     .await?;
     let s = |p: &Path| p.display().to_string();
