@@ -599,6 +599,76 @@ pub fn sum(page: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
     samples(page, metric, labels).iter().map(|(_, v)| v).sum()
 }
 
+/// An OTLP/gRPC collector on loopback that keeps every span it is sent.
+#[derive(Clone, Default)]
+pub struct Collector {
+    pub spans: Arc<Mutex<Vec<ambit_proto::otlp::Span>>>,
+    pub resources: Arc<Mutex<Vec<ambit_proto::otlp::Resource>>>,
+    /// The instrumentation scope each span came with (same order as `spans`).
+    pub scopes: Arc<Mutex<Vec<String>>>,
+}
+
+impl Collector {
+    /// Serves a collector on an ephemeral loopback port; returns it and its `host:port`.
+    pub async fn start() -> (Collector, String) {
+        let collector = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    ambit_proto::otlp::trace_service_server::TraceServiceServer::new(
+                        collector.clone(),
+                    ),
+                )
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (collector, endpoint)
+    }
+}
+
+#[tonic::async_trait]
+impl ambit_proto::otlp::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ambit_proto::otlp::ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ambit_proto::otlp::ExportTraceServiceResponse>, tonic::Status> {
+        for rs in request.into_inner().resource_spans {
+            if let Some(r) = rs.resource {
+                self.resources.lock().unwrap().push(r);
+            }
+            for ss in rs.scope_spans {
+                let scope = ss.scope.map(|s| s.name).unwrap_or_default();
+                let n = ss.spans.len();
+                self.spans.lock().unwrap().extend(ss.spans);
+                self.scopes
+                    .lock()
+                    .unwrap()
+                    .extend(std::iter::repeat_n(scope, n));
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// Lower-case hex of bytes (trace and span ids).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A span's string attribute, empty when absent.
+pub fn span_tag(span: &ambit_proto::otlp::Span, key: &str) -> String {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(ambit_proto::otlp::any_value::Value::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
 /// Log capture: every event goes to stderr (shown when a test fails) and access-log
 /// events are kept for assertions.
 pub mod logs {

@@ -162,7 +162,8 @@ async fn enable(mesh: &Mesh) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_proxies_report_requests_without_a_waypoint() {
-    let mesh = Mesh::start(cast()).await;
+    let (collector, endpoint) = Collector::start().await;
+    let mesh = Mesh::start_with(cast(), |c| c.otlp_endpoint = Some(endpoint.clone())).await;
     http_server(&mesh);
     mesh.echo_app("echo-1", RAW_PORT);
     let sleep = mesh.pod("sleep");
@@ -299,6 +300,86 @@ async fn node_proxies_report_requests_without_a_waypoint() {
         )
         .await;
     }
+    // A request in a sampled trace is a span at each node proxy, both children of the
+    // caller's span; one not sampled is none.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let tcp = sleep.connect(ECHO_VIP).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for flags in ["01", "00"] {
+        let req = Request::get("/status/200?q=1")
+            .header("host", "echo.demo")
+            .header("traceparent", format!("00-{trace}-{caller}-{flags}"))
+            .body(full(""))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+    }
+    drop(send);
+    eventually("a span from each node proxy", || {
+        collector.spans.lock().unwrap().len() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let spans = collector.spans.lock().unwrap().clone();
+    assert_eq!(
+        spans.len(),
+        2,
+        "only the sampled request, once per node: {spans:#?}"
+    );
+    let kind = |k: ambit_proto::otlp::span::SpanKind| {
+        spans
+            .iter()
+            .find(|s| s.kind == k as i32)
+            .unwrap_or_else(|| panic!("no {k:?} span in {spans:#?}"))
+    };
+    let client = kind(ambit_proto::otlp::span::SpanKind::Client);
+    let server = kind(ambit_proto::otlp::span::SpanKind::Server);
+    for (span, reporter, node) in [
+        (client, "source", "node-a"),
+        (server, "destination", "node-b"),
+    ] {
+        assert_eq!(hex(&span.trace_id), trace);
+        assert_eq!(
+            hex(&span.parent_span_id),
+            caller,
+            "the caller's span is the parent"
+        );
+        assert_ne!(hex(&span.span_id), caller);
+        assert_eq!(span.name, "echo.demo.svc.cluster.local/status/200");
+        assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
+        assert_eq!(span_tag(span, "reporter"), reporter);
+        assert_eq!(span_tag(span, "node_id"), format!("ambit-node~{node}"));
+        assert_eq!(span_tag(span, "http.method"), "GET");
+        assert_eq!(span_tag(span, "http.status_code"), "200");
+        assert_eq!(
+            span_tag(span, "http.url"),
+            "http://echo.demo.svc.cluster.local/status/200?q=1"
+        );
+        assert_eq!(
+            span_tag(span, "peer.address"),
+            "spiffe://cluster.local/ns/demo/sa/sleep"
+        );
+    }
+    assert_eq!(span_tag(client, "istio.canonical_service"), "sleep");
+    assert_eq!(span_tag(server, "istio.canonical_service"), "echo");
+    // The console lists the traced request on the workload behind the service.
+    let console = mesh.cp.console_addr().unwrap();
+    eventually_async("the node proxies' trace on the console", || async {
+        let (_, body) = ambit_admin::get(console, "/api/workload?namespace=demo&name=echo-1")
+            .await
+            .unwrap();
+        let w: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        w["traces"].as_array().is_some_and(|t| {
+            t.iter()
+                .any(|t| t["trace_id"] == trace && t["path"] == "/status/200?q=1")
+        })
+    })
+    .await;
+
     let histogram = sum(
         &mesh.metrics("node-b").await,
         "istio_request_duration_milliseconds_count",

@@ -89,6 +89,17 @@ async fn setup_tuned(
     extra: Vec<PodSpec>,
     tune: impl Fn(&mut WaypointConfig),
 ) -> Setup {
+    setup_full(takes, by_namespace, extra, tune, |_| {}).await
+}
+
+/// [`setup_tuned`] that also tunes the node proxies.
+async fn setup_full(
+    takes: &str,
+    by_namespace: bool,
+    extra: Vec<PodSpec>,
+    tune: impl Fn(&mut WaypointConfig),
+    tune_nodes: impl Fn(&mut ambit_node::NodeConfig),
+) -> Setup {
     logs::init();
     let mut specs = cast();
     specs.extend(extra);
@@ -103,7 +114,7 @@ async fn setup_tuned(
         // Written below, with the waypoint's labels.
         in_model: false,
     });
-    let mesh = Mesh::start(specs).await;
+    let mesh = Mesh::start_with(specs, tune_nodes).await;
     let gateway = if takes == "service" {
         WAYPOINT_YAML.to_owned()
     } else {
@@ -3064,53 +3075,43 @@ async fn the_grafana_dashboard_queries_only_metrics_ambit_emits() {
     );
 }
 
-/// An OTLP/gRPC collector on loopback that keeps every span it is sent.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: std::sync::Arc<std::sync::Mutex<Vec<ambit_proto::otlp::Span>>>,
-    resources: std::sync::Arc<std::sync::Mutex<Vec<ambit_proto::otlp::Resource>>>,
-}
-
-#[tonic::async_trait]
-impl ambit_proto::otlp::trace_service_server::TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ambit_proto::otlp::ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ambit_proto::otlp::ExportTraceServiceResponse>, tonic::Status> {
-        for rs in request.into_inner().resource_spans {
-            if let Some(r) = rs.resource {
-                self.resources.lock().unwrap().push(r);
-            }
-            for ss in rs.scope_spans {
-                self.spans.lock().unwrap().extend(ss.spans);
-            }
-        }
-        Ok(tonic::Response::new(Default::default()))
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_waypoint_exports_spans_with_the_callers_span_as_parent() {
-    let collector = Collector::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = listener.local_addr().unwrap().to_string();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                ambit_proto::otlp::trace_service_server::TraceServiceServer::new(collector.clone()),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (collector, endpoint) = Collector::start().await;
     // Traces started at the waypoint are never sampled here: only the caller decides.
-    let s = setup_tuned("service", false, Vec::new(), |c| {
-        c.otlp_endpoint = Some(endpoint.clone());
-        c.trace_sampling = 0.0;
-    })
+    // The node proxies export to the same collector, with request metrics on in `demo`.
+    let s = setup_full(
+        "service",
+        false,
+        Vec::new(),
+        |c| {
+            c.otlp_endpoint = Some(endpoint.clone());
+            c.trace_sampling = 0.0;
+        },
+        |n| n.otlp_endpoint = Some(endpoint.clone()),
+    )
     .await;
+    let path = s.mesh.dir.path().join("manifests/mesh.yaml");
+    let manifests = std::fs::read_to_string(&path).unwrap();
+    let on = manifests.replace(
+        "metadata: {name: demo, labels:",
+        "metadata: {name: demo, annotations: {ambit.io/l7-metrics: enabled}, labels:",
+    );
+    assert_ne!(manifests, on);
+    std::fs::write(&path, on).unwrap();
+    for node in ["node-a", "node-b"] {
+        let proxy = s.mesh.node(node);
+        eventually("request metrics on at the node proxies", || {
+            let state = proxy.store().load();
+            state
+                .workloads()
+                .any(|w| w.name.as_ref() == "echo-1" && w.profile.l7_metrics)
+                && state
+                    .workloads()
+                    .any(|w| w.name.as_ref() == "sleep" && w.profile.l7_metrics)
+        })
+        .await;
+    }
     let mut send = h1(&s.mesh, ECHO_VIP).await;
     let mut ask = async |traceparent: Option<&str>| {
         send.ready().await.unwrap();
@@ -3132,14 +3133,39 @@ async fn the_waypoint_exports_spans_with_the_callers_span_as_parent() {
     // Not sampled by the caller, and a trace started here (sampling 0%): no span.
     ask(Some(&format!("00-{trace}-{caller}-00"))).await;
     ask(None).await;
-    eventually("the span at the collector", || {
-        !collector.spans.lock().unwrap().is_empty()
+    eventually("the spans at the collector", || {
+        collector.spans.lock().unwrap().len() >= 3
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let spans = collector.spans.lock().unwrap().clone();
-    assert_eq!(spans.len(), 1, "only the sampled request: {spans:?}");
+    let all = collector.spans.lock().unwrap().clone();
+    let scopes = collector.scopes.lock().unwrap().clone();
+    let of = |scope: &str| -> Vec<ambit_proto::otlp::Span> {
+        all.iter()
+            .zip(&scopes)
+            .filter(|(_, s)| *s == scope)
+            .map(|(span, _)| span.clone())
+            .collect()
+    };
+    let spans = of("ambit-waypoint");
+    assert_eq!(spans.len(), 1, "only the sampled request: {all:?}");
     let span = &spans[0];
+    // Across the waypoint and the node proxies: node-a (the client's side) is a child of
+    // the caller, like the waypoint; node-b (the backend's side) of the waypoint.
+    let nodes = of("ambit-node");
+    assert_eq!(nodes.len(), 2, "one span per node proxy: {nodes:#?}");
+    for n in &nodes {
+        assert_eq!(hex(&n.trace_id), trace);
+        match span_tag(n, "reporter").as_str() {
+            "source" => assert_eq!(hex(&n.parent_span_id), caller),
+            "destination" => assert_eq!(
+                hex(&n.parent_span_id),
+                hex(&span.span_id),
+                "the backend's node proxy sees the waypoint's span as the parent"
+            ),
+            other => panic!("reporter {other:?}"),
+        }
+    }
     assert_eq!(hex(&span.trace_id), trace);
     assert_eq!(
         hex(&span.parent_span_id),
@@ -3154,17 +3180,7 @@ async fn the_waypoint_exports_spans_with_the_callers_span_as_parent() {
     assert_eq!(span.name, "echo.demo/traced");
     assert_eq!(span.kind, ambit_proto::otlp::span::SpanKind::Server as i32);
     assert!(span.end_time_unix_nano >= span.start_time_unix_nano && span.start_time_unix_nano > 0);
-    let tag = |k: &str| {
-        span.attributes
-            .iter()
-            .find(|a| a.key == k)
-            .and_then(|a| a.value.as_ref())
-            .and_then(|v| match &v.value {
-                Some(ambit_proto::otlp::any_value::Value::StringValue(s)) => Some(s.clone()),
-                _ => None,
-            })
-            .unwrap_or_default()
-    };
+    let tag = |k: &str| span_tag(span, k);
     assert_eq!(tag("http.method"), "GET");
     assert_eq!(tag("http.status_code"), "200");
     assert_eq!(tag("http.url"), "http://echo.demo/traced?x=1");

@@ -142,6 +142,8 @@ pub struct DataPlane {
     pub synced: SyncGate,
     /// How many pods hold each identity (certificates are released with the last one).
     cert_refs: Mutex<HashMap<SpiffeId, usize>>,
+    /// Spans of the requests seen where request metrics are on (`--otlp-endpoint`).
+    pub tracer: Option<crate::l7::NodeTracer>,
 }
 
 /// Closed until the node proxy knows the mesh (discovery synced), then open for good.
@@ -216,7 +218,14 @@ impl DataPlane {
             policy_changes: watch::Sender::new(0),
             synced: SyncGate::default(),
             cert_refs: Mutex::new(HashMap::new()),
+            tracer: None,
         }
+    }
+
+    /// Exports a span for each sampled request seen where request metrics are on.
+    pub fn with_tracer(mut self, tracer: Option<crate::l7::NodeTracer>) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     fn acquire(&self, id: &SpiffeId) -> CertHandle {
@@ -961,8 +970,14 @@ fn request_tap(
     metrics: &ConnMetrics,
     socket_is_client: bool,
 ) -> Option<RequestTap> {
-    pod.filter(|w| w.profile.l7_metrics)
-        .map(|_| RequestTap::new(dp.metrics.clone(), metrics.labels(), socket_is_client))
+    pod.filter(|w| w.profile.l7_metrics).map(|_| {
+        RequestTap::new(
+            dp.metrics.clone(),
+            metrics.labels(),
+            socket_is_client,
+            dp.tracer.clone(),
+        )
+    })
 }
 
 /// Copies both ways between two plain sockets (`a` the client's); returns bytes

@@ -78,6 +78,9 @@ pub struct NodeConfig {
     /// thread gone idle after a burst of connections never allocates again to trigger
     /// that itself.
     pub release_memory: Option<fn()>,
+    /// An OTLP/gRPC collector (`host:port`) for the spans of requests seen where request
+    /// metrics are on; `None`: no spans.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// How often [`NodeConfig::trust_bundle_file`] is re-read.
@@ -102,6 +105,7 @@ impl NodeConfig {
             trust_bundle_file: None,
             worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             release_memory: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -273,17 +277,39 @@ impl NodeProxy {
         let _ = metrics.admission.set(admission.clone());
         let mut dataplane = config.dataplane.clone();
         dataplane.hbone_server.admission = Some(admission);
-        let dp = Arc::new(DataPlane::new(
-            dataplane,
-            store.clone(),
-            certs.clone(),
-            bundle.clone(),
-            metrics.clone(),
-            Arc::new(authz::Policies::new(
-                config.dataplane.trust_domains(),
+        let tracer = config.otlp_endpoint.as_deref().map(|endpoint| {
+            use ambit_xds::trace::{Tracer, attr};
+            // The exporter runs on the control thread.
+            let _on_control = ch.enter();
+            l7::NodeTracer {
+                tracer: Tracer::start(
+                    endpoint,
+                    "ambit-node",
+                    vec![
+                        attr("service.name", format!("ambit-node.{node}")),
+                        attr("k8s.node.name", node.clone()),
+                        attr("istio.mesh_id", config.dataplane.trust_domain.clone()),
+                    ],
+                    stop_rx.clone(),
+                ),
+                node: node.as_str().into(),
+                mesh_id: config.dataplane.trust_domain.as_str().into(),
+            }
+        });
+        let dp = Arc::new(
+            DataPlane::new(
+                dataplane,
+                store.clone(),
+                certs.clone(),
+                bundle.clone(),
                 metrics.clone(),
-            )),
-        ));
+                Arc::new(authz::Policies::new(
+                    config.dataplane.trust_domains(),
+                    metrics.clone(),
+                )),
+            )
+            .with_tracer(tracer.clone()),
+        );
         let pods = Arc::new(Pods::new(dp, data.clone()));
 
         let (client, xds) = XdsClient::new(config.xds.clone(), store.clone());
@@ -299,7 +325,15 @@ impl NodeProxy {
                     name: node.clone(),
                     metrics: Arc::new(move || metrics.encode()),
                     certificates: Arc::new(move || ambit_xds::telemetry::cert_infos(&certs)),
-                    traces: None,
+                    traces: tracer.map(|t| {
+                        let t = t.tracer;
+                        Arc::new(move || t.recent())
+                            as Arc<
+                                dyn Fn() -> Vec<ambit_proto::telemetry::TracedRequest>
+                                    + Send
+                                    + Sync,
+                            >
+                    }),
                 },
                 stop_rx.clone(),
             )));

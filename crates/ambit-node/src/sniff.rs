@@ -36,8 +36,86 @@ pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// The largest HPACK dynamic table an encoder may ask for before sniffing ends.
 pub const MAX_HPACK_TABLE: usize = 64 * 1024;
 
+/// Bytes of a request's path kept for its span (longer paths are cut).
+pub const MAX_PATH: usize = 128;
+/// Bytes of a request's method kept (longer methods are cut).
+const MAX_METHOD: usize = 16;
+/// The length of a version-00 `traceparent` value.
+const TRACEPARENT_LEN: usize = 55;
+
 /// The HTTP/2 client connection preface.
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the sniffer keeps of a request for its span: method, path (cut at [`MAX_PATH`]
+/// bytes) and W3C trace context. Fixed size: nothing is allocated per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestFacts {
+    method: [u8; MAX_METHOD],
+    method_len: u8,
+    path: [u8; MAX_PATH],
+    path_len: u8,
+    /// The request's `traceparent`, if it carried a well-formed one.
+    pub trace: Option<ambit_hbone::headers::TraceParent>,
+}
+
+impl Default for RequestFacts {
+    fn default() -> Self {
+        Self {
+            method: [0; MAX_METHOD],
+            method_len: 0,
+            path: [0; MAX_PATH],
+            path_len: 0,
+            trace: None,
+        }
+    }
+}
+
+impl RequestFacts {
+    pub fn method(&self) -> &str {
+        text(&self.method[..usize::from(self.method_len)])
+    }
+
+    /// The path as sent (its first [`MAX_PATH`] bytes).
+    pub fn path(&self) -> &str {
+        text(&self.path[..usize::from(self.path_len)])
+    }
+
+    fn push_method(&mut self, b: u8) {
+        if usize::from(self.method_len) < MAX_METHOD {
+            self.method[usize::from(self.method_len)] = b;
+            self.method_len += 1;
+        }
+    }
+
+    fn push_path(&mut self, b: u8) {
+        if usize::from(self.path_len) < MAX_PATH {
+            self.path[usize::from(self.path_len)] = b;
+            self.path_len += 1;
+        }
+    }
+
+    fn set_method(&mut self, v: &[u8]) {
+        self.method_len = 0;
+        v.iter().for_each(|b| self.push_method(*b));
+    }
+
+    fn set_path(&mut self, v: &[u8]) {
+        self.path_len = 0;
+        v.iter().for_each(|b| self.push_path(*b));
+    }
+}
+
+/// The longest UTF-8 prefix of `b` (a path cut inside a character loses that character).
+fn text(b: &[u8]) -> &str {
+    match std::str::from_utf8(b) {
+        Ok(t) => t,
+        Err(e) => std::str::from_utf8(&b[..e.valid_up_to()]).unwrap_or_default(),
+    }
+}
+
+fn traceparent(v: &[u8]) -> Option<ambit_hbone::headers::TraceParent> {
+    ambit_hbone::headers::TraceParent::parse(std::str::from_utf8(v).ok()?)
+}
 
 /// One request and its response, complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +131,7 @@ pub struct Exchange {
     pub request_bytes: u64,
     /// Bytes of the response as carried.
     pub response_bytes: u64,
+    pub request: RequestFacts,
 }
 
 /// What the connection turned out to be.
@@ -258,9 +337,11 @@ enum LineKind {
 /// Headers whose values the sniffer reads.
 const CONTENT_LENGTH: u8 = 1;
 const TRANSFER_ENCODING: u8 = 2;
-const NAMES: [(&[u8], u8); 2] = [
+const TRACEPARENT: u8 = 3;
+const NAMES: [(&[u8], u8); 3] = [
     (b"content-length", CONTENT_LENGTH),
     (b"transfer-encoding", TRANSFER_ENCODING),
+    (b"traceparent", TRACEPARENT),
 ];
 
 /// The head facts of one message.
@@ -283,9 +364,12 @@ struct H1 {
     line: u32,
     head_bytes: u32,
     in_trailers: bool,
-    /// The method's bytes, as far as they can still be `HEAD` or `CONNECT`.
-    method: [u8; 8],
-    method_len: u8,
+    /// The request's method, path and trace context (requests only).
+    facts: RequestFacts,
+    /// The `traceparent` value being read.
+    trace: [u8; TRACEPARENT_LEN],
+    trace_len: u8,
+    trace_bad: bool,
     head: Head,
     /// Header name matching: the candidates still possible and the position in them.
     name_pos: u8,
@@ -320,8 +404,10 @@ impl H1 {
             line: 0,
             head_bytes: 0,
             in_trailers: false,
-            method: [0; 8],
-            method_len: 0,
+            facts: RequestFacts::default(),
+            trace: [0; TRACEPARENT_LEN],
+            trace_len: 0,
+            trace_bad: false,
             head: Head::default(),
             name_pos: 0,
             name_candidates: 0,
@@ -410,8 +496,8 @@ impl H1 {
                         if !is_tchar(b) {
                             return Err(GiveUp);
                         }
-                        self.method[0] = b;
-                        self.method_len = 1;
+                        self.facts = RequestFacts::default();
+                        self.facts.push_method(b);
                         self.st = St::Method;
                     }
                     Role::Response => {
@@ -425,18 +511,13 @@ impl H1 {
             St::Method => {
                 self.count_line()?;
                 if b == b' ' {
-                    let m = &self.method[..usize::from(self.method_len)];
-                    self.head.method_head = m == b"HEAD";
-                    self.head.method_connect = m == b"CONNECT";
+                    let m = self.facts.method();
+                    self.head.method_head = m == "HEAD";
+                    self.head.method_connect = m == "CONNECT";
                     self.st = St::Target;
                 } else if is_tchar(b) {
-                    if usize::from(self.method_len) < self.method.len() {
-                        self.method[usize::from(self.method_len)] = b;
-                        self.method_len += 1;
-                    } else {
-                        // Longer than any method the sniffer looks for: remember only that.
-                        self.method = [0; 8];
-                    }
+                    // Cut at MAX_METHOD bytes (then neither HEAD nor CONNECT).
+                    self.facts.push_method(b);
                 } else {
                     return Err(GiveUp);
                 }
@@ -447,6 +528,8 @@ impl H1 {
                     self.st = St::ReqVersion(0);
                 } else if b <= b' ' || b == 0x7f {
                     return Err(GiveUp);
+                } else {
+                    self.facts.push_path(b);
                 }
             }
             St::ReqVersion(pos) => {
@@ -501,7 +584,11 @@ impl H1 {
                     b' ' | b'\t' => return Err(GiveUp),
                     _ if is_tchar(b) => {
                         self.name_pos = 0;
-                        self.name_candidates = if self.in_trailers { 0 } else { 0b11 };
+                        self.name_candidates = match (self.in_trailers, self.role) {
+                            (true, _) => 0,
+                            (false, Role::Request) => 0b111,
+                            (false, Role::Response) => 0b011,
+                        };
                         self.header = 0;
                         self.name_byte(b);
                         self.st = St::Name;
@@ -525,6 +612,8 @@ impl H1 {
                     self.coding_pos = 0;
                     self.coding_ok = true;
                     self.coding_any = false;
+                    self.trace_len = 0;
+                    self.trace_bad = false;
                     self.st = St::Value;
                 } else if is_tchar(b) {
                     self.name_byte(b);
@@ -678,6 +767,14 @@ impl H1 {
                     }
                 }
             }
+            TRACEPARENT => match b {
+                b' ' | b'\t' => {}
+                _ if usize::from(self.trace_len) < TRACEPARENT_LEN => {
+                    self.trace[usize::from(self.trace_len)] = b;
+                    self.trace_len += 1;
+                }
+                _ => self.trace_bad = true,
+            },
             _ => {}
         }
     }
@@ -732,6 +829,13 @@ impl H1 {
                 }
                 self.head.content_length = Some(n);
             }
+            TRACEPARENT => {
+                self.facts.trace = if self.trace_bad {
+                    None
+                } else {
+                    traceparent(&self.trace[..usize::from(self.trace_len)])
+                };
+            }
             TRANSFER_ENCODING => {
                 if self.coding_any && self.coding_pos != u8::MAX {
                     self.coding_ok &= usize::from(self.coding_pos) == b"chunked".len();
@@ -772,6 +876,7 @@ struct Pending {
     started: Instant,
     head: bool,
     bytes: u64,
+    facts: RequestFacts,
 }
 
 /// Both directions of an HTTP/1.1 connection.
@@ -825,6 +930,7 @@ impl Http1 {
                         started: started.unwrap_or(now),
                         head: head.method_head,
                         bytes: h1.bytes,
+                        facts: h1.facts,
                     });
                     // A request body must be delimited; a server would refuse another coding.
                     if head.other_encoding {
@@ -894,6 +1000,7 @@ impl Http1 {
                         duration: now.saturating_duration_since(p.started),
                         request_bytes: p.bytes,
                         response_bytes: h1.bytes,
+                        request: p.facts,
                     });
                     if *upgraded {
                         return Err(GiveUp);
@@ -915,6 +1022,7 @@ impl Http1 {
                 duration: now.saturating_duration_since(p.started),
                 request_bytes: p.bytes,
                 response_bytes: self.server.bytes,
+                request: p.facts,
             });
         }
     }
@@ -1117,11 +1225,15 @@ impl H2Dir {
                 let mut status = None;
                 let mut grpc_status = None;
                 let mut grpc = false;
+                let mut facts = RequestFacts::default();
                 self.decoder
                     .decode_with_cb(&self.block, |name, value| match &*name {
                         b":status" => status = parse_u32(&value),
                         b"grpc-status" => grpc_status = parse_u32(&value),
                         b"content-type" => grpc = value.starts_with(b"application/grpc"),
+                        b":method" => facts.set_method(&value),
+                        b":path" => facts.set_path(&value),
+                        b"traceparent" => facts.trace = traceparent(&value),
                         _ => {}
                     })
                     .map_err(|_| GiveUp)?;
@@ -1133,6 +1245,7 @@ impl H2Dir {
                         grpc_status,
                         grpc,
                         end_stream: self.block_end_stream,
+                        facts,
                     })?;
                 }
                 self.block.clear();
@@ -1168,6 +1281,7 @@ enum H2Event {
         grpc_status: Option<u32>,
         grpc: bool,
         end_stream: bool,
+        facts: RequestFacts,
     },
     Reset {
         stream: u32,
@@ -1184,6 +1298,7 @@ struct Stream {
     grpc_status: Option<u32>,
     request_bytes: u64,
     response_bytes: u64,
+    facts: RequestFacts,
 }
 
 /// Both directions of an HTTP/2 connection.
@@ -1210,6 +1325,7 @@ impl H2 {
                     stream,
                     bytes,
                     grpc,
+                    facts,
                     ..
                 } => {
                     if let Some(s) = streams.iter_mut().find(|s| s.id == stream) {
@@ -1227,6 +1343,7 @@ impl H2 {
                             grpc_status: None,
                             request_bytes: bytes,
                             response_bytes: 0,
+                            facts,
                         });
                     }
                 }
@@ -1255,6 +1372,7 @@ impl H2 {
                         duration: now.saturating_duration_since(s.started),
                         request_bytes: s.request_bytes,
                         response_bytes: s.response_bytes,
+                        request: s.facts,
                     });
                 }
             }

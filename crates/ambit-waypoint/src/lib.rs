@@ -30,7 +30,8 @@ pub mod metrics;
 mod routing;
 pub mod serve;
 pub mod tee;
-pub mod trace;
+/// Span export (shared with the node proxy).
+pub use ambit_xds::trace;
 pub mod traffic;
 pub mod upstream;
 
@@ -329,6 +330,7 @@ impl Waypoint {
         let tracer = config.otlp_endpoint.as_deref().map(|endpoint| {
             trace::Tracer::start(
                 endpoint,
+                "ambit-waypoint",
                 vec![
                     trace::attr(
                         "service.name",

@@ -8,5 +8,6 @@
 pub mod client;
 pub mod convert;
 pub mod telemetry;
+pub mod trace;
 
 pub use client::{ResourceKind, XdsClient, XdsConfig, XdsState};

@@ -47,6 +47,10 @@ pub struct NodeArgs {
     /// Threads of the data path [default: one per CPU].
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Send a span per sampled request to this OTLP/gRPC collector (`host:port`), for
+    /// the pods with request metrics on (`ambit.io/l7-metrics`); no spans without it.
+    #[arg(long, env = "AMBIT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// On shutdown, how long open connections may finish before they are closed (a pod
     /// removed while the proxy runs keeps its connections until they end).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
@@ -145,6 +149,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         config.worker_threads = n;
     }
     config.release_memory = Some(crate::release_free_memory);
+    config.otlp_endpoint = args.otlp_endpoint.clone();
     // The proxy runs its own runtimes; this one only waits for the signal.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -371,7 +371,11 @@ impl Console {
                 .filter(|t| hostnames.contains(&t.service) || t.source == identity)
                 .collect();
             all.sort_by(|a, b| b.at.cmp(&a.at));
+            // The same request seen by several proxies (node proxies and a waypoint) is
+            // listed once.
+            let mut seen = std::collections::HashSet::new();
             all.into_iter()
+                .filter(|t| seen.insert((&t.trace_id, &t.path, &t.service)))
                 .take(MAX_TRACES)
                 .map(|t| {
                     json!({"trace_id": t.trace_id, "source": t.source, "service": t.service,

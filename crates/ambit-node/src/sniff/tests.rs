@@ -391,3 +391,61 @@ fn broken_http2_turns_sniffing_off() {
     let (_, protocol) = play(&[(Side::C, &c)], usize::MAX, false);
     assert_eq!(protocol, Protocol::Opaque);
 }
+
+const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+#[test]
+fn requests_keep_their_method_path_and_trace_context() {
+    let req = format!(
+        "PATCH /items/7?x=1 HTTP/1.1\r\nHost: x\r\nTraceParent:  {TP} \r\n\r\nGET / HTTP/1.1\r\ntraceparent: garbage\r\n\r\n"
+    );
+    let resp =
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let (seen, _) = play_all_splits(&[(Side::C, req.as_bytes()), (Side::S, resp)], false);
+    assert_eq!(seen[0].request.method(), "PATCH");
+    assert_eq!(seen[0].request.path(), "/items/7?x=1");
+    let tp = seen[0].request.trace.expect("the trace context");
+    assert_eq!(tp.to_header(), TP);
+    assert_eq!(seen[1].request.trace, None, "a malformed one is none");
+
+    // A long path is cut, never grown into.
+    let long = format!("GET /{} HTTP/1.1\r\n\r\n", "p".repeat(1000));
+    let (seen, _) = play(
+        &[
+            (Side::C, long.as_bytes()),
+            (Side::S, b"HTTP/1.1 204 No\r\n\r\n"),
+        ],
+        usize::MAX,
+        false,
+    );
+    assert_eq!(seen[0].request.path().len(), MAX_PATH);
+
+    // HTTP/2: from the header block.
+    let mut enc = loona_hpack::Encoder::new();
+    let mut c = PREFACE.to_vec();
+    c.extend(frame(
+        1,
+        END_HEADERS | END_STREAM,
+        1,
+        &enc.encode([
+            (&b":method"[..], &b"DELETE"[..]),
+            (b":path", b"/a/b"),
+            (b"traceparent", TP.as_bytes()),
+        ]),
+    ));
+    let mut senc = loona_hpack::Encoder::new();
+    let mut s = settings();
+    s.extend(frame(
+        1,
+        END_HEADERS | END_STREAM,
+        1,
+        &senc.encode([(&b":status"[..], &b"202"[..])]),
+    ));
+    let (seen, _) = play_all_splits(&[(Side::C, &c), (Side::S, &s)], false);
+    assert_eq!(seen[0].request.method(), "DELETE");
+    assert_eq!(seen[0].request.path(), "/a/b");
+    assert_eq!(
+        seen[0].request.trace.map(|t| t.to_header()),
+        Some(TP.to_owned())
+    );
+}

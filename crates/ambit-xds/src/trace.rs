@@ -1,11 +1,11 @@
-//! Traces: a span per request the waypoint serves, exported over OTLP/gRPC to a
-//! collector (`--otlp-endpoint`, off by default).
+//! Traces: spans exported over OTLP/gRPC to a collector (`--otlp-endpoint`, off by
+//! default), for the waypoint (a span per request it serves) and the node proxy (a span
+//! per request it sees, where request metrics are on).
 //!
 //! Sampling follows W3C Trace Context: a request that arrives with a `traceparent`
-//! keeps its sampled flag (the caller decided); one that starts a trace here is sampled
-//! at the configured rate (Istio's default, 1%), and the flag travels on to the backend.
-//! The span's parent is the caller's span; the backend sees the waypoint's span as its
-//! parent (see [`crate::headers::annotate_request_traced`]).
+//! keeps its sampled flag (the caller decided). A waypoint that starts a trace samples
+//! at its configured rate (Istio's default, 1%); the node proxy never starts one (it
+//! cannot add a header), it records the sampled requests of traces already running.
 //!
 //! Spans leave the request path by `try_send` into a bounded queue (a full queue drops
 //! the span and counts it: a slow collector never slows requests); one task batches
@@ -30,7 +30,7 @@ pub const BATCH: usize = 512;
 /// Recent traced requests kept for the console.
 pub const RECENT: usize = 100;
 
-/// The waypoint's span exporter.
+/// A proxy's span exporter.
 pub struct Tracer {
     tx: mpsc::Sender<Span>,
     pub dropped: AtomicU64,
@@ -53,8 +53,10 @@ pub fn attr(key: &str, value: impl Into<String>) -> KeyValue {
 impl Tracer {
     /// Starts exporting to `endpoint` (`host:port` of an OTLP/gRPC collector) with the
     /// resource attributes `resource`.
+    /// `scope` names the instrumentation (`ambit-waypoint`, `ambit-node`).
     pub fn start(
         endpoint: &str,
+        scope: &'static str,
         resource: Vec<KeyValue>,
         stop: watch::Receiver<bool>,
     ) -> Arc<Self> {
@@ -67,6 +69,7 @@ impl Tracer {
         });
         tokio::spawn(export(
             endpoint.to_owned(),
+            scope,
             resource,
             rx,
             tracer.clone(),
@@ -99,6 +102,7 @@ impl Tracer {
 
 async fn export(
     endpoint: String,
+    scope: &'static str,
     resource: Vec<KeyValue>,
     mut rx: mpsc::Receiver<Span>,
     tracer: Arc<Tracer>,
@@ -140,7 +144,7 @@ async fn export(
                 }),
                 scope_spans: vec![ScopeSpans {
                     scope: Some(InstrumentationScope {
-                        name: "ambit-waypoint".into(),
+                        name: scope.into(),
                         version: env!("CARGO_PKG_VERSION").into(),
                     }),
                     spans: batch,
