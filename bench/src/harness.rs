@@ -411,6 +411,10 @@ status: {{podIP: {}}}
             &grpc.to_string(),
             "--monitoring-addr",
             &monitoring.to_string(),
+            // Two meshes in one run (--baseline, --l7-metrics) must not share the
+            // console's default port; the benchmark does not use it.
+            "--console-addr",
+            "off",
         ],
         &dir.join("control.log"),
     )?;

@@ -689,6 +689,30 @@ pub fn custom_for<'p>(
     })
 }
 
+/// The decisions an evaluation counts, by policy: (`<namespace>/<name>`, or
+/// `no-allow-matched` when ALLOW policies applied and none matched; and `allow`, `deny`,
+/// `dry_run_deny` for what a dry-run policy would have denied, or `audit`). Nothing when
+/// no policy applied. Shared by the node proxy's and the waypoint's decision counters.
+pub fn each_counted_decision(e: &Evaluation<'_>, mut count: impl FnMut(String, &'static str)) {
+    let allowed = e.verdict.allowed;
+    match e.verdict.by {
+        Decider::Policy(p) => count(p.key(), if allowed { "allow" } else { "deny" }),
+        Decider::Refused(p) => count(p.key(), "deny"),
+        Decider::MissingPolicy(k) => count(k.to_owned(), "deny"),
+        Decider::NoAllowMatched => count("no-allow-matched".to_owned(), "deny"),
+        _ => {}
+    }
+    if let Some(v) = &e.dry_run
+        && !v.allowed
+        && let Decider::Policy(p) = v.by
+    {
+        count(p.key(), "dry_run_deny");
+    }
+    if let Some(p) = e.audit {
+        count(p.key(), "audit");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -180,6 +180,7 @@ async fn node_proxies_report_requests_without_a_waypoint() {
             .body(full(""))
             .unwrap()
     };
+    send.ready().await.unwrap();
     let resp = send.send_request(get("/status/200")).await.unwrap();
     assert_eq!(resp.status(), 200);
     drop((send, resp));
@@ -195,6 +196,7 @@ async fn node_proxies_report_requests_without_a_waypoint() {
         .await
         .unwrap();
     tokio::spawn(conn);
+    send.ready().await.unwrap();
     let resp = send.send_request(get("/status/200")).await.unwrap();
     assert_eq!(resp.status(), 200);
     resp.into_body().collect().await.unwrap();
@@ -203,9 +205,11 @@ async fn node_proxies_report_requests_without_a_waypoint() {
         .header("host", "echo.demo")
         .body(StreamBody::new(tokio_stream::iter(chunks)).boxed())
         .unwrap();
+    send.ready().await.unwrap();
     let resp = send.send_request(post).await.unwrap();
     assert_eq!(resp.status(), 201);
     resp.into_body().collect().await.unwrap();
+    send.ready().await.unwrap();
     let resp = send.send_request(get("/chunked")).await.unwrap();
     assert_eq!(resp.headers()["transfer-encoding"], "chunked");
     assert_eq!(
@@ -261,6 +265,7 @@ async fn node_proxies_report_requests_without_a_waypoint() {
                 let req = Request::get("http://echo.demo/status/202")
                     .body(full(""))
                     .unwrap();
+                send.ready().await.unwrap();
                 let resp = send.send_request(req).await.unwrap();
                 let status = resp.status();
                 resp.into_body().collect().await.unwrap();
@@ -315,6 +320,7 @@ async fn node_proxies_report_requests_without_a_waypoint() {
             .header("traceparent", format!("00-{trace}-{caller}-{flags}"))
             .body(full(""))
             .unwrap();
+        send.ready().await.unwrap();
         let resp = send.send_request(req).await.unwrap();
         resp.into_body().collect().await.unwrap();
     }

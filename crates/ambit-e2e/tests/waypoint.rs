@@ -785,6 +785,19 @@ spec:
             .is_some_and(|a| a.contains("denied by demo/no-writes")),
         "{line}"
     );
+    // Each decision is counted under the policy that made it (the console's policy page
+    // reads these).
+    let page = s.waypoint.metrics_text();
+    let decided = |policy: &str, decision: &str| {
+        sum(
+            &page,
+            "ambit_waypoint_policy_decisions_total",
+            &[("policy", policy), ("decision", decision)],
+        )
+    };
+    assert_eq!(decided("demo/reads", "allow"), 2.0, "{page}");
+    assert_eq!(decided("demo/no-writes", "deny"), 1.0, "{page}");
+    assert_eq!(decided("no-allow-matched", "deny"), 1.0, "{page}");
 
     // By principal: an ALLOW that names only another caller denies sleep.
     std::fs::write(

@@ -385,29 +385,11 @@ impl Metrics {
     /// Counts how policies decided a new inbound connection (once per connection; the
     /// re-checks after a policy change are not counted).
     pub fn decided(&self, e: &ambit_core::policy::Evaluation<'_>) {
-        use ambit_core::policy::Decider;
-        let count = |policy: String, decision: &'static str| {
+        ambit_core::policy::each_counted_decision(e, |policy, decision| {
             self.policy_decisions
                 .get_or_create(&DecisionLabels { policy, decision })
                 .inc();
-        };
-        let allowed = e.verdict.allowed;
-        match e.verdict.by {
-            Decider::Policy(p) => count(p.key(), if allowed { "allow" } else { "deny" }),
-            Decider::Refused(p) => count(p.key(), "deny"),
-            Decider::MissingPolicy(k) => count(k.to_owned(), "deny"),
-            Decider::NoAllowMatched => count("no-allow-matched".to_owned(), "deny"),
-            _ => {}
-        }
-        if let Some(v) = &e.dry_run
-            && !v.allowed
-            && let Decider::Policy(p) = v.by
-        {
-            count(p.key(), "dry_run_deny");
-        }
-        if let Some(p) = e.audit {
-            count(p.key(), "audit");
-        }
+        });
     }
 
     pub fn encode(&self) -> String {

@@ -46,6 +46,8 @@ pub struct Decision {
     /// A CUSTOM policy matched: its authorizer must allow the request first (the policy's
     /// `<namespace>/<name>` and authorizer).
     pub custom: Option<(String, std::sync::Arc<ambit_core::policy::ExtAuthz>)>,
+    /// What to count, by policy (see [`ambit_core::policy::each_counted_decision`]).
+    pub counted: Vec<(String, &'static str)>,
 }
 
 /// The facts of a request the policies read.
@@ -82,6 +84,7 @@ pub fn decide(
             dry_run: None,
             audit: None,
             custom: None,
+            counted: vec![(key.to_string(), "deny")],
         };
     }
     let policies: Vec<_> = state
@@ -149,11 +152,16 @@ fn describe(e: &Evaluation<'_>) -> Decision {
         ),
         _ => v.to_string(),
     };
+    let mut counted = Vec::new();
+    ambit_core::policy::each_counted_decision(e, |policy, decision| {
+        counted.push((policy, decision));
+    });
     Decision {
         allowed: e.verdict.allowed,
         reason: words(&e.verdict),
         dry_run: e.dry_run.as_ref().map(words),
         audit: e.audit.map(|p| format!("{}/{}", p.namespace, p.name)),
         custom: None,
+        counted,
     }
 }

@@ -724,6 +724,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<Respons
             }),
         )
     };
+    shared.metrics.decided(&decision.counted);
     let mut notes = Vec::new();
     if let Some(d) = &decision.dry_run {
         notes.push(format!("dry-run: {d}"));

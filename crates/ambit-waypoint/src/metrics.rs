@@ -33,6 +33,12 @@ struct NameLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    policy: String,
+    decision: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ExtAuthzLabels {
     provider: String,
     result: &'static str,
@@ -55,6 +61,7 @@ pub struct Metrics {
     rate_limited: Family<NameLabel, Counter>,
     overflows: Family<NameLabel, Counter>,
     ext_authz: Family<ExtAuthzLabels, Counter>,
+    policy_decisions: Family<DecisionLabels, Counter>,
     pub active_requests: Gauge,
     pub upstream_connections: Gauge,
     registry: Registry,
@@ -77,6 +84,7 @@ impl Default for Metrics {
             rate_limited: Family::default(),
             overflows: Family::default(),
             ext_authz: Family::default(),
+            policy_decisions: Family::default(),
             active_requests: Gauge::default(),
             upstream_connections: Gauge::default(),
             registry: Registry::default(),
@@ -101,6 +109,11 @@ impl Default for Metrics {
             "ambit_waypoint_ext_authz_checks",
             "Requests a CUSTOM policy handed to its external authorizer, by provider and result: allowed, denied, failed (answered statusOnError), failed_open (let through by failOpen)",
             m.ext_authz.clone(),
+        );
+        r.register(
+            "ambit_waypoint_policy_decisions",
+            "Requests and opaque connections decided by the waypoint's policies, by policy (<namespace>/<name>; no-allow-matched when ALLOW policies apply and none matched) and decision: allow, deny, dry_run_deny (a dry-run policy would have denied), audit",
+            m.policy_decisions.clone(),
         );
         r.register(
             "ambit_waypoint_overflow_requests",
@@ -216,6 +229,18 @@ impl Metrics {
                 name: policy.to_owned(),
             })
             .inc();
+    }
+
+    /// Counts how the policies decided a request or connection.
+    pub fn decided(&self, counted: &[(String, &'static str)]) {
+        for (policy, decision) in counted {
+            self.policy_decisions
+                .get_or_create(&DecisionLabels {
+                    policy: policy.clone(),
+                    decision,
+                })
+                .inc();
+        }
     }
 
     pub fn ext_authz(&self, provider: &str, result: &'static str) {

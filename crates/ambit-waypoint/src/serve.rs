@@ -433,6 +433,7 @@ where
         &target,
         None,
     );
+    shared.metrics.decided(&decision.counted);
     if !decision.allowed {
         let l = labels("-");
         shared.metrics.tcp_opened(&l);

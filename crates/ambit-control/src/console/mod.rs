@@ -40,8 +40,9 @@ pub const MAX_EDGES_PER_REPORT: usize = 50_000;
 pub const MAX_TRACES: usize = 100;
 
 /// The families a report is read for.
-const FAMILIES: [&str; 7] = [
+const FAMILIES: [&str; 8] = [
     "ambit_node_policy_decisions_total",
+    "ambit_waypoint_policy_decisions_total",
     "istio_tcp_connections_opened_total",
     "istio_tcp_connections_closed_total",
     "istio_tcp_sent_bytes_total",
@@ -136,7 +137,10 @@ impl Console {
             if edges.len() >= MAX_EDGES_PER_REPORT || decisions.len() >= MAX_EDGES_PER_REPORT {
                 break;
             }
-            if s.name == "ambit_node_policy_decisions_total" {
+            // The node proxies' L4 decisions and the waypoints' L7 ones, by policy.
+            if s.name == "ambit_node_policy_decisions_total"
+                || s.name == "ambit_waypoint_policy_decisions_total"
+            {
                 *decisions
                     .entry(s.label("policy").to_owned())
                     .or_default()
@@ -394,21 +398,25 @@ impl Console {
         }))
     }
 
-    fn policy_list(&self, model: &Model) -> Vec<Value> {
-        let snapshot = self.snapshots.borrow().clone();
-        // Decisions summed over every node proxy.
+    /// Decisions by policy and kind, summed over every reporter: the node proxies' (L4)
+    /// and the waypoints' (L7).
+    pub(crate) fn decisions(&self) -> HashMap<String, BTreeMap<String, f64>> {
         let mut decided: HashMap<String, BTreeMap<String, f64>> = HashMap::new();
-        {
-            let reporters = self.reporters.lock().unwrap_or_else(|p| p.into_inner());
-            for r in reporters.values() {
-                for (policy, kinds) in &r.decisions {
-                    let into = decided.entry(policy.clone()).or_default();
-                    for (k, v) in kinds {
-                        *into.entry(k.clone()).or_default() += v;
-                    }
+        let reporters = self.reporters.lock().unwrap_or_else(|p| p.into_inner());
+        for r in reporters.values() {
+            for (policy, kinds) in &r.decisions {
+                let into = decided.entry(policy.clone()).or_default();
+                for (k, v) in kinds {
+                    *into.entry(k.clone()).or_default() += v;
                 }
             }
         }
+        decided
+    }
+
+    fn policy_list(&self, model: &Model) -> Vec<Value> {
+        let snapshot = self.snapshots.borrow().clone();
+        let decided = self.decisions();
         let mut out = Vec::new();
         for o in model
             .of_kind(Kind::AuthorizationPolicy)

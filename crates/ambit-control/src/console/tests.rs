@@ -170,3 +170,22 @@ fn request_latency_quantiles_interpolate_within_buckets() {
     assert_eq!(quantile(&[], 0.5), None);
     assert_eq!(quantile(&[(1.0, 0.0)], 0.5), None);
 }
+
+#[test]
+fn waypoint_decisions_count_on_the_policy_like_node_proxy_ones() {
+    let c = console();
+    c.ingest(report(
+        "node-a",
+        "ambit_node_policy_decisions_total{policy=\"demo/p\",decision=\"allow\"} 2\n".into(),
+    ))
+    .unwrap();
+    let mut r = report(
+        "demo/waypoint",
+        "ambit_waypoint_policy_decisions_total{policy=\"demo/p\",decision=\"allow\"} 3\nambit_waypoint_policy_decisions_total{policy=\"demo/p\",decision=\"deny\"} 1\n".into(),
+    );
+    r.component = "waypoint".into();
+    c.ingest(r).unwrap();
+    let counts = c.decisions().remove("demo/p").unwrap_or_default();
+    assert_eq!(counts.get("allow"), Some(&5.0), "{counts:?}");
+    assert_eq!(counts.get("deny"), Some(&1.0), "{counts:?}");
+}
