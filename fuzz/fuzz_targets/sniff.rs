@@ -1,7 +1,8 @@
 //! Arbitrary bytes as a conversation the node proxy sniffs for requests: a sequence of
 //! pieces, each one header byte (top bit: the server sent it; the other seven: its
 //! length) and its bytes. The sniffer never panics, reports nothing larger than what was
-//! sent, and reports the same exchanges however the pieces are split into reads.
+//! sent, reports only real HTTP statuses and gRPC codes, and reports the same exchanges
+//! however the pieces are split into reads (empty reads included).
 #![no_main]
 
 use std::time::Instant;
@@ -27,6 +28,9 @@ fn play(pieces: &[(bool, &[u8])], step: usize) -> (Vec<Exchange>, Protocol) {
     let mut seen = Vec::new();
     let mut was_off = false;
     for (server, bytes) in pieces {
+        // An empty read (an empty DATA frame, say) between pieces changes nothing.
+        s.client(&[], now);
+        s.server(&[], now, &mut |e| seen.push(e));
         for chunk in bytes.chunks(step) {
             if *server {
                 s.server(chunk, now, &mut |e| seen.push(e));
@@ -59,7 +63,8 @@ fuzz_target!(|data: &[u8]| {
     assert!(requests <= sent(false), "more request bytes than the client sent");
     assert!(responses <= sent(true), "more response bytes than the server sent");
     for e in &whole {
-        assert!((100..1000).contains(&e.status), "status {}", e.status);
+        assert!((100..600).contains(&e.status), "status {}", e.status);
+        assert!(e.grpc_status.is_none_or(|g| g <= 16), "grpc-status {:?}", e.grpc_status);
         assert!(e.grpc || e.grpc_status.is_none());
     }
     // Splitting the reads differently changes nothing.

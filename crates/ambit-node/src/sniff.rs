@@ -35,6 +35,10 @@ pub const MAX_STREAMS: usize = 1024;
 pub const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// The largest HPACK dynamic table an encoder may ask for before sniffing ends.
 pub const MAX_HPACK_TABLE: usize = 64 * 1024;
+/// A header block that decodes to more than this (names, values and 32 bytes per field,
+/// as HTTP/2 counts a header list) ends sniffing: a small block of references to one large
+/// table entry must not cost more than a large block would.
+pub const MAX_HEADER_LIST: usize = 256 * 1024;
 
 /// Bytes of a request's path kept for its span (longer paths are cut).
 pub const MAX_PATH: usize = 128;
@@ -95,13 +99,15 @@ impl RequestFacts {
     }
 
     fn set_method(&mut self, v: &[u8]) {
-        self.method_len = 0;
-        v.iter().for_each(|b| self.push_method(*b));
+        let n = v.len().min(MAX_METHOD);
+        self.method[..n].copy_from_slice(&v[..n]);
+        self.method_len = n as u8;
     }
 
     fn set_path(&mut self, v: &[u8]) {
-        self.path_len = 0;
-        v.iter().for_each(|b| self.push_path(*b));
+        let n = v.len().min(MAX_PATH);
+        self.path[..n].copy_from_slice(&v[..n]);
+        self.path_len = n as u8;
     }
 }
 
@@ -114,6 +120,10 @@ fn text(b: &[u8]) -> &str {
 }
 
 fn traceparent(v: &[u8]) -> Option<ambit_hbone::headers::TraceParent> {
+    // Version 00 is 55 bytes; a longer value is not read at all.
+    if v.len() > 2 * TRACEPARENT_LEN {
+        return None;
+    }
     ambit_hbone::headers::TraceParent::parse(std::str::from_utf8(v).ok()?)
 }
 
@@ -207,6 +217,9 @@ impl Sniffer {
 
     /// Bytes the client sent, in order. (Exchanges complete with their responses.)
     pub fn client(&mut self, mut bytes: &[u8], now: Instant) {
+        if bytes.is_empty() {
+            return;
+        }
         if let Mode::Detect { matched, server } = &mut self.mode {
             let mut m = *matched;
             let mut taken = 0;
@@ -250,6 +263,9 @@ impl Sniffer {
 
     /// Bytes the server sent, in order. Completed exchanges go to `out`.
     pub fn server(&mut self, bytes: &[u8], now: Instant, out: &mut impl FnMut(Exchange)) {
+        if bytes.is_empty() {
+            return;
+        }
         let result = match &mut self.mode {
             Mode::Detect { server, .. } => server
                 .get_or_insert_with(|| Box::new(H2::new()))
@@ -379,10 +395,14 @@ struct H1 {
     /// Content-Length value being read.
     number: Option<u64>,
     number_bad: bool,
+    /// Whitespace came after the number's digits.
+    number_gap: bool,
     /// Transfer-Encoding: the current coding, as far as it can still be `chunked`.
     coding_pos: u8,
     coding_ok: bool,
     coding_any: bool,
+    /// The verdict (`chunked` or not) of the last complete element of the line.
+    coding_last: Option<bool>,
     chunk_digits: u8,
     /// Bytes of the current message.
     bytes: u64,
@@ -414,9 +434,11 @@ impl H1 {
             header: 0,
             number: None,
             number_bad: false,
+            number_gap: false,
             coding_pos: 0,
             coding_ok: false,
             coding_any: false,
+            coding_last: None,
             chunk_digits: 0,
             bytes: 0,
         }
@@ -548,6 +570,8 @@ impl H1 {
                     }
                     self.head.status = self.head.status * 10 + u16::from(b - b'0');
                     self.st = St::Status(n + 1);
+                } else if !(100..600).contains(&self.head.status) {
+                    return Err(GiveUp);
                 } else if b == b' ' {
                     self.st = St::Reason;
                 } else if b == b'\r' {
@@ -609,6 +633,8 @@ impl H1 {
                     }
                     self.number = None;
                     self.number_bad = false;
+                    self.number_gap = false;
+                    self.coding_last = None;
                     self.coding_pos = 0;
                     self.coding_ok = true;
                     self.coding_any = false;
@@ -679,6 +705,8 @@ impl H1 {
     fn chunk_header(&mut self) {
         self.st = St::ChunkSize;
         self.line = 0;
+        // Each chunk-size line is bounded as a line; a body of many chunks is not a head.
+        self.head_bytes = 0;
         self.number = None;
         self.chunk_digits = 0;
     }
@@ -727,6 +755,8 @@ impl H1 {
     fn value_byte(&mut self, b: u8) {
         match self.header {
             CONTENT_LENGTH => match b {
+                // A digit after whitespace that followed digits ("1 2") is not a number.
+                b'0'..=b'9' if self.number.is_some() && self.number_gap => self.number_bad = true,
                 b'0'..=b'9' => {
                     let n = self.number.unwrap_or(0);
                     match n
@@ -738,13 +768,18 @@ impl H1 {
                     }
                 }
                 // Surrounding whitespace is allowed; a list ("5, 5") is not followed.
-                b' ' | b'\t' => {}
+                b' ' | b'\t' => self.number_gap = true,
                 _ => self.number_bad = true,
             },
             TRANSFER_ENCODING => {
                 const CHUNKED: &[u8] = b"chunked";
                 match b {
                     b',' => {
+                        // An empty element (",,", a trailing ",") leaves the verdict of
+                        // the last coding standing.
+                        if self.coding_any {
+                            self.coding_last = Some(self.coding_chunked());
+                        }
                         self.coding_pos = 0;
                         self.coding_ok = true;
                         self.coding_any = false;
@@ -779,6 +814,12 @@ impl H1 {
         }
     }
 
+    /// Whether the coding read so far in a Transfer-Encoding element is `chunked`.
+    fn coding_chunked(&self) -> bool {
+        let ended = self.coding_pos == u8::MAX;
+        self.coding_ok && (ended || usize::from(self.coding_pos) == b"chunked".len())
+    }
+
     fn line_end(
         &mut self,
         kind: LineKind,
@@ -807,8 +848,10 @@ impl H1 {
             LineKind::ChunkSize => {
                 let size = self.number.unwrap_or(0);
                 if size == 0 {
-                    // The last chunk: trailers (header lines) up to an empty line.
+                    // The last chunk: trailers (header lines) up to an empty line, bounded
+                    // like a head of their own.
                     self.in_trailers = true;
+                    self.head_bytes = 0;
                     self.st = St::LineStart;
                 } else {
                     self.st = St::ChunkData(size);
@@ -837,17 +880,22 @@ impl H1 {
                 };
             }
             TRANSFER_ENCODING => {
-                if self.coding_any && self.coding_pos != u8::MAX {
-                    self.coding_ok &= usize::from(self.coding_pos) == b"chunked".len();
-                }
+                let last = if self.coding_any {
+                    Some(self.coding_chunked())
+                } else {
+                    self.coding_last
+                };
                 // Only the final coding decides; a later header line replaces the verdict.
-                let last_chunked = self.coding_any && self.coding_ok;
-                if last_chunked {
-                    self.head.chunked = true;
-                    self.head.other_encoding = false;
-                } else if self.coding_any || self.head.chunked {
-                    self.head.chunked = false;
-                    self.head.other_encoding = true;
+                // A line with no coding at all is not one the sniffer follows.
+                match last {
+                    Some(true) => {
+                        self.head.chunked = true;
+                        self.head.other_encoding = false;
+                    }
+                    Some(false) | None => {
+                        self.head.chunked = false;
+                        self.head.other_encoding = true;
+                    }
                 }
             }
             _ => {}
@@ -1226,17 +1274,27 @@ impl H2Dir {
                 let mut grpc_status = None;
                 let mut grpc = false;
                 let mut facts = RequestFacts::default();
+                let mut list = 0usize;
                 self.decoder
-                    .decode_with_cb(&self.block, |name, value| match &*name {
-                        b":status" => status = parse_u32(&value),
-                        b"grpc-status" => grpc_status = parse_u32(&value),
-                        b"content-type" => grpc = value.starts_with(b"application/grpc"),
-                        b":method" => facts.set_method(&value),
-                        b":path" => facts.set_path(&value),
-                        b"traceparent" => facts.trace = traceparent(&value),
-                        _ => {}
+                    .decode_with_cb(&self.block, |name, value| {
+                        list += name.len() + value.len() + 32;
+                        if list > MAX_HEADER_LIST {
+                            return;
+                        }
+                        match &*name {
+                            b":status" => status = parse_u32(&value),
+                            b"grpc-status" => grpc_status = parse_u32(&value),
+                            b"content-type" => grpc = value.starts_with(b"application/grpc"),
+                            b":method" => facts.set_method(&value),
+                            b":path" => facts.set_path(&value),
+                            b"traceparent" => facts.trace = traceparent(&value),
+                            _ => {}
+                        }
                     })
                     .map_err(|_| GiveUp)?;
+                if list > MAX_HEADER_LIST {
+                    return Err(GiveUp);
+                }
                 if self.block_kind == HEADERS {
                     on(H2Event::Headers {
                         stream,
@@ -1306,6 +1364,9 @@ struct H2 {
     client: H2Dir,
     server: H2Dir,
     streams: Vec<Stream>,
+    /// The highest stream the client opened: a new stream's id is higher (RFC 9113
+    /// 5.1.1), so HEADERS on a lower id not in the table belong to a finished stream.
+    last_stream: u32,
 }
 
 impl H2 {
@@ -1314,11 +1375,13 @@ impl H2 {
             client: H2Dir::new(false),
             server: H2Dir::new(true),
             streams: Vec::new(),
+            last_stream: 0,
         }
     }
 
     fn client(&mut self, bytes: &[u8], now: Instant) -> Step {
         let streams = &mut self.streams;
+        let last_stream = &mut self.last_stream;
         self.client.feed(bytes, &mut |event| {
             match event {
                 H2Event::Headers {
@@ -1331,10 +1394,11 @@ impl H2 {
                     if let Some(s) = streams.iter_mut().find(|s| s.id == stream) {
                         // Request trailers.
                         s.request_bytes += bytes;
-                    } else {
+                    } else if stream > *last_stream {
                         if stream % 2 == 0 || streams.len() >= MAX_STREAMS {
                             return Err(GiveUp);
                         }
+                        *last_stream = stream;
                         streams.push(Stream {
                             id: stream,
                             started: now,
@@ -1389,14 +1453,17 @@ impl H2 {
                 } => {
                     if let Some(s) = streams.iter_mut().find(|s| s.id == stream) {
                         s.response_bytes += bytes;
+                        // The first final status counts; trailers carry none.
                         if let Some(code) = status
-                            && !(100..200).contains(&code)
-                            && code < 1000
+                            && (200..600).contains(&code)
+                            && s.status == 0
                         {
                             s.status = code as u16;
                         }
-                        if grpc_status.is_some() {
-                            s.grpc_status = grpc_status;
+                        if let Some(g) = grpc_status {
+                            // gRPC defines codes 0 to 16; anything else is UNKNOWN (2),
+                            // so a peer cannot mint metric series at will.
+                            s.grpc_status = Some(if g <= 16 { g } else { 2 });
                         }
                     }
                     if end_stream {

@@ -449,3 +449,131 @@ fn requests_keep_their_method_path_and_trace_context() {
         Some(TP.to_owned())
     );
 }
+
+#[test]
+fn a_body_of_many_small_chunks_is_followed_to_its_end() {
+    let mut resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..30_000 {
+        resp.extend_from_slice(b"1\r\nx\r\n");
+    }
+    resp.extend_from_slice(b"0\r\n\r\n");
+    let (seen, protocol) = play(
+        &[(Side::C, b"GET /events HTTP/1.1\r\n\r\n"), (Side::S, &resp)],
+        4096,
+        false,
+    );
+    assert_eq!(protocol, Protocol::Http1);
+    assert_eq!(statuses(&seen), [200]);
+    assert_eq!(seen[0].response_bytes, resp.len() as u64);
+}
+
+#[test]
+fn statuses_outside_the_http_range_and_odd_framing_headers_end_sniffing() {
+    for status in [&b"042"[..], b"600", b"999"] {
+        let mut resp = b"HTTP/1.1 ".to_vec();
+        resp.extend_from_slice(status);
+        resp.extend_from_slice(b" X\r\ncontent-length: 0\r\n\r\n");
+        let (seen, protocol) = play_all_splits(
+            &[(Side::C, b"GET / HTTP/1.1\r\n\r\n"), (Side::S, &resp)],
+            false,
+        );
+        assert!(seen.is_empty());
+        assert_eq!(protocol, Protocol::Opaque);
+    }
+    // "1 2" is not twelve.
+    let (_, protocol) = play(
+        &[(Side::C, b"POST / HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n")],
+        usize::MAX,
+        false,
+    );
+    assert_eq!(protocol, Protocol::Opaque);
+    // A trailing comma leaves "chunked" the last coding.
+    let (seen, _) = play_all_splits(
+        &[
+            (
+                Side::C,
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked,\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            ),
+            (
+                Side::S,
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip , \r\nContent-Length: 4\r\n\r\nthe body until close",
+            ),
+        ],
+        true,
+    );
+    assert_eq!(statuses(&seen), [200]);
+    assert_eq!(
+        seen[0].response_bytes,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip , \r\nContent-Length: 4\r\n\r\nthe body until close".len() as u64,
+        "a final coding other than chunked: delimited by the close, not the length"
+    );
+}
+
+#[test]
+fn http2_trailers_keep_the_status_and_grpc_codes_are_bounded() {
+    let mut cenc = loona_hpack::Encoder::new();
+    let mut senc = loona_hpack::Encoder::new();
+    let mut c = PREFACE.to_vec();
+    c.extend(frame(
+        1,
+        END_HEADERS,
+        1,
+        &cenc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":path", b"/t.S/M"),
+            (b"content-type", b"application/grpc"),
+        ]),
+    ));
+    c.extend(frame(0, END_STREAM, 1, &[0, 0, 0, 0, 0]));
+    let mut s = settings();
+    s.extend(frame(
+        1,
+        END_HEADERS,
+        1,
+        &senc.encode([(&b":status"[..], &b"200"[..])]),
+    ));
+    s.extend(frame(
+        1,
+        END_HEADERS | END_STREAM,
+        1,
+        &senc.encode([(&b":status"[..], &b"0"[..]), (b"grpc-status", b"99")]),
+    ));
+    // Trailers from the client for a finished stream open nothing.
+    let mut late = frame(
+        1,
+        END_HEADERS | END_STREAM,
+        1,
+        &cenc.encode([(&b"x"[..], &b"y"[..])]),
+    );
+    late.extend(frame(1, END_HEADERS | END_STREAM, 1, &[]));
+    let (seen, protocol) =
+        play_all_splits(&[(Side::C, &c), (Side::S, &s), (Side::C, &late)], false);
+    assert_eq!(protocol, Protocol::Http2);
+    assert_eq!(seen.len(), 1);
+    assert_eq!((seen[0].status, seen[0].grpc_status), (200, Some(2)));
+}
+
+#[test]
+fn a_small_block_that_decodes_huge_ends_sniffing() {
+    // One large table entry, then a block of references to it.
+    let mut c = PREFACE.to_vec();
+    let mut block = vec![0x44, 0x7f, 0xa1, 0x1e]; // :path (static 4), literal of 4,000 bytes
+    block.extend(std::iter::repeat_n(b'a', 4000));
+    c.extend(frame(1, END_HEADERS | END_STREAM, 1, &block));
+    let mut refs = Vec::new();
+    refs.extend(std::iter::repeat_n(0xbe, 16_000)); // index 62: the entry above
+    c.extend(frame(1, END_HEADERS | END_STREAM, 3, &refs));
+    let (_, protocol) = play(&[(Side::C, &c)], usize::MAX, false);
+    assert_eq!(protocol, Protocol::Opaque);
+}
+
+#[test]
+fn empty_reads_change_nothing() {
+    let mut s = Sniffer::new();
+    let now = Instant::now();
+    s.server(&[], now, &mut |_| {});
+    s.client(b"GET / HTTP/1.1\r\n\r\n", now);
+    let mut seen = Vec::new();
+    s.server(b"HTTP/1.1 204 No\r\n\r\n", now, &mut |e| seen.push(e));
+    assert_eq!(statuses(&seen), [204]);
+}
