@@ -473,6 +473,38 @@ impl H1 {
                     self.bytes += bytes.len() as u64;
                     return Ok(());
                 }
+                // The runs of a head that need no decision byte by byte (a header value
+                // the sniffer does not read, a reason phrase, a target, a name no
+                // candidate matches) are skipped in one step up to the byte that ends
+                // them, which then goes through `byte` like any other.
+                St::Value | St::Reason if self.header == 0 || matches!(self.st, St::Reason) => {
+                    let n = run(bytes, |b| (b >= b' ' || b == b'\t') && b != 0x7f);
+                    if n > 0 {
+                        self.skip_line_bytes(n)?;
+                        bytes = &bytes[n..];
+                        continue;
+                    }
+                }
+                St::Target => {
+                    let n = run(bytes, |b| b > b' ' && b != 0x7f);
+                    if n > 0 {
+                        let room = MAX_PATH - usize::from(self.facts.path_len);
+                        for &b in &bytes[..n.min(room)] {
+                            self.facts.push_path(b);
+                        }
+                        self.skip_line_bytes(n)?;
+                        bytes = &bytes[n..];
+                        continue;
+                    }
+                }
+                St::Name if self.name_candidates == 0 => {
+                    let n = run(bytes, is_tchar);
+                    if n > 0 {
+                        self.skip_line_bytes(n)?;
+                        bytes = &bytes[n..];
+                        continue;
+                    }
+                }
                 _ => {}
             }
             let b = bytes[0];
@@ -485,6 +517,18 @@ impl H1 {
     fn done(&mut self, on: &mut impl FnMut(H1Event, &H1) -> Result<Body, GiveUp>) -> Step {
         on(H1Event::Done, self)?;
         self.st = St::Idle;
+        Ok(())
+    }
+
+    /// What `byte` does for `n` ordinary bytes of a line: counted, and bounded.
+    fn skip_line_bytes(&mut self, n: usize) -> Step {
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        self.bytes += n as u64;
+        self.line = self.line.saturating_add(n32);
+        self.head_bytes = self.head_bytes.saturating_add(n32);
+        if self.line > MAX_LINE || self.head_bytes > MAX_HEAD {
+            return Err(GiveUp);
+        }
         Ok(())
     }
 
@@ -768,7 +812,7 @@ impl H1 {
                     }
                 }
                 // Surrounding whitespace is allowed; a list ("5, 5") is not followed.
-                b' ' | b'\t' => self.number_gap = true,
+                b' ' | b'\t' => self.number_gap = self.number.is_some(),
                 _ => self.number_bad = true,
             },
             TRANSFER_ENCODING => {
@@ -903,6 +947,11 @@ impl H1 {
         self.header = 0;
         Ok(())
     }
+}
+
+/// How many bytes at the start of `bytes` satisfy `ok`.
+fn run(bytes: &[u8], ok: impl Fn(u8) -> bool) -> usize {
+    bytes.iter().position(|&b| !ok(b)).unwrap_or(bytes.len())
 }
 
 fn is_tchar(b: u8) -> bool {

@@ -577,3 +577,23 @@ fn empty_reads_change_nothing() {
     s.server(b"HTTP/1.1 204 No\r\n\r\n", now, &mut |e| seen.push(e));
     assert_eq!(statuses(&seen), [204]);
 }
+
+#[test]
+fn multi_digit_lengths_after_whitespace_are_read() {
+    // nginx's answer in bench/run: a four-digit length after the usual space.
+    let request = b"GET / HTTP/1.1\r\nHost: 198.18.2.10:8080\r\n\r\n";
+    let mut response = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Tue, 01 Dec 2026 16:00:00 GMT\r\nContent-Length:  1024 \r\nConnection: keep-alive\r\n\r\n".to_vec();
+    response.extend(std::iter::repeat_n(b'x', 1024));
+    let (seen, protocol) = play_all_splits(
+        &[
+            (Side::C, request),
+            (Side::S, &response),
+            (Side::C, request),
+            (Side::S, &response),
+        ],
+        false,
+    );
+    assert_eq!(protocol, Protocol::Http1);
+    assert_eq!(statuses(&seen), [200, 200]);
+    assert_eq!(seen[1].response_bytes, response.len() as u64);
+}
