@@ -22,7 +22,8 @@
 //!   process each).
 //!
 //! The servers are iperf3 and an nginx HTTP server answering every request with 1 KiB.
-//! Per mode and repetition (modes interleaved: direct, ambit, nginx, direct, ...):
+//! Per mode and repetition (modes interleaved, each repetition starting one mode later:
+//! direct, ambit, nginx; ambit, nginx, direct; ...):
 //! iperf3 one-stream throughput both ways; wrk latency at a fixed ~1,000 requests/s
 //! (a Lua `delay` script over 10 connections) with keep-alive and with a new connection
 //! per request; wrk's maximum request rate; the connection setup rate (a new connection
@@ -394,7 +395,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); targets.len()];
     for rep in 0..args.reps {
-        for (i, t) in targets.iter().enumerate() {
+        // Each repetition starts with the next mode, so no mode always runs in the same
+        // place: an A/A run found the fourth place alone costing half the throughput.
+        for k in 0..targets.len() {
+            let i = (k + rep) % targets.len();
+            let t = &targets[i];
             eprintln!("[{}] repetition {}/{}", t.mode.name(), rep + 1, args.reps);
             let sample = measure(t, &args, &mut procs).await?;
             samples[i].push(sample);
