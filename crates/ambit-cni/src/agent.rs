@@ -168,6 +168,7 @@ struct Metrics {
     rule_failures: Counter,
     repairs: Counter,
     proxy_connected: Gauge,
+    passes: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -198,6 +199,11 @@ impl Metrics {
             "node_proxy_connected",
             "Whether the ZDS session with the node proxy is up",
             m.proxy_connected.clone(),
+        );
+        r.register(
+            "reconcile_passes",
+            "Passes of the reconcile loop: one per change, event, session or periodic tick (about two a second when idle)",
+            m.passes.clone(),
         );
         m
     }
@@ -287,7 +293,7 @@ impl Agent {
             previous: Vec::new(),
             fresh: false,
             swept: false,
-            events,
+            events: Some(events),
             reported: HashMap::new(),
             precaptured: BTreeMap::new(),
             deleted: HashSet::new(),
@@ -449,8 +455,9 @@ struct Reconciler {
     fresh: bool,
     /// Whether leftover rules of pods not enrolled have been looked for (once).
     swept: bool,
-    /// Requests from the CNI plugin.
-    events: tokio::sync::mpsc::Receiver<Event>,
+    /// Requests from the CNI plugin; none without a CNI socket (local mode) or once the
+    /// plugin server has stopped.
+    events: Option<tokio::sync::mpsc::Receiver<Event>>,
     /// Network namespaces the CNI plugin reported, by `(namespace, name)`, with the
     /// sandbox (container id) that reported them.
     reported: HashMap<(String, String), Reported>,
@@ -513,6 +520,14 @@ async fn first_closed(previous: &[ZdsSession]) -> usize {
     .await
 }
 
+/// The next request from the CNI plugin; never, when there is no channel.
+async fn next_event(events: &mut Option<tokio::sync::mpsc::Receiver<Event>>) -> Option<Event> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Reconciler {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -533,12 +548,15 @@ impl Reconciler {
                     }
                 }
                 _ = tick.tick() => {}
-                event = self.events.recv() => {
-                    if let Some((event, reply)) = event {
+                event = next_event(&mut self.events) => match event {
+                    Some((event, reply)) => {
                         let answer = self.on_event(event).await;
                         let _ = reply.send(answer);
                     }
-                }
+                    // A closed channel is ready forever: stop listening to it, or this
+                    // loop would spin.
+                    None => self.events = None,
+                },
                 _ = lost => {
                     tracing::warn!("the node proxy closed the ZDS session; enrolled pods' traffic is refused until a node proxy connects and takes the snapshot");
                     self.session = None;
@@ -556,6 +574,7 @@ impl Reconciler {
                     self.fresh = true;
                 }
             }
+            self.metrics.passes.inc();
             let synced = self.xds.borrow_and_update().synced;
             if synced {
                 self.converge().await;

@@ -363,6 +363,33 @@ async fn drifted_rules_are_repaired_and_counted() {
     assert_eq!(status, 200);
 }
 
+/// The reconcile loop's passes so far, from the agent's metrics.
+async fn reconcile_passes(mesh: &Mesh, node: &str) -> u64 {
+    let (_, page) = ambit_admin::get(mesh.agents[node].admin_addr(), "/metrics")
+        .await
+        .unwrap();
+    page.lines()
+        .find_map(|l| l.strip_prefix("ambit_cni_reconcile_passes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no reconcile pass counter:\n{page}"))
+}
+
+/// Without a CNI socket (local mode) the plugin's request channel is closed from the
+/// start; an agent that kept polling it spun a core. Idle, the loop only wakes for its
+/// periodic tick (every 500 ms): a handful of passes in two seconds, not thousands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_sleeps_between_ticks() {
+    let mesh = Mesh::start_agents(in_mesh(cast()), true, |_| {}).await;
+    mesh.wait_phase("echo-1", Some(PodPhase::Enrolled)).await;
+    let before = reconcile_passes(&mesh, "node-b").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let passes = reconcile_passes(&mesh, "node-b").await - before;
+    assert!(
+        passes <= 20,
+        "{passes} reconcile passes in 2 s of idling: the loop is spinning"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_started_after_unlabeling_removes_leftover_rules() {
     let mut mesh = Mesh::start_agents(in_mesh(cast()), true, |_| {}).await;
