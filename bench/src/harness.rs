@@ -520,6 +520,76 @@ status: {{podIP: {}}}
     })
 }
 
+/// The machine's CPU time so far, from the first line of `/proc/stat` (USER_HZ ticks).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    /// user, nice, system, irq, softirq: work done by this machine.
+    pub busy: u64,
+    pub idle: u64,
+    /// Time the hypervisor ran someone else while this machine wanted to run.
+    pub steal: u64,
+}
+
+impl CpuTimes {
+    pub fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let f: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal ...
+        Self {
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            idle: at(3) + at(4),
+            steal: at(7),
+        }
+    }
+
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            busy: self.busy.saturating_sub(earlier.busy),
+            idle: self.idle.saturating_sub(earlier.idle),
+            steal: self.steal.saturating_sub(earlier.steal),
+        }
+    }
+
+    fn total(&self) -> f64 {
+        (self.busy + self.idle + self.steal).max(1) as f64
+    }
+
+    /// The share of CPU time spent working.
+    pub fn busy(&self) -> f64 {
+        self.busy as f64 / self.total()
+    }
+
+    /// The share of CPU time stolen.
+    pub fn steal(&self) -> f64 {
+        self.steal as f64 / self.total()
+    }
+}
+
+/// Waits until the machine is quiet (under 10% busy over a quarter of a second), for
+/// at most `max`. Returns the last busy share when it never got quiet.
+pub async fn settle(max: Duration) -> Result<(), f64> {
+    let start = Instant::now();
+    loop {
+        let before = CpuTimes::now();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let busy = CpuTimes::now().since(&before).busy();
+        if busy < 0.10 {
+            return Ok(());
+        }
+        if start.elapsed() >= max {
+            return Err(busy);
+        }
+    }
+}
+
 /// Median, min and max.
 pub fn stats(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
     let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();

@@ -6,6 +6,7 @@
 //! bench/run            # 5 interleaved repetitions (about 15 minutes on 2 cores)
 //! bench/run --quick    # 1 repetition, short runs (about 2 minutes)
 //! bench/run --baseline /path/to/older/ambit   # before/after a change, same run
+//! bench/run --aa --l7-metrics   # request metrics' cost beside an A/A control
 //! ```
 //!
 //! One topology of network namespaces (ambit-testenv), three client/server pairs on two
@@ -79,10 +80,14 @@ struct Args {
     /// change without the noise between separate runs.
     #[arg(long)]
     baseline: Option<PathBuf>,
-    /// Measure, in the same run, a second Ambit mesh whose pods turned request metrics on
-    /// (`ambit.io/l7-metrics: enabled`): the cost of sniffing HTTP at the node proxies
-    /// against L4 only. Takes the place of `--baseline`.
+    /// An A/A control: the same `ambit` binary again as the baseline. Whatever differs
+    /// between the two columns is the harness and the machine, not the code.
     #[arg(long, conflicts_with = "baseline")]
+    aa: bool,
+    /// Measure, in the same run, another Ambit mesh whose pods turned request metrics on
+    /// (`ambit.io/l7-metrics: enabled`): the cost of sniffing HTTP at the node proxies
+    /// against L4 only. Combine with `--aa` to see the harness's own spread beside it.
+    #[arg(long)]
     l7_metrics: bool,
     /// Build the topology, start everything, print where things are, and wait for
     /// Ctrl-C instead of measuring (for profiling by hand: perf, iperf3, wrk).
@@ -103,6 +108,7 @@ enum Mode {
     Ambit,
     Nginx,
     Baseline,
+    L7,
 }
 
 impl Mode {
@@ -112,6 +118,7 @@ impl Mode {
             Mode::Ambit => "ambit",
             Mode::Nginx => "nginx pair",
             Mode::Baseline => "Ambit baseline",
+            Mode::L7 => "Ambit, L7 metrics on",
         }
     }
 }
@@ -140,6 +147,8 @@ struct Sample {
     anon_idle: f64,
     rss_load: f64,
     per_idle_conn: f64,
+    /// The share of the machine's CPU time the hypervisor gave to others meanwhile.
+    steal: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -165,7 +174,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(until_interrupted(run(args)))
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(mut args: Args) -> anyhow::Result<()> {
     let ambit = std::fs::canonicalize(&args.ambit)
         .with_context(|| format!("the ambit binary {}", args.ambit.display()))?;
     for tool in ["iperf3", "wrk", "nginx", "openssl"] {
@@ -197,12 +206,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let d_server = topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 20))?;
     let n_client = topo.pod("node-a", Ipv4Addr::new(198, 18, 1, 30))?;
     let n_server = topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 30))?;
-    let second = if args.l7_metrics {
-        Some(&args.ambit)
-    } else {
-        args.baseline.as_ref()
-    };
-    let baseline = match second {
+    if args.aa {
+        args.baseline = Some(args.ambit.clone());
+    }
+    let baseline = match &args.baseline {
         Some(bin) => Some((
             std::fs::canonicalize(bin)
                 .with_context(|| format!("the baseline binary {}", bin.display()))?,
@@ -210,6 +217,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 40))?,
         )),
         None => None,
+    };
+    let l7 = if args.l7_metrics {
+        Some((
+            topo.pod("node-a", Ipv4Addr::new(198, 18, 1, 50))?,
+            topo.pod("node-b", Ipv4Addr::new(198, 18, 2, 50))?,
+        ))
+    } else {
+        None
     };
     let mut procs = Procs::default();
 
@@ -219,6 +234,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut servers = vec![("a", &a_server), ("d", &d_server), ("n", &n_server)];
     if let Some((_, _, server)) = &baseline {
         servers.push(("b", server));
+    }
+    if let Some((_, server)) = &l7 {
+        servers.push(("l", server));
     }
     for (tag, pod) in servers {
         procs.spawn(
@@ -300,18 +318,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
     let baseline_mesh = match &baseline {
-        Some((bin, client, server)) if args.l7_metrics => {
-            eprintln!("starting a second Ambit mesh with request metrics at the node proxies");
-            let on = MeshExtras {
-                namespace_annotations: "ambit.io/l7-metrics: enabled",
-                ..Default::default()
-            };
-            Some(start_ambit(&mut procs, bin, &dir, "baseline", client, server, on).await?)
-        }
         Some((bin, client, server)) => {
             eprintln!("starting the baseline Ambit ({})", bin.display());
             let none = MeshExtras::default();
             Some(start_ambit(&mut procs, bin, &dir, "baseline", client, server, none).await?)
+        }
+        None => None,
+    };
+    let l7_mesh = match &l7 {
+        Some((client, server)) => {
+            eprintln!("starting another Ambit mesh with request metrics at the node proxies");
+            let on = MeshExtras {
+                namespace_annotations: "ambit.io/l7-metrics: enabled",
+                ..Default::default()
+            };
+            Some(start_ambit(&mut procs, &ambit, &dir, "l7", client, server, on).await?)
         }
         None => None,
     };
@@ -344,13 +365,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             proxies: mesh.node_pids.clone(),
         });
     }
+    if let (Some((client, server)), Some(mesh)) = (l7, &l7_mesh) {
+        targets.push(Target {
+            mode: Mode::L7,
+            client,
+            addr: Box::new(move |p| SocketAddr::new(IpAddr::V4(server.ip), p)),
+            proxies: mesh.node_pids.clone(),
+        });
+    }
 
     // Every path works, and Ambit's really goes through the node proxies.
     for t in &targets {
         wrk(&t.client, (t.addr)(HTTP_PORT), 1, 1, false, None)
             .with_context(|| format!("[{}] a first request", t.mode.name()))?;
     }
-    for mesh in std::iter::once(&ambit_mesh).chain(&baseline_mesh) {
+    for mesh in [Some(&ambit_mesh), baseline_mesh.as_ref(), l7_mesh.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         let page = ambit_admin::get(mesh.metrics_b, "/metrics")
             .await
             .map(|(_, b)| b)
@@ -362,9 +394,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bail!("the ambit pair's traffic did not go through node-b's proxy in mTLS");
         }
     }
-    if args.l7_metrics
-        && let Some(mesh) = &baseline_mesh
-    {
+    if let Some(mesh) = &l7_mesh {
         let page = ambit_admin::get(mesh.metrics_b, "/metrics")
             .await
             .map(|(_, b)| b)
@@ -401,11 +431,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let i = (k + rep) % targets.len();
             let t = &targets[i];
             eprintln!("[{}] repetition {}/{}", t.mode.name(), rep + 1, args.reps);
-            let sample = measure(t, &args, &mut procs).await?;
+            // Whatever the previous mode left running (closing 10,000 connections)
+            // must not land on this one.
+            if let Err(busy) = settle(Duration::from_secs(15)).await {
+                eprintln!(
+                    "  the machine stayed {:.0}% busy for 15 s; measuring anyway",
+                    busy * 100.0
+                );
+            }
+            let before = CpuTimes::now();
+            let mut sample = measure(t, &args, &mut procs).await?;
+            sample.steal = CpuTimes::now().since(&before).steal();
             samples[i].push(sample);
         }
     }
-    let table = report(&samples, &args);
+    let modes: Vec<Mode> = targets.iter().map(|t| t.mode).collect();
+    let table = report(&samples, &modes, &args);
     println!("\n{table}");
     if let Some(parent) = args.output.parent() {
         std::fs::create_dir_all(parent)?;
@@ -642,7 +683,7 @@ async fn futures_join(
     Ok(out)
 }
 
-fn report(samples: &[Vec<Sample>], args: &Args) -> String {
+fn report(samples: &[Vec<Sample>], modes: &[Mode], args: &Args) -> String {
     type Get = fn(&Sample) -> f64;
     let rows: Vec<(&str, Get, &str, bool)> = vec![
         // (metric, value, unit, shown for direct)
@@ -736,18 +777,42 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
             "KB",
             false,
         ),
+        (
+            "CPU time the hypervisor gave to others during the mode's runs (steal)",
+            |s| s.steal * 100.0,
+            "%",
+            true,
+        ),
     ];
-    let with_baseline = samples.len() > 3;
-    let (extra_head, extra_rule) = if with_baseline && args.l7_metrics {
-        (" Ambit, L7 metrics on | L7 on/off |", "---|---|")
-    } else if with_baseline {
-        (" Ambit baseline | Ambit/baseline |", "---|---|")
-    } else {
-        ("", "")
-    };
+    // Columns after the three fixed modes: (mode index, header, ratio header, whether
+    // the ratio is this mode over Ambit rather than Ambit over it).
+    let extras: Vec<(usize, &str, &str, bool)> = modes
+        .iter()
+        .enumerate()
+        .skip(3)
+        .map(|(i, m)| match m {
+            Mode::L7 => (i, "Ambit, L7 metrics on", "L7 on/off", true),
+            _ if args.aa => (i, "Ambit again (A/A)", "A/A", false),
+            _ => (i, "Ambit baseline", "Ambit/baseline", false),
+        })
+        .collect();
+    let extra_head: String = extras
+        .iter()
+        .map(|(_, h, r, _)| format!(" {h} | {r} |"))
+        .collect();
+    let extra_rule = "---|---|".repeat(extras.len());
     let mut out = format!(
         "# Mesh data path: Ambit vs direct vs an nginx mTLS proxy pair\n\n`bench/run{}` — {} repetition(s), modes interleaved, {} s per run; medians (min–max); {} idle connections for the memory row. {}\n\n| Metric | direct | Ambit | nginx pair | Ambit/direct | Ambit/nginx |{extra_head}\n|---|---|---|---|---|---|{extra_rule}\n",
-        if args.quick { " --quick" } else { "" },
+        [
+            (args.quick, " --quick"),
+            (args.aa, " --aa"),
+            (args.baseline.is_some() && !args.aa, " --baseline OLD"),
+            (args.l7_metrics, " --l7-metrics"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, f)| *f)
+        .collect::<String>(),
         args.reps,
         args.seconds,
         args.idle_connections,
@@ -774,17 +839,18 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
         ),
     ] {
         let (fa, fne) = (get(1), get(2));
-        let extra = if with_baseline {
-            let fb = get(3);
-            let r = if args.l7_metrics {
-                ratio(fb, fa)
-            } else {
-                ratio(fa, fb)
-            };
-            format!(" {} MB | {} |", fmt(fb), r)
-        } else {
-            String::new()
-        };
+        let extra: String = extras
+            .iter()
+            .map(|&(i, _, _, over_ambit)| {
+                let fb = get(i);
+                let r = if over_ambit {
+                    ratio(fb, fa)
+                } else {
+                    ratio(fa, fb)
+                };
+                format!(" {} MB | {} |", fmt(fb), r)
+            })
+            .collect();
         let _ = writeln!(
             out,
             "| {name} | - | {} MB | {} MB | - | {} |{extra}",
@@ -809,16 +875,18 @@ fn report(samples: &[Vec<Sample>], args: &Args) -> String {
         let (d, dm) = cell(0);
         let (a, am) = cell(1);
         let (n, nm) = cell(2);
-        let extra = if with_baseline {
-            let (b, bm) = cell(3);
-            if args.l7_metrics {
-                format!(" {b} | {} |", ratio(bm, am))
-            } else {
-                format!(" {b} | {} |", ratio(am, bm))
-            }
-        } else {
-            String::new()
-        };
+        let extra: String = extras
+            .iter()
+            .map(|&(i, _, _, over_ambit)| {
+                let (b, bm) = cell(i);
+                let r = if over_ambit {
+                    ratio(bm, am)
+                } else {
+                    ratio(am, bm)
+                };
+                format!(" {b} | {r} |")
+            })
+            .collect();
         let _ = writeln!(
             out,
             "| {name} | {d} | {a} | {n} | {} | {} |{extra}",
