@@ -590,6 +590,105 @@ pub async fn settle(max: Duration) -> Result<(), f64> {
     }
 }
 
+/// On-CPU time (ns) of a process tree's threads, by role: the node proxy's data-path
+/// threads (`ambit-data`), its control thread (`ambit-control`) and everything else.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ThreadCpu {
+    pub data: u64,
+    pub control: u64,
+    pub other: u64,
+}
+
+impl ThreadCpu {
+    /// Reads `/proc/<pid>/task/<tid>/schedstat` (nanoseconds on CPU) of every thread.
+    pub fn of(roots: &[u32]) -> Self {
+        let mut out = Self::default();
+        for pid in roots.iter().flat_map(|r| process_tree(*r)) {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                let ns: u64 = std::fs::read_to_string(t.path().join("schedstat"))
+                    .ok()
+                    .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                    .unwrap_or(0);
+                match comm.trim() {
+                    "ambit-data" => out.data += ns,
+                    "ambit-control" => out.control += ns,
+                    _ => out.other += ns,
+                }
+            }
+        }
+        out
+    }
+
+    fn minus(&self, earlier: &Self) -> Self {
+        Self {
+            data: self.data.saturating_sub(earlier.data),
+            control: self.control.saturating_sub(earlier.control),
+            other: self.other.saturating_sub(earlier.other),
+        }
+    }
+}
+
+/// Samples the proxies' CPU by thread role every `every` on a thread of its own, with
+/// wall-clock times, so a latency timeline can be laid beside it.
+pub struct CpuSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<(std::time::SystemTime, ThreadCpu)>>,
+}
+
+impl CpuSampler {
+    pub fn start(roots: Vec<u32>, every: Duration) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let start = Instant::now();
+            let mut k = 0u32;
+            while !flag.load(Ordering::Relaxed) {
+                out.push((std::time::SystemTime::now(), ThreadCpu::of(&roots)));
+                k += 1;
+                let next = start + every * k;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            out
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops sampling; returns the CPU used in each `slot` from `from` on, `slots` of
+    /// them (interpolated from the samples around each slot's edges).
+    pub fn finish(
+        self,
+        from: std::time::SystemTime,
+        slot: Duration,
+        slots: usize,
+    ) -> Vec<ThreadCpu> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let samples = self.thread.join().unwrap_or_default();
+        let at = |t: std::time::SystemTime| -> ThreadCpu {
+            // The last sample taken at or before t.
+            samples
+                .iter()
+                .take_while(|(when, _)| *when <= t)
+                .last()
+                .map(|(_, c)| *c)
+                .unwrap_or_default()
+        };
+        (0..slots)
+            .map(|i| {
+                let a = from + slot * i as u32;
+                at(a + slot).minus(&at(a))
+            })
+            .collect()
+    }
+}
+
 /// Median, min and max.
 pub fn stats(values: impl Iterator<Item = f64>) -> (f64, f64, f64) {
     let mut v: Vec<f64> = values.filter(|x| x.is_finite()).collect();

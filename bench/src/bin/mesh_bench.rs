@@ -25,12 +25,16 @@
 //! The servers are iperf3 and an nginx HTTP server answering every request with 1 KiB.
 //! Per mode and repetition (modes interleaved, each repetition starting one mode later:
 //! direct, ambit, nginx; ambit, nginx, direct; ...):
-//! iperf3 one-stream throughput both ways; wrk latency at a fixed ~1,000 requests/s
-//! (a Lua `delay` script over 10 connections) with keep-alive and with a new connection
-//! per request; wrk's maximum request rate; the connection setup rate (a new connection
-//! per request, as fast as it goes); the proxies' CPU seconds (from /proc, both proxies)
-//! per 1,000 requests and per GB moved; the proxies' RSS idle, under load and with
-//! 10,000 idle connections open through them. Medians with min and max; a markdown table
+//! iperf3 one-stream throughput both ways; latency at a fixed ~1,000 requests/s over 10
+//! connections, with keep-alive and with a new connection per request, from the
+//! `fixed-rate` client (`src/bin/fixed_rate.rs`), which times every request from when it
+//! was due so a stall is not hidden (p50 to p99.9 and the maximum, and a per-100 ms
+//! timeline laid beside the proxies' CPU by thread, written to `<output>-timeline.md`);
+//! wrk's maximum request rate; the connection setup rate (a new connection per request,
+//! as fast as it goes); the proxies' CPU seconds (from /proc, both proxies) per 1,000
+//! requests and per GB moved; the proxies' RSS idle, under load and with 10,000 idle
+//! connections open through them. Each mode starts on a quiet machine. Medians with min
+//! and max across repetitions; a markdown table
 //! with the ratios Ambit/direct and Ambit/nginx, printed and written to `--output`.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -138,8 +142,14 @@ struct Sample {
     up_gbps: f64,
     down_gbps: f64,
     cpu_per_gb: f64,
-    kept: [f64; 3],
-    fresh: [f64; 3],
+    /// Fixed-rate latency (µs): p50, p90, p99, p99.9, max.
+    kept: [f64; 5],
+    fresh: [f64; 5],
+    /// The fixed-rate client's own lateness (p99 of how late its threads woke, µs).
+    client_late: f64,
+    /// Keep-alive at a fixed rate, per 100 ms: the slowest request due then (µs) and the
+    /// proxies' CPU then, by thread role.
+    timeline: Vec<(u64, ThreadCpu)>,
     max_rps: f64,
     cpu_per_k_requests: f64,
     setup_rate: f64,
@@ -376,7 +386,7 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
 
     // Every path works, and Ambit's really goes through the node proxies.
     for t in &targets {
-        wrk(&t.client, (t.addr)(HTTP_PORT), 1, 1, false, None)
+        wrk(&t.client, (t.addr)(HTTP_PORT), 1, 1, false)
             .with_context(|| format!("[{}] a first request", t.mode.name()))?;
     }
     for mesh in [Some(&ambit_mesh), baseline_mesh.as_ref(), l7_mesh.as_ref()]
@@ -453,7 +463,19 @@ async fn run(mut args: Args) -> anyhow::Result<()> {
     }
     std::fs::write(&args.output, &table)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    println!("written to {}", args.output.display());
+    let timeline = args.output.with_file_name(format!(
+        "{}-timeline.md",
+        args.output
+            .file_stem()
+            .map_or("mesh".into(), |s| s.to_string_lossy())
+    ));
+    std::fs::write(&timeline, timeline_report(&samples, &modes))
+        .with_context(|| format!("writing {}", timeline.display()))?;
+    println!(
+        "written to {} and {}",
+        args.output.display(),
+        timeline.display()
+    );
     drop(procs);
     drop(topo);
     Ok(())
@@ -488,27 +510,20 @@ fn iperf(client: &Pod, to: SocketAddr, seconds: u64, reverse: bool) -> anyhow::R
     ))
 }
 
-/// Runs wrk in the client pod; returns (requests/s, requests, [p50, p90, p99] in µs).
+/// Runs wrk in the client pod, as fast as it goes; returns (requests/s, requests).
 fn wrk(
     client: &Pod,
     to: SocketAddr,
     seconds: u64,
     connections: u32,
     close: bool,
-    delay_ms: Option<u32>,
-) -> anyhow::Result<(f64, f64, [f64; 3])> {
-    let script = std::env::temp_dir().join(format!(
-        "ambit-wrk-{}-{}.lua",
-        std::process::id(),
-        delay_ms.unwrap_or(0)
-    ));
-    let mut lua = String::new();
-    if close {
-        lua.push_str("wrk.headers[\"Connection\"] = \"close\"\n");
-    }
-    if let Some(ms) = delay_ms {
-        let _ = writeln!(lua, "function delay() return {ms} end");
-    }
+) -> anyhow::Result<(f64, f64)> {
+    let script = std::env::temp_dir().join(format!("ambit-wrk-{}.lua", std::process::id()));
+    let lua = if close {
+        "wrk.headers[\"Connection\"] = \"close\"\n"
+    } else {
+        ""
+    };
     std::fs::write(&script, lua)?;
     let out = Command::new("ip")
         .args([
@@ -519,7 +534,6 @@ fn wrk(
             "-t1",
             &format!("-c{connections}"),
             &format!("-d{seconds}s"),
-            "--latency",
             "-s",
             &script.display().to_string(),
             &format!("http://{to}/"),
@@ -543,32 +557,81 @@ fn wrk(
         .and_then(|l| l.split_whitespace().next())
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    let mut q = [0.0; 3];
-    for (i, p) in ["50%", "90%", "99%"].iter().enumerate() {
-        q[i] = text
-            .lines()
-            .map(str::trim)
-            .find_map(|l| l.strip_prefix(p))
-            .map(|v| parse_duration_us(v.trim()))
-            .unwrap_or(f64::NAN);
-    }
     if text.contains("Non-2xx") {
         bail!("wrk saw non-2xx answers:\n{text}");
     }
-    Ok((rps, requests, q))
+    Ok((rps, requests))
 }
 
-fn parse_duration_us(v: &str) -> f64 {
-    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
-        (n, 1.0)
-    } else if let Some(n) = v.strip_suffix("ms") {
-        (n, 1e3)
-    } else if let Some(n) = v.strip_suffix('s') {
-        (n, 1e6)
-    } else {
-        (v, f64::NAN)
-    };
-    num.parse::<f64>().map_or(f64::NAN, |n| n * scale)
+const TIMELINE_SLOT: Duration = Duration::from_millis(100);
+
+/// What the `fixed-rate` client reported.
+struct FixedRate {
+    quantiles: [f64; 5],
+    late_p99: f64,
+    start: std::time::SystemTime,
+    slot_max: Vec<u64>,
+}
+
+/// Runs the `fixed-rate` client (built next to this binary) in the client pod:
+/// `rate` requests/s over FIXED_RATE_CONNECTIONS connections, each timed from when it
+/// was due, so a stall counts on every request it delayed.
+fn fixed_rate(
+    client: &Pod,
+    to: SocketAddr,
+    rate: u32,
+    seconds: u64,
+    close: bool,
+) -> anyhow::Result<FixedRate> {
+    let tool = std::env::current_exe()?.with_file_name("fixed-rate");
+    let mut argv = vec![
+        "netns".to_owned(),
+        "exec".into(),
+        client.netns_name.clone(),
+        tool.display().to_string(),
+        "--addr".into(),
+        to.to_string(),
+        "--rate".into(),
+        rate.to_string(),
+        "--seconds".into(),
+        seconds.to_string(),
+        "--connections".into(),
+        FIXED_RATE_CONNECTIONS.to_string(),
+    ];
+    if close {
+        argv.push("--close".into());
+    }
+    let out = Command::new("ip")
+        .args(&argv)
+        .output()
+        .context("running the fixed-rate client (bench/run builds it)")?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "the fixed-rate client's report: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    let errors = v["errors"].as_u64().unwrap_or(u64::MAX);
+    if errors > 0 {
+        bail!("the fixed-rate client saw {errors} failed requests to {to}");
+    }
+    let us = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    Ok(FixedRate {
+        quantiles: [
+            us("p50_us"),
+            us("p90_us"),
+            us("p99_us"),
+            us("p999_us"),
+            us("max_us"),
+        ],
+        late_p99: us("late_p99_us"),
+        start: std::time::SystemTime::UNIX_EPOCH
+            + Duration::from_nanos(v["start_unix_ns"].as_u64().unwrap_or(0)),
+        slot_max: v["slot_max_us"]
+            .as_array()
+            .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+            .unwrap_or_default(),
+    })
 }
 
 async fn measure(t: &Target, args: &Args, procs: &mut Procs) -> anyhow::Result<Sample> {
@@ -595,26 +658,15 @@ async fn measure(t: &Target, args: &Args, procs: &mut Procs) -> anyhow::Result<S
     s.up_gbps = up;
     s.down_gbps = down;
 
-    // ~rate requests/s: each of the connections waits so that together they make it.
-    let delay = (FIXED_RATE_CONNECTIONS * 1000 / args.rate.max(1)).max(1);
-    s.kept = wrk(
-        &t.client,
-        (t.addr)(HTTP_PORT),
-        secs,
-        FIXED_RATE_CONNECTIONS,
-        false,
-        Some(delay),
-    )?
-    .2;
-    s.fresh = wrk(
-        &t.client,
-        (t.addr)(HTTP_PORT),
-        secs,
-        FIXED_RATE_CONNECTIONS,
-        true,
-        Some(delay),
-    )?
-    .2;
+    // ~rate requests/s on 10 connections, each request timed from when it was due.
+    let sampler = CpuSampler::start(t.proxies.clone(), TIMELINE_SLOT);
+    let kept = fixed_rate(&t.client, (t.addr)(HTTP_PORT), args.rate, secs, false)?;
+    let by_slot = sampler.finish(kept.start, TIMELINE_SLOT, kept.slot_max.len());
+    s.kept = kept.quantiles;
+    s.timeline = kept.slot_max.iter().copied().zip(by_slot).collect();
+    let fresh = fixed_rate(&t.client, (t.addr)(HTTP_PORT), args.rate, secs, true)?;
+    s.fresh = fresh.quantiles;
+    s.client_late = kept.late_p99.max(fresh.late_p99);
 
     // Maximum rate, sampling memory meanwhile.
     let peak = Arc::new(AtomicU64::new(0));
@@ -630,13 +682,13 @@ async fn measure(t: &Target, args: &Args, procs: &mut Procs) -> anyhow::Result<S
         })
     };
     let c0 = cpu();
-    let (rps, requests, _) = wrk(&t.client, (t.addr)(HTTP_PORT), secs, 32, false, None)?;
+    let (rps, requests) = wrk(&t.client, (t.addr)(HTTP_PORT), secs, 32, false)?;
     s.cpu_per_k_requests = (cpu() - c0) / (requests / 1000.0);
     s.max_rps = rps;
     done.store(true, Ordering::Relaxed);
     let _ = sampler.join();
     s.rss_load = peak.load(Ordering::Relaxed) as f64 / proxies;
-    s.setup_rate = wrk(&t.client, (t.addr)(HTTP_PORT), secs, 16, true, None)?.0;
+    s.setup_rate = wrk(&t.client, (t.addr)(HTTP_PORT), secs, 16, true)?.0;
 
     // Idle connections through the proxies.
     if !t.proxies.is_empty() {
@@ -718,6 +770,18 @@ fn report(samples: &[Vec<Sample>], modes: &[Mode], args: &Args) -> String {
             true,
         ),
         (
+            "Latency p99.9 at ~1,000 req/s, keep-alive",
+            |s| s.kept[3],
+            "µs",
+            true,
+        ),
+        (
+            "Latency max at ~1,000 req/s, keep-alive",
+            |s| s.kept[4],
+            "µs",
+            true,
+        ),
+        (
             "Latency p50 at ~1,000 req/s, new connection each",
             |s| s.fresh[0],
             "µs",
@@ -732,6 +796,18 @@ fn report(samples: &[Vec<Sample>], modes: &[Mode], args: &Args) -> String {
         (
             "Latency p99 at ~1,000 req/s, new connection each",
             |s| s.fresh[2],
+            "µs",
+            true,
+        ),
+        (
+            "Latency p99.9 at ~1,000 req/s, new connection each",
+            |s| s.fresh[3],
+            "µs",
+            true,
+        ),
+        (
+            "Latency max at ~1,000 req/s, new connection each",
+            |s| s.fresh[4],
             "µs",
             true,
         ),
@@ -776,6 +852,12 @@ fn report(samples: &[Vec<Sample>], modes: &[Mode], args: &Args) -> String {
             |s| s.per_idle_conn / 1e3,
             "KB",
             false,
+        ),
+        (
+            "Fixed-rate client's own lateness, p99 (how late it woke to send)",
+            |s| s.client_late,
+            "µs",
+            true,
         ),
         (
             "CPU time the hypervisor gave to others during the mode's runs (steal)",
@@ -894,5 +976,97 @@ fn report(samples: &[Vec<Sample>], modes: &[Mode], args: &Args) -> String {
             ratio(am, nm)
         );
     }
+    // The target for the tail: within twice direct's p99, repetition by repetition.
+    let within = |i: usize| {
+        let n = samples[i].len().min(samples[0].len());
+        let k = (0..n)
+            .filter(|&r| samples[i][r].kept[2] <= 2.0 * samples[0][r].kept[2])
+            .count();
+        format!("{k} of {n}")
+    };
+    let extra: String = extras
+        .iter()
+        .map(|&(i, _, _, _)| format!(" {} | - |", within(i)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "| Repetitions whose keep-alive p99 is within 2x direct's (same repetition) | - | {} | {} | - | - |{extra}",
+        within(1),
+        within(2)
+    );
     out
+}
+
+/// The keep-alive fixed-rate runs, 100 ms at a time: where the slow requests were, and
+/// what the proxies' threads were doing then.
+fn timeline_report(samples: &[Vec<Sample>], modes: &[Mode]) -> String {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let mut out = String::from(
+        "# Latency timeline: keep-alive at ~1,000 req/s, 100 ms at a time\n\nPer mode and repetition: the slowest request due in each 100 ms (µs, timed from when it was due), and the proxies' CPU in the same 100 ms by thread (`data`: the node proxies' data-path threads; `control`: their control threads; `other`: any other thread, all of nginx's). A spike is a slot over 1 ms and over 3x the run's median slot.\n\n| Mode | Rep | Median slot max | Worst slot | Spikes | CPU in spike slots, data / control / other (ms) | CPU in a median slot, data / control / other (ms) |\n|---|---|---|---|---|---|---|\n",
+    );
+    let mut raw = String::from("\n## Every slot\n\n```\n");
+    for (i, mode) in modes.iter().enumerate() {
+        for (r, s) in samples[i].iter().enumerate() {
+            if s.timeline.is_empty() {
+                continue;
+            }
+            let mut maxes: Vec<u64> = s.timeline.iter().map(|(m, _)| *m).collect();
+            maxes.sort_unstable();
+            let median = maxes[maxes.len() / 2];
+            let worst = maxes[maxes.len() - 1];
+            let spikes: Vec<&(u64, ThreadCpu)> = s
+                .timeline
+                .iter()
+                .filter(|(m, _)| *m > 1000 && *m > 3 * median)
+                .collect();
+            let avg = |v: &[&(u64, ThreadCpu)]| {
+                let n = v.len().max(1) as u64;
+                let sum = v.iter().fold(ThreadCpu::default(), |a, (_, c)| ThreadCpu {
+                    data: a.data + c.data,
+                    control: a.control + c.control,
+                    other: a.other + c.other,
+                });
+                format!(
+                    "{:.1} / {:.1} / {:.1}",
+                    ms(sum.data / n),
+                    ms(sum.control / n),
+                    ms(sum.other / n)
+                )
+            };
+            let mut by_cpu: Vec<&(u64, ThreadCpu)> = s.timeline.iter().collect();
+            by_cpu.sort_by_key(|(m, _)| *m);
+            let typical = [by_cpu[by_cpu.len() / 2]];
+            let _ = writeln!(
+                out,
+                "| {} | {} | {median} µs | {worst} µs | {} | {} | {} |",
+                mode.name(),
+                r + 1,
+                spikes.len(),
+                if spikes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    avg(&spikes)
+                },
+                avg(&typical),
+            );
+            let line = |f: &dyn Fn(&(u64, ThreadCpu)) -> String| {
+                s.timeline.iter().map(f).collect::<Vec<_>>().join(" ")
+            };
+            let _ = writeln!(
+                raw,
+                "{} r{} max_us: {}\n{} r{} data_ms: {}\n{} r{} control_ms: {}",
+                mode.name(),
+                r + 1,
+                line(&|(m, _)| m.to_string()),
+                mode.name(),
+                r + 1,
+                line(&|(_, c)| format!("{:.1}", ms(c.data))),
+                mode.name(),
+                r + 1,
+                line(&|(_, c)| format!("{:.1}", ms(c.control))),
+            );
+        }
+    }
+    raw.push_str("```\n");
+    out + &raw
 }

@@ -1,6 +1,7 @@
 //! Ambit's mesh model, free of I/O.
 //!
 //! - [`identity`]: the SPIFFE identity of a workload.
+//! - [`datapath`]: which threads carry traffic, and the work kept off them.
 //! - [`discovery`]: workloads and services as the node proxy receives them.
 //! - [`policy`]: L4 authorization policies as the node proxy receives them.
 //! - [`route`]: where a connection (or a waypoint's request) to an address goes.
@@ -11,6 +12,7 @@
 //! Nothing here opens a socket or a file, so everything is testable in isolation and
 //! cheap to depend on.
 
+pub mod datapath;
 pub mod discovery;
 pub mod enrollment;
 pub mod http_route;

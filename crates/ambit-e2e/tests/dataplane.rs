@@ -1005,3 +1005,71 @@ async fn a_client_that_resets_when_done_is_an_ordinary_close() {
         );
     }
 }
+
+/// Collections the node proxies ran on a data-path thread (the binary's allocator
+/// collection, replaced by a counter).
+static DATA_THREAD_COLLECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn count_collection() {
+    if ambit_core::datapath::on_data_thread() {
+        DATA_THREAD_COLLECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What delays every connection on a thread stays off the data path: certificates are
+/// fetched on the control thread, and a data thread returns free memory only while it
+/// carries no connection. Both are counted when broken
+/// (`ambit_node_data_path_violations_total`), here with collection ticks every 20 ms
+/// while a connection is carried through both proxies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_threads_never_fetch_certificates_or_collect_while_serving() {
+    let mesh = Mesh::start_with(cast(), |c| {
+        c.release_memory = Some(count_collection);
+        c.release_memory_every = Duration::from_millis(20);
+    })
+    .await;
+    let _peers = mesh.echo_app("echo-1", APP_PORT);
+    let mut conn = mesh
+        .pod("sleep")
+        .connect(mesh.addr("echo-1", APP_PORT))
+        .await
+        .unwrap();
+    // Half a second of echoes on one connection: ~25 collection ticks on its threads.
+    let start = Instant::now();
+    let mut round = 0u64;
+    while start.elapsed() < Duration::from_millis(500) {
+        round += 1;
+        let payload = pattern(round, 4096);
+        conn.write_all(&payload).await.unwrap();
+        let mut back = vec![0u8; payload.len()];
+        tokio::time::timeout(Duration::from_secs(5), conn.read_exact(&mut back))
+            .await
+            .expect("no echo within 5 s")
+            .unwrap();
+        assert!(back == payload, "round {round}: other bytes came back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for node in ["node-a", "node-b"] {
+        let page = mesh.metrics(node).await;
+        for work in ["certificate", "allocator_collection"] {
+            let line = format!("ambit_node_data_path_violations_total{{work=\"{work}\"}} 0");
+            assert!(
+                page.lines().any(|l| l == line),
+                "{node}: expected `{line}`:\n{}",
+                page.lines()
+                    .filter(|l| l.contains("data_path") || l.contains("worker_connections"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        // The connection is counted on one of the node's data threads.
+        assert!(
+            page.lines()
+                .any(|l| l.starts_with("ambit_node_worker_connections{") && l.ends_with(" 1")),
+            "{node}: no worker carries the connection"
+        );
+    }
+    // The idle data threads did collect (the test's counter stands in for the allocator).
+    assert!(DATA_THREAD_COLLECTIONS.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    drop(conn);
+}

@@ -260,7 +260,8 @@ async fn accept_loop<H: ConnectHandler>(
                             connections.spawn_on(
                                 async move {
                                     match moving.arrive() {
-                                        Ok(tcp) => serve(tcp).await,
+                                        // The load counts for the connection's life.
+                                        Ok((tcp, _load)) => serve(tcp).await,
                                         Err(e) => tracing::warn!(peer = %addr, error = %e, "cannot move an HBONE connection to its worker"),
                                     }
                                 },

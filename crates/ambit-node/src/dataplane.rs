@@ -545,8 +545,9 @@ async fn accept(listener: TcpListener, ctx: Arc<PodCtx>, direction: Direction, w
         let c = ctx.clone();
         ctx.tracker.spawn_on(
             async move {
-                let conn = match moving.arrive() {
-                    Ok(conn) => conn,
+                // `_load` counts the connection against this worker for its life.
+                let (conn, _load) = match moving.arrive() {
+                    Ok(arrived) => arrived,
                     Err(e) => {
                         tracing::warn!(error = %e, %peer, "cannot move a connection to its worker");
                         return;

@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ambit_core::datapath::OffPathWork;
 use ambit_core::state::Store;
 use ambit_hbone::Workers;
 use ambit_hbone::socket::Netns;
@@ -73,11 +74,13 @@ pub struct NodeConfig {
     /// Threads of the data-path runtime.
     pub worker_threads: usize,
     /// Returns the calling thread's freed memory to the operating system (the binary
-    /// knows its allocator). Called on every data-path thread and the control thread
-    /// every [`RELEASE_MEMORY_EVERY`]: an allocator keeps freed pages for reuse, and a
-    /// thread gone idle after a burst of connections never allocates again to trigger
-    /// that itself.
+    /// knows its allocator). Called on the control thread, and on every data-path thread
+    /// carrying no connection, every [`NodeConfig::release_memory_every`]: an allocator
+    /// keeps freed pages for reuse, and a thread gone idle after a burst of connections
+    /// never allocates again to trigger that itself.
     pub release_memory: Option<fn()>,
+    /// How often [`NodeConfig::release_memory`] runs ([`RELEASE_MEMORY_EVERY`]).
+    pub release_memory_every: Duration,
     /// An OTLP/gRPC collector (`host:port`) for the spans of requests seen where request
     /// metrics are on; `None`: no spans.
     pub otlp_endpoint: Option<String>,
@@ -88,6 +91,18 @@ pub const TRUST_BUNDLE_RELOAD: Duration = Duration::from_secs(10);
 
 /// How often [`NodeConfig::release_memory`] runs.
 pub const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(5);
+
+/// Checks that `work` may run on this thread (see [`ambit_core::datapath`]); logs a
+/// violation, which `ambit_node_data_path_violations_total` also counts.
+pub fn off_data_path(work: OffPathWork) {
+    if !ambit_core::datapath::check(work) {
+        tracing::error!(
+            work = work.as_str(),
+            connections = ambit_core::datapath::carried_connections(),
+            "work that must stay off the data path ran on a data-path thread, delaying its connections (a defect: please report it)"
+        );
+    }
+}
 
 impl NodeConfig {
     /// Istio's ports and defaults around a discovery configuration.
@@ -105,6 +120,7 @@ impl NodeConfig {
             trust_bundle_file: None,
             worker_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             release_memory: None,
+            release_memory_every: RELEASE_MEMORY_EVERY,
             otlp_endpoint: None,
         }
     }
@@ -218,16 +234,36 @@ impl NodeProxy {
             .map_err(StartError::Runtime)?;
         let ch = control.handle().clone();
         if let Some(release) = config.release_memory {
-            let every = || async move {
-                let mut tick = tokio::time::interval(RELEASE_MEMORY_EVERY);
+            let every = config.release_memory_every;
+            let ticks = move || {
+                let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick
+            };
+            // A data thread collects only while it carries no connection: a collection
+            // (and the page faults that follow it) would delay every connection on the
+            // thread. A busy thread reuses its free pages anyway; one gone idle after a
+            // burst is the one holding memory nobody uses.
+            let workers = data.clone();
+            data.spawn_each(move |i| {
+                let (workers, mut tick) = (workers.clone(), ticks());
+                async move {
+                    loop {
+                        tick.tick().await;
+                        if workers.load(i) == 0 {
+                            off_data_path(OffPathWork::AllocatorCollection);
+                            release();
+                        }
+                    }
+                }
+            });
+            let mut tick = ticks();
+            ch.spawn(async move {
                 loop {
                     tick.tick().await;
                     release();
                 }
-            };
-            data.spawn_each(every);
-            ch.spawn(every());
+            });
         }
 
         let store = Arc::new(Store::new());
@@ -275,6 +311,7 @@ impl NodeProxy {
             ))
         };
         let _ = metrics.admission.set(admission.clone());
+        let _ = metrics.workers.set(data.clone());
         let mut dataplane = config.dataplane.clone();
         dataplane.hbone_server.admission = Some(admission);
         let tracer = config.otlp_endpoint.as_deref().map(|endpoint| {

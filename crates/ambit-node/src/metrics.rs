@@ -52,6 +52,12 @@ pub struct Metrics {
     hbone_handshakes: Gauge,
     /// Read when metrics are encoded, for the two gauges above.
     pub admission: std::sync::OnceLock<Arc<ambit_hbone::admission::Admission>>,
+    /// Work that ran on a data-path thread against the rules of
+    /// [`ambit_core::datapath`], copied from its counts when metrics are encoded.
+    data_path_violations: Family<WorkLabel, Counter>,
+    /// Connections each data-path thread carries, read when metrics are encoded.
+    worker_connections: Family<WorkerLabel, Gauge>,
+    pub workers: std::sync::OnceLock<ambit_hbone::Workers>,
     /// Every label set of the `istio_tcp_*` families, and since when each has named a
     /// workload discovery no longer knows (see [`Metrics::forget_gone`]). Locked only
     /// when a new series appears and by the sweep, never per byte.
@@ -87,6 +93,16 @@ impl RequestSeries {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabel {
     limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkLabel {
+    work: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabel {
+    worker: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -225,6 +241,23 @@ impl Default for Metrics {
             "Connections on port 15008 still in their TLS handshake",
             hbone_handshakes.clone(),
         );
+        let data_path_violations = Family::<WorkLabel, Counter>::default();
+        own.register(
+            "data_path_violations",
+            "Work that must stay off the data path and ran on a data-path thread anyway, delaying its connections: certificate (never there), allocator_collection (only on a thread carrying no connection). Always zero; anything else is a defect",
+            data_path_violations.clone(),
+        );
+        for work in ambit_core::datapath::OffPathWork::ALL {
+            let _ = data_path_violations.get_or_create(&WorkLabel {
+                work: work.as_str(),
+            });
+        }
+        let worker_connections = Family::<WorkerLabel, Gauge>::default();
+        own.register(
+            "worker_connections",
+            "Connections each data-path thread carries (a new connection goes to the least loaded)",
+            worker_connections.clone(),
+        );
         Self {
             registry,
             opened,
@@ -248,6 +281,9 @@ impl Default for Metrics {
             hbone_connections,
             hbone_handshakes,
             admission: std::sync::OnceLock::new(),
+            data_path_violations,
+            worker_connections,
+            workers: std::sync::OnceLock::new(),
             series: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -396,6 +432,22 @@ impl Metrics {
         if let Some(a) = self.admission.get() {
             self.hbone_connections.set(a.open_connections() as i64);
             self.hbone_handshakes.set(a.pending_handshakes() as i64);
+        }
+        for work in ambit_core::datapath::OffPathWork::ALL {
+            let c = self.data_path_violations.get_or_create(&WorkLabel {
+                work: work.as_str(),
+            });
+            let now = ambit_core::datapath::violations(work);
+            c.inc_by(now.saturating_sub(c.get()));
+        }
+        if let Some(w) = self.workers.get() {
+            for i in 0..w.len() {
+                self.worker_connections
+                    .get_or_create(&WorkerLabel {
+                        worker: i.to_string(),
+                    })
+                    .set(w.load(i) as i64);
+            }
         }
         let mut out = String::new();
         // Writing to a String cannot fail.

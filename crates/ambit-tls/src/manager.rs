@@ -427,6 +427,14 @@ async fn fetch_once(
     provider: &dyn CertificateProvider,
     options: &ManagerOptions,
 ) -> Result<WorkloadCertificate, FetchError> {
+    use ambit_core::datapath::{OffPathWork, carried_connections, check};
+    if !check(OffPathWork::Certificate) {
+        tracing::error!(
+            %identity,
+            connections = carried_connections(),
+            "a certificate was fetched on a data-path thread, delaying its connections (a defect: please report it)"
+        );
+    }
     let key = generate_key().map_err(|e| FetchError::Local(e.to_string()))?;
     let csr = build_csr(&key, identity).map_err(|e| FetchError::Local(e.to_string()))?;
     let pems = provider
