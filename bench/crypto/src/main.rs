@@ -4,7 +4,7 @@
 //! in memory, so nothing but the provider and rustls' record layer is measured.
 //!
 //! ```sh
-//! cargo run --release -p ambit-bench --features aws-lc --bin crypto-cost
+//! cargo run --release -p ambit-crypto-bench --features aws-lc
 //! ```
 //!
 //! Five rounds, providers alternating; prints ns per byte (one thread, in memory: CPU
@@ -104,14 +104,14 @@ fn transfer(
     while moved < TOTAL {
         tx.write_plain(data)?;
         wire.clear();
-        while tx.wants_write() {
-            tx.write_tls(&mut wire)?;
+        while tx.wants_out() {
+            tx.tls_out(&mut wire)?;
         }
         let mut rest = wire.as_slice();
         let mut got = 0;
         while !rest.is_empty() || got < data.len() {
             if !rest.is_empty() {
-                rx.read_tls(&mut rest)?;
+                rx.tls_in(&mut rest)?;
                 rx.process()?;
             }
             let n = rx.read_plain(&mut sink)?;
@@ -132,9 +132,9 @@ mod rustls_like {
 
     pub trait Conn {
         fn write_plain(&mut self, b: &[u8]) -> std::io::Result<()>;
-        fn wants_write(&self) -> bool;
-        fn write_tls(&mut self, w: &mut Vec<u8>) -> std::io::Result<usize>;
-        fn read_tls(&mut self, r: &mut &[u8]) -> std::io::Result<usize>;
+        fn wants_out(&self) -> bool;
+        fn tls_out(&mut self, w: &mut Vec<u8>) -> std::io::Result<usize>;
+        fn tls_in(&mut self, r: &mut &[u8]) -> std::io::Result<usize>;
         fn process(&mut self) -> anyhow::Result<()>;
         fn read_plain(&mut self, b: &mut [u8]) -> std::io::Result<usize>;
     }
@@ -145,14 +145,14 @@ mod rustls_like {
                 fn write_plain(&mut self, b: &[u8]) -> std::io::Result<()> {
                     self.writer().write_all(b)
                 }
-                fn wants_write(&self) -> bool {
-                    <$t>::wants_write(self)
+                fn wants_out(&self) -> bool {
+                    self.wants_write()
                 }
-                fn write_tls(&mut self, w: &mut Vec<u8>) -> std::io::Result<usize> {
-                    <$t>::write_tls(self, w)
+                fn tls_out(&mut self, w: &mut Vec<u8>) -> std::io::Result<usize> {
+                    self.write_tls(w)
                 }
-                fn read_tls(&mut self, r: &mut &[u8]) -> std::io::Result<usize> {
-                    <$t>::read_tls(self, r)
+                fn tls_in(&mut self, r: &mut &[u8]) -> std::io::Result<usize> {
+                    self.read_tls(r)
                 }
                 fn process(&mut self) -> anyhow::Result<()> {
                     self.process_new_packets()?;
@@ -220,6 +220,12 @@ fn main() -> anyhow::Result<()> {
             a / r
         );
     }
-    println!("\n{}", ambit_bench::harness::machine());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or_default();
+    println!("\nOne thread; CPU:{model}.");
     Ok(())
 }
