@@ -162,11 +162,12 @@ fn one(
     };
     c.write_all(request)?;
     let mut have = 0;
+    let limit = buf.len().min(MAX_HEAD);
     let head_end = loop {
-        if have == buf.len().min(MAX_HEAD) {
+        if have >= limit {
             bail!("response head larger than {MAX_HEAD} bytes");
         }
-        let n = c.read(&mut buf[have..])?;
+        let n = c.read(&mut buf[have..limit])?;
         if n == 0 {
             bail!("closed before the response head");
         }
@@ -252,4 +253,92 @@ fn summary(all: &[Done], start: SystemTime, seconds: u64) -> String {
         list(&max),
         list(&count),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// Serves one connection: reads one request head per answer, sends each answer.
+    fn server(answers: Vec<&'static [u8]>, close_after: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            for answer in answers {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if c.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = c.write_all(answer);
+            }
+            if !close_after {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        });
+        addr
+    }
+
+    fn ask(addr: SocketAddr, close: bool) -> anyhow::Result<()> {
+        let request: &[u8] = if close {
+            b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+        } else {
+            b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+        };
+        let mut conn = Some(connect(addr)?);
+        let mut buf = vec![0u8; 64 * 1024];
+        one(&mut conn, addr, request, &mut buf)?;
+        one(&mut conn, addr, request, &mut buf)
+    }
+
+    #[test]
+    fn answers_are_read_whole_by_length_on_a_kept_connection() {
+        let ok: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        assert!(ask(server(vec![ok, ok], false), false).is_ok());
+    }
+
+    #[test]
+    fn bad_answers_are_errors_not_successes() {
+        let cases: [(&[u8], &str); 4] = [
+            (
+                b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n",
+                "not a 200",
+            ),
+            (b"HTTP/1.1 200 OK\r\n\r\nbody", "without Content-Length"),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nhalf",
+                "closed inside the body",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\ntoo long",
+                "more bytes",
+            ),
+        ];
+        for (answer, why) in cases {
+            let e = ask(server(vec![answer], true), false).unwrap_err();
+            assert!(e.to_string().contains(why), "{why}: {e}");
+        }
+        let huge: &'static [u8] = Box::leak(
+            [b"HTTP/1.1 200 OK\r\nX: ".as_slice(), &[b'a'; 20_000]]
+                .concat()
+                .into_boxed_slice(),
+        );
+        let e = ask(server(vec![huge], true), false).unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+    }
+
+    #[test]
+    fn quantiles_pick_the_rank_not_past_the_end() {
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(quantile(&v, 0.5), 500);
+        assert_eq!(quantile(&v, 0.99), 990);
+        assert_eq!(quantile(&v, 0.999), 999);
+        assert_eq!(quantile(&v, 1.0), 1000);
+        assert_eq!(quantile(&[], 0.5), 0);
+    }
 }
