@@ -66,6 +66,10 @@ fn main() -> anyhow::Result<()> {
     if args.rate == 0 || args.connections == 0 || args.seconds == 0 {
         bail!("--rate, --connections and --seconds must be at least 1");
     }
+    // Every due time and result is kept: bound what the flags can ask for.
+    if u64::from(args.rate) * args.seconds > 100_000_000 || args.connections > 10_000 {
+        bail!("at most 100 million requests (--rate x --seconds) and 10,000 --connections");
+    }
     let total = u64::from(args.rate) * args.seconds;
     let interval = Duration::from_secs(1) / args.rate;
     let request: &'static [u8] = if args.close {
