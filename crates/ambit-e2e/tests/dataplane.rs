@@ -216,7 +216,14 @@ async fn bytes_between_nodes_are_tls_on_15008_never_plaintext() {
         segments
             .iter()
             .any(|s| s.src.ip() == legacy && finder(&s.payload)),
-        "the capture did not see the plaintext control traffic"
+        "the capture did not see the plaintext control traffic: {} of {} segments from the un-enrolled client, {} payload bytes",
+        segments.iter().filter(|s| s.src.ip() == legacy).count(),
+        segments.len(),
+        segments
+            .iter()
+            .filter(|s| s.src.ip() == legacy)
+            .map(|s| s.payload.len())
+            .sum::<usize>()
     );
 }
 
