@@ -12,10 +12,10 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ambit_core::crypto::rand::SystemRandom;
+use ambit_core::crypto::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 use ambit_core::jwt::{Jwks, JwtRule, Location, TokenCache, authenticate, authenticate_cached};
 use base64::Engine;
-use ring::rand::SystemRandom;
-use ring::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair};
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -93,12 +93,11 @@ fn main() {
     let ed_token = format!("{signed}.{}", b64(ed.sign(signed.as_bytes()).as_ref()));
 
     let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
-    let ec = EcdsaKeyPair::from_pkcs8(
+    let ec = ambit_core::crypto::ecdsa_key_pair_from_pkcs8(
         alg,
         EcdsaKeyPair::generate_pkcs8(alg, &rng)
             .expect("a key")
             .as_ref(),
-        &rng,
     )
     .expect("a key");
     let point = ec.public_key().as_ref();

@@ -16,15 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ambit_core::SpiffeId;
+use ambit_core::crypto::rand::SystemRandom;
+use ambit_core::crypto::signature::{
+    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
+    UnparsedPublicKey,
+};
 use ambit_core::identity::is_dns1123_subdomain;
 use async_trait::async_trait;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use ring::rand::SystemRandom;
-use ring::signature::{
-    ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
-    UnparsedPublicKey,
-};
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
@@ -268,10 +268,9 @@ impl TokenSigner {
             message: format!("no PKCS#8 PEM private key: {e}"),
         })?;
         let rng = SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(
+        let key = ambit_core::crypto::ecdsa_key_pair_from_pkcs8(
             &ECDSA_P256_SHA256_FIXED_SIGNING,
             der.secret_pkcs8_der(),
-            &rng,
         )
         .map_err(|e| KeyError::Bad {
             path: path.to_owned(),
@@ -296,7 +295,7 @@ impl TokenSigner {
         }
         let now = unix_now();
         let mut jti = [0u8; 12];
-        ring::rand::SecureRandom::fill(&self.rng, &mut jti)
+        ambit_core::crypto::rand::SecureRandom::fill(&self.rng, &mut jti)
             .map_err(|_| "the system random generator failed".to_owned())?;
         let claims = NodeClaims {
             iss: ISSUER.into(),
@@ -332,11 +331,8 @@ impl TokenSigner {
 }
 
 fn key_id(public_key: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, public_key);
-    digest.as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let digest = ambit_core::crypto::sha256(public_key);
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unix_now() -> u64 {

@@ -222,9 +222,9 @@ async fn fetch(uri: &str) -> Result<String, String> {
         if added == 0 {
             return Err("no system root certificates to verify the server with".into());
         }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
+        let config = rustls::ClientConfig::builder_with_provider(
+            ambit_tls::config::default_crypto_provider(),
+        )
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)

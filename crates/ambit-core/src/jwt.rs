@@ -14,9 +14,9 @@
 
 use std::time::Duration;
 
+use crate::crypto::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
 use serde_json::{Map, Value};
 
 /// The longest token accepted (Envoy's header limits are of the same order).
@@ -789,9 +789,9 @@ impl JwtError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::rand::SystemRandom;
+    use crate::crypto::signature::{EcdsaKeyPair, KeyPair};
     use crate::testing::JwtSigner as Signer;
-    use ring::rand::SystemRandom;
-    use ring::signature::{EcdsaKeyPair, KeyPair};
 
     fn b64(bytes: &[u8]) -> String {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -823,7 +823,7 @@ mod tests {
         let rng = SystemRandom::new();
         let alg = &signature::ECDSA_P256_SHA256_FIXED_SIGNING;
         let doc = EcdsaKeyPair::generate_pkcs8(alg, &rng).unwrap();
-        let pair = EcdsaKeyPair::from_pkcs8(alg, doc.as_ref(), &rng).unwrap();
+        let pair = crate::crypto::ecdsa_key_pair_from_pkcs8(alg, doc.as_ref()).unwrap();
         let point = pair.public_key().as_ref();
         let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "use": "sig",
             "x": b64(&point[1..33]), "y": b64(&point[33..])}]});

@@ -1,6 +1,7 @@
 //! Ambit's mesh model, free of I/O.
 //!
 //! - [`identity`]: the SPIFFE identity of a workload.
+//! - [`crypto`]: the one cryptography library of the build (aws-lc-rs or ring).
 //! - [`datapath`]: which threads carry traffic, and the work kept off them.
 //! - [`discovery`]: workloads and services as the node proxy receives them.
 //! - [`policy`]: L4 authorization policies as the node proxy receives them.
@@ -12,6 +13,7 @@
 //! Nothing here opens a socket or a file, so everything is testable in isolation and
 //! cheap to depend on.
 
+pub mod crypto;
 pub mod datapath;
 pub mod discovery;
 pub mod enrollment;

@@ -67,23 +67,25 @@ fn b64(bytes: &[u8]) -> String {
 
 /// An Ed25519 JWT signer and its key set, to mint tokens in tests.
 pub struct JwtSigner {
-    pair: ring::signature::Ed25519KeyPair,
+    pair: crate::crypto::signature::Ed25519KeyPair,
     pub kid: String,
 }
 
 impl JwtSigner {
     pub fn new(kid: &str) -> Self {
-        let doc = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-            .expect("the system's random source works");
+        let doc = crate::crypto::signature::Ed25519KeyPair::generate_pkcs8(
+            &crate::crypto::rand::SystemRandom::new(),
+        )
+        .expect("the system's random source works");
         JwtSigner {
-            pair: ring::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref())
+            pair: crate::crypto::signature::Ed25519KeyPair::from_pkcs8(doc.as_ref())
                 .expect("a key just generated reads back"),
             kid: kid.into(),
         }
     }
 
     pub fn jwks(&self) -> String {
-        use ring::signature::KeyPair;
+        use crate::crypto::signature::KeyPair;
         serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": self.kid,
             "x": b64(self.pair.public_key().as_ref())}]})
         .to_string()

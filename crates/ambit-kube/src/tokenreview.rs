@@ -92,10 +92,7 @@ impl TokenReviewAuthenticator {
         {
             return Err(refused("not a JSON web token"));
         }
-        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-            .as_ref()
-            .try_into()
-            .unwrap_or([0; 32]);
+        let digest = ambit_core::crypto::sha256(token.as_bytes());
         if let Some((r, at)) = self.cache_get(&digest)
             && at.elapsed() < CACHE_FOR
         {

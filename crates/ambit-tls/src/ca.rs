@@ -641,9 +641,9 @@ pub fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaE
 /// A random positive 128-bit serial number.
 fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
-    // ring's system random never fails on Linux once the kernel is seeded; fall back to
-    // fastrand rather than panic so a serial is always produced.
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+    // The system's random source never fails on Linux once the kernel is seeded; fall
+    // back to fastrand rather than panic so a serial is always produced.
+    if ambit_core::crypto::fill_random(&mut bytes).is_err() {
         bytes.iter_mut().for_each(|b| *b = fastrand::u8(..));
     }
     bytes[0] = (bytes[0] & 0x7f) | 0x40;

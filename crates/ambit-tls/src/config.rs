@@ -1,13 +1,19 @@
 //! The crypto provider and the rustls configurations built from it.
 //!
-//! Ambit uses exactly one provider (ring), passed explicitly to every configuration
-//! rather than installed process-wide, so no code path depends on global state. Every
-//! connection Ambit makes or accepts is TLS 1.3 with the two AES-GCM suites, in the order
-//! Istio uses (AES-256 first).
+//! Ambit uses exactly one provider, the one of the build's cryptography library (aws-lc-rs
+//! by default, ring with the `ring` feature: see `ambit_core::crypto`), passed explicitly
+//! to every configuration rather than installed process-wide, so no code path depends on
+//! global state. Every mesh connection Ambit makes or accepts is TLS 1.3 with the two
+//! AES-GCM suites, in the order Istio uses (AES-256 first), and the same key exchange
+//! groups whichever library is linked (X25519, then P-256 and P-384), so the two builds
+//! look the same on the wire.
 
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
+#[cfg(feature = "aws-lc")]
+use rustls::crypto::aws_lc_rs as provider;
+#[cfg(all(feature = "ring", not(feature = "aws-lc")))]
 use rustls::crypto::ring as provider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::ResolvesServerCert;
@@ -25,15 +31,27 @@ pub enum ConfigError {
     Roots(String),
 }
 
-/// The crypto provider: ring, TLS 1.3 AES-256-GCM and AES-128-GCM only.
+/// The mesh's crypto provider: TLS 1.3 AES-256-GCM and AES-128-GCM only.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(CryptoProvider {
         cipher_suites: vec![
             provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
             provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
         ],
+        kx_groups: vec![
+            provider::kx_group::X25519,
+            provider::kx_group::SECP256R1,
+            provider::kx_group::SECP384R1,
+        ],
         ..provider::default_provider()
     })
+}
+
+/// The library's provider with all its defaults (TLS 1.2 suites included), for
+/// connections outside the mesh: fetching an issuer's keys over HTTPS, a Kubernetes API
+/// server.
+pub fn default_crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(provider::default_provider())
 }
 
 /// Wraps a chain and its private key for rustls.

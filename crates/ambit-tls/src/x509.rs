@@ -85,7 +85,7 @@ pub fn verify_leaf(
         .map_err(|e| format!("the root is not usable as a trust anchor: {e}"))?;
     let end_entity =
         webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("bad leaf certificate: {e}"))?;
-    let algs = rustls::crypto::ring::default_provider()
+    let algs = crate::config::crypto_provider()
         .signature_verification_algorithms
         .all;
     let now = UnixTime::since_unix_epoch(

@@ -38,9 +38,18 @@ pub(crate) fn release_free_memory() {
     unsafe { libmimalloc_sys::mi_collect(false) }
 }
 
+/// `ambit --version`: the release and the cryptography library this build links.
+static LONG_VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} (TLS: rustls with {})",
+        env!("CARGO_PKG_VERSION"),
+        ambit_core::crypto::LIBRARY
+    )
+});
+
 /// Ambit, a sidecarless service mesh.
 #[derive(Debug, Parser)]
-#[command(name = "ambit", version, about, long_about = None, propagate_version = true)]
+#[command(name = "ambit", version, long_version = LONG_VERSION.as_str(), about, long_about = None, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
     log: logging::LogArgs,

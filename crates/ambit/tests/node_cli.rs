@@ -385,3 +385,24 @@ status: {{podIP: {}}}
     };
     assert!(status.success(), "{status}");
 }
+
+/// `ambit --version` names the cryptography library the build links, so an operator can
+/// tell an aws-lc-rs build from a ring one.
+#[test]
+fn version_names_the_cryptography_library() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.trim(),
+        format!(
+            "ambit {} (TLS: rustls with {})",
+            env!("CARGO_PKG_VERSION"),
+            if cfg!(feature = "aws-lc") {
+                "aws-lc-rs"
+            } else {
+                "ring"
+            }
+        )
+    );
+}

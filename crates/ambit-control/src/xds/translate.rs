@@ -162,11 +162,8 @@ pub struct Encoded {
 impl Encoded {
     fn of(message: &impl Message) -> Self {
         let body = message.encode_to_vec();
-        let digest = ring::digest::digest(&ring::digest::SHA256, &body);
-        let version = digest.as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let digest = ambit_core::crypto::sha256(&body);
+        let version = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         Self {
             version,
             body: body.into(),
