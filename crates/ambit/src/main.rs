@@ -12,7 +12,6 @@ mod logging;
 mod node;
 mod preflight;
 mod signal;
-mod startup_code;
 mod waypoint;
 
 use std::process::ExitCode;

@@ -157,22 +157,6 @@ pub fn run(args: NodeArgs) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let node = NodeProxy::start(config).await?;
-        // Once the first discovery exchange is in, start-up is over: unmap the code only
-        // it ran (see `startup_code`).
-        let mut xds = node.xds_state();
-        tokio::spawn(async move {
-            if xds.wait_for(|s| s.synced).await.is_err() {
-                return;
-            }
-            match crate::startup_code::unmap_startup_code() {
-                Ok(done) => tracing::debug!(
-                    mappings = done.mappings,
-                    resident_bytes = done.resident_bytes,
-                    "unmapped the code only start-up ran"
-                ),
-                Err(e) => tracing::warn!(error = %e, "cannot unmap the start-up code; the idle resident set stays larger"),
-            }
-        });
         crate::signal::wait().await;
         tracing::info!("shutting down: draining pods");
         node.shutdown().await;
