@@ -13,6 +13,8 @@ use crate::TestenvError;
 pub struct Capture {
     child: Child,
     file: PathBuf,
+    /// What tcpdump writes to stderr after it started capturing (its counts at exit).
+    said: std::sync::mpsc::Receiver<String>,
 }
 
 /// One captured TCP segment.
@@ -40,7 +42,12 @@ impl Capture {
         ));
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns, "tcpdump", "-i", interface])
-            .args(["--immediate-mode", "-nn", "-U", "-s", "0", "-w"])
+            // A large kernel buffer in small blocks: in immediate mode the kernel hands
+            // tcpdump a block per packet or two, and with the default (2 MiB in blocks
+            // sized for 256 KiB packets: four) a tcpdump kept off the CPU for a few
+            // milliseconds lost packets (the kernel counted up to 18 of 82 dropped on a
+            // busy machine). 32 MiB of blocks sized for 64 KiB packets holds hundreds.
+            .args(["--immediate-mode", "-nn", "-U", "-B", "32768", "-s", "65535", "-w"])
             .arg(&file)
             .arg("tcp")
             .stdin(Stdio::null())
@@ -56,6 +63,7 @@ impl Capture {
             .take()
             .ok_or_else(|| TestenvError::Io(std::io::Error::other("tcpdump has no stderr")))?;
         let (tx, rx) = std::sync::mpsc::channel();
+        let (said_tx, said) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stderr).lines();
             let mut seen = Vec::new();
@@ -67,10 +75,13 @@ impl Capture {
                 seen.push(line);
             }
             let _ = tx.send(Err(seen.join("; ")));
-            // Keep draining so tcpdump never blocks on a full pipe.
-            for _ in lines {}
+            // Keep draining so tcpdump never blocks on a full pipe; pass the lines on
+            // (its counts at exit).
+            for line in lines.map_while(Result::ok) {
+                let _ = said_tx.send(line);
+            }
         });
-        let mut capture = Capture { child, file };
+        let mut capture = Capture { child, file, said };
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(Ok(())) => Ok(capture),
             Ok(Err(said)) => {
@@ -89,7 +100,8 @@ impl Capture {
 
     /// Stops the capture and returns every IPv4 TCP segment it saw, in order. A packet
     /// crossing the bridge is seen twice: entering from one pod's link, leaving on the
-    /// other's.
+    /// other's. A capture that missed packets (the kernel dropped them before tcpdump
+    /// read them, as a busy machine can) is an error saying so, never a shorter list.
     pub fn stop(mut self) -> Result<Vec<Segment>, TestenvError> {
         // Packets still in flight on the bridge land in the next few milliseconds.
         // (`--immediate-mode` above matters too: without it tcpdump holds packets in a
@@ -108,6 +120,22 @@ impl Capture {
                 });
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        // tcpdump's counts come last on its stderr, which closes as it exits.
+        let mut said = Vec::new();
+        while let Ok(line) = self.said.recv_timeout(Duration::from_secs(2)) {
+            said.push(line);
+        }
+        if let Some(dropped) = dropped_packets(&said)
+            && dropped > 0
+        {
+            return Err(TestenvError::Command {
+                command: "tcpdump".into(),
+                stderr: format!(
+                    "the capture is incomplete: the kernel dropped {dropped} packets before tcpdump read them ({})",
+                    said.join("; ")
+                ),
+            });
         }
         let bytes = std::fs::read(&self.file)?;
         parse_pcap(&bytes).map_err(|e| TestenvError::Command {
@@ -132,6 +160,17 @@ impl Drop for Capture {
         }
         let _ = std::fs::remove_file(&self.file);
     }
+}
+
+/// "N packets dropped by kernel" in what tcpdump said at exit.
+fn dropped_packets(said: &[String]) -> Option<u64> {
+    said.iter().find_map(|line| {
+        line.trim()
+            .strip_suffix("packets dropped by kernel")?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 fn u16_be(b: &[u8], at: usize) -> Option<u16> {
@@ -254,6 +293,22 @@ mod tests {
         ip.extend_from_slice(&[0x50, 0x02, 0, 0, 0, 0, 0, 0]);
         ip.extend_from_slice(payload);
         ip
+    }
+
+    #[test]
+    fn reads_tcpdumps_drop_count() {
+        let said = |lines: &[&str]| lines.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+        let at_exit = said(&[
+            "12 packets captured",
+            "14 packets received by filter",
+            "2 packets dropped by kernel",
+        ]);
+        assert_eq!(dropped_packets(&at_exit), Some(2));
+        assert_eq!(
+            dropped_packets(&said(&["0 packets dropped by kernel"])),
+            Some(0)
+        );
+        assert_eq!(dropped_packets(&said(&["12 packets captured"])), None);
     }
 
     #[test]
