@@ -47,7 +47,8 @@ impl Capture {
             // sized for 256 KiB packets: four) a tcpdump kept off the CPU for a few
             // milliseconds lost packets (the kernel counted up to 18 of 82 dropped on a
             // busy machine). 32 MiB of blocks sized for 64 KiB packets holds hundreds.
-            .args(["--immediate-mode", "-nn", "-U", "-B", "32768", "-s", "65535", "-w"])
+            .args(["-B", "32768", "-s", "65535"])
+            .args(["--immediate-mode", "-nn", "-U", "-w"])
             .arg(&file)
             .arg("tcp")
             .stdin(Stdio::null())
