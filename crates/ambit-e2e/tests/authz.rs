@@ -265,11 +265,18 @@ async fn round(conn: &mut tokio::net::TcpStream, what: &[u8]) -> std::io::Result
 }
 
 /// Whether the connection ends (EOF or reset) within 5 s.
+/// Whether `conn` is closed within 5 s. The 1-byte probe it writes may cross before the
+/// revocation reaches the connection and come back echoed: that is not an answer, so it
+/// reads on until the end of the stream (closed) or the deadline (still open).
 async fn closed(conn: &mut tokio::net::TcpStream) -> bool {
     let mut buf = [0u8; 16];
     let _ = conn.write_all(b"x").await;
-    matches!(
-        tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await,
-        Ok(Ok(0)) | Ok(Err(_))
-    )
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
 }
