@@ -48,8 +48,8 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 }
 
 /// The library's provider with all its defaults (TLS 1.2 suites included), for
-/// connections outside the mesh: fetching an issuer's keys over HTTPS, a Kubernetes API
-/// server.
+/// connections outside the mesh: fetching an issuer's keys over HTTPS. (The Kubernetes
+/// client installs the library's default provider for itself.)
 pub fn default_crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(provider::default_provider())
 }
